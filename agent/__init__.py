@@ -1,0 +1,2 @@
+"""Coilsight agent: the long-running inspection service."""
+__version__ = "0.1.0"

@@ -1,0 +1,36 @@
+"""`coilsight` command line. Sub-commands live beside the code they drive."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# Each module exposes register(subparsers); handlers import heavy packages lazily.
+COMMAND_MODULES = (
+    "agent.commands",
+    "engines.train_cmd",
+    "engines.build_cmd",
+    "calibration.commands",
+    "agent.auth",
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="coilsight", description="Coilsight edge inspection agent")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

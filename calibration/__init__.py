@@ -1,0 +1,1 @@
+"""Calibration: thresholds tied to model hashes, Dice, spatial px -> mm, reports."""

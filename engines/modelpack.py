@@ -1,0 +1,174 @@
+"""A profile's model pack: the ONNX models plus the metadata saved beside them.
+
+Layout (docs/architecture.md): ``<dir>/model.json`` names the models, their sha256, the
+classes, the input contract and each output's meaning; ``<dir>/calibration.json`` holds the
+thresholds made for exactly those hashes (calibration/). Nothing an inferencer needs lives
+only in code (anomalib's metadata.json does the same for its exported models).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+MODEL_PACK_FORMAT = 1
+CALIBRATION_FORMAT = 1
+
+
+class ModelPackError(ValueError):
+    """The model pack on disk is missing, malformed or inconsistent."""
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    role: str  # "gate" or "seg"
+    path: Path
+    sha256: str
+    output: str  # output tensor name
+    output_stride: int = 1  # seg: input px per output px
+
+    @property
+    def short_hash(self) -> str:
+        return self.sha256[:12]
+
+
+@dataclass(frozen=True)
+class ClassThreshold:
+    pixel_threshold: float
+    min_area_px: int
+
+
+@dataclass(frozen=True)
+class Calibration:
+    gate_threshold: float
+    classes: dict[str, ClassThreshold]
+    raw: dict[str, Any] = field(repr=False, default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ModelPack:
+    directory: Path
+    profile: str
+    classes: tuple[str, ...]
+    channels: int
+    height: int
+    width: int
+    models: dict[str, ModelEntry]
+    meta: dict[str, Any] = field(repr=False, default_factory=dict)
+
+    @property
+    def gate(self) -> ModelEntry | None:
+        return self.models.get("gate")
+
+    @property
+    def seg(self) -> ModelEntry | None:
+        return self.models.get("seg")
+
+    def versions(self) -> dict[str, str]:
+        """Model role -> short sha256, named in every event and summary."""
+        return {role: m.short_hash for role, m in self.models.items()}
+
+
+def _require(d: dict, key: str, where: str, kind: type | tuple[type, ...]) -> Any:
+    if key not in d:
+        raise ModelPackError(f"{where}: missing key {key!r}")
+    value = d[key]
+    if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
+        raise ModelPackError(f"{where}: key {key!r} must be {kind}, got {type(value).__name__}")
+    return value
+
+
+def load_model_pack(directory: str | Path, *, verify_hashes: bool = True) -> ModelPack:
+    directory = Path(directory)
+    meta_path = directory / "model.json"
+    if not meta_path.is_file():
+        raise ModelPackError(f"no model.json in {directory}")
+    try:
+        meta = json.loads(meta_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ModelPackError(f"{meta_path}: not valid JSON: {exc}") from exc
+    where = str(meta_path)
+    if meta.get("format") != MODEL_PACK_FORMAT:
+        raise ModelPackError(f"{where}: format {meta.get('format')!r} is not {MODEL_PACK_FORMAT}")
+    classes = tuple(_require(meta, "classes", where, list))
+    if not classes or not all(isinstance(c, str) and c for c in classes):
+        raise ModelPackError(f"{where}: classes must be a non-empty list of names")
+    inp = _require(meta, "input", where, dict)
+    models: dict[str, ModelEntry] = {}
+    for role, entry in _require(meta, "models", where, dict).items():
+        w = f"{where}: models.{role}"
+        path = directory / _require(entry, "file", w, str)
+        if not path.is_file():
+            raise ModelPackError(f"{w}: model file not found: {path}")
+        sha = _require(entry, "sha256", w, str)
+        if verify_hashes:
+            actual = sha256_file(path)
+            if actual != sha:
+                raise ModelPackError(f"{w}: sha256 of {path.name} is {actual[:12]}, model.json says {sha[:12]}")
+        models[role] = ModelEntry(
+            role=role,
+            path=path,
+            sha256=sha,
+            output=_require(entry, "output", w, str),
+            output_stride=int(entry.get("output_stride", 1)),
+        )
+    if "gate" not in models:
+        raise ModelPackError(f"{where}: a model pack needs a 'gate' model")
+    return ModelPack(
+        directory=directory,
+        profile=_require(meta, "profile", where, str),
+        classes=classes,
+        channels=int(_require(inp, "channels", f"{where}: input", int)),
+        height=int(_require(inp, "height", f"{where}: input", int)),
+        width=int(_require(inp, "width", f"{where}: input", int)),
+        models=models,
+        meta=meta,
+    )
+
+
+def load_calibration(pack: ModelPack, path: str | Path | None = None) -> Calibration:
+    """Load the thresholds and refuse them when they were made for other models."""
+    path = Path(path) if path else pack.directory / "calibration.json"
+    if not path.is_file():
+        raise ModelPackError(f"no calibration file at {path}; run `coilsight calibrate thresholds`")
+    try:
+        raw = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ModelPackError(f"{path}: not valid JSON: {exc}") from exc
+    where = str(path)
+    if raw.get("format") != CALIBRATION_FORMAT:
+        raise ModelPackError(f"{where}: format {raw.get('format')!r} is not {CALIBRATION_FORMAT}")
+    made_for = _require(raw, "models", where, dict)
+    for role, entry in pack.models.items():
+        if made_for.get(role) != entry.sha256:
+            got = str(made_for.get(role))[:12]
+            raise ModelPackError(
+                f"{where}: calibration was made for {role} model {got}, but the loaded {role} model is "
+                f"{entry.short_hash}; recalibrate with `coilsight calibrate thresholds`"
+            )
+    gate = _require(raw, "gate", where, dict)
+    threshold = float(_require(gate, "threshold", f"{where}: gate", (int, float)))
+    if not 0.0 <= threshold <= 1.0:
+        raise ModelPackError(f"{where}: gate.threshold {threshold} outside [0, 1]")
+    classes: dict[str, ClassThreshold] = {}
+    per_class = _require(raw, "classes", where, dict)
+    for name in pack.classes:
+        if name not in per_class:
+            raise ModelPackError(f"{where}: no thresholds for class {name!r}")
+        c = per_class[name]
+        t = float(_require(c, "pixel_threshold", f"{where}: classes.{name}", (int, float)))
+        a = int(_require(c, "min_area_px", f"{where}: classes.{name}", int))
+        if not 0.0 < t < 1.0 or a < 0:
+            raise ModelPackError(f"{where}: classes.{name}: pixel_threshold must be in (0,1), min_area_px >= 0")
+        classes[name] = ClassThreshold(t, a)
+    return Calibration(gate_threshold=threshold, classes=classes, raw=raw)

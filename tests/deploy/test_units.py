@@ -1,0 +1,119 @@
+"""The shipped systemd files pass `systemd-analyze verify` and the exposure budget.
+
+The checks run through scripts/check-units.sh (the same command CI and an installer use);
+the broken copies prove the script does fail when it should.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+SCRIPT = ROOT / "scripts" / "check-units.sh"
+UNITS = ROOT / "systemd"
+
+pytestmark = pytest.mark.skipif(
+    shutil.which("systemd-analyze") is None, reason="systemd-analyze not installed (package: systemd)"
+)
+
+
+def run_check(units_dir: Path, **env: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["bash", str(SCRIPT), str(units_dir)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, **env},
+    )
+
+
+def parse_unit(path: Path) -> dict[str, list[str]]:
+    """Key -> values (systemd keys may repeat), ignoring sections and comments."""
+    out: dict[str, list[str]] = {}
+    for line in path.read_text().splitlines():
+        if "=" in line and not line.lstrip().startswith(("#", ";", "[")):
+            key, value = line.split("=", 1)
+            out.setdefault(key.strip(), []).append(value.strip())
+    return out
+
+
+def copy_units(tmp_path: Path) -> Path:
+    dest = tmp_path / "systemd"
+    shutil.copytree(UNITS, dest)
+    return dest
+
+
+def edit(path: Path, old: str, new: str) -> None:
+    text = path.read_text()
+    if old not in text:
+        raise KeyError(f"{old!r} not in {path}")
+    path.write_text(text.replace(old, new))
+
+
+def test_shipped_units_pass():
+    result = run_check(UNITS)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "verify: ok (2 units)" in result.stdout
+    assert "security: coilsight.service exposure" in result.stdout
+    assert "security: coilsight-engines.service exposure" in result.stdout
+
+
+def test_agent_unit_contract():
+    """What agent/sdnotify.py and the lifecycle rely on."""
+    unit = parse_unit(UNITS / "coilsight.service")
+    assert unit["Type"] == ["notify"]
+    assert unit["NotifyAccess"] == ["main"]
+    assert unit["WatchdogSec"] == ["10"]
+    assert unit["Restart"] == ["on-failure"]
+    assert unit["StateDirectory"] == ["coilsight"]
+    assert unit["ExecStart"][0].startswith("/opt/coilsight/venv/bin/coilsight run --config ")
+    assert unit["ExecStartPre"][0].startswith("/opt/coilsight/venv/bin/coilsight check-config ")
+    assert unit["CapabilityBoundingSet"] == [""]
+    assert "SystemCallFilter" in unit and "@system-service" in unit["SystemCallFilter"]
+    engines = parse_unit(UNITS / "coilsight-engines.service")
+    assert engines["Type"] == ["oneshot"]
+    assert engines["Before"] == ["coilsight.service"]
+    assert "coilsight-engines.service" in unit["After"][0]
+
+
+def test_unknown_key_fails_verify(tmp_path):
+    units = copy_units(tmp_path)
+    edit(units / "coilsight.service", "Type=notify", "Tpye=notify")
+    result = run_check(units)
+    assert result.returncode != 0
+    assert "systemd-analyze verify failed" in result.stderr
+    assert "Unknown key 'Tpye'" in result.stderr
+
+
+def test_weakened_hardening_fails_exposure_budget(tmp_path):
+    units = copy_units(tmp_path)
+    unit = units / "coilsight.service"
+    edit(unit, "CapabilityBoundingSet=\n", "CapabilityBoundingSet=CAP_SYS_ADMIN\n")
+    edit(unit, "NoNewPrivileges=yes", "NoNewPrivileges=no")
+    edit(unit, "PrivateTmp=yes", "PrivateTmp=no")
+    edit(unit, "MemoryDenyWriteExecute=yes", "MemoryDenyWriteExecute=no")
+    edit(unit, "ProtectHome=yes", "ProtectHome=no")
+    result = run_check(units)
+    assert result.returncode != 0
+    assert "coilsight.service exposure" in result.stderr and "> 2.0" in result.stderr
+    assert "CAP_SYS_ADMIN" in result.stderr  # the offending lines are listed
+
+
+def test_threshold_is_configurable():
+    result = run_check(UNITS, COILSIGHT_EXPOSURE_MAX="0.1")
+    assert result.returncode != 0
+    assert "coilsight.service exposure" in result.stderr and "> 0.1" in result.stderr
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="sysusers/tmpfiles check needs root")
+def test_tmpfiles_modes_are_checked(tmp_path):
+    units = copy_units(tmp_path)
+    edit(units / "tmpfiles.d" / "coilsight.conf",
+         "d /var/lib/coilsight/engines      0750", "d /var/lib/coilsight/engines      0777")
+    result = run_check(units)
+    assert result.returncode != 0
+    assert "/var/lib/coilsight/engines" in result.stderr and "is '777" in result.stderr

@@ -1,0 +1,229 @@
+"""The FP16 parity gate: a candidate (FP16 ONNX on ONNX Runtime, or a TensorRT engine) must
+agree with the FP32 ONNX on a set of frames before it may be used.
+
+Measured per model, over every batch of frames:
+- max and mean absolute difference of each output, and NaN/Inf counts (any non-finite value
+  in the candidate fails the gate);
+- gate models: agreement of the gate decision ``max_k score >= threshold`` at the calibrated
+  threshold (fraction of frames with the same decision);
+- segmentation models: Dice agreement of the thresholded masks per (frame, class), Severstal
+  style (two empty masks agree perfectly), at each class's calibrated pixel threshold.
+
+``ParityBar`` holds the limits; ``ParityReport.check(bar)`` raises ``ParityError`` carrying the
+report (``.report.to_dict()`` for the manifest, ``.report.text()`` for people).
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+import structlog
+
+from engines.backends.base import Backend
+
+log = structlog.get_logger(__name__)
+
+
+class ParityError(RuntimeError):
+    """The candidate does not match the FP32 reference; ``report`` says by how much."""
+
+    def __init__(self, report: "ParityReport", failures: list[str]):
+        self.report = report
+        self.failures = failures
+        super().__init__(f"FP16 parity failed for {report.model} ({report.candidate}): " + "; ".join(failures))
+
+
+@dataclass(frozen=True)
+class ParityBar:
+    """Limits a candidate must meet. Probabilities are in [0, 1], so abs diffs are absolute."""
+
+    max_abs_diff: float = 0.05
+    min_decision_agreement: float = 0.98  # gate: fraction of frames with the same decision
+    min_mean_dice: float = 0.97  # seg: mean Dice of thresholded masks over (frame, class)
+
+    def __post_init__(self) -> None:
+        if not self.max_abs_diff > 0:
+            raise ValueError(f"parity bar: max_abs_diff must be > 0, got {self.max_abs_diff}")
+        for name in ("min_decision_agreement", "min_mean_dice"):
+            value = getattr(self, name)
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"parity bar: {name} must be in [0, 1], got {value}")
+
+
+@dataclass
+class OutputStats:
+    max_abs_diff: float = 0.0
+    sum_abs_diff: float = 0.0
+    count: int = 0
+    candidate_nonfinite: int = 0
+    reference_nonfinite: int = 0
+
+    @property
+    def mean_abs_diff(self) -> float:
+        return self.sum_abs_diff / self.count if self.count else 0.0
+
+
+@dataclass
+class ParityReport:
+    model: str
+    role: str
+    candidate: str
+    reference: str
+    frames: int = 0
+    outputs: dict[str, OutputStats] = field(default_factory=dict)
+    gate_threshold: float | None = None
+    decisions_agree: int = 0
+    decision_flips: list[int] = field(default_factory=list)  # frame indices, first 20
+    pixel_thresholds: list[float] | None = None
+    dice_sum: float = 0.0
+    dice_count: int = 0
+    dice_min: float = 1.0
+
+    @property
+    def decision_agreement(self) -> float | None:
+        return self.decisions_agree / self.frames if self.gate_threshold is not None and self.frames else None
+
+    @property
+    def mean_dice(self) -> float | None:
+        return self.dice_sum / self.dice_count if self.dice_count else None
+
+    def failures(self, bar: ParityBar) -> list[str]:
+        out = []
+        if self.frames == 0:
+            out.append("no frames were compared")
+        for name, s in self.outputs.items():
+            if s.candidate_nonfinite:
+                out.append(f"{name}: {s.candidate_nonfinite} NaN/Inf values in the candidate")
+            if s.reference_nonfinite:
+                out.append(f"{name}: {s.reference_nonfinite} NaN/Inf values in the FP32 reference")
+            if not s.max_abs_diff <= bar.max_abs_diff:
+                out.append(f"{name}: max abs diff {s.max_abs_diff:.4g} > {bar.max_abs_diff:.4g}")
+        agreement = self.decision_agreement
+        if agreement is not None and agreement < bar.min_decision_agreement:
+            out.append(f"gate decisions agree on {agreement:.2%} of frames < {bar.min_decision_agreement:.2%} "
+                       f"(flipped frames {self.decision_flips})")
+        dice = self.mean_dice
+        if dice is not None and dice < bar.min_mean_dice:
+            out.append(f"mask Dice {dice:.4f} < {bar.min_mean_dice:.4f} (worst {self.dice_min:.4f})")
+        return out
+
+    def check(self, bar: ParityBar) -> "ParityReport":
+        failures = self.failures(bar)
+        if failures:
+            log.error("parity_failed", model=self.model, candidate=self.candidate, failures=failures)
+            raise ParityError(self, failures)
+        log.info("parity_passed", model=self.model, candidate=self.candidate, frames=self.frames,
+                 max_abs_diff=max((s.max_abs_diff for s in self.outputs.values()), default=0.0),
+                 decision_agreement=self.decision_agreement, mean_dice=self.mean_dice)
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model, "role": self.role, "candidate": self.candidate, "reference": self.reference,
+            "frames": self.frames,
+            "outputs": {k: {**asdict(v), "mean_abs_diff": v.mean_abs_diff} for k, v in self.outputs.items()},
+            "gate_threshold": self.gate_threshold, "decision_agreement": self.decision_agreement,
+            "decision_flips": self.decision_flips, "pixel_thresholds": self.pixel_thresholds,
+            "mean_dice": self.mean_dice, "min_dice": self.dice_min if self.dice_count else None,
+        }
+
+    def text(self) -> str:
+        lines = [f"parity {self.model} [{self.role}]: {self.candidate} vs {self.reference} on {self.frames} frames"]
+        for name, s in self.outputs.items():
+            lines.append(f"  {name}: max |diff| {s.max_abs_diff:.3g}, mean |diff| {s.mean_abs_diff:.3g}, "
+                         f"NaN/Inf candidate {s.candidate_nonfinite} reference {s.reference_nonfinite}")
+        if self.decision_agreement is not None:
+            lines.append(f"  gate decisions at {self.gate_threshold:g}: {self.decisions_agree}/{self.frames} agree"
+                         + (f", flipped {self.decision_flips}" if self.decision_flips else ""))
+        if self.mean_dice is not None:
+            lines.append(f"  masks: mean Dice {self.mean_dice:.4f}, worst {self.dice_min:.4f} "
+                         f"over {self.dice_count} (frame, class) pairs")
+        return "\n".join(lines)
+
+
+def mask_dice(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Dice per leading index pair of boolean masks [N, K, H, W] -> [N, K]; empty vs empty = 1."""
+    inter = np.logical_and(a, b).sum(axis=(-2, -1), dtype=np.int64)
+    total = a.sum(axis=(-2, -1), dtype=np.int64) + b.sum(axis=(-2, -1), dtype=np.int64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(total == 0, 1.0, 2.0 * inter / np.maximum(total, 1))
+
+
+def _thresholds(pixel_thresholds: float | Sequence[float], k: int) -> np.ndarray:
+    t = np.asarray(pixel_thresholds, dtype=np.float64).reshape(-1)
+    if t.size == 1:
+        return np.full(k, t[0])
+    if t.size != k:
+        raise ValueError(f"parity: {t.size} pixel thresholds given for {k} classes")
+    return t
+
+
+def compare(reference: Backend, candidate: Backend, batches: Iterable[np.ndarray], *, role: str,
+            gate_threshold: float | None = None, pixel_thresholds: float | Sequence[float] | None = None,
+            model: str | None = None) -> ParityReport:
+    """Run both active backends on every batch and measure how far the candidate is from the reference.
+
+    Gate decisions are compared on the ``role == "gate"`` model's output (``max_k score >= t``);
+    masks on a ``role == "seg"`` model's 4-D output (``prob >= t_k`` per class).
+    """
+    report = ParityReport(model=model or reference.model_path.name, role=role,
+                          candidate=f"{candidate.name}:{candidate.model_path.name}",
+                          reference=f"{reference.name}:{reference.model_path.name}",
+                          gate_threshold=gate_threshold if role == "gate" else None)
+    for batch in batches:
+        ref = reference.infer(batch)
+        cand = candidate.infer(batch)
+        if set(ref) != set(cand):
+            raise ParityError(report, [f"outputs differ: reference {sorted(ref)}, candidate {sorted(cand)}"])
+        for name, r in ref.items():
+            c = cand[name]
+            if r.shape != c.shape:
+                raise ParityError(report, [f"{name}: shape {c.shape} != reference {r.shape}"])
+            s = report.outputs.setdefault(name, OutputStats())
+            c_bad, r_bad = ~np.isfinite(c), ~np.isfinite(r)
+            s.candidate_nonfinite += int(c_bad.sum())
+            s.reference_nonfinite += int(r_bad.sum())
+            ok = ~(c_bad | r_bad)
+            diff = np.abs(c[ok].astype(np.float64) - r[ok])
+            if diff.size:
+                s.max_abs_diff = max(s.max_abs_diff, float(diff.max()))
+                s.sum_abs_diff += float(diff.sum())
+                s.count += int(diff.size)
+            if role == "gate" and gate_threshold is not None and r.ndim == 2:
+                same = (r.max(axis=1) >= gate_threshold) == (np.nan_to_num(c, nan=-1.0).max(axis=1) >= gate_threshold)
+                for i in np.flatnonzero(~same):
+                    if len(report.decision_flips) < 20:
+                        report.decision_flips.append(report.frames + int(i))
+                report.decisions_agree += int(same.sum())
+            if role == "seg" and pixel_thresholds is not None and r.ndim == 4:
+                t = _thresholds(pixel_thresholds, r.shape[1])[None, :, None, None]
+                report.pixel_thresholds = [float(x) for x in t.reshape(-1)]
+                dice = mask_dice(r >= t, np.nan_to_num(c, nan=-1.0) >= t)
+                report.dice_sum += float(dice.sum())
+                report.dice_count += int(dice.size)
+                report.dice_min = min(report.dice_min, float(dice.min()))
+        report.frames += int(batch.shape[0])
+    log.debug("parity_measured", model=report.model, frames=report.frames)
+    return report
+
+
+def synthetic_frames(n: int, channels: int, height: int, width: int, seed: int = 0) -> np.ndarray:
+    """Deterministic uint8 frames [n, C, H, W]: smooth texture, noise and bright/dark blobs.
+
+    Used when no real frames are given; they exercise the numbers (overflow, NaN, drift) but say
+    little about gate decisions on real defects, so pass real frames (--frames) where you have them.
+    """
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
+    out = np.empty((n, channels, height, width), dtype=np.uint8)
+    for i in range(n):
+        for ch in range(channels):
+            img = 100 + 40 * np.sin(xx / (4.0 + i % 7) + ch) * np.cos(yy / (6.0 + i % 3))
+            img += rng.normal(0, 10, (height, width))
+            for _ in range(1 + i % 4):
+                cy, cx = rng.integers(0, height), rng.integers(0, width)
+                r = rng.integers(2, max(3, min(height, width) // 6))
+                img[(yy - cy) ** 2 + (xx - cx) ** 2 < r * r] += rng.choice([-80.0, 90.0])
+            out[i, ch] = np.clip(img, 0, 255).astype(np.uint8)
+    return out

@@ -1,0 +1,133 @@
+"""The FP16 parity gate with real ONNX Runtime sessions: passes the real conversion, fails broken models."""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from _tiny_onnx import save_model
+from onnx import numpy_helper
+
+from engines import fp16
+from engines.backends.onnxrt import OnnxRuntimeBackend
+from engines.parity import ParityBar, ParityError, compare, mask_dice, synthetic_frames
+
+FRAMES = synthetic_frames(12, 1, 32, 48, seed=3)
+
+
+def _batches():
+    return [FRAMES[i:i + 4] for i in range(0, len(FRAMES), 4)]
+
+
+def _report(ref_path, cand_path, role, **kw):
+    with OnnxRuntimeBackend(ref_path, max_batch=4, threads=1) as ref, \
+            OnnxRuntimeBackend(cand_path, max_batch=4, threads=1) as cand:
+        return compare(ref, cand, _batches(), role=role, **kw)
+
+
+def _edit_initializer(src, dest, name, fn):
+    model = onnx.load(str(src))
+    for init in model.graph.initializer:
+        if init.name == name:
+            init.CopyFrom(numpy_helper.from_array(fn(numpy_helper.to_array(init)), name))
+    onnx.save(model, str(dest))
+    return dest
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    d = tmp_path_factory.mktemp("parity")
+    out = {}
+    for role in ("gate", "seg"):
+        src = save_model(role, d / f"{role}.onnx")
+        out[role] = (src, fp16.convert(src, d / f"{role}.fp16.onnx").path)
+    return out
+
+
+def test_real_fp16_conversion_passes(models):
+    gate = _report(*models["gate"], "gate", gate_threshold=0.5).check(ParityBar())
+    seg = _report(*models["seg"], "seg", pixel_thresholds=[0.5, 0.4, 0.6]).check(ParityBar())
+    assert gate.frames == seg.frames == 12
+    assert 0 < gate.outputs["scores"].max_abs_diff < 0.01
+    assert gate.decision_agreement == 1.0
+    assert seg.mean_dice > 0.97 and seg.dice_count == 36
+    d = seg.to_dict()
+    assert d["outputs"]["probs"]["candidate_nonfinite"] == 0 and d["pixel_thresholds"] == [0.5, 0.4, 0.6]
+    assert "masks: mean Dice" in seg.text() and "gate decisions at 0.5: 12/12 agree" in gate.text()
+
+
+def test_scaled_conv_weight_fails_with_report(models, tmp_path):
+    src, cand = models["seg"]
+    broken = _edit_initializer(cand, tmp_path / "broken.onnx", "w3", lambda w: w * 3)
+    report = _report(src, broken, "seg", pixel_thresholds=0.5)
+    with pytest.raises(ParityError, match=r"FP16 parity failed for seg.onnx .*probs: max abs diff .* > 0.05") as err:
+        report.check(ParityBar())
+    assert err.value.report is report
+    assert any("max abs diff" in f for f in err.value.failures)
+    assert "probs: max |diff|" in err.value.report.text()
+
+
+def test_injected_nan_fails(models, tmp_path):
+    src, cand = models["gate"]
+
+    def poison(w):
+        w = w.copy()
+        w.flat[0] = np.nan
+        return w
+
+    broken = _edit_initializer(cand, tmp_path / "nan.onnx", "w2", poison)
+    report = _report(src, broken, "gate", gate_threshold=0.5)
+    with pytest.raises(ParityError, match=r"scores: \d+ NaN/Inf values in the candidate"):
+        report.check(ParityBar())
+    assert report.to_dict()["outputs"]["scores"]["candidate_nonfinite"] > 0
+
+
+def test_gate_decision_flips_fail_the_agreement_bar(models, tmp_path):
+    src, cand = models["gate"]
+    # Shift every logit a little: small abs diff, but scores near the threshold change side.
+    shifted = _edit_initializer(cand, tmp_path / "shift.onnx", "bf", lambda b: b + 0.25)
+    with OnnxRuntimeBackend(src) as ref:
+        top = float(ref.infer(FRAMES[:4])["scores"].max())
+    threshold = top + 1e-3  # no reference frame passes; the shifted top frames do
+    assert _report(src, src, "gate", gate_threshold=threshold).decision_agreement == 1.0
+    report = _report(src, shifted, "gate", gate_threshold=threshold)
+    assert report.decision_flips, "the shift should move at least one frame across the threshold"
+    with pytest.raises(ParityError, match=r"gate decisions agree on .* of frames < 98.00%"):
+        report.check(ParityBar(max_abs_diff=1.0))
+
+
+def test_low_dice_fails_even_when_diff_allowed(models, tmp_path):
+    src, cand = models["seg"]
+    shifted = _edit_initializer(cand, tmp_path / "seg_shift.onnx", "b3", lambda b: b + 1.5)
+    report = _report(src, shifted, "seg", pixel_thresholds=0.5)
+    with pytest.raises(ParityError, match=r"mask Dice 0\.\d+ < 0.9700 \(worst"):
+        report.check(ParityBar(max_abs_diff=1.0))
+
+
+def test_mask_dice_rules():
+    empty = np.zeros((1, 2, 4, 4), bool)
+    full = np.ones((1, 2, 4, 4), bool)
+    half = full.copy()
+    half[..., :2] = False
+    assert mask_dice(empty, empty).tolist() == [[1.0, 1.0]]
+    assert mask_dice(empty, full).tolist() == [[0.0, 0.0]]
+    assert mask_dice(full, half)[0, 0] == pytest.approx(2 * 8 / 24)
+
+
+def test_bar_validation_and_empty_run():
+    with pytest.raises(ValueError, match=r"min_mean_dice must be in \[0, 1\], got 1.5"):
+        ParityBar(min_mean_dice=1.5)
+    with pytest.raises(ValueError, match=r"max_abs_diff must be > 0"):
+        ParityBar(max_abs_diff=0)
+
+
+def test_no_frames_fails(models):
+    with OnnxRuntimeBackend(models["gate"][0]) as a, OnnxRuntimeBackend(models["gate"][1]) as b:
+        report = compare(a, b, [], role="gate", gate_threshold=0.5)
+    with pytest.raises(ParityError, match="no frames were compared"):
+        report.check(ParityBar())
+
+
+def test_synthetic_frames_are_deterministic_uint8():
+    a, b = synthetic_frames(3, 2, 16, 20, seed=7), synthetic_frames(3, 2, 16, 20, seed=7)
+    assert a.dtype == np.uint8 and a.shape == (3, 2, 16, 20)
+    assert np.array_equal(a, b) and a.std() > 10

@@ -1,0 +1,752 @@
+"""Thresholds tied to model hashes: the gate threshold and per-class pixel thresholds.
+
+The gate decides which frames the segmentation model never sees, so its threshold is chosen
+for recall first: the HIGHEST threshold on ``max_k scores`` that still passes at least
+``recall_target`` of the defective frames of the calibration data. The price is the pass
+rate (the fraction of all frames that go on to segmentation), reported beside it.
+
+Per class, the pixel threshold and the minimum component area are the pair on a grid that
+maximises the Severstal Dice of the segmentation model (calibration.metrics.dice_severstal:
+mean over images, empty prediction on an empty mask = 1).
+
+``calibrate`` runs a model pack through ONNX Runtime on labelled samples and writes
+``calibration.json`` beside the models, atomically, naming the sha256 of each model it was
+made for; engines.modelpack.load_calibration refuses it for any other model.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import math
+import os
+import tempfile
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from calibration.metrics import dice_pairs, precision_recall
+from engines.modelpack import CALIBRATION_FORMAT, ModelPack
+
+DEFAULT_PIXEL_THRESHOLDS: tuple[float, ...] = tuple(round(0.05 * i, 2) for i in range(2, 19))  # 0.10 .. 0.90
+DEFAULT_MIN_AREAS: tuple[int, ...] = (0, 16, 64, 128, 256, 512, 1024, 2048, 4096)
+DEFAULT_MIN_POSITIVE_IMAGES = 5
+# Kept for a class with too few positive images when --allow-missing-class is given:
+# a middle threshold and no area filter, so nothing the model finds is thrown away.
+MISSING_CLASS_DEFAULT = {"pixel_threshold": 0.5, "min_area_px": 0}
+
+
+class CalibrationError(ValueError):
+    """The data cannot support the requested calibration; the message says why."""
+
+
+# --------------------------------------------------------------------------- gate
+
+
+def min_positives_for(recall_target: float) -> int:
+    """Fewest defective frames for which a recall target means something.
+
+    With n defective frames recall moves in steps of 1/n. Unless one missed frame can take
+    recall below the target (n >= 1 / (1 - target)), "recall >= target" only means "missed
+    none" and says nothing about how close the threshold is to missing the target.
+    """
+    return math.ceil(1.0 / (1.0 - recall_target) - 1e-9)
+
+
+def wilson_lower(successes: int, n: int, z: float = 1.6449) -> float:
+    """One-sided 95 % Wilson lower bound of a binomial proportion."""
+    if n == 0:
+        return 0.0
+    p = successes / n
+    denom = 1 + z * z / n
+    centre = p + z * z / (2 * n)
+    margin = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return max(0.0, (centre - margin) / denom)
+
+
+@dataclass(frozen=True)
+class GateChoice:
+    threshold: float
+    recall_target: float
+    recall: float
+    precision: float
+    pass_rate: float
+    n: int
+    n_defective: int
+    n_clean: int
+    passed_defective: int
+    passed_clean: int
+    recall_lower_95: float
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "threshold": self.threshold,
+            "recall_target": self.recall_target,
+            "recall": round(self.recall, 6),
+            "precision": round(self.precision, 6),
+            "pass_rate": round(self.pass_rate, 6),
+            "n": self.n,
+            "n_defective": self.n_defective,
+            "n_clean": self.n_clean,
+            "missed_defective": self.n_defective - self.passed_defective,
+            "passed_clean": self.passed_clean,
+            "recall_lower_95": round(self.recall_lower_95, 6),
+            "score": "max over classes of the gate's scores; a frame passes when score >= threshold",
+        }
+
+
+def choose_gate_threshold(
+    scores: Sequence[float] | np.ndarray,
+    labels: Sequence[bool] | np.ndarray,
+    recall_target: float = 0.99,
+    min_positives: int | None = None,
+) -> GateChoice:
+    """The highest threshold whose frame-level recall of defective frames is >= recall_target.
+
+    ``scores``: one score per frame (the agent uses max over classes), in [0, 1];
+    ``labels``: True for a defective frame. A frame passes when ``score >= threshold``.
+    ``min_positives`` defaults to :func:`min_positives_for` (100 for 0.99).
+    """
+    if not (isinstance(recall_target, (int, float)) and 0.0 < recall_target < 1.0):
+        raise CalibrationError(f"recall_target must be in (0, 1), got {recall_target!r}")
+    s = np.asarray(scores, dtype=np.float64).ravel()
+    y = np.asarray(labels).ravel()
+    if s.shape != y.shape:
+        raise CalibrationError(f"gate: {s.size} scores but {y.size} labels")
+    if s.size == 0:
+        raise CalibrationError("gate: no frames to calibrate on")
+    if y.dtype != bool:
+        if not np.isin(y, (0, 1)).all():
+            raise CalibrationError("gate: labels must be booleans or 0/1")
+        y = y.astype(bool)
+    if not np.isfinite(s).all():
+        raise CalibrationError(f"gate: {int((~np.isfinite(s)).sum())} scores are NaN or infinite")
+    if s.min() < 0.0 or s.max() > 1.0:
+        raise CalibrationError(f"gate: scores must lie in [0, 1] (sigmoid outputs), got {s.min():.4g}..{s.max():.4g}")
+    n_pos = int(y.sum())
+    n_neg = int(y.size - n_pos)
+    if n_pos == 0:
+        raise CalibrationError("gate: no defective frames in the calibration data; recall cannot be measured")
+    if n_neg == 0:
+        raise CalibrationError(
+            "gate: no clean frames in the calibration data; the pass rate (speed cost) cannot be measured"
+        )
+    need = min_positives_for(recall_target) if min_positives is None else int(min_positives)
+    if n_pos < need:
+        raise CalibrationError(
+            f"gate: {n_pos} defective frames are too few for recall target {recall_target} "
+            f"(need >= {need} so that one missed frame can show as recall below target); "
+            "add data or lower --recall-target"
+        )
+    if s.min() == s.max():
+        raise CalibrationError(f"gate: all {s.size} scores are equal ({s.min():.6g}); the gate separates nothing")
+    pos = np.sort(s[y])[::-1]  # descending
+    k = math.ceil(recall_target * n_pos - 1e-9)  # defective frames that must pass
+    threshold = float(pos[k - 1])
+    pr = precision_recall(s, y, threshold)  # calibration.metrics: positive when score >= threshold
+    return GateChoice(
+        threshold=threshold,
+        recall_target=float(recall_target),
+        recall=pr.recall,
+        precision=pr.precision,
+        pass_rate=pr.positive_rate,
+        n=int(s.size),
+        n_defective=n_pos,
+        n_clean=n_neg,
+        passed_defective=pr.tp,
+        passed_clean=pr.fp,
+        recall_lower_95=wilson_lower(pr.tp, n_pos),
+    )
+
+
+def gate_curve(scores: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(thresholds, recall, pass_rate) at every distinct score, thresholds descending."""
+    s = np.asarray(scores, dtype=np.float64).ravel()
+    y = np.asarray(labels, dtype=bool).ravel()
+    order = np.argsort(-s, kind="stable")
+    s_sorted, y_sorted = s[order], y[order]
+    last_of_tie = np.r_[s_sorted[1:] != s_sorted[:-1], True]
+    tp = np.cumsum(y_sorted)[last_of_tie]
+    passed = np.arange(1, s.size + 1)[last_of_tie]
+    return s_sorted[last_of_tie], tp / max(int(y.sum()), 1), passed / s.size
+
+
+# --------------------------------------------------------------------------- classes
+
+
+@dataclass
+class ClassChoice:
+    name: str
+    pixel_threshold: float
+    min_area_px: int
+    dice: float
+    n_images: int
+    n_positive_images: int
+    calibrated: bool = True
+    note: str = ""
+    dice_with_gate: float | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "pixel_threshold": self.pixel_threshold,
+            "min_area_px": self.min_area_px,
+            "dice": None if math.isnan(self.dice) else round(self.dice, 6),
+            "n_images": self.n_images,
+            "n_positive_images": self.n_positive_images,
+            "calibrated": self.calibrated,
+        }
+        if self.dice_with_gate is not None:
+            out["dice_with_gate"] = round(self.dice_with_gate, 6)
+        if self.note:
+            out["note"] = self.note
+        return out
+
+
+@dataclass
+class ClassSearch:
+    """Per-image Dice for every (class, pixel threshold, min area): [N, K, T, A]."""
+
+    classes: tuple[str, ...]
+    pixel_thresholds: tuple[float, ...]
+    min_areas: tuple[int, ...]
+    per_image: np.ndarray
+    positives: np.ndarray  # [N, K] bool: image holds the class
+
+    @property
+    def grid(self) -> np.ndarray:
+        """Mean Dice over images, [K, T, A]."""
+        return self.per_image.mean(axis=0)
+
+
+def _check_grids(pixel_thresholds: Sequence[float], min_areas: Sequence[int]) -> tuple[tuple[float, ...], tuple[int, ...]]:
+    ts = tuple(float(t) for t in pixel_thresholds)
+    areas = tuple(int(a) for a in min_areas)
+    if not ts or any(not 0.0 < t < 1.0 for t in ts):
+        raise CalibrationError(f"pixel thresholds must be a non-empty list in (0, 1), got {list(ts)}")
+    if not areas or any(a < 0 for a in areas):
+        raise CalibrationError(f"min areas must be a non-empty list of integers >= 0, got {list(areas)}")
+    if list(ts) != sorted(set(ts)) or list(areas) != sorted(set(areas)):
+        raise CalibrationError("pixel thresholds and min areas must be ascending without repeats")
+    return ts, areas
+
+
+def _upsample(mask: np.ndarray, height: int, width: int) -> np.ndarray:
+    if mask.shape == (height, width):
+        return mask
+    import cv2
+
+    return cv2.resize(mask.view(np.uint8), (width, height), interpolation=cv2.INTER_NEAREST).astype(bool)
+
+
+def _dice_stack(preds: np.ndarray, gt: np.ndarray) -> np.ndarray:
+    """Severstal Dice (calibration.metrics) of each of preds [A, H, W] against one mask gt [H, W]."""
+    return dice_pairs(preds[:, None], np.broadcast_to(gt, preds.shape)[:, None])[:, 0]
+
+
+def search_class_thresholds(
+    probs: Iterable[np.ndarray],
+    gt_masks: Iterable[np.ndarray],
+    classes: Sequence[str],
+    pixel_thresholds: Sequence[float] = DEFAULT_PIXEL_THRESHOLDS,
+    min_areas: Sequence[int] = DEFAULT_MIN_AREAS,
+    stride: int = 1,
+) -> ClassSearch:
+    """Dice of every image, class and grid point.
+
+    ``probs`` yields one ``[K, h, w]`` array per image at output stride ``stride``;
+    ``gt_masks`` yields the matching ``[K, H, W]`` bool masks at image size. As in
+    agent/postprocess.py, a pixel is on when ``prob >= threshold``, components are found with
+    cv2.connectedComponentsWithStats (8-connectivity) at output resolution and one whose area
+    (cells x stride^2, in image px) is below the min area is dropped; the kept mask is then
+    upsampled nearest to the image size and scored with dice_severstal.
+    """
+    return _search_pairs(zip(probs, gt_masks, strict=True), classes, pixel_thresholds, min_areas, stride)
+
+
+def _search_pairs(
+    pairs: Iterable[tuple[np.ndarray, np.ndarray]],
+    classes: Sequence[str],
+    pixel_thresholds: Sequence[float],
+    min_areas: Sequence[int],
+    stride: int,
+) -> ClassSearch:
+    import cv2
+
+    ts, areas = _check_grids(pixel_thresholds, min_areas)
+    if stride < 1:
+        raise CalibrationError(f"output stride must be >= 1, got {stride}")
+    k_count = len(classes)
+    cell_px = stride * stride
+    rows: list[np.ndarray] = []
+    positives: list[np.ndarray] = []
+    for index, (p, gt) in enumerate(pairs):
+        p = np.asarray(p)
+        gt = np.asarray(gt, dtype=bool)
+        if p.ndim != 3 or p.shape[0] != k_count or gt.ndim != 3 or gt.shape[0] != k_count:
+            raise CalibrationError(
+                f"image {index}: probs {p.shape} and masks {gt.shape} must both be [K={k_count}, H, W]"
+            )
+        if not np.isfinite(p).all():
+            raise CalibrationError(f"image {index}: probabilities hold NaN or infinite values")
+        h, w = gt.shape[1:]
+        table = np.empty((k_count, len(ts), len(areas)), np.float64)
+        for k in range(k_count):
+            for ti, t in enumerate(ts):
+                low = p[k] >= t
+                if not low.any():
+                    table[k, ti, :] = _dice_stack(np.zeros((1, h, w), bool), gt[k])[0]
+                    continue
+                _, labels, stats, _ = cv2.connectedComponentsWithStats(low.view(np.uint8), connectivity=8)
+                comp_area = stats[:, cv2.CC_STAT_AREA].astype(np.int64) * cell_px
+                comp_area[0] = -1  # background is never kept
+                kept = np.stack([(comp_area >= a)[labels] if a > 0 else low for a in areas])
+                if kept.shape[1:] != (h, w):
+                    kept = np.stack([_upsample(m, h, w) for m in kept])
+                table[k, ti, :] = _dice_stack(kept, gt[k])
+        rows.append(table)
+        positives.append(gt.reshape(k_count, -1).any(axis=1))
+    if not rows:
+        raise CalibrationError("no images with masks to calibrate the segmentation thresholds on")
+    return ClassSearch(tuple(classes), ts, areas, np.stack(rows), np.stack(positives))
+
+
+def pick_class_thresholds(
+    search: ClassSearch,
+    min_positive_images: int = DEFAULT_MIN_POSITIVE_IMAGES,
+    allow_missing_class: bool = False,
+) -> dict[str, ClassChoice]:
+    """Per class, the Dice-maximising grid point; ties go to the lower threshold, then the
+    smaller min area (the choice that drops fewer pixels: a missed defect is a shipped defect)."""
+    grid = search.grid
+    n_images = search.per_image.shape[0]
+    out: dict[str, ClassChoice] = {}
+    short: list[str] = []
+    for k, name in enumerate(search.classes):
+        n_pos = int(search.positives[:, k].sum())
+        if n_pos < min_positive_images:
+            if not allow_missing_class:
+                short.append(f"{name!r} ({n_pos})")
+                continue
+            out[name] = ClassChoice(
+                name, MISSING_CLASS_DEFAULT["pixel_threshold"], MISSING_CLASS_DEFAULT["min_area_px"],
+                float("nan"), n_images, n_pos, calibrated=False,
+                note=f"only {n_pos} positive images (< {min_positive_images}); documented default kept, not calibrated",
+            )
+            continue
+        flat = int(np.argmax(grid[k]))  # first maximum in (threshold, area) ascending order
+        ti, ai = np.unravel_index(flat, grid[k].shape)
+        out[name] = ClassChoice(
+            name, search.pixel_thresholds[ti], search.min_areas[ai], float(grid[k, ti, ai]), n_images, n_pos
+        )
+    if short:
+        raise CalibrationError(
+            f"classes with fewer than {min_positive_images} positive images: {', '.join(short)}; "
+            "add data or pass --allow-missing-class to keep the documented default for them"
+        )
+    return out
+
+
+def choose_class_thresholds(
+    probs: Iterable[np.ndarray],
+    gt_masks: Iterable[np.ndarray],
+    classes: Sequence[str],
+    pixel_thresholds: Sequence[float] = DEFAULT_PIXEL_THRESHOLDS,
+    min_areas: Sequence[int] = DEFAULT_MIN_AREAS,
+    min_positive_images: int = DEFAULT_MIN_POSITIVE_IMAGES,
+    allow_missing_class: bool = False,
+    stride: int = 1,
+) -> dict[str, ClassChoice]:
+    """Per class, the (pixel threshold, min component area) maximising Severstal Dice.
+
+    Refuses (CalibrationError) when a class has fewer than ``min_positive_images`` images
+    holding it, unless ``allow_missing_class``: then the class keeps MISSING_CLASS_DEFAULT,
+    marked ``calibrated: false`` in the file."""
+    search = search_class_thresholds(probs, gt_masks, classes, pixel_thresholds, min_areas, stride)
+    return pick_class_thresholds(search, min_positive_images, allow_missing_class)
+
+
+# --------------------------------------------------------------------------- running a pack
+
+
+@dataclass
+class CalibrationResult:
+    path: Path | None
+    document: dict[str, Any]
+    gate: GateChoice
+    classes: dict[str, ClassChoice]
+    gate_scores: np.ndarray  # [N] max over classes
+    gate_labels: np.ndarray  # [N] bool
+    search: ClassSearch | None = field(default=None, repr=False)
+    report_path: Path | None = None
+
+    def summary(self) -> str:
+        g = self.gate
+        d = self.document["data"]
+        lines = [
+            f"calibration for profile {self.document.get('profile')}: models "
+            + ", ".join(f"{role} {sha[:12]}" for role, sha in self.document["models"].items()),
+            f"data: {d['what']} split={d['split']} images={d['n_images']} defective={d['n_defective']}",
+            f"gate: threshold {g.threshold:.6g}  recall {g.recall:.4f} (target {g.recall_target}, "
+            f"95% lower bound {g.recall_lower_95:.4f}, missed {g.n_defective - g.passed_defective}/{g.n_defective})  "
+            f"precision {g.precision:.4f}  pass rate {g.pass_rate:.4f} of {g.n} frames",
+        ]
+        for name, c in self.classes.items():
+            flag = "" if c.calibrated else "  [NOT CALIBRATED: default kept]"
+            dice = "n/a" if math.isnan(c.dice) else f"{c.dice:.4f}"
+            with_gate = "" if c.dice_with_gate is None else f" (with gate {c.dice_with_gate:.4f})"
+            lines.append(
+                f"class {name}: pixel_threshold {c.pixel_threshold:.2f}  min_area_px {c.min_area_px}  "
+                f"dice {dice}{with_gate}  positive images {c.n_positive_images}/{c.n_images}{flag}"
+            )
+        if self.path is not None:
+            lines.append(f"wrote {self.path}")
+        if self.report_path is not None:
+            lines.append(f"report {self.report_path}")
+        return "\n".join(lines)
+
+
+def _tool_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("coilsight")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def _to_chw(image: np.ndarray, channels: int, source: str) -> np.ndarray:
+    img = np.asarray(image)
+    if img.dtype != np.uint8:
+        raise CalibrationError(f"{source}: image dtype {img.dtype}, the model contract needs uint8")
+    if img.ndim == 2:
+        img = img[None]
+    elif img.ndim == 3:
+        if channels == 1 and img.shape[2] == 3:
+            img = img[:, :, :1] if (img[:, :, 0] == img[:, :, 1]).all() and (img[:, :, 0] == img[:, :, 2]).all() \
+                else np.round(img @ np.array([0.299, 0.587, 0.114])).astype(np.uint8)[:, :, None]
+        img = img.transpose(2, 0, 1)
+    else:
+        raise CalibrationError(f"{source}: image shape {img.shape} is neither HxW nor HxWxC")
+    if img.shape[0] != channels:
+        raise CalibrationError(f"{source}: image has {img.shape[0]} channels, the model pack wants {channels}")
+    return np.ascontiguousarray(img)
+
+
+def _sample_masks(sample: Any) -> np.ndarray:
+    if sample.masks is not None:
+        return np.asarray(sample.masks, dtype=bool)
+    from engines.datasets import boxes_to_masks
+
+    return np.asarray(boxes_to_masks(sample), dtype=bool)
+
+
+def _batches(shapes: Sequence[tuple[int, ...]], batch: int) -> list[list[int]]:
+    """Indices grouped by equal image shape, in chunks of at most `batch`, in first-seen order."""
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i, shape in enumerate(shapes):
+        groups.setdefault(tuple(shape), []).append(i)
+    return [idx[j : j + batch] for idx in groups.values() for j in range(0, len(idx), batch)]
+
+
+def _check_input(backend: Any, chw: np.ndarray, role: str, source: str) -> None:
+    spec = backend.inputs[0]
+    for axis, want in ((2, spec.shape[2]), (3, spec.shape[3])):
+        if want is not None and want != chw.shape[axis - 1]:
+            raise CalibrationError(
+                f"{source}: image is {chw.shape[1]}x{chw.shape[2]} (HxW) but the {role} model takes a fixed "
+                f"{spec.shape[2]}x{spec.shape[3]}; calibrate on data of the model's input size"
+            )
+
+
+def write_json_atomic(path: Path, document: dict[str, Any]) -> None:
+    """Write JSON so that readers see the old file or the new one, never half of one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(document, f, indent=2, sort_keys=False)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def calibrate(
+    pack: ModelPack,
+    samples: Sequence[Any],
+    *,
+    recall_target: float = 0.99,
+    min_gate_positives: int | None = None,
+    pixel_thresholds: Sequence[float] = DEFAULT_PIXEL_THRESHOLDS,
+    min_areas: Sequence[int] = DEFAULT_MIN_AREAS,
+    min_positive_images: int = DEFAULT_MIN_POSITIVE_IMAGES,
+    allow_missing_class: bool = False,
+    data_info: dict[str, Any] | None = None,
+    backend: str = "onnxruntime",
+    batch: int = 8,
+    threads: int = 0,
+    output: str | Path | None = None,
+    write: bool = True,
+) -> CalibrationResult:
+    """Run the pack's gate and seg models over `samples` and choose every threshold.
+
+    `samples` are engines.datasets.Sample-like (image uint8 HxW or HxWxC, masks bool [K,H,W]
+    or None with boxes, labels multi-hot [K], source). Writes calibration.json (atomically)
+    beside the models unless `output` says elsewhere or `write` is False.
+    """
+    from engines.backends import load_backend_class
+
+    if pack.seg is None:
+        raise CalibrationError(f"{pack.directory}: the pack has no seg model; per-class thresholds need one")
+    if batch < 1:
+        raise CalibrationError(f"batch must be >= 1, got {batch}")
+    ts, areas = _check_grids(pixel_thresholds, min_areas)
+    k_count = len(pack.classes)
+    n = len(samples)
+    if n == 0:
+        raise CalibrationError("no samples to calibrate on")
+
+    # Truth first (cheap): refuse before any inference when the data cannot support the result.
+    labels = np.zeros((n, k_count), bool)
+    shapes: list[tuple[int, int]] = []
+    for i, s in enumerate(samples):
+        lab = np.asarray(s.labels).ravel()
+        if lab.size != k_count:
+            raise CalibrationError(f"{s.source}: {lab.size} labels, the model pack has {k_count} classes")
+        labels[i] = lab > 0
+        shapes.append(tuple(np.asarray(s.image).shape[:2]))
+    defective = labels.any(axis=1)
+    positives = labels.sum(axis=0)
+    short = [f"{name!r} ({int(c)})" for name, c in zip(pack.classes, positives) if c < min_positive_images]
+    if short and not allow_missing_class:
+        raise CalibrationError(
+            f"classes with fewer than {min_positive_images} positive images: {', '.join(short)}; "
+            "add data or pass --allow-missing-class to keep the documented default for them"
+        )
+    need = min_positives_for(recall_target) if min_gate_positives is None else min_gate_positives
+    if defective.sum() < need or defective.all() or not defective.any():
+        # choose_gate_threshold words the exact reason; call it on the truth alone to fail fast
+        choose_gate_threshold(np.linspace(0, 1, n), defective, recall_target, min_gate_positives)
+
+    cls = load_backend_class(backend)
+    gate_scores = np.empty((n, k_count), np.float32)
+    stride = pack.seg.output_stride
+
+    def probs_and_masks():
+        with cls(pack.seg.path, max_batch=batch, threads=threads) as seg:
+            for idx in _batches(shapes, batch):
+                imgs = [_to_chw(samples[i].image, pack.channels, samples[i].source) for i in idx]
+                _check_input(seg, imgs[0], "seg", samples[idx[0]].source)
+                out = seg.infer(np.stack(imgs))[pack.seg.output]
+                if out.ndim != 4 or out.shape[:2] != (len(idx), k_count):
+                    raise CalibrationError(f"seg output {pack.seg.output!r} has shape {out.shape}, "
+                                           f"expected [{len(idx)}, {k_count}, H/{stride}, W/{stride}]")
+                for j, i in enumerate(idx):
+                    yield i, out[j], _sample_masks(samples[i])
+
+    with cls(pack.gate.path, max_batch=batch, threads=threads) as gate:
+        for idx in _batches(shapes, batch):
+            imgs = [_to_chw(samples[i].image, pack.channels, samples[i].source) for i in idx]
+            _check_input(gate, imgs[0], "gate", samples[idx[0]].source)
+            out = gate.infer(np.stack(imgs))[pack.gate.output]
+            if out.shape != (len(idx), k_count):
+                raise CalibrationError(f"gate output {pack.gate.output!r} has shape {out.shape}, "
+                                       f"expected [{len(idx)}, {k_count}]")
+            gate_scores[idx] = out
+    frame_scores = gate_scores.max(axis=1).astype(np.float64)
+    gate_choice = choose_gate_threshold(frame_scores, defective, recall_target, min_gate_positives)
+
+    order: list[int] = []
+
+    def in_batch_order():
+        for i, p, m in probs_and_masks():
+            order.append(i)
+            yield p, m
+
+    search = _search_pairs(in_batch_order(), pack.classes, ts, areas, stride)
+    # rows come in batch order; put them back in sample order
+    per_image = np.empty_like(search.per_image)
+    per_image[order] = search.per_image
+    pos = np.empty_like(search.positives)
+    pos[order] = search.positives
+    search = ClassSearch(search.classes, search.pixel_thresholds, search.min_areas, per_image, pos)
+    choices = pick_class_thresholds(search, min_positive_images, allow_missing_class)
+
+    # Dice of the whole pipeline: frames the gate stops get no prediction at all.
+    stopped = frame_scores < gate_choice.threshold
+    for k, name in enumerate(pack.classes):
+        c = choices[name]
+        if not c.calibrated:
+            continue
+        ti, ai = ts.index(c.pixel_threshold), areas.index(c.min_area_px)
+        d = search.per_image[:, k, ti, ai].copy()
+        d[stopped] = np.where(search.positives[stopped, k], 0.0, 1.0)
+        c.dice_with_gate = float(d.mean())
+
+    info = dict(data_info or {})
+    info.setdefault("what", "samples")
+    info.setdefault("split", "unknown")
+    info["n_images"] = n
+    info["n_defective"] = int(defective.sum())
+    info["n_positive_images"] = {name: int(c) for name, c in zip(pack.classes, positives)}
+    document: dict[str, Any] = {
+        "format": CALIBRATION_FORMAT,
+        "profile": pack.profile,
+        "models": {role: m.sha256 for role, m in pack.models.items()},
+        "gate": gate_choice.to_json(),
+        "classes": {name: choices[name].to_json() for name in pack.classes},
+        "search": {
+            "pixel_thresholds": list(ts),
+            "min_areas_px": list(areas),
+            "objective": "Severstal Dice (calibration.metrics.dice_severstal), mean over images; "
+                         "components below min_area_px (output cells x stride^2, as agent/postprocess.py "
+                         "counts them) removed, masks upsampled nearest to image size",
+            "tie_break": "lowest pixel_threshold, then smallest min_area_px",
+            "min_positive_images": min_positive_images,
+            "min_gate_positives": min_positives_for(recall_target) if min_gate_positives is None else min_gate_positives,
+            "missing_class_default": MISSING_CLASS_DEFAULT,
+        },
+        "data": info,
+        "backend": cls.name,
+        "created": _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat(),
+        "tool": {"name": "coilsight calibrate thresholds", "version": _tool_version()},
+    }
+    path = Path(output) if output else pack.directory / "calibration.json"
+    if write:
+        write_json_atomic(path, document)
+    return CalibrationResult(
+        path=path if write else None,
+        document=document,
+        gate=gate_choice,
+        classes=choices,
+        gate_scores=frame_scores,
+        gate_labels=defective,
+        search=search,
+    )
+
+
+# --------------------------------------------------------------------------- data sources
+
+# Gate negatives for data without defect-free images (NEU): windows cut outside every box,
+# engines.datasets.clean_crops. A pack's model.json may name the crop its training used
+# ("training": {"clean_crops": {"size": .., "stride": .., "margin": .., "max_per_image": ..}});
+# these defaults apply otherwise.
+DEFAULT_CLEAN_CROPS = {"size": 64, "stride": 64, "margin": 4, "max_per_image": 4}
+
+
+def default_models_dir(profile: str) -> Path:
+    import engines
+
+    return Path(engines.__file__).resolve().parent / "models" / profile
+
+
+def severstal_folder(data: Path) -> tuple[Path, Path]:
+    """(csv, image folder) of a folder in Severstal layout."""
+    for csv_name, images in (("ground_truth.csv", "frames"), ("train.csv", "train_images"), ("train.csv", "images")):
+        if (data / csv_name).is_file() and (data / images).is_dir():
+            return data / csv_name, data / images
+    raise CalibrationError(
+        f"{data}: not a Severstal-layout folder; expected ground_truth.csv + frames/ (camera simulator) "
+        "or train.csv + train_images/"
+    )
+
+
+def clean_crop_settings(pack: ModelPack) -> dict[str, int]:
+    training = pack.meta.get("training")
+    chosen = dict(DEFAULT_CLEAN_CROPS)
+    if isinstance(training, dict) and isinstance(training.get("clean_crops"), dict):
+        for key, value in training["clean_crops"].items():
+            if key in chosen and isinstance(value, int) and not isinstance(value, bool):
+                chosen[key] = value
+    return chosen
+
+
+def load_calibration_samples(
+    pack: ModelPack,
+    *,
+    data: Path | None = None,
+    dataset_root: Path | None = None,
+    split: str = "val",
+) -> tuple[list[Any], dict[str, Any]]:
+    """The samples to calibrate on and the `data` block that describes them."""
+    from engines import datasets
+
+    grey = pack.channels == 1
+    if (data is None) == (dataset_root is None):
+        raise CalibrationError("give exactly one of --data DIR or --dataset-root ROOT")
+    if data is not None:
+        csv_path, images = severstal_folder(Path(data))
+        ds = datasets.read_severstal(csv_path, images, pack.classes, grey=grey, name=Path(data).name)
+        return list(ds), {"what": f"Severstal-layout folder {data}", "split": "all", "source": str(csv_path)}
+    if split == "test":
+        raise CalibrationError("the test split is kept for evaluation; calibrate on --split val")
+    ds = datasets.load_profile_dataset(pack.profile, dataset_root, split, grey=grey)
+    if tuple(ds.classes) != tuple(pack.classes):
+        raise CalibrationError(
+            f"dataset {ds.name} classes {list(ds.classes)} differ from the model pack's {list(pack.classes)}"
+        )
+    samples = list(ds)
+    info: dict[str, Any] = {"what": f"{ds.name} under {dataset_root}", "split": split,
+                            "split_rule": "engines.datasets.assign_split (sha1 of file stem)"}
+    if len(ds) and ds.labels.any(axis=1).all():
+        settings = clean_crop_settings(pack)
+        crops = datasets.clean_crops(
+            samples, settings["size"], stride=settings["stride"], margin=settings["margin"],
+            max_per_image=settings["max_per_image"],
+        )
+        info["clean_frames"] = {"from": "engines.datasets.clean_crops of the same split (no defect-free images)",
+                                **settings, "n": len(crops)}
+        samples = samples + crops
+    return samples, info
+
+
+def run_threshold_calibration(
+    *,
+    profile: str,
+    models: Path | None = None,
+    data: Path | None = None,
+    dataset_root: Path | None = None,
+    split: str = "val",
+    recall_target: float = 0.99,
+    min_gate_positives: int | None = None,
+    min_positive_images: int = DEFAULT_MIN_POSITIVE_IMAGES,
+    allow_missing_class: bool = False,
+    pixel_thresholds: Sequence[float] | None = None,
+    min_areas: Sequence[int] | None = None,
+    batch: int = 8,
+    threads: int = 0,
+    output: Path | None = None,
+    report: Path | None = None,
+) -> CalibrationResult:
+    """What `coilsight calibrate thresholds` does: load, calibrate, write, report."""
+    from engines.modelpack import load_model_pack
+
+    pack = load_model_pack(models or default_models_dir(profile))
+    if pack.profile != profile:
+        raise CalibrationError(f"{pack.directory}/model.json is for profile {pack.profile!r}, not {profile!r}")
+    samples, info = load_calibration_samples(pack, data=data, dataset_root=dataset_root, split=split)
+    result = calibrate(
+        pack, samples,
+        recall_target=recall_target,
+        min_gate_positives=min_gate_positives,
+        pixel_thresholds=pixel_thresholds or DEFAULT_PIXEL_THRESHOLDS,
+        min_areas=min_areas or DEFAULT_MIN_AREAS,
+        min_positive_images=min_positive_images,
+        allow_missing_class=allow_missing_class,
+        data_info=info,
+        batch=batch,
+        threads=threads,
+        output=output,
+    )
+    if report is not None:
+        from calibration.reports import write_report
+
+        result.report_path = write_report(result, report)
+    return result

@@ -1,0 +1,406 @@
+"""Gate and per-class threshold calibration: on generated scores and masks, and end to end
+through real ONNX Runtime sessions on a tiny model pack built here."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from calibration.commands import main as calibrate_main
+from calibration.thresholds import (
+    MISSING_CLASS_DEFAULT,
+    CalibrationError,
+    calibrate,
+    choose_class_thresholds,
+    choose_gate_threshold,
+    min_positives_for,
+    search_class_thresholds,
+)
+from engines.datasets import Sample, write_severstal_csv
+from engines.modelpack import ModelPackError, load_calibration, load_model_pack, sha256_file
+
+# ----------------------------------------------------------------------------- gate
+
+
+def _scores(rng: np.random.Generator, n_pos: int, n_neg: int) -> tuple[np.ndarray, np.ndarray]:
+    pos = rng.beta(5, 2, n_pos)
+    neg = rng.beta(1.5, 6, n_neg)
+    return np.r_[pos, neg], np.r_[np.ones(n_pos, bool), np.zeros(n_neg, bool)]
+
+
+def test_gate_threshold_keeps_recall_on_held_out_data():
+    rng = np.random.default_rng(7)
+    target = 0.99
+    scores, labels = _scores(rng, 3000, 6000)
+    g = choose_gate_threshold(scores, labels, target)
+    assert g.recall >= target
+    assert g.n == 9000 and g.n_defective == 3000 and g.n_clean == 6000
+    assert 0 < g.pass_rate < 1
+    assert g.precision == pytest.approx(g.passed_defective / (g.passed_defective + g.passed_clean))
+    # highest such threshold: the next higher positive score already misses the target
+    pos = np.sort(scores[labels])
+    higher = pos[pos > g.threshold][0]
+    assert (scores[labels] >= higher).mean() < target
+    # same distribution, fresh draw: recall is the target up to sampling error of the
+    # calibration set (the empirical quantile of 3000 positives has sd sqrt(t(1-t)/n))
+    held_scores, held_labels = _scores(np.random.default_rng(8), 100_000, 10)
+    held_recall = (held_scores[held_labels] >= g.threshold).mean()
+    tolerance = 3 * math.sqrt(target * (1 - target) / 3000)
+    assert held_recall >= target - tolerance
+    # and a threshold chosen for a stricter target is stricter on held-out data too
+    g999 = choose_gate_threshold(scores, labels, 0.999)
+    assert g999.threshold < g.threshold
+    assert (held_scores[held_labels] >= g999.threshold).mean() > held_recall
+
+
+def test_gate_threshold_on_a_small_hand_case():
+    scores = [0.95, 0.9, 0.8, 0.7, 0.6, 0.3, 0.5, 0.2, 0.1, 0.65]
+    labels = [1, 1, 1, 1, 1, 1, 0, 0, 0, 0]
+    g = choose_gate_threshold(scores, labels, recall_target=0.8, min_positives=5)
+    # 6 positives, 0.8 -> 5 must pass: the 5th highest positive score
+    assert g.threshold == 0.6
+    assert g.passed_defective == 5 and g.recall == pytest.approx(5 / 6)
+    assert g.passed_clean == 1  # 0.65
+    assert g.pass_rate == pytest.approx(0.6)
+    assert g.precision == pytest.approx(5 / 6)
+
+
+def test_ties_at_the_threshold_pass():
+    scores = [0.5, 0.5, 0.5, 0.9, 0.1, 0.5]
+    labels = [1, 1, 1, 1, 0, 0]
+    g = choose_gate_threshold(scores, labels, recall_target=0.75, min_positives=4)
+    assert g.threshold == 0.5 and g.recall == 1.0 and g.passed_clean == 1
+
+
+def test_min_positives_rule():
+    assert min_positives_for(0.99) == 100
+    assert min_positives_for(0.9) == 10
+    assert min_positives_for(0.95) == 20
+
+
+@pytest.mark.parametrize(
+    ("scores", "labels", "kwargs", "match"),
+    [
+        ([0.1, 0.2], [0, 0], {}, r"gate: no defective frames in the calibration data"),
+        ([0.1, 0.2], [1, 1], {"min_positives": 1}, r"gate: no clean frames in the calibration data"),
+        (list(np.linspace(0, 1, 60)), [1] * 50 + [0] * 10, {},
+         r"gate: 50 defective frames are too few for recall target 0.99 \(need >= 100"),
+        ([0.4] * 30, [1] * 20 + [0] * 10, {"recall_target": 0.95}, r"gate: all 30 scores are equal \(0.4\)"),
+        ([0.1, float("nan"), 0.3], [1, 0, 1], {"min_positives": 1}, r"gate: 1 scores are NaN or infinite"),
+        ([0.1, 1.5], [1, 0], {"min_positives": 1}, r"gate: scores must lie in \[0, 1\]"),
+        ([0.1, 0.2], [1, 0, 1], {}, r"gate: 2 scores but 3 labels"),
+        ([0.1, 0.2], [1, 0], {"recall_target": 1.0}, r"recall_target must be in \(0, 1\), got 1.0"),
+        ([], [], {}, r"gate: no frames to calibrate on"),
+        ([0.1, 0.2], [2, 0], {}, r"gate: labels must be booleans or 0/1"),
+    ],
+)
+def test_gate_refusals(scores, labels, kwargs, match):
+    with pytest.raises(CalibrationError, match=match):
+        choose_gate_threshold(scores, labels, **kwargs)
+
+
+# ----------------------------------------------------------------------------- classes
+
+
+def _known_optimum_case(n_images: int = 8, stride: int = 1):
+    """Truth: one 20x20 square per image (class 0). Probabilities: 0.7 inside the square,
+    0.4 on a 3-px halo around it (a worse threshold grows the mask), 0.05 elsewhere, and a
+    3x3 blob of 0.9 away from the square (noise only a min area removes). Best: the lowest
+    grid threshold above 0.4 and the smallest grid area above 9 px, Dice 1. Class 1 is empty
+    in the truth and gets only a 2x2 blob of 0.8: best is an area filter that removes it."""
+    rng = np.random.default_rng(1)
+    h, w = 64, 64
+    probs, masks = [], []
+    for i in range(n_images):
+        y, x = rng.integers(8, 30, 2)
+        y, x = y - y % stride, x - x % stride  # square on the output grid: exact after upsampling
+        gt = np.zeros((2, h, w), bool)
+        gt[0, y : y + 20, x : x + 20] = True
+        p = np.full((2, h, w), 0.05, np.float32)
+        p[0, y - 3 : y + 23, x - 3 : x + 23] = 0.4
+        p[0, y : y + 20, x : x + 20] = 0.7
+        by, bx = (55, 2) if x > 20 else (55, 58)
+        p[0, by : by + 3, bx : bx + 3] = 0.9
+        p[1, 2:4, 30:32] = 0.8
+        if i == 0:
+            p[0, :, :] = 0.05  # one image where the model misses the square: Dice 0 on it
+            p[0, by : by + 3, bx : bx + 3] = 0.9
+        if stride > 1:
+            p = p[:, ::stride, ::stride]
+        probs.append(p)
+        masks.append(gt)
+    return probs, masks
+
+
+def test_dice_optimal_thresholds_on_a_known_case():
+    probs, masks = _known_optimum_case()
+    grid_t = (0.3, 0.35, 0.45, 0.5, 0.75, 0.95)
+    grid_a = (0, 4, 16, 64, 512)
+    choices = choose_class_thresholds(probs, masks, ("square", "empty"), grid_t, grid_a, min_positive_images=0)
+    sq = choices["square"]
+    assert (sq.pixel_threshold, sq.min_area_px) == (0.45, 16)
+    assert sq.dice == pytest.approx(7 / 8)  # image 0: missed square -> Dice 0
+    assert sq.n_positive_images == 8 and sq.calibrated
+    empty = choices["empty"]
+    assert empty.min_area_px == 16 and empty.pixel_threshold == 0.3  # tie -> lowest threshold
+    assert empty.dice == pytest.approx(1.0)  # empty/empty scores 1
+    # the search table agrees with the choice and shows why: halo at 0.35, noise at area 4
+    s = search_class_thresholds(probs, masks, ("square", "empty"), grid_t, grid_a)
+    g = s.grid[0]
+    assert g[grid_t.index(0.45), grid_a.index(16)] > g[grid_t.index(0.35), grid_a.index(16)]
+    assert g[grid_t.index(0.45), grid_a.index(16)] > g[grid_t.index(0.45), grid_a.index(4)]
+    assert g[grid_t.index(0.45), grid_a.index(512)] == 0.0  # an area filter above 400 px drops every square
+
+
+def test_stride_upsamples_masks_and_counts_area_in_image_px():
+    probs, masks = _known_optimum_case(stride=2)
+    # at stride 2 the 3x3 noise blob covers 1-2 cells per axis -> at most 4 cells = 16 px;
+    # the square is 10x10 cells = 400 px
+    choices = choose_class_thresholds(probs, masks, ("square", "empty"), (0.45,), (0, 20, 64, 1000),
+                                      min_positive_images=0, stride=2)
+    sq = choices["square"]
+    assert sq.min_area_px == 20
+    assert sq.dice == pytest.approx(7 / 8)
+
+
+def test_class_with_too_few_images_is_refused_or_kept_as_default():
+    probs, masks = _known_optimum_case(n_images=4)
+    with pytest.raises(CalibrationError, match=r"classes with fewer than 5 positive images: 'square' \(4\), 'empty' \(0\)"):
+        choose_class_thresholds(probs, masks, ("square", "empty"))
+    choices = choose_class_thresholds(probs, masks, ("square", "empty"), min_positive_images=3,
+                                      allow_missing_class=True)
+    assert choices["square"].calibrated
+    e = choices["empty"]
+    assert not e.calibrated
+    assert (e.pixel_threshold, e.min_area_px) == (MISSING_CLASS_DEFAULT["pixel_threshold"],
+                                                   MISSING_CLASS_DEFAULT["min_area_px"])
+    assert e.to_json()["calibrated"] is False and "not calibrated" in e.to_json()["note"]
+
+
+def test_class_search_refusals():
+    probs, masks = _known_optimum_case(n_images=2)
+    with pytest.raises(CalibrationError, match=r"pixel thresholds must be a non-empty list in \(0, 1\)"):
+        search_class_thresholds(probs, masks, ("a", "b"), (0.0, 0.5))
+    with pytest.raises(CalibrationError, match=r"min areas must be a non-empty list of integers >= 0"):
+        search_class_thresholds(probs, masks, ("a", "b"), (0.5,), (-1,))
+    with pytest.raises(CalibrationError, match=r"ascending without repeats"):
+        search_class_thresholds(probs, masks, ("a", "b"), (0.5, 0.3))
+    with pytest.raises(CalibrationError, match=r"image 0: probs \(2, 64, 64\) and masks \(2, 64, 64\) must both be \[K=3"):
+        search_class_thresholds(probs, masks, ("a", "b", "c"))
+    bad = [probs[0].copy()]
+    bad[0][0, 0, 0] = np.nan
+    with pytest.raises(CalibrationError, match=r"image 0: probabilities hold NaN"):
+        search_class_thresholds(bad, masks[:1], ("a", "b"))
+    with pytest.raises(CalibrationError, match=r"no images with masks"):
+        search_class_thresholds([], [], ("a", "b"))
+
+
+# ----------------------------------------------------------------------------- ONNX pack
+
+H, W, STRIDE = 32, 48, 2
+CLASSES = ("bright", "dim")
+LEVELS = (0.8, 0.4)  # class k: pixels of value LEVELS[k] * 255
+
+
+def _build_models(directory: Path, sharpness: float = 40.0) -> None:
+    """gate.onnx and seg.onnx following the model contract: uint8 NCHW `image` in;
+    p_k = sigmoid(a * (0.1 - |x/255 - level_k|)) per pixel; seg = average pool (stride 2)
+    of p -> `probs`; gate = max of p over the image -> `scores`."""
+    from onnx import TensorProto, checker, helper, numpy_helper, save
+
+    def graph(name, out_name, out_shape, tail):
+        levels = numpy_helper.from_array(np.array(LEVELS, np.float32).reshape(1, -1, 1, 1), "levels")
+        consts = [
+            numpy_helper.from_array(np.array(255.0, np.float32), "c255"),
+            numpy_helper.from_array(np.array(0.1, np.float32), "width"),
+            numpy_helper.from_array(np.array(sharpness, np.float32), "sharp"),
+            levels,
+        ]
+        nodes = [
+            helper.make_node("Cast", ["image"], ["xf"], to=TensorProto.FLOAT),
+            helper.make_node("Div", ["xf", "c255"], ["x"]),
+            helper.make_node("Sub", ["x", "levels"], ["d"]),
+            helper.make_node("Abs", ["d"], ["ad"]),
+            helper.make_node("Sub", ["width", "ad"], ["m"]),
+            helper.make_node("Mul", ["m", "sharp"], ["z"]),
+            helper.make_node("Sigmoid", ["z"], ["p"]),
+            *tail,
+        ]
+        g = helper.make_graph(
+            nodes, name,
+            [helper.make_tensor_value_info("image", TensorProto.UINT8, ["N", 1, "H", "W"])],
+            [helper.make_tensor_value_info(out_name, TensorProto.FLOAT, out_shape)],
+            initializer=consts,
+        )
+        model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+        model.ir_version = 8
+        checker.check_model(model)
+        return model
+
+    save(graph("gate", "scores", ["N", len(CLASSES)],
+               [helper.make_node("ReduceMax", ["p"], ["scores"], axes=[2, 3], keepdims=0)]),
+         str(directory / "gate.onnx"))
+    save(graph("seg", "probs", ["N", len(CLASSES), "h", "w"],
+               [helper.make_node("AveragePool", ["p"], ["probs"], kernel_shape=[STRIDE, STRIDE],
+                                 strides=[STRIDE, STRIDE])]),
+         str(directory / "seg.onnx"))
+
+
+def make_pack(directory: Path, sharpness: float = 40.0) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    _build_models(directory, sharpness)
+    meta = {
+        "format": 1, "profile": "tiny", "classes": list(CLASSES),
+        "input": {"channels": 1, "height": H, "width": W, "dtype": "uint8", "layout": "NCHW", "mean": 0.5, "std": 0.25},
+        "models": {
+            "gate": {"file": "gate.onnx", "sha256": sha256_file(directory / "gate.onnx"), "output": "scores"},
+            "seg": {"file": "seg.onnx", "sha256": sha256_file(directory / "seg.onnx"), "output": "probs",
+                    "output_stride": STRIDE},
+        },
+        "training": {"data": "none: hand-built for tests", "command": "tests/calibration", "seed": 0},
+    }
+    (directory / "model.json").write_text(json.dumps(meta))
+    return directory
+
+
+def make_samples(n: int, seed: int, tmp: Path | None = None) -> list[Sample]:
+    """Frames with 0, 1 or 2 rectangles of class levels (jittered), plus dim noise pixels
+    that look a little like the classes (so the gate is imperfect)."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        img = rng.integers(0, 20, (H, W)).astype(np.uint8)
+        masks = np.zeros((2, H, W), bool)
+        kind = i % 3  # 0 clean, 1 one defect, 2 two defects
+        for k in rng.permutation(2)[:kind]:
+            hh, ww = rng.integers(4, 9, 2)
+            y, x = rng.integers(0, H - hh), rng.integers(0, W - ww)
+            level = LEVELS[k] + rng.normal(0, 0.04)
+            img[y : y + hh, x : x + ww] = np.clip(level * 255 + rng.integers(-3, 4, (hh, ww)), 0, 255)
+            masks[k, y : y + hh, x : x + ww] = True
+        for _ in range(rng.integers(0, 3)):  # distractor pixels on clean background
+            y, x = rng.integers(0, H), rng.integers(0, W)
+            if not masks[:, y, x].any():
+                img[y, x] = int(rng.uniform(0.5, 0.65) * 255)
+        out.append(Sample(image=img, masks=masks, boxes=[], labels=masks.any(axis=(1, 2)).astype(np.float32),
+                          classes=CLASSES, source=str((tmp or Path("/gen")) / f"frame_{seed}_{i:04d}.png")))
+    return out
+
+
+@pytest.fixture(scope="module")
+def pack_dir(tmp_path_factory) -> Path:
+    return make_pack(tmp_path_factory.mktemp("pack") / "tiny")
+
+
+def test_calibrate_writes_a_file_the_agent_loads(pack_dir, tmp_path):
+    pack = load_model_pack(pack_dir)
+    samples = make_samples(120, seed=3)
+    out = tmp_path / "calibration.json"
+    result = calibrate(pack, samples, recall_target=0.95, data_info={"what": "generated", "split": "val"},
+                       output=out, batch=7, pixel_thresholds=(0.2, 0.3, 0.4, 0.5, 0.6, 0.7),
+                       min_areas=(0, 4, 8, 16))
+    assert result.path == out and out.is_file()
+    assert not list(tmp_path.glob(".calibration.json.*"))  # temp file replaced, not left behind
+    doc = json.loads(out.read_text())
+    assert doc["format"] == 1
+    assert doc["models"] == {"gate": pack.gate.sha256, "seg": pack.seg.sha256}
+    assert doc["data"]["n_images"] == 120 and doc["data"]["n_defective"] == 80
+    assert doc["gate"]["recall"] >= 0.95 and doc["gate"]["recall_target"] == 0.95
+    assert set(doc["classes"]) == set(CLASSES)
+    cal = load_calibration(pack, out)
+    assert cal.gate_threshold == result.gate.threshold
+    for name in CLASSES:
+        assert cal.classes[name].pixel_threshold == doc["classes"][name]["pixel_threshold"]
+        assert doc["classes"][name]["dice"] > 0.8  # the tiny models segment their rectangles
+        assert doc["classes"][name]["dice_with_gate"] <= doc["classes"][name]["dice"] + 1e-9
+    # the threshold reproduces on the scores ONNX Runtime gives for these frames
+    scores = result.gate_scores
+    assert ((scores >= cal.gate_threshold)[result.gate_labels]).mean() >= 0.95
+    # same distribution, fresh frames: recall within sampling error of the target
+    held = calibrate(pack, make_samples(300, seed=4), recall_target=0.95, write=False,
+                     pixel_thresholds=(0.5,), min_areas=(0,))
+    held_recall = (held.gate_scores[held.gate_labels] >= cal.gate_threshold).mean()
+    assert held_recall >= 0.95 - 3 * math.sqrt(0.95 * 0.05 / 80)
+
+
+def test_calibration_for_other_models_is_refused(pack_dir, tmp_path):
+    pack = load_model_pack(pack_dir)
+    out = tmp_path / "calibration.json"
+    calibrate(pack, make_samples(60, seed=5), recall_target=0.9, output=out,
+              pixel_thresholds=(0.5,), min_areas=(0,))
+    retrained = make_pack(tmp_path / "retrained", sharpness=30.0)  # different seg/gate weights
+    other = load_model_pack(retrained)
+    assert other.seg.sha256 != pack.seg.sha256
+    with pytest.raises(ModelPackError, match=r"calibration was made for gate model [0-9a-f]{12}, but the loaded gate"):
+        load_calibration(other, out)
+
+
+def test_calibrate_refuses_before_inference(pack_dir):
+    pack = load_model_pack(pack_dir)
+    samples = make_samples(30, seed=6)
+    with pytest.raises(CalibrationError, match=r"gate: 20 defective frames are too few for recall target 0.99"):
+        calibrate(pack, samples, write=False)
+    clean_only = [s for s in samples if not s.labels.any()]
+    with pytest.raises(CalibrationError, match=r"gate: no defective frames"):
+        calibrate(pack, clean_only, write=False, min_positive_images=0)
+    with pytest.raises(CalibrationError, match=r"classes with fewer than 50 positive images: 'bright' \(\d+\), 'dim'"):
+        calibrate(pack, samples, write=False, min_positive_images=50)
+    wrong = [Sample(image=s.image, masks=s.masks, boxes=[], labels=np.zeros(3, np.float32), classes=CLASSES,
+                    source="x.png") for s in samples[:2]]
+    with pytest.raises(CalibrationError, match=r"x.png: 3 labels, the model pack has 2 classes"):
+        calibrate(pack, wrong, write=False)
+    with pytest.raises(CalibrationError, match=r"no samples to calibrate on"):
+        calibrate(pack, [], write=False)
+
+
+def _write_severstal_folder(folder: Path, samples: list[Sample]) -> None:
+    frames = folder / "frames"
+    frames.mkdir(parents=True)
+    named = []
+    for s in samples:
+        path = frames / Path(s.source).name
+        cv2.imwrite(str(path), s.image)
+        named.append(Sample(s.image, s.masks, [], s.labels, CLASSES, str(path)))
+    write_severstal_csv(folder / "ground_truth.csv", named)
+
+
+def test_cli_on_a_simulator_folder(pack_dir, tmp_path, capsys):
+    data = tmp_path / "sim"
+    _write_severstal_folder(data, make_samples(90, seed=9))
+    out = tmp_path / "cal.json"
+    report = tmp_path / "report"
+    rc = calibrate_main([
+        "calibrate", "thresholds", "--profile", "tiny", "--models", str(pack_dir), "--data", str(data),
+        "--recall-target", "0.95", "--output", str(out), "--report", str(report),
+        "--pixel-thresholds", "0.3,0.5,0.7", "--min-areas", "0,8",
+    ])
+    text = capsys.readouterr()
+    assert rc == 0, text.err
+    assert "gate: threshold" in text.out and "class bright: pixel_threshold" in text.out
+    doc = json.loads(out.read_text())
+    assert doc["data"]["n_images"] == 90 and doc["data"]["split"] == "all"
+    assert load_calibration(load_model_pack(pack_dir), out).gate_threshold == doc["gate"]["threshold"]
+    assert (report / "report.html").is_file() and (report / "gate_curve.png").is_file()
+
+
+def test_cli_errors_are_one_clear_line(pack_dir, tmp_path, capsys):
+    rc = calibrate_main(["calibrate", "thresholds", "--profile", "tiny", "--models", str(pack_dir),
+                         "--data", str(tmp_path)])
+    assert rc == 2
+    assert "not a Severstal-layout folder; expected ground_truth.csv + frames/" in capsys.readouterr().err
+    rc = calibrate_main(["calibrate", "thresholds", "--profile", "steel", "--models", str(pack_dir),
+                         "--data", str(tmp_path)])
+    assert rc == 2
+    assert "model.json is for profile 'tiny', not 'steel'" in capsys.readouterr().err
+    rc = calibrate_main(["calibrate", "thresholds", "--profile", "tiny", "--models", str(tmp_path / "none"),
+                         "--data", str(tmp_path)])
+    assert rc == 2
+    assert "no model.json in" in capsys.readouterr().err
+    rc = calibrate_main(["calibrate", "thresholds", "--profile", "tiny", "--models", str(pack_dir),
+                         "--data", str(tmp_path), "--min-areas", "a,b"])
+    assert rc == 2
+    assert "--min-areas: 'a,b' is not a comma-separated list of int" in capsys.readouterr().err

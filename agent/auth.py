@@ -138,16 +138,22 @@ class AllowList:
         return True
 
 
-def start_authenticator(ctx: zmq.Context, allow_dir: str | os.PathLike[str]) -> ThreadAuthenticator:
+class CurveAuthenticator(ThreadAuthenticator):
+    """pyzmq's ZAP thread with its `allow_list` (reload() on SIGHUP; allowed/denied counts)."""
+
+    def __init__(self, ctx: zmq.Context, allow_list: AllowList) -> None:
+        super().__init__(ctx)
+        self.allow_list = allow_list
+
+
+def start_authenticator(ctx: zmq.Context, allow_dir: str | os.PathLike[str]) -> CurveAuthenticator:
     """Start a ZAP handler on `ctx` admitting only the CURVE keys in `allow_dir`.
 
-    The AllowList is at `authenticator.allow_list` (reload() on SIGHUP, denied count).
-    Stop it with `authenticator.stop()` before terminating the context."""
-    allow_list = AllowList(allow_dir)
-    auth = ThreadAuthenticator(ctx)
+    Call before any CURVE server socket of `ctx` binds; `stop()` it before terminating `ctx`."""
+    allow_list = AllowList(allow_dir)  # raises AuthError before any thread starts
+    auth = CurveAuthenticator(ctx, allow_list)
     auth.start()
     auth.configure_curve_callback(domain="*", credentials_provider=allow_list)
-    auth.allow_list = allow_list  # type: ignore[attr-defined]
     return auth
 
 

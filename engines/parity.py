@@ -7,7 +7,8 @@ Measured per model, over every batch of frames:
 - gate models: agreement of the gate decision ``max_k score >= threshold`` at the calibrated
   threshold (fraction of frames with the same decision);
 - segmentation models: Dice agreement of the thresholded masks per (frame, class), Severstal
-  style (two empty masks agree perfectly), at each class's calibrated pixel threshold.
+  style (two empty masks agree perfectly; calibration.metrics.dice_pairs, the table behind
+  dice_severstal), at each class's calibrated pixel threshold.
 
 ``ParityBar`` holds the limits; ``ParityReport.check(bar)`` raises ``ParityError`` carrying the
 report (``.report.to_dict()`` for the manifest, ``.report.text()`` for people).
@@ -20,6 +21,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 import structlog
 
+from calibration.metrics import dice_pairs
 from engines.backends.base import Backend
 
 log = structlog.get_logger(__name__)
@@ -142,14 +144,6 @@ class ParityReport:
         return "\n".join(lines)
 
 
-def mask_dice(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Dice per leading index pair of boolean masks [N, K, H, W] -> [N, K]; empty vs empty = 1."""
-    inter = np.logical_and(a, b).sum(axis=(-2, -1), dtype=np.int64)
-    total = a.sum(axis=(-2, -1), dtype=np.int64) + b.sum(axis=(-2, -1), dtype=np.int64)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(total == 0, 1.0, 2.0 * inter / np.maximum(total, 1))
-
-
 def _thresholds(pixel_thresholds: float | Sequence[float], k: int) -> np.ndarray:
     t = np.asarray(pixel_thresholds, dtype=np.float64).reshape(-1)
     if t.size == 1:
@@ -199,7 +193,7 @@ def compare(reference: Backend, candidate: Backend, batches: Iterable[np.ndarray
             if role == "seg" and pixel_thresholds is not None and r.ndim == 4:
                 t = _thresholds(pixel_thresholds, r.shape[1])[None, :, None, None]
                 report.pixel_thresholds = [float(x) for x in t.reshape(-1)]
-                dice = mask_dice(r >= t, np.nan_to_num(c, nan=-1.0) >= t)
+                dice = dice_pairs(np.nan_to_num(c, nan=-1.0) >= t, r >= t)
                 report.dice_sum += float(dice.sum())
                 report.dice_count += int(dice.size)
                 report.dice_min = min(report.dice_min, float(dice.min()))

@@ -9,7 +9,7 @@ from onnx import numpy_helper
 
 from engines import fp16
 from engines.backends.onnxrt import OnnxRuntimeBackend
-from engines.parity import ParityBar, ParityError, compare, mask_dice, synthetic_frames
+from engines.parity import ParityBar, ParityError, compare, synthetic_frames
 
 FRAMES = synthetic_frames(12, 1, 32, 48, seed=3)
 
@@ -101,16 +101,6 @@ def test_low_dice_fails_even_when_diff_allowed(models, tmp_path):
     report = _report(src, shifted, "seg", pixel_thresholds=0.5)
     with pytest.raises(ParityError, match=r"mask Dice 0\.\d+ < 0.9700 \(worst"):
         report.check(ParityBar(max_abs_diff=1.0))
-
-
-def test_mask_dice_rules():
-    empty = np.zeros((1, 2, 4, 4), bool)
-    full = np.ones((1, 2, 4, 4), bool)
-    half = full.copy()
-    half[..., :2] = False
-    assert mask_dice(empty, empty).tolist() == [[1.0, 1.0]]
-    assert mask_dice(empty, full).tolist() == [[0.0, 0.0]]
-    assert mask_dice(full, half)[0, 0] == pytest.approx(2 * 8 / 24)
 
 
 def test_bar_validation_and_empty_run():

@@ -1,0 +1,370 @@
+"""Build TensorRT FP16 engines for a profile's model pack, in two steps.
+
+(a) CPU, always: ``engines.fp16.convert`` writes the mixed-precision FP16 ONNX, and the parity
+    gate compares it with the FP32 ONNX on ONNX Runtime CPU (engines.parity). A failure stops
+    the build with the report.
+(b) GPU: a strongly typed TensorRT build from the FP16 ONNX (precision comes from the graph:
+    ``1 << STRONGLY_TYPED``, no precision flags; the same code serves 10.13+ and 11.x), with one
+    optimisation profile (batch min/opt/max, H/W = the profile's frame size), a workspace limit
+    and a persistent timing cache. It runs in a child process (repeated builds grow the builder's
+    memory, NVIDIA/TensorRT#2220), writes the plan atomically, then the engine is checked against
+    the FP32 ONNX once more (TensorRT vs ONNX Runtime) and only then is its manifest entry
+    written: an engine without an entry is never used.
+
+Files (engines.manifest): FP16 ONNX in ``<state>/engines/<profile>/fp16/``, engines and
+manifest.json in ``<state>/engines/<profile>/<gpu-slug>-trt<version>/``.
+"""
+from __future__ import annotations
+
+import json
+import multiprocessing
+import queue
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import structlog
+
+from engines import manifest
+from engines.fp16 import FP16Recipe, convert
+from engines.modelpack import ModelPack, ModelPackError, load_calibration, sha256_file
+from engines.parity import ParityBar, ParityReport, compare, synthetic_frames
+
+log = structlog.get_logger(__name__)
+
+GiB = 1 << 30
+
+
+class BuildError(RuntimeError):
+    """An engine could not be built; the message says which model and why."""
+
+
+class TensorRTMissing(BuildError):
+    """Step (a) is done but this machine cannot run step (b)."""
+
+
+@dataclass(frozen=True)
+class BuildSpec:
+    pack: ModelPack
+    state: Path
+    roles: tuple[str, ...] = ()  # empty = every model in the pack
+    min_batch: int = 1
+    opt_batch: int = 8
+    max_batch: int = 8
+    workspace_bytes: int = 4 * GiB
+    recipe: FP16Recipe = field(default_factory=FP16Recipe)
+    bar: ParityBar = field(default_factory=ParityBar)
+    frames_path: Path | None = None  # .npy [N,C,H,W]/[N,H,W] uint8, or a folder of images
+    parity_frames: int = 16
+    parity_batch: int = 4
+    force: bool = False
+    device: int = 0
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.min_batch <= self.opt_batch <= self.max_batch:
+            raise BuildError(f"batch sizes must satisfy 1 <= min ({self.min_batch}) <= opt ({self.opt_batch}) "
+                             f"<= max ({self.max_batch})")
+        if self.workspace_bytes < 64 << 20:
+            raise BuildError(f"workspace {self.workspace_bytes} bytes is below 64 MiB")
+        unknown = [r for r in self.roles if r not in self.pack.models]
+        if unknown:
+            raise BuildError(f"model(s) {unknown} not in the {self.pack.profile} pack "
+                             f"(has {sorted(self.pack.models)})")
+
+    @property
+    def selected(self) -> list[str]:
+        return list(self.roles) or list(self.pack.models)
+
+    def profile_shapes(self, input_name: str = "image") -> dict[str, dict[str, list[int]]]:
+        chw = [self.pack.channels, self.pack.height, self.pack.width]
+        return {input_name: {"min": [self.min_batch, *chw], "opt": [self.opt_batch, *chw],
+                             "max": [self.max_batch, *chw]}}
+
+
+@dataclass
+class ModelOutcome:
+    role: str
+    status: str  # "up-to-date", "built", "fp16-only", "would-build", "failed"
+    detail: str = ""
+    engine: Path | None = None
+    fp16_onnx: Path | None = None
+    reasons: list[str] = field(default_factory=list)
+
+
+# -- frames and thresholds for the parity gate ----------------------------------------------------
+
+def load_frames(spec: BuildSpec) -> np.ndarray:
+    """Parity frames [N, C, H, W] uint8 at the profile's frame size."""
+    c, h, w = spec.pack.channels, spec.pack.height, spec.pack.width
+    path = spec.frames_path
+    if path is None:
+        return synthetic_frames(spec.parity_frames, c, h, w)
+    path = Path(path)
+    if path.is_dir():
+        import cv2
+
+        files = sorted(p for p in path.iterdir() if p.suffix.lower() in {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"})
+        if not files:
+            raise BuildError(f"--frames {path}: no images (.png/.jpg/.bmp/.tif) in the folder")
+        arrays = []
+        for p in files[: spec.parity_frames]:
+            img = cv2.imread(str(p), cv2.IMREAD_GRAYSCALE if c == 1 else cv2.IMREAD_UNCHANGED)
+            if img is None:
+                raise BuildError(f"--frames {p}: cannot decode the image")
+            arrays.append(img[None] if img.ndim == 2 else img.transpose(2, 0, 1))
+        if len({a.shape for a in arrays}) != 1:
+            raise BuildError(f"--frames {path}: images differ in size")
+        frames = np.stack(arrays)
+    elif path.suffix == ".npy" and path.is_file():
+        frames = np.load(path, allow_pickle=False)
+        if frames.ndim == 3:
+            frames = frames[:, None]
+    else:
+        raise BuildError(f"--frames {path}: expected a folder of images or a .npy file")
+    if frames.dtype != np.uint8 or frames.shape[1:] != (c, h, w):
+        raise BuildError(f"--frames {path}: frames are {frames.dtype} {tuple(frames.shape[1:])}, "
+                         f"the {spec.pack.profile} profile needs uint8 {(c, h, w)}")
+    return np.ascontiguousarray(frames[: spec.parity_frames])
+
+
+def thresholds(pack: ModelPack) -> tuple[float, list[float], str]:
+    """Gate threshold and per-class pixel thresholds from calibration.json, or 0.5 when absent."""
+    try:
+        cal = load_calibration(pack)
+    except ModelPackError as exc:
+        log.warning("parity_uses_default_thresholds", profile=pack.profile, reason=str(exc))
+        return 0.5, [0.5] * len(pack.classes), f"defaults (0.5): {exc}"
+    return cal.gate_threshold, [cal.classes[c].pixel_threshold for c in pack.classes], "calibration.json"
+
+
+def run_parity(reference_path: Path, candidate, frames: np.ndarray, role: str, pack: ModelPack,
+               bar: ParityBar, batch: int) -> ParityReport:
+    """FP32 ONNX (ORT CPU) vs ``candidate`` (an active-able Backend); raises ParityError below the bar."""
+    from engines.backends.onnxrt import OnnxRuntimeBackend
+
+    gate_t, pixel_t, source = thresholds(pack)
+    batches = [frames[i:i + batch] for i in range(0, len(frames), batch)]
+    with OnnxRuntimeBackend(reference_path, max_batch=batch) as ref, candidate as cand:
+        report = compare(ref, cand, batches, role=role, gate_threshold=gate_t, pixel_thresholds=pixel_t,
+                         model=reference_path.name)
+    log.info("parity_thresholds", model=reference_path.name, source=source)
+    return report.check(bar)
+
+
+# -- step (a): FP16 ONNX + parity on ONNX Runtime ---------------------------------------------------
+
+def prepare_fp16(spec: BuildSpec, role: str, frames: np.ndarray) -> tuple[Path, dict[str, Any]]:
+    """Write ``<role>.fp16.onnx`` (reused when its record matches source and recipe) and pass parity."""
+    from engines.backends.onnxrt import OnnxRuntimeBackend
+
+    entry = spec.pack.models[role]
+    out_dir = manifest.fp16_dir(spec.pack.profile, spec.state)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    dest = out_dir / f"{role}.fp16.onnx"
+    record_path = out_dir / f"{role}.fp16.json"
+    source_sha = sha256_file(entry.path)
+    if not spec.force and dest.is_file() and record_path.is_file():
+        record = json.loads(record_path.read_text())
+        if (record.get("source_sha256") == source_sha and record.get("recipe") == spec.recipe.digest()
+                and record.get("sha256") == sha256_file(dest)):
+            log.info("fp16_reused", model=role, path=str(dest))
+            return dest, record["parity"]
+    log.info("fp16_convert_started", model=role, source=str(entry.path))
+    convert(entry.path, dest, spec.recipe)
+    candidate = OnnxRuntimeBackend(dest, max_batch=spec.parity_batch)
+    report = run_parity(entry.path, candidate, frames, role, spec.pack, spec.bar, spec.parity_batch)
+    record = {"source_sha256": source_sha, "recipe": spec.recipe.digest(), "sha256": sha256_file(dest),
+              "parity": report.to_dict()}
+    manifest.write_atomic(record_path, json.dumps(record, indent=2).encode())
+    return dest, record["parity"]
+
+
+# -- step (b): TensorRT, in a child process ----------------------------------------------------------
+
+def build_serialized(onnx_path: Path, engine_path: Path, *, shapes: dict[str, dict[str, list[int]]],
+                     workspace_bytes: int, timing_cache: Path) -> dict[str, Any]:
+    """Strongly typed TensorRT build of ``onnx_path`` into ``engine_path`` (atomic). Needs a GPU."""
+    import tensorrt as trt
+
+    from engines.backends.tensorrt import get_logger
+
+    logger = get_logger()
+    logger.take_errors()
+    started = time.monotonic()
+    builder = trt.Builder(logger)
+    # Honoured by 10.x, ignored (always on) by 11.x; never EXPLICIT_BATCH (gone in 11.x).
+    network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
+    parser = trt.OnnxParser(network, logger)
+    log.info("tensorrt_parse_started", onnx=str(onnx_path))
+    if not parser.parse_from_file(str(onnx_path)):
+        errors = [str(parser.get_error(i)) for i in range(parser.num_errors)]
+        raise BuildError(f"{onnx_path}: TensorRT cannot parse the model: " + "; ".join(errors))
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_bytes))
+    profile = builder.create_optimization_profile()
+    for i in range(network.num_inputs):
+        tensor = network.get_input(i)
+        if tensor.name not in shapes:
+            raise BuildError(f"{onnx_path}: input {tensor.name!r} has no profile shape (have {sorted(shapes)})")
+        s = shapes[tensor.name]
+        for axis, dim in enumerate(tensor.shape):
+            if dim >= 0 and not s["min"][axis] == s["max"][axis] == dim:
+                raise BuildError(f"{onnx_path}: input {tensor.name!r} axis {axis} is fixed at {dim}, "
+                                 f"the profile asks {s['min'][axis]}..{s['max'][axis]}")
+        profile.set_shape(tensor.name, s["min"], s["opt"], s["max"])
+    if config.add_optimization_profile(profile) < 0:
+        raise BuildError(f"{onnx_path}: TensorRT rejected the optimisation profile {shapes}")
+    cache_bytes = timing_cache.read_bytes() if timing_cache.is_file() else b""
+    cache = config.create_timing_cache(cache_bytes)
+    if not config.set_timing_cache(cache, ignore_mismatch=False):
+        log.warning("timing_cache_ignored", path=str(timing_cache), reason="made on another device or version")
+        config.set_timing_cache(config.create_timing_cache(b""), ignore_mismatch=False)
+    monitor = _ProgressLog(trt)
+    config.progress_monitor = monitor
+    log.info("tensorrt_build_started", onnx=str(onnx_path), shapes=shapes, workspace_bytes=workspace_bytes)
+    plan = builder.build_serialized_network(network, config)
+    if plan is None:  # no exception: the reasons went to the logger
+        raise BuildError(f"{onnx_path}: TensorRT build failed: " + " | ".join(logger.take_errors() or ["no error logged"]))
+    manifest.write_atomic(engine_path, memoryview(plan))
+    manifest.write_atomic(timing_cache, bytes(config.get_timing_cache().serialize()))
+    seconds = time.monotonic() - started
+    log.info("tensorrt_build_finished", engine=str(engine_path), bytes=engine_path.stat().st_size, seconds=round(seconds, 1))
+    return {"seconds": seconds, "tensorrt": trt.__version__}
+
+
+def _ProgressLog(trt):  # noqa: N802 - a class made on demand, tensorrt is imported lazily
+    class ProgressLog(trt.IProgressMonitor):
+        """Logs the builder's top-level phases (TensorRT calls it from its own threads)."""
+
+        def __init__(self):
+            trt.IProgressMonitor.__init__(self)
+            self._started: dict[str, float] = {}
+
+        def phase_start(self, phase_name, parent_phase, num_steps):
+            if not parent_phase:  # top-level phases only
+                self._started[phase_name] = time.monotonic()
+                log.info("tensorrt_phase_started", phase=phase_name, steps=num_steps)
+
+        def step_complete(self, phase_name, step):
+            return True  # never cancel
+
+        def phase_finish(self, phase_name):
+            if phase_name in self._started:
+                log.info("tensorrt_phase_finished", phase=phase_name,
+                         seconds=round(time.monotonic() - self._started.pop(phase_name), 1))
+
+    return ProgressLog()
+
+
+def _child(kwargs: dict[str, Any], results) -> None:
+    try:
+        results.put(("ok", build_serialized(**kwargs)))
+    except BuildError as exc:
+        results.put(("error", str(exc)))
+    except Exception as exc:  # anything TensorRT raises must reach the parent as text
+        results.put(("error", f"{type(exc).__name__}: {exc}"))
+
+
+def build_in_child(onnx_path: Path, engine_path: Path, *, shapes, workspace_bytes: int, timing_cache: Path,
+                   timeout_s: float = 3600.0) -> dict[str, Any]:
+    """Run build_serialized in a fresh (spawned) process; its memory goes when it exits."""
+    ctx = multiprocessing.get_context("spawn")
+    results = ctx.Queue()
+    kwargs = {"onnx_path": onnx_path, "engine_path": engine_path, "shapes": shapes,
+              "workspace_bytes": workspace_bytes, "timing_cache": timing_cache}
+    proc = ctx.Process(target=_child, args=(kwargs, results), name=f"trt-build-{engine_path.stem}")
+    proc.start()
+    try:
+        kind, value = results.get(timeout=timeout_s)
+    except (queue.Empty, EOFError, OSError) as exc:  # timed out, or the child died without a word
+        proc.join(5)
+        if proc.is_alive():
+            proc.kill()
+            proc.join()
+        raise BuildError(f"{engine_path.name}: build process gave no result (exit code {proc.exitcode}): "
+                         f"{type(exc).__name__}") from exc
+    proc.join()
+    if kind != "ok":
+        raise BuildError(value)
+    return value
+
+
+# -- the whole build ---------------------------------------------------------------------------------
+
+def plan(spec: BuildSpec) -> tuple[manifest.MachineFacts | None, str | None, dict[str, list[str]]]:
+    """Machine facts (or why there are none) and, per selected model, why it needs a build ([] = up to date)."""
+    try:
+        facts, why_not = manifest.machine_facts(spec.device), None
+    except manifest.ManifestError as exc:
+        facts, why_not = None, str(exc)
+    needed: dict[str, list[str]] = {}
+    for role in spec.selected:
+        if facts is None:
+            needed[role] = [f"cannot build here: {why_not}"]
+            continue
+        found = manifest.check_engine(manifest.engine_dir(spec.pack.profile, facts, spec.state),
+                                      spec.pack.models[role].path, facts, role=role,
+                                      profile_shapes=spec.profile_shapes())
+        needed[role] = found or (["--force"] if spec.force else [])
+    return facts, why_not, needed
+
+
+def build(spec: BuildSpec) -> list[ModelOutcome]:
+    """Build every selected model that is not up to date. Raises TensorRTMissing after step (a)
+    when this machine has no TensorRT/CUDA, BuildError/ParityError on failures."""
+    facts, why_not, needed = plan(spec)
+    frames = None
+    outcomes: list[ModelOutcome] = []
+    for role, reasons in needed.items():
+        if facts is not None and not reasons:
+            log.info("engine_up_to_date", model=role, profile=spec.pack.profile)
+            outcomes.append(ModelOutcome(role, "up-to-date"))
+            continue
+        log.info("engine_build_needed", model=role, profile=spec.pack.profile, reasons=reasons)
+        frames = load_frames(spec) if frames is None else frames
+        fp16_path, parity = prepare_fp16(spec, role, frames)
+        if facts is None:
+            outcomes.append(ModelOutcome(role, "fp16-only", fp16_onnx=fp16_path, reasons=reasons))
+            continue
+        outcomes.append(_build_engine(spec, role, facts, fp16_path, parity, frames))
+    if facts is None:
+        raise TensorRTMissing(f"{why_not}; FP16 ONNX and the ONNX Runtime parity gate are done "
+                              f"({manifest.fp16_dir(spec.pack.profile, spec.state)}), engines need a GPU box")
+    return outcomes
+
+
+def _build_engine(spec: BuildSpec, role: str, facts: manifest.MachineFacts, fp16_path: Path,
+                  parity_ort: dict[str, Any], frames: np.ndarray) -> ModelOutcome:
+    from engines.backends.tensorrt import TensorRTBackend
+    from engines.parity import ParityError
+
+    d = manifest.engine_dir(spec.pack.profile, facts, spec.state)
+    d.mkdir(parents=True, exist_ok=True)
+    engine_path = d / f"{role}.engine"
+    shapes = spec.profile_shapes()
+    result = build_in_child(fp16_path, engine_path, shapes=shapes, workspace_bytes=spec.workspace_bytes,
+                            timing_cache=d / "timing.cache")
+    source = spec.pack.models[role].path
+    candidate = TensorRTBackend(engine_path, max_batch=spec.parity_batch, verify_manifest=False,
+                                device=spec.device, role=role)
+    try:
+        report = run_parity(source, candidate, frames, role, spec.pack, spec.bar, spec.parity_batch)
+    except ParityError:
+        engine_path.unlink(missing_ok=True)  # never leave an engine that failed parity
+        raise
+    local_fp16 = d / f"{role}.fp16.onnx"
+    manifest.write_atomic(local_fp16, fp16_path.read_bytes())  # the exact graph this engine came from
+    entry = manifest.engine_entry(
+        role=role, engine_path=engine_path, onnx_fp32=source, onnx_fp16=local_fp16, facts=facts,
+        profile_shapes=shapes, workspace_bytes=spec.workspace_bytes, build_seconds=result["seconds"],
+        built_at=datetime.now(timezone.utc).isoformat(timespec="seconds"), fp16_recipe=spec.recipe.to_dict(),
+        parity={"onnxruntime_fp16": parity_ort, "tensorrt": report.to_dict()},
+    )
+    manifest.record_engine(d, role, entry)
+    log.info("engine_built", model=role, engine=str(engine_path), seconds=round(result["seconds"], 1))
+    return ModelOutcome(role, "built", engine=engine_path, fp16_onnx=local_fp16,
+                        detail=f"{result['seconds']:.0f} s, parity max |diff| "
+                               f"{max(o['max_abs_diff'] for o in report.to_dict()['outputs'].values()):.3g}")

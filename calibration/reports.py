@@ -44,23 +44,26 @@ def plot_gate_curve(scores: np.ndarray, labels: np.ndarray, threshold: float, re
     passed = scores >= threshold
     chosen_recall = float(passed[labels].mean())
     chosen_pass = float(passed.mean())
-    fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=DPI)
-    ax.step(pass_rate, recall, where="post", color="tab:blue", lw=1.8, label="gate (all thresholds)")
-    ax.axhline(recall_target, color="tab:red", ls="--", lw=1, label=f"recall target {recall_target:g}")
     clean = ~labels
-    if clean.any():
-        floor = labels.mean()  # pass rate if the gate passed exactly the defective frames
-        ax.axvline(floor, color="grey", ls=":", lw=1, label=f"defective share {floor:.3f}")
-    ax.plot([chosen_pass], [chosen_recall], "o", ms=9, mfc="none", mec="black", mew=2,
-            label=f"chosen t={threshold:.4g}: recall {chosen_recall:.4f}, pass {chosen_pass:.3f}")
-    ax.set_xlabel("pass rate (fraction of all frames sent to segmentation)")
-    ax.set_ylabel("recall of defective frames")
-    ax.set_xlim(0, 1.01)
-    low = min(0.8, float(recall.min()) if recall.size else 0.8, recall_target - 0.05)
-    ax.set_ylim(max(0.0, low), 1.005)
-    ax.grid(alpha=0.3)
-    ax.set_title(f"{title}: {int(labels.sum())} defective / {int(clean.sum())} clean frames")
-    ax.legend(loc="lower right", fontsize=8)
+    fig, axes = plt.subplots(1, 2, figsize=(9.6, 4.2), dpi=DPI)
+    # left: the whole curve; right: zoomed on the top, where the chosen point lives
+    zoom_low = max(0.0, min(recall_target - 4 * (1 - recall_target), chosen_recall) - 0.01)
+    for ax, (y_low, title_suffix) in zip(axes, ((0.0, "all thresholds"), (zoom_low, "near the target"))):
+        ax.step(pass_rate, recall, where="post", color="tab:blue", lw=1.8, label="gate")
+        ax.axhline(recall_target, color="tab:red", ls="--", lw=1, label=f"recall target {recall_target:g}")
+        if clean.any():
+            share = labels.mean()  # pass rate of a perfect gate
+            ax.axvline(share, color="grey", ls=":", lw=1, label=f"defective share {share:.3f}")
+        ax.plot([chosen_pass], [chosen_recall], "o", ms=9, mfc="none", mec="black", mew=2,
+                label=f"chosen t={threshold:.4g}\nrecall {chosen_recall:.4f}, pass {chosen_pass:.3f}")
+        ax.set_xlabel("pass rate (fraction of frames sent to segmentation)")
+        ax.set_xlim(0, 1.01)
+        ax.set_ylim(y_low, 1.0 + (1.0 - y_low) * 0.02)
+        ax.grid(alpha=0.3)
+        ax.set_title(title_suffix, fontsize=10)
+    axes[0].set_ylabel("recall of defective frames")
+    axes[1].legend(loc="lower right", fontsize=8)
+    fig.suptitle(f"{title}: {int(labels.sum())} defective / {int(clean.sum())} clean frames", fontsize=11)
     fig.tight_layout()
     fig.savefig(path, dpi=DPI)
     plt.close(fig)

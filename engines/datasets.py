@@ -884,6 +884,25 @@ def clean_crops(
     return crops
 
 
+# Gate negatives for data without defect-free images (NEU): the settings clean_crops runs with
+# unless a pack's model.json names its own under "training": {"clean_crops": {...}}. Training,
+# calibration and evaluation read them through clean_crop_settings so all three cut the same crops.
+CLEAN_CROPS_DEFAULT: dict[str, int] = {"size": 64, "stride": 64, "margin": 4, "max_per_image": 4}
+
+
+def clean_crop_settings(training: Mapping[str, Any] | None = None) -> dict[str, int]:
+    """CLEAN_CROPS_DEFAULT overridden by the integer keys of training["clean_crops"], if any."""
+    chosen = dict(CLEAN_CROPS_DEFAULT)
+    if isinstance(training, Mapping) and isinstance(training.get("clean_crops"), Mapping):
+        for key, value in training["clean_crops"].items():
+            if key not in chosen:
+                raise DatasetError(f"training.clean_crops: unknown key {key!r}; known: {', '.join(chosen)}")
+            if not isinstance(value, int) or isinstance(value, bool) or value < (0 if key == "margin" else 1):
+                raise DatasetError(f"training.clean_crops.{key}: must be an integer >= {0 if key == 'margin' else 1}, got {value!r}")
+            chosen[key] = value
+    return chosen
+
+
 # -- profiles ----------------------------------------------------------------------------------
 
 

@@ -1,0 +1,518 @@
+"""Evaluate a shipped model pack on a labelled split: gate, segmentation, detection view, type.
+
+The pack (engines.modelpack) is run through an inference backend (ONNX Runtime by default,
+engines.backends) exactly as the agent would feed it: raw uint8 pixels, NCHW, at the image's
+native size. Images are padded at the bottom/right with edge values to a multiple of
+`PAD_MULTIPLE` (the models are fully convolutional; their strides need it) and the seg output
+is cropped back. Images of equal size share a batch.
+
+What is measured (thresholds from the pack's calibration.json):
+- gate: ROC AUC of image-level defectiveness, the frame score being max_k scores[k];
+  recall/precision of defective images and the pass rate at the calibrated gate threshold.
+- segmentation: per class, pixels with prob >= pixel_threshold; 8-connected components found at
+  the model's output resolution, a component dropped when its area (output cells x stride^2,
+  image px) is below min_area_px, exactly as agent/postprocess.py and calibration/thresholds.py
+  count it; the kept mask is upsampled nearest (each cell to stride x stride px) and cropped to
+  the image. Severstal Dice (calibration.metrics.dice_severstal) per class and mean, IoU pooled
+  per class. Box-only data (NEU) is scored against its boxes rasterised as masks. Reported both
+  for the seg model alone and for the pipeline (frames the gate stops predict nothing).
+- detection view: each kept component is a box (its extent in image px) with score = the
+  highest probability inside it, scored with pycocotools COCOeval against the annotated boxes:
+  mAP@0.5 and mAP@0.5:0.95 (plus AP@0.5 per class).
+- defect type: on images that carry exactly one class, argmax of the gate scores vs that class.
+
+Data without defect-free images (NEU) gets gate negatives from engines.datasets.clean_crops of
+the same split (settings from model.json "training.clean_crops", else
+engines.datasets.CLEAN_CROPS_DEFAULT); the crops count for the gate metrics only.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import math
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import structlog
+
+from calibration.metrics import dice_pairs, precision_recall, roc_auc
+from engines import datasets
+from engines.datasets import Box, Sample
+from engines.modelpack import Calibration, ModelPack, load_calibration, load_model_pack
+
+log = structlog.get_logger(__name__)
+
+PAD_MULTIPLE = 8
+REPORT_FORMAT = 1
+
+
+class EvaluationError(RuntimeError):
+    """Evaluation cannot run or the models broke the model contract; the message says why."""
+
+
+# -- input preparation -------------------------------------------------------------------------
+
+
+def to_chw(image: np.ndarray, channels: int, source: str = "image") -> np.ndarray:
+    """uint8 HxW / HxWx3 -> uint8 [C, H, W] with the pack's channel count."""
+    img = np.asarray(image)
+    if img.dtype != np.uint8:
+        raise EvaluationError(f"{source}: image dtype {img.dtype}; the model contract needs uint8")
+    if img.ndim == 2:
+        img = img[:, :, None]
+    if img.ndim != 3:
+        raise EvaluationError(f"{source}: image shape {img.shape} is neither HxW nor HxWxC")
+    if channels == 1 and img.shape[2] == 3:
+        img = cv2.cvtColor(img, cv2.COLOR_RGB2GRAY)[:, :, None]
+    elif channels == 3 and img.shape[2] == 1:
+        img = np.repeat(img, 3, axis=2)
+    if img.shape[2] != channels:
+        raise EvaluationError(f"{source}: image has {img.shape[2]} channels, the model pack wants {channels}")
+    return np.ascontiguousarray(img.transpose(2, 0, 1))
+
+
+def pad_to_multiple(chw: np.ndarray, multiple: int = PAD_MULTIPLE) -> np.ndarray:
+    """Pad [C, H, W] at the bottom and right with edge values so H and W are multiples."""
+    h, w = chw.shape[1:]
+    ph, pw = -h % multiple, -w % multiple
+    if ph == 0 and pw == 0:
+        return chw
+    return np.pad(chw, ((0, 0), (0, ph), (0, pw)), mode="edge")
+
+
+# -- post-processing ---------------------------------------------------------------------------
+
+
+def components(
+    probs: np.ndarray, thresholds: Sequence[float], min_areas: Sequence[int], stride: int, image_hw: tuple[int, int]
+) -> tuple[np.ndarray, list[tuple[Box, float]]]:
+    """Per-class masks at image size and scored boxes from seg probs [K, h, w] at `stride`.
+
+    Pixel on when prob >= threshold; 8-connected components at output resolution; a component
+    is kept when cells * stride^2 >= min_area (image px). Masks: kept cells repeated stride x
+    stride, cropped to image_hw. Boxes: component extent * stride, clipped to the image, score =
+    the highest probability in the component.
+    """
+    height, width = image_hw
+    k_count = probs.shape[0]
+    masks = np.zeros((k_count, height, width), dtype=bool)
+    boxes: list[tuple[Box, float]] = []
+    cell_px = stride * stride
+    for k in range(k_count):
+        on = probs[k] >= thresholds[k]
+        if not on.any():
+            continue
+        n, labels, stats, _ = cv2.connectedComponentsWithStats(on.view(np.uint8), connectivity=8)
+        area = stats[:, cv2.CC_STAT_AREA].astype(np.int64) * cell_px
+        keep = area >= min_areas[k]
+        keep[0] = False
+        if not keep[1:].any():
+            continue
+        peak = np.zeros(n, np.float64)
+        np.maximum.at(peak, labels[on], probs[k][on])
+        kept = keep[labels]
+        full = np.repeat(np.repeat(kept, stride, axis=0), stride, axis=1)[:height, :width]
+        masks[k, : full.shape[0], : full.shape[1]] = full
+        for i in np.flatnonzero(keep):
+            x, y, w, h = (int(v) for v in stats[i, :4])
+            x0, y0 = x * stride, y * stride
+            x1, y1 = min((x + w) * stride, width), min((y + h) * stride, height)
+            if x1 > x0 and y1 > y0:
+                boxes.append((Box(k, float(x0), float(y0), float(x1), float(y1)), float(peak[i])))
+    return masks, boxes
+
+
+# -- COCO detection metrics --------------------------------------------------------------------
+
+
+def coco_map(
+    gt_boxes: Sequence[Sequence[Box]],
+    dt_boxes: Sequence[Sequence[tuple[Box, float]]],
+    image_sizes: Sequence[tuple[int, int]],
+    n_classes: int,
+) -> dict[str, Any]:
+    """mAP@0.5, mAP@0.5:0.95 (COCOeval, bbox, maxDets 100) and AP@0.5 per class.
+
+    gt_boxes[i] / dt_boxes[i] belong to image i of size image_sizes[i] (H, W); dt boxes carry
+    their score. Values are None where no ground-truth box exists (nothing to score)."""
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    if not (len(gt_boxes) == len(dt_boxes) == len(image_sizes)):
+        raise EvaluationError("coco_map: gt, dt and image sizes differ in length")
+    images, annotations, detections = [], [], []
+    for i, ((h, w), gts, dts) in enumerate(zip(image_sizes, gt_boxes, dt_boxes), 1):
+        images.append({"id": i, "width": int(w), "height": int(h)})
+        for b in gts:
+            bw, bh = b.x1 - b.x0, b.y1 - b.y0
+            annotations.append({"id": len(annotations) + 1, "image_id": i, "category_id": b.cls + 1,
+                                "bbox": [b.x0, b.y0, bw, bh], "area": bw * bh, "iscrowd": 0})
+        for b, score in dts:
+            detections.append({"image_id": i, "category_id": b.cls + 1,
+                               "bbox": [b.x0, b.y0, b.x1 - b.x0, b.y1 - b.y0], "score": float(score)})
+    gt_per_class = np.bincount([a["category_id"] - 1 for a in annotations], minlength=n_classes)
+    result: dict[str, Any] = {"gt_boxes": len(annotations), "predicted_boxes": len(detections),
+                              "gt_boxes_per_class": gt_per_class.tolist()}
+    if not annotations:
+        return {**result, "map50": None, "map50_95": None, "ap50_per_class": [None] * n_classes}
+    if not detections:
+        ap = [0.0 if c else None for c in gt_per_class]
+        return {**result, "map50": 0.0, "map50_95": 0.0, "ap50_per_class": ap}
+    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress and tables
+        gt = COCO()
+        gt.dataset = {"images": images, "annotations": annotations,
+                      "categories": [{"id": k + 1, "name": str(k)} for k in range(n_classes)]}
+        gt.createIndex()
+        dt = gt.loadRes(detections)
+        ev = COCOeval(gt, dt, iouType="bbox")
+        ev.evaluate()
+        ev.accumulate()
+        ev.summarize()
+    precision = ev.eval["precision"]  # [T IoUs, R recalls, K classes, A areas, M maxDets]
+    ap50 = []
+    for k in range(n_classes):
+        p = precision[0, :, k, 0, -1]
+        ap50.append(float(p[p > -1].mean()) if gt_per_class[k] and (p > -1).any() else None)
+    return {**result, "map50": float(ev.stats[1]), "map50_95": float(ev.stats[0]), "ap50_per_class": ap50}
+
+
+# -- the evaluation ----------------------------------------------------------------------------
+
+
+@dataclass
+class _Accumulator:
+    """What evaluation keeps per image while the data streams past."""
+
+    k: int
+    frame_scores: list
+    class_scores: list
+    defective: list
+    is_crop: list
+    dice_rows: list
+    dice_rows_gated: list
+    inter: np.ndarray
+    union: np.ndarray
+    gt_boxes: list
+    dt_boxes: list
+    sizes: list
+    type_truth: list
+    type_pred: list
+    truth_from_boxes: int = 0
+
+    @classmethod
+    def new(cls, k: int) -> "_Accumulator":
+        return cls(k, [], [], [], [], [], [], np.zeros(k, np.int64), np.zeros(k, np.int64), [], [], [], [], [])
+
+
+def _thresholds(pack: ModelPack, cal: Calibration) -> tuple[list[float], list[int]]:
+    return ([cal.classes[c].pixel_threshold for c in pack.classes], [cal.classes[c].min_area_px for c in pack.classes])
+
+
+def _infer(backend, x: np.ndarray, output: str, role: str, expected: tuple[int, ...], source: str) -> np.ndarray:
+    spec = backend.inputs[0]
+    for axis in (2, 3):
+        if spec.shape[axis] is not None and spec.shape[axis] != x.shape[axis]:
+            raise EvaluationError(
+                f"{source}: the {role} model takes a fixed {spec.shape[2]}x{spec.shape[3]} (HxW) input, this batch is "
+                f"{x.shape[2]}x{x.shape[3]}; evaluation feeds native image sizes to fully convolutional models"
+            )
+    out = backend.infer(x)
+    if output not in out:
+        raise EvaluationError(f"{role} model has no output {output!r} (has {sorted(out)})")
+    value = out[output]
+    if value.shape != expected:
+        raise EvaluationError(f"{role} output {output!r} has shape {value.shape}, expected {expected}")
+    if not np.all(np.isfinite(value)):
+        raise EvaluationError(f"{role} output {output!r} holds NaN or infinite values ({source})")
+    return value
+
+
+def evaluate_samples(
+    pack: ModelPack,
+    cal: Calibration,
+    samples: Iterable[Sample],
+    *,
+    negatives: Iterable[Sample] = (),
+    backend: str = "onnxruntime",
+    threads: int = 0,
+    max_batch: int = 8,
+) -> dict[str, Any]:
+    """Run the pack over samples (and gate-only negatives) and return the metrics dict."""
+    from engines.backends import load_backend_class
+
+    if max_batch < 1:
+        raise EvaluationError(f"max_batch must be >= 1, got {max_batch}")
+    k = len(pack.classes)
+    cls = load_backend_class(backend)
+    seg_entry = pack.seg
+    thresholds, min_areas = _thresholds(pack, cal)
+    acc = _Accumulator.new(k)
+    t0 = time.perf_counter()
+
+    def tagged() -> Iterator[tuple[Sample, bool]]:
+        yield from ((s, False) for s in samples)
+        yield from ((s, True) for s in negatives)
+
+    gate = cls(pack.gate.path, max_batch=max_batch, threads=threads)
+    seg = cls(seg_entry.path, max_batch=max_batch, threads=threads) if seg_entry else None
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(gate)
+        if seg is not None:
+            stack.enter_context(seg)
+        pending: dict[tuple[int, ...], list[tuple[Sample, bool]]] = {}
+
+        def run(batch: list[tuple[Sample, bool]]) -> None:
+            first = batch[0][0]
+            if tuple(first.classes) != tuple(pack.classes):
+                raise EvaluationError(f"{first.source}: data classes {list(first.classes)} differ from the "
+                                      f"model pack's {list(pack.classes)}")
+            h, w = first.shape
+            x = np.stack([pad_to_multiple(to_chw(s.image, pack.channels, s.source)) for s, _ in batch])
+            n, hp, wp = len(batch), x.shape[2], x.shape[3]
+            scores = _infer(gate, x, pack.gate.output, "gate", (n, k), first.source)
+            probs = None
+            if seg is not None and not all(crop for _, crop in batch):
+                s = seg_entry.output_stride
+                if hp % s or wp % s:
+                    raise EvaluationError(f"output stride {s} does not divide the padded input {hp}x{wp}")
+                probs = _infer(seg, x, seg_entry.output, "seg", (n, k, hp // s, wp // s), first.source)
+            for j, (sample, crop) in enumerate(batch):
+                _account(acc, sample, crop, scores[j], None if probs is None or crop else probs[j],
+                         thresholds, min_areas, seg_entry.output_stride if seg_entry else 1, cal.gate_threshold)
+
+        for item in tagged():
+            key = tuple(item[0].image.shape)
+            group = pending.setdefault(key, [])
+            group.append(item)
+            if len(group) == max_batch:
+                run(pending.pop(key))
+        for group in pending.values():
+            run(group)
+    seconds = time.perf_counter() - t0
+    return _summarise(pack, cal, acc, seconds, backend_name=cls.name, has_seg=seg is not None)
+
+
+def _account(acc: _Accumulator, sample: Sample, crop: bool, scores: np.ndarray, probs: np.ndarray | None,
+             thresholds, min_areas, stride: int, gate_threshold: float) -> None:
+    labels = np.asarray(sample.labels) > 0
+    frame = float(scores.max())
+    acc.frame_scores.append(frame)
+    acc.defective.append(bool(labels.any()))
+    acc.is_crop.append(crop)
+    if crop:
+        return
+    acc.class_scores.append(scores.astype(np.float64))
+    if labels.sum() == 1 and acc.k > 1:
+        acc.type_truth.append(int(np.argmax(labels)))
+        acc.type_pred.append(int(np.argmax(scores)))
+    if probs is None:
+        return
+    if sample.masks is not None:
+        truth = np.asarray(sample.masks, dtype=bool)
+    else:
+        truth = datasets.boxes_to_masks(sample)
+        acc.truth_from_boxes += 1
+    masks, boxes = components(probs, thresholds, min_areas, stride, sample.shape)
+    row = dice_pairs(masks[None], truth[None])[0]
+    acc.dice_rows.append(row)
+    if frame >= gate_threshold:
+        acc.dice_rows_gated.append(row)
+    else:  # the agent never segments this frame: empty prediction
+        acc.dice_rows_gated.append(np.where(truth.any(axis=(1, 2)), 0.0, 1.0))
+    acc.inter += np.logical_and(masks, truth).sum(axis=(1, 2))
+    acc.union += np.logical_or(masks, truth).sum(axis=(1, 2))
+    acc.gt_boxes.append(list(sample.boxes))
+    acc.dt_boxes.append(boxes)
+    acc.sizes.append(sample.shape)
+
+
+def _nan_to_none(value: float | None) -> float | None:
+    return None if value is None or (isinstance(value, float) and math.isnan(value)) else value
+
+
+def _summarise(pack: ModelPack, cal: Calibration, acc: _Accumulator, seconds: float, *, backend_name: str,
+               has_seg: bool) -> dict[str, Any]:
+    frame = np.asarray(acc.frame_scores, np.float64)
+    defective = np.asarray(acc.defective, bool)
+    is_crop = np.asarray(acc.is_crop, bool)
+    n_images = int((~is_crop).sum())
+    if n_images == 0:
+        raise EvaluationError("no images to evaluate")
+    gate: dict[str, Any] = {"threshold": cal.gate_threshold, "positives": int(defective.sum()),
+                            "negatives": int((~defective).sum()), "negative_crops": int(is_crop.sum())}
+    try:
+        gate["auc"] = roc_auc(frame, defective)
+    except ValueError as exc:
+        gate["auc"] = None
+        gate["auc_note"] = str(exc)
+    pr = precision_recall(frame, defective, cal.gate_threshold)
+    gate.update(recall=_nan_to_none(pr.recall), precision=_nan_to_none(pr.precision), pass_rate=pr.positive_rate,
+                pass_rate_defect_free=(pr.fp / (pr.fp + pr.tn)) if pr.fp + pr.tn else None,
+                tp=pr.tp, fp=pr.fp, fn=pr.fn, tn=pr.tn)
+    report: dict[str, Any] = {"images": n_images, "defective_images": int(defective[~is_crop].sum()), "gate": gate}
+    names = list(pack.classes)
+    if has_seg and acc.dice_rows:
+        table = np.stack(acc.dice_rows)
+        gated = np.stack(acc.dice_rows_gated)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            iou = np.where(acc.union == 0, np.nan, acc.inter / np.maximum(acc.union, 1))
+        report["segmentation"] = {
+            "truth": "boxes rasterised as masks" if acc.truth_from_boxes else "masks",
+            "dice_mean": float(table.mean()),
+            "dice_per_class": dict(zip(names, table.mean(axis=0).tolist())),
+            "dice_mean_after_gate": float(gated.mean()),
+            "iou_per_class": {n: _nan_to_none(float(v)) for n, v in zip(names, iou)},
+            "iou_mean": _nan_to_none(float(np.nanmean(iou))) if not np.all(np.isnan(iou)) else None,
+            "thresholds": {n: {"pixel_threshold": cal.classes[n].pixel_threshold,
+                               "min_area_px": cal.classes[n].min_area_px} for n in names},
+            "output_stride": pack.seg.output_stride,
+        }
+        det = coco_map(acc.gt_boxes, acc.dt_boxes, acc.sizes, len(names))
+        det["ap50_per_class"] = dict(zip(names, det["ap50_per_class"]))
+        det["gt_boxes_per_class"] = dict(zip(names, det["gt_boxes_per_class"]))
+        report["detection"] = det
+    else:
+        report["segmentation"] = None
+        report["detection"] = None
+    if acc.type_truth:
+        truth, pred = np.asarray(acc.type_truth), np.asarray(acc.type_pred)
+        confusion = np.zeros((len(names), len(names)), np.int64)
+        np.add.at(confusion, (truth, pred), 1)
+        report["defect_type"] = {"images": int(len(truth)), "accuracy": float((truth == pred).mean()),
+                                 "confusion": confusion.tolist()}
+    else:
+        report["defect_type"] = None
+    report["timing"] = {"seconds": round(seconds, 3), "items": len(frame),
+                        "items_per_s": round(len(frame) / seconds, 2) if seconds > 0 else None}
+    report["backend"] = backend_name
+    return report
+
+
+def evaluate_profile(
+    profile: str,
+    models_dir: str | Path,
+    data_root: str | Path,
+    split: str = "test",
+    *,
+    backend: str = "onnxruntime",
+    threads: int = 0,
+    max_batch: int = 8,
+    calibration_path: str | Path | None = None,
+    limit: int | None = None,
+) -> dict[str, Any]:
+    """Load the pack and the profile's split and evaluate; returns the JSON-ready report."""
+    pack = load_model_pack(models_dir)
+    if pack.profile != profile:
+        raise EvaluationError(f"{Path(models_dir) / 'model.json'}: the model pack is for profile {pack.profile!r}, "
+                              f"not {profile!r}")
+    cal = load_calibration(pack, calibration_path)
+    ds = datasets.load_profile_dataset(profile, data_root, split, grey=pack.channels == 1)
+    if tuple(ds.classes) != tuple(pack.classes):
+        raise EvaluationError(f"dataset {ds.name} classes {list(ds.classes)} differ from the model pack's "
+                              f"{list(pack.classes)}")
+    if limit is not None:
+        ds = ds[:limit]
+    if len(ds) == 0:
+        raise EvaluationError(f"split {split!r} of {ds.name} under {data_root} holds no images")
+    negatives: list[Sample] = []
+    crop_info = None
+    if ds.labels.any(axis=1).all():
+        settings = datasets.clean_crop_settings(pack.meta.get("training"))
+        negatives = datasets.clean_crops(ds, settings["size"], stride=settings["stride"], margin=settings["margin"],
+                                         max_per_image=settings["max_per_image"])
+        crop_info = {"from": "engines.datasets.clean_crops of the same split (it has no defect-free image)",
+                     **settings, "n": len(negatives)}
+    log.info("evaluation_started", profile=profile, split=split, images=len(ds), negative_crops=len(negatives),
+             models=pack.versions())
+    report = evaluate_samples(pack, cal, ds, negatives=negatives, backend=backend, threads=threads,
+                              max_batch=max_batch)
+    report = {
+        "format": REPORT_FORMAT,
+        "profile": profile,
+        "split": split,
+        "split_rule": "engines.datasets.assign_split: first byte of sha1(file stem) < 51 test, < 82 val, else train",
+        "data": {"root": str(data_root), "dataset": ds.name, "limit": limit, "negative_crops": crop_info},
+        "models": {"directory": str(pack.directory), **pack.versions()},
+        "calibration": {"path": str(calibration_path or pack.directory / "calibration.json"),
+                        "created": cal.raw.get("created")},
+        **report,
+    }
+    log.info("evaluation_finished", profile=profile, split=split, seconds=report["timing"]["seconds"],
+             auc=report["gate"]["auc"])
+    return report
+
+
+# -- output ------------------------------------------------------------------------------------
+
+
+def _fmt(value: Any, digits: int = 3) -> str:
+    if value is None:
+        return "n/a"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def render_markdown(report: dict[str, Any]) -> str:
+    """A human-readable summary of an evaluation report."""
+    g = report["gate"]
+    lines = [
+        f"# Evaluation: {report.get('profile', '?')} / {report.get('split', '?')}",
+        "",
+        f"Models: {', '.join(f'{k} {v}' for k, v in report.get('models', {}).items() if k != 'directory')}  ",
+        f"Images: {report['images']} ({report['defective_images']} defective)"
+        + (f", plus {g['negative_crops']} defect-free crops for the gate" if g["negative_crops"] else "")
+        + f"; backend {report['backend']}",
+        "",
+        "## Gate (frame score = max over class scores)",
+        "",
+        "| ROC AUC | threshold | recall | precision | pass rate | pass rate (defect-free) | TP | FP | FN | TN |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+        f"| {_fmt(g['auc'])} | {_fmt(g['threshold'], 4)} | {_fmt(g['recall'])} | {_fmt(g['precision'])} | "
+        f"{_fmt(g['pass_rate'])} | {_fmt(g['pass_rate_defect_free'])} | {g['tp']} | {g['fp']} | {g['fn']} | {g['tn']} |",
+    ]
+    if g.get("auc_note"):
+        lines += ["", f"AUC not defined: {g['auc_note']}"]
+    seg = report.get("segmentation")
+    if seg:
+        det = report["detection"]
+        lines += [
+            "",
+            f"## Segmentation (Severstal Dice, truth: {seg['truth']})",
+            "",
+            f"Dice mean {_fmt(seg['dice_mean'])} (after the gate: {_fmt(seg['dice_mean_after_gate'])}), "
+            f"IoU mean {_fmt(seg['iou_mean'])}; detection view mAP@0.5 {_fmt(det['map50'])}, "
+            f"mAP@0.5:0.95 {_fmt(det['map50_95'])} ({det['predicted_boxes']} predicted, {det['gt_boxes']} true boxes)",
+            "",
+            "| class | Dice | IoU | AP@0.5 | true boxes | pixel threshold | min area px |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for name, dice in seg["dice_per_class"].items():
+            t = seg["thresholds"][name]
+            lines.append(f"| {name} | {_fmt(dice)} | {_fmt(seg['iou_per_class'][name])} | "
+                         f"{_fmt(det['ap50_per_class'][name])} | {det['gt_boxes_per_class'][name]} | "
+                         f"{_fmt(t['pixel_threshold'], 2)} | {t['min_area_px']} |")
+    dt = report.get("defect_type")
+    if dt:
+        lines += ["", "## Defect type (argmax of gate scores, images with one class)", "",
+                  f"Accuracy {_fmt(dt['accuracy'])} on {dt['images']} images."]
+    t = report["timing"]
+    lines += ["", f"Took {t['seconds']} s for {t['items']} frames ({_fmt(t['items_per_s'], 1)} per s)."]
+    return "\n".join(lines) + "\n"
+
+
+def write_report(report: dict[str, Any], out_dir: str | Path) -> tuple[Path, Path]:
+    """evaluation_<split>.json and .md in out_dir; returns both paths."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    split = report.get("split", "all")
+    json_path, md_path = out_dir / f"evaluation_{split}.json", out_dir / f"evaluation_{split}.md"
+    json_path.write_text(json.dumps(report, indent=2) + "\n")
+    md_path.write_text(render_markdown(report))
+    return json_path, md_path

@@ -1,0 +1,146 @@
+"""Camera simulator: publishes coils over the wire protocol, writes exact ground truth.
+
+Sources: the synthetic strip generator (engines/synth.py), or a folder of images. With a
+ground-truth folder it writes ``frames/<coil>_<index>.png`` and ``ground_truth.csv`` in the
+Severstal layout (ImageId, ClassId 1-based, EncodedPixels) so `coilsight calibrate` and
+`coilsight evaluate` can read what the camera sent.
+"""
+from __future__ import annotations
+
+import csv
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import cv2
+import numpy as np
+import structlog
+import zmq
+
+from agent.protocol import encode_control, encode_frame
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass
+class SentCoil:
+    """What the camera really sent: the ground truth a test compares the summary with."""
+
+    coil: str
+    camera: str
+    sent: int = 0
+    defective: set[int] = field(default_factory=set)  # frame indices with ground-truth defects
+    classes: dict[int, set[str]] = field(default_factory=dict)  # index -> classes present
+    dropped: list[int] = field(default_factory=list)  # indices the camera could not hand to ZeroMQ
+    first_seq: int = 0
+    last_seq: int = 0
+
+
+def rle_encode(mask: np.ndarray) -> str:
+    """Severstal RLE: column-major, 1-indexed start/length pairs."""
+    flat = mask.T.reshape(-1).astype(np.uint8)
+    padded = np.concatenate([[0], flat, [0]])
+    runs = np.flatnonzero(padded[1:] != padded[:-1]) + 1
+    runs[1::2] -= runs[::2]
+    return " ".join(map(str, runs))
+
+
+def synthetic_frames(n: int, defect_fraction: float, *, seed: int = 0, width: int = 1600, height: int = 256,
+                     classes: tuple[str, ...] | None = None) -> Iterator[tuple[np.ndarray, np.ndarray | None]]:
+    """n frames; a deterministic ``defect_fraction`` of them carry defects (with masks)."""
+    from engines.synth import STEEL_CLASSES, StripGenerator
+
+    gen = StripGenerator(width=width, height=height, classes=classes or STEEL_CLASSES, seed=seed)
+    rng = np.random.default_rng(seed + 7919)
+    for i in range(n):
+        defective = bool(rng.random() < defect_fraction)
+        img, masks = gen.frame(i, defective)
+        yield img, masks
+
+
+def folder_frames(folder: Path) -> Iterator[tuple[np.ndarray, None]]:
+    paths = sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".bmp"))
+    if not paths:
+        raise FileNotFoundError(f"no images (png, jpg, bmp) in {folder}")
+    for p in paths:
+        img = cv2.imread(str(p), cv2.IMREAD_UNCHANGED)
+        if img is None:
+            raise ValueError(f"{p}: OpenCV cannot read this image")
+        if img.ndim == 3:
+            img = img[..., ::-1].copy()
+        yield img, None
+
+
+class CameraSim:
+    def __init__(self, endpoint: str, *, camera: str = "cam0", ctx: zmq.Context | None = None, sndhwm: int = 100,
+                 send_timeout_ms: int = 10_000, seq_start: int = 0, socket_setup=None):
+        self.ctx = ctx or zmq.Context.instance()
+        self.sock = self.ctx.socket(zmq.PUSH)
+        self.sock.setsockopt(zmq.LINGER, 5000)
+        self.sock.setsockopt(zmq.SNDHWM, sndhwm)
+        self.sock.setsockopt(zmq.SNDTIMEO, send_timeout_ms)
+        if socket_setup:
+            socket_setup(self.sock)
+        self.sock.connect(endpoint)
+        self.camera = camera
+        self.seq = seq_start
+
+    def _send(self, parts: list) -> bool:
+        try:
+            self.sock.send_multipart(parts, copy=len(parts) == 1)
+        except zmq.Again:
+            return False
+        finally:
+            self.seq += 1
+        return True
+
+    def send_coil(self, coil: str, frames: Iterable[tuple[np.ndarray, np.ndarray | None]], *, rate_hz: float = 0.0,
+                  mm_per_px_y: float = 0.5, encoding: str = "raw", gt_dir: Path | None = None,
+                  classes: tuple[str, ...] = (), send_end: bool = True, start_index: int = 0) -> SentCoil:
+        sent = SentCoil(coil, self.camera, first_seq=self.seq)
+        gt_rows: list[tuple[str, int, str]] = []
+        if gt_dir is not None:
+            (gt_dir / "frames").mkdir(parents=True, exist_ok=True)
+        self._send(encode_control("coil_start", self.camera, coil, self.seq, ts_ns=time.time_ns()))
+        period = 1.0 / rate_hz if rate_hz > 0 else 0.0
+        next_t = time.perf_counter()
+        pos_mm = 0.0
+        index = start_index
+        for index, (img, masks) in enumerate(frames, start=start_index):
+            if masks is not None and masks.any():
+                sent.defective.add(index)
+                sent.classes[index] = {classes[k] for k in range(len(masks)) if masks[k].any()} if classes else set()
+            parts = encode_frame(self.camera, coil, self.seq, index, img, ts_ns=time.time_ns(), pos_mm=pos_mm,
+                                 encoding=encoding)
+            if not self._send(parts):
+                sent.dropped.append(index)
+                log.warning("camera_frame_not_sent", coil=coil, index=index)
+            sent.sent += 1
+            pos_mm += img.shape[0] * mm_per_px_y
+            if gt_dir is not None:
+                name = f"{coil}_{index:06d}.png"
+                cv2.imwrite(str(gt_dir / "frames" / name), img)
+                if masks is not None:
+                    for k in range(len(masks)):
+                        if masks[k].any():
+                            gt_rows.append((name, k + 1, rle_encode(masks[k])))
+            if period:
+                next_t += period
+                delay = next_t - time.perf_counter()
+                if delay > 0:
+                    time.sleep(delay)
+        if send_end:
+            self._send(encode_control("coil_end", self.camera, coil, self.seq, ts_ns=time.time_ns(),
+                                      frames=sent.sent, length_mm=pos_mm))
+        sent.last_seq = self.seq - 1
+        if gt_dir is not None:
+            with open(gt_dir / "ground_truth.csv", "a", newline="") as f:
+                w = csv.writer(f)
+                if f.tell() == 0:
+                    w.writerow(["ImageId", "ClassId", "EncodedPixels"])
+                w.writerows(gt_rows)
+        return sent
+
+    def close(self, linger_ms: int = 5000) -> None:
+        self.sock.close(linger=linger_ms)

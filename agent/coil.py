@@ -1,0 +1,360 @@
+"""Per-coil state: frame accounting, defects, deadline and the summary.
+
+Every distinct frame a camera sent for a coil ends in exactly one state:
+inspected, gated_out, rejected (by reason), shed, missing (never received), or lost (the agent
+died while it was in flight). Until then it is pending. Invariants, checked by the tests:
+
+    received = inspected + gated_out + rejected + shed + pending + lost
+    sent     = received + missing        (sent from the cameras' coil_end messages)
+
+Duplicates (a frame index received again) are counted apart and never inspected twice.
+A coil closes when every camera that took part has ended it and nothing is pending, when no
+frame arrived for ``coil_idle_timeout_s`` (end reason ``idle_timeout``), when a camera starts
+another coil first (``next_coil``), or at shutdown (``shutdown``). An unfinished coil gets a
+provisional summary at ``provisional_at`` x budget; the final one follows.
+"""
+from __future__ import annotations
+
+import heapq
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import structlog
+
+log = structlog.get_logger(__name__)
+
+TERMINAL = ("inspected", "gated_out", "rejected", "shed", "lost")
+
+
+@dataclass
+class CameraCoil:
+    camera: str
+    seen: dict[int, str] = field(default_factory=dict)  # frame index -> state ("pending" until terminal)
+    ended: bool = False
+    sent: int | None = None  # from coil_end
+    end_reason: str | None = None
+    max_pos_mm: float = 0.0
+    duplicates: int = 0
+    rejected_by_reason: dict[str, int] = field(default_factory=dict)
+
+    def count(self, state: str) -> int:
+        return sum(1 for s in self.seen.values() if s == state)
+
+
+@dataclass
+class Coil:
+    coil: str
+    started_wall_ns: int
+    started_mono: float
+    last_frame_mono: float
+    cameras: dict[str, CameraCoil] = field(default_factory=dict)
+    defects_by_class: dict[str, int] = field(default_factory=dict)
+    worst: list[tuple[float, int, dict]] = field(default_factory=list)  # min-heap of (severity, n, event)
+    n_defects: int = 0
+    pending: int = 0
+    provisional_sent: bool = False
+    end_reason: str | None = None
+    length_mm: float | None = None
+
+    def camera(self, camera: str) -> CameraCoil:
+        cam = self.cameras.get(camera)
+        if cam is None:
+            cam = self.cameras[camera] = CameraCoil(camera)
+        return cam
+
+    @property
+    def all_ended(self) -> bool:
+        return bool(self.cameras) and all(c.ended for c in self.cameras.values())
+
+
+def _ranges(indices: list[int]) -> list[list[int]]:
+    out: list[list[int]] = []
+    for i in sorted(indices):
+        if out and out[-1][1] == i - 1:
+            out[-1][1] = i
+        else:
+            out.append([i, i])
+    return out
+
+
+class CoilRegistry:
+    """Thread-safe: ingest, inference and the main loop all report here."""
+
+    def __init__(self, *, budget_s: float, provisional_at: float, idle_timeout_s: float, worst_n: int,
+                 classes: tuple[str, ...], frame_height_mm: float = 0.0, clock=time.monotonic):
+        self.budget_s = budget_s
+        self.provisional_at = provisional_at
+        self.idle_timeout_s = idle_timeout_s
+        self.worst_n = worst_n
+        self.classes = classes
+        self.clock = clock
+        self._lock = threading.Lock()
+        self._coils: dict[str, Coil] = {}
+        self._closed: dict[str, float] = {}  # coil id -> close time (to reject stale frames)
+        self._current: dict[str, str] = {}  # camera -> coil it is sending
+
+    # -- ingest side -------------------------------------------------------------------
+    def _open(self, coil: str, now: float) -> Coil:
+        c = self._coils.get(coil)
+        if c is None:
+            c = self._coils[coil] = Coil(coil, time.time_ns(), now, now)
+            log.info("coil_started", coil=coil)
+        return c
+
+    def _switch(self, camera: str, coil: str, now: float) -> list[dict]:
+        """A camera moved to another coil without ending the last one: end it there."""
+        out: list[dict] = []
+        prev = self._current.get(camera)
+        if prev is not None and prev != coil and prev in self._coils:
+            cc = self._coils[prev].camera(camera)
+            if not cc.ended:
+                cc.ended, cc.end_reason = True, "next_coil"
+                log.warning("coil_not_ended", coil=prev, camera=camera, next_coil=coil)
+                out += self._maybe_close(self._coils[prev], now)
+        self._current[camera] = coil
+        return out
+
+    def is_closed(self, coil: str) -> bool:
+        with self._lock:
+            return coil in self._closed
+
+    def coil_start(self, camera: str, coil: str) -> list[dict]:
+        now = self.clock()
+        with self._lock:
+            if coil in self._closed:
+                return []
+            out = self._switch(camera, coil, now)
+            self._open(coil, now).camera(camera)
+            return out
+
+    def coil_end(self, camera: str, coil: str, frames: int, length_mm: float | None) -> list[dict]:
+        now = self.clock()
+        with self._lock:
+            if coil in self._closed:
+                log.warning("coil_end_for_closed_coil", coil=coil, camera=camera)
+                return []
+            c = self._open(coil, now)
+            cc = c.camera(camera)
+            cc.ended, cc.sent, cc.end_reason = True, frames, "coil_end"
+            if length_mm is not None:
+                c.length_mm = max(c.length_mm or 0.0, length_mm)
+            if self._current.get(camera) == coil:
+                del self._current[camera]
+            return self._maybe_close(c, now)
+
+    def admit(self, camera: str, coil: str, index: int, pos_mm: float) -> tuple[str, list[dict]]:
+        """Register a frame's arrival. Returns ("ok" | "duplicate" | "stale_coil", summaries to publish)."""
+        now = self.clock()
+        with self._lock:
+            if coil in self._closed:
+                return "stale_coil", []
+            out = self._switch(camera, coil, now)
+            c = self._open(coil, now)
+            cc = c.camera(camera)
+            if index in cc.seen:
+                cc.duplicates += 1
+                return "duplicate", out
+            cc.seen[index] = "pending"
+            cc.max_pos_mm = max(cc.max_pos_mm, pos_mm)
+            c.pending += 1
+            c.last_frame_mono = now
+            return "ok", out
+
+    def reject(self, camera: str, coil: str, index: int | None, reason: str) -> None:
+        """A frame of a known coil was rejected after (or instead of) admission."""
+        now = self.clock()
+        with self._lock:
+            c = self._coils.get(coil)
+            if c is None:
+                if coil in self._closed:
+                    return
+                c = self._open(coil, now)
+            cc = c.camera(camera)
+            cc.rejected_by_reason[reason] = cc.rejected_by_reason.get(reason, 0) + 1
+            if index is None:
+                return
+            state = cc.seen.get(index)
+            if state == "pending":
+                c.pending -= 1
+            elif state is not None:
+                return  # already terminal; counted in rejected_by_reason only
+            cc.seen[index] = "rejected"
+            c.last_frame_mono = now
+
+    # -- inference side ------------------------------------------------------------------
+    def finish(self, camera: str, coil: str, index: int, state: str, events: list[dict] = ()) -> list[dict]:
+        """A pending frame reached a terminal state; returns summaries that became due."""
+        if state not in TERMINAL:
+            raise ValueError(f"unknown terminal state {state!r}")
+        now = self.clock()
+        with self._lock:
+            c = self._coils.get(coil)
+            if c is None:
+                log.error("finish_for_unknown_coil", coil=coil, camera=camera, index=index)
+                return []
+            cc = c.camera(camera)
+            if cc.seen.get(index) != "pending":
+                log.error("finish_for_non_pending_frame", coil=coil, camera=camera, index=index,
+                          state=cc.seen.get(index))
+                return []
+            cc.seen[index] = state
+            c.pending -= 1
+            for ev in events:
+                self._add_defect(c, ev)
+            return self._maybe_close(c, now)
+
+    def _add_defect(self, c: Coil, ev: dict) -> None:
+        c.n_defects += 1
+        c.defects_by_class[ev["class"]] = c.defects_by_class.get(ev["class"], 0) + 1
+        if self.worst_n:
+            severity = float(ev.get("area_mm2", 0.0)) * float(ev.get("confidence", 0.0))
+            item = (severity, c.n_defects, ev)
+            if len(c.worst) < self.worst_n:
+                heapq.heappush(c.worst, item)
+            else:
+                heapq.heappushpop(c.worst, item)
+
+    # -- main loop -------------------------------------------------------------------------
+    def poll(self) -> list[dict]:
+        """Deadlines and idle timeouts; returns provisional and final summaries that are due."""
+        now = self.clock()
+        out: list[dict] = []
+        with self._lock:
+            for c in list(self._coils.values()):
+                if not c.provisional_sent and now - c.started_mono >= self.budget_s * self.provisional_at:
+                    c.provisional_sent = True
+                    out.append(self._summary(c, now, final=False, reason="deadline"))
+                    log.warning("coil_deadline_provisional_summary", coil=c.coil, pending=c.pending)
+                if now - c.last_frame_mono >= self.idle_timeout_s and not c.all_ended:
+                    for cc in c.cameras.values():
+                        if not cc.ended:
+                            cc.ended, cc.end_reason = True, "idle_timeout"
+                    log.warning("coil_idle_timeout", coil=c.coil, idle_s=round(now - c.last_frame_mono, 1))
+                    out += self._maybe_close(c, now)
+        return out
+
+    def close_all(self, reason: str, *, pending_state: str | None = None) -> list[dict]:
+        """Shutdown or crash accounting: end every open coil now.
+
+        pending_state: what frames still pending become (``lost`` after a crash); None keeps
+        them pending, which a partial summary then reports.
+        """
+        now = self.clock()
+        out = []
+        with self._lock:
+            for c in list(self._coils.values()):
+                for cc in c.cameras.values():
+                    if not cc.ended:
+                        cc.ended, cc.end_reason = True, reason
+                    if pending_state:
+                        for i, s in cc.seen.items():
+                            if s == "pending":
+                                cc.seen[i] = pending_state
+                                c.pending -= 1
+                c.end_reason = reason
+                out.append(self._close(c, now))
+        return out
+
+    def _maybe_close(self, c: Coil, now: float) -> list[dict]:
+        if c.all_ended and c.pending == 0:
+            return [self._close(c, now)]
+        return []
+
+    def _close(self, c: Coil, now: float) -> dict:
+        if c.end_reason is None:  # the first camera's reason that is not a clean coil_end, else coil_end
+            reasons = [cc.end_reason for cc in c.cameras.values() if cc.end_reason != "coil_end"]
+            c.end_reason = reasons[0] if reasons else "coil_end"
+        summary = self._summary(c, now, final=True, reason=c.end_reason)
+        del self._coils[c.coil]
+        self._closed[c.coil] = now
+        for cam, coil in list(self._current.items()):
+            if coil == c.coil:
+                del self._current[cam]
+        if len(self._closed) > 10_000:  # bounded memory of closed coil ids
+            for k in sorted(self._closed, key=self._closed.get)[:1000]:
+                del self._closed[k]
+        return summary
+
+    # -- summary ---------------------------------------------------------------------------
+    def _summary(self, c: Coil, now: float, *, final: bool, reason: str | None) -> dict:
+        totals = dict.fromkeys(("sent", "received", "inspected", "gated_out", "rejected", "shed", "missing",
+                                "pending", "lost", "duplicates"), 0)
+        rejected_by_reason: dict[str, int] = {}
+        cameras: dict[str, Any] = {}
+        missing_ranges: dict[str, list[list[int]]] = {}
+        end_reasons = set()
+        complete = True
+        max_pos = 0.0
+        for cc in c.cameras.values():
+            counts = {s: 0 for s in ("pending", *TERMINAL)}
+            for s in cc.seen.values():
+                counts[s] += 1
+            received = len(cc.seen)
+            if cc.sent is not None:
+                expected = cc.sent
+                missing = [i for i in range(cc.sent) if i not in cc.seen]
+                extra = [i for i in cc.seen if i >= cc.sent]
+                if extra:
+                    complete = False
+            else:  # no coil_end: what we can tell is the gaps below the highest index seen
+                expected = None
+                top = max(cc.seen) + 1 if cc.seen else 0
+                missing = [i for i in range(top) if i not in cc.seen]
+            if cc.end_reason != "coil_end" or missing or counts["shed"] or counts["lost"] or counts["pending"]:
+                complete = False
+            end_reasons.add(cc.end_reason or "open")
+            if missing:
+                missing_ranges[cc.camera] = _ranges(missing)
+            cam_summary = {"sent": expected, "received": received, "missing": len(missing),
+                           "duplicates": cc.duplicates, **counts,
+                           "rejected_by_reason": dict(cc.rejected_by_reason), "end_reason": cc.end_reason}
+            cameras[cc.camera] = cam_summary
+            for k in ("received", "inspected", "gated_out", "rejected", "shed", "pending", "lost", "duplicates"):
+                totals[k] += cam_summary[k]
+            totals["missing"] += len(missing)
+            totals["sent"] += expected if expected is not None else received + len(missing)
+            for r, n in cc.rejected_by_reason.items():
+                rejected_by_reason[r] = rejected_by_reason.get(r, 0) + n
+            max_pos = max(max_pos, cc.max_pos_mm)
+        if not final:
+            complete = False
+        length_mm = c.length_mm if c.length_mm else max_pos
+        metres = length_mm / 1000.0
+        wall_s = now - c.started_mono
+        density = {k: round(n / metres, 3) for k, n in c.defects_by_class.items()} if metres > 0 else {}
+        worst = [ev for _, _, ev in sorted(c.worst, key=lambda t: (-t[0], t[1]))]
+        return {
+            "type": "summary",
+            "coil": c.coil,
+            "final": final,
+            "complete": complete,
+            "end_reason": reason if final else "deadline",
+            "end_reasons": sorted(end_reasons),
+            "frames": totals,
+            "rejected_by_reason": rejected_by_reason,
+            "missing_ranges": missing_ranges,
+            "cameras": cameras,
+            "defects": {k: c.defects_by_class.get(k, 0) for k in self.classes},
+            "defect_count": c.n_defects,
+            "length_mm": round(length_mm, 1),
+            "density_per_m": density,
+            "worst": worst,
+            "timing": {
+                "started_ns": c.started_wall_ns,
+                "wall_s": round(wall_s, 3),
+                "budget_s": self.budget_s,
+                "slack_s": round(self.budget_s - wall_s, 3),
+            },
+        }
+
+    def open_coils(self) -> list[str]:
+        with self._lock:
+            return list(self._coils)
+
+    def snapshot(self) -> dict[str, dict]:
+        """Per open coil: counts so far (for crash checkpoints and `coilsight status`)."""
+        now = self.clock()
+        with self._lock:
+            return {k: self._summary(c, now, final=False, reason=None) for k, c in self._coils.items()}

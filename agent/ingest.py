@@ -1,0 +1,180 @@
+"""Ingest thread: receive, validate, account, decode, enqueue. Never blocks on inference."""
+from __future__ import annotations
+
+import threading
+import time
+from collections import Counter
+from typing import Callable
+
+import numpy as np
+import structlog
+import zmq
+
+from agent.batcher import Frame, FrameQueue
+from agent.coil import CoilRegistry
+from agent.logs import RateLimiter
+from agent.protocol import Control, Rejected, decode_message, max_message_bytes, pixels_to_array
+
+log = structlog.get_logger(__name__)
+
+
+class Ingest(threading.Thread):
+    def __init__(self, ctx: zmq.Context, *, endpoint: str, rcvhwm: int, frames: FrameQueue, coils: CoilRegistry,
+                 channels: int, max_width: int, max_height: int, allowed_encodings: tuple[str, ...],
+                 emit_summary: Callable[[dict], None], socket_setup: Callable[[zmq.Socket, str], None] | None = None,
+                 on_reject: Callable[[str, str | None], None] | None = None,
+                 on_frame: Callable[[str, float], None] | None = None):
+        super().__init__(name="ingest", daemon=True)
+        self.ctx = ctx
+        self.endpoint = endpoint
+        self.rcvhwm = rcvhwm
+        self.frames = frames
+        self.coils = coils
+        self.channels = channels
+        self.max_width, self.max_height = max_width, max_height
+        self.allowed_encodings = allowed_encodings
+        self.emit_summary = emit_summary
+        self.socket_setup = socket_setup
+        self.on_reject = on_reject
+        self.on_frame = on_frame
+        self._halt = threading.Event()
+        self.accepting = threading.Event()
+        self.accepting.set()
+        self.bound = threading.Event()
+        self.bound_endpoint: str | None = None
+        self.error: BaseException | None = None
+        self.received_messages = 0
+        self.rejected = Counter()  # reason -> count (all rejections, attributed or not)
+        self.seq_gaps = Counter()  # camera -> messages missing by sequence number
+        self._last_seq: dict[str, int] = {}
+        self._limiter = RateLimiter(per_s=1.0, burst=10)
+
+    def stop(self, timeout: float = 2.0) -> None:
+        self._halt.set()
+        self.join(timeout)
+
+    def run(self) -> None:
+        try:
+            self._run()
+        except BaseException as exc:
+            self.error = exc
+            log.exception("ingest_failed")
+
+    def _run(self) -> None:
+        sock = self.ctx.socket(zmq.PULL)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.RCVHWM, self.rcvhwm)
+        # The largest legal frame: anything bigger is cut by libzmq before it costs memory.
+        sock.setsockopt(zmq.MAXMSGSIZE, max_message_bytes(self.max_width, self.max_height, max(self.channels, 4)))
+        if self.socket_setup:
+            self.socket_setup(sock, "ingest")
+        sock.bind(self.endpoint)
+        self.bound_endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        self.bound.set()
+        poller = zmq.Poller()
+        poller.register(sock, zmq.POLLIN)
+        try:
+            while not self._halt.is_set():
+                if not self.accepting.is_set():
+                    time.sleep(0.05)  # draining: leave messages in the socket, take no new frames
+                    continue
+                if not poller.poll(200):
+                    continue
+                for _ in range(256):  # a burst per wake-up, then re-check the stop flag
+                    try:
+                        parts = sock.recv_multipart(flags=zmq.NOBLOCK, copy=False)
+                    except zmq.Again:
+                        break
+                    self.received_messages += 1
+                    self.handle(parts)
+        finally:
+            sock.close(linger=0)
+
+    # -- one message ------------------------------------------------------------------------
+    def handle(self, parts: list) -> None:
+        recv_mono, recv_ns = time.monotonic(), time.time_ns()
+        index = None
+        try:
+            header, buf = decode_message(parts, max_width=self.max_width, max_height=self.max_height,
+                                         allowed_encodings=self.allowed_encodings)
+            self._check_seq(header.camera, header.seq)
+            if isinstance(header, Control):
+                self._control(header)
+                return
+            index = header.index
+            status, summaries = self.coils.admit(header.camera, header.coil, header.index, header.pos_mm)
+            for s in summaries:
+                self.emit_summary(s)
+            if status != "ok":
+                raise Rejected(status, f"frame {header.index} of coil {header.coil}", header.camera, header.coil)
+            image = self._to_chw(header, pixels_to_array(header, buf))
+            frame = Frame(header, image, recv_mono, recv_ns, keepalive=parts[1])
+        except Rejected as rej:
+            self._rejected(rej, index if index is not None else rej.index)
+            return
+        if self.on_frame:
+            self.on_frame("receive", time.monotonic() - recv_mono)
+        for shed in self.frames.put(frame):
+            h = shed.header
+            for s in self.coils.finish(h.camera, h.coil, h.index, "shed"):
+                self.emit_summary(s)
+            if self._limiter.allow("shed"):
+                log.warning("frame_shed", camera=h.camera, coil=h.coil, index=h.index,
+                            queued=len(self.frames), suppressed=self._limiter.suppressed("shed"))
+
+    def _to_chw(self, header, image: np.ndarray) -> np.ndarray:
+        if image.dtype != np.uint8:
+            raise Rejected("bad_dtype", f"the model takes uint8 pixels, frame is {image.dtype}", header.camera, header.coil)
+        if image.ndim == 2:
+            image = image[None]
+        else:
+            image = np.moveaxis(image, -1, 0)  # HWC on the wire -> CHW for the model
+        if image.shape[0] != self.channels:
+            raise Rejected("bad_shape", f"the model takes {self.channels} channel(s), frame has {image.shape[0]}",
+                           header.camera, header.coil)
+        return image
+
+    def _control(self, msg: Control) -> None:
+        if msg.type == "coil_start":
+            summaries = self.coils.coil_start(msg.camera, msg.coil)
+            log.info("coil_start_received", camera=msg.camera, coil=msg.coil)
+        else:
+            summaries = self.coils.coil_end(msg.camera, msg.coil, msg.frames or 0, msg.length_mm)
+            log.info("coil_end_received", camera=msg.camera, coil=msg.coil, frames=msg.frames)
+        for s in summaries:
+            self.emit_summary(s)
+
+    def _check_seq(self, camera: str, seq: int) -> None:
+        last = self._last_seq.get(camera)
+        self._last_seq[camera] = seq
+        if last is None:
+            return
+        if seq > last + 1:
+            self.seq_gaps[camera] += seq - last - 1
+            if self._limiter.allow("gap"):
+                log.warning("camera_sequence_gap", camera=camera, expected=last + 1, got=seq,
+                            missing=seq - last - 1)
+        elif seq <= last:
+            log.warning("camera_sequence_restarted", camera=camera, last=last, got=seq)
+
+    def _rejected(self, rej: Rejected, index: int | None) -> None:
+        self.rejected[rej.reason] += 1
+        if rej.camera and rej.coil and rej.reason not in ("duplicate", "stale_coil"):
+            if index is not None and rej.index is not None:
+                # Rejected before admission but its index is known: it was received, and is rejected,
+                # not missing. A bad copy of a frame we already hold is only a duplicate.
+                status, summaries = self.coils.admit(rej.camera, rej.coil, index, 0.0)
+                for s in summaries:
+                    self.emit_summary(s)
+                if status == "duplicate":
+                    self.rejected[rej.reason] -= 1
+                    self.rejected["duplicate"] += 1
+                    return
+                if status == "stale_coil":
+                    return
+            self.coils.reject(rej.camera, rej.coil, index, rej.reason)
+        if self.on_reject:
+            self.on_reject(rej.reason, rej.camera)
+        if self._limiter.allow(rej.reason):
+            log.warning("message_rejected", reason=rej.reason, detail=rej.detail[:200], camera=rej.camera,
+                        coil=rej.coil, suppressed=self._limiter.suppressed(rej.reason))

@@ -1,0 +1,251 @@
+"""Durable event journal: append-only segment files, one CRC32 per record.
+
+Every defect event and coil summary is written (and, per config, fsynced) before it is
+published, with its sequence number. Record layout, little-endian:
+
+    magic  b"CSJ1" | length u32 (of what follows the CRC) | crc32 u32 | seq u64 | topic_len u8 | topic | body
+
+On open the segments are scanned; a record whose CRC does not match, or a torn tail, is
+reported (``damage``) and skipped — never silently accepted — and the scan resynchronises on the
+next magic. The damaged bytes of a torn tail are moved to ``<segment>.damaged`` and the segment
+is truncated so appends start clean. A restart never reuses a sequence number: the next
+sequence number is above every sequence number found, including a damaged record's when its
+header is plausible. Segments rotate at ``segment_bytes``; the oldest beyond ``keep_segments``
+are deleted (the replay horizon).
+"""
+from __future__ import annotations
+
+import os
+import struct
+import threading
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import structlog
+
+log = structlog.get_logger(__name__)
+
+MAGIC = b"CSJ1"
+_HEAD = struct.Struct("<4sII")  # magic, length, crc
+_SEQ = struct.Struct("<QB")  # seq, topic_len
+MAX_RECORD = 64 << 20
+
+
+class JournalError(RuntimeError):
+    pass
+
+
+@dataclass
+class Damage:
+    segment: str
+    offset: int
+    kind: str  # crc_mismatch | torn_tail | bad_length
+    detail: str
+
+    def as_dict(self) -> dict:
+        return {"segment": self.segment, "offset": self.offset, "kind": self.kind, "detail": self.detail}
+
+
+@dataclass
+class _Segment:
+    path: Path
+    first_seq: int
+    index: dict[int, tuple[int, int]] = field(default_factory=dict)  # seq -> (offset, total length)
+
+
+def _encode(seq: int, topic: bytes, body: bytes) -> bytes:
+    if len(topic) > 255:
+        raise JournalError(f"topic of {len(topic)} bytes is longer than 255")
+    payload = _SEQ.pack(seq, len(topic)) + topic + body
+    return _HEAD.pack(MAGIC, len(payload), zlib.crc32(payload)) + payload
+
+
+class Journal:
+    def __init__(self, directory: str | Path, *, fsync: bool = True, segment_bytes: int = 64 << 20,
+                 keep_segments: int = 16):
+        self.dir = Path(directory)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.fsync = fsync
+        self.segment_bytes = segment_bytes
+        self.keep_segments = keep_segments
+        self.damage: list[Damage] = []
+        self._segments: list[_Segment] = []
+        self._lock = threading.Lock()
+        self.last_seq = 0
+        self._scan()
+        self._fh = None
+        self._open_tail()
+
+    # -- open / scan ----------------------------------------------------------------------
+    def _scan(self) -> None:
+        paths = sorted(self.dir.glob("segment-*.log"))
+        high = 0
+        for path in paths:
+            try:
+                first = int(path.stem.split("-")[1])
+            except (IndexError, ValueError):
+                log.warning("journal_foreign_file_ignored", path=str(path))
+                continue
+            seg = _Segment(path, first)
+            data = path.read_bytes()
+            pos = 0
+            good_end = 0
+            while pos < len(data):
+                if data[pos:pos + 4] != MAGIC:
+                    nxt = data.find(MAGIC, pos + 1)
+                    self._damaged(path, pos, "bad_magic" if nxt >= 0 else "torn_tail",
+                                  f"{(nxt if nxt >= 0 else len(data)) - pos} bytes without a record")
+                    if nxt < 0:
+                        break
+                    pos = nxt
+                    continue
+                if pos + _HEAD.size > len(data):
+                    self._damaged(path, pos, "torn_tail", "record header cut short")
+                    break
+                _, length, crc = _HEAD.unpack_from(data, pos)
+                end = pos + _HEAD.size + length
+                if length < _SEQ.size or length > MAX_RECORD:
+                    self._damaged(path, pos, "bad_length", f"length {length}")
+                    nxt = data.find(MAGIC, pos + 1)
+                    if nxt < 0:
+                        break
+                    pos = nxt
+                    continue
+                if end > len(data):
+                    self._damaged(path, pos, "torn_tail", f"record needs {length} bytes, {len(data) - pos - _HEAD.size} left")
+                    high = max(high, self._plausible_seq(data, pos, high))
+                    break
+                payload = data[pos + _HEAD.size:end]
+                if zlib.crc32(payload) != crc:
+                    self._damaged(path, pos, "crc_mismatch", "record CRC does not match")
+                    high = max(high, self._plausible_seq(data, pos, high))
+                    nxt = data.find(MAGIC, pos + 1)
+                    if nxt < 0:
+                        break
+                    pos = nxt
+                    continue
+                seq, _ = _SEQ.unpack_from(payload, 0)
+                if seq <= high:
+                    self._damaged(path, pos, "seq_order", f"seq {seq} after {high}")
+                else:
+                    seg.index[seq] = (pos, end - pos)
+                    high = seq
+                pos = end
+                good_end = end
+            if good_end < len(data) and path == paths[-1]:
+                # Keep the torn tail for forensics, then truncate so appends start on a record boundary.
+                with open(path.with_suffix(".damaged"), "ab") as f:
+                    f.write(data[good_end:])
+                with open(path, "r+b") as f:
+                    f.truncate(good_end)
+            self._segments.append(seg)
+        self.last_seq = high
+        if self.damage:
+            log.error("journal_damaged", records=len(self.damage), next_seq=high + 1,
+                      first=self.damage[0].as_dict())
+
+    def _plausible_seq(self, data: bytes, pos: int, high: int) -> int:
+        """A damaged record may still have been published; never reuse its seq if it looks sane."""
+        try:
+            seq, _ = _SEQ.unpack_from(data, pos + _HEAD.size)
+        except struct.error:
+            return high
+        return seq if high < seq <= high + 10_000 else high
+
+    def _damaged(self, path: Path, offset: int, kind: str, detail: str) -> None:
+        self.damage.append(Damage(path.name, offset, kind, detail))
+
+    def _open_tail(self) -> None:
+        if not self._segments or self._segments[-1].path.stat().st_size >= self.segment_bytes:
+            self._new_segment()
+        self._fh = open(self._segments[-1].path, "ab")
+
+    def _new_segment(self) -> None:
+        first = self.last_seq + 1
+        path = self.dir / f"segment-{first:016d}.log"
+        path.touch()
+        self._segments.append(_Segment(path, first))
+        while len(self._segments) > self.keep_segments:
+            old = self._segments.pop(0)
+            old.path.unlink(missing_ok=True)
+            log.info("journal_segment_dropped", segment=old.path.name)
+        if self.fsync:
+            fd = os.open(self.dir, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+    # -- writing ---------------------------------------------------------------------------
+    def append_many(self, items: list[tuple[bytes, bytes]]) -> list[int]:
+        """Write (topic, body) records with fresh sequence numbers; durable when this returns."""
+        with self._lock:
+            if self._fh is None:
+                raise JournalError("journal is closed")
+            seqs = []
+            seg = self._segments[-1]
+            pos = self._fh.tell()
+            chunks = []
+            for topic, body in items:
+                self.last_seq += 1
+                rec = _encode(self.last_seq, topic, body)
+                seg.index[self.last_seq] = (pos, len(rec))
+                pos += len(rec)
+                chunks.append(rec)
+                seqs.append(self.last_seq)
+            self._fh.write(b"".join(chunks))
+            self._fh.flush()
+            if self.fsync:
+                os.fsync(self._fh.fileno())
+            if pos >= self.segment_bytes:
+                self._fh.close()
+                self._new_segment()
+                self._fh = open(self._segments[-1].path, "ab")
+            return seqs
+
+    # -- reading ---------------------------------------------------------------------------
+    def read(self, first: int, last: int, limit: int = 1000) -> list[tuple[int, bytes, bytes]]:
+        """Records with first <= seq <= last (at most ``limit``), oldest first."""
+        out: list[tuple[int, bytes, bytes]] = []
+        with self._lock:
+            if self._fh is not None:
+                self._fh.flush()
+            for seg in self._segments:
+                wanted = [s for s in seg.index if first <= s <= last]
+                if not wanted:
+                    continue
+                with open(seg.path, "rb") as f:
+                    for s in sorted(wanted):
+                        off, ln = seg.index[s]
+                        f.seek(off)
+                        rec = f.read(ln)
+                        payload = rec[_HEAD.size:]
+                        if zlib.crc32(payload) != _HEAD.unpack_from(rec, 0)[2]:
+                            log.error("journal_record_damaged_on_read", seq=s, segment=seg.path.name)
+                            continue
+                        seq, tlen = _SEQ.unpack_from(payload, 0)
+                        topic = payload[_SEQ.size:_SEQ.size + tlen]
+                        out.append((seq, topic, payload[_SEQ.size + tlen:]))
+                        if len(out) >= limit:
+                            return out
+        return out
+
+    @property
+    def first_seq(self) -> int:
+        for seg in self._segments:
+            if seg.index:
+                return min(seg.index)
+        return self.last_seq + 1
+
+    def size_bytes(self) -> int:
+        return sum(s.path.stat().st_size for s in self._segments if s.path.exists())
+
+    def close(self) -> None:
+        with self._lock:
+            if self._fh is not None:
+                self._fh.flush()
+                if self.fsync:
+                    os.fsync(self._fh.fileno())
+                self._fh.close()
+                self._fh = None

@@ -1,0 +1,223 @@
+"""Inference thread: batches -> gate -> segmentation on passed frames -> defects -> events."""
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import structlog
+
+from agent.batcher import Frame, FrameQueue
+from agent.coil import CoilRegistry
+from agent.config import CameraSection, Config
+from agent.postprocess import extract_defects
+from engines.backends import Backend, BackendError
+from engines.modelpack import Calibration, ModelPack, load_calibration, load_model_pack
+
+log = structlog.get_logger(__name__)
+
+STAGES = ("receive", "gate", "seg", "postprocess", "publish")
+
+
+@dataclass
+class Models:
+    """A loaded model pack: backends, thresholds and where they came from."""
+
+    pack: ModelPack
+    calibration: Calibration
+    gate: Backend
+    seg: Backend | None
+    fallbacks: list[dict] = field(default_factory=list)
+
+    def describe(self) -> dict:
+        out = {"gate": {**self.gate.describe(), "sha": self.pack.models["gate"].short_hash}}
+        if self.seg is not None:
+            out["seg"] = {**self.seg.describe(), "sha": self.pack.models["seg"].short_hash}
+        return out
+
+    def warm_up(self, batch: int) -> None:
+        """One batch of the configured shape through each engine before READY (Frigate does this)."""
+        x = np.zeros((batch, self.pack.channels, self.pack.height, self.pack.width), np.uint8)
+        self.gate.infer(x)
+        if self.seg is not None:
+            self.seg.infer(x)
+
+    def close(self) -> None:
+        for b in (self.seg, self.gate):
+            if b is not None:
+                b.deactivate()
+
+
+def open_models(cfg: Config, models_dir=None) -> Models:
+    """Load the pack and its calibration, open each model on the first backend of the chain that
+    loads. Fails loudly (ModelPackError / BackendError) at start-up."""
+    pack = load_model_pack(models_dir or cfg.models_dir())
+    calibration = load_calibration(pack, cfg.models.calibration or None)
+    from engines.backends import select
+
+    opened: dict[str, Backend] = {}
+    reasons: list[dict] = []
+    try:
+        for role, entry in pack.models.items():
+            backend, why = select.open_backend(
+                list(cfg.models.backends), entry, max_batch=cfg.models.max_batch, threads=cfg.models.threads,
+                strict=cfg.models.strict, engine_dir=cfg.state_path() / "engines" / pack.profile)
+            opened[role] = backend
+            reasons += [{"model": role, **r} for r in why]
+    except BaseException:
+        for b in opened.values():
+            b.deactivate()
+        raise
+    return Models(pack, calibration, opened["gate"], opened.get("seg"), reasons)
+
+
+class Inference(threading.Thread):
+    def __init__(self, *, cfg: Config, frames: FrameQueue, coils: CoilRegistry, models: Models,
+                 submit: Callable[[str, dict], None], on_stage: Callable[[str, float], None] | None = None,
+                 on_batch: Callable[[int, int], None] | None = None, on_alive: Callable[[], None] | None = None):
+        super().__init__(name="inference", daemon=True)
+        self.cfg = cfg
+        self.frames = frames
+        self.coils = coils
+        self.models = models
+        self.submit = submit
+        self.on_stage = on_stage or (lambda stage, s: None)
+        self.on_batch = on_batch or (lambda n, passed: None)
+        self.on_alive = on_alive or (lambda: None)
+        self._halt = threading.Event()
+        self._swap: Models | None = None
+        self._swap_lock = threading.Lock()
+        self.swapped = threading.Event()
+        self.error: BaseException | None = None
+        self.inspected = 0
+        self.gated_out = 0
+        self.batches = 0
+        self.in_flight = 0
+        self.stage_totals = dict.fromkeys(STAGES, 0.0)
+        self._cameras: dict[str, CameraSection] = {c.id: c for c in cfg.cameras}
+        self._default_cam = CameraSection(id="default")
+        self._batch_buf: np.ndarray | None = None
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._halt.set()
+        self.join(timeout)
+
+    def request_swap(self, models: Models) -> None:
+        """Hot swap: the new models take over between two batches."""
+        with self._swap_lock:
+            self._swap = models
+            self.swapped.clear()
+
+    def run(self) -> None:
+        try:
+            while not self._halt.is_set():
+                self._maybe_swap()
+                batch = self.frames.get_batch(self.cfg.models.max_batch, self.cfg.models.max_wait_ms / 1000.0)
+                if not batch:
+                    self.on_alive()  # idle and responsive
+                    continue
+                self.in_flight = len(batch)
+                self.process(batch)
+                self.in_flight = 0
+                self.on_alive()
+            # Drain what is queued: SIGTERM publishes what the agent owes.
+            while batch := self.frames.get_batch(self.cfg.models.max_batch, 0.0, idle_timeout_s=0.0):
+                self.process(batch)
+                self.on_alive()
+            self._maybe_swap()
+        except BaseException as exc:
+            self.error = exc
+            log.exception("inference_failed")
+
+    def _maybe_swap(self) -> None:
+        with self._swap_lock:
+            new, self._swap = self._swap, None
+        if new is None:
+            return
+        old, self.models = self.models, new
+        old.close()
+        self.swapped.set()
+        log.info("models_swapped", models=new.describe())
+
+    def _stack(self, batch: list[Frame]) -> np.ndarray:
+        shape = (len(batch), *batch[0].image.shape)
+        buf = self._batch_buf
+        if buf is None or buf.shape[1:] != shape[1:] or buf.shape[0] < shape[0]:
+            buf = self._batch_buf = np.empty((self.cfg.models.max_batch, *shape[1:]), np.uint8)
+        out = buf[: len(batch)]
+        for i, f in enumerate(batch):
+            out[i] = f.image
+        return out
+
+    def process(self, batch: list[Frame]) -> None:
+        m = self.models
+        x = self._stack(batch)
+        t0 = time.perf_counter()
+        scores = m.gate.infer(x)[m.pack.models["gate"].output]
+        t1 = time.perf_counter()
+        self.on_stage("gate", t1 - t0)
+        top = scores.max(axis=1)
+        passed = np.flatnonzero(top >= m.calibration.gate_threshold)
+        probs = None
+        if passed.size and m.seg is not None:
+            xs = x if passed.size == len(batch) else np.ascontiguousarray(x[passed])
+            probs = m.seg.infer(xs)[m.pack.models["seg"].output]
+            self.on_stage("seg", time.perf_counter() - t1)
+        self.on_batch(len(batch), int(passed.size))
+        t2 = time.perf_counter()
+        events_by_frame: dict[int, list[dict]] = {}
+        if probs is not None:
+            stride = m.pack.models["seg"].output_stride
+            for j, i in enumerate(passed):
+                f = batch[i]
+                defects = extract_defects(probs[j], m.pack.classes, m.calibration.classes, stride,
+                                          f.image.shape[1:], self.cfg.coil.max_events_per_frame)
+                events_by_frame[int(i)] = [self._event(f, d, float(top[i])) for d in defects]
+        elif passed.size:  # classification-only profile: one event per class over its threshold
+            for i in passed:
+                events_by_frame[int(i)] = self._class_events(batch[i], scores[i])
+        t3 = time.perf_counter()
+        self.on_stage("postprocess", t3 - t2)
+        passed_set = set(int(i) for i in passed)
+        for i, f in enumerate(batch):
+            h = f.header
+            events = events_by_frame.get(i, [])
+            for ev in events:
+                self.submit("defect", ev)
+            state = "inspected" if i in passed_set else "gated_out"
+            if state == "inspected":
+                self.inspected += 1
+            else:
+                self.gated_out += 1
+            for summary in self.coils.finish(h.camera, h.coil, h.index, state, events):
+                self.submit("summary", self.decorate_summary(summary))
+        self.on_stage("publish", time.perf_counter() - t3)
+        self.batches += 1
+
+    def decorate_summary(self, summary: dict) -> dict:
+        m = self.models
+        return {**summary, "models": m.pack.versions(), "profile": m.pack.profile,
+                "backend": {role: d["backend"] for role, d in m.describe().items()}}
+
+    def _event(self, f: Frame, d, gate_score: float) -> dict:
+        h = f.header
+        cam = self._cameras.get(h.camera, self._default_cam)
+        return {
+            "coil": h.coil, "camera": h.camera, "index": h.index, "class": d.class_name, "class_id": d.class_id,
+            "confidence": d.confidence, "gate_score": round(gate_score, 4), "bbox_px": list(d.bbox_px),
+            "area_px": d.area_px, **d.to_strip(cam, h.pos_mm, f.image.shape[2]),
+            "frame_ts_ns": h.ts_ns, "recv_ts_ns": f.recv_ns, "models": self.models.pack.versions(),
+        }
+
+    def _class_events(self, f: Frame, scores: np.ndarray) -> list[dict]:
+        h = f.header
+        out = []
+        for k, name in enumerate(self.models.pack.classes):
+            if scores[k] >= self.models.calibration.classes[name].pixel_threshold:
+                H, W = f.image.shape[1:]
+                out.append({"coil": h.coil, "camera": h.camera, "index": h.index, "class": name, "class_id": k,
+                            "confidence": round(float(scores[k]), 4), "bbox_px": [0, 0, W, H], "area_px": H * W,
+                            "frame_ts_ns": h.ts_ns, "recv_ts_ns": f.recv_ns, "models": self.models.pack.versions()})
+        return out

@@ -1,0 +1,69 @@
+"""Masks -> defects: per-class pixel threshold, connected components, minimum area, px -> mm."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+
+from agent.config import CameraSection
+from engines.modelpack import ClassThreshold
+
+
+@dataclass(frozen=True)
+class Defect:
+    class_id: int
+    class_name: str
+    confidence: float  # highest class probability inside the component
+    bbox_px: tuple[int, int, int, int]  # x0, y0, x1, y1 in frame pixels, x1/y1 exclusive
+    area_px: int  # frame pixels
+
+    def to_strip(self, cam: CameraSection, frame_pos_mm: float, frame_width: int) -> dict:
+        """Position and size in strip coordinates (mm): across from the strip's reference edge,
+        along from the coil head. Camera geometry comes from the config (calibration/spatial)."""
+        x0, y0, x1, y1 = self.bbox_px
+        if cam.flip_x:
+            x0, x1 = frame_width - x1, frame_width - x0
+        cx, cy = (x0 + x1) / 2.0, (y0 + y1) / 2.0
+        return {
+            "across_mm": round(cam.offset_x_mm + cx * cam.mm_per_px_x, 2),
+            "along_mm": round(frame_pos_mm + cy * cam.mm_per_px_y, 2),
+            "width_mm": round((x1 - x0) * cam.mm_per_px_x, 2),
+            "length_mm": round((y1 - y0) * cam.mm_per_px_y, 2),
+            "area_mm2": round(self.area_px * cam.mm_per_px_x * cam.mm_per_px_y, 2),
+        }
+
+
+def extract_defects(probs: np.ndarray, classes: tuple[str, ...], thresholds: dict[str, ClassThreshold],
+                    stride: int, frame_shape: tuple[int, int], max_defects: int = 50) -> list[Defect]:
+    """One frame's per-class probabilities [K, h, w] (output stride ``stride``) -> defects.
+
+    A component counts when its area in frame pixels is at least the class's min_area_px.
+    The highest-confidence ``max_defects`` are kept (a frame full of noise cannot flood the bus).
+    """
+    if probs.ndim != 3 or probs.shape[0] != len(classes):
+        raise ValueError(f"probs must be [K={len(classes)}, h, w], got {probs.shape}")
+    height, width = frame_shape
+    px_per_cell = stride * stride
+    peaks = probs.reshape(len(classes), -1).max(axis=1)
+    defects: list[Defect] = []
+    for k, name in enumerate(classes):
+        t = thresholds[name]
+        if peaks[k] < t.pixel_threshold:
+            continue
+        prob = probs[k]
+        mask = (prob >= t.pixel_threshold).astype(np.uint8)
+        n, labels, stats, _ = cv2.connectedComponentsWithStats(mask, connectivity=8)
+        for i in range(1, n):
+            x, y, w, h, cells = (int(v) for v in stats[i])
+            area = cells * px_per_cell
+            if area < t.min_area_px:
+                continue
+            window = prob[y:y + h, x:x + w]
+            conf = float(window[labels[y:y + h, x:x + w] == i].max())
+            bbox = (x * stride, y * stride, min((x + w) * stride, width), min((y + h) * stride, height))
+            defects.append(Defect(k, name, round(conf, 4), bbox, area))
+    if len(defects) > max_defects:
+        defects.sort(key=lambda d: d.confidence, reverse=True)
+        defects = defects[:max_defects]
+    return defects

@@ -1,0 +1,327 @@
+"""The agent: wires the threads together and runs the main loop.
+
+Signals only set flags; the main loop (every ``agent.tick_s``) acts: coil deadlines and idle
+timeouts, watchdog pings while inference makes progress, STATUS lines, control requests,
+SIGHUP reloads, and a phased, bounded shutdown on SIGTERM/SIGINT.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import structlog
+import zmq
+
+from agent.batcher import FrameQueue
+from agent.coil import CoilRegistry
+from agent.config import Config
+from agent.ingest import Ingest
+from agent.journal import Journal
+from agent.metrics import Metrics
+from agent.pipeline import Inference, Models, open_models
+from agent.publish import Publisher
+from agent.sdnotify import Notifier, Watchdog
+
+log = structlog.get_logger(__name__)
+
+
+class StartupError(RuntimeError):
+    """The agent cannot start; the message is the one line systemd shows."""
+
+
+class Agent:
+    def __init__(self, cfg: Config, *, notifier: Notifier | None = None, install_signals: bool = True):
+        self.cfg = cfg
+        self.notifier = notifier or Notifier()
+        self.watchdog = Watchdog(self.notifier)
+        self.install_signals = install_signals
+        self.metrics = Metrics()
+        self.ctx = zmq.Context()
+        self.state = "starting"
+        self.started_mono = time.monotonic()
+        self._stop = threading.Event()
+        self._reload = threading.Event()
+        self.models: Models | None = None
+        self.journal: Journal | None = None
+        self.publisher: Publisher | None = None
+        self.ingest: Ingest | None = None
+        self.inference: Inference | None = None
+        self.control: zmq.Socket | None = None
+        self.control_endpoint: str | None = None
+        self.metrics_port: int | None = None
+        self.summaries_published = 0
+        self.ready = threading.Event()
+        self.exit_code = 0
+
+    # -- start-up: fails loudly ---------------------------------------------------------------
+    def start(self) -> None:
+        cfg = self.cfg
+        self.notifier.status("loading models")
+        self.models = open_models(cfg)
+        pack = self.models.pack
+        for f in self.models.fallbacks:
+            log.warning("backend_fallback", **f)
+        log.info("models_loaded", profile=pack.profile, models=self.models.describe())
+        for role, d in self.models.describe().items():
+            self.metrics.set_backend(role, d["backend"])
+        self.notifier.status("warming up")
+        self.models.warm_up(cfg.models.opt_batch)
+        state = cfg.state_path()
+        state.mkdir(parents=True, exist_ok=True)
+        self.journal = Journal(state / "journal" / cfg.agent.name, fsync=cfg.publish.fsync)
+        if self.journal.damage:
+            log.error("journal_damage_reported", damage=[d.as_dict() for d in self.journal.damage[:10]])
+        self.coils = CoilRegistry(budget_s=cfg.coil.budget_s, provisional_at=cfg.coil.provisional_at,
+                                  idle_timeout_s=cfg.ingest.coil_idle_timeout_s, worst_n=cfg.coil.worst_defects,
+                                  classes=pack.classes)
+        self.frames = FrameQueue(cfg.ingest.max_queue_frames)
+        self.publisher = Publisher(
+            self.ctx, endpoint=cfg.publish.endpoint, replay_endpoint=cfg.publish.replay_endpoint,
+            journal=self.journal, agent=cfg.agent.name, heartbeat_s=cfg.publish.heartbeat_s,
+            sndhwm=cfg.publish.sndhwm, linger_ms=cfg.publish.linger_ms, max_replay=cfg.publish.max_replay,
+            health=self.health, on_published=self._on_published)
+        watermark = self._read_watermark()
+        if watermark < self.journal.last_seq:
+            n = self.publisher.republish_from(watermark + 1)
+            log.info("journal_tail_to_republish", first=watermark + 1, last=self.journal.last_seq, count=n)
+        self.publisher.start()
+        if not self.publisher.bound.wait(5.0) or self.publisher.error:
+            raise StartupError(f"cannot bind publish sockets: {self.publisher.error}")
+        self.inference = Inference(cfg=cfg, frames=self.frames, coils=self.coils, models=self.models,
+                                   submit=self.publisher.submit, on_stage=self.metrics.observe_stage,
+                                   on_alive=self.watchdog.mark_alive, on_batch=self._on_batch)
+        self.inference.start()
+        self.ingest = Ingest(self.ctx, endpoint=cfg.ingest.endpoint, rcvhwm=cfg.ingest.rcvhwm, frames=self.frames,
+                             coils=self.coils, channels=pack.channels, max_width=cfg.ingest.max_width,
+                             max_height=cfg.ingest.max_height, allowed_encodings=cfg.ingest.allowed_encodings,
+                             emit_summary=self._emit_summary, on_reject=self._on_reject,
+                             on_frame=self.metrics.observe_stage)
+        self.ingest.start()
+        if not self.ingest.bound.wait(5.0) or self.ingest.error:
+            raise StartupError(f"cannot bind ingest socket {cfg.ingest.endpoint}: {self.ingest.error}")
+        self.control = self.ctx.socket(zmq.REP)
+        self.control.setsockopt(zmq.LINGER, 0)
+        self.control.setsockopt(zmq.MAXMSGSIZE, 4096)
+        self.control.bind(cfg.control.endpoint)
+        self.control_endpoint = self.control.getsockopt_string(zmq.LAST_ENDPOINT)
+        if cfg.control.metrics_port:
+            self.metrics_port = self.metrics.serve("127.0.0.1", cfg.control.metrics_port)
+        if self.install_signals:
+            signal.signal(signal.SIGTERM, self._on_signal)
+            signal.signal(signal.SIGINT, self._on_signal)
+            signal.signal(signal.SIGHUP, self._on_signal)
+        self.state = "ready"
+        self.ready.set()
+        self.notifier.ready(f"ready: {pack.profile}, backend {self.models.describe()['gate']['backend']}")
+        log.info("agent_ready", ingest=self.ingest.bound_endpoint, publish=self.publisher.pub_endpoint_bound,
+                 replay=self.publisher.replay_endpoint_bound, control=self.control_endpoint,
+                 metrics_port=self.metrics_port, journal_last_seq=self.journal.last_seq)
+
+    # -- main loop ------------------------------------------------------------------------------
+    def _on_signal(self, signum: int, _frame: Any) -> None:
+        if signum == signal.SIGHUP:
+            self._reload.set()
+        else:
+            self._stop.set()
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    def run(self) -> int:
+        """Start, loop until asked to stop, shut down. Returns the process exit code."""
+        try:
+            self.start()
+        except BaseException:
+            self._close_partial()
+            raise
+        poller = zmq.Poller()
+        poller.register(self.control, zmq.POLLIN)
+        tick_ms = int(self.cfg.agent.tick_s * 1000)
+        last_status = 0.0
+        try:
+            while not self._stop.is_set():
+                if dict(poller.poll(tick_ms)).get(self.control):
+                    self._serve_control()
+                self._tick()
+                if self._reload.is_set():
+                    self._reload.clear()
+                    self.reload_models()
+                now = time.monotonic()
+                if now - last_status >= 5.0:
+                    last_status = now
+                    self.notifier.status(self._status_line())
+        finally:
+            self.shutdown()
+        return self.exit_code
+
+    def _tick(self) -> None:
+        for t in (self.ingest, self.inference, self.publisher):
+            if t.error is not None:
+                self.exit_code = 1
+                log.error("thread_failed", thread=t.name, error=repr(t.error))
+                self._stop.set()
+                return
+        for s in self.coils.poll():
+            self._emit_summary(s)
+        self.watchdog.maybe_ping()
+        self.metrics.set_queue_depth("frames", len(self.frames))
+        self.metrics.set_queue_depth("publish", self.publisher.queue_depth())
+        self._write_watermark()
+
+    def _status_line(self) -> str:
+        return (f"{self.state}: {self.inference.inspected + self.inference.gated_out} frames inferred, "
+                f"{len(self.frames)} queued, {len(self.coils.open_coils())} coil(s) open, "
+                f"last seq {self.journal.last_seq}")
+
+    # -- events ---------------------------------------------------------------------------------
+    def _emit_summary(self, summary: dict) -> None:
+        self.publisher.submit("summary", self.inference.decorate_summary(summary) if self.inference else summary)
+
+    def _on_published(self, topic: str, body: dict) -> None:
+        self.metrics.count_published(topic)
+        if topic == "summary":
+            self.summaries_published += 1
+            f = body["frames"]
+            if body.get("final"):
+                for cam, c in body.get("cameras", {}).items():
+                    for state in ("inspected", "gated_out", "rejected", "shed", "missing", "lost"):
+                        if c.get(state):
+                            self.metrics.count_frames(cam, state, c[state])
+            self.metrics.set_deadline_slack(body["timing"]["slack_s"])
+            log.info("coil_summary_published", coil=body["coil"], final=body["final"], complete=body["complete"],
+                     end_reason=body["end_reason"], received=f["received"], inspected=f["inspected"],
+                     gated_out=f["gated_out"], missing=f["missing"], defects=body["defect_count"],
+                     wall_s=body["timing"]["wall_s"])
+
+    def _on_batch(self, n: int, passed: int) -> None:
+        self._batch_frames = getattr(self, "_batch_frames", 0) + n
+        self._batch_passed = getattr(self, "_batch_passed", 0) + passed
+        self.metrics.set_gate_pass_rate(self._batch_passed / max(1, self._batch_frames))
+
+    def _on_reject(self, reason: str, camera: str | None) -> None:
+        self.metrics.count_rejected(reason)
+
+    def health(self) -> dict:
+        inf = self.inference
+        return {
+            "state": self.state,
+            "uptime_s": round(time.monotonic() - self.started_mono, 1),
+            "profile": self.models.pack.profile if self.models else None,
+            "backend": {r: d["backend"] for r, d in self.models.describe().items()} if self.models else {},
+            "models": self.models.pack.versions() if self.models else {},
+            "queue_depth": len(self.frames) if hasattr(self, "frames") else 0,
+            "inferred": (inf.inspected + inf.gated_out) if inf else 0,
+            "rejected": dict(self.ingest.rejected) if self.ingest else {},
+            "coils_open": self.coils.open_coils() if hasattr(self, "coils") else [],
+            "journal_damage": len(self.journal.damage) if self.journal else 0,
+        }
+
+    # -- control socket ---------------------------------------------------------------------------
+    def _serve_control(self) -> None:
+        raw = self.control.recv()
+        try:
+            req = msgpack.unpackb(raw, raw=False, strict_map_key=True, max_str_len=64, max_bin_len=0,
+                                  max_array_len=0, max_map_len=4, max_ext_len=0)
+            cmd = req.get("cmd") if isinstance(req, dict) else None
+        except (ValueError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError):
+            cmd = None
+        if cmd == "status":
+            reply = {"ok": True, "health": self.health(), "metrics": self.metrics.snapshot(),
+                     "coils": self.coils.snapshot(), "last_seq": self.journal.last_seq,
+                     "journal_bytes": self.journal.size_bytes()}
+        elif cmd == "reload":
+            ok, detail = self.reload_models()
+            reply = {"ok": ok, "detail": detail}
+        else:
+            reply = {"ok": False, "error": "expected {cmd: status | reload}"}
+        self.control.send(msgpack.packb(reply, default=str))
+
+    def reload_models(self) -> tuple[bool, str]:
+        """Hot swap: load the new models beside the old ones; switch between batches. A failed
+        load keeps the old models running."""
+        self.notifier.reloading()
+        try:
+            new = open_models(self.cfg)
+            new.warm_up(1)
+        except Exception as exc:  # any load failure keeps the old models serving
+            log.error("models_reload_failed", error=str(exc))
+            self.notifier.ready(self._status_line())
+            return False, f"reload failed, old models kept: {exc}"
+        self.inference.request_swap(new)
+        self.models = new
+        log.info("models_reload_requested", models=new.describe())
+        self.notifier.ready(self._status_line())
+        return True, f"new models {new.pack.versions()} take over at the next batch"
+
+    # -- watermark: what was surely handed to the PUB socket ------------------------------------
+    def _watermark_path(self) -> Path:
+        return self.journal.dir / "published.seq"
+
+    def _read_watermark(self) -> int:
+        try:
+            return int(self._watermark_path().read_text().strip() or 0)
+        except (OSError, ValueError):
+            return 0
+
+    def _write_watermark(self) -> None:
+        seq = self.publisher.last_published_seq
+        if seq == getattr(self, "_watermark", None):
+            return
+        tmp = self._watermark_path().with_suffix(".tmp")
+        tmp.write_text(str(seq))
+        os.replace(tmp, self._watermark_path())
+        self._watermark = seq
+
+    # -- shutdown: phased and bounded ---------------------------------------------------------------
+    def shutdown(self) -> None:
+        if self.state == "stopped":
+            return
+        self.state = "draining"
+        self.notifier.stopping("draining in-flight frames")
+        log.info("agent_stopping", queued=len(self.frames))
+        self.ingest.accepting.clear()  # 1. take no new frames
+        self.ingest.stop(2.0)
+        self.inference.stop(10.0)  # 2. drain queued frames through the models
+        for s in self.coils.poll():
+            self._emit_summary(s)
+        for s in self.coils.close_all("shutdown"):  # 3. partial summaries for what is owed
+            self._emit_summary(s)
+        self.publisher.stop(5.0)  # 4. publish and journal everything queued
+        self._write_watermark()
+        self._close_partial()
+        self.state = "stopped"
+        log.info("agent_stopped", last_seq=self.journal.last_seq if self.journal else None)
+
+    def _close_partial(self) -> None:
+        if self.control is not None:
+            self.control.close(linger=0)
+        if self.journal is not None:
+            self.journal.close()
+        if self.models is not None:
+            self.models.close()
+        self.metrics.close()
+        self.ctx.term()
+        self.notifier.close()
+
+
+def status_request(endpoint: str, cmd: str = "status", timeout_ms: int = 3000) -> dict:
+    """Ask a running agent over its control socket (`coilsight status`)."""
+    ctx = zmq.Context.instance()
+    s = ctx.socket(zmq.REQ)
+    s.setsockopt(zmq.LINGER, 0)
+    s.setsockopt(zmq.RCVTIMEO, timeout_ms)
+    s.setsockopt(zmq.SNDTIMEO, timeout_ms)
+    s.connect(endpoint)
+    try:
+        s.send(msgpack.packb({"cmd": cmd}))
+        return msgpack.unpackb(s.recv(), raw=False)
+    except zmq.Again:
+        raise TimeoutError(f"no answer from {endpoint} within {timeout_ms} ms") from None
+    finally:
+        s.close()

@@ -1,0 +1,86 @@
+from __future__ import annotations
+
+import socket
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+
+def pytest_addoption(parser):
+    parser.addoption("--run-slow", action="store_true", default=False, help="run long soaks marked slow")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--run-slow"):
+        return
+    skip = pytest.mark.skip(reason="slow soak: run with --run-slow")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def tiny_pack(tmp_path):
+    from tinypack import make_pack
+
+    return make_pack(tmp_path / "pack")
+
+
+@pytest.fixture
+def agent_config(tmp_path, tiny_pack):
+    """A config for the tiny pack on real loopback TCP ports and a temp state dir."""
+    from agent.config import config_from_dict
+
+    def make(**overrides):
+        data = {
+            "agent": {"name": "test-agent", "profile": "tiny", "state_dir": str(tmp_path / "state"), "tick_s": 0.05},
+            "ingest": {"endpoint": f"tcp://127.0.0.1:{free_port()}", "max_width": 256, "max_height": 64,
+                       "coil_idle_timeout_s": 30.0, "max_queue_frames": 64},
+            "publish": {"endpoint": f"tcp://127.0.0.1:{free_port()}",
+                        "replay_endpoint": f"tcp://127.0.0.1:{free_port()}", "heartbeat_s": 0.2, "fsync": False},
+            "control": {"endpoint": f"tcp://127.0.0.1:{free_port()}"},
+            "models": {"dir": str(tiny_pack), "backends": ["onnxruntime"], "threads": 1, "max_batch": 4,
+                       "opt_batch": 4, "max_wait_ms": 5.0},
+            "coil": {"budget_s": 300.0},
+            "cameras": [{"id": "cam0", "mm_per_px_x": 0.5, "mm_per_px_y": 2.0, "offset_x_mm": 100.0},
+                        {"id": "cam1", "mm_per_px_x": 0.5, "mm_per_px_y": 2.0, "offset_x_mm": 228.0}],
+        }
+        for section, values in overrides.items():
+            data.setdefault(section, {}).update(values)
+        return config_from_dict(data, "test")
+
+    return make
+
+
+@pytest.fixture
+def running_agent(agent_config):
+    """Start an in-process agent (no signal handlers) and stop it after the test."""
+    import threading
+
+    from agent.service import Agent
+
+    started = []
+
+    def start(**overrides):
+        cfg = agent_config(**overrides)
+        agent = Agent(cfg, install_signals=False)
+        t = threading.Thread(target=agent.run, name="agent-main", daemon=True)
+        t.start()
+        if not agent.ready.wait(30):
+            raise RuntimeError("agent not ready within 30 s")
+        started.append((agent, t))
+        return agent
+
+    yield start
+    for agent, t in started:
+        agent.request_stop()
+        t.join(20)

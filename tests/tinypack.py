@@ -1,0 +1,81 @@
+"""A tiny, exact model pack for agent tests: real ONNX models run by real ONNX Runtime.
+
+Class "bright": 4x4 cells whose mean grey level is high; class "dark": cells that are low.
+So a test can draw a bright square at a known place and know exactly which defect the agent
+must report, independent of any trained model.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper
+
+from engines.modelpack import sha256_file
+
+CLASSES = ("bright", "dark")
+BACKGROUND = 100  # grey level of a clean frame
+
+
+def _graph(output: str) -> onnx.ModelProto:
+    inp = helper.make_tensor_value_info("image", TensorProto.UINT8, ["N", 1, "H", "W"])
+    consts = [
+        helper.make_tensor("scale", TensorProto.FLOAT, [], [1 / 255.0]),
+        helper.make_tensor("hi", TensorProto.FLOAT, [], [0.6]),
+        helper.make_tensor("lo", TensorProto.FLOAT, [], [0.15]),
+        helper.make_tensor("gain", TensorProto.FLOAT, [], [30.0]),
+    ]
+    nodes = [
+        helper.make_node("Cast", ["image"], ["xf"], to=TensorProto.FLOAT),
+        helper.make_node("Mul", ["xf", "scale"], ["x"]),
+        helper.make_node("AveragePool", ["x"], ["pooled"], kernel_shape=[4, 4], strides=[4, 4]),
+        helper.make_node("Sub", ["pooled", "hi"], ["b0"]),
+        helper.make_node("Mul", ["b0", "gain"], ["b1"]),
+        helper.make_node("Sigmoid", ["b1"], ["bright"]),
+        helper.make_node("Sub", ["lo", "pooled"], ["d0"]),
+        helper.make_node("Mul", ["d0", "gain"], ["d1"]),
+        helper.make_node("Sigmoid", ["d1"], ["dark"]),
+        helper.make_node("Concat", ["bright", "dark"], ["probs"], axis=1),
+    ]
+    if output == "scores":
+        nodes.append(helper.make_node("ReduceMax", ["probs"], ["scores"], axes=[2, 3], keepdims=0))
+        out = helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["N", 2])
+    else:
+        out = helper.make_tensor_value_info("probs", TensorProto.FLOAT, ["N", 2, "h", "w"])
+    g = helper.make_graph(nodes, output, [inp], [out], initializer=consts)
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model
+
+
+def make_pack(directory: Path, *, height: int = 64, width: int = 256, gate_threshold: float = 0.5,
+              min_area_px: int = 16, profile: str = "tiny") -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    onnx.save(_graph("scores"), directory / "gate.onnx")
+    onnx.save(_graph("probs"), directory / "seg.onnx")
+    gate_sha, seg_sha = sha256_file(directory / "gate.onnx"), sha256_file(directory / "seg.onnx")
+    meta = {
+        "format": 1, "profile": profile, "classes": list(CLASSES),
+        "input": {"channels": 1, "height": height, "width": width, "dtype": "uint8", "layout": "NCHW"},
+        "models": {"gate": {"file": "gate.onnx", "sha256": gate_sha, "output": "scores"},
+                   "seg": {"file": "seg.onnx", "sha256": seg_sha, "output": "probs", "output_stride": 4}},
+    }
+    (directory / "model.json").write_text(json.dumps(meta, indent=1))
+    cal = {"format": 1, "models": {"gate": gate_sha, "seg": seg_sha}, "gate": {"threshold": gate_threshold},
+           "classes": {c: {"pixel_threshold": 0.5, "min_area_px": min_area_px} for c in CLASSES}}
+    (directory / "calibration.json").write_text(json.dumps(cal, indent=1))
+    return directory
+
+
+def clean_frame(height: int = 64, width: int = 256) -> np.ndarray:
+    return np.full((height, width), BACKGROUND, np.uint8)
+
+
+def frame_with(kind: str, x: int, y: int, size: int = 16, height: int = 64, width: int = 256) -> np.ndarray:
+    """A clean frame with one bright (255) or dark (0) square at (x, y); aligned to 4 px it is exact."""
+    img = clean_frame(height, width)
+    img[y:y + size, x:x + size] = 255 if kind == "bright" else 0
+    return img

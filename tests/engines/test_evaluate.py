@@ -10,6 +10,7 @@ import cv2
 import numpy as np
 import onnx
 import pytest
+import structlog
 from onnx import TensorProto, helper, numpy_helper
 
 from calibration.metrics import dice_severstal
@@ -25,6 +26,13 @@ from engines.evaluate import (
     to_chw,
 )
 from engines.modelpack import sha256_file
+
+@pytest.fixture(autouse=True)
+def _reset_logging():
+    """`coilsight evaluate` points structlog at the (captured) stderr; undo it for later tests."""
+    yield
+    structlog.reset_defaults()
+
 
 BG = 100  # background grey level: prob sigmoid(20 * 100/255 - 15) ~ 0.0007 for the "bright" class
 

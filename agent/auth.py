@@ -51,10 +51,15 @@ def _load(path: str | os.PathLike[str], want_secret: bool) -> tuple[bytes, bytes
     p = Path(path)
     if not p.is_file():
         raise AuthError(f"CURVE key file {p} does not exist")
+    if p.stat().st_size == 0:
+        raise AuthError(f"CURVE key file {p} is empty")
     try:
         public, secret = zmq.auth.load_certificate(p)
     except (ValueError, OSError) as exc:  # pyzmq raises ValueError for a file without keys
-        raise AuthError(f"CURVE key file {p} is not a zmq certificate: {exc}") from exc
+        # coilsight.service's SetCredential= fallback explains itself in a comment line.
+        first = p.read_text(errors="replace").splitlines()[0].strip()
+        why = first if first.startswith("#") else str(exc)
+        raise AuthError(f"CURVE key file {p} is not a zmq certificate: {why}") from exc
     if len(public) != 40:
         raise AuthError(f"CURVE key file {p}: public-key is not a 40-character Z85 key")
     if want_secret:

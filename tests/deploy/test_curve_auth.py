@@ -189,6 +189,16 @@ def test_key_file_errors(ctx, keys, tmp_path):
         make_curve_server(sock, tmp_path / "nope.key_secret")
     with pytest.raises(AuthError, match=r"server.key holds no secret-key \(use the .key_secret file\)"):
         make_curve_server(sock, keys["server"][0])
+    empty = tmp_path / "curve-server.key_secret"
+    empty.touch(mode=0o600)
+    with pytest.raises(AuthError, match=r"curve-server.key_secret is empty"):
+        make_curve_server(sock, empty)
+    fallback = tmp_path / "creds" / "curve-server.key_secret"  # what systemd writes from SetCredential=
+    fallback.parent.mkdir()
+    fallback.write_text("# no CURVE key: /etc/coilsight/curve/server.key_secret was missing")
+    fallback.chmod(0o400)
+    with pytest.raises(AuthError, match=r"not a zmq certificate: # no CURVE key: .*server.key_secret was missing"):
+        make_curve_server(sock, fallback)
     junk = tmp_path / "junk.key"
     junk.write_text("hello\n")
     with pytest.raises(AuthError, match=r"junk.key is not a zmq certificate"):

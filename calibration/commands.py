@@ -74,6 +74,8 @@ def _grid(text: str | None, kind: type, flag: str):
 def _run_thresholds(args: argparse.Namespace) -> int:
     from calibration.thresholds import CalibrationError, run_threshold_calibration
     from engines.backends import BackendError
+    from engines.datasets import DatasetError
+    from engines.evaluate import EvaluationError
     from engines.modelpack import ModelPackError
 
     try:
@@ -94,7 +96,7 @@ def _run_thresholds(args: argparse.Namespace) -> int:
             output=args.output,
             report=args.report,
         )
-    except (CalibrationError, ModelPackError, BackendError, ValueError, OSError) as exc:
+    except (CalibrationError, ModelPackError, DatasetError, EvaluationError, BackendError, ValueError, OSError) as exc:
         return _fail("thresholds", str(exc))
     print(result.summary())
     return 0

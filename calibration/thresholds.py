@@ -232,12 +232,17 @@ def _check_grids(pixel_thresholds: Sequence[float], min_areas: Sequence[int]) ->
     return ts, areas
 
 
-def _upsample(mask: np.ndarray, height: int, width: int) -> np.ndarray:
-    if mask.shape == (height, width):
-        return mask
-    import cv2
-
-    return cv2.resize(mask.view(np.uint8), (width, height), interpolation=cv2.INTER_NEAREST).astype(bool)
+def _upsample(mask: np.ndarray, stride: int, height: int, width: int) -> np.ndarray:
+    """Nearest upsampling of an output-resolution mask: each cell to stride x stride px, cropped
+    to the image (the input was padded at the bottom/right), as engines/evaluate.py does."""
+    if stride > 1:
+        mask = np.repeat(np.repeat(mask, stride, axis=0), stride, axis=1)
+    if mask.shape[0] < height or mask.shape[1] < width:
+        raise CalibrationError(
+            f"seg output {mask.shape[0] // stride}x{mask.shape[1] // stride} at stride {stride} does not "
+            f"cover the {height}x{width} image"
+        )
+    return mask[:height, :width]
 
 
 def _dice_stack(preds: np.ndarray, gt: np.ndarray) -> np.ndarray:
@@ -257,10 +262,12 @@ def search_class_thresholds(
 
     ``probs`` yields one ``[K, h, w]`` array per image at output stride ``stride``;
     ``gt_masks`` yields the matching ``[K, H, W]`` bool masks at image size. As in
-    agent/postprocess.py, a pixel is on when ``prob >= threshold``, components are found with
-    cv2.connectedComponentsWithStats (8-connectivity) at output resolution and one whose area
-    (cells x stride^2, in image px) is below the min area is dropped; the kept mask is then
-    upsampled nearest to the image size and scored with dice_severstal.
+    agent/postprocess.py and engines/evaluate.py, a pixel is on when ``prob >= threshold``,
+    components are found with cv2.connectedComponentsWithStats (8-connectivity) at output
+    resolution and one whose area (cells x stride^2, in image px) is below the min area is
+    dropped; the kept mask is upsampled nearest (each cell to stride x stride px, cropped to the
+    image: the input may have been padded at the bottom/right) and scored with the Severstal Dice
+    of calibration.metrics.
     """
     return _search_pairs(zip(probs, gt_masks, strict=True), classes, pixel_thresholds, min_areas, stride)
 
@@ -303,7 +310,7 @@ def _search_pairs(
                 comp_area[0] = -1  # background is never kept
                 kept = np.stack([(comp_area >= a)[labels] if a > 0 else low for a in areas])
                 if kept.shape[1:] != (h, w):
-                    kept = np.stack([_upsample(m, h, w) for m in kept])
+                    kept = np.stack([_upsample(m, stride, h, w) for m in kept])
                 table[k, ti, :] = _dice_stack(kept, gt[k])
         rows.append(table)
         positives.append(gt.reshape(k_count, -1).any(axis=1))
@@ -416,24 +423,6 @@ def _tool_version() -> str:
         return "unknown"
 
 
-def _to_chw(image: np.ndarray, channels: int, source: str) -> np.ndarray:
-    img = np.asarray(image)
-    if img.dtype != np.uint8:
-        raise CalibrationError(f"{source}: image dtype {img.dtype}, the model contract needs uint8")
-    if img.ndim == 2:
-        img = img[None]
-    elif img.ndim == 3:
-        if channels == 1 and img.shape[2] == 3:
-            img = img[:, :, :1] if (img[:, :, 0] == img[:, :, 1]).all() and (img[:, :, 0] == img[:, :, 2]).all() \
-                else np.round(img @ np.array([0.299, 0.587, 0.114])).astype(np.uint8)[:, :, None]
-        img = img.transpose(2, 0, 1)
-    else:
-        raise CalibrationError(f"{source}: image shape {img.shape} is neither HxW nor HxWxC")
-    if img.shape[0] != channels:
-        raise CalibrationError(f"{source}: image has {img.shape[0]} channels, the model pack wants {channels}")
-    return np.ascontiguousarray(img)
-
-
 def _sample_masks(sample: Any) -> np.ndarray:
     if sample.masks is not None:
         return np.asarray(sample.masks, dtype=bool)
@@ -448,16 +437,6 @@ def _batches(shapes: Sequence[tuple[int, ...]], batch: int) -> list[list[int]]:
     for i, shape in enumerate(shapes):
         groups.setdefault(tuple(shape), []).append(i)
     return [idx[j : j + batch] for idx in groups.values() for j in range(0, len(idx), batch)]
-
-
-def _check_input(backend: Any, chw: np.ndarray, role: str, source: str) -> None:
-    spec = backend.inputs[0]
-    for axis, want in ((2, spec.shape[2]), (3, spec.shape[3])):
-        if want is not None and want != chw.shape[axis - 1]:
-            raise CalibrationError(
-                f"{source}: image is {chw.shape[1]}x{chw.shape[2]} (HxW) but the {role} model takes a fixed "
-                f"{spec.shape[2]}x{spec.shape[3]}; calibrate on data of the model's input size"
-            )
 
 
 def write_json_atomic(path: Path, document: dict[str, Any]) -> None:
@@ -482,6 +461,7 @@ def calibrate(
     pack: ModelPack,
     samples: Sequence[Any],
     *,
+    negatives: Sequence[Any] = (),
     recall_target: float = 0.99,
     min_gate_positives: int | None = None,
     pixel_thresholds: Sequence[float] = DEFAULT_PIXEL_THRESHOLDS,
@@ -498,10 +478,14 @@ def calibrate(
     """Run the pack's gate and seg models over `samples` and choose every threshold.
 
     `samples` are engines.datasets.Sample-like (image uint8 HxW or HxWxC, masks bool [K,H,W]
-    or None with boxes, labels multi-hot [K], source). Writes calibration.json (atomically)
-    beside the models unless `output` says elsewhere or `write` is False.
+    or None with boxes, labels multi-hot [K], source). `negatives` are defect-free frames for
+    the gate only (clean crops of data without defect-free images), as engines/evaluate.py uses
+    them. Images are fed as engines/evaluate.py feeds them: uint8 NCHW, padded at the
+    bottom/right to a multiple of PAD_MULTIPLE, equal sizes batched. Writes calibration.json
+    (atomically) beside the models unless `output` says elsewhere or `write` is False.
     """
     from engines.backends import load_backend_class
+    from engines.evaluate import pad_to_multiple, to_chw
 
     if pack.seg is None:
         raise CalibrationError(f"{pack.directory}: the pack has no seg model; per-class thresholds need one")
@@ -512,18 +496,22 @@ def calibrate(
     n = len(samples)
     if n == 0:
         raise CalibrationError("no samples to calibrate on")
+    frames = list(samples) + list(negatives)  # gate input; the first n also go to segmentation
+    n_frames = len(frames)
 
     # Truth first (cheap): refuse before any inference when the data cannot support the result.
-    labels = np.zeros((n, k_count), bool)
-    shapes: list[tuple[int, int]] = []
-    for i, s in enumerate(samples):
+    labels = np.zeros((n_frames, k_count), bool)
+    shapes: list[tuple[int, ...]] = []
+    for i, s in enumerate(frames):
         lab = np.asarray(s.labels).ravel()
         if lab.size != k_count:
             raise CalibrationError(f"{s.source}: {lab.size} labels, the model pack has {k_count} classes")
+        if i >= n and lab.any():
+            raise CalibrationError(f"{s.source}: a gate negative must be defect-free, its labels are {lab.tolist()}")
         labels[i] = lab > 0
-        shapes.append(tuple(np.asarray(s.image).shape[:2]))
+        shapes.append(tuple(np.asarray(s.image).shape))
     defective = labels.any(axis=1)
-    positives = labels.sum(axis=0)
+    positives = labels[:n].sum(axis=0)
     short = [f"{name!r} ({int(c)})" for name, c in zip(pack.classes, positives) if c < min_positive_images]
     if short and not allow_missing_class:
         raise CalibrationError(
@@ -533,35 +521,36 @@ def calibrate(
     need = min_positives_for(recall_target) if min_gate_positives is None else min_gate_positives
     if defective.sum() < need or defective.all() or not defective.any():
         # choose_gate_threshold words the exact reason; call it on the truth alone to fail fast
-        choose_gate_threshold(np.linspace(0, 1, n), defective, recall_target, min_gate_positives)
+        choose_gate_threshold(np.linspace(0, 1, n_frames), defective, recall_target, min_gate_positives)
 
     cls = load_backend_class(backend)
-    gate_scores = np.empty((n, k_count), np.float32)
+    gate_scores = np.empty((n_frames, k_count), np.float32)
     stride = pack.seg.output_stride
 
-    def probs_and_masks():
-        with cls(pack.seg.path, max_batch=batch, threads=threads) as seg:
-            for idx in _batches(shapes, batch):
-                imgs = [_to_chw(samples[i].image, pack.channels, samples[i].source) for i in idx]
-                _check_input(seg, imgs[0], "seg", samples[idx[0]].source)
-                out = seg.infer(np.stack(imgs))[pack.seg.output]
-                if out.ndim != 4 or out.shape[:2] != (len(idx), k_count):
-                    raise CalibrationError(f"seg output {pack.seg.output!r} has shape {out.shape}, "
-                                           f"expected [{len(idx)}, {k_count}, H/{stride}, W/{stride}]")
-                for j, i in enumerate(idx):
-                    yield i, out[j], _sample_masks(samples[i])
+    def batch_input(idx: list[int]) -> np.ndarray:
+        return np.stack([pad_to_multiple(to_chw(frames[i].image, pack.channels, frames[i].source)) for i in idx])
 
     with cls(pack.gate.path, max_batch=batch, threads=threads) as gate:
         for idx in _batches(shapes, batch):
-            imgs = [_to_chw(samples[i].image, pack.channels, samples[i].source) for i in idx]
-            _check_input(gate, imgs[0], "gate", samples[idx[0]].source)
-            out = gate.infer(np.stack(imgs))[pack.gate.output]
+            out = gate.infer(batch_input(idx))[pack.gate.output]
             if out.shape != (len(idx), k_count):
                 raise CalibrationError(f"gate output {pack.gate.output!r} has shape {out.shape}, "
                                        f"expected [{len(idx)}, {k_count}]")
             gate_scores[idx] = out
     frame_scores = gate_scores.max(axis=1).astype(np.float64)
     gate_choice = choose_gate_threshold(frame_scores, defective, recall_target, min_gate_positives)
+
+    def probs_and_masks():
+        with cls(pack.seg.path, max_batch=batch, threads=threads) as seg:
+            for idx in _batches(shapes[:n], batch):
+                x = batch_input(idx)
+                out = seg.infer(x)[pack.seg.output]
+                want = (len(idx), k_count, x.shape[2] // stride, x.shape[3] // stride)
+                if out.shape != want:
+                    raise CalibrationError(f"seg output {pack.seg.output!r} has shape {out.shape}, expected "
+                                           f"{list(want)} for input {list(x.shape)} at stride {stride}")
+                for j, i in enumerate(idx):
+                    yield i, out[j], _sample_masks(frames[i])
 
     order: list[int] = []
 
@@ -580,7 +569,7 @@ def calibrate(
     choices = pick_class_thresholds(search, min_positive_images, allow_missing_class)
 
     # Dice of the whole pipeline: frames the gate stops get no prediction at all.
-    stopped = frame_scores < gate_choice.threshold
+    stopped = frame_scores[:n] < gate_choice.threshold
     for k, name in enumerate(pack.classes):
         c = choices[name]
         if not c.calibrated:
@@ -594,7 +583,8 @@ def calibrate(
     info.setdefault("what", "samples")
     info.setdefault("split", "unknown")
     info["n_images"] = n
-    info["n_defective"] = int(defective.sum())
+    info["n_defective"] = int(defective[:n].sum())
+    info["n_gate_negatives"] = len(negatives)
     info["n_positive_images"] = {name: int(c) for name, c in zip(pack.classes, positives)}
     document: dict[str, Any] = {
         "format": CALIBRATION_FORMAT,
@@ -634,13 +624,6 @@ def calibrate(
 
 # --------------------------------------------------------------------------- data sources
 
-# Gate negatives for data without defect-free images (NEU): windows cut outside every box,
-# engines.datasets.clean_crops. A pack's model.json may name the crop its training used
-# ("training": {"clean_crops": {"size": .., "stride": .., "margin": .., "max_per_image": ..}});
-# these defaults apply otherwise.
-DEFAULT_CLEAN_CROPS = {"size": 64, "stride": 64, "margin": 4, "max_per_image": 4}
-
-
 def default_models_dir(profile: str) -> Path:
     import engines
 
@@ -658,24 +641,18 @@ def severstal_folder(data: Path) -> tuple[Path, Path]:
     )
 
 
-def clean_crop_settings(pack: ModelPack) -> dict[str, int]:
-    training = pack.meta.get("training")
-    chosen = dict(DEFAULT_CLEAN_CROPS)
-    if isinstance(training, dict) and isinstance(training.get("clean_crops"), dict):
-        for key, value in training["clean_crops"].items():
-            if key in chosen and isinstance(value, int) and not isinstance(value, bool):
-                chosen[key] = value
-    return chosen
-
-
 def load_calibration_samples(
     pack: ModelPack,
     *,
     data: Path | None = None,
     dataset_root: Path | None = None,
     split: str = "val",
-) -> tuple[list[Any], dict[str, Any]]:
-    """The samples to calibrate on and the `data` block that describes them."""
+) -> tuple[list[Any], list[Any], dict[str, Any]]:
+    """(samples, gate-only negatives, the `data` block describing them).
+
+    Data without defect-free images (NEU) gets gate negatives from engines.datasets.clean_crops
+    of the same split, with the settings training used (model.json "training.clean_crops",
+    else engines.datasets.CLEAN_CROPS_DEFAULT), exactly as engines/evaluate.py does."""
     from engines import datasets
 
     grey = pack.channels == 1
@@ -684,7 +661,7 @@ def load_calibration_samples(
     if data is not None:
         csv_path, images = severstal_folder(Path(data))
         ds = datasets.read_severstal(csv_path, images, pack.classes, grey=grey, name=Path(data).name)
-        return list(ds), {"what": f"Severstal-layout folder {data}", "split": "all", "source": str(csv_path)}
+        return list(ds), [], {"what": f"Severstal-layout folder {data}", "split": "all", "source": str(csv_path)}
     if split == "test":
         raise CalibrationError("the test split is kept for evaluation; calibrate on --split val")
     ds = datasets.load_profile_dataset(pack.profile, dataset_root, split, grey=grey)
@@ -692,19 +669,22 @@ def load_calibration_samples(
         raise CalibrationError(
             f"dataset {ds.name} classes {list(ds.classes)} differ from the model pack's {list(pack.classes)}"
         )
+    if len(ds) == 0:
+        raise CalibrationError(f"split {split!r} of {ds.name} under {dataset_root} holds no images")
     samples = list(ds)
     info: dict[str, Any] = {"what": f"{ds.name} under {dataset_root}", "split": split,
-                            "split_rule": "engines.datasets.assign_split (sha1 of file stem)"}
-    if len(ds) and ds.labels.any(axis=1).all():
-        settings = clean_crop_settings(pack)
-        crops = datasets.clean_crops(
+                            "split_rule": "engines.datasets.assign_split: first byte of sha1(file stem) "
+                                          "< 51 test, < 82 val, else train"}
+    negatives: list[Any] = []
+    if ds.labels.any(axis=1).all():
+        settings = datasets.clean_crop_settings(pack.meta.get("training"))
+        negatives = datasets.clean_crops(
             samples, settings["size"], stride=settings["stride"], margin=settings["margin"],
             max_per_image=settings["max_per_image"],
         )
-        info["clean_frames"] = {"from": "engines.datasets.clean_crops of the same split (no defect-free images)",
-                                **settings, "n": len(crops)}
-        samples = samples + crops
-    return samples, info
+        info["gate_negatives"] = {"from": "engines.datasets.clean_crops of the same split (it has no "
+                                          "defect-free image); gate only", **settings, "n": len(negatives)}
+    return samples, negatives, info
 
 
 def run_threshold_calibration(
@@ -731,9 +711,10 @@ def run_threshold_calibration(
     pack = load_model_pack(models or default_models_dir(profile))
     if pack.profile != profile:
         raise CalibrationError(f"{pack.directory}/model.json is for profile {pack.profile!r}, not {profile!r}")
-    samples, info = load_calibration_samples(pack, data=data, dataset_root=dataset_root, split=split)
+    samples, negatives, info = load_calibration_samples(pack, data=data, dataset_root=dataset_root, split=split)
     result = calibrate(
         pack, samples,
+        negatives=negatives,
         recall_target=recall_target,
         min_gate_positives=min_gate_positives,
         pixel_thresholds=pixel_thresholds or DEFAULT_PIXEL_THRESHOLDS,

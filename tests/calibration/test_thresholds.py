@@ -404,3 +404,23 @@ def test_cli_errors_are_one_clear_line(pack_dir, tmp_path, capsys):
                          "--data", str(tmp_path), "--min-areas", "a,b"])
     assert rc == 2
     assert "--min-areas: 'a,b' is not a comma-separated list of int" in capsys.readouterr().err
+
+
+def test_odd_sized_frames_and_gate_only_negatives(pack_dir):
+    """Frames of 29x45 are padded to 32x48 for the models and the masks cropped back; defect-free
+    crops given as negatives count for the gate (recall, pass rate) and not for the Dice."""
+    pack = load_model_pack(pack_dir)
+    frames = make_samples(90, seed=11)
+    odd = [Sample(s.image[:29, :45].copy(), s.masks[:, :29, :45].copy(), [], s.masks[:, :29, :45].any(axis=(1, 2))
+                  .astype(np.float32), CLASSES, s.source) for s in frames]
+    defective = [s for s in odd if s.labels.any()]
+    clean = [s for s in odd if not s.labels.any()]
+    result = calibrate(pack, defective, negatives=clean, recall_target=0.9, write=False,
+                       pixel_thresholds=(0.3, 0.5), min_areas=(0, 8))
+    doc = result.document
+    assert doc["data"]["n_images"] == len(defective) and doc["data"]["n_gate_negatives"] == len(clean)
+    assert result.gate.n == len(odd) and result.gate.n_clean == len(clean)
+    assert result.search.per_image.shape[0] == len(defective)
+    assert min(doc["classes"][c]["dice"] for c in CLASSES) > 0.8
+    with pytest.raises(CalibrationError, match=r"a gate negative must be defect-free"):
+        calibrate(pack, defective, negatives=defective[:1], recall_target=0.9, write=False)

@@ -1,0 +1,40 @@
+# The two set-up commands of the README: `make demo` and `make test`.
+# Each builds its own virtual environment from the project's files alone.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+
+.PHONY: demo test test-all bench gpu-test clean
+
+$(VENV)/.runtime: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q -e .
+	touch $@
+
+# dev + train extras; torch pinned to the CPU build (constraints/ci.txt).
+$(VENV)/.dev: pyproject.toml constraints/ci.txt $(VENV)/.runtime
+	$(PIP) install -q -c constraints/ci.txt -e '.[dev,train]'
+	touch $@
+
+demo: $(VENV)/.runtime
+	$(VENV)/bin/coilsight demo
+
+test: $(VENV)/.dev
+	bash scripts/ensure-system-tools.sh
+	$(PY) -m pytest -q
+
+test-all: $(VENV)/.dev
+	$(PY) -m pytest -q --run-slow
+
+bench: $(VENV)/.runtime
+	$(VENV)/bin/coilsight bench --json bench.json
+
+# On a GPU box with the gpu extra installed: the TensorRT tests (skipped everywhere else).
+gpu-test: $(VENV)/.dev
+	$(PIP) install -q -e '.[gpu]'
+	$(PY) -m pytest -q -m gpu
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -106,32 +106,7 @@ class Metrics:
     # --- reading ---------------------------------------------------------------------
     def snapshot(self) -> dict[str, Any]:
         """The registry's current figures as a JSON-friendly dict (for `coilsight status`)."""
-        snap: dict[str, Any] = {"frames": {}, "rejected": {}, "stages": {}, "queue_depth": {},
-                                "backends": {}, "events_published": {}, "gate_pass_rate": None,
-                                "coil_deadline_slack_seconds": None, "journal_bytes": None}
-        prefix = NAMESPACE + "_"
-        for family in self.registry.collect():
-            name = family.name.removeprefix(prefix)
-            for s in family.samples:
-                sample, labels, value = s.name.removeprefix(prefix), s.labels, s.value
-                if sample == "frames_total":
-                    snap["frames"].setdefault(labels["camera"], {})[labels["state"]] = value
-                elif sample == "rejected_total":
-                    snap["rejected"][labels["reason"]] = value
-                elif sample == "events_published_total":
-                    snap["events_published"][labels["topic"]] = value
-                elif sample in ("stage_seconds_count", "stage_seconds_sum"):
-                    key = "count" if sample.endswith("count") else "sum_s"
-                    snap["stages"].setdefault(labels["stage"], {})[key] = value
-                elif sample == "queue_depth":
-                    snap["queue_depth"][labels["queue"]] = value
-                elif sample == "backend_info" and value:
-                    snap["backends"][labels["model"]] = labels["backend"]
-                elif name in ("gate_pass_rate", "coil_deadline_slack_seconds", "journal_bytes"):
-                    snap[name] = value
-        for stage in snap["stages"].values():
-            stage["mean_s"] = stage["sum_s"] / stage["count"] if stage.get("count") else None
-        return snap
+        return _snapshot(self.registry.collect())
 
     # --- HTTP --------------------------------------------------------------------------
     def serve(self, host: str = "127.0.0.1", port: int = 9464) -> int:
@@ -153,6 +128,52 @@ class Metrics:
             if self._thread is not None:
                 self._thread.join(timeout=5)
             self._server = self._thread = None
+
+
+def _snapshot(families: Any) -> dict[str, Any]:
+    snap: dict[str, Any] = {"frames": {}, "rejected": {}, "stages": {}, "queue_depth": {},
+                            "backends": {}, "events_published": {}, "gate_pass_rate": None,
+                            "coil_deadline_slack_seconds": None, "journal_bytes": None}
+    prefix = NAMESPACE + "_"
+    for family in families:
+        for s in family.samples:
+            sample, labels, value = s.name.removeprefix(prefix), s.labels, s.value
+            if sample == "frames_total":
+                snap["frames"].setdefault(labels["camera"], {})[labels["state"]] = value
+            elif sample == "rejected_total":
+                snap["rejected"][labels["reason"]] = value
+            elif sample == "events_published_total":
+                snap["events_published"][labels["topic"]] = value
+            elif sample in ("stage_seconds_count", "stage_seconds_sum"):
+                key = "count" if sample.endswith("count") else "sum_s"
+                snap["stages"].setdefault(labels["stage"], {})[key] = value
+            elif sample == "queue_depth":
+                snap["queue_depth"][labels["queue"]] = value
+            elif sample == "backend_info" and value:
+                snap["backends"][labels["model"]] = labels["backend"]
+            elif sample in ("gate_pass_rate", "coil_deadline_slack_seconds", "journal_bytes"):
+                snap[sample] = value
+    for stage in snap["stages"].values():
+        stage["mean_s"] = stage["sum_s"] / stage["count"] if stage.get("count") else None
+    return snap
+
+
+def scrape_snapshot(host: str, port: int, timeout_s: float = 5.0) -> dict[str, Any]:
+    """`Metrics.snapshot()` of a running agent, read from its /metrics endpoint
+    (for `coilsight status` in another process)."""
+    import urllib.error
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    url = f"http://{host}:{port}/metrics"
+    try:
+        with urllib.request.urlopen(url, timeout=timeout_s) as resp:
+            text = resp.read().decode("utf-8")
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise ConnectionError(f"cannot read agent metrics from {url}: {reason}") from exc
+    return _snapshot(text_string_to_metric_families(text))
 
 
 class RateLimiter:

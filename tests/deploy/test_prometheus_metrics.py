@@ -10,7 +10,7 @@ import structlog
 from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
 
-from agent.metrics import FRAME_STATES, STAGES, Metrics, RateLimitedLog, RateLimiter
+from agent.metrics import FRAME_STATES, STAGES, Metrics, RateLimitedLog, RateLimiter, scrape_snapshot
 
 
 @pytest.fixture
@@ -80,6 +80,16 @@ def test_scrape_shows_what_was_recorded(served):
     assert snap["coil_deadline_slack_seconds"] == 212.5
     assert snap["journal_bytes"] == 4096
     assert snap["events_published"] == {"defect": 4}
+    # `coilsight status` in another process sees the same figures through the endpoint.
+    assert scrape_snapshot("127.0.0.1", port) == snap
+
+
+def test_scrape_snapshot_of_a_dead_agent_is_a_clear_error():
+    m = Metrics()
+    port = m.serve("127.0.0.1", 0)
+    m.close()
+    with pytest.raises(ConnectionError, match=rf"cannot read agent metrics from http://127.0.0.1:{port}/metrics"):
+        scrape_snapshot("127.0.0.1", port)
 
 
 def test_backend_swap_drops_the_old_series(served):

@@ -884,6 +884,48 @@ def clean_crops(
     return crops
 
 
+def defect_crops(samples: Iterable[Sample], size: int | tuple[int, int], *, max_per_image: int = 1) -> list[Sample]:
+    """Crops of `size` (h, w) around annotated defects: the positive twins of clean_crops.
+
+    For each box in annotation order (at most `max_per_image` per image), the window centred on
+    the box centre, shifted to lie inside the image (images smaller than `size` give none). The
+    crop keeps the boxes that overlap it (clipped, in crop coordinates), its masks cut the same
+    way, and labels from what it keeps. With clean_crops of the same size it gives a gate view
+    where positives and negatives have one size, so a model's response to image size cannot
+    pass for skill.
+    """
+    ch, cw = (size, size) if isinstance(size, int) else size
+    if ch < 1 or cw < 1 or max_per_image < 1:
+        raise DatasetError(f"defect_crops: size {size} and max_per_image {max_per_image} must be >= 1")
+    crops: list[Sample] = []
+    for sample in samples:
+        h, w = sample.shape
+        if h < ch or w < cw:
+            continue
+        k = len(sample.classes)
+        for box in sample.boxes[:max_per_image]:
+            cy, cx = (box.y0 + box.y1) / 2, (box.x0 + box.x1) / 2
+            y = int(min(max(0, round(cy - ch / 2)), h - ch))
+            x = int(min(max(0, round(cx - cw / 2)), w - cw))
+            kept = [
+                Box(b.cls, max(0.0, b.x0 - x), max(0.0, b.y0 - y), min(float(cw), b.x1 - x), min(float(ch), b.y1 - y))
+                for b in sample.boxes
+                if b.x0 < x + cw and b.x1 > x and b.y0 < y + ch and b.y1 > y
+            ]
+            masks = None if sample.masks is None else np.ascontiguousarray(sample.masks[:, y : y + ch, x : x + cw])
+            present = {b.cls for b in kept} if masks is None else set(np.flatnonzero(masks.any(axis=(1, 2))).tolist())
+            crops.append(Sample(
+                image=np.ascontiguousarray(sample.image[y : y + ch, x : x + cw]),
+                masks=masks,
+                boxes=kept,
+                labels=_multi_hot(present, k),
+                classes=sample.classes,
+                source=sample.source,
+                crop=(y, x, ch, cw),
+            ))
+    return crops
+
+
 # Gate negatives for data without defect-free images (NEU): the settings clean_crops runs with
 # unless a pack's model.json names its own under "training": {"clean_crops": {...}}. Training,
 # calibration and evaluation read them through clean_crop_settings so all three cut the same crops.

@@ -23,7 +23,10 @@ What is measured (thresholds from the pack's calibration.json):
 
 Data without defect-free images (NEU) gets gate negatives from engines.datasets.clean_crops of
 the same split (settings from model.json "training.clean_crops", else
-engines.datasets.CLEAN_CROPS_DEFAULT); the crops count for the gate metrics only.
+engines.datasets.CLEAN_CROPS_DEFAULT); those crops join the gate metrics as negatives and nothing
+else. Because they are smaller than the images, a second gate view, "gate_size_matched", scores
+them against engines.datasets.defect_crops of the same size (one per image, centred on its first
+box), so a gate that merely responds to image size cannot look skilled.
 """
 from __future__ import annotations
 
@@ -238,12 +241,15 @@ def evaluate_samples(
     cal: Calibration,
     samples: Iterable[Sample],
     *,
-    negatives: Iterable[Sample] = (),
+    crops: Iterable[Sample] = (),
     backend: str = "onnxruntime",
     threads: int = 0,
     max_batch: int = 8,
 ) -> dict[str, Any]:
-    """Run the pack over samples (and gate-only negatives) and return the metrics dict."""
+    """Run the pack over samples and return the metrics dict.
+
+    `crops` are gate-only: the defect-free ones join the gate metrics as negatives; all of them
+    (defect-free and defective) make the size-matched gate view."""
     from engines.backends import load_backend_class
 
     if max_batch < 1:
@@ -257,7 +263,7 @@ def evaluate_samples(
 
     def tagged() -> Iterator[tuple[Sample, bool]]:
         yield from ((s, False) for s in samples)
-        yield from ((s, True) for s in negatives)
+        yield from ((s, True) for s in crops)
 
     gate = cls(pack.gate.path, max_batch=max_batch, threads=threads)
     seg = cls(seg_entry.path, max_batch=max_batch, threads=threads) if seg_entry else None
@@ -336,6 +342,21 @@ def _nan_to_none(value: float | None) -> float | None:
     return None if value is None or (isinstance(value, float) and math.isnan(value)) else value
 
 
+def _gate_view(frame: np.ndarray, defective: np.ndarray, threshold: float) -> dict[str, Any]:
+    gate: dict[str, Any] = {"threshold": threshold, "positives": int(defective.sum()),
+                            "negatives": int((~defective).sum())}
+    try:
+        gate["auc"] = roc_auc(frame, defective)
+    except ValueError as exc:
+        gate["auc"] = None
+        gate["auc_note"] = str(exc)
+    pr = precision_recall(frame, defective, threshold)
+    gate.update(recall=_nan_to_none(pr.recall), precision=_nan_to_none(pr.precision), pass_rate=pr.positive_rate,
+                pass_rate_defect_free=(pr.fp / (pr.fp + pr.tn)) if pr.fp + pr.tn else None,
+                tp=pr.tp, fp=pr.fp, fn=pr.fn, tn=pr.tn)
+    return gate
+
+
 def _summarise(pack: ModelPack, cal: Calibration, acc: _Accumulator, seconds: float, *, backend_name: str,
                has_seg: bool) -> dict[str, Any]:
     frame = np.asarray(acc.frame_scores, np.float64)
@@ -344,18 +365,14 @@ def _summarise(pack: ModelPack, cal: Calibration, acc: _Accumulator, seconds: fl
     n_images = int((~is_crop).sum())
     if n_images == 0:
         raise EvaluationError("no images to evaluate")
-    gate: dict[str, Any] = {"threshold": cal.gate_threshold, "positives": int(defective.sum()),
-                            "negatives": int((~defective).sum()), "negative_crops": int(is_crop.sum())}
-    try:
-        gate["auc"] = roc_auc(frame, defective)
-    except ValueError as exc:
-        gate["auc"] = None
-        gate["auc_note"] = str(exc)
-    pr = precision_recall(frame, defective, cal.gate_threshold)
-    gate.update(recall=_nan_to_none(pr.recall), precision=_nan_to_none(pr.precision), pass_rate=pr.positive_rate,
-                pass_rate_defect_free=(pr.fp / (pr.fp + pr.tn)) if pr.fp + pr.tn else None,
-                tp=pr.tp, fp=pr.fp, fn=pr.fn, tn=pr.tn)
+    main = ~is_crop | ~defective  # the images, plus defect-free crops as negatives
+    gate = _gate_view(frame[main], defective[main], cal.gate_threshold)
+    gate["negative_crops"] = int((is_crop & ~defective).sum())
     report: dict[str, Any] = {"images": n_images, "defective_images": int(defective[~is_crop].sum()), "gate": gate}
+    if (is_crop & defective).any():
+        report["gate_size_matched"] = _gate_view(frame[is_crop], defective[is_crop], cal.gate_threshold)
+    else:
+        report["gate_size_matched"] = None
     names = list(pack.classes)
     if has_seg and acc.dice_rows:
         table = np.stack(acc.dice_rows)
@@ -420,17 +437,21 @@ def evaluate_profile(
         ds = ds[:limit]
     if len(ds) == 0:
         raise EvaluationError(f"split {split!r} of {ds.name} under {data_root} holds no images")
-    negatives: list[Sample] = []
+    crops: list[Sample] = []
     crop_info = None
     if ds.labels.any(axis=1).all():
         settings = datasets.clean_crop_settings(pack.meta.get("training"))
-        negatives = datasets.clean_crops(ds, settings["size"], stride=settings["stride"], margin=settings["margin"],
-                                         max_per_image=settings["max_per_image"])
+        clean = datasets.clean_crops(ds, settings["size"], stride=settings["stride"], margin=settings["margin"],
+                                     max_per_image=settings["max_per_image"])
+        defect = datasets.defect_crops(ds, settings["size"], max_per_image=1)
+        crops = clean + defect
         crop_info = {"from": "engines.datasets.clean_crops of the same split (it has no defect-free image)",
-                     **settings, "n": len(negatives)}
-    log.info("evaluation_started", profile=profile, split=split, images=len(ds), negative_crops=len(negatives),
+                     **settings, "n": len(clean),
+                     "size_matched_positives": {"from": "engines.datasets.defect_crops, one per image",
+                                                "n": len(defect)}}
+    log.info("evaluation_started", profile=profile, split=split, images=len(ds), crops=len(crops),
              models=pack.versions())
-    report = evaluate_samples(pack, cal, ds, negatives=negatives, backend=backend, threads=threads,
+    report = evaluate_samples(pack, cal, ds, crops=crops, backend=backend, threads=threads,
                               max_batch=max_batch)
     report = {
         "format": REPORT_FORMAT,
@@ -472,13 +493,22 @@ def render_markdown(report: dict[str, Any]) -> str:
         "",
         "## Gate (frame score = max over class scores)",
         "",
-        "| ROC AUC | threshold | recall | precision | pass rate | pass rate (defect-free) | TP | FP | FN | TN |",
-        "|---|---|---|---|---|---|---|---|---|---|",
-        f"| {_fmt(g['auc'])} | {_fmt(g['threshold'], 4)} | {_fmt(g['recall'])} | {_fmt(g['precision'])} | "
-        f"{_fmt(g['pass_rate'])} | {_fmt(g['pass_rate_defect_free'])} | {g['tp']} | {g['fp']} | {g['fn']} | {g['tn']} |",
+        "| view | positives | negatives | ROC AUC | threshold | recall | precision | pass rate "
+        "| pass rate (defect-free) | TP | FP | FN | TN |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    if g.get("auc_note"):
-        lines += ["", f"AUC not defined: {g['auc_note']}"]
+    views = [("images" + (" + clean crops" if g["negative_crops"] else ""), g)]
+    if report.get("gate_size_matched"):
+        views.append(("crops only (size-matched)", report["gate_size_matched"]))
+    for name, v in views:
+        lines.append(
+            f"| {name} | {v['positives']} | {v['negatives']} | {_fmt(v['auc'])} | {_fmt(v['threshold'], 4)} | "
+            f"{_fmt(v['recall'])} | {_fmt(v['precision'])} | {_fmt(v['pass_rate'])} | "
+            f"{_fmt(v['pass_rate_defect_free'])} | {v['tp']} | {v['fp']} | {v['fn']} | {v['tn']} |"
+        )
+    for name, v in views:
+        if v.get("auc_note"):
+            lines += ["", f"AUC not defined ({name}): {v['auc_note']}"]
     seg = report.get("segmentation")
     if seg:
         det = report["detection"]

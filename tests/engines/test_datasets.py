@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from engines.datasets import (
+    CLEAN_CROPS_DEFAULT,
     MAGNETIC_TILE_CLASSES,
     STEEL_CLASSES,
     Box,
@@ -18,7 +19,9 @@ from engines.datasets import (
     Sample,
     assign_split,
     boxes_to_masks,
+    clean_crop_settings,
     clean_crops,
+    defect_crops,
     default_data_root,
     load_profile_dataset,
     mask_boxes,
@@ -485,6 +488,40 @@ def test_clean_crops_avoid_boxes_and_are_deterministic():
     assert clean_crops([with_mask], 4)[0].masks.shape == (1, 4, 4)
     with pytest.raises(DatasetError, match="must be >= 1"):
         clean_crops([s], 0)
+
+
+def test_defect_crops_centre_on_boxes_inside_the_image():
+    image = _grey(20, 30)
+    boxes = [Box(0, 2, 2, 6, 4), Box(1, 20, 10, 30, 20)]
+    s = Sample(image, None, boxes, np.array([1.0, 1.0], np.float32), ("a", "b"), "x.png")
+    first = defect_crops([s], 8)
+    assert len(first) == 1
+    c = first[0]
+    # box centre (4, 3) -> window would start at (-1, 0): shifted into the image
+    assert c.crop == (0, 0, 8, 8)
+    np.testing.assert_array_equal(c.image, image[0:8, 0:8])
+    assert c.boxes == [Box(0, 2, 2, 6, 4)] and c.labels.tolist() == [1.0, 0.0]
+    both = defect_crops([s], (8, 12), max_per_image=2)
+    # second box centre (25, 15) -> window x 19..31 shifted to 18..30, y 11..19
+    assert both[1].crop == (11, 18, 8, 12)
+    assert both[1].boxes == [Box(1, 2, 0, 12, 8)] and both[1].labels.tolist() == [0.0, 1.0]
+    masks = np.zeros((2, 20, 30), bool)
+    masks[1, 12:14, 22:24] = True
+    with_masks = Sample(image, masks, mask_boxes(masks), np.array([0.0, 1.0], np.float32), ("a", "b"), "m.png")
+    m = defect_crops([with_masks], 8)[0]
+    assert m.masks.shape == (2, 8, 8) and m.masks[1].sum() == 4 and m.labels.tolist() == [0.0, 1.0]
+    assert defect_crops([s], 40) == []  # image smaller than the crop
+    with pytest.raises(DatasetError, match="max_per_image 0 must be >= 1"):
+        defect_crops([s], 8, max_per_image=0)
+
+
+def test_clean_crop_settings():
+    assert clean_crop_settings(None) == CLEAN_CROPS_DEFAULT
+    assert clean_crop_settings({"clean_crops": {"size": 32}})["size"] == 32
+    with pytest.raises(DatasetError, match="training.clean_crops: unknown key 'sise'"):
+        clean_crop_settings({"clean_crops": {"sise": 32}})
+    with pytest.raises(DatasetError, match="training.clean_crops.stride: must be an integer >= 1, got 0"):
+        clean_crop_settings({"clean_crops": {"stride": 0}})
 
 
 def test_load_profile_dataset_on_generated_neu_tree(tmp_path):

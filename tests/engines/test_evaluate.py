@@ -243,6 +243,7 @@ def test_evaluate_cli_end_to_end_kolektorsdd(tmp_path, capsys):
     assert det["gt_boxes"] == 4 and det["predicted_boxes"] == 4
     assert 0.0 < det["map50_95"] <= det["map50"] <= 1.0
     assert report["defect_type"] is None  # one class: nothing to tell apart
+    assert report["gate_size_matched"] is None  # real defect-free images: no crops needed
 
 
 def test_evaluate_steel_uses_clean_crops_and_scores_defect_type(tmp_path):
@@ -268,6 +269,9 @@ def test_evaluate_steel_uses_clean_crops_and_scores_defect_type(tmp_path):
     assert g["negative_crops"] == len(expected_crops) == report["data"]["negative_crops"]["n"] > 0
     assert g["negatives"] == len(expected_crops) and g["positives"] == len(kinds)
     assert g["auc"] == 1.0  # background crops score ~0, every image holds a detected box
+    matched = report["gate_size_matched"]
+    assert matched["positives"] == len(datasets.defect_crops(ds, 16)) == len(kinds)
+    assert matched["negatives"] == len(expected_crops) and matched["auc"] == 1.0
     # bright patches are taken for crazing (the bright detector): only crazing and inclusion are right
     dt = report["defect_type"]
     assert dt["images"] == len(kinds)

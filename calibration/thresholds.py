@@ -187,6 +187,12 @@ class ClassChoice:
     calibrated: bool = True
     note: str = ""
     dice_with_gate: float | None = None
+    dice_on_positive: float | None = None  # mean Dice over the images holding the class
+
+    @property
+    def empty_baseline(self) -> float:
+        """The Dice a model that never predicts this class would score (empty/empty = 1)."""
+        return (self.n_images - self.n_positive_images) / max(self.n_images, 1)
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -197,6 +203,9 @@ class ClassChoice:
             "n_positive_images": self.n_positive_images,
             "calibrated": self.calibrated,
         }
+        if self.dice_on_positive is not None:
+            out["dice_on_positive_images"] = round(self.dice_on_positive, 6)
+        out["dice_if_never_predicted"] = round(self.empty_baseline, 6)
         if self.dice_with_gate is not None:
             out["dice_with_gate"] = round(self.dice_with_gate, 6)
         if self.note:
@@ -344,8 +353,10 @@ def pick_class_thresholds(
             continue
         flat = int(np.argmax(grid[k]))  # first maximum in (threshold, area) ascending order
         ti, ai = np.unravel_index(flat, grid[k].shape)
+        held = search.positives[:, k]
         out[name] = ClassChoice(
-            name, search.pixel_thresholds[ti], search.min_areas[ai], float(grid[k, ti, ai]), n_images, n_pos
+            name, search.pixel_thresholds[ti], search.min_areas[ai], float(grid[k, ti, ai]), n_images, n_pos,
+            dice_on_positive=float(search.per_image[held, k, ti, ai].mean()) if held.any() else None,
         )
     if short:
         raise CalibrationError(
@@ -402,10 +413,12 @@ class CalibrationResult:
         for name, c in self.classes.items():
             flag = "" if c.calibrated else "  [NOT CALIBRATED: default kept]"
             dice = "n/a" if math.isnan(c.dice) else f"{c.dice:.4f}"
-            with_gate = "" if c.dice_with_gate is None else f" (with gate {c.dice_with_gate:.4f})"
+            with_gate = "" if c.dice_with_gate is None else f" with gate {c.dice_with_gate:.4f}"
+            on_pos = "" if c.dice_on_positive is None else f" on positive images {c.dice_on_positive:.4f}"
             lines.append(
                 f"class {name}: pixel_threshold {c.pixel_threshold:.2f}  min_area_px {c.min_area_px}  "
-                f"dice {dice}{with_gate}  positive images {c.n_positive_images}/{c.n_images}{flag}"
+                f"dice {dice} ({on_pos.strip()}{',' if on_pos and with_gate else ''}{with_gate}; never predicting it "
+                f"scores {c.empty_baseline:.4f})  positive images {c.n_positive_images}/{c.n_images}{flag}"
             )
         if self.path is not None:
             lines.append(f"wrote {self.path}")

@@ -424,3 +424,19 @@ def test_odd_sized_frames_and_gate_only_negatives(pack_dir):
     assert min(doc["classes"][c]["dice"] for c in CLASSES) > 0.8
     with pytest.raises(CalibrationError, match=r"a gate negative must be defect-free"):
         calibrate(pack, defective, negatives=defective[:1], recall_target=0.9, write=False)
+
+
+def test_dice_on_positive_images_and_the_empty_baseline():
+    probs, masks = _known_optimum_case()
+    masks = [m.copy() for m in masks]
+    for m in masks[4:]:
+        m[0] = False  # four images without a square: predicting nothing there scores 1
+    probs = [p.copy() for p in probs]
+    for p in probs[4:]:
+        p[0] = 0.05
+    c = choose_class_thresholds(probs, masks, ("square", "empty"), (0.45,), (0, 16), min_positive_images=0)["square"]
+    assert c.n_positive_images == 4
+    assert c.empty_baseline == 0.5
+    assert c.dice_on_positive == pytest.approx(3 / 4)  # image 0 missed, 1-3 exact
+    assert c.dice == pytest.approx(7 / 8)
+    assert c.to_json()["dice_if_never_predicted"] == 0.5

@@ -52,6 +52,7 @@ from engines.modelpack import Calibration, ModelPack, load_calibration, load_mod
 log = structlog.get_logger(__name__)
 
 PAD_MULTIPLE = 8
+MAX_PENDING_BATCHES = 4  # images waiting for a same-size partner, in batches
 REPORT_FORMAT = 1
 
 
@@ -298,6 +299,11 @@ def evaluate_samples(
             group.append(item)
             if len(group) == max_batch:
                 run(pending.pop(key))
+            elif sum(len(g) for g in pending.values()) >= MAX_PENDING_BATCHES * max_batch:
+                # many different sizes (magnetic_tile, KolektorSDD): bound what waits in memory
+                for waiting in pending.values():
+                    run(waiting)
+                pending.clear()
         for group in pending.values():
             run(group)
     seconds = time.perf_counter() - t0
@@ -537,12 +543,25 @@ def render_markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _json_safe(value: Any) -> Any:
+    """NaN/inf become null (JSON has no NaN); numpy scalars become Python numbers."""
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
 def write_report(report: dict[str, Any], out_dir: str | Path) -> tuple[Path, Path]:
     """evaluation_<split>.json and .md in out_dir; returns both paths."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     split = report.get("split", "all")
     json_path, md_path = out_dir / f"evaluation_{split}.json", out_dir / f"evaluation_{split}.md"
-    json_path.write_text(json.dumps(report, indent=2) + "\n")
+    json_path.write_text(json.dumps(_json_safe(report), indent=2, allow_nan=False) + "\n")
     md_path.write_text(render_markdown(report))
     return json_path, md_path

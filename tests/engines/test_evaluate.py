@@ -307,3 +307,31 @@ def test_evaluate_errors(tmp_path, capsys):
     rc = _cli(["evaluate", "--profile", "kolektorsdd", "--models", str(pack), "--data", str(tmp_path / "nowhere")])
     assert rc == 2
     assert "is this the kolektorsdd data?" in capsys.readouterr().err
+
+
+def test_batching_and_size_mixes_do_not_change_results(tmp_path):
+    from engines.datasets import Sample
+    from engines.evaluate import evaluate_samples
+    from engines.modelpack import load_calibration, load_model_pack
+
+    pack = load_model_pack(_pack(tmp_path / "m", "kolektorsdd", ("defect",), [BRIGHT[0]], [BRIGHT[1]]))
+    cal = load_calibration(pack)
+    rng = np.random.default_rng(1)
+    samples = []
+    for i in range(14):
+        h, w = 20 + 3 * (i % 7), 24 + 5 * (i % 5)  # ten or so different sizes, none a multiple of 8 for some
+        image = np.full((h, w), BG, np.uint8)
+        masks = np.zeros((1, h, w), bool)
+        if i % 3:
+            y, x = rng.integers(0, h - 8), rng.integers(0, w - 8)
+            image[y : y + 8, x : x + 8] = 255
+            masks[0, y : y + 8, x : x + 8] = True
+        samples.append(Sample(image, masks, datasets.mask_boxes(masks), masks.any(axis=(1, 2)).astype(np.float32),
+                              ("defect",), f"s{i}.png"))
+    reports = [evaluate_samples(pack, cal, samples, threads=1, max_batch=b) for b in (1, 2, 8)]
+    for r in reports:
+        r.pop("timing")
+    assert reports[0] == reports[1] == reports[2]
+    assert reports[0]["images"] == 14 and reports[0]["gate"]["auc"] == 1.0
+    with pytest.raises(EvaluationError, match="max_batch must be >= 1, got 0"):
+        evaluate_samples(pack, cal, samples, max_batch=0)

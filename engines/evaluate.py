@@ -199,6 +199,7 @@ class _Accumulator:
     defective: list
     is_crop: list
     dice_rows: list
+    present: list  # bool [K] per image: truth non-empty
     dice_rows_gated: list
     inter: np.ndarray
     union: np.ndarray
@@ -211,7 +212,7 @@ class _Accumulator:
 
     @classmethod
     def new(cls, k: int) -> "_Accumulator":
-        return cls(k, [], [], [], [], [], [], np.zeros(k, np.int64), np.zeros(k, np.int64), [], [], [], [], [])
+        return cls(k, [], [], [], [], [], [], [], np.zeros(k, np.int64), np.zeros(k, np.int64), [], [], [], [], [])
 
 
 def _thresholds(pack: ModelPack, cal: Calibration) -> tuple[list[float], list[int]]:
@@ -333,6 +334,7 @@ def _account(acc: _Accumulator, sample: Sample, crop: bool, scores: np.ndarray, 
     masks, boxes = components(probs, thresholds, min_areas, stride, sample.shape)
     row = dice_pairs(masks[None], truth[None])[0]
     acc.dice_rows.append(row)
+    acc.present.append(truth.any(axis=(1, 2)))
     if frame >= gate_threshold:
         acc.dice_rows_gated.append(row)
     else:  # the agent never segments this frame: empty prediction
@@ -385,11 +387,22 @@ def _summarise(pack: ModelPack, cal: Calibration, acc: _Accumulator, seconds: fl
         gated = np.stack(acc.dice_rows_gated)
         with np.errstate(invalid="ignore", divide="ignore"):
             iou = np.where(acc.union == 0, np.nan, acc.inter / np.maximum(acc.union, 1))
+        present = np.stack(acc.present)
+        positive_per_class = [float(table[present[:, k], k].mean()) if present[:, k].any() else None
+                              for k in range(len(names))]
         report["segmentation"] = {
             "truth": "boxes rasterised as masks" if acc.truth_from_boxes else "masks",
             "dice_mean": float(table.mean()),
             "dice_per_class": dict(zip(names, table.mean(axis=0).tolist())),
             "dice_mean_after_gate": float(gated.mean()),
+            # Severstal Dice counts empty/empty pairs as 1, so it is dominated by them; these say
+            # what the figure is worth: Dice on pairs whose truth is non-empty, and the Dice of a
+            # model that never predicts anything (the share of empty-truth pairs).
+            "dice_positive_mean": float(table[present].mean()) if present.any() else None,
+            "dice_positive_per_class": dict(zip(names, positive_per_class)),
+            "positive_pairs_per_class": dict(zip(names, present.sum(axis=0).tolist())),
+            "dice_never_predict": float((~present).mean()),
+            "dice_never_predict_per_class": dict(zip(names, (~present).mean(axis=0).tolist())),
             "iou_per_class": {n: _nan_to_none(float(v)) for n, v in zip(names, iou)},
             "iou_mean": _nan_to_none(float(np.nanmean(iou))) if not np.all(np.isnan(iou)) else None,
             "thresholds": {n: {"pixel_threshold": cal.classes[n].pixel_threshold,
@@ -522,16 +535,21 @@ def render_markdown(report: dict[str, Any]) -> str:
             "",
             f"## Segmentation (Severstal Dice, truth: {seg['truth']})",
             "",
-            f"Dice mean {_fmt(seg['dice_mean'])} (after the gate: {_fmt(seg['dice_mean_after_gate'])}), "
-            f"IoU mean {_fmt(seg['iou_mean'])}; detection view mAP@0.5 {_fmt(det['map50'])}, "
-            f"mAP@0.5:0.95 {_fmt(det['map50_95'])} ({det['predicted_boxes']} predicted, {det['gt_boxes']} true boxes)",
+            f"Dice mean {_fmt(seg['dice_mean'])} (after the gate: {_fmt(seg['dice_mean_after_gate'])}; "
+            f"a model that never predicts scores {_fmt(seg['dice_never_predict'])}), "
+            f"Dice on images holding the class {_fmt(seg['dice_positive_mean'])}, IoU mean {_fmt(seg['iou_mean'])}; "
+            f"detection view mAP@0.5 {_fmt(det['map50'])}, mAP@0.5:0.95 {_fmt(det['map50_95'])} "
+            f"({det['predicted_boxes']} predicted, {det['gt_boxes']} true boxes)",
             "",
-            "| class | Dice | IoU | AP@0.5 | true boxes | pixel threshold | min area px |",
-            "|---|---|---|---|---|---|---|",
+            "| class | Dice | Dice never-predict | Dice on positives (n) | IoU | AP@0.5 | true boxes "
+            "| pixel threshold | min area px |",
+            "|---|---|---|---|---|---|---|---|---|",
         ]
         for name, dice in seg["dice_per_class"].items():
             t = seg["thresholds"][name]
-            lines.append(f"| {name} | {_fmt(dice)} | {_fmt(seg['iou_per_class'][name])} | "
+            lines.append(f"| {name} | {_fmt(dice)} | {_fmt(seg['dice_never_predict_per_class'][name])} | "
+                         f"{_fmt(seg['dice_positive_per_class'][name])} ({seg['positive_pairs_per_class'][name]}) | "
+                         f"{_fmt(seg['iou_per_class'][name])} | "
                          f"{_fmt(det['ap50_per_class'][name])} | {det['gt_boxes_per_class'][name]} | "
                          f"{_fmt(t['pixel_threshold'], 2)} | {t['min_area_px']} |")
     dt = report.get("defect_type")

@@ -236,6 +236,11 @@ def test_evaluate_cli_end_to_end_kolektorsdd(tmp_path, capsys):
     assert seg["dice_per_class"]["defect"] == pytest.approx(want.per_class[0])
     assert 0.5 < seg["dice_mean"] < 1.0  # unaligned rectangles lose their partial cells
     assert seg["dice_mean_after_gate"] == pytest.approx(seg["dice_mean"])  # every defect passed the gate
+    # 4 of 8 images hold a defect: never predicting scores 0.5; Dice on those 4 alone is lower
+    assert seg["dice_never_predict"] == 0.5 and seg["positive_pairs_per_class"]["defect"] == 4
+    positive = [i for i, s in enumerate(samples) if s.masks.any()]
+    want_pos = dice_severstal([ref[i] for i in positive], [samples[i].masks for i in positive])
+    assert seg["dice_positive_mean"] == pytest.approx(want_pos.mean) and seg["dice_positive_mean"] < seg["dice_mean"]
     inter = sum(np.logical_and(r, s.masks).sum() for r, s in zip(ref, samples))
     union = sum(np.logical_or(r, s.masks).sum() for r, s in zip(ref, samples))
     assert seg["iou_per_class"]["defect"] == pytest.approx(inter / union)
@@ -335,3 +340,26 @@ def test_batching_and_size_mixes_do_not_change_results(tmp_path):
     assert reports[0]["images"] == 14 and reports[0]["gate"]["auc"] == 1.0
     with pytest.raises(EvaluationError, match="max_batch must be >= 1, got 0"):
         evaluate_samples(pack, cal, samples, max_batch=0)
+
+
+def test_a_gate_that_stops_everything_leaves_the_never_predict_dice(tmp_path):
+    from engines.datasets import Sample
+    from engines.evaluate import evaluate_samples
+    from engines.modelpack import load_calibration, load_model_pack
+
+    pack = load_model_pack(_pack(tmp_path / "m", "kolektorsdd", ("defect",), [BRIGHT[0]], [BRIGHT[1]],
+                                 gate_threshold=1.0))
+    samples = []
+    for i in range(4):
+        image = np.full((16, 16), BG, np.uint8)
+        masks = np.zeros((1, 16, 16), bool)
+        if i < 3:
+            image[4:12, 4:12] = 255
+            masks[0, 4:12, 4:12] = True
+        samples.append(Sample(image, masks, datasets.mask_boxes(masks), masks.any(axis=(1, 2)).astype(np.float32),
+                              ("defect",), f"s{i}.png"))
+    report = evaluate_samples(pack, load_calibration(pack), samples, threads=1)
+    g, seg = report["gate"], report["segmentation"]
+    assert g["recall"] == 0.0 and g["pass_rate"] == 0.0 and g["precision"] is None and g["auc"] == 1.0
+    assert seg["dice_mean"] == 1.0  # the seg model alone finds the aligned squares exactly
+    assert seg["dice_mean_after_gate"] == seg["dice_never_predict"] == 0.25

@@ -157,28 +157,26 @@ def run_parity(reference_path: Path, candidate, frames: np.ndarray, role: str, p
 # -- step (a): FP16 ONNX + parity on ONNX Runtime ---------------------------------------------------
 
 def prepare_fp16(spec: BuildSpec, role: str, frames: np.ndarray) -> tuple[Path, dict[str, Any]]:
-    """Write ``<role>.fp16.onnx`` (reused when its record matches source and recipe) and pass parity."""
+    """Write ``<role>.fp16.onnx`` and pass the parity gate on ONNX Runtime; the report goes to
+    ``<role>.fp16.json`` beside it. A model that fails keeps no FP16 file."""
     from engines.backends.onnxrt import OnnxRuntimeBackend
+    from engines.parity import ParityError
 
     entry = spec.pack.models[role]
     out_dir = manifest.fp16_dir(spec.pack.profile, spec.state)
     out_dir.mkdir(parents=True, exist_ok=True)
     dest = out_dir / f"{role}.fp16.onnx"
-    record_path = out_dir / f"{role}.fp16.json"
-    source_sha = sha256_file(entry.path)
-    if not spec.force and dest.is_file() and record_path.is_file():
-        record = json.loads(record_path.read_text())
-        if (record.get("source_sha256") == source_sha and record.get("recipe") == spec.recipe.digest()
-                and record.get("sha256") == sha256_file(dest)):
-            log.info("fp16_reused", model=role, path=str(dest))
-            return dest, record["parity"]
     log.info("fp16_convert_started", model=role, source=str(entry.path))
     convert(entry.path, dest, spec.recipe)
     candidate = OnnxRuntimeBackend(dest, max_batch=spec.parity_batch)
-    report = run_parity(entry.path, candidate, frames, role, spec.pack, spec.bar, spec.parity_batch)
-    record = {"source_sha256": source_sha, "recipe": spec.recipe.digest(), "sha256": sha256_file(dest),
-              "parity": report.to_dict()}
-    manifest.write_atomic(record_path, json.dumps(record, indent=2).encode())
+    try:
+        report = run_parity(entry.path, candidate, frames, role, spec.pack, spec.bar, spec.parity_batch)
+    except ParityError:
+        dest.unlink()
+        raise
+    record = {"source_sha256": sha256_file(entry.path), "recipe": spec.recipe.to_dict(),
+              "sha256": sha256_file(dest), "parity": report.to_dict()}
+    manifest.write_atomic(out_dir / f"{role}.fp16.json", json.dumps(record, indent=2).encode())
     return dest, record["parity"]
 
 
@@ -277,15 +275,23 @@ def build_in_child(onnx_path: Path, engine_path: Path, *, shapes, workspace_byte
               "workspace_bytes": workspace_bytes, "timing_cache": timing_cache}
     proc = ctx.Process(target=_child, args=(kwargs, results), name=f"trt-build-{engine_path.stem}")
     proc.start()
-    try:
-        kind, value = results.get(timeout=timeout_s)
-    except (queue.Empty, EOFError, OSError) as exc:  # timed out, or the child died without a word
-        proc.join(5)
-        if proc.is_alive():
-            proc.kill()
-            proc.join()
-        raise BuildError(f"{engine_path.name}: build process gave no result (exit code {proc.exitcode}): "
-                         f"{type(exc).__name__}") from exc
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            kind, value = results.get(timeout=1.0)
+            break
+        except queue.Empty:
+            if not proc.is_alive():  # died without a word (segfault, OOM kill): one last look
+                try:
+                    kind, value = results.get(timeout=1.0)
+                    break
+                except queue.Empty:
+                    raise BuildError(f"{engine_path.name}: build process died with exit code {proc.exitcode} "
+                                     "and no message (see the log above)") from None
+            if time.monotonic() > deadline:
+                proc.kill()
+                proc.join()
+                raise BuildError(f"{engine_path.name}: build took longer than {timeout_s:.0f} s, killed") from None
     proc.join()
     if kind != "ok":
         raise BuildError(value)

@@ -23,8 +23,6 @@ and that ONNX Runtime can load the result.
 """
 from __future__ import annotations
 
-import hashlib
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 import structlog
@@ -85,9 +83,6 @@ class FP16Recipe:
             "fp32_ops": list(FP32_OPS),
             "keep_fp32": list(self.keep_fp32),
         }
-
-    def digest(self) -> str:
-        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()
 
 
 @dataclass

@@ -96,6 +96,7 @@ def test_unreadable_model_named_in_error(tmp_path):
         fp16.convert(src, tmp_path / "out.onnx")
 
 
-def test_recipe_digest_changes_with_keep_list():
-    assert fp16.FP16Recipe().digest() != fp16.FP16Recipe(keep_fp32=("Relu",)).digest()
-    assert fp16.FP16Recipe().to_dict()["converter"].startswith("onnxconverter-common ")
+def test_recipe_record_names_converter_and_lists():
+    record = fp16.FP16Recipe(keep_fp32=("Relu",)).to_dict()
+    assert record["converter"].startswith("onnxconverter-common ")
+    assert record["keep_fp32"] == ["Relu"] and "ReduceMean" in record["fp32_ops"]

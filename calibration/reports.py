@@ -128,6 +128,12 @@ def write_report(result: "CalibrationResult", directory: str | Path) -> Path:
             f"<td>{c.n_positive_images}/{c.n_images}</td>"
             f"<td>{'yes' if c.calibrated else 'NO (default kept)'}</td></tr>"
         )
+    sm = doc["gate"].get("size_matched")
+    size_matched = "" if not sm else (
+        f"<p>Size-matched view (defect crops of the clean crops' size, at this threshold): recall "
+        f"{sm['recall']:.4f} on {sm['n_defect_crops']} defect crops; pass rate on clean crops "
+        f"{sm['pass_rate_clean_crops']}.</p>"
+    )
     models = ", ".join(f"{html.escape(role)} <code>{sha[:12]}</code>" for role, sha in doc["models"].items())
     page = f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>Coilsight calibration: {html.escape(str(doc.get('profile')))}</title>
@@ -143,6 +149,7 @@ th{{background:#eee}}img{{max-width:100%}}code{{background:#f4f4f4}}</style></he
 one-sided 95% lower bound {g.recall_lower_95:.4f}; missed {g.n_defective - g.passed_defective} of {g.n_defective}),
 precision {g.precision:.4f}, pass rate <b>{g.pass_rate:.4f}</b> of {g.n} frames
 ({g.passed_clean} of {g.n_clean} clean frames passed).</p>
+{size_matched}
 {_img_tag(gate_png, "gate recall vs pass rate")}
 <h2>Segmentation thresholds</h2>
 <p>Dice is the Severstal Dice over all images (an image without the class and without a

@@ -410,6 +410,10 @@ class CalibrationResult:
             f"95% lower bound {g.recall_lower_95:.4f}, missed {g.n_defective - g.passed_defective}/{g.n_defective})  "
             f"precision {g.precision:.4f}  pass rate {g.pass_rate:.4f} of {g.n} frames",
         ]
+        sm = self.document["gate"].get("size_matched")
+        if sm:
+            lines.append(f"gate, size-matched view: recall {sm['recall']:.4f} on {sm['n_defect_crops']} defect crops, "
+                         f"pass rate {sm['pass_rate_clean_crops']} on clean crops")
         for name, c in self.classes.items():
             flag = "" if c.calibrated else "  [NOT CALIBRATED: default kept]"
             dice = "n/a" if math.isnan(c.dice) else f"{c.dice:.4f}"
@@ -475,6 +479,7 @@ def calibrate(
     samples: Sequence[Any],
     *,
     negatives: Sequence[Any] = (),
+    size_matched_positives: Sequence[Any] = (),
     recall_target: float = 0.99,
     min_gate_positives: int | None = None,
     pixel_thresholds: Sequence[float] = DEFAULT_PIXEL_THRESHOLDS,
@@ -493,7 +498,9 @@ def calibrate(
     `samples` are engines.datasets.Sample-like (image uint8 HxW or HxWxC, masks bool [K,H,W]
     or None with boxes, labels multi-hot [K], source). `negatives` are defect-free frames for
     the gate only (clean crops of data without defect-free images), as engines/evaluate.py uses
-    them. Images are fed as engines/evaluate.py feeds them: uint8 NCHW, padded at the
+    them. `size_matched_positives` (defect crops of the negatives' size) only add a second,
+    reported view of the gate at the chosen threshold: a fully convolutional gate taking the max
+    over a larger image can score higher for size alone. Images are fed as engines/evaluate.py feeds them: uint8 NCHW, padded at the
     bottom/right to a multiple of PAD_MULTIPLE, equal sizes batched. Writes calibration.json
     (atomically) beside the models unless `output` says elsewhere or `write` is False.
     """
@@ -509,7 +516,9 @@ def calibrate(
     n = len(samples)
     if n == 0:
         raise CalibrationError("no samples to calibrate on")
-    frames = list(samples) + list(negatives)  # gate input; the first n also go to segmentation
+    # gate input: samples (which also go to segmentation), negatives, size-matched positives
+    frames = list(samples) + list(negatives) + list(size_matched_positives)
+    n_main = n + len(negatives)
     n_frames = len(frames)
 
     # Truth first (cheap): refuse before any inference when the data cannot support the result.
@@ -519,11 +528,14 @@ def calibrate(
         lab = np.asarray(s.labels).ravel()
         if lab.size != k_count:
             raise CalibrationError(f"{s.source}: {lab.size} labels, the model pack has {k_count} classes")
-        if i >= n and lab.any():
+        if n <= i < n_main and lab.any():
             raise CalibrationError(f"{s.source}: a gate negative must be defect-free, its labels are {lab.tolist()}")
+        if i >= n_main and not lab.any():
+            raise CalibrationError(f"{s.source}: a size-matched positive must hold a defect")
         labels[i] = lab > 0
         shapes.append(tuple(np.asarray(s.image).shape))
-    defective = labels.any(axis=1)
+    defective_all = labels.any(axis=1)
+    defective = defective_all[:n_main]
     positives = labels[:n].sum(axis=0)
     short = [f"{name!r} ({int(c)})" for name, c in zip(pack.classes, positives) if c < min_positive_images]
     if short and not allow_missing_class:
@@ -534,7 +546,7 @@ def calibrate(
     need = min_positives_for(recall_target) if min_gate_positives is None else min_gate_positives
     if defective.sum() < need or defective.all() or not defective.any():
         # choose_gate_threshold words the exact reason; call it on the truth alone to fail fast
-        choose_gate_threshold(np.linspace(0, 1, n_frames), defective, recall_target, min_gate_positives)
+        choose_gate_threshold(np.linspace(0, 1, n_main), defective, recall_target, min_gate_positives)
 
     cls = load_backend_class(backend)
     gate_scores = np.empty((n_frames, k_count), np.float32)
@@ -550,8 +562,19 @@ def calibrate(
                 raise CalibrationError(f"gate output {pack.gate.output!r} has shape {out.shape}, "
                                        f"expected [{len(idx)}, {k_count}]")
             gate_scores[idx] = out
-    frame_scores = gate_scores.max(axis=1).astype(np.float64)
+    all_scores = gate_scores.max(axis=1).astype(np.float64)
+    frame_scores = all_scores[:n_main]
     gate_choice = choose_gate_threshold(frame_scores, defective, recall_target, min_gate_positives)
+    gate_doc = gate_choice.to_json()
+    if size_matched_positives:
+        crop_pos = all_scores[n_main:]
+        crop_neg = frame_scores[n:]
+        gate_doc["size_matched"] = {
+            "what": "defect crops of the clean crops' size vs those clean crops, at the chosen threshold",
+            "recall": round(float((crop_pos >= gate_choice.threshold).mean()), 6),
+            "n_defect_crops": int(crop_pos.size),
+            "pass_rate_clean_crops": round(float((crop_neg >= gate_choice.threshold).mean()), 6) if crop_neg.size else None,
+        }
 
     def probs_and_masks():
         with cls(pack.seg.path, max_batch=batch, threads=threads) as seg:
@@ -598,12 +621,13 @@ def calibrate(
     info["n_images"] = n
     info["n_defective"] = int(defective[:n].sum())
     info["n_gate_negatives"] = len(negatives)
+    info["n_size_matched_positives"] = len(size_matched_positives)
     info["n_positive_images"] = {name: int(c) for name, c in zip(pack.classes, positives)}
     document: dict[str, Any] = {
         "format": CALIBRATION_FORMAT,
         "profile": pack.profile,
         "models": {role: m.sha256 for role, m in pack.models.items()},
-        "gate": gate_choice.to_json(),
+        "gate": gate_doc,
         "classes": {name: choices[name].to_json() for name in pack.classes},
         "search": {
             "pixel_thresholds": list(ts),
@@ -660,12 +684,13 @@ def load_calibration_samples(
     data: Path | None = None,
     dataset_root: Path | None = None,
     split: str = "val",
-) -> tuple[list[Any], list[Any], dict[str, Any]]:
-    """(samples, gate-only negatives, the `data` block describing them).
+) -> tuple[list[Any], list[Any], list[Any], dict[str, Any]]:
+    """(samples, gate-only negatives, size-matched gate positives, the `data` block).
 
     Data without defect-free images (NEU) gets gate negatives from engines.datasets.clean_crops
     of the same split, with the settings training used (model.json "training.clean_crops",
-    else engines.datasets.CLEAN_CROPS_DEFAULT), exactly as engines/evaluate.py does."""
+    else engines.datasets.CLEAN_CROPS_DEFAULT), and defect crops of that size for the size-matched
+    gate view, exactly as engines/evaluate.py does."""
     from engines import datasets
 
     grey = pack.channels == 1
@@ -674,7 +699,7 @@ def load_calibration_samples(
     if data is not None:
         csv_path, images = severstal_folder(Path(data))
         ds = datasets.read_severstal(csv_path, images, pack.classes, grey=grey, name=Path(data).name)
-        return list(ds), [], {"what": f"Severstal-layout folder {data}", "split": "all", "source": str(csv_path)}
+        return list(ds), [], [], {"what": f"Severstal-layout folder {data}", "split": "all", "source": str(csv_path)}
     if split == "test":
         raise CalibrationError("the test split is kept for evaluation; calibrate on --split val")
     ds = datasets.load_profile_dataset(pack.profile, dataset_root, split, grey=grey)
@@ -689,15 +714,17 @@ def load_calibration_samples(
                             "split_rule": "engines.datasets.assign_split: first byte of sha1(file stem) "
                                           "< 51 test, < 82 val, else train"}
     negatives: list[Any] = []
+    size_matched: list[Any] = []
     if ds.labels.any(axis=1).all():
         settings = datasets.clean_crop_settings(pack.meta.get("training"))
         negatives = datasets.clean_crops(
             samples, settings["size"], stride=settings["stride"], margin=settings["margin"],
             max_per_image=settings["max_per_image"],
         )
+        size_matched = datasets.defect_crops(samples, settings["size"], max_per_image=1)
         info["gate_negatives"] = {"from": "engines.datasets.clean_crops of the same split (it has no "
                                           "defect-free image); gate only", **settings, "n": len(negatives)}
-    return samples, negatives, info
+    return samples, negatives, size_matched, info
 
 
 def run_threshold_calibration(
@@ -724,10 +751,13 @@ def run_threshold_calibration(
     pack = load_model_pack(models or default_models_dir(profile))
     if pack.profile != profile:
         raise CalibrationError(f"{pack.directory}/model.json is for profile {pack.profile!r}, not {profile!r}")
-    samples, negatives, info = load_calibration_samples(pack, data=data, dataset_root=dataset_root, split=split)
+    samples, negatives, size_matched, info = load_calibration_samples(
+        pack, data=data, dataset_root=dataset_root, split=split
+    )
     result = calibrate(
         pack, samples,
         negatives=negatives,
+        size_matched_positives=size_matched,
         recall_target=recall_target,
         min_gate_positives=min_gate_positives,
         pixel_thresholds=pixel_thresholds or DEFAULT_PIXEL_THRESHOLDS,

@@ -424,6 +424,27 @@ def test_odd_sized_frames_and_gate_only_negatives(pack_dir):
     assert min(doc["classes"][c]["dice"] for c in CLASSES) > 0.8
     with pytest.raises(CalibrationError, match=r"a gate negative must be defect-free"):
         calibrate(pack, defective, negatives=defective[:1], recall_target=0.9, write=False)
+    # the size-matched view: positives of the negatives' size, scored at the chosen threshold only
+    small_pos = [Sample(s.image[:16, :24].copy(), None, [], s.labels, CLASSES, s.source) for s in defective[:6]]
+    small_neg = [Sample(s.image[:16, :24].copy(), None, [], s.labels, CLASSES, s.source) for s in clean]
+    r2 = calibrate(pack, defective, negatives=small_neg, size_matched_positives=small_pos, recall_target=0.9,
+                   write=False, pixel_thresholds=(0.5,), min_areas=(0,))
+    sm = r2.document["gate"]["size_matched"]
+    assert sm["n_defect_crops"] == 6
+    assert sm["recall"] == pytest.approx(np.mean(
+        [x >= r2.gate.threshold for x in _gate_scores(pack, small_pos)]))
+    assert r2.gate.n == len(defective) + len(small_neg)  # size-matched positives do not move the threshold
+    with pytest.raises(CalibrationError, match=r"a size-matched positive must hold a defect"):
+        calibrate(pack, defective, negatives=small_neg, size_matched_positives=small_neg[:1], recall_target=0.9,
+                  write=False)
+
+
+def _gate_scores(pack, samples) -> list[float]:
+    from engines.backends import load_backend_class
+
+    with load_backend_class("onnxruntime")(pack.gate.path, max_batch=len(samples)) as gate:
+        x = np.stack([s.image[None] for s in samples])
+        return gate.infer(x)["scores"].max(axis=1).tolist()
 
 
 def test_dice_on_positive_images_and_the_empty_baseline():

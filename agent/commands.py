@@ -88,6 +88,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     _setup_logging(cfg)
     import structlog
 
+    import faulthandler
+
+    faulthandler.enable()  # WatchdogSignal=SIGABRT then prints every thread's stack to the journal
     log = structlog.get_logger("agent")
     agent = Agent(cfg)
     try:

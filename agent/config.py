@@ -75,6 +75,14 @@ class ControlSection:
 
 
 @dataclass(frozen=True)
+class AuthSection:
+    enabled: bool = F(False, doc="CURVE on the ingest, publish and replay sockets")
+    credentials_dir: str = F("", doc="where the server secret key is; $CREDENTIALS_DIRECTORY wins under systemd")
+    server_key: str = F("curve-server.key_secret", doc="file name of the server secret key in credentials_dir")
+    allow_dir: str = F("/etc/coilsight/curve/clients", doc="public keys of allowed cameras and subscribers")
+
+
+@dataclass(frozen=True)
 class ModelsSection:
     dir: str = F("", doc="model pack dir; empty = the shipped engines/models/<profile>")
     calibration: str = F("", doc="calibration.json; empty = <dir>/calibration.json")
@@ -109,6 +117,7 @@ class Config:
     ingest: IngestSection = F(factory=IngestSection)
     publish: PublishSection = F(factory=PublishSection)
     control: ControlSection = F(factory=ControlSection)
+    auth: AuthSection = F(factory=AuthSection)
     models: ModelsSection = F(factory=ModelsSection)
     coil: CoilSection = F(factory=CoilSection)
     cameras: tuple[CameraSection, ...] = F(factory=tuple)

@@ -81,11 +81,12 @@ class Agent:
                                   idle_timeout_s=cfg.ingest.coil_idle_timeout_s, worst_n=cfg.coil.worst_defects,
                                   classes=pack.classes)
         self.frames = FrameQueue(cfg.ingest.max_queue_frames)
+        socket_setup = self._setup_auth()
         self.publisher = Publisher(
             self.ctx, endpoint=cfg.publish.endpoint, replay_endpoint=cfg.publish.replay_endpoint,
             journal=self.journal, agent=cfg.agent.name, heartbeat_s=cfg.publish.heartbeat_s,
             sndhwm=cfg.publish.sndhwm, linger_ms=cfg.publish.linger_ms, max_replay=cfg.publish.max_replay,
-            health=self.health, on_published=self._on_published)
+            health=self.health, on_published=self._on_published, socket_setup=socket_setup)
         watermark = self._read_watermark()
         if watermark < self.journal.last_seq:
             n = self.publisher.republish_from(watermark + 1)
@@ -100,7 +101,7 @@ class Agent:
         self.ingest = Ingest(self.ctx, endpoint=cfg.ingest.endpoint, rcvhwm=cfg.ingest.rcvhwm, frames=self.frames,
                              coils=self.coils, channels=pack.channels, max_width=cfg.ingest.max_width,
                              max_height=cfg.ingest.max_height, allowed_encodings=cfg.ingest.allowed_encodings,
-                             emit_summary=self._emit_summary, on_reject=self._on_reject,
+                             emit_summary=self._emit_summary, on_reject=self._on_reject, socket_setup=socket_setup,
                              on_frame=self.metrics.observe_stage)
         self.ingest.start()
         if not self.ingest.bound.wait(5.0) or self.ingest.error:
@@ -122,6 +123,22 @@ class Agent:
         log.info("agent_ready", ingest=self.ingest.bound_endpoint, publish=self.publisher.pub_endpoint_bound,
                  replay=self.publisher.replay_endpoint_bound, control=self.control_endpoint,
                  metrics_port=self.metrics_port, journal_last_seq=self.journal.last_seq)
+
+    def _setup_auth(self):
+        """CURVE on every socket that faces the plant network: keys from files, allow-list via ZAP."""
+        if not self.cfg.auth.enabled:
+            return None
+        from agent import auth
+
+        secret = auth.credentials_dir(self.cfg.auth.credentials_dir or None) / self.cfg.auth.server_key
+        probe = self.ctx.socket(zmq.PUB)
+        try:
+            auth.make_curve_server(probe, secret)  # fail here, at start-up, on a missing or bad key
+        finally:
+            probe.close(linger=0)
+        self.authenticator = auth.start_authenticator(self.ctx, self.cfg.auth.allow_dir)
+        log.info("curve_enabled", allow_dir=self.cfg.auth.allow_dir)
+        return lambda sock, _name: auth.make_curve_server(sock, secret)
 
     # -- main loop ------------------------------------------------------------------------------
     def _on_signal(self, signum: int, _frame: Any) -> None:
@@ -305,6 +322,8 @@ class Agent:
             self.journal.close()
         if self.models is not None:
             self.models.close()
+        if getattr(self, "authenticator", None) is not None:
+            self.authenticator.stop()
         self.metrics.close()
         self.ctx.term()
         self.notifier.close()

@@ -78,10 +78,9 @@ class BuildSpec:
     def selected(self) -> list[str]:
         return list(self.roles) or list(self.pack.models)
 
-    def profile_shapes(self, input_name: str = "image") -> dict[str, dict[str, list[int]]]:
-        chw = [self.pack.channels, self.pack.height, self.pack.width]
-        return {input_name: {"min": [self.min_batch, *chw], "opt": [self.opt_batch, *chw],
-                             "max": [self.max_batch, *chw]}}
+    def profile_shapes(self) -> dict[str, dict[str, list[int]]]:
+        return manifest.profile_shapes(self.pack.channels, self.pack.height, self.pack.width,
+                                       min_batch=self.min_batch, opt_batch=self.opt_batch, max_batch=self.max_batch)
 
 
 @dataclass

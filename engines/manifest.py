@@ -149,6 +149,14 @@ def machine_facts(device: int = 0) -> MachineFacts:
     raise ManifestError("cannot read the CUDA device: " + "; ".join(reasons))
 
 
+def profile_shapes(channels: int, height: int, width: int, *, min_batch: int, opt_batch: int, max_batch: int,
+                   input_name: str = "image") -> dict[str, dict[str, list[int]]]:
+    """The optimisation profile an engine is built with, as recorded in (and checked against) the manifest.
+    The agent passes the same (pack's C/H/W, 1, models.opt_batch, models.max_batch) to open_backend."""
+    chw = [channels, height, width]
+    return {input_name: {"min": [min_batch, *chw], "opt": [opt_batch, *chw], "max": [max_batch, *chw]}}
+
+
 def engine_dir(profile: str, facts: MachineFacts, state: Path | None = None) -> Path:
     return (state or state_dir()) / "engines" / profile / facts.slug
 

@@ -34,6 +34,7 @@ import json
 import math
 import re
 import xml.etree.ElementTree as ET
+from functools import partial
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -294,11 +295,11 @@ def _polygon_sample(
     polygons: list[tuple[int, np.ndarray]],
     classes: tuple[str, ...],
     grey: bool | None,
-    scale: Callable[[int, int], tuple[float, float]] | None = None,
+    normalised: bool = False,
     expect_size: tuple[int, int] | None = None,
     where: str = "",
 ) -> Sample:
-    """Sample from polygons (cls, points [P,2] x/y); `scale(h, w)` maps normalised points to px."""
+    """Sample from polygons (cls, points [P,2] x/y in px, or in [0, 1] of W/H when normalised)."""
     image = read_image(image_path, grey)
     h, w = image.shape[:2]
     if expect_size is not None and expect_size != (h, w):
@@ -307,9 +308,8 @@ def _polygon_sample(
     masks = np.zeros((len(classes), h, w), dtype=bool)
     boxes: list[Box] = []
     for cls, points in polygons:
-        if scale is not None:
-            sx, sy = scale(h, w)
-            points = points * np.array([sx, sy])
+        if normalised:
+            points = points * np.array([w, h], np.float64)
         filled = _fill_polygon((h, w), points)
         masks[cls] |= filled
         ys, xs = np.nonzero(filled)
@@ -409,9 +409,7 @@ def read_voc(
     for image_path, xml_path, objects in parsed:
         labels = _multi_hot((known.index(n) for n, _ in objects), len(known))
 
-        def load(image_path=image_path, xml_path=xml_path, objects=objects) -> Sample:
-            return _voc_sample(image_path, xml_path, objects, known, grey)
-
+        load = partial(_voc_sample, image_path, xml_path, objects, known, grey)
         items.append(Item(image_path.stem, image_path, labels, load))
     return Dataset(name, known, items)
 
@@ -470,9 +468,7 @@ def read_mask_folders(
             if not mask_path.is_file():
                 raise DatasetError(f"{image_path}: mask file not found: {mask_path}")
 
-            def load(image_path=image_path, mask_path=mask_path, cls=cls) -> Sample:
-                return _mask_sample(image_path, mask_path, cls, classes, grey, threshold)
-
+            load = partial(_mask_sample, image_path, mask_path, cls, classes, grey, threshold)
             items.append(Item(image_path.stem, image_path, _multi_hot([] if cls is None else [cls], len(classes)), load))
     return Dataset(name, classes, items)
 
@@ -526,10 +522,8 @@ def read_yolo_seg(
         polygons = _yolo_polygons(txt_path, len(classes)) if txt_path.is_file() else []
         labels = _multi_hot((c for c, _ in polygons), len(classes))
 
-        def load(image_path=image_path, polygons=polygons) -> Sample:
-            # x*W, y*H: the points are pixel indices again (KolektorSDD's came from findContours).
-            return _polygon_sample(image_path, polygons, classes, grey, scale=lambda h, w: (w, h))
-
+        # x*W, y*H: the points are pixel indices again (KolektorSDD's came from findContours).
+        load = partial(_polygon_sample, image_path, polygons, classes, grey, normalised=True)
         items.append(Item(image_path.stem, image_path, labels, load))
     return Dataset(name, classes, items)
 
@@ -614,9 +608,7 @@ def read_coco(
                                "pass skip_missing=True to leave such images out")
         image_boxes = boxes[image_id]
 
-        def load(image_path=image_path, image_boxes=image_boxes) -> Sample:
-            return _box_sample(image_path, image_boxes, known, grey)
-
+        load = partial(_box_sample, image_path, image_boxes, known, grey)
         items.append(Item(image_path.stem, image_path, _multi_hot((b.cls for b in image_boxes), len(known)), load))
     items.sort(key=lambda item: item.image_path.name)
     return Dataset(name, known, items)
@@ -690,9 +682,7 @@ def read_labelme(
     for json_path, image_path, shapes, size in parsed:
         polygons = [(_class_index(lab, known, f"{json_path}"), pts) for lab, pts in shapes]
 
-        def load(image_path=image_path, polygons=polygons, size=size, json_path=json_path) -> Sample:
-            return _polygon_sample(image_path, polygons, known, grey, expect_size=size, where=str(json_path))
-
+        load = partial(_polygon_sample, image_path, polygons, known, grey, expect_size=size, where=str(json_path))
         items.append(Item(image_path.stem, image_path, _multi_hot((c for c, _ in polygons), len(known)), load))
     return Dataset(name, known, items)
 
@@ -810,9 +800,7 @@ def read_severstal(
     for file_name, image_path in sorted(images.items()):
         image_rles = rles.get(file_name, {})
 
-        def load(image_path=image_path, image_rles=image_rles) -> Sample:
-            return _severstal_sample(image_path, image_rles, classes, grey, str(csv_path))
-
+        load = partial(_severstal_sample, image_path, image_rles, classes, grey, str(csv_path))
         items.append(Item(image_path.stem, image_path, _multi_hot(image_rles, len(classes)), load))
     return Dataset(name, classes, items)
 

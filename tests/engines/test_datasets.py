@@ -563,3 +563,16 @@ def test_shared_data_profiles_if_present():
     assert len(kol) == 104 and int(kol.labels.sum()) == 52
     defective = kol[int(np.argmax(kol.labels[:, 0]))]
     assert defective.masks[0].any()
+
+
+def test_datasets_pickle_for_worker_processes(tmp_path):
+    import pickle
+
+    root = _voc_tree(tmp_path / "voc")
+    yolo = _yolo_tree(tmp_path / "yolo")
+    for ds in (read_voc(root / "IMAGES", root / "ANNOTATIONS", STEEL_CLASSES),
+               read_yolo_seg(yolo / "images", yolo / "labels", ("defect",))):
+        again = pickle.loads(pickle.dumps(ds))
+        assert again.stems == ds.stems
+        np.testing.assert_array_equal(again[0].image, ds[0].image)
+        assert again[0].boxes == ds[0].boxes

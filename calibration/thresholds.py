@@ -354,10 +354,15 @@ def pick_class_thresholds(
         flat = int(np.argmax(grid[k]))  # first maximum in (threshold, area) ascending order
         ti, ai = np.unravel_index(flat, grid[k].shape)
         held = search.positives[:, k]
-        out[name] = ClassChoice(
+        choice = ClassChoice(
             name, search.pixel_thresholds[ti], search.min_areas[ai], float(grid[k, ti, ai]), n_images, n_pos,
             dice_on_positive=float(search.per_image[held, k, ti, ai].mean()) if held.any() else None,
         )
+        if n_pos and choice.dice <= choice.empty_baseline + 1e-9:
+            # Dice-optimal here means "never predict it": the model does not find this class.
+            choice.note = ("WARNING: no better than never predicting this class "
+                           f"(Dice {choice.dice:.4f} <= {choice.empty_baseline:.4f}); the model misses it")
+        out[name] = choice
     if short:
         raise CalibrationError(
             f"classes with fewer than {min_positive_images} positive images: {', '.join(short)}; "
@@ -416,6 +421,8 @@ class CalibrationResult:
                          f"pass rate {sm['pass_rate_clean_crops']} on clean crops")
         for name, c in self.classes.items():
             flag = "" if c.calibrated else "  [NOT CALIBRATED: default kept]"
+            if c.calibrated and c.note:
+                flag = f"  [{c.note}]"
             dice = "n/a" if math.isnan(c.dice) else f"{c.dice:.4f}"
             with_gate = "" if c.dice_with_gate is None else f" with gate {c.dice_with_gate:.4f}"
             on_pos = "" if c.dice_on_positive is None else f" on positive images {c.dice_on_positive:.4f}"

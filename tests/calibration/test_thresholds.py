@@ -461,3 +461,9 @@ def test_dice_on_positive_images_and_the_empty_baseline():
     assert c.dice_on_positive == pytest.approx(3 / 4)  # image 0 missed, 1-3 exact
     assert c.dice == pytest.approx(7 / 8)
     assert c.to_json()["dice_if_never_predicted"] == 0.5
+    assert "note" not in c.to_json()
+    # a model that never finds the class: the optimum is to predict nothing, and the file says so
+    blind = [np.full_like(p, 0.05) for p in probs]
+    c = choose_class_thresholds(blind, masks, ("square", "empty"), (0.45,), (0,), min_positive_images=0)["square"]
+    assert c.dice == 0.5 and c.dice_on_positive == 0.0
+    assert c.to_json()["note"].startswith("WARNING: no better than never predicting this class (Dice 0.5000 <= 0.5000)")

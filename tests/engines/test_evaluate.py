@@ -363,3 +363,22 @@ def test_a_gate_that_stops_everything_leaves_the_never_predict_dice(tmp_path):
     assert g["recall"] == 0.0 and g["pass_rate"] == 0.0 and g["precision"] is None and g["auc"] == 1.0
     assert seg["dice_mean"] == 1.0  # the seg model alone finds the aligned squares exactly
     assert seg["dice_mean_after_gate"] == seg["dice_never_predict"] == 0.25
+
+
+def test_evaluate_on_shared_magnetic_tile_if_present(tmp_path):
+    from engines.datasets import MAGNETIC_TILE_CLASSES, default_data_root
+
+    root = default_data_root()
+    if root is None:
+        pytest.skip("shared data (/work/shared/data or ../shared/data) not present")
+    detectors = [DARK, BRIGHT, NEVER, NEVER, NEVER]
+    models = _pack(tmp_path / "m", "magnetic_tile", MAGNETIC_TILE_CLASSES, [d[0] for d in detectors],
+                   [d[1] for d in detectors])
+    report = evaluate_profile("magnetic_tile", models, root, "test", threads=1, limit=30)
+    samples = list(load_profile_dataset("magnetic_tile", root, "test")[:30])
+    assert report["images"] == 30 and report["defective_images"] == int(sum(s.labels.any() for s in samples))
+    # real JPEGs of many sizes (padded to 8, cropped back) scored like the numpy reference
+    ref = [_reference_masks(s.image, 4, detectors, 0.5, 16) for s in samples]
+    want = dice_severstal(ref, [s.masks for s in samples])
+    assert report["segmentation"]["dice_mean"] == pytest.approx(want.mean)
+    assert report["detection"]["gt_boxes"] == sum(len(s.boxes) for s in samples)

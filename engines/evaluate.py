@@ -36,7 +36,7 @@ import json
 import math
 import time
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -194,25 +194,24 @@ class _Accumulator:
     """What evaluation keeps per image while the data streams past."""
 
     k: int
-    frame_scores: list
-    class_scores: list
-    defective: list
-    is_crop: list
-    dice_rows: list
-    present: list  # bool [K] per image: truth non-empty
-    dice_rows_gated: list
-    inter: np.ndarray
-    union: np.ndarray
-    gt_boxes: list
-    dt_boxes: list
-    sizes: list
-    type_truth: list
-    type_pred: list
+    frame_scores: list = field(default_factory=list)  # max_k gate score, images and crops
+    defective: list = field(default_factory=list)
+    is_crop: list = field(default_factory=list)
+    dice_rows: list = field(default_factory=list)  # [K] Dice per image, seg model alone
+    dice_rows_gated: list = field(default_factory=list)  # [K], empty prediction where the gate stops
+    present: list = field(default_factory=list)  # [K] bool: truth non-empty
+    gt_boxes: list = field(default_factory=list)
+    dt_boxes: list = field(default_factory=list)
+    sizes: list = field(default_factory=list)
+    type_truth: list = field(default_factory=list)
+    type_pred: list = field(default_factory=list)
     truth_from_boxes: int = 0
+    inter: np.ndarray = None  # type: ignore[assignment]
+    union: np.ndarray = None  # type: ignore[assignment]
 
-    @classmethod
-    def new(cls, k: int) -> "_Accumulator":
-        return cls(k, [], [], [], [], [], [], [], np.zeros(k, np.int64), np.zeros(k, np.int64), [], [], [], [], [])
+    def __post_init__(self) -> None:
+        self.inter = np.zeros(self.k, np.int64)
+        self.union = np.zeros(self.k, np.int64)
 
 
 def _thresholds(pack: ModelPack, cal: Calibration) -> tuple[list[float], list[int]]:
@@ -260,7 +259,7 @@ def evaluate_samples(
     cls = load_backend_class(backend)
     seg_entry = pack.seg
     thresholds, min_areas = _thresholds(pack, cal)
-    acc = _Accumulator.new(k)
+    acc = _Accumulator(k)
     t0 = time.perf_counter()
 
     def tagged() -> Iterator[tuple[Sample, bool]]:
@@ -280,7 +279,6 @@ def evaluate_samples(
             if tuple(first.classes) != tuple(pack.classes):
                 raise EvaluationError(f"{first.source}: data classes {list(first.classes)} differ from the "
                                       f"model pack's {list(pack.classes)}")
-            h, w = first.shape
             x = np.stack([pad_to_multiple(to_chw(s.image, pack.channels, s.source)) for s, _ in batch])
             n, hp, wp = len(batch), x.shape[2], x.shape[3]
             scores = _infer(gate, x, pack.gate.output, "gate", (n, k), first.source)
@@ -320,7 +318,6 @@ def _account(acc: _Accumulator, sample: Sample, crop: bool, scores: np.ndarray, 
     acc.is_crop.append(crop)
     if crop:
         return
-    acc.class_scores.append(scores.astype(np.float64))
     if labels.sum() == 1 and acc.k > 1:
         acc.type_truth.append(int(np.argmax(labels)))
         acc.type_pred.append(int(np.argmax(scores)))

@@ -106,7 +106,8 @@ def _get(h: dict, key: str, kind: type | tuple[type, ...], lo: float | None = No
     v = h[key]
     if isinstance(v, bool) or not isinstance(v, kind):
         raise Rejected("schema", f"key {key!r} must be {getattr(kind, '__name__', kind)}, got {type(v).__name__}")
-    if lo is not None and v < lo or hi is not None and v > hi:
+    # Written so that NaN fails too: every comparison with NaN is False.
+    if lo is not None and not v >= lo or hi is not None and not v <= hi:
         raise Rejected("schema", f"key {key!r} = {v} out of range [{lo}, {hi}]")
     return v
 
@@ -133,11 +134,14 @@ def decode_message(parts: list, *, max_width: int, max_height: int, max_channels
     if not isinstance(h, dict):
         raise Rejected("malformed", f"header must be a map, got {type(h).__name__}")
     v = h.get("v")
-    if v != PROTOCOL_VERSION:
+    # type() is not bool: True == 1 and 1.0 == 1 in Python, yet neither is the integer 1 on the wire.
+    if type(v) is not int or v != PROTOCOL_VERSION:
         raise Rejected("unknown_version", f"protocol version {v!r} is not {PROTOCOL_VERSION}")
     mtype = h.get("type")
-    camera = h.get("camera") if isinstance(h.get("camera"), str) else None
-    coil = h.get("coil") if isinstance(h.get("coil"), str) else None
+    # Attribute a rejection to a camera and coil only when their names are valid: a fuzzed name
+    # must not open a coil (and later publish a summary) for a coil nobody runs.
+    camera = h.get("camera") if isinstance(h.get("camera"), str) and NAME_RE.match(h["camera"]) else None
+    coil = h.get("coil") if isinstance(h.get("coil"), str) and NAME_RE.match(h["coil"]) else None
     try:
         if mtype == "frame":
             return _decode_frame(h, parts, max_width, max_height, max_channels, allowed_encodings)
@@ -226,8 +230,16 @@ def pixels_to_array(header: FrameHeader, buf: Any) -> np.ndarray:
         return np.frombuffer(buf, dtype=dtype).reshape(header.shape)
     import cv2
 
-    flags = cv2.IMREAD_UNCHANGED
-    img = cv2.imdecode(np.frombuffer(buf, dtype=np.uint8), flags)
+    size = encoded_size(bytes(buf[:65536]), header.encoding)
+    if size != header.shape[:2]:
+        # Checked before OpenCV allocates anything: a 60 KiB PNG can claim 30000 x 30000 pixels.
+        raise Rejected("decode_failed", f"{header.encoding} image header says {size}, frame header says "
+                       f"{list(header.shape[:2])}", header.camera, header.coil)
+    try:
+        img = cv2.imdecode(np.frombuffer(buf, dtype=np.uint8), cv2.IMREAD_UNCHANGED)
+    except cv2.error as exc:  # a corrupt stream may raise instead of returning None
+        raise Rejected("decode_failed", f"{header.encoding} payload could not be decoded: {str(exc)[:120]}",
+                       header.camera, header.coil) from None
     if img is None:
         raise Rejected("decode_failed", f"{header.encoding} payload could not be decoded", header.camera, header.coil)
     if img.dtype != dtype or img.shape[:2] != header.shape[:2] or (len(header.shape) == 3) != (img.ndim == 3):
@@ -236,6 +248,38 @@ def pixels_to_array(header: FrameHeader, buf: Any) -> np.ndarray:
     if img.ndim == 3 and img.shape[2] == 3:
         img = img[..., ::-1]  # OpenCV decodes BGR; the wire is RGB
     return img
+
+
+_JPEG_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
+
+
+def encoded_size(data: bytes, encoding: str) -> tuple[int, int] | None:
+    """(height, width) from a PNG's IHDR or a JPEG's SOF marker, without decoding; None if absent."""
+    if encoding == "png":
+        if len(data) < 24 or data[:8] != b"\x89PNG\r\n\x1a\n" or data[12:16] != b"IHDR":
+            return None
+        return int.from_bytes(data[20:24], "big"), int.from_bytes(data[16:20], "big")
+    if encoding == "jpeg":
+        if data[:2] != b"\xff\xd8":
+            return None
+        pos = 2
+        while pos + 4 <= len(data):
+            if data[pos] != 0xFF:
+                return None
+            marker = data[pos + 1]
+            if marker == 0xFF:  # fill byte
+                pos += 1
+                continue
+            length = int.from_bytes(data[pos + 2:pos + 4], "big")
+            if marker in _JPEG_SOF:
+                if pos + 9 > len(data):
+                    return None
+                return int.from_bytes(data[pos + 5:pos + 7], "big"), int.from_bytes(data[pos + 7:pos + 9], "big")
+            if length < 2:
+                return None
+            pos += 2 + length
+        return None
+    return None
 
 
 # -- encoding (camera side, used by the simulator and tests) ----------------------------------

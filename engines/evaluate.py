@@ -455,11 +455,13 @@ def evaluate_profile(
         raise EvaluationError(f"split {split!r} of {ds.name} under {data_root} holds no images")
     crops: list[Sample] = []
     crop_info = None
+    samples: Sequence[Sample] = ds
     if ds.labels.any(axis=1).all():
+        samples = list(ds)  # read once for both kinds of crop and the evaluation (NEU: 200x200 images)
         settings = datasets.clean_crop_settings(pack.meta.get("training"))
-        clean = datasets.clean_crops(ds, settings["size"], stride=settings["stride"], margin=settings["margin"],
+        clean = datasets.clean_crops(samples, settings["size"], stride=settings["stride"], margin=settings["margin"],
                                      max_per_image=settings["max_per_image"])
-        defect = datasets.defect_crops(ds, settings["size"], max_per_image=1)
+        defect = datasets.defect_crops(samples, settings["size"], max_per_image=1)
         crops = clean + defect
         crop_info = {"from": "engines.datasets.clean_crops of the same split (it has no defect-free image)",
                      **settings, "n": len(clean),
@@ -467,7 +469,7 @@ def evaluate_profile(
                                                 "n": len(defect)}}
     log.info("evaluation_started", profile=profile, split=split, images=len(ds), crops=len(crops),
              models=pack.versions())
-    report = evaluate_samples(pack, cal, ds, crops=crops, backend=backend, threads=threads,
+    report = evaluate_samples(pack, cal, samples, crops=crops, backend=backend, threads=threads,
                               max_batch=max_batch)
     report = {
         "format": REPORT_FORMAT,

@@ -25,7 +25,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+
 import structlog
+
+from engines.manifest import write_atomic
 
 log = structlog.get_logger(__name__)
 
@@ -165,12 +168,9 @@ def _restore_float_outputs(graph) -> None:
         outputs[node.output[0]].type.tensor_type.elem_type = TensorProto.FLOAT
 
 
-def _check_io(model, source_path: Path) -> None:
+def _check_outputs(model, source_path: Path) -> None:
     from onnx import TensorProto
 
-    for inp in model.graph.input:
-        if inp.type.tensor_type.elem_type != TensorProto.UINT8:
-            raise FP16Error(f"{source_path}: input {inp.name!r} must stay uint8 after FP16 conversion")
     for out in model.graph.output:
         if out.type.tensor_type.elem_type != TensorProto.FLOAT:
             raise FP16Error(f"{source_path}: output {out.name!r} must stay float32 after FP16 conversion")
@@ -187,8 +187,9 @@ def convert(source: str | Path, dest: str | Path, recipe: FP16Recipe = FP16Recip
         model = onnx.load(str(source))
     except (OSError, DecodeError) as exc:
         raise FP16Error(f"{source}: cannot load ONNX model: {exc}") from exc
+    weights = {init.name for init in model.graph.initializer}  # IR < 4 lists them as inputs too
     for inp in model.graph.input:
-        if inp.type.tensor_type.elem_type != onnx.TensorProto.UINT8:
+        if inp.name not in weights and inp.type.tensor_type.elem_type != onnx.TensorProto.UINT8:
             raise FP16Error(
                 f"{source}: input {inp.name!r} is {onnx.TensorProto.DataType.Name(inp.type.tensor_type.elem_type)}, "
                 "the model contract wants uint8 with normalisation inside the graph"
@@ -208,15 +209,13 @@ def convert(source: str | Path, dest: str | Path, recipe: FP16Recipe = FP16Recip
         model, keep_io_types=True, op_block_list=op_block, node_block_list=block_nodes
     )
     _restore_float_outputs(converted.graph)
-    _check_io(converted, source)
+    _check_outputs(converted, source)
     try:
         onnx.checker.check_model(converted)
     except onnx.checker.ValidationError as exc:
         raise FP16Error(f"{source}: the FP16 conversion produced an invalid model: {exc}") from exc
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(dest.name + ".tmp")
-    onnx.save(converted, str(tmp))
-    tmp.replace(dest)
+    write_atomic(dest, converted.SerializeToString())
     fp32 = sum(1 for n in converted.graph.node if n.op_type in op_block or n.name in block_nodes)
     result = FP16Result(dest, blocked_nodes=block_nodes, fp32_node_count=fp32,
                         fp16_node_count=sum(1 for n in converted.graph.node if n.op_type != "Cast") - fp32)

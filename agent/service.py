@@ -173,6 +173,7 @@ class Agent:
                 if now - last_status >= 5.0:
                     last_status = now
                     self.notifier.status(self._status_line())
+                    self.metrics.set_journal_bytes(self.journal.size_bytes())
         finally:
             self.shutdown()
         return self.exit_code

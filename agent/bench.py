@@ -1,0 +1,206 @@
+"""`coilsight bench`: the real agent against the camera simulator on loopback.
+
+For each scenario (a coil of N frames of 1600x256 uint8; clean 0 %, typical 10 %, heavy 50 %
+defective frames) it runs the agent as its own process (its sockets, threads and backends),
+streams the coil as fast as the agent takes it, and measures from coil start to the final
+summary: wall time, frames/s, per-stage time (from the agent's own metrics), gate pass rate,
+frame-to-event latency and the agent's peak RSS. In the same run, before the agent starts, it
+measures the reference figures on the same frames with the same backends and thread counts:
+bare model throughput (no sockets, threads or post-processing), hence efficiency = end-to-end
+frames/s / bare frames/s, and the ungated baseline (segmentation on every frame).
+A latency scenario streams at a fixed line rate (default 20 frames/s) and reports p50/p99.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+SCENARIOS = {"clean": 0.0, "typical": 0.1, "heavy": 0.5}
+POOL = 48  # distinct frames per kind; the coil cycles through them (the simulator must stay cheap)
+
+
+def _pool(defective: bool, width: int, height: int, seed: int) -> list[np.ndarray]:
+    from engines.synth import StripGenerator
+
+    gen = StripGenerator(width=width, height=height, seed=seed)
+    return [gen.frame(i, defective)[0] for i in range(POOL)]
+
+
+def coil_frames(n: int, fraction: float, clean: list, bad: list, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    flags = rng.random(n) < fraction
+    for i in range(n):
+        yield (bad[i % POOL], np.ones((1, 1, 1), bool)) if flags[i] else (clean[i % POOL], None)
+
+
+def _rss_peak_mb(pid: int) -> float | None:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024.0
+    except OSError:
+        return None
+    return None
+
+
+def bare_throughput(cfg, frames: list[np.ndarray], batch: int, repeats: int = 3) -> dict:
+    """Gate and segmentation frames/s on these frames, same backends and threads, nothing else."""
+    from agent.pipeline import open_models
+
+    models = open_models(cfg)
+    try:
+        x = np.stack([f[None] for f in frames[:batch]])
+        models.warm_up(batch)
+        out = {}
+        for role, backend in (("gate", models.gate), ("seg", models.seg)):
+            if backend is None:
+                continue
+            t0 = time.perf_counter()
+            for _ in range(repeats):
+                backend.infer(x)
+            out[f"{role}_fps"] = repeats * batch / (time.perf_counter() - t0)
+        out["backend"] = {r: d["backend"] for r, d in models.describe().items()}
+        return out
+    finally:
+        models.close()
+
+
+def run_scenario(cfg_path: Path, cfg, n: int, fraction: float, clean: list, bad: list, *, rate: float = 0.0,
+                 log_path: Path) -> dict:
+    from agent.camera_sim import CameraSim
+    from agent.demo import start_agent, wait_ready
+    from agent.service import status_request
+    from agent.subscriber import Subscriber
+
+    proc = start_agent(cfg_path, log_path)
+    try:
+        wait_ready(proc, cfg.control.endpoint, timeout_s=120)
+        sub = Subscriber(cfg.publish.endpoint, cfg.publish.replay_endpoint, from_seq=None)
+        got = {"latency": [], "events": 0, "summary": None, "t_summary": None}
+
+        def listen():
+            for topic, msg in sub.messages(timeout_s=1800):
+                now = time.time_ns()
+                if topic == "defect":
+                    got["events"] += 1
+                    got["latency"].append((now - msg["frame_ts_ns"]) / 1e9)
+                elif msg["final"]:
+                    got["summary"], got["t_summary"] = msg, time.perf_counter()
+                    return
+
+        t = threading.Thread(target=listen, daemon=True)
+        t.start()
+        time.sleep(0.3)
+        cam = CameraSim(cfg.ingest.endpoint, camera="cam0", sndhwm=16, send_timeout_ms=60_000)
+        t0 = time.perf_counter()
+        sent = cam.send_coil(f"bench-{fraction}-{n}", coil_frames(n, fraction, clean, bad), rate_hz=rate)
+        cam.close()
+        t.join(timeout=1800)
+        sub.close()
+        s = got["summary"]
+        if s is None:
+            raise RuntimeError(f"no summary for the scenario; see {log_path}")
+        wall = got["t_summary"] - t0
+        status = status_request(cfg.control.endpoint)
+        rss = _rss_peak_mb(proc.pid)
+        stages = {k: round(v.get("sum_s", 0.0), 3) for k, v in status["metrics"]["stages"].items()}
+        lat = np.array(got["latency"]) if got["latency"] else np.array([np.nan])
+        f = s["frames"]
+        return {
+            "frames": n, "defect_fraction": fraction, "sent": sent.sent, "not_sent": len(sent.dropped),
+            "accounting": f, "accounted": f["received"] == f["inspected"] + f["gated_out"] + f["rejected"]
+            + f["shed"] + f["pending"] + f["lost"] and f["sent"] == n == f["received"] + f["missing"],
+            "wall_s": round(wall, 3), "agent_wall_s": s["timing"]["wall_s"], "fps": round(n / wall, 1),
+            "pass_rate": round(f["inspected"] / max(1, f["received"]), 4), "events": got["events"],
+            "stage_s": stages, "latency_p50_s": round(float(np.nanpercentile(lat, 50)), 4),
+            "latency_p99_s": round(float(np.nanpercentile(lat, 99)), 4), "peak_rss_mb": rss,
+            "rate_hz": rate, "backend": s.get("backend"),
+        }
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except Exception:
+            proc.kill()
+
+
+def run_bench(args) -> int:
+    from agent.config import load_config
+    from agent.demo import isolated_config
+
+    n = 40 if args.fast else args.frames
+    scenarios = args.scenario or list(SCENARIOS)
+    results: dict = {"machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]},
+                     "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "frames": n, "scenarios": {}}
+    with tempfile.TemporaryDirectory(prefix="coilsight-bench-") as tmp:
+        work = Path(tmp)
+        overrides = {"agent": {"log_format": "json"}}
+        models = {}
+        if args.backend:
+            models["backends"] = args.backend
+        if args.batch:
+            models["max_batch"] = args.batch
+            models["opt_batch"] = args.batch
+        if models:
+            overrides["models"] = models
+        cfg_path = isolated_config(args.config, work, **overrides)
+        cfg = load_config(cfg_path)
+        from engines.modelpack import load_model_pack
+
+        pack = load_model_pack(cfg.models_dir())
+        print(f"bench: {n} frames of {pack.width}x{pack.height} per scenario; building frame pools ...", flush=True)
+        clean, bad = _pool(False, pack.width, pack.height, 1), _pool(True, pack.width, pack.height, 2)
+        bare = bare_throughput(cfg, clean[:8] + bad[:8], cfg.models.max_batch)
+        results["bare"] = {k: (round(v, 1) if isinstance(v, float) else v) for k, v in bare.items()}
+        for name in scenarios:
+            fraction = SCENARIOS[name]
+            print(f"bench: scenario {name} ({fraction:.0%} defective) ...", flush=True)
+            r = run_scenario(cfg_path, cfg, n, fraction, clean, bad, log_path=work / f"{name}.log")
+            p = r["pass_rate"]
+            bare_fps = 1.0 / (1.0 / bare["gate_fps"] + p / bare["seg_fps"])
+            r["bare_fps"] = round(bare_fps, 1)
+            r["efficiency"] = round(r["fps"] / bare_fps, 3)
+            r["ungated_baseline_s"] = round(n / bare["seg_fps"], 2)
+            r["speedup_vs_ungated"] = round(r["ungated_baseline_s"] / r["wall_s"], 2)
+            results["scenarios"][name] = r
+        if args.rate:
+            print(f"bench: latency at {args.rate} frames/s ...", flush=True)
+            m = min(n, int(args.rate * 30))
+            r = run_scenario(cfg_path, cfg, m, SCENARIOS["typical"], clean, bad, rate=args.rate,
+                             log_path=work / "latency.log")
+            results["latency"] = r
+    print(format_table(results))
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2, default=str))
+        print(f"bench: results written to {args.json}")
+    ok = all(r["accounted"] for r in results["scenarios"].values())
+    return 0 if ok else 1
+
+
+def format_table(res: dict) -> str:
+    b = res["bare"]
+    lines = [f"bare model throughput: gate {b['gate_fps']} frames/s, seg {b['seg_fps']} frames/s ({b['backend']})", ""]
+    head = ("scenario", "frames", "wall s", "fps", "bare fps", "effic.", "pass", "events", "p50 s", "p99 s",
+            "RSS MB", "ungated s", "x gate")
+    rows = [head]
+    items = list(res["scenarios"].items()) + ([("latency@%g" % res["latency"]["rate_hz"], res["latency"])]
+                                              if "latency" in res else [])
+    for name, r in items:
+        rows.append((name, r["frames"], r["wall_s"], r["fps"], r.get("bare_fps", "-"), r.get("efficiency", "-"),
+                     r["pass_rate"], r["events"], r["latency_p50_s"], r["latency_p99_s"],
+                     round(r["peak_rss_mb"] or 0), r.get("ungated_baseline_s", "-"), r.get("speedup_vs_ungated", "-")))
+    widths = [max(len(str(row[i])) for row in rows) for i in range(len(head))]
+    for row in rows:
+        lines.append("  ".join(str(v).rjust(w) for v, w in zip(row, widths)))
+    lines.append("")
+    lines.append("per-stage seconds (agent metrics): " + "; ".join(
+        f"{name}: " + ", ".join(f"{k} {v}" for k, v in r["stage_s"].items()) for name, r in items))
+    return "\n".join(lines)

@@ -216,11 +216,12 @@ class TensorRTBackend(Backend):
                     shape = tuple(self._context.get_tensor_shape(spec.name))
                     view = self._host[spec.name][: int(np.prod(shape))]
                     cuda.memcpy_dtoh_async(view, self._device[spec.name], self._stream)
-                    views[spec.name] = (view, shape)
+                    views[spec.name] = view.reshape(shape)
                 self._stream.synchronize()
+                # Copy out while holding the lock: the next call reuses these pinned buffers.
+                return {name: view.astype(np.float32, copy=True) for name, view in views.items()}
             finally:
                 self._cuda_ctx.pop()
-        return {name: view.reshape(shape).astype(np.float32, copy=True) for name, (view, shape) in views.items()}
 
     def _free(self) -> None:
         """Release in reverse order of creation; call with the CUDA context current."""

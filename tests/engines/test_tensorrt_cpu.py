@@ -292,3 +292,28 @@ def test_logger_routes_into_structlog(fake):
     assert [(e["log_level"], e["message"]) for e in logs] == [("warning", "tactic skipped"), ("error", "out of memory")]
     assert logs[0]["event"] == "tensorrt_message"
     assert logger.take_errors() == ["out of memory"] and logger.take_errors() == []
+
+
+def test_worker_threads_get_their_own_results(fake, engine_dir):
+    import threading
+
+    module, cuda, _ = fake
+    d, src = engine_dir
+    errors: list[str] = []
+    with module.TensorRTBackend(d / "gate.engine", max_batch=4, onnx_path=src) as backend:
+
+        def work(seed: int) -> None:
+            rng = np.random.default_rng(seed)
+            for _ in range(20):
+                x = rng.integers(0, 256, (2, 1, 8, 8), dtype=np.uint8)
+                want = (x.astype(np.float32).mean(axis=(1, 2, 3))[:, None] / 255 + np.arange(K)).astype(np.float16)
+                got = backend.infer(x)["scores"]
+                if not np.array_equal(got, want.astype(np.float32)):
+                    errors.append(f"thread {seed}: got another call's result")
+
+        threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert errors == [] and cuda.stack == []

@@ -9,6 +9,7 @@ import sys
 COMMAND_MODULES = (
     "agent.commands",
     "engines.train_cmd",
+    "engines.eval_cmd",
     "engines.build_cmd",
     "calibration.commands",
     "agent.auth",

@@ -13,7 +13,6 @@ import sys
 from pathlib import Path
 
 EXIT_FAILED, EXIT_USAGE, EXIT_NO_TENSORRT = 1, 2, 3
-SHIPPED_MODELS = Path(__file__).resolve().parent / "models"
 
 
 def register(sub) -> None:
@@ -62,23 +61,20 @@ def _fail(action: str, message: str, code: int) -> int:
 
 def _spec(args: argparse.Namespace):
     """BuildSpec from --config or --profile plus overrides; raises BuildError/ConfigError/ModelPackError."""
-    from agent.config import ModelsSection, load_config
-    from engines import build, manifest
+    from agent.config import config_from_dict, load_config
+    from engines import build
     from engines.fp16 import FP16Recipe
     from engines.modelpack import load_model_pack
     from engines.parity import ParityBar
 
-    models = ModelsSection()
-    if args.config:
-        cfg = load_config(args.config)
-        pack_dir, state, models = cfg.models_dir(), cfg.state_path(), cfg.models
-    else:
-        pack_dir, state = SHIPPED_MODELS / args.profile, manifest.state_dir()
-    pack = load_model_pack(pack_dir)
+    # --profile P is the default config for that profile: shipped pack, default batch sizes.
+    cfg = load_config(args.config) if args.config else config_from_dict({"agent": {"profile": args.profile}},
+                                                                        "--profile")
+    pack, models = load_model_pack(cfg.models_dir()), cfg.models
     opts = vars(args)
     bar = ParityBar() if opts.get("max_abs_diff") is None else ParityBar(max_abs_diff=opts["max_abs_diff"])
     return build.BuildSpec(
-        pack=pack, state=args.state_dir or state, roles=tuple(args.model or ()),
+        pack=pack, state=args.state_dir or cfg.state_path(), roles=tuple(args.model or ()),
         min_batch=opts.get("min_batch") or 1,
         opt_batch=opts.get("opt_batch") or models.opt_batch,
         max_batch=opts.get("max_batch") or models.max_batch,

@@ -40,7 +40,7 @@ class JournalError(RuntimeError):
 class Damage:
     segment: str
     offset: int
-    kind: str  # crc_mismatch | torn_tail | bad_length
+    kind: str  # crc_mismatch | torn_tail | bad_length | bad_magic | seq_order | missing_records
     detail: str
 
     def as_dict(self) -> dict:
@@ -80,7 +80,8 @@ class Journal:
     # -- open / scan ----------------------------------------------------------------------
     def _scan(self) -> None:
         paths = sorted(self.dir.glob("segment-*.log"))
-        high = 0
+        high = 0  # highest seq of a good record
+        reserved = 0  # highest plausible seq of a damaged record: may have been published, never reuse
         for path in paths:
             try:
                 first = int(path.stem.split("-")[1])
@@ -113,13 +114,23 @@ class Journal:
                     pos = nxt
                     continue
                 if end > len(data):
+                    nxt = data.find(MAGIC, pos + 1)
+                    if nxt >= 0:
+                        # Records follow: not a torn tail but a damaged length field. Stopping here would
+                        # drop (and truncate away) every good record after it, and reuse their seqs.
+                        self._damaged(path, pos, "bad_length", f"length {length} runs past the end of the segment")
+                        reserved = max(reserved, self._plausible_seq(data, pos, high))
+                        pos = nxt
+                        continue
                     self._damaged(path, pos, "torn_tail", f"record needs {length} bytes, {len(data) - pos - _HEAD.size} left")
-                    high = max(high, self._plausible_seq(data, pos, high))
+                    reserved = max(reserved, self._plausible_seq(data, pos, high))
                     break
                 payload = data[pos + _HEAD.size:end]
                 if zlib.crc32(payload) != crc:
                     self._damaged(path, pos, "crc_mismatch", "record CRC does not match")
-                    high = max(high, self._plausible_seq(data, pos, high))
+                    # Kept apart from ``high``: a flipped bit in this seq must not make the good
+                    # records after it look out of order (they would be dropped from replay).
+                    reserved = max(reserved, self._plausible_seq(data, pos, high))
                     nxt = data.find(MAGIC, pos + 1)
                     if nxt < 0:
                         break
@@ -131,6 +142,7 @@ class Journal:
                 else:
                     seg.index[seq] = (pos, end - pos)
                     high = seq
+                    reserved = 0  # seqs grow along the file: a damaged record before this one had a lower seq
                 pos = end
                 good_end = end
             if good_end < len(data) and path == paths[-1]:
@@ -140,7 +152,7 @@ class Journal:
                 with open(path, "r+b") as f:
                     f.truncate(good_end)
             self._segments.append(seg)
-        self.last_seq = high
+        self.last_seq = max(high, reserved)
         if self.damage:
             log.error("journal_damaged", records=len(self.damage), next_seq=high + 1,
                       first=self.damage[0].as_dict())
@@ -176,6 +188,20 @@ class Journal:
                 os.fsync(fd)
             finally:
                 os.close(fd)
+
+    def reserve_through(self, seq: int, source: str) -> bool:
+        """Never hand out ``seq`` or below again: evidence from outside the segments (the publish
+        watermark, a recovery checkpoint) shows it was used. When that is above what the
+        segments hold, records were lost (a journal cut at a record boundary looks clean):
+        reported as damage ``missing_records``. Returns True when the floor was raised."""
+        with self._lock:
+            if seq <= self.last_seq:
+                return False
+            self._damaged(Path(source), 0, "missing_records",
+                          f"{source} shows seq {seq} was used; the journal ends at {self.last_seq}")
+            log.error("journal_records_missing", source=source, used_through=seq, journal_last_seq=self.last_seq)
+            self.last_seq = seq
+            return True
 
     # -- writing ---------------------------------------------------------------------------
     def append_many(self, items: list[tuple[bytes, bytes]]) -> list[int]:

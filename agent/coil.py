@@ -18,6 +18,7 @@ from __future__ import annotations
 import heapq
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -57,6 +58,7 @@ class Coil:
     provisional_sent: bool = False
     end_reason: str | None = None
     length_mm: float | None = None
+    restored: bool = False  # rebuilt from a checkpoint after a crash, and no frame since
 
     def camera(self, camera: str) -> CameraCoil:
         cam = self.cameras.get(camera)
@@ -94,6 +96,9 @@ class CoilRegistry:
         self._coils: dict[str, Coil] = {}
         self._closed: dict[str, float] = {}  # coil id -> close time (to reject stale frames)
         self._current: dict[str, str] = {}  # camera -> coil it is sending
+        # What the registry produced lately (defect events, final summaries), with wall time:
+        # a crash checkpoint keeps them so a restart can re-send what never reached the journal.
+        self._recent: deque[tuple[int, str, dict]] = deque(maxlen=20_000)
 
     # -- ingest side -------------------------------------------------------------------
     def _open(self, coil: str, now: float) -> Coil:
@@ -107,6 +112,11 @@ class CoilRegistry:
         """A camera moved to another coil without ending the last one: end it there."""
         out: list[dict] = []
         prev = self._current.get(camera)
+        target = self._coils.get(coil)
+        if target is not None and camera in target.cameras and target.cameras[camera].ended:
+            # A late (reordered) frame of a coil this camera already ended: it is counted there,
+            # and must not end the coil the camera is sending now.
+            return out
         if prev is not None and prev != coil and prev in self._coils:
             cc = self._coils[prev].camera(camera)
             if not cc.ended:
@@ -160,6 +170,7 @@ class CoilRegistry:
             cc.max_pos_mm = max(cc.max_pos_mm, pos_mm)
             c.pending += 1
             c.last_frame_mono = now
+            c.restored = False
             return "ok", out
 
     def reject(self, camera: str, coil: str, index: int | None, reason: str) -> None:
@@ -201,8 +212,10 @@ class CoilRegistry:
                 return []
             cc.seen[index] = state
             c.pending -= 1
+            wall = time.time_ns()
             for ev in events:
                 self._add_defect(c, ev)
+                self._recent.append((wall, "defect", ev))
             return self._maybe_close(c, now)
 
     def _add_defect(self, c: Coil, ev: dict) -> None:
@@ -228,9 +241,11 @@ class CoilRegistry:
                     out.append(self._summary(c, now, final=False, reason="deadline"))
                     log.warning("coil_deadline_provisional_summary", coil=c.coil, pending=c.pending)
                 if now - c.last_frame_mono >= self.idle_timeout_s and not c.all_ended:
+                    # Interrupted by a crash and no camera went on with it after the restart.
+                    reason = "agent_restart" if c.restored else "idle_timeout"
                     for cc in c.cameras.values():
                         if not cc.ended:
-                            cc.ended, cc.end_reason = True, "idle_timeout"
+                            cc.ended, cc.end_reason = True, reason
                     log.warning("coil_idle_timeout", coil=c.coil, idle_s=round(now - c.last_frame_mono, 1))
                     out += self._maybe_close(c, now)
         return out
@@ -267,6 +282,7 @@ class CoilRegistry:
             reasons = [cc.end_reason for cc in c.cameras.values() if cc.end_reason != "coil_end"]
             c.end_reason = reasons[0] if reasons else "coil_end"
         summary = self._summary(c, now, final=True, reason=c.end_reason)
+        self._recent.append((time.time_ns(), "summary", summary))
         del self._coils[c.coil]
         self._closed[c.coil] = now
         for cam, coil in list(self._current.items()):
@@ -293,16 +309,19 @@ class CoilRegistry:
                 counts[s] += 1
             received = len(cc.seen)
             if cc.sent is not None:
-                expected = cc.sent
-                missing = [i for i in range(cc.sent) if i not in cc.seen]
-                extra = [i for i in cc.seen if i >= cc.sent]
-                if extra:
+                # Frames above the coil_end count were sent all the same: count them, so that
+                # sent = received + missing holds, and the coil is not complete.
+                top = max(cc.seen) + 1 if cc.seen else 0
+                expected = max(cc.sent, top)
+                missing = [i for i in range(expected) if i not in cc.seen]
+                if top > cc.sent:
                     complete = False
             else:  # no coil_end: what we can tell is the gaps below the highest index seen
                 expected = None
                 top = max(cc.seen) + 1 if cc.seen else 0
                 missing = [i for i in range(top) if i not in cc.seen]
-            if cc.end_reason != "coil_end" or missing or counts["shed"] or counts["lost"] or counts["pending"]:
+            if (cc.end_reason != "coil_end" or missing or counts["shed"] or counts["lost"] or counts["pending"]
+                    or counts["rejected"]):
                 complete = False
             end_reasons.add(cc.end_reason or "open")
             if missing:
@@ -358,3 +377,103 @@ class CoilRegistry:
         now = self.clock()
         with self._lock:
             return {k: self._summary(c, now, final=False, reason=None) for k, c in self._coils.items()}
+
+    # -- crash recovery (agent/recovery.py) --------------------------------------------------
+    def export_state(self, recent_s: float = 30.0) -> dict:
+        """Everything a restart needs, as plain JSON-able data: open coils (frame states as index
+        ranges), which coil each camera is on, recently closed coil ids, and what was produced in
+        the last ``recent_s`` seconds (to re-send what the journal may not have got)."""
+        now, wall = self.clock(), time.time_ns()
+        horizon = wall - int(recent_s * 1e9)
+        with self._lock:
+            coils = {}
+            for name, c in self._coils.items():
+                cams = {}
+                for cam, cc in c.cameras.items():
+                    by_state: dict[str, list[int]] = {}
+                    for i, st in cc.seen.items():
+                        by_state.setdefault(st, []).append(i)
+                    cams[cam] = {"states": {st: _ranges(ix) for st, ix in by_state.items()}, "ended": cc.ended,
+                                 "sent": cc.sent, "end_reason": cc.end_reason, "max_pos_mm": cc.max_pos_mm,
+                                 "duplicates": cc.duplicates, "rejected_by_reason": dict(cc.rejected_by_reason)}
+                coils[name] = {"started_wall_ns": c.started_wall_ns, "age_s": now - c.started_mono,
+                               "cameras": cams, "defects_by_class": dict(c.defects_by_class),
+                               "n_defects": c.n_defects, "worst": [[sev, n, ev] for sev, n, ev in c.worst],
+                               "provisional_sent": c.provisional_sent, "end_reason": c.end_reason,
+                               "length_mm": c.length_mm}
+            closed = sorted(self._closed, key=self._closed.get)[-1000:]
+            recent = [[w, topic, body] for w, topic, body in self._recent if w >= horizon]
+            return {"coils": coils, "current": dict(self._current), "closed": closed, "recent": recent}
+
+    def import_state(self, state: dict, *, in_flight: str = "lost") -> list[str]:
+        """Rebuild open coils from ``export_state()`` output after a crash. Frames that were pending
+        (received, not yet through the models) become ``in_flight`` (``lost``): the agent cannot
+        vouch for them. The coils stay open, so a camera that goes on sending continues the same
+        coil; one that does not closes at the idle timeout as ``agent_restart``. Returns the coils."""
+        if in_flight not in TERMINAL:
+            raise ValueError(f"unknown terminal state {in_flight!r}")
+        now, wall = self.clock(), time.time_ns()
+        with self._lock:
+            for name in state.get("closed", []):
+                self._closed.setdefault(name, now)
+            for name, cs in state.get("coils", {}).items():
+                if name in self._closed:
+                    continue
+                age = max(0.0, (wall - cs["started_wall_ns"]) / 1e9)
+                c = Coil(name, cs["started_wall_ns"], now - age, now, restored=True,
+                         provisional_sent=cs["provisional_sent"], end_reason=cs["end_reason"],
+                         length_mm=cs["length_mm"], n_defects=cs["n_defects"],
+                         defects_by_class=dict(cs["defects_by_class"]))
+                c.worst = [(sev, n, ev) for sev, n, ev in cs["worst"]]
+                heapq.heapify(c.worst)
+                for cam, d in cs["cameras"].items():
+                    cc = c.camera(cam)
+                    cc.ended, cc.sent, cc.end_reason = d["ended"], d["sent"], d["end_reason"]
+                    cc.max_pos_mm, cc.duplicates = d["max_pos_mm"], d["duplicates"]
+                    cc.rejected_by_reason = dict(d["rejected_by_reason"])
+                    for st, ranges in d["states"].items():
+                        st = in_flight if st == "pending" else st
+                        for a, b in ranges:
+                            for i in range(a, b + 1):
+                                cc.seen[i] = st
+                self._coils[name] = c
+            for cam, name in state.get("current", {}).items():
+                if name in self._coils:
+                    self._current[cam] = name
+            return list(self._coils)
+
+    def recover_frame(self, coil: str, camera: str, index: int, events: list[dict]) -> bool:
+        """A frame whose defect events are in the journal although the checkpoint had it pending
+        (or had not seen it): it was inspected. Returns True when applied."""
+        with self._lock:
+            c = self._coils.get(coil)
+            if c is None:
+                return False
+            cc = c.camera(camera)
+            if cc.seen.get(index) not in (None, "lost"):
+                return False
+            cc.seen[index] = "inspected"
+            for ev in events:
+                self._add_defect(c, ev)
+            return True
+
+    def recover_closed(self, coil: str) -> bool:
+        """The journal holds this coil's final summary: it closed after the checkpoint was taken."""
+        with self._lock:
+            self._closed[coil] = self.clock()
+            if self._coils.pop(coil, None) is None:
+                return False
+            for cam, name in list(self._current.items()):
+                if name == coil:
+                    del self._current[cam]
+            return True
+
+    def close_settled(self) -> list[dict]:
+        """After a restore: coils every camera had ended, whose pending frames are now ``lost``,
+        close at once."""
+        now = self.clock()
+        with self._lock:
+            out = []
+            for c in list(self._coils.values()):
+                out += self._maybe_close(c, now)
+            return out

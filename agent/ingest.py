@@ -96,7 +96,8 @@ class Ingest(threading.Thread):
         index = None
         try:
             header, buf = decode_message(parts, max_width=self.max_width, max_height=self.max_height,
-                                         allowed_encodings=self.allowed_encodings)
+                                         allowed_encodings=self.allowed_encodings,
+                                         max_channels=max(4, self.channels))
             self._check_seq(header.camera, header.seq)
             if isinstance(header, Control):
                 self._control(header)

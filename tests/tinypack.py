@@ -19,8 +19,8 @@ CLASSES = ("bright", "dark")
 BACKGROUND = 100  # grey level of a clean frame
 
 
-def _graph(output: str) -> onnx.ModelProto:
-    inp = helper.make_tensor_value_info("image", TensorProto.UINT8, ["N", 1, "H", "W"])
+def _graph(output: str, channels: int = 1) -> onnx.ModelProto:
+    inp = helper.make_tensor_value_info("image", TensorProto.UINT8, ["N", channels, "H", "W"])
     consts = [
         helper.make_tensor("scale", TensorProto.FLOAT, [], [1 / 255.0]),
         helper.make_tensor("hi", TensorProto.FLOAT, [], [0.6]),
@@ -29,7 +29,8 @@ def _graph(output: str) -> onnx.ModelProto:
     ]
     nodes = [
         helper.make_node("Cast", ["image"], ["xf"], to=TensorProto.FLOAT),
-        helper.make_node("Mul", ["xf", "scale"], ["x"]),
+        helper.make_node("Mul", ["xf", "scale"], ["xc"]),
+        helper.make_node("ReduceMean", ["xc"], ["x"], axes=[1], keepdims=1),  # channels -> one grey plane
         helper.make_node("AveragePool", ["x"], ["pooled"], kernel_shape=[4, 4], strides=[4, 4]),
         helper.make_node("Sub", ["pooled", "hi"], ["b0"]),
         helper.make_node("Mul", ["b0", "gain"], ["b1"]),
@@ -52,19 +53,22 @@ def _graph(output: str) -> onnx.ModelProto:
 
 
 def make_pack(directory: Path, *, height: int = 64, width: int = 256, gate_threshold: float = 0.5,
-              min_area_px: int = 16, profile: str = "tiny") -> Path:
+              min_area_px: int = 16, profile: str = "tiny", channels: int = 1, seg: bool = True) -> Path:
+    """seg=False makes a classification-only pack (wafer maps): events per class over its threshold."""
     directory.mkdir(parents=True, exist_ok=True)
-    onnx.save(_graph("scores"), directory / "gate.onnx")
-    onnx.save(_graph("probs"), directory / "seg.onnx")
-    gate_sha, seg_sha = sha256_file(directory / "gate.onnx"), sha256_file(directory / "seg.onnx")
+    onnx.save(_graph("scores", channels), directory / "gate.onnx")
+    models = {"gate": {"file": "gate.onnx", "sha256": sha256_file(directory / "gate.onnx"), "output": "scores"}}
+    if seg:
+        onnx.save(_graph("probs", channels), directory / "seg.onnx")
+        models["seg"] = {"file": "seg.onnx", "sha256": sha256_file(directory / "seg.onnx"), "output": "probs",
+                         "output_stride": 4}
     meta = {
         "format": 1, "profile": profile, "classes": list(CLASSES),
-        "input": {"channels": 1, "height": height, "width": width, "dtype": "uint8", "layout": "NCHW"},
-        "models": {"gate": {"file": "gate.onnx", "sha256": gate_sha, "output": "scores"},
-                   "seg": {"file": "seg.onnx", "sha256": seg_sha, "output": "probs", "output_stride": 4}},
+        "input": {"channels": channels, "height": height, "width": width, "dtype": "uint8", "layout": "NCHW"},
+        "models": models,
     }
     (directory / "model.json").write_text(json.dumps(meta, indent=1))
-    cal = {"format": 1, "models": {"gate": gate_sha, "seg": seg_sha}, "gate": {"threshold": gate_threshold},
+    cal = {"format": 1, "models": {k: v["sha256"] for k, v in models.items()}, "gate": {"threshold": gate_threshold},
            "classes": {c: {"pixel_threshold": 0.5, "min_area_px": min_area_px} for c in CLASSES}}
     (directory / "calibration.json").write_text(json.dumps(cal, indent=1))
     return directory

@@ -55,15 +55,24 @@ def open_models(cfg: Config, models_dir=None) -> Models:
     loads. Fails loudly (ModelPackError / BackendError) at start-up."""
     pack = load_model_pack(models_dir or cfg.models_dir())
     calibration = load_calibration(pack, cfg.models.calibration or None)
+    from engines import manifest
     from engines.backends import select
 
+    engine_dir = None
+    if "tensorrt" in cfg.models.backends:
+        try:  # where `coilsight engines build` put this machine's engines; None = no GPU/TensorRT here
+            engine_dir = manifest.engine_dir(pack.profile, manifest.machine_facts(), cfg.state_path())
+        except manifest.ManifestError as exc:
+            log.info("tensorrt_unavailable", reason=str(exc))
+    shapes = manifest.profile_shapes(pack.channels, pack.height, pack.width, min_batch=1,
+                                     opt_batch=cfg.models.opt_batch, max_batch=cfg.models.max_batch)
     opened: dict[str, Backend] = {}
     reasons: list[dict] = []
     try:
         for role, entry in pack.models.items():
             backend, why = select.open_backend(
                 list(cfg.models.backends), entry, max_batch=cfg.models.max_batch, threads=cfg.models.threads,
-                strict=cfg.models.strict, engine_dir=cfg.state_path() / "engines" / pack.profile)
+                strict=cfg.models.strict, engine_dir=engine_dir, profile_shapes=shapes)
             opened[role] = backend
             reasons += [{"model": role, **r} for r in why]
     except BaseException:

@@ -19,6 +19,7 @@ import structlog
 import zmq
 
 from agent.protocol import encode_control, encode_frame
+from engines.datasets import rle_encode
 
 log = structlog.get_logger(__name__)
 
@@ -35,15 +36,6 @@ class SentCoil:
     dropped: list[int] = field(default_factory=list)  # indices the camera could not hand to ZeroMQ
     first_seq: int = 0
     last_seq: int = 0
-
-
-def rle_encode(mask: np.ndarray) -> str:
-    """Severstal RLE: column-major, 1-indexed start/length pairs."""
-    flat = mask.T.reshape(-1).astype(np.uint8)
-    padded = np.concatenate([[0], flat, [0]])
-    runs = np.flatnonzero(padded[1:] != padded[:-1]) + 1
-    runs[1::2] -= runs[::2]
-    return " ".join(map(str, runs))
 
 
 def synthetic_frames(n: int, defect_fraction: float, *, seed: int = 0, width: int = 1600, height: int = 256,

@@ -73,3 +73,22 @@ def test_coil_accounting_events_and_summary(running_agent):
     seqs = [m["seq"] for _, m in out]
     assert seqs == list(range(1, len(seqs) + 1))
     assert all(m["v"] == 1 for _, m in out)
+
+
+def test_camera_sim_ground_truth_reads_back_as_severstal(tmp_path, running_agent):
+    """The simulator's ground truth is the Severstal layout the dataset reader and calibration read."""
+    import numpy as np
+
+    from engines.datasets import read_severstal
+
+    agent = running_agent()
+    frames = [(frame_with("bright", 40, 20), None), (clean_frame(), None)]
+    masks0 = np.zeros((2, 64, 256), bool)
+    masks0[0, 20:36, 40:56] = True
+    cam = CameraSim(agent.cfg.ingest.endpoint)
+    cam.send_coil("gt-coil", [(frames[0][0], masks0), (frames[1][0], np.zeros((2, 64, 256), bool))],
+                  gt_dir=tmp_path / "gt", classes=("bright", "dark"))
+    cam.close()
+    ds = read_severstal(tmp_path / "gt" / "ground_truth.csv", tmp_path / "gt" / "frames", classes=("bright", "dark"))
+    by_stem = {s.stem: s for s in (ds[i] for i in range(len(ds)))}
+    assert (by_stem["gt-coil_000000"].masks == masks0).all()

@@ -44,6 +44,7 @@ class Subscriber:
         self.next_seq = from_seq  # next durable seq we expect; None = start from whatever comes first
         self.replayed = 0
         self.gaps = 0
+        self.unrecoverable = 0  # seqs the journal could not give back (damaged records)
 
     def _replay(self, first: int, last: int) -> list[tuple[str, dict]]:
         out: list[tuple[str, dict]] = []
@@ -65,15 +66,32 @@ class Subscriber:
             if meta.get("error"):
                 raise ReplayError(f"replay {first}..{last} refused: {meta['error']}")
             if meta["count"] == 0:
-                log.error("replay_range_unavailable", first=first, last=last, journal_first=meta.get("first_seq"))
-                raise ReplayError(f"replay {first}..{last}: the journal no longer holds these (first kept "
-                                  f"{meta.get('first_seq')})")
+                if first < meta.get("first_seq", 1):
+                    log.error("replay_range_unavailable", first=first, last=last, journal_first=meta.get("first_seq"))
+                    raise ReplayError(f"replay {first}..{last}: the journal no longer holds these (first kept "
+                                      f"{meta.get('first_seq')})")
+                # Inside the journal's range yet absent: records the agent found damaged at start
+                # (health journal_damage). They cannot come back; the caller counts them.
+                break
             for topic, body in zip(frames[1::2], frames[2::2]):
                 msg = unpack_body(body)
                 out.append((topic.decode(), msg))
             first = out[-1][1]["seq"] + 1
         self.replayed += len(out)
         return out
+
+    def _fill(self, first: int, last: int) -> Iterator[tuple[str, dict]]:
+        """Replay first..last, then move past the range: seqs the journal cannot give back are
+        counted in ``unrecoverable`` (and logged), not asked for again at every message."""
+        self.gaps += 1
+        got = self._replay(first, last)
+        held = {m["seq"] for _, m in got}
+        lost = [s for s in range(first, last + 1) if s not in held]
+        if lost:
+            self.unrecoverable += len(lost)
+            log.error("replay_records_unrecoverable", first=lost[0], last=lost[-1], count=len(lost))
+        yield from self._emit(got)
+        self.next_seq = max(self.next_seq, last + 1)
 
     def messages(self, timeout_s: float | None = None) -> Iterator[tuple[str, dict]]:
         """Yield (topic, body) in seq order without gaps; health messages if asked for."""
@@ -93,8 +111,7 @@ class Subscriber:
             seq = int(msg.get("seq", 0))
             if topic == "health":
                 if self.next_seq is not None and seq >= self.next_seq:  # heartbeat shows we missed some
-                    self.gaps += 1
-                    yield from self._emit(self._replay(self.next_seq, seq))
+                    yield from self._fill(self.next_seq, seq)
                 if self.include_health:
                     yield topic, msg
                 continue
@@ -103,8 +120,7 @@ class Subscriber:
             if seq < self.next_seq:
                 continue  # already delivered (republished after a restart, or replay overlap)
             if seq > self.next_seq:
-                self.gaps += 1
-                yield from self._emit(self._replay(self.next_seq, seq - 1))
+                yield from self._fill(self.next_seq, seq - 1)
             yield from self._emit([(topic, msg)])
 
     def _emit(self, items: list[tuple[str, dict]]) -> Iterator[tuple[str, dict]]:

@@ -30,7 +30,7 @@ Hook (agent/service.py), three calls::
     # _tick():
     self.recovery.save(self.coils, self.journal.last_seq)
     # shutdown(), after self.publisher.stop(): everything owed is journaled
-    self.recovery.clear()
+    self.recovery.clear(self.journal.last_seq)
 """
 from __future__ import annotations
 
@@ -78,9 +78,14 @@ class Recovery:
         self.saves += 1
         return True
 
-    def clear(self) -> None:
-        """After a clean shutdown: nothing is owed, nothing to restore."""
-        self.path.unlink(missing_ok=True)
+    def clear(self, last_seq: int) -> None:
+        """After a clean shutdown: nothing is owed and no coil to restore, but the journal's last
+        seq stays on record, so a journal cut at a record boundary cannot make seqs be reused."""
+        doc = {"format": FORMAT, "wall_ns": time.time_ns(), "last_seq": int(last_seq), "coils": {},
+               "current": {}, "closed": [], "recent": []}
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(doc))
+        os.replace(tmp, self.path)
 
     # -- at start ------------------------------------------------------------------------------
     def load(self) -> dict | None:

@@ -68,6 +68,14 @@ class FrameQueue:
             self._cond.notify()
         return shed
 
+    def wait_for_space(self, timeout_s: float) -> bool:
+        """True when a frame can be put without shedding; waits up to timeout_s for room."""
+        with self._cond:
+            if self._n < self.max_frames:
+                return True
+            self._cond.wait(timeout_s)
+            return self._n < self.max_frames
+
     def get_batch(self, max_batch: int, max_wait_s: float, idle_timeout_s: float = 0.2) -> list[Frame]:
         """Up to max_batch frames of one shape, round-robin over cameras. Waits up to
         idle_timeout_s for the first frame, then up to max_wait_s for the batch to fill."""
@@ -99,6 +107,8 @@ class FrameQueue:
                     idle_rounds = 0
                 else:
                     idle_rounds += 1
+            if batch:
+                self._cond.notify_all()  # room again: wake an ingest thread waiting for space
             return batch
 
     def drain(self) -> list[Frame]:

@@ -50,6 +50,9 @@ class IngestSection:
     endpoint: str = F("tcp://127.0.0.1:5555", doc="PULL socket the cameras PUSH frames to (bound)")
     max_queue_frames: int = F(64, lo=1, hi=100_000, doc="frames waiting for inference, all cameras; over it frames are shed")
     rcvhwm: int = F(1000, lo=1, hi=1_000_000)
+    overload: str = F("shed", choices=("shed", "backpressure"),
+                      doc="queue full: shed the heaviest camera's oldest frame (counted), or stop reading "
+                          "so ZeroMQ's bounded queues push back on the cameras (their drops show as missing)")
     reorder_window: int = F(64, lo=0, hi=100_000, doc="frame indices a late frame may lag and still count")
     coil_idle_timeout_s: float = F(30.0, lo=0.1, hi=86_400, doc="no frames for this long closes a coil as incomplete")
     max_width: int = F(4096, lo=1, hi=65_536)

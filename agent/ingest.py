@@ -23,7 +23,7 @@ class Ingest(threading.Thread):
                  channels: int, max_width: int, max_height: int, allowed_encodings: tuple[str, ...],
                  emit_summary: Callable[[dict], None], socket_setup: Callable[[zmq.Socket, str], None] | None = None,
                  on_reject: Callable[[str, str | None], None] | None = None,
-                 on_frame: Callable[[str, float], None] | None = None):
+                 on_frame: Callable[[str, float], None] | None = None, backpressure: bool = False):
         super().__init__(name="ingest", daemon=True)
         self.ctx = ctx
         self.endpoint = endpoint
@@ -37,6 +37,9 @@ class Ingest(threading.Thread):
         self.socket_setup = socket_setup
         self.on_reject = on_reject
         self.on_frame = on_frame
+        # "backpressure": stop reading while the frame queue is full (ZeroMQ's high-water marks then
+        # bound memory and the camera's PUSH blocks); "shed": keep reading and shed, counted.
+        self.backpressure = backpressure
         self._halt = threading.Event()
         self.accepting = threading.Event()
         self.accepting.set()
@@ -78,9 +81,13 @@ class Ingest(threading.Thread):
                 if not self.accepting.is_set():
                     time.sleep(0.05)  # draining: leave messages in the socket, take no new frames
                     continue
+                if self.backpressure and not self.frames.wait_for_space(0.1):
+                    continue  # full: leave frames in ZeroMQ's bounded queues; the cameras' sends block
                 if not poller.poll(200):
                     continue
                 for _ in range(256):  # a burst per wake-up, then re-check the stop flag
+                    if self.backpressure and len(self.frames) >= self.frames.max_frames:
+                        break
                     try:
                         parts = sock.recv_multipart(flags=zmq.NOBLOCK, copy=False)
                     except zmq.Again:

@@ -102,7 +102,8 @@ class Agent:
                              coils=self.coils, channels=pack.channels, max_width=cfg.ingest.max_width,
                              max_height=cfg.ingest.max_height, allowed_encodings=cfg.ingest.allowed_encodings,
                              emit_summary=self._emit_summary, on_reject=self._on_reject, socket_setup=socket_setup,
-                             on_frame=self.metrics.observe_stage)
+                             on_frame=self.metrics.observe_stage,
+                             backpressure=cfg.ingest.overload == "backpressure")
         self.ingest.start()
         if not self.ingest.bound.wait(5.0) or self.ingest.error:
             raise StartupError(f"cannot bind ingest socket {cfg.ingest.endpoint}: {self.ingest.error}")

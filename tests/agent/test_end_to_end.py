@@ -92,3 +92,17 @@ def test_camera_sim_ground_truth_reads_back_as_severstal(tmp_path, running_agent
     ds = read_severstal(tmp_path / "gt" / "ground_truth.csv", tmp_path / "gt" / "frames", classes=("bright", "dark"))
     by_stem = {s.stem: s for s in (ds[i] for i in range(len(ds)))}
     assert (by_stem["gt-coil_000000"].masks == masks0).all()
+
+
+def test_backpressure_mode_sheds_nothing_under_a_burst(running_agent):
+    agent = running_agent(ingest={"overload": "backpressure", "max_queue_frames": 4, "rcvhwm": 4})
+    out, t, sub = collect(agent, lambda topic, m: topic == "summary" and m["final"])
+    cam = CameraSim(agent.cfg.ingest.endpoint, sndhwm=4)
+    cam.send_coil("burst", [(frame_with("bright", 8, 8), None) if i % 10 == 0 else (clean_frame(), None)
+                            for i in range(300)])
+    cam.close()
+    t.join(30)
+    sub.close()
+    f = [m for topic, m in out if topic == "summary"][-1]["frames"]
+    assert f["received"] == 300 and f["shed"] == 0 and f["inspected"] == 30 and f["gated_out"] == 270
+    assert agent.frames.shed_total == 0

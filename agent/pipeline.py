@@ -13,6 +13,7 @@ from agent.batcher import Frame, FrameQueue
 from agent.coil import CoilRegistry
 from agent.config import CameraSection, Config
 from agent.postprocess import extract_defects
+from calibration.spatial import CameraGeometry
 from engines.backends import Backend, BackendError
 from engines.modelpack import Calibration, ModelPack, load_calibration, load_model_pack
 
@@ -82,6 +83,10 @@ def open_models(cfg: Config, models_dir=None) -> Models:
     return Models(pack, calibration, opened["gate"], opened.get("seg"), reasons)
 
 
+def camera_geometry(cam: CameraSection) -> CameraGeometry:
+    return CameraGeometry(cam.mm_per_px_x, cam.mm_per_px_y, cam.offset_x_mm, cam.flip_x)
+
+
 class Inference(threading.Thread):
     def __init__(self, *, cfg: Config, frames: FrameQueue, coils: CoilRegistry, models: Models,
                  submit: Callable[[str, dict], None], on_stage: Callable[[str, float], None] | None = None,
@@ -105,8 +110,8 @@ class Inference(threading.Thread):
         self.batches = 0
         self.in_flight = 0
         self.stage_totals = dict.fromkeys(STAGES, 0.0)
-        self._cameras: dict[str, CameraSection] = {c.id: c for c in cfg.cameras}
-        self._default_cam = CameraSection(id="default")
+        self._cameras = {c.id: camera_geometry(c) for c in cfg.cameras}
+        self._default_cam = camera_geometry(CameraSection(id="default"))
         self._batch_buf: np.ndarray | None = None
 
     def stop(self, timeout: float = 10.0) -> None:

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from agent.config import CameraSection
+from calibration.spatial import CameraGeometry
 from engines.modelpack import ClassThreshold
 
 
@@ -18,19 +18,19 @@ class Defect:
     bbox_px: tuple[int, int, int, int]  # x0, y0, x1, y1 in frame pixels, x1/y1 exclusive
     area_px: int  # frame pixels
 
-    def to_strip(self, cam: CameraSection, frame_pos_mm: float, frame_width: int) -> dict:
-        """Position and size in strip coordinates (mm): across from the strip's reference edge,
-        along from the coil head. Camera geometry comes from the config (calibration/spatial)."""
+    def to_strip(self, geom: CameraGeometry, frame_pos_mm: float, frame_width: int) -> dict:
+        """Centre and size in strip coordinates (mm): across from the strip's reference edge,
+        along from the coil head, by the camera's calibrated geometry (calibration/spatial.py)."""
         x0, y0, x1, y1 = self.bbox_px
-        if cam.flip_x:
-            x0, x1 = frame_width - x1, frame_width - x0
-        cx, cy = (x0 + x1) / 2.0, (y0 + y1) / 2.0
+        across, along = geom.px_to_strip_mm((x0 + x1) / 2.0, (y0 + y1) / 2.0, frame_pos_mm,
+                                            frame_width_px=frame_width)
+        width, length = geom.length_px_to_mm(x1 - x0, y1 - y0)
         return {
-            "across_mm": round(cam.offset_x_mm + cx * cam.mm_per_px_x, 2),
-            "along_mm": round(frame_pos_mm + cy * cam.mm_per_px_y, 2),
-            "width_mm": round((x1 - x0) * cam.mm_per_px_x, 2),
-            "length_mm": round((y1 - y0) * cam.mm_per_px_y, 2),
-            "area_mm2": round(self.area_px * cam.mm_per_px_x * cam.mm_per_px_y, 2),
+            "across_mm": round(across, 2),
+            "along_mm": round(along, 2),
+            "width_mm": round(width, 2),
+            "length_mm": round(length, 2),
+            "area_mm2": round(geom.area_px_to_mm2(self.area_px), 2),
         }
 
 

@@ -106,3 +106,15 @@ def test_backpressure_mode_sheds_nothing_under_a_burst(running_agent):
     f = [m for topic, m in out if topic == "summary"][-1]["frames"]
     assert f["received"] == 300 and f["shed"] == 0 and f["inspected"] == 30 and f["gated_out"] == 270
     assert agent.frames.shed_total == 0
+
+
+def test_mirrored_camera_positions(tmp_path):
+    """flip_x: a camera that sees the strip mirrored reports across positions from the other side."""
+    from agent.postprocess import Defect
+    from calibration.spatial import CameraGeometry
+
+    d = Defect(0, "bright", 0.9, (10, 4, 30, 8), 80)
+    plain = d.to_strip(CameraGeometry(0.5, 2.0, 100.0), 1000.0, 256)
+    flipped = d.to_strip(CameraGeometry(0.5, 2.0, 100.0, flip_x=True), 1000.0, 256)
+    assert plain == {"across_mm": 110.0, "along_mm": 1012.0, "width_mm": 10.0, "length_mm": 8.0, "area_mm2": 80.0}
+    assert flipped["across_mm"] == 100.0 + (256 - 20) * 0.5 and flipped["width_mm"] == 10.0

@@ -81,6 +81,22 @@ def _ranges(indices: list[int]) -> list[list[int]]:
     return out
 
 
+def _gaps(seen: dict[int, str], end: int) -> list[list[int]]:
+    """Inclusive ranges of indices below ``end`` not in ``seen``. Walks the indices received, never
+    range(end): one frame with index 10^7 must not cost ten million steps and a list that size."""
+    out: list[list[int]] = []
+    nxt = 0
+    for i in sorted(seen):
+        if i >= end:
+            break
+        if i > nxt:
+            out.append([nxt, i - 1])
+        nxt = i + 1
+    if end > nxt:
+        out.append([nxt, end - 1])
+    return out
+
+
 class CoilRegistry:
     """Thread-safe: ingest, inference and the main loop all report here."""
 
@@ -313,27 +329,28 @@ class CoilRegistry:
                 # sent = received + missing holds, and the coil is not complete.
                 top = max(cc.seen) + 1 if cc.seen else 0
                 expected = max(cc.sent, top)
-                missing = [i for i in range(expected) if i not in cc.seen]
+                missing = _gaps(cc.seen, expected)
                 if top > cc.sent:
                     complete = False
             else:  # no coil_end: what we can tell is the gaps below the highest index seen
                 expected = None
                 top = max(cc.seen) + 1 if cc.seen else 0
-                missing = [i for i in range(top) if i not in cc.seen]
+                missing = _gaps(cc.seen, top)
             if (cc.end_reason != "coil_end" or missing or counts["shed"] or counts["lost"] or counts["pending"]
                     or counts["rejected"]):
                 complete = False
             end_reasons.add(cc.end_reason or "open")
+            n_missing = sum(b - a + 1 for a, b in missing)
             if missing:
-                missing_ranges[cc.camera] = _ranges(missing)
-            cam_summary = {"sent": expected, "received": received, "missing": len(missing),
+                missing_ranges[cc.camera] = missing
+            cam_summary = {"sent": expected, "received": received, "missing": n_missing,
                            "duplicates": cc.duplicates, **counts,
                            "rejected_by_reason": dict(cc.rejected_by_reason), "end_reason": cc.end_reason}
             cameras[cc.camera] = cam_summary
             for k in ("received", "inspected", "gated_out", "rejected", "shed", "pending", "lost", "duplicates"):
                 totals[k] += cam_summary[k]
-            totals["missing"] += len(missing)
-            totals["sent"] += expected if expected is not None else received + len(missing)
+            totals["missing"] += n_missing
+            totals["sent"] += expected if expected is not None else received + n_missing
             for r, n in cc.rejected_by_reason.items():
                 rejected_by_reason[r] = rejected_by_reason.get(r, 0) + n
             max_pos = max(max_pos, cc.max_pos_mm)

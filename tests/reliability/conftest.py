@@ -89,12 +89,21 @@ def agent_process(tmp_path, agent_config):
 class Collector:
     """A gap-repairing subscriber on a thread: everything durable, in order, exactly once."""
 
-    def __init__(self, cfg, *, from_seq: int | None = 1, slow_s: float = 0.0, timeout_s: float = 120.0):
+    def __init__(self, cfg, *, from_seq: int | None = 1, slow_s: float = 0.0, timeout_s: float = 120.0,
+                 rcvhwm: int | None = None, stall_s: float = 0.0):
+        setup = None
+        if rcvhwm is not None:  # a small receive queue: a slow subscriber then really drops messages
+            import zmq
+
+            def setup(sock):
+                sock.setsockopt(zmq.RCVHWM, rcvhwm)
+                sock.setsockopt(zmq.RCVBUF, 4096)
         self.sub = Subscriber(cfg.publish.endpoint, cfg.publish.replay_endpoint, from_seq=from_seq,
-                              include_health=True)
+                              include_health=True, socket_setup=setup)
         self.msgs: list[tuple[str, dict]] = []
         self.health: dict | None = None
         self.slow_s = slow_s
+        self.stall_s = stall_s  # once, at the first durable message: a subscriber that stops reading
         self._stop = threading.Event()
         self.error: BaseException | None = None
         self.t = threading.Thread(target=self._run, args=(timeout_s,), daemon=True)
@@ -107,6 +116,9 @@ class Collector:
                     self.health = msg
                 else:
                     self.msgs.append((topic, msg))
+                    if self.stall_s:
+                        time.sleep(self.stall_s)
+                        self.stall_s = 0.0
                     if self.slow_s:
                         time.sleep(self.slow_s)
                 if self._stop.is_set():

@@ -1,0 +1,165 @@
+"""Decoding camera messages: every reject reason, with its message, and the happy paths."""
+from __future__ import annotations
+
+import cv2
+import msgpack
+import numpy as np
+import pytest
+
+from agent.protocol import (
+    REJECT_REASONS,
+    Control,
+    FrameHeader,
+    Rejected,
+    decode_message,
+    encode_control,
+    encode_frame,
+    encoded_size,
+    max_message_bytes,
+    pixels_to_array,
+    unpack_body,
+)
+
+IMG = np.arange(64 * 256, dtype=np.uint32).astype(np.uint8).reshape(64, 256)
+
+
+def header(**kw) -> dict:
+    h = {"v": 1, "type": "frame", "camera": "cam0", "coil": "C1", "seq": 3, "index": 7, "ts_ns": 5,
+         "shape": [64, 256], "dtype": "uint8", "encoding": "raw", "pos_mm": 12.5}
+    h.update(kw)
+    return {k: v for k, v in h.items() if v is not ...}
+
+
+def decode(parts, **kw):
+    return decode_message(parts, max_width=kw.pop("max_width", 256), max_height=kw.pop("max_height", 64), **kw)
+
+
+def frame(h: dict, pix: bytes | None = None) -> list:
+    return [msgpack.packb(h), IMG.tobytes() if pix is None else pix]
+
+
+def test_frame_and_controls_decode():
+    h, buf = decode(encode_frame("cam0", "C1", 3, 7, IMG, ts_ns=5, pos_mm=12.5))
+    assert h == FrameHeader("cam0", "C1", 3, 7, 5, (64, 256), "uint8", "raw", 12.5)
+    assert np.array_equal(pixels_to_array(h, buf), IMG)
+    c, none = decode(encode_control("coil_end", "cam0", "C1", 9, ts_ns=5, frames=40, length_mm=10))
+    assert none is None and c == Control("coil_end", "cam0", "C1", 9, 5, 40, 10.0)
+    assert decode(encode_control("coil_start", "cam0", "C1", 0, ts_ns=1))[0].type == "coil_start"
+
+
+@pytest.mark.parametrize("encoding,ext", [("png", ".png"), ("jpeg", ".jpg")])
+def test_encoded_frames_decode_and_rgb_order(encoding, ext):
+    h, buf = decode(encode_frame("cam0", "C1", 0, 0, IMG, ts_ns=1, pos_mm=0, encoding=encoding))
+    out = pixels_to_array(h, buf)
+    assert out.shape == IMG.shape and (encoding == "jpeg" or np.array_equal(out, IMG))
+    rgb = np.zeros((8, 8, 3), np.uint8)
+    rgb[..., 0] = 255  # pure red on the wire
+    h, buf = decode(encode_frame("cam0", "C1", 0, 0, rgb, ts_ns=1, pos_mm=0, encoding="png"))
+    assert pixels_to_array(h, buf)[0, 0].tolist() == [255, 0, 0]
+
+
+CASES = [
+    # (parts, reason, message)
+    ([b"\x93\x01\x02\x03"], "malformed", "header must be a map, got list"),
+    ([b"\xc1"], "malformed", "header is not valid msgpack"),
+    ([msgpack.packb(header())[:-3], b""], "malformed", "header is not valid msgpack"),
+    ([msgpack.packb({1: 2})], "malformed", "header is not valid msgpack"),
+    ([msgpack.packb({"v": 1, "x": msgpack.ExtType(5, b"ab")})], "malformed", "header is not valid msgpack"),
+    ([msgpack.packb({"v": 1, "x": b"bin"}, use_bin_type=True)], "malformed", "header is not valid msgpack"),
+    ([msgpack.packb(header()), b"a", b"b"], "malformed", "expected 1 or 2 ZeroMQ frames, got 3"),
+    ([msgpack.packb(header())], "malformed", r"a frame needs 2 ZeroMQ frames \[header, pixels\], got 1"),
+    ([msgpack.packb({"v": 1, "type": "coil_start", "camera": "c", "coil": "k", "seq": 0, "ts_ns": 0}), b"x"],
+     "malformed", "coil_start must be a single ZeroMQ frame, got 2"),
+    (frame(header(v=2)), "unknown_version", "protocol version 2 is not 1"),
+    (frame(header(v=True)), "unknown_version", "protocol version True is not 1"),
+    (frame(header(v=1.0)), "unknown_version", "protocol version 1.0 is not 1"),
+    (frame(header(v=...)), "unknown_version", "protocol version None is not 1"),
+    (frame(header(type="image")), "unknown_type", "message type 'image' is not frame, coil_start or coil_end"),
+    (frame(header(extra=1)), "schema", r"unknown key\(s\) \['extra'\] in frame header"),
+    (frame(header(index=...)), "schema", "missing key 'index'"),
+    (frame(header(seq="3")), "schema", "key 'seq' must be int, got str"),
+    (frame(header(seq=True)), "schema", "key 'seq' must be int, got bool"),
+    (frame(header(index=10_000_001)), "schema", r"key 'index' = 10000001 out of range \[0, 10000000\]"),
+    (frame(header(pos_mm=float("nan"))), "schema", r"key 'pos_mm' = nan out of range"),
+    (frame(header(pos_mm=float("inf"))), "schema", r"key 'pos_mm' = inf out of range"),
+    (frame(header(camera="cam 0")), "schema", "key 'camera' must match"),
+    (frame(header(coil="")), "schema", "key 'coil' must match"),
+    (frame(header(shape=[64])), "bad_shape", r"shape must be \[h, w\] or \[h, w, c\] integers, got \[64\]"),
+    (frame(header(shape=[64.0, 256])), "bad_shape", "shape must be"),
+    (frame(header(shape=[65, 256])), "bad_shape", r"shape \[65, 256\] outside 1..64 x 1..256"),
+    (frame(header(shape=[0, 256])), "bad_shape", "outside 1..64 x 1..256"),
+    (frame(header(shape=[64, 256, 5])), "bad_shape", r"channels 5 outside 1..4"),
+    (frame(header(dtype="float32")), "bad_dtype", r"dtype 'float32' is not one of \['uint16', 'uint8'\]"),
+    (frame(header(encoding="bmp")), "bad_encoding", r"encoding 'bmp' is not one of \['raw', 'png', 'jpeg'\]"),
+    (frame(header(), IMG.tobytes()[:-1]), "size_mismatch", r"raw pixels are 16383 bytes, shape \[64, 256\] uint8 needs 16384"),
+    (frame(header(dtype="uint16")), "size_mismatch", "needs 32768"),
+    (frame(header(pad="x" * 250, pad2="y" * 250, **{f"k{i}": "z" * 250 for i in range(15)})), "oversized",
+     r"header is \d+ bytes, limit 4096"),
+    (frame(header(encoding="png"), b"\0" * (16384 + 65537)), "oversized", "png payload 81921 bytes for a 16384-byte frame"),
+    ([msgpack.packb({"v": 1, "type": "coil_end", "camera": "c", "coil": "k", "seq": 0, "ts_ns": 0})], "schema",
+     "missing key 'frames'"),
+    ([msgpack.packb({"v": 1, "type": "coil_end", "camera": "c", "coil": "k", "seq": 0, "ts_ns": 0, "frames": -1})],
+     "schema", r"key 'frames' = -1 out of range"),
+    ([msgpack.packb({"v": 1, "type": "coil_start", "camera": "c", "coil": "k", "seq": 0, "ts_ns": 0, "n": 1})],
+     "schema", r"unknown key\(s\) \['n'\] in coil_start"),
+]
+
+
+@pytest.mark.parametrize("parts,reason,message", CASES)
+def test_every_reject_reason_with_its_message(parts, reason, message):
+    with pytest.raises(Rejected, match=message) as exc:
+        decode(parts)
+    assert exc.value.reason == reason
+
+
+def test_rejections_name_camera_coil_and_index_only_when_valid():
+    with pytest.raises(Rejected, match="size_mismatch") as exc:
+        decode(frame(header(), b"short"))
+    assert (exc.value.camera, exc.value.coil, exc.value.index) == ("cam0", "C1", 7)
+    with pytest.raises(Rejected, match="key 'camera' must match") as exc:
+        decode(frame(header(camera="x" * 100, coil="no way")))
+    assert (exc.value.camera, exc.value.coil) == (None, None)  # a fuzzed name opens no coil
+
+
+def test_allowed_encodings_come_from_config():
+    with pytest.raises(Rejected, match=r"encoding 'png' is not one of \['raw'\]"):
+        decode(frame(header(encoding="png")), allowed_encodings=("raw",))
+
+
+def test_decode_failed_for_corrupt_and_lying_images():
+    png = cv2.imencode(".png", IMG)[1].tobytes()
+    h, buf = decode(frame(header(encoding="png"), png[:60] + b"\0" * 200))
+    with pytest.raises(Rejected, match="png payload could not be decoded") as exc:
+        pixels_to_array(h, buf)
+    assert exc.value.reason == "decode_failed"
+    small = cv2.imencode(".png", IMG[:32])[1].tobytes()
+    h, buf = decode(frame(header(encoding="png"), small))
+    with pytest.raises(Rejected, match=r"png image header says \(32, 256\), frame header says \[64, 256\]"):
+        pixels_to_array(h, buf)
+    bomb = bytearray(png)
+    bomb[16:24] = (30000).to_bytes(4, "big") * 2  # claims 30000 x 30000: refused before any allocation
+    h, buf = decode(frame(header(encoding="png"), bytes(bomb)))
+    with pytest.raises(Rejected, match=r"says \(30000, 30000\)"):
+        pixels_to_array(h, buf)
+    h, buf = decode(frame(header(encoding="jpeg"), b"\xff\xd8\xff\xe0\x00\x02garbage"))
+    with pytest.raises(Rejected, match="jpeg image header says None"):
+        pixels_to_array(h, buf)
+
+
+def test_encoded_size_reads_png_and_jpeg_headers():
+    for enc, ext in (("png", ".png"), ("jpeg", ".jpg")):
+        data = cv2.imencode(ext, np.zeros((30, 40, 3), np.uint8))[1].tobytes()
+        assert encoded_size(data, enc) == (30, 40)
+    assert encoded_size(b"GIF89a", "png") is None and encoded_size(b"", "jpeg") is None
+
+
+def test_every_reason_is_covered_here_or_by_the_agent():
+    covered = {reason for _, reason, _ in CASES} | {"decode_failed", "duplicate", "stale_coil"}
+    assert covered == set(REJECT_REASONS)
+
+
+def test_limits_and_bodies():
+    assert max_message_bytes(1600, 256) == 1600 * 256 * 4 * 2 + 65536
+    assert unpack_body(msgpack.packb({"v": 1, "seq": 3}))["seq"] == 3
+    with pytest.raises(ValueError, match="not a v1 message body"):
+        unpack_body(msgpack.packb({"v": 2}))

@@ -65,13 +65,12 @@ class Subscriber:
             meta = msgpack.unpackb(frames[0], raw=False)
             if meta.get("error"):
                 raise ReplayError(f"replay {first}..{last} refused: {meta['error']}")
+            if first < meta.get("first_seq", 1):
+                # Older than the replay horizon (journal.keep_segments): gone for good.
+                log.error("replay_range_rotated_away", first=first, last=last, journal_first=meta.get("first_seq"))
             if meta["count"] == 0:
-                if first < meta.get("first_seq", 1):
-                    log.error("replay_range_unavailable", first=first, last=last, journal_first=meta.get("first_seq"))
-                    raise ReplayError(f"replay {first}..{last}: the journal no longer holds these (first kept "
-                                      f"{meta.get('first_seq')})")
-                # Inside the journal's range yet absent: records the agent found damaged at start
-                # (health journal_damage). They cannot come back; the caller counts them.
+                # Rotated away, or inside the journal's range yet absent: records the agent found
+                # damaged at start (health journal_damage). They cannot come back; _fill counts them.
                 break
             for topic, body in zip(frames[1::2], frames[2::2]):
                 msg = unpack_body(body)
@@ -81,8 +80,9 @@ class Subscriber:
         return out
 
     def _fill(self, first: int, last: int) -> Iterator[tuple[str, dict]]:
-        """Replay first..last, then move past the range: seqs the journal cannot give back are
-        counted in ``unrecoverable`` (and logged), not asked for again at every message."""
+        """Replay first..last, then move past the range: seqs the journal cannot give back (rotated
+        away or damaged) are counted in ``unrecoverable`` and logged as an error, not asked for again
+        at every message, and do not stop the stream: the rest is still delivered."""
         self.gaps += 1
         got = self._replay(first, last)
         held = {m["seq"] for _, m in got}

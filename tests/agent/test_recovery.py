@@ -1,0 +1,100 @@
+"""agent/recovery.py on real files: checkpoint, restore against what the journal holds."""
+from __future__ import annotations
+
+import time
+
+import msgpack
+
+from agent.coil import CoilRegistry
+from agent.journal import Journal
+from agent.recovery import CHECKPOINT_NAME, Recovery
+
+
+def registry() -> CoilRegistry:
+    return CoilRegistry(budget_s=300.0, provisional_at=0.9, idle_timeout_s=30.0, worst_n=5,
+                        classes=("bright", "dark"))
+
+
+def defect(coil: str, index: int, x: int = 0) -> dict:
+    return {"coil": coil, "camera": "cam0", "index": index, "class": "bright", "bbox_px": [x, 0, x + 4, 4],
+            "area_mm2": 4.0, "confidence": 0.9}
+
+
+def journal_append(j: Journal, topic: str, body: dict) -> int:
+    full = {"v": 1, "type": topic, "agent": "t", "seq": j.last_seq + 1, "ts_ns": time.time_ns(), **body}
+    return j.append_many([(topic.encode(), msgpack.packb(full))])[0]
+
+
+def test_save_is_atomic_throttled_and_cleared(tmp_path):
+    clock = [0.0]
+    rec = Recovery(tmp_path / CHECKPOINT_NAME, interval_s=1.0, clock=lambda: clock[0])
+    r = registry()
+    r.admit("cam0", "A", 0, 0.0)
+    assert rec.save(r, 7) and not rec.save(r, 8)
+    clock[0] = 1.5
+    assert rec.save(r, 9)
+    doc = rec.load()
+    assert doc["last_seq"] == 9 and "A" in doc["coils"] and not (tmp_path / "coils.checkpoint.tmp").exists()
+    rec.clear(12)
+    doc = rec.load()
+    assert doc["coils"] == {} and doc["last_seq"] == 12
+
+
+def test_missing_or_unreadable_checkpoint_restores_nothing(tmp_path):
+    j = Journal(tmp_path / "j", fsync=False)
+    rec = Recovery(tmp_path / CHECKPOINT_NAME)
+    assert rec.restore(registry(), j) == []
+    rec.path.write_text("{not json")
+    assert rec.restore(registry(), j) == []
+    rec.path.write_text('{"format": 99}')
+    assert rec.load() is None
+
+
+def test_restore_resends_only_what_the_journal_lacks(tmp_path):
+    j = Journal(tmp_path / "j", fsync=False)
+    r = registry()
+    for i in range(4):
+        r.admit("cam0", "A", i, 0.0)
+    r.admit("cam0", "B", 0, 0.0)  # ends A (next_coil) once A's frames are through
+    r.finish("cam0", "A", 0, "inspected", [defect("A", 0)])
+    r.finish("cam0", "A", 1, "inspected", [defect("A", 1)])
+    journal_append(j, "defect", defect("A", 0))  # the event of frame 1 never reached the journal
+    r.finish("cam0", "A", 2, "gated_out")
+    (summary_a,) = r.finish("cam0", "A", 3, "gated_out")  # A closes; its summary is not journaled either
+    r.finish("cam0", "B", 0, "inspected", [defect("B", 0)])
+    rec = Recovery(tmp_path / CHECKPOINT_NAME)
+    rec.save(r, j.last_seq, force=True)
+    # After the checkpoint, before the kill: B frame 1 arrives, is inspected, its event is journaled.
+    journal_append(j, "defect", defect("B", 1, x=8))
+    journal_append(j, "defect", defect("B", 1, x=16))
+    r2 = registry()
+    owed = rec.restore(r2, j)
+    kinds = sorted((t, b["coil"], b.get("index")) for t, b in owed)
+    assert kinds == [("defect", "A", 1), ("defect", "B", 0), ("summary", "A", None)]
+    assert r2.is_closed("A") and r2.open_coils() == ["B"]
+    snap = r2.snapshot()["B"]
+    assert snap["frames"]["inspected"] == 2 and snap["defect_count"] == 3  # 1 before, 2 from the journal
+
+
+def test_a_coil_closed_after_the_checkpoint_is_not_reopened(tmp_path):
+    j = Journal(tmp_path / "j", fsync=False)
+    r = registry()
+    r.admit("cam0", "A", 0, 0.0)
+    rec = Recovery(tmp_path / CHECKPOINT_NAME)
+    rec.save(r, j.last_seq, force=True)
+    r.finish("cam0", "A", 0, "gated_out")
+    (s,) = r.coil_end("cam0", "A", 1, None)
+    journal_append(j, "summary", s)
+    r2 = registry()
+    assert rec.restore(r2, j) == []
+    assert r2.open_coils() == [] and r2.admit("cam0", "A", 1, 0.0)[0] == "stale_coil"
+
+
+def test_checkpoint_seq_is_a_floor_for_a_journal_cut_short(tmp_path):
+    j = Journal(tmp_path / "j", fsync=False)
+    journal_append(j, "defect", defect("A", 0))
+    rec = Recovery(tmp_path / CHECKPOINT_NAME)
+    rec.clear(41)  # the agent had journaled up to 41; the segments now end at 1
+    rec.restore(registry(), j)
+    assert j.last_seq == 41 and [d.kind for d in j.damage] == ["missing_records"]
+    assert journal_append(j, "defect", defect("A", 1)) == 42

@@ -6,7 +6,7 @@ import threading
 import time
 
 import pytest
-from conftest import Collector, check_accounting, figures
+from harness import Collector, agent_process, check_accounting, figures  # noqa: F401 (agent_process: a fixture)
 from tinypack import clean_frame, frame_with
 
 from agent.camera_sim import CameraSim

@@ -7,7 +7,7 @@ import time
 import msgpack
 import numpy as np
 import zmq
-from conftest import Collector, check_accounting, figures
+from harness import Collector, check_accounting, figures
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from tinypack import clean_frame, frame_with

@@ -9,7 +9,7 @@ import time
 
 import pytest
 import zmq
-from conftest import Collector, check_accounting, figures
+from harness import Collector, agent_process, check_accounting, figures  # noqa: F401 (agent_process: a fixture)
 from tinypack import clean_frame, frame_with
 
 from agent.protocol import encode_control, encode_frame

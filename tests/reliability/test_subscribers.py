@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import time
 
-from conftest import Collector, figures
+from harness import Collector, figures
 from tinypack import clean_frame, frame_with
 
 from agent.camera_sim import CameraSim

@@ -10,7 +10,7 @@ import textwrap
 import time
 
 import zmq
-from conftest import Collector, check_accounting, figures
+from harness import Collector, check_accounting, figures
 from tinypack import clean_frame, frame_with
 
 from agent.protocol import encode_control, encode_frame

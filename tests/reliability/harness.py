@@ -1,4 +1,7 @@
-"""Helpers for the fault-injection suite: agent processes, collectors, figures."""
+"""Helpers for the fault-injection suite: agent processes, collectors, figures.
+
+Not a conftest.py: tests/conftest.py is imported as module `conftest` by tests elsewhere, and a
+second conftest.py here would shadow it. Test modules import the `agent_process` fixture from here."""
 from __future__ import annotations
 
 import os

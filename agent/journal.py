@@ -154,13 +154,13 @@ class Journal:
             self._segments.append(seg)
         self.last_seq = max(high, reserved)
         if self.damage:
-            log.error("journal_damaged", records=len(self.damage), next_seq=high + 1,
+            log.error("journal_damaged", records=len(self.damage), next_seq=self.last_seq + 1,
                       first=self.damage[0].as_dict())
 
     def _plausible_seq(self, data: bytes, pos: int, high: int) -> int:
         """A damaged record may still have been published; never reuse its seq if it looks sane."""
         try:
-            seq, _ = _SEQ.unpack_from(data, pos + _HEAD.size)
+            (seq,) = struct.unpack_from("<Q", data, pos + _HEAD.size)  # the seq alone: the topic length may be cut off
         except struct.error:
             return high
         return seq if high < seq <= high + 10_000 else high

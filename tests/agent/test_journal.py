@@ -144,3 +144,16 @@ def test_reserve_through_raises_the_floor_and_reports_missing_records(tmp_path):
     assert [d.kind for d in j.damage] == ["missing_records"]
     assert "published.seq shows seq 7 was used; the journal ends at 3" in j.damage[0].detail
     assert fill(j, 1) == [8]
+
+
+def test_torn_tail_right_after_the_seq_still_reserves_it(tmp_path):
+    j = Journal(tmp_path, fsync=False)
+    fill(j, 4)
+    off, _ = offsets(j)[-1]
+    j.close()
+    seg = next(tmp_path.glob("segment-*.log"))
+    with open(seg, "r+b") as f:  # header and seq written, the topic length byte not
+        f.truncate(off + _HEAD.size + 8)
+    j2 = Journal(tmp_path, fsync=False)
+    assert [d.kind for d in j2.damage] == ["torn_tail"] and j2.last_seq == 4
+    assert fill(j2, 1) == [5]

@@ -27,7 +27,8 @@ from typing import Any
 
 import numpy as np
 
-from calibration.metrics import dice_pairs, precision_recall
+from calibration.metrics import _dice_from_counts as dice_from_counts  # one Dice formula for the project
+from calibration.metrics import precision_recall
 from engines.modelpack import CALIBRATION_FORMAT, ModelPack
 
 DEFAULT_PIXEL_THRESHOLDS: tuple[float, ...] = tuple(round(0.05 * i, 2) for i in range(2, 19))  # 0.10 .. 0.90
@@ -241,22 +242,16 @@ def _check_grids(pixel_thresholds: Sequence[float], min_areas: Sequence[int]) ->
     return ts, areas
 
 
-def _upsample(mask: np.ndarray, stride: int, height: int, width: int) -> np.ndarray:
-    """Nearest upsampling of an output-resolution mask: each cell to stride x stride px, cropped
-    to the image (the input was padded at the bottom/right), as engines/evaluate.py does."""
-    if stride > 1:
-        mask = np.repeat(np.repeat(mask, stride, axis=0), stride, axis=1)
-    if mask.shape[0] < height or mask.shape[1] < width:
-        raise CalibrationError(
-            f"seg output {mask.shape[0] // stride}x{mask.shape[1] // stride} at stride {stride} does not "
-            f"cover the {height}x{width} image"
-        )
-    return mask[:height, :width]
-
-
-def _dice_stack(preds: np.ndarray, gt: np.ndarray) -> np.ndarray:
-    """Severstal Dice (calibration.metrics) of each of preds [A, H, W] against one mask gt [H, W]."""
-    return dice_pairs(preds[:, None], np.broadcast_to(gt, preds.shape)[:, None])[:, 0]
+def _cell_sums(mask: np.ndarray, stride: int, out_hw: tuple[int, int], where: str) -> np.ndarray:
+    """Pixels of mask [H, W] per output cell [h, w]: the mask padded at the bottom/right to the
+    cells' extent, as the model saw the padded image, then summed over stride x stride blocks."""
+    oh, ow = out_hw
+    h, w = mask.shape
+    if oh * stride < h or ow * stride < w:
+        raise CalibrationError(f"{where}: seg output {oh}x{ow} at stride {stride} does not cover the {h}x{w} image")
+    padded = np.zeros((oh * stride, ow * stride), np.float64)
+    padded[:h, :w] = mask
+    return padded.reshape(oh, stride, ow, stride).sum(axis=(1, 3))
 
 
 def search_class_thresholds(
@@ -276,7 +271,10 @@ def search_class_thresholds(
     resolution and one whose area (cells x stride^2, in image px) is below the min area is
     dropped; the kept mask is upsampled nearest (each cell to stride x stride px, cropped to the
     image: the input may have been padded at the bottom/right) and scored with the Severstal Dice
-    of calibration.metrics.
+    of calibration.metrics. The Dice is computed from per-component counts (image pixels and
+    truth pixels under each component's cells), which equals scoring the upsampled mask and
+    costs one pass per threshold instead of one per grid point
+    (tests/calibration/test_thresholds.py checks it against engines.evaluate.components).
     """
     return _search_pairs(zip(probs, gt_masks, strict=True), classes, pixel_thresholds, min_areas, stride)
 
@@ -306,21 +304,29 @@ def _search_pairs(
             )
         if not np.isfinite(p).all():
             raise CalibrationError(f"image {index}: probabilities hold NaN or infinite values")
-        h, w = gt.shape[1:]
+        out_hw = p.shape[1:]
+        valid = _cell_sums(np.ones(gt.shape[1:], bool), stride, out_hw, f"image {index}")  # image px per cell
         table = np.empty((k_count, len(ts), len(areas)), np.float64)
         for k in range(k_count):
+            # Dice from counts: a kept cell adds its image pixels to |pred| and its truth pixels
+            # to the intersection, exactly what upsampling it and cropping to the image gives.
+            gt_cells = _cell_sums(gt[k], stride, out_hw, f"image {index}")
+            g = np.full(len(areas), int(gt[k].sum()), np.int64)
             for ti, t in enumerate(ts):
                 low = p[k] >= t
                 if not low.any():
-                    table[k, ti, :] = _dice_stack(np.zeros((1, h, w), bool), gt[k])[0]
+                    zero = np.zeros(len(areas), np.int64)
+                    table[k, ti, :] = dice_from_counts(zero, zero, g)
                     continue
-                _, labels, stats, _ = cv2.connectedComponentsWithStats(low.view(np.uint8), connectivity=8)
+                n, labels, stats, _ = cv2.connectedComponentsWithStats(low.view(np.uint8), connectivity=8)
                 comp_area = stats[:, cv2.CC_STAT_AREA].astype(np.int64) * cell_px
                 comp_area[0] = -1  # background is never kept
-                kept = np.stack([(comp_area >= a)[labels] if a > 0 else low for a in areas])
-                if kept.shape[1:] != (h, w):
-                    kept = np.stack([_upsample(m, stride, h, w) for m in kept])
-                table[k, ti, :] = _dice_stack(kept, gt[k])
+                comp_px = np.bincount(labels.ravel(), weights=valid.ravel(), minlength=n)
+                comp_inter = np.bincount(labels.ravel(), weights=gt_cells.ravel(), minlength=n)
+                keep = comp_area[None, :] >= np.asarray(areas)[:, None]  # [A, n]
+                pred_px = np.rint(keep @ comp_px).astype(np.int64)
+                inter = np.rint(keep @ comp_inter).astype(np.int64)
+                table[k, ti, :] = dice_from_counts(inter, pred_px, g)
         rows.append(table)
         positives.append(gt.reshape(k_count, -1).any(axis=1))
     if not rows:

@@ -467,3 +467,33 @@ def test_dice_on_positive_images_and_the_empty_baseline():
     c = choose_class_thresholds(blind, masks, ("square", "empty"), (0.45,), (0,), min_positive_images=0)["square"]
     assert c.dice == 0.5 and c.dice_on_positive == 0.0
     assert c.to_json()["note"].startswith("WARNING: no better than never predicting this class (Dice 0.5000 <= 0.5000)")
+
+
+@pytest.mark.parametrize(("stride", "hw"), [(1, (20, 30)), (2, (29, 45)), (4, (61, 50))])
+def test_search_equals_scoring_the_masks_evaluate_makes(stride, hw):
+    """The count-based search gives, at every grid point, the Dice of the masks that
+    engines.evaluate.components builds (threshold, components, min area, upsample, crop)."""
+    from calibration.metrics import dice_pairs
+    from engines.evaluate import components
+
+    rng = np.random.default_rng(stride)
+    h, w = hw
+    oh, ow = -(-h // stride), -(-w // stride)
+    probs, masks = [], []
+    for _ in range(4):
+        p = cv2.GaussianBlur(rng.random((oh, ow)).astype(np.float32), (3, 3), 0)
+        p = np.stack([p, 1 - p]) ** 2
+        gt = np.zeros((2, h, w), bool)
+        y, x = rng.integers(0, h - 8), rng.integers(0, w - 8)
+        gt[0, y : y + 8, x : x + rng.integers(3, 9)] = True
+        gt[1] = rng.random((h, w)) > 0.7
+        probs.append(p)
+        masks.append(gt)
+    ts, areas = (0.1, 0.2, 0.35, 0.5), (0, 4, 16, 40)
+    search = search_class_thresholds(probs, masks, ("a", "b"), ts, areas, stride=stride)
+    for ti, t in enumerate(ts):
+        for ai, a in enumerate(areas):
+            for i, (p, gt) in enumerate(zip(probs, masks)):
+                pred, _ = components(p, [t, t], [a, a], stride, (h, w))
+                want = dice_pairs(pred[None], gt[None])[0]
+                np.testing.assert_allclose(search.per_image[i, :, ti, ai], want, rtol=0, atol=1e-12)

@@ -162,12 +162,16 @@ class Ingest(threading.Thread):
             if self._limiter.allow("gap"):
                 log.warning("camera_sequence_gap", camera=camera, expected=last + 1, got=seq,
                             missing=seq - last - 1)
-        elif seq <= last:
-            log.warning("camera_sequence_restarted", camera=camera, last=last, got=seq)
+        elif seq <= last and self._limiter.allow("seq_restart"):
+            # Rate-limited like every warning in this loop: a camera replaying old seqs (or a fuzzer)
+            # must not write one log line per message.
+            log.warning("camera_sequence_restarted", camera=camera, last=last, got=seq,
+                        suppressed=self._limiter.suppressed("seq_restart"))
 
     def _rejected(self, rej: Rejected, index: int | None) -> None:
-        self.rejected[rej.reason] += 1
-        if rej.camera and rej.coil and rej.reason not in ("duplicate", "stale_coil"):
+        reason = rej.reason
+        if rej.camera and rej.coil and reason not in ("duplicate", "stale_coil"):
+            attribute = True
             if index is not None and rej.index is not None:
                 # Rejected before admission but its index is known: it was received, and is rejected,
                 # not missing. A bad copy of a frame we already hold is only a duplicate.
@@ -175,14 +179,16 @@ class Ingest(threading.Thread):
                 for s in summaries:
                     self.emit_summary(s)
                 if status == "duplicate":
-                    self.rejected[rej.reason] -= 1
-                    self.rejected["duplicate"] += 1
-                    return
-                if status == "stale_coil":
-                    return
-            self.coils.reject(rej.camera, rej.coil, index, rej.reason)
+                    reason, attribute = "duplicate", False
+                elif status == "stale_coil":
+                    attribute = False
+            if attribute:
+                self.coils.reject(rej.camera, rej.coil, index, reason)
+        # Counted once, under one reason, in health and in the metrics alike (the early returns
+        # for duplicates and stale coils used to skip the metrics and the log).
+        self.rejected[reason] += 1
         if self.on_reject:
-            self.on_reject(rej.reason, rej.camera)
-        if self._limiter.allow(rej.reason):
-            log.warning("message_rejected", reason=rej.reason, detail=rej.detail[:200], camera=rej.camera,
-                        coil=rej.coil, suppressed=self._limiter.suppressed(rej.reason))
+            self.on_reject(reason, rej.camera)
+        if self._limiter.allow(reason):
+            log.warning("message_rejected", reason=reason, detail=rej.detail[:200], camera=rej.camera,
+                        coil=rej.coil, suppressed=self._limiter.suppressed(reason))

@@ -151,6 +151,7 @@ def test_ten_thousand_hostile_messages_reject_exactly_and_inspect_every_valid_fr
     seq = 0
     push.send_multipart(encode_control("coil_start", "cam0", "F1", seq, ts_ns=time.time_ns()))
     defective = set()
+    bad_copies = 0
     per_valid = N_BAD // N_VALID
     for i in range(N_VALID):
         seq += 1
@@ -158,6 +159,11 @@ def test_ten_thousand_hostile_messages_reject_exactly_and_inspect_every_valid_fr
         if i % 10 == 0:
             defective.add(i)
         push.send_multipart(encode_frame("cam0", "F1", seq, i, img, ts_ns=time.time_ns(), pos_mm=128.0 * i))
+        if i % 20 == 0:  # a broken copy of a frame the agent holds: only a duplicate, never inspected twice
+            seq += 1
+            head = encode_frame("cam0", "F1", seq, i, img, ts_ns=time.time_ns(), pos_mm=128.0 * i)[0]
+            push.send_multipart([head, b"short"])
+            bad_copies += 1
         for parts, _ in bad[i * per_valid:(i + 1) * per_valid]:
             push.send_multipart(parts)
     seq += 1
@@ -165,7 +171,8 @@ def test_ten_thousand_hostile_messages_reject_exactly_and_inspect_every_valid_fr
     push.close()
     assert col.wait(lambda c: c.summaries("F1"), 60), "no summary for the real coil"
     wall_s = time.monotonic() - t0
-    health = status_request(cfg.control.endpoint)["health"]
+    status = status_request(cfg.control.endpoint)
+    health = status["health"]
     col.close()
     assert agent.ingest.error is None and agent.inference.error is None and agent.publisher.error is None
     s = col.summaries("F1")[0]
@@ -174,13 +181,18 @@ def test_ten_thousand_hostile_messages_reject_exactly_and_inspect_every_valid_fr
     assert (f["sent"], f["received"], f["inspected"] + f["gated_out"]) == (N_VALID, N_VALID, N_VALID)
     assert f["rejected"] == f["shed"] == f["missing"] == f["lost"] == 0 and s["complete"]
     assert f["inspected"] == len(defective) and sorted(d["index"] for d in col.defects("F1")) == sorted(defective)
+    assert f["duplicates"] == bad_copies
     rejected = health["rejected"]
-    assert sum(rejected.values()) == len(bad), rejected
+    assert sum(rejected.values()) == len(bad) + bad_copies, rejected
+    assert rejected["duplicate"] == bad_copies
     for reason, n in expected_by_reason.items():
         # Hypothesis headers add to these counts; the targeted ones are a floor per reason.
         assert rejected.get(reason, 0) >= n, (reason, rejected)
     assert health["state"] == "ready"
-    figures("fuzz ingest", valid_frames=N_VALID, hostile=len(bad), hypothesis_headers=len(fuzzed),
+    # The Prometheus counters tell the same story as health, reason by reason.
+    assert {k: int(v) for k, v in status["metrics"]["rejected"].items() if v} == rejected
+    figures("fuzz ingest", valid_frames=N_VALID, hostile=len(bad), broken_copies=bad_copies,
+            hypothesis_headers=len(fuzzed),
             rejected_total=sum(rejected.values()), rejected=dict(sorted(rejected.items())),
             inspected=f["inspected"], gated_out=f["gated_out"], defects=s["defect_count"],
             generate_s=round(gen_s, 1), send_to_summary_s=round(wall_s, 1))

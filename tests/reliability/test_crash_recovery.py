@@ -29,7 +29,7 @@ def journal_records(cfg) -> list[tuple[int, bytes, dict]]:
         j.close()
 
 
-@pytest.mark.parametrize("seed", [1, 2, 3])
+@pytest.mark.parametrize("seed", [1, 2, 3] + [pytest.param(s, marks=pytest.mark.slow) for s in range(4, 16)])
 def test_sigkill_mid_coil_loses_no_event_and_reuses_no_seq(agent_process, seed):
     rng = random.Random(seed)
     n = 240

@@ -132,10 +132,9 @@ class Config:
     def state_path(self) -> Path:
         if self.agent.state_dir:
             return Path(self.agent.state_dir)
-        if os.environ.get("STATE_DIRECTORY"):
-            return Path(os.environ["STATE_DIRECTORY"].split(":")[0])
-        base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
-        return Path(base) / "coilsight"
+        from engines.manifest import state_dir
+
+        return state_dir()
 
     def camera(self, camera_id: str) -> CameraSection | None:
         for cam in self.cameras:

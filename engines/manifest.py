@@ -48,7 +48,7 @@ class StaleEngineError(BackendError):
 
 def state_dir() -> Path:
     """$STATE_DIRECTORY under systemd (first entry if several), else $XDG_STATE_HOME/coilsight,
-    else ~/.local/state/coilsight (the same rule as agent.config.Config.state_path)."""
+    else ~/.local/state/coilsight (agent.config.Config.state_path uses it when the config names none)."""
     env = os.environ.get("STATE_DIRECTORY", "").strip()
     if env:
         return Path(env.split(":")[0])

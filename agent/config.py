@@ -7,7 +7,6 @@ check-config FILE`` prints all errors at once.
 from __future__ import annotations
 
 import dataclasses
-import os
 import tomllib
 import typing
 from dataclasses import dataclass, field

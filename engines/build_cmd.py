@@ -1,4 +1,4 @@
-"""`coilsight engines build|list|check`: TensorRT engines on the line box (engines/build.py).
+"""`coilsight engines build|list|check|reload`: TensorRT engines on the line box (engines/build.py).
 
 Exit codes: 0 done; 1 a model failed (parity, parse, build) or `check` found an engine that
 must not be used; 2 usage or configuration error (also `--int8`, not supported yet); 3 this
@@ -43,6 +43,29 @@ def register(sub) -> None:
     check = esub.add_parser("check", help="exit non-zero with reasons when an engine is stale, missing or corrupt")
     _target_args(check)
     check.set_defaults(func=cmd_check)
+
+    reload = esub.add_parser("reload", help="ask a running agent to load new engines beside the old ones and "
+                                            "switch between batches (same as SIGHUP)")
+    where = reload.add_mutually_exclusive_group()
+    where.add_argument("--config", type=Path, help="read the agent's control endpoint from this config")
+    where.add_argument("--endpoint", default="tcp://127.0.0.1:5558", help="the agent's control endpoint")
+    reload.set_defaults(func=cmd_reload)
+
+
+def cmd_reload(args: argparse.Namespace) -> int:
+    from agent.service import status_request
+
+    endpoint = args.endpoint
+    if args.config:
+        from agent.config import load_config
+
+        endpoint = load_config(args.config).control.endpoint
+    try:
+        reply = status_request(endpoint, "reload", timeout_ms=120_000)
+    except TimeoutError as exc:
+        return _fail("reload", str(exc), EXIT_FAILED)
+    print(reply.get("detail", reply))
+    return 0 if reply.get("ok") else EXIT_FAILED
 
 
 def _target_args(p: argparse.ArgumentParser) -> None:

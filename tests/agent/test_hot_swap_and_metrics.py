@@ -82,3 +82,18 @@ def free_port():
     from conftest import free_port as fp
 
     return fp()
+
+
+def test_engines_reload_command(running_agent):
+    import subprocess
+    import sys
+
+    agent = running_agent()
+    r = subprocess.run([sys.executable, "-m", "agent.cli", "engines", "reload", "--endpoint", agent.cfg.control.endpoint],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert "take over at the next batch" in r.stdout
+    deadline = time.monotonic() + 5
+    while not agent.inference.swapped.is_set() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert agent.inference.swapped.is_set()

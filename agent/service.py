@@ -56,6 +56,7 @@ class Agent:
         self.control_endpoint: str | None = None
         self.metrics_port: int | None = None
         self.summaries_published = 0
+        self.reloads = 0
         self.ready = threading.Event()
         self.exit_code = 0
 
@@ -239,6 +240,7 @@ class Agent:
             "rejected": dict(self.ingest.rejected) if self.ingest else {},
             "coils_open": self.coils.open_coils() if hasattr(self, "coils") else [],
             "journal_damage": len(self.journal.damage) if self.journal else 0,
+            "reloads": self.reloads,
         }
 
     # -- control socket ---------------------------------------------------------------------------
@@ -274,6 +276,7 @@ class Agent:
             return False, f"reload failed, old models kept: {exc}"
         self.inference.request_swap(new)
         self.models = new
+        self.reloads += 1
         log.info("models_reload_requested", models=new.describe())
         self.notifier.ready(self._status_line())
         return True, f"new models {new.pack.versions()} take over at the next batch"

@@ -134,3 +134,26 @@ def test_watchdog_pings_stop_when_inference_hangs(tmp_path, agent_config, monkey
         agent.request_stop()
         t.join(20)
         sock.close()
+
+
+def test_sighup_reloads_models_in_a_real_process(tmp_path, agent_config):
+    from agent.service import status_request
+
+    sock, path = notify_socket(tmp_path)
+    cfg_path, cfg = write_config(tmp_path, agent_config)
+    proc = subprocess.Popen([sys.executable, "-m", "agent.cli", "run", "--config", str(cfg_path)],
+                            env={**os.environ, "NOTIFY_SOCKET": path}, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        read_until(sock, "READY=1", 60)
+        proc.send_signal(signal.SIGHUP)
+        read_until(sock, "RELOADING=1", 10)
+        lines = read_until(sock, "READY=1", 30)
+        assert "READY=1" in lines
+        assert status_request(cfg.control.endpoint)["health"]["reloads"] == 1
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=15) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        sock.close()

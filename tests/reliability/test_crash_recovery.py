@@ -85,9 +85,14 @@ def test_sigkill_mid_coil_loses_no_event_and_reuses_no_seq(agent_process, seed):
     assert len(keys) == len(set(keys)), "no defect event twice"
     assert all(d["index"] % 4 == 0 for d in defects), "defects only where the camera drew them"
     assert ready_s < 5.0
-    figures(f"sigkill seed={seed}", kill_at_s=round(kill_at, 2), down_s=round(down_s, 2),
+    import json
+
+    restored = [json.loads(line) for line in ap.log().splitlines() if '"coils_restored"' in line]
+    assert len(restored) == 1 and restored[0]["coils"] == ["K1"]
+    figures(f"sigkill seed={seed}", recovered_from_journal=restored[0]["frames_recovered_from_journal"],
+            resent=restored[0]["resent"], kill_at_s=round(kill_at, 2), down_s=round(down_s, 2),
             ready_after_restart_s=round(ready_s, 2), events_before_kill=len(live_before), journal_records=len(seqs),
-            sent=f["sent"], inspected=f["inspected"], gated_out=f["gated_out"], lost=f["lost"],
+            sent=f["sent"], inspected=f["inspected"], gated_out=f["gated_out"], shed=f["shed"], lost=f["lost"],
             missing=f["missing"], end_reason=s["end_reason"], complete=s["complete"], defects=len(defects),
             camera_dropped=len(sent.dropped))
 

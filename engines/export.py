@@ -1,0 +1,156 @@
+"""Export a training run to a model pack: gate.onnx, seg.onnx and model.json (the contract in
+docs/architecture.md), checked against torch before anything is written as shipped.
+
+ONNX opset 17, input `image` uint8 [N, C, H, W] with N, H and W dynamic; outputs `scores`
+[N, K] and `probs` [N, K, H/4, W/4]. Exported in eval mode, so BatchNorm is folded into the
+convolutions. The ONNX Runtime output must match torch within `MAX_ABS_DIFF` on random uint8
+frames at two sizes, else `ExportError`; the written pack must load with
+`engines.modelpack.load_model_pack`.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from engines.modelpack import MODEL_PACK_FORMAT, load_model_pack, sha256_file
+
+OPSET = 17
+MAX_ABS_DIFF = 1e-4
+
+
+class ExportError(RuntimeError):
+    """The checkpoint cannot be exported, or the exported graph does not match torch."""
+
+
+def load_run(checkpoint: str | Path):
+    """(meta, gate, seg) from a training folder: meta.json plus best_gate.pt / best_seg.pt."""
+    import torch
+
+    from engines.models import ModelConfig, build_models
+    from engines.train import META_FILE
+
+    checkpoint = Path(checkpoint)
+    meta_path = checkpoint / META_FILE
+    if not meta_path.is_file():
+        raise ExportError(f"{checkpoint}: no {META_FILE}; is this the --out folder of `coilsight train`?")
+    meta = json.loads(meta_path.read_text())
+    for key in ("profile", "classes", "mean", "std", "model_config"):
+        if key not in meta:
+            raise ExportError(f"{meta_path}: missing key {key!r}")
+    gate, seg = build_models(len(meta["classes"]), 1, meta["mean"], meta["std"],
+                             ModelConfig.from_dict(meta["model_config"]))
+    for role, model in (("gate", gate), ("seg", seg)):
+        path = checkpoint / f"best_{role}.pt"
+        if not path.is_file():
+            raise ExportError(f"{checkpoint}: no best_{role}.pt")
+        model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        model.eval()
+    return meta, gate, seg
+
+
+def export_onnx(model, path: Path, output: str, channels: int = 1, height: int = 64, width: int = 96) -> None:
+    import torch
+
+    dummy = torch.randint(0, 256, (2, channels, height, width), dtype=torch.uint8)
+    axes = {"image": {0: "N", 2: "H", 3: "W"}, output: {0: "N"}}
+    if output == "probs":
+        axes[output].update({2: "H_out", 3: "W_out"})
+    model.eval()
+    with torch.no_grad():
+        torch.onnx.export(model, (dummy,), str(path), input_names=["image"], output_names=[output],
+                          opset_version=OPSET, dynamic_axes=axes, do_constant_folding=True, dynamo=False)
+
+
+def verify_onnx(model, path: Path, output: str, shapes=((2, 1, 64, 96), (1, 1, 256, 320)), seed: int = 0) -> float:
+    """Largest |torch - ONNX Runtime| over random uint8 inputs; ExportError if >= MAX_ABS_DIFF."""
+    import onnx
+    import onnxruntime as ort
+    import torch
+
+    onnx.checker.check_model(onnx.load(str(path)))
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    names = ([i.name for i in sess.get_inputs()], [o.name for o in sess.get_outputs()])
+    if names != (["image"], [output]):
+        raise ExportError(f"{path.name}: graph has inputs/outputs {names}, expected (['image'], [{output!r}])")
+    rng = np.random.default_rng(seed)
+    worst = 0.0
+    for shape in shapes:
+        x = rng.integers(0, 256, size=shape, dtype=np.uint8)
+        with torch.no_grad():
+            ref = model(torch.from_numpy(x)).numpy()
+        got = sess.run([output], {"image": x})[0]
+        if got.shape != ref.shape:
+            raise ExportError(f"{path.name}: ONNX Runtime output shape {got.shape} != torch {ref.shape} for input {shape}")
+        worst = max(worst, float(np.max(np.abs(got - ref))))
+    if not worst < MAX_ABS_DIFF:
+        raise ExportError(f"{path.name}: ONNX Runtime differs from torch by {worst:.3g} (limit {MAX_ABS_DIFF})")
+    return worst
+
+
+def model_json(meta: dict[str, Any], gate_path: Path, seg_path: Path, height: int, width: int) -> dict[str, Any]:
+    """model.json for the pack (format per docs/architecture.md)."""
+    from engines.models import OUTPUT_STRIDE
+
+    return {
+        "format": MODEL_PACK_FORMAT,
+        "profile": meta["profile"],
+        "classes": list(meta["classes"]),
+        "input": {"channels": 1, "height": height, "width": width, "dtype": "uint8", "layout": "NCHW",
+                  "mean": meta["mean"], "std": meta["std"]},
+        "models": {
+            "gate": {"file": gate_path.name, "sha256": sha256_file(gate_path), "output": "scores"},
+            "seg": {"file": seg_path.name, "sha256": sha256_file(seg_path), "output": "probs",
+                    "output_stride": OUTPUT_STRIDE},
+        },
+        "training": {
+            "data": meta.get("data_description") or meta.get("data", ""),
+            "split": "engines.datasets.assign_split: sha1(file stem)[0] < 51 test (never used), < 82 val "
+                     "(early stopping, calibration), else train",
+            "command": meta.get("command", ""),
+            "seed": meta.get("seed", 0),
+            "minutes": meta.get("minutes"),
+            "epochs_run": len(meta.get("history", [])),
+            "best": meta.get("best", {}),
+            "model_size": meta.get("model_size"),
+            "model_config": meta.get("model_config"),
+            "synthetic_fraction": meta.get("synthetic_fraction", 0.0),
+            "gate_crop": meta.get("gate_crop"),
+            "seg_crop": meta.get("seg_crop"),
+            "clean_crops": meta.get("clean_crops"),
+        },
+    }
+
+
+def export_pack(checkpoint: str | Path, out: str | Path, profile: str | None = None,
+                height: int | None = None, width: int | None = None) -> dict[str, Any]:
+    """Export both models of a training run into `out`; returns model.json's content plus `max_abs_diff`."""
+    from engines.train import PROFILE_TRAINING
+
+    meta, gate, seg = load_run(checkpoint)
+    if profile is not None and profile != meta["profile"]:
+        raise ExportError(f"{checkpoint}: the run trained profile {meta['profile']!r}, not {profile!r}")
+    prof = PROFILE_TRAINING.get(meta["profile"])
+    height = height or (prof.height if prof else None)
+    width = width or (prof.width if prof else None)
+    if not height or not width or height % 8 or width % 8:
+        raise ExportError(f"input height {height} and width {width} must be set and multiples of 8")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    diffs = {}
+    with tempfile.TemporaryDirectory(dir=out) as tmp:
+        tmp = Path(tmp)
+        for role, model, output in (("gate", gate, "scores"), ("seg", seg, "probs")):
+            path = tmp / f"{role}.onnx"
+            export_onnx(model, path, output)
+            diffs[role] = verify_onnx(model, path, output)
+        for role in ("gate", "seg"):
+            shutil.move(str(tmp / f"{role}.onnx"), out / f"{role}.onnx")
+    doc = model_json(meta, out / "gate.onnx", out / "seg.onnx", height, width)
+    (out / "model.json").write_text(json.dumps(doc, indent=1) + "\n")
+    load_model_pack(out)
+    return {**doc, "max_abs_diff": diffs}

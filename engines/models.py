@@ -1,0 +1,142 @@
+"""The two small fully convolutional models of every profile: a gate and a segmenter (torch).
+
+Only training and export import this module; the agent runs the exported ONNX graphs.
+
+Both models keep the model contract (docs/architecture.md) inside the graph: the input is the
+raw uint8 image `[N, C, H, W]`, normalisation `(x / 255 - mean) / std` is the first op and the
+sigmoid the last, so every backend sees the same numbers. Only ops that export to ONNX opset 17
+and that TensorRT builds well are used: Conv (+ folded BatchNorm), Relu, AveragePool, ReduceMax,
+Resize, Concat, Sigmoid. H and W must be multiples of 8.
+
+Speed decides the shape (measured with ONNX Runtime, 2 threads, 1600x256, batch 8; figures in
+docs/models.md): the gate looks at a 2x average-pooled image and ends in a global max over
+space, so it answers "is there a defect anywhere" at any frame size; the segmenter works at
+stride 2/4/8 and returns per-class probabilities at output stride 4.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+OUTPUT_STRIDE = 4
+SIZE_MULTIPLE = 8
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Widths of the layers; `small` ships, `tiny` and `wide` are the measured alternatives."""
+
+    gate_widths: tuple[int, int, int] = (16, 32, 48)
+    gate_pool: int = 2  # average pool before the first conv
+    seg_widths: tuple[int, int, int] = (8, 16, 32)
+    seg_decoder: int = 16
+    seg_fuse_kernel: int = 1  # 1x1 fuse at stride 4: a 3x3 there costs more than the whole encoder
+
+    def to_dict(self) -> dict:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelConfig":
+        known = {f for f in cls.__dataclass_fields__}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"model config: unknown keys {sorted(unknown)}; known: {sorted(known)}")
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+
+
+CONFIGS: dict[str, ModelConfig] = {
+    "tiny": ModelConfig(gate_widths=(8, 16, 32), gate_pool=4, seg_widths=(8, 16, 24), seg_decoder=8),
+    "small": ModelConfig(),
+    # the layer widths first proposed in the brief: 3x3 fuse, 16/32/48 encoder
+    "wide": ModelConfig(seg_widths=(16, 32, 48), seg_decoder=32, seg_fuse_kernel=3),
+}
+
+
+def _cbr(cin: int, cout: int, stride: int = 1, dilation: int = 1, kernel: int = 3) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(cin, cout, kernel, stride=stride, padding=dilation * (kernel // 2), dilation=dilation, bias=False),
+        nn.BatchNorm2d(cout),
+        nn.ReLU(inplace=True),
+    )
+
+
+class Normalise(nn.Module):
+    """uint8 (or float 0..255) -> (x / 255 - mean) / std as one Cast, Mul and Add in the graph."""
+
+    def __init__(self, mean: float, std: float):
+        super().__init__()
+        if std <= 0:
+            raise ValueError(f"Normalise: std must be > 0, got {std}")
+        self.mean = float(mean)
+        self.std = float(std)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.float() * (1.0 / (255.0 * self.std)) + (-self.mean / self.std)
+
+
+class Gate(nn.Module):
+    """Image -> per-class probability that the image holds that class, `[N, K]`."""
+
+    def __init__(self, num_classes: int, in_channels: int = 1, mean: float = 0.5, std: float = 0.25,
+                 config: ModelConfig = ModelConfig()):
+        super().__init__()
+        w1, w2, w3 = config.gate_widths
+        self.norm = Normalise(mean, std)
+        self.pool = nn.AvgPool2d(config.gate_pool) if config.gate_pool > 1 else nn.Identity()
+        self.features = nn.Sequential(
+            _cbr(in_channels, w1, 2), _cbr(w1, w2, 2), _cbr(w2, w3, 2), _cbr(w3, w3, 1),
+        )
+        self.head = nn.Conv2d(w3, num_classes, 1)
+
+    def logit_map(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(self.pool(self.norm(x))))
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.amax(self.logit_map(x), dim=(2, 3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.logits(x))
+
+
+class Segmenter(nn.Module):
+    """Image -> per-class probabilities at output stride 4, `[N, K, H/4, W/4]`."""
+
+    def __init__(self, num_classes: int, in_channels: int = 1, mean: float = 0.5, std: float = 0.25,
+                 config: ModelConfig = ModelConfig()):
+        super().__init__()
+        w1, w2, w3 = config.seg_widths
+        self.norm = Normalise(mean, std)
+        self.down1 = _cbr(in_channels, w1, 2)  # stride 2
+        self.down2 = _cbr(w1, w2, 2)  # stride 4: the skip
+        self.down3 = _cbr(w2, w3, 2)  # stride 8
+        self.context = _cbr(w3, w3, 1, dilation=2)
+        self.fuse = _cbr(w3 + w2, config.seg_decoder, 1, kernel=config.seg_fuse_kernel)
+        self.head = nn.Conv2d(config.seg_decoder, num_classes, 1)
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        skip = self.down2(self.down1(self.norm(x)))
+        deep = self.context(self.down3(skip))
+        up = F.interpolate(deep, scale_factor=2.0, mode="bilinear", align_corners=False)
+        return self.head(self.fuse(torch.cat([up, skip], dim=1)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.logits(x))
+
+
+def build_models(num_classes: int, in_channels: int = 1, mean: float = 0.5, std: float = 0.25,
+                 config: ModelConfig | str = "small") -> tuple[Gate, Segmenter]:
+    if isinstance(config, str):
+        if config not in CONFIGS:
+            raise ValueError(f"unknown model size {config!r}; known: {', '.join(CONFIGS)}")
+        config = CONFIGS[config]
+    if num_classes < 1 or in_channels < 1:
+        raise ValueError(f"build_models: num_classes {num_classes} and in_channels {in_channels} must be >= 1")
+    return (Gate(num_classes, in_channels, mean, std, config),
+            Segmenter(num_classes, in_channels, mean, std, config))
+
+
+def count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

@@ -30,7 +30,7 @@ Hook (agent/service.py), three calls::
     # _tick():
     self.recovery.save(self.coils, self.journal.last_seq)
     # shutdown(), after self.publisher.stop(): everything owed is journaled
-    self.recovery.clear(self.journal.last_seq)
+    self.recovery.clear(self.coils, self.journal.last_seq)
 """
 from __future__ import annotations
 
@@ -78,11 +78,14 @@ class Recovery:
         self.saves += 1
         return True
 
-    def clear(self, last_seq: int) -> None:
-        """After a clean shutdown: nothing is owed and no coil to restore, but the journal's last
-        seq stays on record, so a journal cut at a record boundary cannot make seqs be reused."""
+    def clear(self, registry: CoilRegistry, last_seq: int) -> None:
+        """After a clean shutdown: nothing is owed and no coil to restore (the partial summaries
+        are journaled). Two things stay on record: the journal's last seq, so a journal cut at a
+        record boundary cannot make seqs be reused, and the closed coils, so a camera that goes on
+        with a coil summarised at shutdown gets ``stale_coil``, not a second summary."""
+        closed = registry.export_state(recent_s=0.0)["closed"]
         doc = {"format": FORMAT, "wall_ns": time.time_ns(), "last_seq": int(last_seq), "coils": {},
-               "current": {}, "closed": [], "recent": []}
+               "current": {}, "closed": closed, "recent": []}
         tmp = self.path.with_suffix(".tmp")
         tmp.write_text(json.dumps(doc))
         os.replace(tmp, self.path)

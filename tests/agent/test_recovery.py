@@ -35,9 +35,14 @@ def test_save_is_atomic_throttled_and_cleared(tmp_path):
     assert rec.save(r, 9)
     doc = rec.load()
     assert doc["last_seq"] == 9 and "A" in doc["coils"] and not (tmp_path / "coils.checkpoint.tmp").exists()
-    rec.clear(12)
+    r.finish("cam0", "A", 0, "gated_out")
+    r.close_all("shutdown")
+    rec.clear(r, 12)
     doc = rec.load()
-    assert doc["coils"] == {} and doc["last_seq"] == 12
+    assert doc["coils"] == {} and doc["last_seq"] == 12 and doc["closed"] == ["A"]
+    r2 = registry()
+    rec.restore(r2, Journal(tmp_path / "j", fsync=False))
+    assert r2.admit("cam0", "A", 1, 0.0)[0] == "stale_coil"  # summarised at shutdown: no second summary
 
 
 def test_missing_or_unreadable_checkpoint_restores_nothing(tmp_path):
@@ -94,7 +99,7 @@ def test_checkpoint_seq_is_a_floor_for_a_journal_cut_short(tmp_path):
     j = Journal(tmp_path / "j", fsync=False)
     journal_append(j, "defect", defect("A", 0))
     rec = Recovery(tmp_path / CHECKPOINT_NAME)
-    rec.clear(41)  # the agent had journaled up to 41; the segments now end at 1
+    rec.clear(registry(), 41)  # the agent had journaled up to 41; the segments now end at 1
     rec.restore(registry(), j)
     assert j.last_seq == 41 and [d.kind for d in j.damage] == ["missing_records"]
     assert journal_append(j, "defect", defect("A", 1)) == 42

@@ -44,7 +44,7 @@ class HookedAgent(service.Agent):
         was_running = self.state != "stopped"
         super().shutdown()
         if was_running and self.exit_code == 0 and hasattr(self, "recovery"):
-            self.recovery.clear(self.journal.last_seq)
+            self.recovery.clear(self.coils, self.journal.last_seq)
 
 
 def main(argv: list[str] | None = None) -> int:

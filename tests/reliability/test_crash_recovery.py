@@ -11,6 +11,7 @@ from tinypack import clean_frame, frame_with
 
 from agent.camera_sim import CameraSim
 from agent.journal import Journal
+from agent.service import status_request
 
 
 def coil_frames(n: int, every: int = 4):
@@ -139,6 +140,18 @@ def test_sigterm_mid_coil_publishes_a_partial_summary_and_exits_0(agent_process)
     records = journal_records(ap.cfg)
     journaled = [b for _, t, b in records if t == b"summary" and b["coil"] == "T1"]
     assert journaled == [s], "the partial summary is journaled as published"
+    # Restarted, the camera goes on with T1: it was summarised at shutdown, so its frames are stale.
+    ap.start()
+    cam = CameraSim(ap.cfg.ingest.endpoint, camera="cam0")
+    cam.send_coil("T1", coil_frames(5), send_end=False, start_index=50)
+    cam.close()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        status = status_request(ap.cfg.control.endpoint)
+        if status["health"]["rejected"].get("stale_coil", 0) >= 5:
+            break
+        time.sleep(0.1)
+    assert status["health"]["rejected"] == {"stale_coil": 5} and "T1" not in status["coils"]
     figures("sigterm mid-coil", exit_code=rc, exit_s=round(exit_s, 2), end_reason=s["end_reason"],
             received=s["frames"]["received"], inspected=s["frames"]["inspected"],
             gated_out=s["frames"]["gated_out"], pending=s["frames"]["pending"])

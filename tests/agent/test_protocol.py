@@ -163,3 +163,36 @@ def test_limits_and_bodies():
     assert unpack_body(msgpack.packb({"v": 1, "seq": 3}))["seq"] == 3
     with pytest.raises(ValueError, match="not a v1 message body"):
         unpack_body(msgpack.packb({"v": 2}))
+
+
+# -- property: whatever arrives, the decoder answers with a header or a Rejected, nothing else ----------
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers(-2**63, 2**64 - 1) | st.floats() | st.text(max_size=40)
+    | st.binary(max_size=40),
+    lambda inner: st.lists(inner, max_size=5) | st.dictionaries(st.text(max_size=8), inner, max_size=5),
+    max_leaves=20)
+
+
+def decode_fully(parts):
+    try:
+        h, buf = decode(parts)
+        if isinstance(h, FrameHeader):
+            pixels_to_array(h, buf)
+    except Rejected as exc:
+        assert exc.reason in REJECT_REASONS
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
+@given(st.lists(st.binary(max_size=300), min_size=1, max_size=3))
+def test_random_bytes_only_ever_reject(parts):
+    decode_fully(parts)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
+@given(st.dictionaries(st.sampled_from(sorted(header())) | st.text(max_size=6), VALUES, max_size=12),
+       st.sampled_from([b"", IMG.tobytes(), IMG.tobytes()[:-1], cv2.imencode(".png", IMG)[1].tobytes()]))
+def test_random_headers_only_ever_reject(h, pixels):
+    decode_fully([msgpack.packb({**header(), **h}, use_bin_type=False), pixels])

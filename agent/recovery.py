@@ -62,20 +62,25 @@ class Recovery:
         self.clock = clock
         self._last_save = float("-inf")
         self.saves = 0
+        self.last_save_s = 0.0  # how long the last save took
 
     # -- while running -------------------------------------------------------------------------
     def save(self, registry: CoilRegistry, last_seq: int, *, force: bool = False) -> bool:
         """Checkpoint the registry; ``last_seq`` is the journal's last sequence number now."""
         now = self.clock()
-        if not force and now - self._last_save < self.interval_s:
+        # At most every interval_s, and never more than ~5 % of the time: a long coil (hundreds of
+        # thousands of frames) makes a save cost tens of ms, under the registry's lock.
+        if not force and now - self._last_save < max(self.interval_s, 20.0 * self.last_save_s):
             return False
         self._last_save = now
+        t0 = time.perf_counter()
         state = registry.export_state(recent_s=self.recent_s)
         doc = {"format": FORMAT, "wall_ns": time.time_ns(), "last_seq": int(last_seq), **state}
         tmp = self.path.with_suffix(".tmp")
         tmp.write_text(json.dumps(doc, separators=(",", ":")))
         os.replace(tmp, self.path)  # a reader sees the old or the new checkpoint, never half of one
         self.saves += 1
+        self.last_save_s = time.perf_counter() - t0
         return True
 
     def clear(self, registry: CoilRegistry, last_seq: int) -> None:

@@ -475,6 +475,7 @@ def write_json_atomic(path: Path, document: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, 0o644)  # mkstemp makes 0600; the agent's service user must read the file
         with os.fdopen(fd, "w") as f:
             json.dump(document, f, indent=2, sort_keys=False)
             f.write("\n")

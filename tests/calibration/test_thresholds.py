@@ -305,6 +305,7 @@ def test_calibrate_writes_a_file_the_agent_loads(pack_dir, tmp_path):
                        min_areas=(0, 4, 8, 16))
     assert result.path == out and out.is_file()
     assert not list(tmp_path.glob(".calibration.json.*"))  # temp file replaced, not left behind
+    assert out.stat().st_mode & 0o777 == 0o644  # readable by the agent's service user
     doc = json.loads(out.read_text())
     assert doc["format"] == 1
     assert doc["models"] == {"gate": pack.gate.sha256, "seg": pack.seg.sha256}

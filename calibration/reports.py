@@ -71,32 +71,47 @@ def plot_gate_curve(scores: np.ndarray, labels: np.ndarray, threshold: float, re
 
 
 def plot_class_dice(result: "CalibrationResult", path: Path) -> Path:
-    """Per class: Dice vs pixel threshold at the chosen min area (solid) and best min area (dotted)."""
+    """Per class, against the pixel threshold at the chosen min area: left the Severstal Dice
+    over all images (what is maximised; dotted: at the best min area per threshold), right the
+    Dice over the images holding the class (how well the defects themselves are drawn)."""
     plt = _pyplot()
     search = result.search
     if search is None:
         raise ValueError("plot_class_dice needs the threshold search of the calibration")
     grid = search.grid  # [K, T, A]
     ts = np.asarray(search.pixel_thresholds)
-    fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=DPI)
+    fig, (ax, ax_pos) = plt.subplots(1, 2, figsize=(10.4, 4.4), dpi=DPI)
     colors = plt.get_cmap("tab10")
+    low = 1.0
     for k, name in enumerate(search.classes):
         c = result.classes[name]
         color = colors(k % 10)
+        held = search.positives[:, k]
         if not c.calibrated:
             ax.plot(ts, grid[k].max(axis=1), ls=":", color=color, lw=1, label=f"{name} (not calibrated)")
+            low = min(low, float(grid[k].max(axis=1).min()))
             continue
         ai = search.min_areas.index(c.min_area_px)
         ax.plot(ts, grid[k, :, ai], color=color, lw=1.8,
                 label=f"{name}: t={c.pixel_threshold:.2f}, area>={c.min_area_px}, dice {c.dice:.3f}")
         ax.plot(ts, grid[k].max(axis=1), color=color, lw=0.8, ls=":")
         ax.plot([c.pixel_threshold], [c.dice], "o", color=color, ms=7)
-    ax.set_xlabel("pixel threshold")
-    ax.set_ylabel("Severstal Dice (mean over images)")
-    ax.set_ylim(0, 1.01)
-    ax.grid(alpha=0.3)
-    ax.set_title("segmentation: solid = chosen min area, dotted = best min area")
+        low = min(low, float(grid[k, :, ai].min()))
+        if held.any():
+            on_pos = search.per_image[held, k, :, ai].mean(axis=0)
+            ax_pos.plot(ts, on_pos, color=color, lw=1.8, label=f"{name} ({int(held.sum())} images)")
+            ax_pos.plot([c.pixel_threshold], [c.dice_on_positive], "o", color=color, ms=7)
+    ax.set_ylim(max(0.0, low - 0.05), 1.005)
+    ax.set_title("Severstal Dice, all images (maximised)", fontsize=10)
     ax.legend(loc="lower left", fontsize=7)
+    ax_pos.set_ylim(0, 1.005)
+    ax_pos.set_title("Dice on images holding the class", fontsize=10)
+    ax_pos.legend(loc="lower left", fontsize=7)
+    for a in (ax, ax_pos):
+        a.set_xlabel("pixel threshold (at the chosen min area)")
+        a.grid(alpha=0.3)
+    ax.set_ylabel("Dice (mean over images)")
+    fig.suptitle("segmentation thresholds: dots = chosen, dotted = best min area per threshold", fontsize=11)
     fig.tight_layout()
     fig.savefig(path, dpi=DPI)
     plt.close(fig)

@@ -13,7 +13,9 @@ from agent.publish import Publisher
 from agent.subscriber import ReplayError, Subscriber
 
 
-def endpoints() -> tuple[str, str]:
+def endpoints(directory=None) -> tuple[str, str]:
+    if directory is not None:  # IPC: a restarted publisher rebinds the same path at once (a TCP port may linger)
+        return f"ipc://{directory}/pub.sock", f"ipc://{directory}/replay.sock"
     return f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}"
 
 
@@ -89,7 +91,7 @@ def test_topics_filter_what_comes_out_but_not_the_tracking(tmp_path):
 
 
 def test_republished_messages_after_restart_are_dropped(tmp_path):
-    eps = endpoints()
+    eps = endpoints(tmp_path)
     j = Journal(tmp_path, fsync=False)
     p = publisher(j, eps)
     sub = Subscriber(*eps, from_seq=1)

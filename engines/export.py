@@ -92,6 +92,20 @@ def verify_onnx(model, path: Path, output: str, shapes=((2, 1, 64, 96), (1, 1, 2
     return worst
 
 
+DATA_DESCRIPTIONS = {
+    "steel": "NEU-DET (neu_det: 1,800 200x200 grey images, 6 classes, Pascal VOC boxes; no defect-free images)",
+    "magnetic_tile": "Magnetic tile surface defects (magnetic_tile: mask PNG per image, 5 classes + MT_Free)",
+    "kolektorsdd": "KolektorSDD (kolektorsdd: ~500x1250 grey images, YOLO polygons, 1 class)",
+}
+
+
+def _data_description(meta: dict[str, Any]) -> str:
+    what = DATA_DESCRIPTIONS.get(meta["profile"], meta["profile"])
+    extra = f"; plus synthetic strips (engines.synth) as {meta['synthetic_fraction']:.0%} of batches" \
+        if meta.get("synthetic_fraction") else ""
+    return f"{what} under {meta.get('data', '?')}{extra}"
+
+
 def model_json(meta: dict[str, Any], gate_path: Path, seg_path: Path, height: int, width: int) -> dict[str, Any]:
     """model.json for the pack (format per docs/architecture.md)."""
     from engines.models import OUTPUT_STRIDE
@@ -108,7 +122,7 @@ def model_json(meta: dict[str, Any], gate_path: Path, seg_path: Path, height: in
                     "output_stride": OUTPUT_STRIDE},
         },
         "training": {
-            "data": meta.get("data_description") or meta.get("data", ""),
+            "data": _data_description(meta),
             "split": "engines.datasets.assign_split: sha1(file stem)[0] < 51 test (never used), < 82 val "
                      "(early stopping, calibration), else train",
             "command": meta.get("command", ""),

@@ -17,7 +17,9 @@ Data (engines.datasets, split rule there; the test split is never read here):
   shifts (random window placement), horizontal and vertical flips.
 
 Determinism: one numpy Generator and torch.manual_seed from `seed`; the same seed and data give
-the same weights (2 threads, CPU). Every epoch writes `last.pt` (weights, optimisers, epoch,
+the same weights (CPU) as long as the learning-rate schedule is driven by steps. The schedule
+(`learning_rate`: warm-up, cosine) follows the larger of steps done and `max_minutes` spent, so
+a run the clock cuts short still anneals; such a run depends on the machine's speed. Every epoch writes `last.pt` (weights, optimisers, epoch,
 RNG states) and, when the validation loss improved, `best_gate.pt` / `best_seg.pt` (each model
 kept by its own val loss); a run started on a folder holding `last.pt` resumes from it.
 `max_minutes` stops cleanly after the epoch that crosses it.
@@ -40,6 +42,7 @@ from engines.datasets import Sample
 log = structlog.get_logger(__name__)
 
 GATE_POSITIVES_PER_IMAGE = 3
+SYNTHETIC_FRAMES = 160  # generated 1600x256 frames per run (about 4 s), windows drawn from them
 STATE_FILE = "last.pt"
 META_FILE = "meta.json"
 
@@ -285,6 +288,17 @@ def seg_loss(logits, target):
     return bce + dice.mean()
 
 
+def learning_rate(peak: float, progress: float, warmup: float = 0.05) -> float:
+    """Linear warm-up then cosine decay to 2 % of peak; progress in [0, 1] is the larger of the
+    share of steps done and the share of --max-minutes spent, so a run cut by the clock still
+    ends on a small learning rate (on a shared CPU the step rate varies)."""
+    progress = min(max(progress, 0.0), 1.0)
+    if progress < warmup:
+        return peak * (0.1 + 0.9 * progress / warmup)
+    t = (progress - warmup) / (1.0 - warmup)
+    return peak * (0.02 + 0.98 * 0.5 * (1.0 + math.cos(math.pi * t)))
+
+
 def pos_weight(pools: Pools) -> np.ndarray:
     """Per-class negatives / positives among gate crops, clipped to [1, 20]."""
     labels = np.stack([lab for _, lab in pools.gate_pos])
@@ -340,7 +354,7 @@ def train(cfg: TrainConfig, *, data_loader: Callable[[str], list[Sample]] | None
     pools = build_pools(train_samples, classes, crop, clean, rng)
     val_pools = build_pools(val_samples, classes, crop, clean, np.random.default_rng([cfg.seed, 3]))
     if frac > 0:
-        pools.synth = synthetic_frames(classes, 96, seed=cfg.seed)
+        pools.synth = synthetic_frames(classes, SYNTHETIC_FRAMES, seed=cfg.seed)
     pixels = np.concatenate([s.image.ravel()[::97] for s in train_samples]).astype(np.float64)
     mean, std = round(float(pixels.mean() / 255.0), 4), round(max(0.05, float(pixels.std() / 255.0)), 4)
     log.info("training_data_ready", profile=cfg.profile, **pools.summary(), val=val_pools.summary(), mean=mean, std=std)
@@ -349,8 +363,6 @@ def train(cfg: TrainConfig, *, data_loader: Callable[[str], list[Sample]] | None
     opt_g = torch.optim.AdamW(gate.parameters(), lr=cfg.lr, weight_decay=1e-4)
     opt_s = torch.optim.AdamW(seg.parameters(), lr=cfg.lr, weight_decay=1e-4)
     total_steps = cfg.epochs * cfg.steps_per_epoch
-    sched = [torch.optim.lr_scheduler.OneCycleLR(o, max_lr=cfg.lr, total_steps=total_steps, pct_start=0.1)
-             for o in (opt_g, opt_s)]
     pw = torch.as_tensor(pos_weight(pools))
     (vg_x, vg_y), (vs_x, vs_m) = fixed_val_set(val_pools, crop, prof.seg_crop, cfg.seed)
     vg_x, vg_y, vs_x = torch.as_tensor(vg_x), torch.as_tensor(vg_y), torch.as_tensor(vs_x)
@@ -377,8 +389,6 @@ def train(cfg: TrainConfig, *, data_loader: Callable[[str], list[Sample]] | None
         seg.load_state_dict(state["seg"])
         opt_g.load_state_dict(state["opt_gate"])
         opt_s.load_state_dict(state["opt_seg"])
-        for s, sd in zip(sched, state["sched"]):
-            s.load_state_dict(sd)
         rng.bit_generator.state = state["rng"]
         torch.set_rng_state(state["torch_rng"])
         start_epoch = state["epoch"] + 1
@@ -397,7 +407,13 @@ def train(cfg: TrainConfig, *, data_loader: Callable[[str], list[Sample]] | None
         run_g = run_s = 0.0
         bar = tqdm(range(cfg.steps_per_epoch), desc=f"{cfg.profile} epoch {epoch + 1}/{cfg.epochs}",
                    disable=not cfg.progress, leave=False)
-        for _ in bar:
+        for step in bar:
+            done = (epoch * cfg.steps_per_epoch + step) / total_steps
+            elapsed = (spent_before + (time.monotonic() - started) / 60.0) / cfg.max_minutes
+            rate = learning_rate(cfg.lr, max(done, elapsed))
+            for opt in (opt_g, opt_s):
+                for group in opt.param_groups:
+                    group["lr"] = rate
             gx, gy = gate_batch(pools, cfg.gate_batch, crop, frac, rng)
             loss_g = bce_gate(gate.logits(torch.as_tensor(gx)), torch.as_tensor(gy))
             opt_g.zero_grad()
@@ -408,8 +424,6 @@ def train(cfg: TrainConfig, *, data_loader: Callable[[str], list[Sample]] | None
             opt_s.zero_grad()
             loss_s.backward()
             opt_s.step()
-            for s in sched:
-                s.step()
             run_g += float(loss_g)
             run_s += float(loss_s)
             bar.set_postfix(gate=f"{float(loss_g):.3f}", seg=f"{float(loss_s):.3f}")
@@ -428,7 +442,7 @@ def train(cfg: TrainConfig, *, data_loader: Callable[[str], list[Sample]] | None
                 meta["best"][role] = {"epoch": epoch + 1, "val_loss": val[role]}
         torch.save({"profile": cfg.profile, "model_size": cfg.model_size, "epoch": epoch, "gate": gate.state_dict(),
                     "seg": seg.state_dict(), "opt_gate": opt_g.state_dict(), "opt_seg": opt_s.state_dict(),
-                    "sched": [s.state_dict() for s in sched], "rng": rng.bit_generator.state,
+                    "rng": rng.bit_generator.state,
                     "torch_rng": torch.get_rng_state(), "best": best, "history": meta["history"],
                     "minutes": minutes}, state_path)
         log.info("epoch_done", **row)
@@ -436,7 +450,7 @@ def train(cfg: TrainConfig, *, data_loader: Callable[[str], list[Sample]] | None
             print(f"epoch {epoch + 1}: train gate {row['train_gate']:.4f} seg {row['train_seg']:.4f} | "
                   f"val gate {val['gate']:.4f} seg {val['seg']:.4f} | {minutes:.1f} min", flush=True)
         meta["minutes"] = round(minutes, 2)
-        if minutes >= cfg.max_minutes:
+        if minutes >= cfg.max_minutes * 0.98:
             stop_reason = "max_minutes"
             break
     meta["stopped"] = stop_reason

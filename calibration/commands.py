@@ -37,6 +37,9 @@ def register(subparsers) -> None:
                     help="keep a documented default (marked calibrated=false) for classes with too few images")
     th.add_argument("--pixel-thresholds", help="comma-separated grid (default 0.10..0.90 step 0.05)")
     th.add_argument("--min-areas", help="comma-separated grid of min component areas in image px")
+    th.add_argument("--gate-view", choices=("images", "both"), default="images",
+                    help="data without defect-free images: meet the recall target on the images (default) "
+                    "or also on size-matched defect crops (both: the lower threshold, cautious and costly)")
     th.add_argument("--batch", type=int, default=8, help="images per ONNX Runtime batch (equal sizes)")
     th.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (0 = default)")
     th.add_argument("--output", type=Path, help="where to write (default: <models>/calibration.json)")
@@ -91,6 +94,7 @@ def _run_thresholds(args: argparse.Namespace) -> int:
             allow_missing_class=args.allow_missing_class,
             pixel_thresholds=_grid(args.pixel_thresholds, float, "--pixel-thresholds"),
             min_areas=_grid(args.min_areas, int, "--min-areas"),
+            gate_view=args.gate_view,
             batch=args.batch,
             threads=args.threads,
             output=args.output,

@@ -145,9 +145,15 @@ def write_report(result: "CalibrationResult", directory: str | Path) -> Path:
         )
     sm = doc["gate"].get("size_matched")
     size_matched = "" if not sm else (
-        f"<p>Size-matched view (defect crops of the clean crops' size, at this threshold): recall "
-        f"{sm['recall']:.4f} on {sm['n_defect_crops']} defect crops; pass rate on clean crops "
-        f"{sm['pass_rate_clean_crops']}.</p>"
+        f"<p>Size-matched view (defect crops of the clean crops' size vs those clean crops), at this "
+        f"threshold: recall {sm['recall']:.4f} on {sm['n_defect_crops']} defect crops, pass rate "
+        f"{sm['pass_rate_clean_crops']:.4f} on {sm['n_clean_crops']} clean crops; its own threshold for the target "
+        f"{sm['own_threshold']:.6g}. Threshold chosen by: <b>{html.escape(doc['gate']['chosen_by'])}</b> "
+        f"(images by default; the lower of the two with --gate-view both).</p>"
+        + ("" if not sm.get("line_frame_pass_rate_estimate") else
+           f"<p>Rough pass rate of a clean line frame at this threshold: "
+           f"<b>{sm['line_frame_pass_rate_estimate']['value']:.4f}</b> "
+           f"({html.escape(sm['line_frame_pass_rate_estimate']['how'])}).</p>")
     )
     models = ", ".join(f"{html.escape(role)} <code>{sha[:12]}</code>" for role, sha in doc["models"].items())
     page = f"""<!doctype html>

@@ -145,7 +145,15 @@ def choose_gate_threshold(
         raise CalibrationError(f"gate: all {s.size} scores are equal ({s.min():.6g}); the gate separates nothing")
     pos = np.sort(s[y])[::-1]  # descending
     k = math.ceil(recall_target * n_pos - 1e-9)  # defective frames that must pass
-    threshold = float(pos[k - 1])
+    return gate_at(s, y, float(pos[k - 1]), recall_target)
+
+
+def gate_at(scores: np.ndarray, labels: np.ndarray, threshold: float, recall_target: float) -> GateChoice:
+    """The gate's figures on (scores, labels) at a given threshold."""
+    s = np.asarray(scores, dtype=np.float64).ravel()
+    y = np.asarray(labels, dtype=bool).ravel()
+    n_pos = int(y.sum())
+    n_neg = int(y.size - n_pos)
     pr = precision_recall(s, y, threshold)  # calibration.metrics: positive when score >= threshold
     return GateChoice(
         threshold=threshold,
@@ -423,8 +431,14 @@ class CalibrationResult:
         ]
         sm = self.document["gate"].get("size_matched")
         if sm:
-            lines.append(f"gate, size-matched view: recall {sm['recall']:.4f} on {sm['n_defect_crops']} defect crops, "
-                         f"pass rate {sm['pass_rate_clean_crops']} on clean crops")
+            lines.append(f"gate, size-matched view at this threshold: recall {sm['recall']:.4f} on {sm['n_defect_crops']} "
+                         f"defect crops, pass rate {sm['pass_rate_clean_crops']:.4f} on {sm['n_clean_crops']} clean crops "
+                         f"(its own threshold {sm['own_threshold']:.6g}; threshold chosen by: "
+                         f"{self.document['gate']['chosen_by']})")
+            est = sm.get("line_frame_pass_rate_estimate")
+            if est:
+                lines.append(f"gate, rough pass rate of a clean line frame at this threshold: {est['value']:.4f} "
+                             f"({est['how']})")
         for name, c in self.classes.items():
             flag = "" if c.calibrated else "  [NOT CALIBRATED: default kept]"
             if c.calibrated and c.note:
@@ -494,6 +508,7 @@ def calibrate(
     *,
     negatives: Sequence[Any] = (),
     size_matched_positives: Sequence[Any] = (),
+    gate_view: str = "images",
     recall_target: float = 0.99,
     min_gate_positives: int | None = None,
     pixel_thresholds: Sequence[float] = DEFAULT_PIXEL_THRESHOLDS,
@@ -523,6 +538,8 @@ def calibrate(
 
     if pack.seg is None:
         raise CalibrationError(f"{pack.directory}: the pack has no seg model; per-class thresholds need one")
+    if gate_view not in ("both", "images"):
+        raise CalibrationError(f"gate_view must be 'both' or 'images', got {gate_view!r}")
     if batch < 1:
         raise CalibrationError(f"batch must be >= 1, got {batch}")
     ts, areas = _check_grids(pixel_thresholds, min_areas)
@@ -579,16 +596,44 @@ def calibrate(
     all_scores = gate_scores.max(axis=1).astype(np.float64)
     frame_scores = all_scores[:n_main]
     gate_choice = choose_gate_threshold(frame_scores, defective, recall_target, min_gate_positives)
-    gate_doc = gate_choice.to_json()
+    chosen_by = "images"
+    size_doc = None
     if size_matched_positives:
+        # Same-size view: defect crops vs the clean crops (the gate is trained on such crops).
+        # A crop may cut a large defect, so this view is pessimistic for recall; "both" takes it
+        # as a constraint all the same.
         crop_pos = all_scores[n_main:]
         crop_neg = frame_scores[n:]
-        gate_doc["size_matched"] = {
-            "what": "defect crops of the clean crops' size vs those clean crops, at the chosen threshold",
-            "recall": round(float((crop_pos >= gate_choice.threshold).mean()), 6),
+        view_scores = np.r_[crop_pos, crop_neg]
+        view_labels = np.r_[np.ones(crop_pos.size, bool), np.zeros(crop_neg.size, bool)]
+        own = choose_gate_threshold(view_scores, view_labels, recall_target, min_gate_positives)
+        if gate_view == "both" and own.threshold < gate_choice.threshold:
+            gate_choice = gate_at(frame_scores, defective, own.threshold, recall_target)
+            chosen_by = "size_matched"
+        at = gate_at(view_scores, view_labels, gate_choice.threshold, recall_target)
+        size_doc = {
+            "what": "defect crops (engines.datasets.defect_crops) of the clean crops' size vs those clean crops",
+            "own_threshold": own.threshold,
+            "recall": round(at.recall, 6),
+            "pass_rate_clean_crops": round(at.passed_clean / max(at.n_clean, 1), 6),
             "n_defect_crops": int(crop_pos.size),
-            "pass_rate_clean_crops": round(float((crop_neg >= gate_choice.threshold).mean()), 6) if crop_neg.size else None,
+            "n_clean_crops": int(crop_neg.size),
+            "recall_lower_95": round(at.recall_lower_95, 6),
         }
+        if negatives:
+            # What a whole line frame would cost: it holds many windows of the crops' size and
+            # passes when any one does. Windows are not independent, so this is a rough guide.
+            ch, cw = np.asarray(negatives[0].image).shape[:2]
+            windows = max(1, (pack.height // ch) * (pack.width // cw))
+            size_doc["line_frame_pass_rate_estimate"] = {
+                "value": round(1.0 - (1.0 - at.passed_clean / max(at.n_clean, 1)) ** windows, 6),
+                "how": f"1 - (1 - clean-crop pass rate)^{windows}: a {pack.height}x{pack.width} frame holds "
+                       f"{windows} windows of {ch}x{cw}; assumes independent windows",
+            }
+    gate_doc = gate_choice.to_json()
+    gate_doc["chosen_by"] = chosen_by
+    if size_doc is not None:
+        gate_doc["size_matched"] = size_doc
 
     def probs_and_masks():
         with cls(pack.seg.path, max_batch=batch, threads=threads) as seg:
@@ -754,6 +799,7 @@ def run_threshold_calibration(
     allow_missing_class: bool = False,
     pixel_thresholds: Sequence[float] | None = None,
     min_areas: Sequence[int] | None = None,
+    gate_view: str = "images",
     batch: int = 8,
     threads: int = 0,
     output: Path | None = None,
@@ -772,6 +818,7 @@ def run_threshold_calibration(
         pack, samples,
         negatives=negatives,
         size_matched_positives=size_matched,
+        gate_view=gate_view,
         recall_target=recall_target,
         min_gate_positives=min_gate_positives,
         pixel_thresholds=pixel_thresholds or DEFAULT_PIXEL_THRESHOLDS,

@@ -425,19 +425,49 @@ def test_odd_sized_frames_and_gate_only_negatives(pack_dir):
     assert min(doc["classes"][c]["dice"] for c in CLASSES) > 0.8
     with pytest.raises(CalibrationError, match=r"a gate negative must be defect-free"):
         calibrate(pack, defective, negatives=defective[:1], recall_target=0.9, write=False)
-    # the size-matched view: positives of the negatives' size, scored at the chosen threshold only
-    small_pos = [Sample(s.image[:16, :24].copy(), None, [], s.labels, CLASSES, s.source) for s in defective[:6]]
+    # the size-matched view: positives of the negatives' size around the defects
+    small_pos = [_crop_around_defect(s, 16, 24) for s in defective]
     small_neg = [Sample(s.image[:16, :24].copy(), None, [], s.labels, CLASSES, s.source) for s in clean]
-    r2 = calibrate(pack, defective, negatives=small_neg, size_matched_positives=small_pos, recall_target=0.9,
-                   write=False, pixel_thresholds=(0.5,), min_areas=(0,))
-    sm = r2.document["gate"]["size_matched"]
-    assert sm["n_defect_crops"] == 6
-    assert sm["recall"] == pytest.approx(np.mean(
-        [x >= r2.gate.threshold for x in _gate_scores(pack, small_pos)]))
-    assert r2.gate.n == len(defective) + len(small_neg)  # size-matched positives do not move the threshold
+    images_only = calibrate(pack, defective, negatives=small_neg, recall_target=0.9, write=False,
+                            pixel_thresholds=(0.5,), min_areas=(0,))
+    both = calibrate(pack, defective, negatives=small_neg, size_matched_positives=small_pos, recall_target=0.9,
+                     gate_view="both", write=False, pixel_thresholds=(0.5,), min_areas=(0,))
+    sm = both.document["gate"]["size_matched"]
+    assert sm["n_defect_crops"] == len(small_pos) and sm["n_clean_crops"] == len(small_neg)
+    crop_scores = np.asarray(_gate_scores(pack, small_pos))
+    assert sm["recall"] == pytest.approx(np.mean(crop_scores >= both.gate.threshold))
+    # the target holds in both views; the threshold is the lower of the two views' own
+    assert sm["recall"] >= 0.9 and both.gate.recall >= 0.9
+    assert both.gate.threshold == min(images_only.gate.threshold, sm["own_threshold"])
+    assert both.document["gate"]["chosen_by"] == (
+        "size_matched" if sm["own_threshold"] < images_only.gate.threshold else "images")
+    assert both.gate.n == len(defective) + len(small_neg)  # the crops add a view, not frames
+    only = calibrate(pack, defective, negatives=small_neg, size_matched_positives=small_pos, recall_target=0.9,
+                     write=False, pixel_thresholds=(0.5,), min_areas=(0,))  # default view: images
+    assert only.gate.threshold == images_only.gate.threshold
+    assert only.document["gate"]["chosen_by"] == "images"
+    # a 32x48 frame holds 2x2 windows of 16x24: the frame passes when any window does
+    est = only.document["gate"]["size_matched"]["line_frame_pass_rate_estimate"]
+    p_crop = only.document["gate"]["size_matched"]["pass_rate_clean_crops"]
+    crop_neg_scores = np.asarray(_gate_scores(pack, small_neg))
+    assert p_crop == pytest.approx(np.mean(crop_neg_scores >= only.gate.threshold), abs=1e-6)
+    assert est["value"] == pytest.approx(1 - (1 - p_crop) ** 4, abs=1e-6)
+    assert "holds 4 windows of 16x24" in est["how"]
     with pytest.raises(CalibrationError, match=r"a size-matched positive must hold a defect"):
         calibrate(pack, defective, negatives=small_neg, size_matched_positives=small_neg[:1], recall_target=0.9,
                   write=False)
+    with pytest.raises(CalibrationError, match=r"gate_view must be 'both' or 'images', got 'crops'"):
+        calibrate(pack, defective, gate_view="crops", write=False)
+
+
+def _crop_around_defect(sample: Sample, ch: int, cw: int) -> Sample:
+    ys, xs = np.nonzero(sample.masks.any(axis=0))
+    h, w = sample.shape
+    y = int(min(max(0, ys.mean() - ch / 2), h - ch))
+    x = int(min(max(0, xs.mean() - cw / 2), w - cw))
+    masks = sample.masks[:, y : y + ch, x : x + cw].copy()
+    return Sample(sample.image[y : y + ch, x : x + cw].copy(), masks, [], masks.any(axis=(1, 2)).astype(np.float32),
+                  CLASSES, sample.source)
 
 
 def _gate_scores(pack, samples) -> list[float]:

@@ -35,6 +35,9 @@ def register(subparsers) -> None:
                     help="fewest images holding a class to calibrate it (default 5)")
     th.add_argument("--allow-missing-class", action="store_true",
                     help="keep a documented default (marked calibrated=false) for classes with too few images")
+    th.add_argument("--min-image-recall", type=float, default=None,
+                    help="per class, only thresholds that find the class (a kept component touching it) in at "
+                    "least this share of its images; the best Dice among those (default: no floor)")
     th.add_argument("--pixel-thresholds", help="comma-separated grid (default 0.10..0.90 step 0.05)")
     th.add_argument("--min-areas", help="comma-separated grid of min component areas in image px")
     th.add_argument("--gate-view", choices=("images", "both"), default="images",
@@ -92,6 +95,7 @@ def _run_thresholds(args: argparse.Namespace) -> int:
             min_gate_positives=args.min_gate_positives,
             min_positive_images=args.min_positive_images,
             allow_missing_class=args.allow_missing_class,
+            min_image_recall=args.min_image_recall,
             pixel_thresholds=_grid(args.pixel_thresholds, float, "--pixel-thresholds"),
             min_areas=_grid(args.min_areas, int, "--min-areas"),
             gate_view=args.gate_view,

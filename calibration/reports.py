@@ -137,9 +137,10 @@ def write_report(result: "CalibrationResult", directory: str | Path) -> Path:
         dice = "n/a" if math.isnan(c.dice) else f"{c.dice:.4f}"
         with_gate = "" if c.dice_with_gate is None else f"{c.dice_with_gate:.4f}"
         on_pos = "" if c.dice_on_positive is None else f"{c.dice_on_positive:.4f}"
+        found = "" if c.image_recall is None else f"{c.image_recall:.4f}"
         rows.append(
             f"<tr><td>{html.escape(name)}</td><td>{c.pixel_threshold:.2f}</td><td>{c.min_area_px}</td>"
-            f"<td>{dice}</td><td>{on_pos}</td><td>{c.empty_baseline:.4f}</td><td>{with_gate}</td>"
+            f"<td>{dice}</td><td>{on_pos}</td><td>{found}</td><td>{c.empty_baseline:.4f}</td><td>{with_gate}</td>"
             f"<td>{c.n_positive_images}/{c.n_images}</td>"
             f"<td>{'yes' if c.calibrated else 'NO (default kept)'}</td></tr>"
         )
@@ -175,9 +176,10 @@ precision {g.precision:.4f}, pass rate <b>{g.pass_rate:.4f}</b> of {g.n} frames
 <h2>Segmentation thresholds</h2>
 <p>Dice is the Severstal Dice over all images (an image without the class and without a
 prediction scores 1), so it is compared with what never predicting the class would score; Dice on
-positive images is the mean over the images that hold the class.</p>
+positive images is the mean over the images that hold the class; "found in" is the share of those
+images where a kept component overlaps the truth (a defect the segmenter reports at all).</p>
 <table><tr><th>class</th><th>pixel threshold</th><th>min area px</th><th>Dice</th><th>Dice on positive images</th>
-<th>Dice if never predicted</th><th>Dice with gate</th><th>positive images</th><th>calibrated</th></tr>
+<th>found in (share of positive images)</th><th>Dice if never predicted</th><th>Dice with gate</th><th>positive images</th><th>calibrated</th></tr>
 {''.join(rows)}</table>
 {_img_tag(dice_png, "Dice vs pixel threshold")}
 <h2>calibration.json</h2>

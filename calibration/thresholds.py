@@ -197,6 +197,7 @@ class ClassChoice:
     note: str = ""
     dice_with_gate: float | None = None
     dice_on_positive: float | None = None  # mean Dice over the images holding the class
+    image_recall: float | None = None  # share of images holding the class where a kept component touches it
 
     @property
     def empty_baseline(self) -> float:
@@ -214,6 +215,8 @@ class ClassChoice:
         }
         if self.dice_on_positive is not None:
             out["dice_on_positive_images"] = round(self.dice_on_positive, 6)
+        if self.image_recall is not None:
+            out["image_recall"] = round(self.image_recall, 6)
         out["dice_if_never_predicted"] = round(self.empty_baseline, 6)
         if self.dice_with_gate is not None:
             out["dice_with_gate"] = round(self.dice_with_gate, 6)
@@ -346,9 +349,17 @@ def pick_class_thresholds(
     search: ClassSearch,
     min_positive_images: int = DEFAULT_MIN_POSITIVE_IMAGES,
     allow_missing_class: bool = False,
+    min_image_recall: float | None = None,
 ) -> dict[str, ClassChoice]:
     """Per class, the Dice-maximising grid point; ties go to the lower threshold, then the
-    smaller min area (the choice that drops fewer pixels: a missed defect is a shipped defect)."""
+    smaller min area (the choice that drops fewer pixels: a missed defect is a shipped defect).
+
+    ``min_image_recall``: only grid points where a kept component touches the truth in at least
+    this share of the images holding the class are eligible (the Dice optimum may drop small
+    defects wholesale to avoid false alarms); when no point reaches it, the points with the
+    highest such recall are, and the class gets a note."""
+    if min_image_recall is not None and not 0.0 < min_image_recall <= 1.0:
+        raise CalibrationError(f"min_image_recall must be in (0, 1], got {min_image_recall!r}")
     grid = search.grid
     n_images = search.per_image.shape[0]
     out: dict[str, ClassChoice] = {}
@@ -365,17 +376,30 @@ def pick_class_thresholds(
                 note=f"only {n_pos} positive images (< {min_positive_images}); documented default kept, not calibrated",
             )
             continue
-        flat = int(np.argmax(grid[k]))  # first maximum in (threshold, area) ascending order
-        ti, ai = np.unravel_index(flat, grid[k].shape)
         held = search.positives[:, k]
+        objective = grid[k]
+        recall_note = ""
+        if min_image_recall is not None and held.any():
+            found = (search.per_image[held, k] > 0).mean(axis=0)  # [T, A]
+            floor = min_image_recall if (found >= min_image_recall - 1e-12).any() else found.max()
+            if floor < min_image_recall:
+                recall_note = (f"no grid point finds the class in {min_image_recall} of its images; "
+                               f"best reached {floor:.4f}")
+            objective = np.where(found >= floor - 1e-12, grid[k], -np.inf)
+        flat = int(np.argmax(objective))  # first maximum in (threshold, area) ascending order
+        ti, ai = np.unravel_index(flat, grid[k].shape)
         choice = ClassChoice(
             name, search.pixel_thresholds[ti], search.min_areas[ai], float(grid[k, ti, ai]), n_images, n_pos,
             dice_on_positive=float(search.per_image[held, k, ti, ai].mean()) if held.any() else None,
+            # Dice > 0 on an image holding the class <=> some kept pixel overlaps the truth
+            image_recall=float((search.per_image[held, k, ti, ai] > 0).mean()) if held.any() else None,
         )
         if n_pos and choice.dice <= choice.empty_baseline + 1e-9:
-            # Dice-optimal here means "never predict it": the model does not find this class.
+            # Dice-optimal here means "never predict it", or the recall floor costs that much.
             choice.note = ("WARNING: no better than never predicting this class "
-                           f"(Dice {choice.dice:.4f} <= {choice.empty_baseline:.4f}); the model misses it")
+                           f"(Dice {choice.dice:.4f} <= {choice.empty_baseline:.4f})")
+        if recall_note:
+            choice.note = "; ".join(filter(None, [choice.note, "WARNING: " + recall_note]))
         out[name] = choice
     if short:
         raise CalibrationError(
@@ -445,7 +469,8 @@ class CalibrationResult:
                 flag = f"  [{c.note}]"
             dice = "n/a" if math.isnan(c.dice) else f"{c.dice:.4f}"
             with_gate = "" if c.dice_with_gate is None else f" with gate {c.dice_with_gate:.4f}"
-            on_pos = "" if c.dice_on_positive is None else f" on positive images {c.dice_on_positive:.4f}"
+            on_pos = "" if c.dice_on_positive is None else (
+                f" on positive images {c.dice_on_positive:.4f}, found in {c.image_recall:.4f} of them")
             lines.append(
                 f"class {name}: pixel_threshold {c.pixel_threshold:.2f}  min_area_px {c.min_area_px}  "
                 f"dice {dice} ({on_pos.strip()}{',' if on_pos and with_gate else ''}{with_gate}; never predicting it "
@@ -515,6 +540,7 @@ def calibrate(
     min_areas: Sequence[int] = DEFAULT_MIN_AREAS,
     min_positive_images: int = DEFAULT_MIN_POSITIVE_IMAGES,
     allow_missing_class: bool = False,
+    min_image_recall: float | None = None,
     data_info: dict[str, Any] | None = None,
     backend: str = "onnxruntime",
     batch: int = 8,
@@ -661,7 +687,7 @@ def calibrate(
     pos = np.empty_like(search.positives)
     pos[order] = search.positives
     search = ClassSearch(search.classes, search.pixel_thresholds, search.min_areas, per_image, pos)
-    choices = pick_class_thresholds(search, min_positive_images, allow_missing_class)
+    choices = pick_class_thresholds(search, min_positive_images, allow_missing_class, min_image_recall)
 
     # Dice of the whole pipeline: frames the gate stops get no prediction at all.
     stopped = frame_scores[:n] < gate_choice.threshold
@@ -696,6 +722,7 @@ def calibrate(
                          "counts them) removed, masks upsampled nearest to image size",
             "tie_break": "lowest pixel_threshold, then smallest min_area_px",
             "min_positive_images": min_positive_images,
+            "min_image_recall": min_image_recall,
             "min_gate_positives": min_positives_for(recall_target) if min_gate_positives is None else min_gate_positives,
             "missing_class_default": MISSING_CLASS_DEFAULT,
         },
@@ -797,6 +824,7 @@ def run_threshold_calibration(
     min_gate_positives: int | None = None,
     min_positive_images: int = DEFAULT_MIN_POSITIVE_IMAGES,
     allow_missing_class: bool = False,
+    min_image_recall: float | None = None,
     pixel_thresholds: Sequence[float] | None = None,
     min_areas: Sequence[int] | None = None,
     gate_view: str = "images",
@@ -825,6 +853,7 @@ def run_threshold_calibration(
         min_areas=min_areas or DEFAULT_MIN_AREAS,
         min_positive_images=min_positive_images,
         allow_missing_class=allow_missing_class,
+        min_image_recall=min_image_recall,
         data_info=info,
         batch=batch,
         threads=threads,

@@ -490,6 +490,7 @@ def test_dice_on_positive_images_and_the_empty_baseline():
     assert c.n_positive_images == 4
     assert c.empty_baseline == 0.5
     assert c.dice_on_positive == pytest.approx(3 / 4)  # image 0 missed, 1-3 exact
+    assert c.image_recall == pytest.approx(3 / 4)
     assert c.dice == pytest.approx(7 / 8)
     assert c.to_json()["dice_if_never_predicted"] == 0.5
     assert "note" not in c.to_json()
@@ -498,6 +499,41 @@ def test_dice_on_positive_images_and_the_empty_baseline():
     c = choose_class_thresholds(blind, masks, ("square", "empty"), (0.45,), (0,), min_positive_images=0)["square"]
     assert c.dice == 0.5 and c.dice_on_positive == 0.0
     assert c.to_json()["note"].startswith("WARNING: no better than never predicting this class (Dice 0.5000 <= 0.5000)")
+
+
+def test_min_image_recall_trades_dice_for_found_defects():
+    """Four images hold a defect (two 20x20, two 3x3), six hold none but show a 3x3 noise blob.
+    The Dice optimum drops every 3x3 component (area filter 16): the six empty images score 1
+    and the two small defects are lost; a recall floor of 1 keeps them at a Dice cost."""
+    rng = np.random.default_rng(3)
+    probs, masks = [], []
+    for i in range(10):
+        gt = np.zeros((1, 64, 64), bool)
+        p = np.full((1, 64, 64), 0.05, np.float32)
+        y, x = rng.integers(35, 60, 2)
+        if i < 2:  # big defect
+            gt[0, 10:30, 10:30] = True
+            p[0, 10:30, 10:30] = 0.7
+        elif i < 4:  # small defect
+            gt[0, y : y + 3, x : x + 3] = True
+            p[0, y : y + 3, x : x + 3] = 0.7
+        else:  # no defect, a noise blob
+            p[0, y : y + 3, x : x + 3] = 0.9
+        probs.append(p)
+        masks.append(gt)
+    s = search_class_thresholds(probs, masks, ("d",), (0.5,), (0, 16))
+    from calibration.thresholds import pick_class_thresholds
+
+    best = pick_class_thresholds(s, min_positive_images=0)["d"]
+    assert best.min_area_px == 16 and best.image_recall == 0.5
+    floor = pick_class_thresholds(s, min_positive_images=0, min_image_recall=1.0)["d"]
+    assert best.dice == pytest.approx(0.8)
+    assert floor.min_area_px == 0 and floor.image_recall == 1.0 and floor.dice == pytest.approx(0.4)
+    unreachable = pick_class_thresholds(
+        search_class_thresholds(probs, masks, ("d",), (0.95,), (0,)), min_positive_images=0, min_image_recall=0.9)["d"]
+    assert "WARNING: no grid point finds the class in 0.9 of its images; best reached 0.0000" in unreachable.note
+    with pytest.raises(CalibrationError, match=r"min_image_recall must be in \(0, 1\], got 1.5"):
+        pick_class_thresholds(s, min_positive_images=0, min_image_recall=1.5)
 
 
 @pytest.mark.parametrize(("stride", "hw"), [(1, (20, 30)), (2, (29, 45)), (4, (61, 50))])

@@ -2,7 +2,8 @@
 
 Data (engines.datasets, split rule there; the test split is never read here):
 - gate: same-size crops, so the gate cannot learn image size. Positives are
-  `defect_crops(train, crop)` (one window per annotated defect, up to `GATE_POSITIVES_PER_IMAGE`),
+  `defect_crops(train, crop)` (one window per annotated defect, up to `GATE_POSITIVES_PER_IMAGE`)
+  and as many fresh windows centred on a random defect pixel,
   negatives `clean_crops(train, **clean_crop_settings())` (windows outside every box grown by the
   margin; NEU has no defect-free image) plus random windows of defect-free images where the data
   has them. Loss: BCE with a per-class pos_weight (negatives / positives, clipped to [1, 20]).
@@ -86,6 +87,9 @@ class TrainConfig:
     limit_images: int | None = None  # tests: use only the first N train/val images
     command: str = ""
     progress: bool = True
+    # The learning rate follows max(share of steps, share of --max-minutes) so a run cut by the clock
+    # still anneals; that makes the schedule depend on timing. False: steps only, bit-reproducible.
+    clock_schedule: bool = True
     extra: dict[str, Any] = field(default_factory=dict)
 
     def resolved_synthetic_fraction(self) -> float:
@@ -211,7 +215,8 @@ def synthetic_frames(classes: tuple[str, ...], n: int, seed: int) -> list[tuple[
 
 def gate_batch(pools: Pools, n: int, crop: int, synth_fraction: float, rng: np.random.Generator,
                aug: bool = True) -> tuple[np.ndarray, np.ndarray]:
-    """n crops, half positive; a synth_fraction of them cut from synthetic frames."""
+    """n crops, half positive (half of those defect_crops, half fresh windows centred on a random
+    defect pixel); a synth_fraction of them cut from synthetic frames."""
     k = len(pools.classes)
     xs = np.empty((n, 1, crop, crop), np.float32)
     ys = np.zeros((n, k), np.float32)
@@ -222,6 +227,15 @@ def gate_batch(pools: Pools, n: int, crop: int, synth_fraction: float, rng: np.r
             centre = _random_mask_pixel(masks, rng) if positive else None
             img, m = window(frame, masks, crop, rng, centre)
             label = m.any(axis=(1, 2)).astype(np.float32)
+        elif positive and rng.random() < 0.5:
+            # a fresh window around a random defect pixel: many more distinct positives than the
+            # fixed defect_crops, which a small gate memorises on small data (magnetic tile)
+            image, masks = pools.seg_defective[int(rng.integers(len(pools.seg_defective)))]
+            img, m = window(image, masks, crop, rng, _random_mask_pixel(masks, rng))
+            label = m.any(axis=(1, 2)).astype(np.float32)
+            if not label.any():
+                img, label = pools.gate_pos[int(rng.integers(len(pools.gate_pos)))]
+                m = np.zeros((k,) + img.shape, bool)
         elif positive:
             img, label = pools.gate_pos[int(rng.integers(len(pools.gate_pos)))]
             m = np.zeros((k,) + img.shape, bool)
@@ -409,7 +423,7 @@ def train(cfg: TrainConfig, *, data_loader: Callable[[str], list[Sample]] | None
                    disable=not cfg.progress, leave=False)
         for step in bar:
             done = (epoch * cfg.steps_per_epoch + step) / total_steps
-            elapsed = (spent_before + (time.monotonic() - started) / 60.0) / cfg.max_minutes
+            elapsed = (spent_before + (time.monotonic() - started) / 60.0) / cfg.max_minutes if cfg.clock_schedule else 0.0
             rate = learning_rate(cfg.lr, max(done, elapsed))
             for opt in (opt_g, opt_s):
                 for group in opt.param_groups:
@@ -424,8 +438,8 @@ def train(cfg: TrainConfig, *, data_loader: Callable[[str], list[Sample]] | None
             opt_s.zero_grad()
             loss_s.backward()
             opt_s.step()
-            run_g += float(loss_g)
-            run_s += float(loss_s)
+            run_g += float(loss_g.detach())
+            run_s += float(loss_s.detach())
             bar.set_postfix(gate=f"{float(loss_g):.3f}", seg=f"{float(loss_s):.3f}")
         gate.eval()
         seg.eval()

@@ -23,6 +23,8 @@ def register(subparsers) -> None:
     t.add_argument("--synthetic-fraction", type=float, default=None,
                    help="share of synthetic strip windows per batch (default 0.25 for steel, 0 elsewhere)")
     t.add_argument("--model-size", default="small", help="engines.models.CONFIGS key (tiny, small, wide)")
+    t.add_argument("--steps-only-schedule", action="store_true",
+                   help="learning rate by steps only (bit-reproducible); default also anneals by --max-minutes")
     t.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     t.set_defaults(func=_run_train)
 
@@ -40,7 +42,7 @@ def _run_train(args: argparse.Namespace) -> int:
     cfg = TrainConfig(profile=args.profile, data_root=args.data_root, out=args.out, epochs=args.epochs,
                       steps_per_epoch=args.steps_per_epoch, seed=args.seed, max_minutes=args.max_minutes,
                       synthetic_fraction=args.synthetic_fraction, model_size=args.model_size, threads=args.threads,
-                      command="coilsight " + shlex.join(sys.argv[1:]))
+                      clock_schedule=not args.steps_only_schedule, command="coilsight " + shlex.join(sys.argv[1:]))
     try:
         meta = train(cfg)
     except (TrainError, DatasetError) as exc:

@@ -1,0 +1,56 @@
+"""engines/models.py: the model contract inside the graph (uint8 in, sigmoid out, stride 4)."""
+from __future__ import annotations
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from engines.models import CONFIGS, OUTPUT_STRIDE, ModelConfig, Normalise, build_models, count_params  # noqa: E402
+
+
+@pytest.mark.parametrize("size", sorted(CONFIGS))
+def test_shapes_at_any_multiple_of_eight(size):
+    torch.manual_seed(0)
+    gate, seg = build_models(3, 1, 0.5, 0.25, size)
+    gate.eval(), seg.eval()
+    for h, w in ((64, 64), (48, 200)):
+        x = torch.randint(0, 256, (2, 1, h, w), dtype=torch.uint8)
+        with torch.no_grad():
+            scores, probs = gate(x), seg(x)
+        assert scores.shape == (2, 3)
+        assert probs.shape == (2, 3, h // OUTPUT_STRIDE, w // OUTPUT_STRIDE)
+        for out in (scores, probs):
+            assert out.dtype == torch.float32 and float(out.min()) >= 0.0 and float(out.max()) <= 1.0
+
+
+def test_normalisation_is_inside_the_model():
+    norm = Normalise(0.4, 0.2)
+    x = torch.tensor([0, 102, 255], dtype=torch.uint8)
+    assert torch.allclose(norm(x), (x.float() / 255 - 0.4) / 0.2, atol=1e-6)
+    with pytest.raises(ValueError, match="std must be > 0"):
+        Normalise(0.5, 0.0)
+
+
+def test_gate_score_is_the_max_over_space_of_its_map():
+    torch.manual_seed(1)
+    gate, _ = build_models(2)
+    gate.eval()
+    x = torch.randint(0, 256, (1, 1, 64, 128), dtype=torch.uint8)
+    with torch.no_grad():
+        assert torch.allclose(gate(x), torch.sigmoid(gate.logit_map(x).amax(dim=(2, 3))))
+
+
+def test_sizes_are_ordered_and_small():
+    params = {name: sum(count_params(m) for m in build_models(6, config=name)) for name in CONFIGS}
+    assert params["tiny"] < params["small"] < params["wide"]
+    assert params["small"] < 100_000
+
+
+def test_bad_configs_are_named():
+    with pytest.raises(ValueError, match="unknown model size 'huge'"):
+        build_models(2, config="huge")
+    with pytest.raises(ValueError, match="num_classes 0"):
+        build_models(0)
+    with pytest.raises(ValueError, match=r"unknown keys \['depth'\]"):
+        ModelConfig.from_dict({"depth": 3})
+    assert ModelConfig.from_dict(CONFIGS["wide"].to_dict()) == CONFIGS["wide"]

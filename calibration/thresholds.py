@@ -467,14 +467,16 @@ class CalibrationResult:
             flag = "" if c.calibrated else "  [NOT CALIBRATED: default kept]"
             if c.calibrated and c.note:
                 flag = f"  [{c.note}]"
+            details = []
+            if c.dice_on_positive is not None:
+                details.append(f"on positive images {c.dice_on_positive:.4f}, found in {c.image_recall:.4f} of them")
+            if c.dice_with_gate is not None:
+                details.append(f"with gate {c.dice_with_gate:.4f}")
+            details.append(f"never predicting it scores {c.empty_baseline:.4f}")
             dice = "n/a" if math.isnan(c.dice) else f"{c.dice:.4f}"
-            with_gate = "" if c.dice_with_gate is None else f" with gate {c.dice_with_gate:.4f}"
-            on_pos = "" if c.dice_on_positive is None else (
-                f" on positive images {c.dice_on_positive:.4f}, found in {c.image_recall:.4f} of them")
             lines.append(
                 f"class {name}: pixel_threshold {c.pixel_threshold:.2f}  min_area_px {c.min_area_px}  "
-                f"dice {dice} ({on_pos.strip()}{',' if on_pos and with_gate else ''}{with_gate}; never predicting it "
-                f"scores {c.empty_baseline:.4f})  positive images {c.n_positive_images}/{c.n_images}{flag}"
+                f"dice {dice} ({'; '.join(details)})  positive images {c.n_positive_images}/{c.n_images}{flag}"
             )
         if self.path is not None:
             lines.append(f"wrote {self.path}")

@@ -101,9 +101,11 @@ def run_scenario(cfg_path: Path, cfg, n: int, fraction: float, clean: list, bad:
         time.sleep(0.3)
         cam = CameraSim(cfg.ingest.endpoint, camera="cam0", sndhwm=16, send_timeout_ms=60_000)
         t0 = time.perf_counter()
-        sent = cam.send_coil(f"bench-{fraction}-{n}", coil_frames(n, fraction, clean, bad), rate_hz=rate)
+        # A fresh coil id per run: the agent (rightly) rejects frames of a coil it already summarised.
+        coil = f"bench-{fraction}-{n}-{time.time_ns()}"
+        sent = cam.send_coil(coil, coil_frames(n, fraction, clean, bad), rate_hz=rate)
         cam.close()
-        t.join(timeout=1800)
+        t.join(timeout=max(120.0, n / 5.0))
         sub.close()
         s = got["summary"]
         if s is None:

@@ -76,7 +76,9 @@ class Publisher(threading.Thread):
 
     def republish_from(self, first_seq: int) -> int:
         """After a restart: send again what was journaled but maybe not delivered (same seq)."""
-        records = self.journal.read(first_seq, self.journal.last_seq, limit=1_000_000)
+        # Newest first matters: a lost watermark must not replay the whole journal into memory.
+        first_seq = max(first_seq, self.journal.last_seq - 10_000 + 1)
+        records = self.journal.read(first_seq, self.journal.last_seq, limit=10_000)
         self._republish = records
         return len(records)
 

@@ -18,6 +18,7 @@ import msgpack
 import structlog
 import zmq
 
+from agent import recovery
 from agent.batcher import FrameQueue
 from agent.coil import CoilRegistry
 from agent.config import Config
@@ -89,6 +90,8 @@ class Agent:
             sndhwm=cfg.publish.sndhwm, linger_ms=cfg.publish.linger_ms, max_replay=cfg.publish.max_replay,
             health=self.health, on_published=self._on_published, socket_setup=socket_setup)
         watermark = self._read_watermark()
+        # A journal cut at a record boundary looks clean; the watermark proves those seqs were used.
+        self.journal.reserve_through(watermark, "published.seq")
         if watermark < self.journal.last_seq:
             n = self.publisher.republish_from(watermark + 1)
             log.info("journal_tail_to_republish", first=watermark + 1, last=self.journal.last_seq, count=n)
@@ -99,6 +102,14 @@ class Agent:
                                    submit=self.publisher.submit, on_stage=self.metrics.observe_stage,
                                    on_alive=self.watchdog.mark_alive, on_batch=self._on_batch)
         self.inference.start()
+        # Crash recovery (agent/recovery.py): open coils continue, in-flight frames are lost, and
+        # what never reached the journal is sent again. Before ingest, so no frame beats it.
+        self.recovery = recovery.Recovery(self.journal.dir / recovery.CHECKPOINT_NAME)
+        for topic, body in self.recovery.restore(self.coils, self.journal):
+            if topic == "summary":
+                self._emit_summary(body)
+            else:
+                self.publisher.submit(topic, body)
         self.ingest = Ingest(self.ctx, endpoint=cfg.ingest.endpoint, rcvhwm=cfg.ingest.rcvhwm, frames=self.frames,
                              coils=self.coils, channels=pack.channels, max_width=cfg.ingest.max_width,
                              max_height=cfg.ingest.max_height, allowed_encodings=cfg.ingest.allowed_encodings,
@@ -193,6 +204,7 @@ class Agent:
         self.metrics.set_queue_depth("frames", len(self.frames))
         self.metrics.set_queue_depth("publish", self.publisher.queue_depth())
         self._write_watermark()
+        self.recovery.save(self.coils, self.journal.last_seq)
 
     def _status_line(self) -> str:
         return (f"{self.state}: {self.inference.inspected + self.inference.gated_out} frames inferred, "
@@ -316,6 +328,8 @@ class Agent:
             self._emit_summary(s)
         self.publisher.stop(5.0)  # 4. publish and journal everything queued
         self._write_watermark()
+        if self.publisher.error is None and not self.publisher.is_alive():
+            self.recovery.clear(self.coils, self.journal.last_seq)  # nothing owed; seq floor and closed coils stay
         self._close_partial()
         self.state = "stopped"
         log.info("agent_stopped", last_seq=self.journal.last_seq if self.journal else None)

@@ -18,21 +18,14 @@ from agent.config import config_dict, dump_toml
 from agent.demo import wait_ready
 from agent.subscriber import Subscriber
 
-HOOKED = Path(__file__).resolve().parent / "hooked_agent.py"
-
-
 def figures(name: str, **values) -> None:
     """One line of figures per test, printed (run pytest -s to see them)."""
     print(f"\n[figures] {name}: " + ", ".join(f"{k}={v}" for k, v in values.items()), flush=True)
 
 
 def agent_cmd(cfg_path: Path) -> list[str]:
-    """`coilsight run`, or its stand-in with the crash-recovery hook until service.py calls it."""
-    import agent.service as service
-
-    if hasattr(service, "recovery"):
-        return [sys.executable, "-m", "agent.cli", "run", "--config", str(cfg_path)]
-    return [sys.executable, str(HOOKED), "--config", str(cfg_path)]
+    """The real `coilsight run` process."""
+    return [sys.executable, "-m", "agent.cli", "run", "--config", str(cfg_path)]
 
 
 class AgentProcess:

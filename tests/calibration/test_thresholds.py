@@ -564,3 +564,74 @@ def test_search_equals_scoring_the_masks_evaluate_makes(stride, hw):
                 pred, _ = components(p, [t, t], [a, a], stride, (h, w))
                 want = dice_pairs(pred[None], gt[None])[0]
                 np.testing.assert_allclose(search.per_image[i, :, ti, ai], want, rtol=0, atol=1e-12)
+
+
+# ----------------------------------------------------------------------------- --dataset-root
+
+STEEL = ("crazing", "inclusion", "patches", "pitted_surface", "rolled-in_scale", "scratches")
+
+
+def _neu_like(root: Path, n_val: int) -> None:
+    """A NEU-DET-shaped folder (IMAGES/ + ANNOTATIONS/ VOC XML, every image defective) whose
+    stems fall in the validation split, 96x96 px, one bright box per image."""
+    from engines.datasets import assign_split
+
+    images, notes = root / "neu_det" / "IMAGES", root / "neu_det" / "ANNOTATIONS"
+    images.mkdir(parents=True)
+    notes.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    made, i = 0, 0
+    while made < n_val:
+        cls = STEEL[made % len(STEEL)]
+        stem = f"{cls}_{i}"
+        i += 1
+        if assign_split(stem) != "val":
+            continue
+        img = rng.integers(0, 20, (96, 96)).astype(np.uint8)
+        x0, y0 = int(rng.integers(0, 60)), int(rng.integers(0, 60))
+        img[y0 : y0 + 24, x0 : x0 + 24] = 200
+        cv2.imwrite(str(images / f"{stem}.jpg"), img, [cv2.IMWRITE_JPEG_QUALITY, 100])
+        (notes / f"{stem}.xml").write_text(
+            f"<annotation><size><width>96</width><height>96</height><depth>1</depth></size>"
+            f"<object><name>{cls}</name><bndbox><xmin>{x0 + 1}</xmin><ymin>{y0 + 1}</ymin>"
+            f"<xmax>{x0 + 24}</xmax><ymax>{y0 + 24}</ymax></bndbox></object></annotation>"
+        )
+        made += 1
+
+
+def test_dataset_root_without_clean_images_uses_clean_crops(tmp_path, capsys):
+    """The NEU path: the validation split only, clean crops (model.json training.clean_crops)
+    as gate negatives, defect crops of their size as the size-matched view."""
+    global CLASSES, LEVELS
+    saved = CLASSES, LEVELS
+    CLASSES, LEVELS = STEEL, (0.78, 0.78, 0.78, 0.78, 0.78, 0.78)
+    try:
+        pack_dir = make_pack(tmp_path / "steel")
+    finally:
+        CLASSES, LEVELS = saved
+    meta = json.loads((pack_dir / "model.json").read_text())
+    meta["profile"] = "steel"
+    meta["training"]["clean_crops"] = {"size": 32, "stride": 32, "margin": 2, "max_per_image": 2}
+    (pack_dir / "model.json").write_text(json.dumps(meta))
+    _neu_like(tmp_path / "data", n_val=60)
+    rc = calibrate_main(["calibrate", "thresholds", "--profile", "steel", "--models", str(pack_dir),
+                         "--dataset-root", str(tmp_path / "data"), "--recall-target", "0.95"])
+    out = capsys.readouterr()
+    assert rc == 0, out.err
+    doc = json.loads((pack_dir / "calibration.json").read_text())
+    assert doc["data"]["split"] == "val" and doc["data"]["n_images"] == 60 and doc["data"]["n_defective"] == 60
+    neg = doc["data"]["gate_negatives"]
+    assert (neg["size"], neg["margin"], neg["max_per_image"]) == (32, 2, 2) and neg["n"] == doc["gate"]["n_clean"] > 0
+    assert doc["gate"]["size_matched"]["n_defect_crops"] == 60
+    assert doc["gate"]["recall"] >= 0.95
+    assert "gate, size-matched view at this threshold" in out.out
+    with pytest.raises(SystemExit):  # the command line never offers the test split
+        calibrate_main(["calibrate", "thresholds", "--profile", "steel", "--models", str(pack_dir),
+                        "--dataset-root", str(tmp_path / "data"), "--split", "test"])
+    assert "invalid choice: 'test'" in capsys.readouterr().err
+    from calibration.thresholds import load_calibration_samples
+
+    with pytest.raises(CalibrationError, match=r"the test split is kept for evaluation; calibrate on --split val"):
+        load_calibration_samples(load_model_pack(pack_dir), dataset_root=tmp_path / "data", split="test")
+    with pytest.raises(CalibrationError, match=r"give exactly one of --data DIR or --dataset-root ROOT"):
+        load_calibration_samples(load_model_pack(pack_dir))

@@ -34,10 +34,22 @@ def isolated_config(base: Path, workdir: Path, **overrides: dict) -> Path:
     return path
 
 
+def _die_with_parent() -> None:
+    """Linux: the child agent gets SIGTERM when the demo/bench process dies, even by SIGKILL."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
 def start_agent(config: Path, log_path: Path, env: dict | None = None) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "agent.cli", "run", "--config", str(config)],
-                            stdout=subprocess.DEVNULL, stderr=open(log_path, "ab"),
-                            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
+    with open(log_path, "ab") as log_file:
+        return subprocess.Popen([sys.executable, "-m", "agent.cli", "run", "--config", str(config)],
+                                stdout=subprocess.DEVNULL, stderr=log_file,
+                                env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+                                preexec_fn=_die_with_parent if sys.platform == "linux" else None)
 
 
 def wait_ready(proc: subprocess.Popen, control_endpoint: str, timeout_s: float = 60.0) -> dict:

@@ -453,6 +453,8 @@ class CalibrationResult:
             f"95% lower bound {g.recall_lower_95:.4f}, missed {g.n_defective - g.passed_defective}/{g.n_defective})  "
             f"precision {g.precision:.4f}  pass rate {g.pass_rate:.4f} of {g.n} frames",
         ]
+        if self.document["gate"].get("note"):
+            lines.append(f"gate: {self.document['gate']['note']}")
         sm = self.document["gate"].get("size_matched")
         if sm:
             lines.append(f"gate, size-matched view at this threshold: recall {sm['recall']:.4f} on {sm['n_defect_crops']} "
@@ -660,6 +662,12 @@ def calibrate(
             }
     gate_doc = gate_choice.to_json()
     gate_doc["chosen_by"] = chosen_by
+    t = gate_choice.threshold
+    gate_doc["threshold_logit"] = round(math.log(t / (1.0 - t)), 6) if 0.0 < t < 1.0 else None
+    if t > 0.999:
+        # float32 spacing near 1 is 6e-8: fine where the sigmoid runs in FP32, not in FP16 (5e-4)
+        gate_doc["note"] = (f"WARNING: gate scores saturate near 1 (threshold {t:.7f}, logit "
+                            f"{gate_doc['threshold_logit']}); every backend must keep the final sigmoid in FP32")
     if size_doc is not None:
         gate_doc["size_matched"] = size_doc
 

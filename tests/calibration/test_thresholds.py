@@ -311,6 +311,9 @@ def test_calibrate_writes_a_file_the_agent_loads(pack_dir, tmp_path):
     assert doc["models"] == {"gate": pack.gate.sha256, "seg": pack.seg.sha256}
     assert doc["data"]["n_images"] == 120 and doc["data"]["n_defective"] == 80
     assert doc["gate"]["recall"] >= 0.95 and doc["gate"]["recall_target"] == 0.95
+    t = doc["gate"]["threshold"]
+    assert doc["gate"]["threshold_logit"] == pytest.approx(math.log(t / (1 - t)), abs=1e-6)
+    assert ("note" in doc["gate"]) == (t > 0.999)
     assert set(doc["classes"]) == set(CLASSES)
     cal = load_calibration(pack, out)
     assert cal.gate_threshold == result.gate.threshold

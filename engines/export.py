@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -61,7 +62,10 @@ def export_onnx(model, path: Path, output: str, channels: int = 1, height: int =
     if output == "probs":
         axes[output].update({2: "H_out", 3: "W_out"})
     model.eval()
-    with torch.no_grad():
+    # the TorchScript exporter (dynamo=False) folds BatchNorm into Conv in eval mode; torch warns
+    # that it is deprecated, which is noise for every export
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
         torch.onnx.export(model, (dummy,), str(path), input_names=["image"], output_names=[output],
                           opset_version=OPSET, dynamic_axes=axes, do_constant_folding=True, dynamo=False)
 

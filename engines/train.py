@@ -440,7 +440,7 @@ def train(cfg: TrainConfig, *, data_loader: Callable[[str], list[Sample]] | None
             opt_s.step()
             run_g += float(loss_g.detach())
             run_s += float(loss_s.detach())
-            bar.set_postfix(gate=f"{float(loss_g):.3f}", seg=f"{float(loss_s):.3f}")
+            bar.set_postfix(gate=f"{loss_g.item():.3f}", seg=f"{loss_s.item():.3f}")
         gate.eval()
         seg.eval()
         with torch.no_grad():

@@ -51,6 +51,43 @@ def synthetic_frames(n: int, defect_fraction: float, *, seed: int = 0, width: in
         yield img, masks
 
 
+def composed_frames(n: int, defect_fraction: float, *, profile: str = "steel", data_root: Path, split: str = "val",
+                    seed: int = 0, width: int = 1600, height: int = 256
+                    ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Line frames composed from REAL crops (issue: the gate must be judged on what the line sees).
+
+    A clean frame tiles defect-free crops cut outside every box (engines.datasets.clean_crops,
+    the definition training and calibration use); a defective frame is a clean one with one real
+    defective image pasted at a random place, its grey level shifted to the frame's (an affine
+    change, so its masks stay exact). Masks are [K, height, width] bool, exact.
+    """
+    from engines.datasets import CLEAN_CROPS_DEFAULT, boxes_to_masks, clean_crops, load_profile_dataset
+    from engines.synth import compose_from_crops
+
+    ds = load_profile_dataset(profile, data_root, split)
+    samples = [ds[i] for i in range(len(ds))]
+    if not samples:
+        raise ValueError(f"no {profile} images in the {split} split under {data_root}")
+    k = len(samples[0].classes)
+    clean = [(c.image, np.zeros((k, *c.image.shape), bool)) for c in clean_crops(samples, **CLEAN_CROPS_DEFAULT)]
+    defective = [(s.image, s.masks if s.masks is not None else boxes_to_masks(s)) for s in samples
+                 if s.labels.any() and s.image.shape[0] <= height and s.image.shape[1] <= width]
+    if not clean or not defective:
+        raise ValueError(f"{profile} {split}: need clean crops and defective images, got {len(clean)} / {len(defective)}")
+    rng = np.random.default_rng(seed)
+    for _ in range(n):
+        picks = [clean[j] for j in rng.choice(len(clean), size=min(len(clean), 160), replace=False)]
+        frame, masks = compose_from_crops(picks, width, height, rng)
+        if rng.random() < defect_fraction:
+            img, m = defective[int(rng.integers(len(defective)))]
+            h, w = img.shape
+            y, x = int(rng.integers(0, height - h + 1)), int(rng.integers(0, width - w + 1))
+            shift = float(frame[y:y + h, x:x + w].mean()) - float(img.mean())
+            frame[y:y + h, x:x + w] = np.clip(img.astype(np.float32) + shift, 0, 255).astype(np.uint8)
+            masks[:, y:y + h, x:x + w] = m
+        yield frame, masks
+
+
 def folder_frames(folder: Path) -> Iterator[tuple[np.ndarray, None]]:
     paths = sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".bmp"))
     if not paths:

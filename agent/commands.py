@@ -26,6 +26,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--defect-fraction", type=float, default=0.2)
     p.add_argument("--rate", type=float, default=0.0, help="frames per second; 0 = as fast as the agent takes them")
     p.add_argument("--folder", type=Path, help="send the images of this folder instead of synthetic strips")
+    p.add_argument("--compose-from", metavar="DATA_ROOT", type=Path,
+                   help="compose line frames from real crops of the profile's dataset under DATA_ROOT")
+    p.add_argument("--profile", default="steel", help="dataset profile for --compose-from (default steel)")
+    p.add_argument("--split", default="val", choices=("train", "val", "test"), help="split for --compose-from")
     p.add_argument("--encoding", choices=("raw", "png", "jpeg"), default="raw")
     p.add_argument("--gt-dir", type=Path, help="write frames and Severstal-style ground truth here")
     p.add_argument("--seed", type=int, default=0)
@@ -125,12 +129,17 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 
 def cmd_camera_sim(args: argparse.Namespace) -> int:
-    from agent.camera_sim import CameraSim, folder_frames, synthetic_frames
+    from agent.camera_sim import CameraSim, composed_frames, folder_frames, synthetic_frames
     from engines.synth import STEEL_CLASSES
 
     _setup_logging()
-    frames = folder_frames(args.folder) if args.folder else synthetic_frames(args.frames, args.defect_fraction,
-                                                                              seed=args.seed)
+    if args.folder:
+        frames = folder_frames(args.folder)
+    elif args.compose_from:
+        frames = composed_frames(args.frames, args.defect_fraction, profile=args.profile, data_root=args.compose_from,
+                                 split=args.split, seed=args.seed)
+    else:
+        frames = synthetic_frames(args.frames, args.defect_fraction, seed=args.seed)
     cam = CameraSim(args.endpoint, camera=args.camera)
     sent = cam.send_coil(args.coil, frames, rate_hz=args.rate, encoding=args.encoding, gt_dir=args.gt_dir,
                          classes=STEEL_CLASSES)

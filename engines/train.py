@@ -464,6 +464,8 @@ def train(cfg: TrainConfig, *, data_loader: Callable[[str], list[Sample]] | None
             print(f"epoch {epoch + 1}: train gate {row['train_gate']:.4f} seg {row['train_seg']:.4f} | "
                   f"val gate {val['gate']:.4f} seg {val['seg']:.4f} | {minutes:.1f} min", flush=True)
         meta["minutes"] = round(minutes, 2)
+        meta["stopped"] = "running"
+        (out / META_FILE).write_text(json.dumps(meta, indent=1))  # a killed run can still be exported
         if minutes >= cfg.max_minutes * 0.98:
             stop_reason = "max_minutes"
             break

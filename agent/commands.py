@@ -68,6 +68,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--fast", action="store_true", help="a few frames: checks the bench runs, not its speed")
     p.add_argument("--no-baseline", action="store_true", help="skip the ungated baseline")
     p.add_argument("--rate", type=float, default=0.0, help="line rate for the latency scenario (0 = off)")
+    p.add_argument("--compose-from", metavar="DATA_ROOT", type=Path,
+                   help="frames composed from the profile's real validation crops instead of synthetic strips")
     p.set_defaults(func=cmd_bench)
 
 

@@ -59,6 +59,15 @@ def _rss_peak_mb(pid: int) -> float | None:
     return None
 
 
+def _cpu_s(pid: int) -> float | None:
+    """User + system CPU seconds a process has used so far (Linux /proc)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return None
+
+
 def bare_throughput(cfg, frames: list[np.ndarray], batch: int, min_frames: int = 160) -> dict:
     """Gate and segmentation frames/s on these frames, same backends and threads, nothing else:
     the limit this machine allows for these models. Median over batches of distinct frames."""
@@ -111,6 +120,7 @@ def run_scenario(cfg_path: Path, cfg, n: int, fraction: float, clean: list, bad:
         t.start()
         time.sleep(0.3)
         cam = CameraSim(cfg.ingest.endpoint, camera="cam0", sndhwm=16, send_timeout_ms=60_000)
+        agent_cpu0, bench_cpu0 = _cpu_s(proc.pid), time.process_time()
         t0 = time.perf_counter()
         # A fresh coil id per run: the agent (rightly) rejects frames of a coil it already summarised.
         coil = f"bench-{fraction}-{n}-{time.time_ns()}"
@@ -122,6 +132,7 @@ def run_scenario(cfg_path: Path, cfg, n: int, fraction: float, clean: list, bad:
         if s is None:
             raise RuntimeError(f"no summary for the scenario; see {log_path}")
         wall = got["t_summary"] - t0
+        agent_cpu, bench_cpu = _cpu_s(proc.pid), time.process_time() - bench_cpu0
         status = status_request(cfg.control.endpoint)
         rss = _rss_peak_mb(proc.pid)
         stages = {k: round(v.get("sum_s", 0.0), 3) for k, v in status["metrics"]["stages"].items()}
@@ -136,6 +147,9 @@ def run_scenario(cfg_path: Path, cfg, n: int, fraction: float, clean: list, bad:
             "stage_s": stages, "latency_p50_s": round(float(np.nanpercentile(lat, 50)), 4),
             "latency_p99_s": round(float(np.nanpercentile(lat, 99)), 4), "peak_rss_mb": rss,
             "rate_hz": rate, "backend": s.get("backend"),
+            # On a 2-core box the simulator and subscriber (this process) compete with the agent.
+            "agent_cpu_s": round(agent_cpu - agent_cpu0, 2) if agent_cpu is not None else None,
+            "simulator_cpu_s": round(bench_cpu, 2),
         }
     finally:
         proc.send_signal(signal.SIGTERM)
@@ -217,6 +231,8 @@ def format_table(res: dict) -> str:
     for row in rows:
         lines.append("  ".join(str(v).rjust(w) for v, w in zip(row, widths)))
     lines.append("")
+    lines.append("CPU seconds, agent / simulator+subscriber: " + "; ".join(
+        f"{name}: {r.get('agent_cpu_s')} / {r.get('simulator_cpu_s')}" for name, r in items))
     lines.append("per-stage seconds (agent metrics): " + "; ".join(
         f"{name}: " + ", ".join(f"{k} {v}" for k, v in r["stage_s"].items()) for name, r in items))
     return "\n".join(lines)

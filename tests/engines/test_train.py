@@ -74,7 +74,7 @@ def test_a_few_steps_reduce_both_losses():
             opt.zero_grad()
             loss.backward()
             opt.step()
-            losses[key].append(float(loss))
+            losses[key].append(loss.item())
     assert losses["gate"][-1] < 0.8 * losses["gate"][0]
     assert losses["seg"][-1] < 0.9 * losses["seg"][0]
 

@@ -12,7 +12,7 @@ import zmq
 
 from agent.batcher import Frame, FrameQueue
 from agent.coil import CoilRegistry
-from agent.logs import RateLimiter
+from agent.metrics import RateLimiter
 from agent.protocol import Control, Rejected, decode_message, max_message_bytes, pixels_to_array
 
 log = structlog.get_logger(__name__)
@@ -50,7 +50,14 @@ class Ingest(threading.Thread):
         self.rejected = Counter()  # reason -> count (all rejections, attributed or not)
         self.seq_gaps = Counter()  # camera -> messages missing by sequence number
         self._last_seq: dict[str, int] = {}
-        self._limiter = RateLimiter(per_s=1.0, burst=10)
+        # one token bucket per kind of warning, so a flood of one kind cannot hide another
+        self._limiters: dict[str, RateLimiter] = {}
+
+    def _limit(self, key: str) -> RateLimiter:
+        lim = self._limiters.get(key)
+        if lim is None:
+            lim = self._limiters[key] = RateLimiter(per_s=1.0, burst=10)
+        return lim
 
     def stop(self, timeout: float = 2.0) -> None:
         self._halt.set()
@@ -126,9 +133,9 @@ class Ingest(threading.Thread):
             h = shed.header
             for s in self.coils.finish(h.camera, h.coil, h.index, "shed"):
                 self.emit_summary(s)
-            if self._limiter.allow("shed"):
+            if self._limit("shed").allow():
                 log.warning("frame_shed", camera=h.camera, coil=h.coil, index=h.index,
-                            queued=len(self.frames), suppressed=self._limiter.suppressed("shed"))
+                            queued=len(self.frames), suppressed=self._limit("shed").suppressed)
 
     def _to_chw(self, header, image: np.ndarray) -> np.ndarray:
         if image.dtype != np.uint8:
@@ -159,14 +166,14 @@ class Ingest(threading.Thread):
             return
         if seq > last + 1:
             self.seq_gaps[camera] += seq - last - 1
-            if self._limiter.allow("gap"):
+            if self._limit("gap").allow():
                 log.warning("camera_sequence_gap", camera=camera, expected=last + 1, got=seq,
                             missing=seq - last - 1)
-        elif seq <= last and self._limiter.allow("seq_restart"):
+        elif seq <= last and self._limit("seq_restart").allow():
             # Rate-limited like every warning in this loop: a camera replaying old seqs (or a fuzzer)
             # must not write one log line per message.
             log.warning("camera_sequence_restarted", camera=camera, last=last, got=seq,
-                        suppressed=self._limiter.suppressed("seq_restart"))
+                        suppressed=self._limit("seq_restart").suppressed)
 
     def _rejected(self, rej: Rejected, index: int | None) -> None:
         reason = rej.reason
@@ -189,6 +196,6 @@ class Ingest(threading.Thread):
         self.rejected[reason] += 1
         if self.on_reject:
             self.on_reject(reason, rej.camera)
-        if self._limiter.allow(reason):
+        if self._limit(reason).allow():
             log.warning("message_rejected", reason=reason, detail=rej.detail[:200], camera=rej.camera,
-                        coil=rej.coil, suppressed=self._limiter.suppressed(reason))
+                        coil=rej.coil, suppressed=self._limit(reason).suppressed)

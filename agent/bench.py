@@ -68,26 +68,37 @@ def _cpu_s(pid: int) -> float | None:
         return None
 
 
-def bare_throughput(cfg, frames: list[np.ndarray], batch: int, min_frames: int = 160) -> dict:
-    """Gate and segmentation frames/s on these frames, same backends and threads, nothing else:
-    the limit this machine allows for these models. Median over batches of distinct frames."""
+def bare_throughput(cfg, frames: list[np.ndarray], batch: int, min_frames: int = 320) -> dict:
+    """Gate and segmentation frames/s on these frames with the agent's own backends and thread set-up
+    (``models.threads`` intra-op threads, ``models.workers`` concurrent callers) and nothing else: no
+    sockets, no queues, no post-processing. The limit this machine allows for these models."""
+    from concurrent.futures import ThreadPoolExecutor
+
     from agent.pipeline import open_models
 
+    workers = cfg.models.workers
     models = open_models(cfg)
     try:
         batches = [np.stack([f[None] for f in frames[i:i + batch]]) for i in range(0, len(frames) - batch + 1, batch)]
         models.warm_up(batch)
         out = {}
+        per_worker = max(len(batches), -(-min_frames // (batch * workers)))
         for role, backend in (("gate", models.gate), ("seg", models.seg)):
             if backend is None:
                 continue
-            times = []
-            for j in range(max(len(batches), -(-min_frames // batch))):
+
+            def run(w: int) -> None:
+                for j in range(per_worker):
+                    backend.infer(batches[(j + w) % len(batches)])
+
+            backend.infer(batches[0])
+            with ThreadPoolExecutor(workers) as pool:
                 t0 = time.perf_counter()
-                backend.infer(batches[j % len(batches)])
-                times.append(time.perf_counter() - t0)
-            out[f"{role}_fps"] = batch / float(np.median(times))
+                list(pool.map(run, range(workers)))
+                wall = time.perf_counter() - t0
+            out[f"{role}_fps"] = per_worker * workers * batch / wall
         out["backend"] = {r: d["backend"] for r, d in models.describe().items()}
+        out["threads"], out["workers"] = cfg.models.threads, workers
         return out
     finally:
         models.close()

@@ -91,6 +91,7 @@ class ModelsSection:
     backends: tuple[str, ...] = F(("onnxruntime",), factory=None, doc="fallback chain, best first")
     strict: bool = F(False, doc="refuse to start when the first backend cannot load (else fall back)")
     threads: int = F(2, lo=0, hi=256, doc="intra-op threads per model; 0 = runtime default")
+    workers: int = F(1, lo=1, hi=16, doc="inference threads taking batches concurrently (models are shared)")
     max_batch: int = F(8, lo=1, hi=256)
     opt_batch: int = F(8, lo=1, hi=256, doc="TensorRT optimisation profile's opt batch")
     max_wait_ms: float = F(20.0, lo=0.0, hi=10_000.0, doc="longest a partial batch waits for more frames")

@@ -87,11 +87,21 @@ def camera_geometry(cam: CameraSection) -> CameraGeometry:
     return CameraGeometry(cam.mm_per_px_x, cam.mm_per_px_y, cam.offset_x_mm, cam.flip_x)
 
 
-class Inference(threading.Thread):
+class Inference:
+    """The inference stage: ``workers`` threads take batches from the frame queue and run them.
+
+    With ONNX Runtime, two workers with one intra-op thread each keep both cores busy while the
+    other worker waits on the queue, post-processes or publishes (docs/performance.md measures
+    it); one session serves concurrent runs. Every worker reads the current models at the start
+    of each batch, so a hot swap takes effect between batches, and the old models are closed
+    only once every worker has moved past them.
+    """
+
+    name = "inference"
+
     def __init__(self, *, cfg: Config, frames: FrameQueue, coils: CoilRegistry, models: Models,
                  submit: Callable[[str, dict], None], on_stage: Callable[[str, float], None] | None = None,
                  on_batch: Callable[[int, int], None] | None = None, on_alive: Callable[[], None] | None = None):
-        super().__init__(name="inference", daemon=True)
         self.cfg = cfg
         self.frames = frames
         self.coils = coils
@@ -100,74 +110,99 @@ class Inference(threading.Thread):
         self.on_stage = on_stage or (lambda stage, s: None)
         self.on_batch = on_batch or (lambda n, passed: None)
         self.on_alive = on_alive or (lambda: None)
+        self.n_workers = cfg.models.workers
         self._halt = threading.Event()
-        self._swap: Models | None = None
-        self._swap_lock = threading.Lock()
+        self._lock = threading.Lock()  # models generation, retired models, counters
+        self._gen = 0
+        self._worker_gen = [0] * self.n_workers
+        self._retired: list[tuple[int, Models]] = []
+        self._threads: list[threading.Thread] = []
         self.swapped = threading.Event()
         self.error: BaseException | None = None
         self.inspected = 0
         self.gated_out = 0
         self.batches = 0
-        self.in_flight = 0
-        self.stage_totals = dict.fromkeys(STAGES, 0.0)
         self._cameras = {c.id: camera_geometry(c) for c in cfg.cameras}
         self._default_cam = camera_geometry(CameraSection(id="default"))
-        self._batch_buf: np.ndarray | None = None
+
+    def start(self) -> None:
+        for i in range(self.n_workers):
+            t = threading.Thread(target=self._run, args=(i,), name=f"inference-{i}", daemon=True)
+            self._threads.append(t)
+            t.start()
+
+    def is_alive(self) -> bool:
+        return any(t.is_alive() for t in self._threads)
 
     def stop(self, timeout: float = 10.0) -> None:
         self._halt.set()
-        self.join(timeout)
+        deadline = time.monotonic() + timeout
+        for t in self._threads:
+            t.join(max(0.0, deadline - time.monotonic()))
+        self._close_retired(final=True)
 
     def request_swap(self, models: Models) -> None:
-        """Hot swap: the new models take over between two batches."""
-        with self._swap_lock:
-            self._swap = models
+        """Hot swap: the new models take over at each worker's next batch."""
+        with self._lock:
+            self._retired.append((self._gen + 1, self.models))
+            self.models = models
+            self._gen += 1
             self.swapped.clear()
 
-    def run(self) -> None:
+    def _acquire(self, worker: int) -> Models:
+        """The models for this worker's next batch; closes retired models nobody holds any more."""
+        with self._lock:
+            self._worker_gen[worker] = self._gen
+            models = self.models
+        self._close_retired()
+        return models
+
+    def _close_retired(self, final: bool = False) -> None:
+        with self._lock:
+            floor = min(self._worker_gen) if not final else self._gen
+            done = [m for gen, m in self._retired if gen <= floor]
+            self._retired = [(gen, m) for gen, m in self._retired if gen > floor]
+            all_moved = not self._retired
+        for m in done:
+            m.close()
+        if done and all_moved:
+            self.swapped.set()
+            log.info("models_swapped", models=self.models.describe())
+
+    def _run(self, worker: int) -> None:
+        buf: list[np.ndarray | None] = [None]
         try:
             while not self._halt.is_set():
-                self._maybe_swap()
+                models = self._acquire(worker)
                 batch = self.frames.get_batch(self.cfg.models.max_batch, self.cfg.models.max_wait_ms / 1000.0)
                 if not batch:
                     self.on_alive()  # idle and responsive
                     continue
-                self.in_flight = len(batch)
-                self.process(batch)
-                self.in_flight = 0
+                self.process(batch, models, buf)
                 self.on_alive()
             # Drain what is queued: SIGTERM publishes what the agent owes.
             while batch := self.frames.get_batch(self.cfg.models.max_batch, 0.0, idle_timeout_s=0.0):
-                self.process(batch)
+                self.process(batch, self._acquire(worker), buf)
                 self.on_alive()
-            self._maybe_swap()
+            with self._lock:
+                self._worker_gen[worker] = self._gen
         except BaseException as exc:
             self.error = exc
-            log.exception("inference_failed")
+            log.exception("inference_failed", worker=worker)
 
-    def _maybe_swap(self) -> None:
-        with self._swap_lock:
-            new, self._swap = self._swap, None
-        if new is None:
-            return
-        old, self.models = self.models, new
-        old.close()
-        self.swapped.set()
-        log.info("models_swapped", models=new.describe())
-
-    def _stack(self, batch: list[Frame]) -> np.ndarray:
+    def _stack(self, batch: list[Frame], buf: list) -> np.ndarray:
         shape = (len(batch), *batch[0].image.shape)
-        buf = self._batch_buf
-        if buf is None or buf.shape[1:] != shape[1:] or buf.shape[0] < shape[0]:
-            buf = self._batch_buf = np.empty((self.cfg.models.max_batch, *shape[1:]), np.uint8)
-        out = buf[: len(batch)]
+        b = buf[0]
+        if b is None or b.shape[1:] != shape[1:] or b.shape[0] < shape[0]:
+            b = buf[0] = np.empty((self.cfg.models.max_batch, *shape[1:]), np.uint8)
+        out = b[: len(batch)]
         for i, f in enumerate(batch):
             out[i] = f.image
         return out
 
-    def process(self, batch: list[Frame]) -> None:
-        m = self.models
-        x = self._stack(batch)
+    def process(self, batch: list[Frame], m: Models | None = None, buf: list | None = None) -> None:
+        m = m or self.models
+        x = self._stack(batch, buf if buf is not None else [None])
         t0 = time.perf_counter()
         scores = m.gate.infer(x)[m.pack.models["gate"].output]
         t1 = time.perf_counter()
@@ -188,10 +223,10 @@ class Inference(threading.Thread):
                 f = batch[i]
                 defects = extract_defects(probs[j], m.pack.classes, m.calibration.classes, stride,
                                           f.image.shape[1:], self.cfg.coil.max_events_per_frame)
-                events_by_frame[int(i)] = [self._event(f, d, float(top[i])) for d in defects]
+                events_by_frame[int(i)] = [self._event(m, f, d, float(top[i])) for d in defects]
         elif passed.size:  # classification-only profile: one event per class over its threshold
             for i in passed:
-                events_by_frame[int(i)] = self._class_events(batch[i], scores[i])
+                events_by_frame[int(i)] = self._class_events(m, batch[i], scores[i])
         t3 = time.perf_counter()
         self.on_stage("postprocess", t3 - t2)
         passed_set = set(int(i) for i in passed)
@@ -201,37 +236,36 @@ class Inference(threading.Thread):
             for ev in events:
                 self.submit("defect", ev)
             state = "inspected" if i in passed_set else "gated_out"
-            if state == "inspected":
-                self.inspected += 1
-            else:
-                self.gated_out += 1
             for summary in self.coils.finish(h.camera, h.coil, h.index, state, events):
                 self.submit("summary", self.decorate_summary(summary))
         self.on_stage("publish", time.perf_counter() - t3)
-        self.batches += 1
+        with self._lock:
+            self.inspected += len(passed_set)
+            self.gated_out += len(batch) - len(passed_set)
+            self.batches += 1
 
     def decorate_summary(self, summary: dict) -> dict:
         m = self.models
         return {**summary, "models": m.pack.versions(), "profile": m.pack.profile,
                 "backend": {role: d["backend"] for role, d in m.describe().items()}}
 
-    def _event(self, f: Frame, d, gate_score: float) -> dict:
+    def _event(self, m: Models, f: Frame, d, gate_score: float) -> dict:
         h = f.header
         cam = self._cameras.get(h.camera, self._default_cam)
         return {
             "coil": h.coil, "camera": h.camera, "index": h.index, "class": d.class_name, "class_id": d.class_id,
             "confidence": d.confidence, "gate_score": round(gate_score, 4), "bbox_px": list(d.bbox_px),
             "area_px": d.area_px, **d.to_strip(cam, h.pos_mm, f.image.shape[2]),
-            "frame_ts_ns": h.ts_ns, "recv_ts_ns": f.recv_ns, "models": self.models.pack.versions(),
+            "frame_ts_ns": h.ts_ns, "recv_ts_ns": f.recv_ns, "models": m.pack.versions(),
         }
 
-    def _class_events(self, f: Frame, scores: np.ndarray) -> list[dict]:
+    def _class_events(self, m: Models, f: Frame, scores: np.ndarray) -> list[dict]:
         h = f.header
         out = []
-        for k, name in enumerate(self.models.pack.classes):
-            if scores[k] >= self.models.calibration.classes[name].pixel_threshold:
+        for k, name in enumerate(m.pack.classes):
+            if scores[k] >= m.calibration.classes[name].pixel_threshold:
                 H, W = f.image.shape[1:]
                 out.append({"coil": h.coil, "camera": h.camera, "index": h.index, "class": name, "class_id": k,
                             "confidence": round(float(scores[k]), 4), "bbox_px": [0, 0, W, H], "area_px": H * W,
-                            "frame_ts_ns": h.ts_ns, "recv_ts_ns": f.recv_ns, "models": self.models.pack.versions()})
+                            "frame_ts_ns": h.ts_ns, "recv_ts_ns": f.recv_ns, "models": m.pack.versions()})
         return out

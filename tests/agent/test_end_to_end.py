@@ -28,8 +28,9 @@ def collect(agent, stop_when, timeout=30.0):
     return out, t, sub
 
 
-def test_coil_accounting_events_and_summary(running_agent):
-    agent = running_agent()
+@pytest.mark.parametrize("workers", [1, 2])
+def test_coil_accounting_events_and_summary(running_agent, workers):
+    agent = running_agent(models={"workers": workers, "threads": 1})
     out, t, sub = collect(agent, lambda topic, m: topic == "summary" and m["final"])
     frames = []
     truth = {}

@@ -20,8 +20,12 @@ def stream(agent, coil, n, rate_hz):
     return sent
 
 
-def test_hot_swap_under_stream_loses_nothing(running_agent, tiny_pack):
-    agent = running_agent()
+import pytest
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_hot_swap_under_stream_loses_nothing(running_agent, tiny_pack, workers):
+    agent = running_agent(models={"workers": workers, "threads": 1})
     cfg = agent.cfg
     sub = Subscriber(cfg.publish.endpoint, cfg.publish.replay_endpoint, from_seq=1)
     time.sleep(0.3)

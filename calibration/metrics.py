@@ -39,7 +39,7 @@ def _pair_stats(pred: np.ndarray, gt: np.ndarray, where: str) -> tuple[np.ndarra
     return inter, pred.sum(axis=(-2, -1), dtype=np.int64), gt.sum(axis=(-2, -1), dtype=np.int64)
 
 
-def _dice_from_counts(inter: np.ndarray, p: np.ndarray, g: np.ndarray) -> np.ndarray:
+def dice_from_counts(inter: np.ndarray, p: np.ndarray, g: np.ndarray) -> np.ndarray:
     denom = p + g
     return np.where(denom == 0, 1.0, 2.0 * inter / np.maximum(denom, 1))
 
@@ -70,7 +70,7 @@ def _walk(pred, gt) -> Iterable[tuple[np.ndarray, np.ndarray, np.ndarray]]:
 
 def dice_pairs(pred, gt) -> np.ndarray:
     """Dice of every (image, class) pair, float64 [N, K]; 1.0 where both masks are empty."""
-    rows = [_dice_from_counts(i, p, g) for i, p, g in _walk(pred, gt)]
+    rows = [dice_from_counts(i, p, g) for i, p, g in _walk(pred, gt)]
     if not rows:
         raise ValueError("dice needs at least one image")
     return np.stack(rows)

@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from calibration.metrics import _dice_from_counts as dice_from_counts  # one Dice formula for the project
+from calibration.metrics import dice_from_counts  # one Dice formula for the project
 from calibration.metrics import precision_recall
 from engines.modelpack import CALIBRATION_FORMAT, ModelPack
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import Counter
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 import structlog
@@ -21,7 +21,7 @@ log = structlog.get_logger(__name__)
 class Ingest(threading.Thread):
     def __init__(self, ctx: zmq.Context, *, endpoint: str, rcvhwm: int, frames: FrameQueue, coils: CoilRegistry,
                  channels: int, max_width: int, max_height: int, allowed_encodings: tuple[str, ...],
-                 emit_summary: Callable[[dict], None], socket_setup: Callable[[zmq.Socket, str], None] | None = None,
+                 emit_summary: Callable[[dict], None], socket_setup: Callable[[zmq.Socket, str], Any] | None = None,
                  on_reject: Callable[[str, str | None], None] | None = None,
                  on_frame: Callable[[str, float], None] | None = None, backpressure: bool = False):
         super().__init__(name="ingest", daemon=True)
@@ -76,8 +76,8 @@ class Ingest(threading.Thread):
         sock.setsockopt(zmq.RCVHWM, self.rcvhwm)
         # The largest legal frame: anything bigger is cut by libzmq before it costs memory.
         sock.setsockopt(zmq.MAXMSGSIZE, max_message_bytes(self.max_width, self.max_height, max(self.channels, 4)))
-        if self.socket_setup:
-            self.socket_setup(sock, "ingest")
+        # socket_setup may return a watch (agent.auth.HandshakeWatch) that logs refused peers
+        watches = [w for w in [self.socket_setup(sock, "ingest") if self.socket_setup else None] if w is not None]
         sock.bind(self.endpoint)
         self.bound_endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
         self.bound.set()
@@ -90,6 +90,8 @@ class Ingest(threading.Thread):
                     continue
                 if self.backpressure and not self.frames.wait_for_space(0.1):
                     continue  # full: leave frames in ZeroMQ's bounded queues; the cameras' sends block
+                for w in watches:
+                    w.drain()
                 if not poller.poll(200):
                     continue
                 for _ in range(256):  # a burst per wake-up, then re-check the stop flag
@@ -102,6 +104,8 @@ class Ingest(threading.Thread):
                     self.received_messages += 1
                     self.handle(parts)
         finally:
+            for w in watches:
+                w.close()
             sock.close(linger=0)
 
     # -- one message ------------------------------------------------------------------------

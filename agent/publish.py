@@ -32,7 +32,7 @@ class Publisher(threading.Thread):
     def __init__(self, ctx: zmq.Context, *, endpoint: str, replay_endpoint: str, journal: Journal, agent: str,
                  heartbeat_s: float, sndhwm: int, linger_ms: int, max_replay: int,
                  health: Callable[[], dict] | None = None, on_published: Callable[[str, dict], None] | None = None,
-                 socket_setup: Callable[[zmq.Socket, str], None] | None = None, queue_size: int = 10_000):
+                 socket_setup: Callable[[zmq.Socket, str], Any] | None = None, queue_size: int = 10_000):
         super().__init__(name="publisher", daemon=True)
         self.ctx = ctx
         self.endpoint = endpoint
@@ -105,9 +105,9 @@ class Publisher(threading.Thread):
             s.setsockopt(zmq.SNDTIMEO, 1000)
         pub.setsockopt(zmq.SNDHWM, self.sndhwm)
         rep.setsockopt(zmq.MAXMSGSIZE, 4096)
+        watches = []  # agent.auth.HandshakeWatch per socket when CURVE is on: refused peers are logged
         if self.socket_setup:
-            self.socket_setup(pub, "publish")
-            self.socket_setup(rep, "replay")
+            watches = [w for w in (self.socket_setup(pub, "publish"), self.socket_setup(rep, "replay")) if w]
         pub.bind(self.endpoint)
         rep.bind(self.replay_endpoint)
         self.pub_endpoint_bound = pub.getsockopt_string(zmq.LAST_ENDPOINT)
@@ -127,6 +127,8 @@ class Publisher(threading.Thread):
                 items = self._take(wait=0.02)
                 if items:
                     self._publish(pub, items)
+                for w in watches:
+                    w.drain()
                 if dict(poller.poll(0)).get(rep):
                     self._serve_replay(rep)
                 now = time.monotonic()
@@ -137,6 +139,8 @@ class Publisher(threading.Thread):
                     self._heartbeat(pub)
                     break
         finally:
+            for w in watches:
+                w.close()
             pub.close(linger=self.linger_ms)
             rep.close(linger=0)
 

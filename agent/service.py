@@ -151,7 +151,11 @@ class Agent:
             probe.close(linger=0)
         self.authenticator = auth.start_authenticator(self.ctx, self.cfg.auth.allow_dir)
         log.info("curve_enabled", allow_dir=self.cfg.auth.allow_dir)
-        return lambda sock, _name: auth.make_curve_server(sock, secret)
+        def setup(sock: zmq.Socket, name: str) -> auth.HandshakeWatch:
+            auth.make_curve_server(sock, secret)
+            return auth.HandshakeWatch(sock, name)  # plain-text peers and wrong server keys, logged at a bounded rate
+
+        return setup
 
     # -- main loop ------------------------------------------------------------------------------
     def _on_signal(self, signum: int, _frame: Any) -> None:

@@ -11,7 +11,7 @@ from agent.camera_sim import CameraSim
 from agent.subscriber import Subscriber
 
 
-def test_only_allowed_peers_get_in_or_out(tmp_path, running_agent):
+def test_only_allowed_peers_get_in_or_out(tmp_path, running_agent, capsys):
     creds, allow, other = tmp_path / "creds", tmp_path / "allow", tmp_path / "other"
     for d in (creds, allow, other):
         d.mkdir()
@@ -58,3 +58,6 @@ def test_only_allowed_peers_get_in_or_out(tmp_path, running_agent):
         assert list(sub.messages(timeout_s=1.0)) == []
         sub.close()
     good_sub.close()
+    logged = capsys.readouterr().out
+    assert "curve_peer_denied" in logged  # the stranger's key, refused by the ZAP allow-list
+    assert "curve_handshake_failed" in logged  # the plain-text camera and subscriber, seen by the watch

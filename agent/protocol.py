@@ -45,7 +45,8 @@ class Rejected(ValueError):
     """A message that cannot be accepted; ``reason`` is one of REJECT_REASONS."""
 
     def __init__(self, reason: str, detail: str, camera: str | None = None, coil: str | None = None):
-        assert reason in REJECT_REASONS, reason  # programming error, not input
+        if reason not in REJECT_REASONS:  # a programming error, never input: fail loudly
+            raise ValueError(f"unknown reject reason {reason!r}")
         self.reason = reason
         self.detail = detail
         self.camera = camera

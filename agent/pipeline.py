@@ -19,8 +19,6 @@ from engines.modelpack import Calibration, ModelPack, load_calibration, load_mod
 
 log = structlog.get_logger(__name__)
 
-STAGES = ("receive", "gate", "seg", "postprocess", "publish")
-
 
 @dataclass
 class Models:
@@ -101,14 +99,13 @@ class Inference:
 
     def __init__(self, *, cfg: Config, frames: FrameQueue, coils: CoilRegistry, models: Models,
                  submit: Callable[[str, dict], None], on_stage: Callable[[str, float], None] | None = None,
-                 on_batch: Callable[[int, int], None] | None = None, on_alive: Callable[[], None] | None = None):
+                 on_alive: Callable[[], None] | None = None):
         self.cfg = cfg
         self.frames = frames
         self.coils = coils
         self.models = models
         self.submit = submit
         self.on_stage = on_stage or (lambda stage, s: None)
-        self.on_batch = on_batch or (lambda n, passed: None)
         self.on_alive = on_alive or (lambda: None)
         self.n_workers = cfg.models.workers
         self._halt = threading.Event()
@@ -214,7 +211,6 @@ class Inference:
             xs = x if passed.size == len(batch) else np.ascontiguousarray(x[passed])
             probs = m.seg.infer(xs)[m.pack.models["seg"].output]
             self.on_stage("seg", time.perf_counter() - t1)
-        self.on_batch(len(batch), int(passed.size))
         t2 = time.perf_counter()
         events_by_frame: dict[int, list[dict]] = {}
         if probs is not None:

@@ -58,6 +58,8 @@ class Agent:
         self.metrics_port: int | None = None
         self.summaries_published = 0
         self.reloads = 0
+        self.authenticator = None
+        self._watermark: int | None = None  # last seq written to published.seq
         self.ready = threading.Event()
         self.exit_code = 0
 
@@ -100,7 +102,7 @@ class Agent:
             raise StartupError(f"cannot bind publish sockets: {self.publisher.error}")
         self.inference = Inference(cfg=cfg, frames=self.frames, coils=self.coils, models=self.models,
                                    submit=self.publisher.submit, on_stage=self.metrics.observe_stage,
-                                   on_alive=self.watchdog.mark_alive, on_batch=self._on_batch)
+                                   on_alive=self.watchdog.mark_alive)
         self.inference.start()
         # Crash recovery (agent/recovery.py): open coils continue, in-flight frames are lost, and
         # what never reached the journal is sent again. Before ingest, so no frame beats it.
@@ -205,6 +207,9 @@ class Agent:
         for s in self.coils.poll():
             self._emit_summary(s)
         self.watchdog.maybe_ping()
+        inferred = self.inference.inspected + self.inference.gated_out
+        if inferred:
+            self.metrics.set_gate_pass_rate(self.inference.inspected / inferred)
         self.metrics.set_queue_depth("frames", len(self.frames))
         self.metrics.set_queue_depth("publish", self.publisher.queue_depth())
         self._write_watermark()
@@ -234,11 +239,6 @@ class Agent:
                      end_reason=body["end_reason"], received=f["received"], inspected=f["inspected"],
                      gated_out=f["gated_out"], missing=f["missing"], defects=body["defect_count"],
                      wall_s=body["timing"]["wall_s"])
-
-    def _on_batch(self, n: int, passed: int) -> None:
-        self._batch_frames = getattr(self, "_batch_frames", 0) + n
-        self._batch_passed = getattr(self, "_batch_passed", 0) + passed
-        self.metrics.set_gate_pass_rate(self._batch_passed / max(1, self._batch_frames))
 
     def _on_reject(self, reason: str, camera: str | None) -> None:
         self.metrics.count_rejected(reason)
@@ -309,7 +309,7 @@ class Agent:
 
     def _write_watermark(self) -> None:
         seq = self.publisher.last_published_seq
-        if seq == getattr(self, "_watermark", None):
+        if seq == self._watermark:
             return
         tmp = self._watermark_path().with_suffix(".tmp")
         tmp.write_text(str(seq))
@@ -345,7 +345,7 @@ class Agent:
             self.journal.close()
         if self.models is not None:
             self.models.close()
-        if getattr(self, "authenticator", None) is not None:
+        if self.authenticator is not None:
             self.authenticator.stop()
         self.metrics.close()
         self.ctx.term()

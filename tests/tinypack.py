@@ -52,26 +52,37 @@ def _graph(output: str, channels: int = 1) -> onnx.ModelProto:
     return model
 
 
+def write_pack_files(directory: Path, models: dict[str, dict], classes, *, profile: str, channels: int, height: int,
+                     width: int, gate_threshold: float, min_area_px: int) -> Path:
+    """model.json + calibration.json for ONNX files already in ``directory`` (engines/modelpack.py format).
+    ``models``: role -> {"file", "output"[, "output_stride"]}; hashes are computed here."""
+    entries = {role: {**m, "sha256": sha256_file(directory / m["file"])} for role, m in models.items()}
+    meta = {
+        "format": 1, "profile": profile, "classes": list(classes),
+        "input": {"channels": channels, "height": height, "width": width, "dtype": "uint8", "layout": "NCHW",
+                  "mean": 0.5, "std": 0.25},
+        "models": entries, "training": {"data": "tests", "command": "tests", "seed": 0},
+    }
+    (directory / "model.json").write_text(json.dumps(meta, indent=1))
+    cal = {"format": 1, "models": {k: v["sha256"] for k, v in entries.items()},
+           "gate": {"threshold": gate_threshold, "recall_target": 0.99},
+           "classes": {c: {"pixel_threshold": 0.5, "min_area_px": min_area_px} for c in classes},
+           "data": {}, "created": "2026-11-22T00:00:00Z"}
+    (directory / "calibration.json").write_text(json.dumps(cal, indent=1))
+    return directory
+
+
 def make_pack(directory: Path, *, height: int = 64, width: int = 256, gate_threshold: float = 0.5,
               min_area_px: int = 16, profile: str = "tiny", channels: int = 1, seg: bool = True) -> Path:
     """seg=False makes a classification-only pack (wafer maps): events per class over its threshold."""
     directory.mkdir(parents=True, exist_ok=True)
     onnx.save(_graph("scores", channels), directory / "gate.onnx")
-    models = {"gate": {"file": "gate.onnx", "sha256": sha256_file(directory / "gate.onnx"), "output": "scores"}}
+    models = {"gate": {"file": "gate.onnx", "output": "scores"}}
     if seg:
         onnx.save(_graph("probs", channels), directory / "seg.onnx")
-        models["seg"] = {"file": "seg.onnx", "sha256": sha256_file(directory / "seg.onnx"), "output": "probs",
-                         "output_stride": 4}
-    meta = {
-        "format": 1, "profile": profile, "classes": list(CLASSES),
-        "input": {"channels": channels, "height": height, "width": width, "dtype": "uint8", "layout": "NCHW"},
-        "models": models,
-    }
-    (directory / "model.json").write_text(json.dumps(meta, indent=1))
-    cal = {"format": 1, "models": {k: v["sha256"] for k, v in models.items()}, "gate": {"threshold": gate_threshold},
-           "classes": {c: {"pixel_threshold": 0.5, "min_area_px": min_area_px} for c in CLASSES}}
-    (directory / "calibration.json").write_text(json.dumps(cal, indent=1))
-    return directory
+        models["seg"] = {"file": "seg.onnx", "output": "probs", "output_stride": 4}
+    return write_pack_files(directory, models, CLASSES, profile=profile, channels=channels, height=height,
+                            width=width, gate_threshold=gate_threshold, min_area_px=min_area_px)
 
 
 def clean_frame(height: int = 64, width: int = 256) -> np.ndarray:

@@ -7,7 +7,6 @@ Frames for them come from engines.parity.synthetic_frames.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -83,23 +82,15 @@ def save_model(role: str, path: Path, **kwargs) -> Path:
 def make_pack(directory: Path, *, profile: str = "tiny", height: int = 32, width: int = 48,
               roles: tuple[str, ...] = ("gate", "seg"), gate_threshold: float = 0.5) -> Path:
     """A model pack (model.json + calibration.json) around tiny models, as engines.modelpack reads it."""
-    from engines.modelpack import sha256_file
+    from tinypack import write_pack_files
 
     directory.mkdir(parents=True, exist_ok=True)
-    models, hashes = {}, {}
+    models = {}
     for role in roles:
         path = save_model(role, directory / f"{role}.onnx")
-        hashes[role] = sha256_file(path)
-        models[role] = {"file": path.name, "sha256": hashes[role], "output": "scores" if role == "gate" else "probs"}
+        models[role] = {"file": path.name, "output": "scores" if role == "gate" else "probs"}
         if role == "seg":
             models[role]["output_stride"] = 2
-    meta = {"format": 1, "profile": profile, "classes": list(CLASSES),
-            "input": {"channels": 1, "height": height, "width": width, "dtype": "uint8", "layout": "NCHW",
-                      "mean": 0.5, "std": 0.25},
-            "models": models, "training": {"data": "tests", "command": "tests", "seed": 0}}
-    (directory / "model.json").write_text(json.dumps(meta))
-    calib = {"format": 1, "models": hashes, "gate": {"threshold": gate_threshold, "recall_target": 0.99},
-             "classes": {c: {"pixel_threshold": 0.5, "min_area_px": 4} for c in CLASSES}, "data": {}, "created": "2026-11-22T00:00:00Z"}
-    (directory / "calibration.json").write_text(json.dumps(calib))
-    return directory
+    return write_pack_files(directory, models, CLASSES, profile=profile, channels=1, height=height, width=width,
+                            gate_threshold=gate_threshold, min_area_px=4)
 

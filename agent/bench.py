@@ -59,13 +59,24 @@ def _rss_peak_mb(pid: int) -> float | None:
     return None
 
 
-def _cpu_s(pid: int) -> float | None:
-    """User + system CPU seconds a process has used so far (Linux /proc)."""
+def _stat(pid: int) -> list[str] | None:
+    """The fields of /proc/PID/stat after the command name (Linux)."""
     try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    except (OSError, IndexError, ValueError):
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
         return None
+
+
+def _cpu_s(pid: int) -> float | None:
+    """User + system CPU seconds a process has used so far."""
+    f = _stat(pid)
+    return None if f is None else (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _minor_faults(pid: int) -> int | None:
+    """Minor page faults so far: each one a page of fresh memory the kernel had to map and zero."""
+    f = _stat(pid)
+    return None if f is None else int(f[7])
 
 
 def bare_throughput(cfg, frames: list[np.ndarray], batch: int, min_frames: int = 320) -> dict:
@@ -131,7 +142,7 @@ def run_scenario(cfg_path: Path, cfg, n: int, fraction: float, clean: list, bad:
         t.start()
         time.sleep(0.3)
         cam = CameraSim(cfg.ingest.endpoint, camera="cam0", sndhwm=16, send_timeout_ms=60_000)
-        agent_cpu0, bench_cpu0 = _cpu_s(proc.pid), time.process_time()
+        agent_cpu0, bench_cpu0, faults0 = _cpu_s(proc.pid), time.process_time(), _minor_faults(proc.pid)
         t0 = time.perf_counter()
         # A fresh coil id per run: the agent (rightly) rejects frames of a coil it already summarised.
         coil = f"bench-{fraction}-{n}-{time.time_ns()}"
@@ -143,7 +154,7 @@ def run_scenario(cfg_path: Path, cfg, n: int, fraction: float, clean: list, bad:
         if s is None:
             raise RuntimeError(f"no summary for the scenario; see {log_path}")
         wall = got["t_summary"] - t0
-        agent_cpu, bench_cpu = _cpu_s(proc.pid), time.process_time() - bench_cpu0
+        agent_cpu, bench_cpu, faults = _cpu_s(proc.pid), time.process_time() - bench_cpu0, _minor_faults(proc.pid)
         status = status_request(cfg.control.endpoint)
         rss = _rss_peak_mb(proc.pid)
         stages = {k: round(v.get("sum_s", 0.0), 3) for k, v in status["metrics"]["stages"].items()}
@@ -161,6 +172,7 @@ def run_scenario(cfg_path: Path, cfg, n: int, fraction: float, clean: list, bad:
             # On a 2-core box the simulator and subscriber (this process) compete with the agent.
             "agent_cpu_s": round(agent_cpu - agent_cpu0, 2) if agent_cpu is not None else None,
             "simulator_cpu_s": round(bench_cpu, 2),
+            "agent_minor_faults_per_frame": round((faults - faults0) / n, 1) if faults is not None else None,
         }
     finally:
         proc.send_signal(signal.SIGTERM)

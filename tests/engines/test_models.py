@@ -43,7 +43,40 @@ def test_gate_score_is_the_max_over_space_of_its_map():
 def test_sizes_are_ordered_and_small():
     params = {name: sum(count_params(m) for m in build_models(6, config=name)) for name in CONFIGS}
     assert params["tiny"] < params["small"] < params["wide"]
-    assert params["small"] < 100_000
+    assert params["small"] < params["medium"] < 150_000
+    seg_params = {name: count_params(build_models(6, config=name)[1]) for name in ("small", "medium")}
+    assert seg_params["medium"] > 3 * seg_params["small"]
+
+
+def test_gate_pools_before_normalising_with_the_same_numbers():
+    """The gate averages the raw image and then normalises: linear maps commute with the mean, so
+    this is the normalise-then-pool model of the shipped packs at a quarter of the arithmetic."""
+    torch.manual_seed(2)
+    gate, _ = build_models(3)
+    gate.eval()
+    x = torch.randint(0, 256, (2, 1, 64, 96), dtype=torch.uint8)
+    with torch.no_grad():
+        old_order = gate.head(gate.features(gate.pool(gate.norm(x))))
+        assert torch.allclose(gate.logit_map(x), old_order, atol=1e-5)
+
+
+def test_configs_without_the_newer_keys_load_as_before():
+    """model.json of packs exported before gate_stem/seg_context existed still rebuild the same
+    modules, so their checkpoints load."""
+    import json
+    from pathlib import Path
+
+    shipped = json.loads((Path(__file__).parents[2] / "engines/models/kolektorsdd/model.json").read_text())
+    cfg = ModelConfig.from_dict(shipped["training"]["model_config"])
+    assert cfg.gate_stem == 0 and cfg.seg_context == (2,)
+    gate, seg = build_models(2, config=cfg)
+    ref_gate, ref_seg = build_models(2, config="small")
+    assert gate.state_dict().keys() == ref_gate.state_dict().keys()
+    assert seg.state_dict().keys() == ref_seg.state_dict().keys()
+    _, medium = build_models(2, config="medium")
+    assert len(medium.context) == 2  # two dilated context convs
+    patch_gate, _ = build_models(2, config="patchgate")
+    assert patch_gate.features[0][0].kernel_size == (4, 4) and patch_gate.features[0][0].stride == (4, 4)
 
 
 def test_bad_configs_are_named():

@@ -40,6 +40,20 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--limit", type=int, default=None, help="evaluate only the first N images of the split")
     p.set_defaults(func=run)
 
+    c = sub.add_parser(
+        "card",
+        help="write a model pack's MODEL_CARD.md from its files, an evaluation folder and a speed measurement",
+        description="Regenerates MODEL_CARD.md (engines/card.py) from model.json, calibration.json, the "
+                    "evaluation_<split>.md/json that `coilsight evaluate` wrote for this very pack (refused if it "
+                    "evaluated other models), a fresh ONNX Runtime speed measurement, and CARD_NOTES.md.",
+    )
+    c.add_argument("--profile", required=True, choices=PROFILES)
+    c.add_argument("--models", type=Path, default=None, help="model pack folder; default engines/models/<profile>")
+    c.add_argument("--evaluation", type=Path, required=True, help="folder holding evaluation_<split>.md/.json")
+    c.add_argument("--split", default="test", choices=("val", "test"))
+    c.add_argument("--no-speed", action="store_true", help="leave the speed section out (no measurement)")
+    c.set_defaults(func=run_card)
+
 
 def run(args: argparse.Namespace) -> int:
     from engines.backends import BackendError
@@ -73,4 +87,17 @@ def run(args: argparse.Namespace) -> int:
     json_path, md_path = write_report(report, out)
     sys.stdout.write(render_markdown(report))
     print(f"\nWrote {json_path} and {md_path}")
+    return 0
+
+
+def run_card(args: argparse.Namespace) -> int:
+    from engines.card import CardError, write_card
+
+    try:
+        out = write_card(args.models or default_models_dir(args.profile), args.evaluation,
+                         measure=not args.no_speed, split=args.split)
+    except (CardError, FileNotFoundError) as exc:
+        print(f"coilsight card: {exc}", file=sys.stderr)
+        return 2
+    print(f"wrote {out}")
     return 0

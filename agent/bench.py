@@ -73,6 +73,22 @@ def _cpu_s(pid: int) -> float | None:
     return None if f is None else (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def _thread_cpu_s(pid: int) -> dict[str, float]:
+    """CPU seconds by OS thread name (agent.threadnames names them), workers of one kind summed:
+    "inference-0" and "inference-1" count as "inference"; libzmq's I/O threads as "ZMQbg"."""
+    out: dict[str, float] = {}
+    tick = os.sysconf("SC_CLK_TCK")
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            name = (task / "comm").read_text().strip()
+            f = (task / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # the thread ended between listing and reading
+        key = name.split("-")[0] if name.startswith("inference-") else name.split("/")[0]
+        out[key] = out.get(key, 0.0) + (int(f[11]) + int(f[12])) / tick
+    return out
+
+
 def _minor_faults(pid: int) -> int | None:
     """Minor page faults so far: each one a page of fresh memory the kernel had to map and zero."""
     f = _stat(pid)
@@ -143,6 +159,7 @@ def run_scenario(cfg_path: Path, cfg, n: int, fraction: float, clean: list, bad:
         time.sleep(0.3)
         cam = CameraSim(cfg.ingest.endpoint, camera="cam0", sndhwm=16, send_timeout_ms=60_000)
         agent_cpu0, bench_cpu0, faults0 = _cpu_s(proc.pid), time.process_time(), _minor_faults(proc.pid)
+        threads0 = _thread_cpu_s(proc.pid)
         t0 = time.perf_counter()
         # A fresh coil id per run: the agent (rightly) rejects frames of a coil it already summarised.
         coil = f"bench-{fraction}-{n}-{time.time_ns()}"
@@ -155,6 +172,7 @@ def run_scenario(cfg_path: Path, cfg, n: int, fraction: float, clean: list, bad:
             raise RuntimeError(f"no summary for the scenario; see {log_path}")
         wall = got["t_summary"] - t0
         agent_cpu, bench_cpu, faults = _cpu_s(proc.pid), time.process_time() - bench_cpu0, _minor_faults(proc.pid)
+        threads = {k: round(v - threads0.get(k, 0.0), 2) for k, v in _thread_cpu_s(proc.pid).items()}
         status = status_request(cfg.control.endpoint)
         rss = _rss_peak_mb(proc.pid)
         stages = {k: round(v.get("sum_s", 0.0), 3) for k, v in status["metrics"]["stages"].items()}
@@ -172,6 +190,8 @@ def run_scenario(cfg_path: Path, cfg, n: int, fraction: float, clean: list, bad:
             # On a 2-core box the simulator and subscriber (this process) compete with the agent.
             "agent_cpu_s": round(agent_cpu - agent_cpu0, 2) if agent_cpu is not None else None,
             "simulator_cpu_s": round(bench_cpu, 2),
+            # where the agent's CPU went, by thread: the part outside "inference" is the pipeline's cost
+            "agent_thread_cpu_s": dict(sorted(((k, v) for k, v in threads.items()), key=lambda kv: -kv[1])),
             "agent_minor_faults_per_frame": round((faults - faults0) / n, 1) if faults is not None else None,
         }
     finally:
@@ -257,6 +277,8 @@ def format_table(res: dict) -> str:
     lines.append("")
     lines.append("CPU seconds, agent / simulator+subscriber: " + "; ".join(
         f"{name}: {r.get('agent_cpu_s')} / {r.get('simulator_cpu_s')}" for name, r in items))
+    lines.append("agent CPU seconds by thread: " + "; ".join(
+        f"{name}: " + ", ".join(f"{k} {v}" for k, v in r.get("agent_thread_cpu_s", {}).items()) for name, r in items))
     lines.append("per-stage seconds (agent metrics): " + "; ".join(
         f"{name}: " + ", ".join(f"{k} {v}" for k, v in r["stage_s"].items()) for name, r in items))
     return "\n".join(lines)

@@ -13,6 +13,7 @@ import zmq
 from agent.batcher import Frame, FrameQueue
 from agent.coil import CoilRegistry
 from agent.metrics import RateLimiter
+from agent.threadnames import name_this_thread
 from agent.protocol import Control, Rejected, decode_message, max_message_bytes, pixels_to_array
 
 log = structlog.get_logger(__name__)
@@ -64,6 +65,7 @@ class Ingest(threading.Thread):
         self.join(timeout)
 
     def run(self) -> None:
+        name_this_thread()
         try:
             self._run()
         except BaseException as exc:

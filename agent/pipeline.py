@@ -13,6 +13,7 @@ from agent.batcher import Frame, FrameQueue
 from agent.coil import CoilRegistry
 from agent.config import CameraSection, Config
 from agent.postprocess import extract_defects
+from agent.threadnames import name_this_thread
 from calibration.spatial import CameraGeometry
 from engines.backends import Backend, BackendError
 from engines.modelpack import Calibration, ModelPack, load_calibration, load_model_pack
@@ -167,6 +168,7 @@ class Inference:
             log.info("models_swapped", models=self.models.describe())
 
     def _run(self, worker: int) -> None:
+        name_this_thread()
         buf: list[np.ndarray | None] = [None]
         try:
             while not self._halt.is_set():

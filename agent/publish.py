@@ -20,6 +20,7 @@ import zmq
 
 from agent.journal import Journal
 from agent.protocol import PROTOCOL_VERSION, TOPICS, pack_body
+from agent.threadnames import name_this_thread
 
 log = structlog.get_logger(__name__)
 
@@ -91,6 +92,7 @@ class Publisher(threading.Thread):
 
     # -- thread -----------------------------------------------------------------------------
     def run(self) -> None:
+        name_this_thread()
         try:
             self._run()
         except BaseException as exc:  # surfaced to the main loop, which exits non-zero

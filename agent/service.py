@@ -28,6 +28,7 @@ from agent.metrics import Metrics
 from agent.pipeline import Inference, Models, open_models
 from agent.publish import Publisher
 from agent.sdnotify import Notifier, Watchdog
+from agent.threadnames import name_this_thread
 
 log = structlog.get_logger(__name__)
 
@@ -171,6 +172,7 @@ class Agent:
 
     def run(self) -> int:
         """Start, loop until asked to stop, shut down. Returns the process exit code."""
+        name_this_thread("coilsight")  # the main loop; `ps` and `top` show the process by this name
         try:
             self.start()
         except BaseException:

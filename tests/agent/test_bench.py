@@ -21,5 +21,28 @@ def test_bench_fast_mode_accounts_for_every_frame(tmp_path, agent_config):
         f = s["accounting"]
         assert s["accounted"] and f["sent"] == f["received"] == 40 == f["inspected"] + f["gated_out"], name
         assert s["wall_s"] > 0 and s["peak_rss_mb"] > 0 and s["efficiency"] > 0
+        if sys.platform.startswith("linux"):  # the agent's threads carry their names down to the OS
+            assert {"inference", "ingest", "publisher"} <= set(s["agent_thread_cpu_s"]), name
+            assert all(v >= 0 for v in s["agent_thread_cpu_s"].values()), name
     assert res["latency"]["accounting"]["received"] == res["latency"]["frames"]
     assert "bare model throughput" in r.stdout and "x gate" in r.stdout
+
+
+def test_threads_are_named_for_the_os():
+    import threading
+    from pathlib import Path
+
+    from agent.threadnames import name_this_thread
+
+    seen = {}
+
+    def body():
+        seen["set"] = name_this_thread()
+        seen["comm"] = Path(f"/proc/self/task/{threading.get_native_id()}/comm").read_text().strip() \
+            if sys.platform.startswith("linux") else None
+
+    t = threading.Thread(target=body, name="inference-7-with-a-long-name")
+    t.start()
+    t.join()
+    if sys.platform.startswith("linux"):
+        assert seen["set"] and seen["comm"] == "inference-7-wit"  # the kernel keeps 15 bytes

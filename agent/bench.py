@@ -95,7 +95,7 @@ def _minor_faults(pid: int) -> int | None:
     return None if f is None else int(f[7])
 
 
-def bare_throughput(cfg, frames: list[np.ndarray], batch: int, min_frames: int = 320) -> dict:
+def bare_throughput(cfg, frames: list[np.ndarray], min_frames: int = 320) -> dict:
     """Gate and segmentation frames/s on these frames with the agent's own backends and thread set-up
     (``models.threads`` intra-op threads, ``models.workers`` concurrent callers) and nothing else: no
     sockets, no queues, no post-processing. The limit this machine allows for these models."""
@@ -105,6 +105,7 @@ def bare_throughput(cfg, frames: list[np.ndarray], batch: int, min_frames: int =
 
     workers = cfg.models.workers
     models = open_models(cfg)
+    batch = models.batch  # what the agent's workers take: models.max_batch, capped on the CPU
     try:
         batches = [np.stack([f[None] for f in frames[i:i + batch]]) for i in range(0, len(frames) - batch + 1, batch)]
         models.warm_up(batch)
@@ -125,7 +126,7 @@ def bare_throughput(cfg, frames: list[np.ndarray], batch: int, min_frames: int =
                 wall = time.perf_counter() - t0
             out[f"{role}_fps"] = per_worker * workers * batch / wall
         out["backend"] = {r: d["backend"] for r, d in models.describe().items()}
-        out["threads"], out["workers"] = cfg.models.threads, workers
+        out["threads"], out["workers"], out["batch"] = cfg.models.threads, workers, batch
         return out
     finally:
         models.close()
@@ -217,8 +218,7 @@ def run_bench(args) -> int:
         if args.backend:
             models["backends"] = args.backend
         if args.batch:
-            models["max_batch"] = args.batch
-            models["opt_batch"] = args.batch
+            models["max_batch"] = models["opt_batch"] = models["cpu_max_batch"] = args.batch
         if models:
             overrides["models"] = models
         cfg_path = isolated_config(args.config, work, **overrides)
@@ -232,7 +232,7 @@ def run_bench(args) -> int:
         bad = _pool(True, pack.width, pack.height, 2, src, pack.profile)
         results["frames_source"] = f"composed from real {pack.profile} val crops under {src}" if src else "synthetic"
         # every frame of both pools: the same frames the scenarios send, not a cache-resident few
-        bare = bare_throughput(cfg, clean + bad, cfg.models.max_batch)
+        bare = bare_throughput(cfg, clean + bad)
         results["bare"] = {k: (round(v, 1) if isinstance(v, float) else v) for k, v in bare.items()}
         for name in scenarios:
             fraction = SCENARIOS[name]

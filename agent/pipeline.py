@@ -30,11 +30,12 @@ class Models:
     gate: Backend
     seg: Backend | None
     fallbacks: list[dict] = field(default_factory=list)
+    batch: int = 8  # frames per inference call: models.max_batch, or models.cpu_max_batch on the CPU
 
     def describe(self) -> dict:
-        out = {"gate": {**self.gate.describe(), "sha": self.pack.models["gate"].short_hash}}
+        out = {"gate": {**self.gate.describe(), "sha": self.pack.models["gate"].short_hash, "batch": self.batch}}
         if self.seg is not None:
-            out["seg"] = {**self.seg.describe(), "sha": self.pack.models["seg"].short_hash}
+            out["seg"] = {**self.seg.describe(), "sha": self.pack.models["seg"].short_hash, "batch": self.batch}
         return out
 
     def warm_up(self, batch: int) -> None:
@@ -79,7 +80,9 @@ def open_models(cfg: Config, models_dir=None) -> Models:
         for b in opened.values():
             b.deactivate()
         raise
-    return Models(pack, calibration, opened["gate"], opened.get("seg"), reasons)
+    on_cpu = any(b.on_cpu for b in opened.values())
+    batch = min(cfg.models.max_batch, cfg.models.cpu_max_batch) if on_cpu else cfg.models.max_batch
+    return Models(pack, calibration, opened["gate"], opened.get("seg"), reasons, batch)
 
 
 def camera_geometry(cam: CameraSection) -> CameraGeometry:
@@ -173,15 +176,15 @@ class Inference:
         try:
             while not self._halt.is_set():
                 models = self._acquire(worker)
-                batch = self.frames.get_batch(self.cfg.models.max_batch, self.cfg.models.max_wait_ms / 1000.0)
+                batch = self.frames.get_batch(models.batch, self.cfg.models.max_wait_ms / 1000.0)
                 if not batch:
                     self.on_alive()  # idle and responsive
                     continue
                 self.process(batch, models, buf)
                 self.on_alive()
             # Drain what is queued: SIGTERM publishes what the agent owes.
-            while batch := self.frames.get_batch(self.cfg.models.max_batch, 0.0, idle_timeout_s=0.0):
-                self.process(batch, self._acquire(worker), buf)
+            while batch := self.frames.get_batch((m := self._acquire(worker)).batch, 0.0, idle_timeout_s=0.0):
+                self.process(batch, m, buf)
                 self.on_alive()
             with self._lock:
                 self._worker_gen[worker] = self._gen

@@ -76,7 +76,7 @@ class Agent:
         for role, d in self.models.describe().items():
             self.metrics.set_backend(role, d["backend"])
         self.notifier.status("warming up")
-        self.models.warm_up(cfg.models.opt_batch)
+        self.models.warm_up(min(cfg.models.opt_batch, self.models.batch))  # no larger than it will run
         state = cfg.state_path()
         state.mkdir(parents=True, exist_ok=True)
         self.journal = Journal(state / "journal" / cfg.agent.name, fsync=cfg.publish.fsync)

@@ -48,6 +48,7 @@ class Backend(abc.ABC):
     """Runs one model. Use as a context manager, or call activate()/deactivate()."""
 
     name = "abstract"
+    on_cpu = False  # runs on the host CPU: batching buys no speed there (docs/performance.md)
 
     def __init__(self, model_path: str | Path, *, max_batch: int = 8, threads: int = 0, **options: Any):
         self.model_path = Path(model_path)

@@ -25,6 +25,7 @@ def _spec(node) -> TensorSpec:
 class OnnxRuntimeBackend(Backend):
     name = "onnxruntime-cpu"
     providers: tuple[str, ...] = ("CPUExecutionProvider",)
+    on_cpu = True
 
     def activate_impl(self) -> None:
         import onnxruntime as ort
@@ -68,3 +69,4 @@ class OnnxRuntimeBackend(Backend):
 class OnnxRuntimeCudaBackend(OnnxRuntimeBackend):
     name = "onnxruntime-cuda"
     providers = ("CUDAExecutionProvider", "CPUExecutionProvider")
+    on_cpu = False

@@ -21,3 +21,28 @@ def test_strict_mode_refuses_instead_of_falling_back(agent_config):
     cfg = agent_config(models={"backends": ["tensorrt", "onnxruntime"], "strict": True})
     with pytest.raises(BackendError, match="tensorrt"):
         Agent(cfg, install_signals=False).run()
+
+
+@pytest.mark.parametrize("cpu_max_batch, expected", [(2, 2), (16, 8)])
+def test_batches_are_capped_while_the_models_run_on_the_cpu(running_agent, cpu_max_batch, expected):
+    """On the CPU a batch is no faster and multiplies activation memory (docs/performance.md): the
+    workers take at most models.cpu_max_batch frames, never more than models.max_batch."""
+    import time
+
+    from tinypack import clean_frame
+
+    from agent.camera_sim import CameraSim
+    from agent.subscriber import Subscriber
+
+    agent = running_agent(models={"max_batch": 8, "opt_batch": 8, "cpu_max_batch": cpu_max_batch, "workers": 1})
+    assert agent.models.batch == expected and agent.models.describe()["gate"]["batch"] == expected
+    sub = Subscriber(agent.cfg.publish.endpoint, agent.cfg.publish.replay_endpoint, from_seq=1)
+    time.sleep(0.3)
+    before = agent.inference.batches
+    cam = CameraSim(agent.cfg.ingest.endpoint)
+    cam.send_coil("cap-coil", [(clean_frame(), None)] * 24)
+    cam.close()
+    summary = next(msg for topic, msg in sub.messages(timeout_s=30) if topic == "summary" and msg["final"])
+    sub.close()
+    assert summary["frames"]["inspected"] + summary["frames"]["gated_out"] == 24
+    assert agent.inference.batches - before >= 24 // expected  # no call carried more than `expected` frames

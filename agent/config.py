@@ -94,7 +94,7 @@ class ModelsSection:
     workers: int = F(1, lo=1, hi=16, doc="inference threads taking batches concurrently (models are shared)")
     max_batch: int = F(8, lo=1, hi=256)
     opt_batch: int = F(8, lo=1, hi=256, doc="TensorRT optimisation profile's opt batch")
-    cpu_max_batch: int = F(2, lo=1, hi=256, doc="batch cap while a model runs on the CPU, where a larger batch "
+    cpu_max_batch: int = F(1, lo=1, hi=256, doc="batch cap while a model runs on the CPU, where a larger batch "
                                                 "is no faster and multiplies activation memory")
     max_wait_ms: float = F(20.0, lo=0.0, hi=10_000.0, doc="longest a partial batch waits for more frames")
 

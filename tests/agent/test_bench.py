@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 import subprocess
+
+import pytest
 import sys
 
 from agent.config import config_dict, dump_toml
@@ -21,6 +23,9 @@ def test_bench_fast_mode_accounts_for_every_frame(tmp_path, agent_config):
         f = s["accounting"]
         assert s["accounted"] and f["sent"] == f["received"] == 40 == f["inspected"] + f["gated_out"], name
         assert s["wall_s"] > 0 and s["peak_rss_mb"] > 0 and s["efficiency"] > 0
+        assert s["model_cpu_s"] > 0, name
+        if s["agent_cpu_s"]:
+            assert s["agent_cpu_overhead"] == pytest.approx(s["agent_cpu_s"] / s["model_cpu_s"] - 1, rel=0.05, abs=0.01)
         if sys.platform.startswith("linux"):  # the agent's threads carry their names down to the OS
             assert {"inference", "ingest", "publisher"} <= set(s["agent_thread_cpu_s"]), name
             assert all(v >= 0 for v in s["agent_thread_cpu_s"].values()), name

@@ -56,6 +56,8 @@ CONFIGS: dict[str, ModelConfig] = {
     "wide": ModelConfig(seg_widths=(16, 32, 48), seg_decoder=32, seg_fuse_kernel=3),
     # the small gate with a segmenter ~4x larger (16/32/48 encoder, context at dilation 2 and 4)
     "medium": ModelConfig(seg_widths=(16, 32, 48), seg_decoder=24, seg_context=(2, 4)),
+    # the small gate with a segmenter ~2x the medium one (24/48/64 encoder, 32-wide decoder)
+    "large": ModelConfig(seg_widths=(24, 48, 64), seg_decoder=32, seg_context=(2, 4)),
     # measured and rejected: a 4x4 patch stem makes the gate ~1.7x faster but far less selective
     "patchgate": ModelConfig(gate_stem=4, seg_widths=(16, 32, 48), seg_decoder=24, seg_context=(2, 4)),
 }

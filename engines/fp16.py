@@ -12,14 +12,15 @@ onnxconverter-common's ``convert_float_to_float16`` (light, CPU-only) and keeps 
   (NVIDIA/TensorRT#2564, #3101, #2691). BatchNormalization is left out on purpose: in an exported
   eval model it is a per-channel affine op (usually folded into the Conv), and blocking it would
   put casts around every conv; add it with ``keep_fp32`` when a model needs it;
-- the input normalisation chain (uint8 ``image`` -> Cast -> Div/Sub/Mul/Add by constants): the
-  input stays uint8 and ``(x/255 - mean)/std`` is computed in FP32, then cast once;
+- the input normalisation chain (uint8 ``image`` -> Cast -> AveragePool/Div/Sub/Mul/Add by
+  constants): the input stays uint8 and ``(x/255 - mean)/std`` is computed in FP32, then cast once;
 - the final Sigmoid/Softmax of every output and any shape-only ops after it, so the
   probabilities the thresholds were calibrated on are computed in FP32;
 - whatever the caller names in ``keep_fp32`` (op types or node names).
 
 Graph outputs stay float32 (``keep_io_types``) and the input stays uint8; ``convert`` checks both
-and that ONNX Runtime can load the result.
+and that ONNX Runtime can load the result (``onnx.checker`` alone passes graphs whose node types
+disagree, which TensorRT's parser then refuses).
 """
 from __future__ import annotations
 
@@ -59,7 +60,9 @@ _FINAL_ACTIVATIONS = {"Sigmoid", "Softmax", "LogSoftmax"}
 # Ops that only move, reshape or resample values between the final activation and an output.
 _SHAPE_ONLY = {"Identity", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Transpose", "Resize", "Upsample"}
 # Elementwise ops that make up the input normalisation right after the uint8 input.
-_NORMALISE = {"Cast", "Div", "Sub", "Mul", "Add", "Identity"}
+# AveragePool: a gate that pools the raw image before normalising it (engines/models.py) has it in
+# the chain; pooling before the first conv stays FP32 like the normalisation it precedes.
+_NORMALISE = {"Cast", "Div", "Sub", "Mul", "Add", "Identity", "AveragePool"}
 
 
 class FP16Error(RuntimeError):
@@ -176,6 +179,16 @@ def _check_outputs(model, source_path: Path) -> None:
             raise FP16Error(f"{source_path}: output {out.name!r} must stay float32 after FP16 conversion")
 
 
+def _check_loads(model, source_path: Path) -> None:
+    """ONNX Runtime type-checks every node on load: a Cast whose output the converter retyped, say."""
+    import onnxruntime as ort
+
+    try:
+        ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    except Exception as exc:  # ORT raises its own Fail/InvalidGraph types
+        raise FP16Error(f"{source_path}: the FP16 model does not load in ONNX Runtime: {exc}") from exc
+
+
 def convert(source: str | Path, dest: str | Path, recipe: FP16Recipe = FP16Recipe()) -> FP16Result:
     """Write the mixed-precision FP16 version of ``source`` to ``dest`` and return what was kept FP32."""
     import onnx
@@ -214,6 +227,7 @@ def convert(source: str | Path, dest: str | Path, recipe: FP16Recipe = FP16Recip
         onnx.checker.check_model(converted)
     except onnx.checker.ValidationError as exc:
         raise FP16Error(f"{source}: the FP16 conversion produced an invalid model: {exc}") from exc
+    _check_loads(converted, source)
     dest.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(dest, converted.SerializeToString())
     fp32 = sum(1 for n in converted.graph.node if n.op_type in op_block or n.name in block_nodes)

@@ -87,7 +87,8 @@ class Normalise(nn.Module):
         self.std = float(std)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x.float() * (1.0 / (255.0 * self.std)) + (-self.mean / self.std)
+        x = x if x.is_floating_point() else x.float()  # no float->float Cast in the exported graph
+        return x * (1.0 / (255.0 * self.std)) + (-self.mean / self.std)
 
 
 class Gate(nn.Module):

@@ -100,3 +100,26 @@ def test_recipe_record_names_converter_and_lists():
     record = fp16.FP16Recipe(keep_fp32=("Relu",)).to_dict()
     assert record["converter"].startswith("onnxconverter-common ")
     assert record["keep_fp32"] == ["Relu"] and "ReduceMean" in record["fp32_ops"]
+
+
+@pytest.mark.parametrize("profile", ["steel", "magnetic_tile", "kolektorsdd"])
+def test_shipped_packs_convert_load_and_keep_their_decisions(tmp_path, profile):
+    """The graphs TensorRT will build from: every shipped model converts, loads in ONNX Runtime,
+    and its FP16 gate decisions and masks match FP32 at the calibrated thresholds (the parity
+    gate `coilsight engines build` applies), on small frames to keep CPU FP16 quick."""
+    from pathlib import Path
+
+    from engines.backends.onnxrt import OnnxRuntimeBackend
+    from engines.modelpack import load_calibration, load_model_pack
+    from engines.parity import ParityBar, compare
+
+    pack = load_model_pack(Path(__file__).resolve().parents[2] / "engines" / "models" / profile)
+    cal = load_calibration(pack)
+    x = synthetic_frames(4, pack.channels, 64, 256, seed=3)
+    for role, entry in pack.models.items():
+        result = fp16.convert(entry.path, tmp_path / f"{role}.fp16.onnx")
+        with OnnxRuntimeBackend(entry.path, max_batch=4, threads=1) as ref, \
+                OnnxRuntimeBackend(result.path, max_batch=4, threads=1) as cand:
+            report = compare(ref, cand, [x], role=role, gate_threshold=cal.gate_threshold,
+                             pixel_thresholds=[cal.classes[c].pixel_threshold for c in pack.classes])
+        report.check(ParityBar())  # raises ParityError naming what differs

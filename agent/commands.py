@@ -63,10 +63,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--frames", type=int, default=4000)
     p.add_argument("--scenario", action="append", choices=("clean", "typical", "heavy"))
     p.add_argument("--backend", action="append", help="backend chain override (repeatable)")
-    p.add_argument("--batch", type=int)
+    p.add_argument("--batch", type=int, help="frames per model call and per queue batch: sets models.max_batch, "
+                   "opt_batch and cpu_max_batch (default: the config's)")
     p.add_argument("--json", type=Path, help="write the results here")
     p.add_argument("--fast", action="store_true", help="a few frames: checks the bench runs, not its speed")
-    p.add_argument("--no-baseline", action="store_true", help="skip the ungated baseline")
     p.add_argument("--rate", type=float, default=0.0, help="line rate for the latency scenario (0 = off)")
     p.add_argument("--compose-from", metavar="DATA_ROOT", type=Path,
                    help="frames composed from the profile's real validation crops instead of synthetic strips")

@@ -3,10 +3,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import cv2
 import numpy as np
 
 from calibration.spatial import CameraGeometry
+from engines.components import class_components
 from engines.modelpack import ClassThreshold
 
 
@@ -43,26 +43,14 @@ def extract_defects(probs: np.ndarray, classes: tuple[str, ...], thresholds: dic
     """
     if probs.ndim != 3 or probs.shape[0] != len(classes):
         raise ValueError(f"probs must be [K={len(classes)}, h, w], got {probs.shape}")
-    height, width = frame_shape
-    px_per_cell = stride * stride
     peaks = probs.reshape(len(classes), -1).max(axis=1)
     defects: list[Defect] = []
     for k, name in enumerate(classes):
         t = thresholds[name]
         if peaks[k] < t.pixel_threshold:
             continue
-        prob = probs[k]
-        mask = (prob >= t.pixel_threshold).astype(np.uint8)
-        n, labels, stats, _ = cv2.connectedComponentsWithStats(mask, connectivity=8)
-        for i in range(1, n):
-            x, y, w, h, cells = (int(v) for v in stats[i])
-            area = cells * px_per_cell
-            if area < t.min_area_px:
-                continue
-            window = prob[y:y + h, x:x + w]
-            conf = float(window[labels[y:y + h, x:x + w] == i].max())
-            bbox = (x * stride, y * stride, min((x + w) * stride, width), min((y + h) * stride, height))
-            defects.append(Defect(k, name, round(conf, 4), bbox, area))
+        _, comps = class_components(probs[k], t.pixel_threshold, t.min_area_px, stride, frame_shape)
+        defects += [Defect(k, name, round(c.peak, 4), c.bbox_px, c.area_px) for c in comps]
     if len(defects) > max_defects:
         defects.sort(key=lambda d: d.confidence, reverse=True)
         defects = defects[:max_defects]

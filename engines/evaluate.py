@@ -46,6 +46,7 @@ import structlog
 
 from calibration.metrics import dice_pairs, precision_recall, roc_auc
 from engines import datasets
+from engines.components import class_components
 from engines.datasets import Box, Sample
 from engines.modelpack import Calibration, ModelPack, load_calibration, load_model_pack
 
@@ -101,34 +102,21 @@ def components(
     Pixel on when prob >= threshold; 8-connected components at output resolution; a component
     is kept when cells * stride^2 >= min_area (image px). Masks: kept cells repeated stride x
     stride, cropped to image_hw. Boxes: component extent * stride, clipped to the image, score =
-    the highest probability in the component.
+    the highest probability in the component. The rule is engines.components.class_components,
+    the same code the agent turns into defect events.
     """
     height, width = image_hw
     k_count = probs.shape[0]
     masks = np.zeros((k_count, height, width), dtype=bool)
     boxes: list[tuple[Box, float]] = []
-    cell_px = stride * stride
     for k in range(k_count):
-        on = probs[k] >= thresholds[k]
-        if not on.any():
+        labels, comps = class_components(probs[k], thresholds[k], min_areas[k], stride, image_hw)
+        if not comps:
             continue
-        n, labels, stats, _ = cv2.connectedComponentsWithStats(on.view(np.uint8), connectivity=8)
-        area = stats[:, cv2.CC_STAT_AREA].astype(np.int64) * cell_px
-        keep = area >= min_areas[k]
-        keep[0] = False
-        if not keep[1:].any():
-            continue
-        peak = np.zeros(n, np.float64)
-        np.maximum.at(peak, labels[on], probs[k][on])
-        kept = keep[labels]
+        kept = np.isin(labels, [c.label for c in comps])
         full = np.repeat(np.repeat(kept, stride, axis=0), stride, axis=1)[:height, :width]
         masks[k, : full.shape[0], : full.shape[1]] = full
-        for i in np.flatnonzero(keep):
-            x, y, w, h = (int(v) for v in stats[i, :4])
-            x0, y0 = x * stride, y * stride
-            x1, y1 = min((x + w) * stride, width), min((y + h) * stride, height)
-            if x1 > x0 and y1 > y0:
-                boxes.append((Box(k, float(x0), float(y0), float(x1), float(y1)), float(peak[i])))
+        boxes += [(Box(k, *(float(v) for v in c.bbox_px)), c.peak) for c in comps]
     return masks, boxes
 
 

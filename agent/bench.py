@@ -59,39 +59,44 @@ def _rss_peak_mb(pid: int) -> float | None:
     return None
 
 
-def _stat(pid: int) -> list[str] | None:
-    """The fields of /proc/PID/stat after the command name (Linux)."""
+def _stat(proc_dir: Path) -> list[str] | None:
+    """The fields of <proc_dir>/stat after the command name: /proc/PID or /proc/PID/task/TID (Linux)."""
     try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (proc_dir / "stat").read_text().rsplit(")", 1)[1].split()
     except (OSError, IndexError):
         return None
 
 
+def _stat_cpu_s(fields: list[str]) -> float:
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def _cpu_s(pid: int) -> float | None:
     """User + system CPU seconds a process has used so far."""
-    f = _stat(pid)
-    return None if f is None else (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK")
+    f = _stat(Path(f"/proc/{pid}"))
+    return None if f is None else _stat_cpu_s(f)
 
 
 def _thread_cpu_s(pid: int) -> dict[str, float]:
     """CPU seconds by OS thread name (agent.threadnames names them), workers of one kind summed:
     "inference-0" and "inference-1" count as "inference"; libzmq's I/O threads as "ZMQbg"."""
     out: dict[str, float] = {}
-    tick = os.sysconf("SC_CLK_TCK")
     for task in Path(f"/proc/{pid}/task").glob("*"):
         try:
             name = (task / "comm").read_text().strip()
-            f = (task / "stat").read_text().rsplit(")", 1)[1].split()
         except OSError:
             continue  # the thread ended between listing and reading
+        f = _stat(task)
+        if f is None:
+            continue
         key = name.split("-")[0] if name.startswith("inference-") else name.split("/")[0]
-        out[key] = out.get(key, 0.0) + (int(f[11]) + int(f[12])) / tick
+        out[key] = out.get(key, 0.0) + _stat_cpu_s(f)
     return out
 
 
 def _minor_faults(pid: int) -> int | None:
     """Minor page faults so far: each one a page of fresh memory the kernel had to map and zero."""
-    f = _stat(pid)
+    f = _stat(Path(f"/proc/{pid}"))
     return None if f is None else int(f[7])
 
 
@@ -192,7 +197,7 @@ def run_scenario(cfg_path: Path, cfg, n: int, fraction: float, clean: list, bad:
             "agent_cpu_s": round(agent_cpu - agent_cpu0, 2) if agent_cpu is not None else None,
             "simulator_cpu_s": round(bench_cpu, 2),
             # where the agent's CPU went, by thread: the part outside "inference" is the pipeline's cost
-            "agent_thread_cpu_s": dict(sorted(((k, v) for k, v in threads.items()), key=lambda kv: -kv[1])),
+            "agent_thread_cpu_s": dict(sorted(threads.items(), key=lambda kv: -kv[1])),
             "agent_minor_faults_per_frame": round((faults - faults0) / n, 1) if faults is not None else None,
         }
     finally:

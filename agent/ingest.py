@@ -13,8 +13,8 @@ import zmq
 from agent.batcher import Frame, FrameQueue
 from agent.coil import CoilRegistry
 from agent.metrics import RateLimiter
-from agent.threadnames import name_this_thread
 from agent.protocol import Control, Rejected, decode_message, max_message_bytes, pixels_to_array
+from agent.threadnames import name_this_thread
 
 log = structlog.get_logger(__name__)
 

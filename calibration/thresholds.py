@@ -277,7 +277,7 @@ def search_class_thresholds(
 
     ``probs`` yields one ``[K, h, w]`` array per image at output stride ``stride``;
     ``gt_masks`` yields the matching ``[K, H, W]`` bool masks at image size. As in
-    agent/postprocess.py and engines/evaluate.py, a pixel is on when ``prob >= threshold``,
+    engines/components.py (the rule the agent and the evaluation share), a pixel is on when ``prob >= threshold``,
     components are found with cv2.connectedComponentsWithStats (8-connectivity) at output
     resolution and one whose area (cells x stride^2, in image px) is below the min area is
     dropped; the kept mask is upsampled nearest (each cell to stride x stride px, cropped to the

@@ -35,10 +35,12 @@ def onnx_params(path: Path) -> int | None:
 
 
 def measure_speed(pack_dir: Path, batches: tuple[int, ...] = (1, 8), frames: int = 32, repeats: int = 3) -> dict:
-    """Frames/s of each model with ONNX Runtime on the CPU, one intra-op thread (what one agent
-    worker gets), random uint8 frames of the nominal size; best of `repeats` passes."""
+    """Frames/s of each model through the agent's own ONNX Runtime CPU backend with one intra-op
+    thread (what one agent worker gets), random uint8 frames of the nominal size; best of
+    `repeats` passes."""
     import onnxruntime as ort
 
+    from engines.backends.onnxrt import OnnxRuntimeBackend
     from engines.modelpack import load_model_pack
 
     pack = load_model_pack(pack_dir)
@@ -48,25 +50,21 @@ def measure_speed(pack_dir: Path, batches: tuple[int, ...] = (1, 8), frames: int
                  "frame": f"{pack.width}x{pack.height}x{pack.channels}", "cpu": platform.processor() or platform.machine(),
                  "measured": time.strftime("%Y-%m-%d"), "models": {}}
     for role, entry in pack.models.items():
-        so = ort.SessionOptions()
-        so.intra_op_num_threads, so.inter_op_num_threads = 1, 1
-        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        sess = ort.InferenceSession(str(entry.path), so, providers=["CPUExecutionProvider"])
-        name = sess.get_inputs()[0].name
         per_batch = {}
-        for b in batches:
-            xs = [np.ascontiguousarray(x_all[i:i + b]) for i in range(0, frames - b + 1, b)]
-            sess.run(None, {name: xs[0]})
-            best = min(_timed(sess, name, xs) for _ in range(repeats))
-            per_batch[b] = round(len(xs) * b / best, 1)
+        with OnnxRuntimeBackend(entry.path, max_batch=max(batches), threads=1) as backend:
+            for b in batches:
+                xs = [np.ascontiguousarray(x_all[i:i + b]) for i in range(0, frames - b + 1, b)]
+                backend.infer(xs[0])
+                best = min(_timed(backend, xs) for _ in range(repeats))
+                per_batch[b] = round(len(xs) * b / best, 1)
         out["models"][role] = per_batch
     return out
 
 
-def _timed(sess, name: str, xs: list[np.ndarray]) -> float:
+def _timed(backend, xs: list[np.ndarray]) -> float:
     t0 = time.perf_counter()
     for x in xs:
-        sess.run(None, {name: x})
+        backend.infer(x)
     return time.perf_counter() - t0
 
 
@@ -96,10 +94,8 @@ def render(pack_dir: Path, evaluation_dir: Path | None, speed: dict | None, spli
     for role, m in meta["models"].items():
         path = pack_dir / m["file"]
         params = onnx_params(path)
-        lines.append(f"| {role} | `{m['file']}` | `{m['sha256'][:12]}` | {params:,} | "
-                     f"{path.stat().st_size / 1024:.0f} KiB | `{m['output']}` |" if params is not None else
-                     f"| {role} | `{m['file']}` | `{m['sha256'][:12]}` | - | {path.stat().st_size / 1024:.0f} KiB | "
-                     f"`{m['output']}` |")
+        lines.append(f"| {role} | `{m['file']}` | `{m['sha256'][:12]}` | {'-' if params is None else f'{params:,}'} | "
+                     f"{path.stat().st_size / 1024:.0f} KiB | `{m['output']}` |")
     if train.get("model_size"):
         lines += ["", f"Architecture: engines/models.py, size `{train['model_size']}` "
                       f"({json.dumps(train.get('model_config', {}))})."]

@@ -32,6 +32,7 @@ class ModelConfig:
     gate_widths: tuple[int, int, int] = (16, 32, 48)
     gate_pool: int = 2  # average pool before the first conv
     gate_stem: int = 0  # 0: 3x3 stride-2 conv; k > 1: a k x k stride-k patch conv (no overlap)
+    gate_block: str = "conv"  # after the stem: "conv" (3x3 conv) or "separable" (3x3 depthwise + 1x1)
     seg_widths: tuple[int, int, int] = (8, 16, 32)
     seg_decoder: int = 16
     seg_fuse_kernel: int = 1  # 1x1 fuse at stride 4: a 3x3 there costs more than the whole encoder
@@ -60,12 +61,28 @@ CONFIGS: dict[str, ModelConfig] = {
     "large": ModelConfig(seg_widths=(24, 48, 64), seg_decoder=32, seg_context=(2, 4)),
     # measured and rejected: a 4x4 patch stem makes the gate ~1.7x faster but far less selective
     "patchgate": ModelConfig(gate_stem=4, seg_widths=(16, 32, 48), seg_decoder=24, seg_context=(2, 4)),
+    # the medium segmenter behind a gate of depthwise-separable blocks (16/48/64): ~2x faster gate
+    "sepgate": ModelConfig(gate_widths=(16, 48, 64), gate_block="separable",
+                           seg_widths=(16, 32, 48), seg_decoder=24, seg_context=(2, 4)),
 }
+GATE_BLOCKS = ("conv", "separable")
 
 
 def _cbr(cin: int, cout: int, stride: int = 1, dilation: int = 1, kernel: int = 3) -> nn.Sequential:
     return nn.Sequential(
         nn.Conv2d(cin, cout, kernel, stride=stride, padding=dilation * (kernel // 2), dilation=dilation, bias=False),
+        nn.BatchNorm2d(cout),
+        nn.ReLU(inplace=True),
+    )
+
+
+def _separable(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
+    """3x3 depthwise conv (+BN, ReLU), then 1x1 conv (+BN, ReLU): ~1/8 of a 3x3 conv's arithmetic."""
+    return nn.Sequential(
+        nn.Conv2d(cin, cin, 3, stride=stride, padding=1, groups=cin, bias=False),
+        nn.BatchNorm2d(cin),
+        nn.ReLU(inplace=True),
+        nn.Conv2d(cin, cout, 1, bias=False),
         nn.BatchNorm2d(cout),
         nn.ReLU(inplace=True),
     )
@@ -100,8 +117,11 @@ class Gate(nn.Module):
         w1, w2, w3 = config.gate_widths
         self.norm = Normalise(mean, std)
         self.pool = nn.AvgPool2d(config.gate_pool) if config.gate_pool > 1 else nn.Identity()
+        if config.gate_block not in GATE_BLOCKS:
+            raise ValueError(f"gate_block {config.gate_block!r}: expected one of {GATE_BLOCKS}")
         stem = _patch(in_channels, w1, config.gate_stem) if config.gate_stem > 1 else _cbr(in_channels, w1, 2)
-        self.features = nn.Sequential(stem, _cbr(w1, w2, 2), _cbr(w2, w3, 2), _cbr(w3, w3, 1))
+        block = _separable if config.gate_block == "separable" else _cbr
+        self.features = nn.Sequential(stem, block(w1, w2, 2), block(w2, w3, 2), block(w3, w3, 1))
         self.head = nn.Conv2d(w3, num_classes, 1)
 
     def logit_map(self, x: torch.Tensor) -> torch.Tensor:

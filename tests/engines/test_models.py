@@ -79,6 +79,21 @@ def test_configs_without_the_newer_keys_load_as_before():
     assert patch_gate.features[0][0].kernel_size == (4, 4) and patch_gate.features[0][0].stride == (4, 4)
 
 
+def test_separable_gate_is_depthwise_and_smaller():
+    """`sepgate`: after the stem every gate block is a 3x3 depthwise conv then a 1x1 conv; the
+    segmenter is the medium one, so a medium run's best_seg.pt loads into it."""
+    gate, seg = build_models(6, config="sepgate")
+    ref_gate, ref_seg = build_models(6, config="medium")
+    for block in gate.features[1:]:
+        depthwise, pointwise = block[0], block[3]
+        assert depthwise.groups == depthwise.in_channels == depthwise.out_channels
+        assert pointwise.kernel_size == (1, 1)
+    assert count_params(gate) < count_params(ref_gate) / 2
+    seg.load_state_dict(ref_seg.state_dict())  # same layers, same names
+    with pytest.raises(ValueError, match="gate_block 'dense'"):
+        build_models(2, config=ModelConfig(gate_block="dense"))
+
+
 def test_bad_configs_are_named():
     with pytest.raises(ValueError, match="unknown model size 'huge'"):
         build_models(2, config="huge")

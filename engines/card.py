@@ -117,6 +117,10 @@ def render(pack_dir: Path, evaluation_dir: Path | None, speed: dict | None, spli
                   f"{profile} --out engines/models/{profile}`",
                   f"- Seed {train.get('seed')}, {train.get('epochs_run')} epochs, {train.get('minutes')} min on "
                   f"CPU; best checkpoint per model by val loss: {json.dumps(train.get('best', {}))}"]
+        src = train.get("seg_from")
+        if src:  # a gate-only run: say where the segmenter was trained
+            lines.append(f"- The gate alone was trained by that command; the segmenter is the one of an earlier run "
+                         f"(size `{src.get('model_size')}`, {src.get('minutes')} min): `{src.get('command', '?')}`")
         if train.get("gate_crop"):
             lines.append(f"- Gate trained on {train['gate_crop']}x{train['gate_crop']} crops (clean crops "
                          f"{json.dumps(train.get('clean_crops', {}))}); seg on {train.get('seg_crop')} px windows. "

@@ -114,7 +114,7 @@ def model_json(meta: dict[str, Any], gate_path: Path, seg_path: Path, height: in
     """model.json for the pack (format per docs/architecture.md)."""
     from engines.models import OUTPUT_STRIDE
 
-    return {
+    doc = {
         "format": MODEL_PACK_FORMAT,
         "profile": meta["profile"],
         "classes": list(meta["classes"]),
@@ -142,6 +142,9 @@ def model_json(meta: dict[str, Any], gate_path: Path, seg_path: Path, height: in
             "clean_crops": meta.get("clean_crops"),
         },
     }
+    if meta.get("seg_from"):  # a gate-only run: the segmenter is another run's, named here
+        doc["training"]["seg_from"] = meta["seg_from"]
+    return doc
 
 
 def export_pack(checkpoint: str | Path, out: str | Path, profile: str | None = None,

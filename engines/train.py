@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -85,6 +86,9 @@ class TrainConfig:
     model_size: str = "small"
     threads: int = 2
     limit_images: int | None = None  # tests: use only the first N train/val images
+    # train the gate only and take the segmenter (best_seg.pt) from this earlier run of the same
+    # profile, data normalisation and segmenter layers: a gate experiment costs the gate's time only
+    seg_from: Path | None = None
     command: str = ""
     progress: bool = True
     # The learning rate follows max(share of steps, share of --max-minutes) so a run cut by the clock
@@ -331,6 +335,34 @@ def _load(profile: str, root: Path, split: str, limit: int | None) -> list[Sampl
     return list(ds)
 
 
+def _seg_source(cfg: TrainConfig, classes: tuple[str, ...], mean: float, std: float) -> dict[str, Any]:
+    """Check that --seg-from's segmenter fits this run; returns what meta.json records of it."""
+    from engines.models import CONFIGS, ModelConfig
+
+    src = Path(cfg.seg_from)
+    meta_path, weights = src / META_FILE, src / "best_seg.pt"
+    if not meta_path.is_file() or not weights.is_file():
+        raise TrainError(f"--seg-from {src}: needs {META_FILE} and best_seg.pt written by `coilsight train`")
+    m = json.loads(meta_path.read_text())
+    theirs = ModelConfig.from_dict(m.get("model_config", {}))
+    ours = CONFIGS[cfg.model_size]
+    seg_fields = [f for f in ModelConfig.__dataclass_fields__ if f.startswith("seg_")]
+    differ = [f for f in seg_fields if getattr(theirs, f) != getattr(ours, f)]
+    problems = []
+    if m.get("profile") != cfg.profile or tuple(m.get("classes", ())) != tuple(classes):
+        problems.append(f"profile/classes {m.get('profile')} {m.get('classes')} vs {cfg.profile} {list(classes)}")
+    if differ:
+        problems.append(f"segmenter layers differ ({', '.join(differ)}) from size {cfg.model_size!r}")
+    if (m.get("mean"), m.get("std")) != (mean, std):
+        problems.append(f"normalisation mean/std {m.get('mean')}/{m.get('std')} vs {mean}/{std} (other data?)")
+    if "seg" not in m.get("best", {}):
+        problems.append("its meta.json records no best segmenter")
+    if problems:
+        raise TrainError(f"--seg-from {src}: " + "; ".join(problems))
+    return {"run": str(src), "command": m.get("command", ""), "model_size": m.get("model_size"),
+            "best": m["best"]["seg"], "minutes": m.get("minutes")}
+
+
 def train(cfg: TrainConfig, *, data_loader: Callable[[str], list[Sample]] | None = None) -> dict[str, Any]:
     """Train both models; returns the run summary also written to `<out>/meta.json`.
 
@@ -374,6 +406,10 @@ def train(cfg: TrainConfig, *, data_loader: Callable[[str], list[Sample]] | None
     log.info("training_data_ready", profile=cfg.profile, **pools.summary(), val=val_pools.summary(), mean=mean, std=std)
 
     gate, seg = build_models(len(classes), 1, mean, std, cfg.model_size)
+    seg_source = _seg_source(cfg, classes, mean, std) if cfg.seg_from is not None else None
+    if seg_source is not None:
+        seg.load_state_dict(torch.load(Path(cfg.seg_from) / "best_seg.pt", map_location="cpu", weights_only=True))
+        shutil.copyfile(Path(cfg.seg_from) / "best_seg.pt", out / "best_seg.pt")
     opt_g = torch.optim.AdamW(gate.parameters(), lr=cfg.lr, weight_decay=1e-4)
     opt_s = torch.optim.AdamW(seg.parameters(), lr=cfg.lr, weight_decay=1e-4)
     total_steps = cfg.epochs * cfg.steps_per_epoch
@@ -390,9 +426,12 @@ def train(cfg: TrainConfig, *, data_loader: Callable[[str], list[Sample]] | None
         "clean_crops": clean, "data": str(cfg.data_root), "command": cfg.command,
         "pools": pools.summary(), "history": [], "best": {}, "minutes": 0.0,
     }
+    if seg_source is not None:
+        meta["seg_from"] = seg_source
+        meta["best"]["seg"] = dict(seg_source["best"])
     state_path = out / STATE_FILE
     start_epoch = 0
-    best = {"gate": math.inf, "seg": math.inf}
+    best = {"gate": math.inf, "seg": math.inf if seg_source is None else float(seg_source["best"]["val_loss"])}
     spent_before = 0.0
     if state_path.is_file():
         state = torch.load(state_path, map_location="cpu", weights_only=False)
@@ -433,14 +472,15 @@ def train(cfg: TrainConfig, *, data_loader: Callable[[str], list[Sample]] | None
             opt_g.zero_grad()
             loss_g.backward()
             opt_g.step()
-            sx, sm = seg_batch(pools, cfg.seg_batch, prof.seg_crop, frac, rng)
-            loss_s = seg_loss(seg.logits(torch.as_tensor(sx)), seg_target(sm))
-            opt_s.zero_grad()
-            loss_s.backward()
-            opt_s.step()
             run_g += float(loss_g.detach())
-            run_s += float(loss_s.detach())
-            bar.set_postfix(gate=f"{loss_g.item():.3f}", seg=f"{loss_s.item():.3f}")
+            if seg_source is None:
+                sx, sm = seg_batch(pools, cfg.seg_batch, prof.seg_crop, frac, rng)
+                loss_s = seg_loss(seg.logits(torch.as_tensor(sx)), seg_target(sm))
+                opt_s.zero_grad()
+                loss_s.backward()
+                opt_s.step()
+                run_s += float(loss_s.detach())
+            bar.set_postfix(gate=f"{loss_g.item():.3f}", seg=f"{run_s / (step + 1):.3f}")
         gate.eval()
         seg.eval()
         with torch.no_grad():
@@ -450,6 +490,8 @@ def train(cfg: TrainConfig, *, data_loader: Callable[[str], list[Sample]] | None
                "val_gate": val["gate"], "val_seg": val["seg"], "minutes": round(minutes, 2)}
         meta["history"].append(row)
         for role, model in (("gate", gate), ("seg", seg)):
+            if role == "seg" and seg_source is not None:
+                continue  # the segmenter is the source run's, unchanged
             if val[role] < best[role]:
                 best[role] = val[role]
                 torch.save(model.state_dict(), out / f"best_{role}.pt")

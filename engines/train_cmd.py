@@ -22,10 +22,13 @@ def register(subparsers) -> None:
     t.add_argument("--max-minutes", type=float, default=9.0, help="stop after the epoch that crosses this")
     t.add_argument("--synthetic-fraction", type=float, default=None,
                    help="share of synthetic strip windows per batch (default 0.25 for steel, 0 elsewhere)")
-    t.add_argument("--model-size", default="small", help="engines.models.CONFIGS key (tiny, small, wide)")
+    t.add_argument("--model-size", default="small", help="engines.models.CONFIGS key (tiny, small, medium, large, sepgate, ...)")
     t.add_argument("--steps-only-schedule", action="store_true",
                    help="learning rate by steps only (bit-reproducible); default also anneals by --max-minutes")
     t.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    t.add_argument("--seg-from", type=Path, metavar="RUN",
+                   help="train the gate only; take the segmenter from this earlier run (same profile, data and "
+                        "segmenter layers)")
     t.set_defaults(func=_run_train)
 
     e = subparsers.add_parser("export", help="export a training run to ONNX + model.json (a model pack)")
@@ -42,7 +45,8 @@ def _run_train(args: argparse.Namespace) -> int:
     cfg = TrainConfig(profile=args.profile, data_root=args.data_root, out=args.out, epochs=args.epochs,
                       steps_per_epoch=args.steps_per_epoch, seed=args.seed, max_minutes=args.max_minutes,
                       synthetic_fraction=args.synthetic_fraction, model_size=args.model_size, threads=args.threads,
-                      clock_schedule=not args.steps_only_schedule, command="coilsight " + shlex.join(sys.argv[1:]))
+                      clock_schedule=not args.steps_only_schedule, seg_from=args.seg_from,
+                      command="coilsight " + shlex.join(sys.argv[1:]))
     try:
         meta = train(cfg)
     except (TrainError, DatasetError) as exc:

@@ -41,6 +41,17 @@ def test_card_is_made_from_the_pack_evaluation_speed_and_notes(tiny_pack, tmp_pa
     assert "Gate threshold 0.5 " in text
 
 
+def test_a_gate_only_run_names_where_its_segmenter_was_trained(tiny_pack, tmp_path):
+    meta = json.loads((tiny_pack / "model.json").read_text())
+    training = meta.setdefault("training", {"command": "coilsight train --model-size sepgate --seg-from R"})
+    training["seg_from"] = {"run": "R", "command": "coilsight train --model-size medium", "model_size": "medium",
+                            "best": {"val_loss": 0.3}, "minutes": 7.5}
+    (tiny_pack / "model.json").write_text(json.dumps(meta))
+    text = render(tiny_pack, _evaluation(tmp_path / "eval", tiny_pack), None)
+    assert ("the segmenter is the one of an earlier run (size `medium`, 7.5 min): "
+            "`coilsight train --model-size medium`") in text
+
+
 def test_an_evaluation_of_other_models_is_refused(tiny_pack, tmp_path):
     ev = _evaluation(tmp_path / "eval", tiny_pack, models={"gate": "0" * 12, "seg": "1" * 12})
     with pytest.raises(CardError, match="evaluated other models.*evaluate this pack again"):

@@ -111,6 +111,36 @@ def test_same_seed_same_weights(tmp_path):
     assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
 
 
+def test_gate_only_run_takes_the_segmenter_from_another_run(tmp_path):
+    """--seg-from trains the gate alone: the segmenter of the source run is copied unchanged and
+    recorded; a source whose segmenter layers or data differ is refused."""
+    data = {"train": _samples(6, 4), "val": _samples(3, 5)}
+    load = lambda split: data[split]  # noqa: E731
+    common = dict(profile="steel", data_root=tmp_path, epochs=1, steps_per_epoch=2, gate_batch=8, seg_batch=2,
+                  progress=False, synthetic_fraction=0.0)
+    train(TrainConfig(out=tmp_path / "medium", model_size="medium", **common), data_loader=load)
+    meta = train(TrainConfig(out=tmp_path / "sep", model_size="sepgate", seg_from=tmp_path / "medium", **common),
+                 data_loader=load)
+    src = torch.load(tmp_path / "medium" / "best_seg.pt", weights_only=True)
+    got = torch.load(tmp_path / "sep" / "best_seg.pt", weights_only=True)
+    assert all(torch.equal(src[k], got[k]) for k in src)
+    assert meta["seg_from"]["run"] == str(tmp_path / "medium") and meta["seg_from"]["model_size"] == "medium"
+    assert meta["best"]["seg"]["val_loss"] == meta["seg_from"]["best"]["val_loss"]
+    assert all(row["train_seg"] == 0.0 for row in meta["history"])  # no segmenter step was taken
+    gate_weights = torch.load(tmp_path / "sep" / "best_gate.pt", weights_only=True)
+    assert any("features.1.3" in k for k in gate_weights)  # the separable gate's pointwise conv
+    with pytest.raises(TrainError, match="segmenter layers differ"):
+        train(TrainConfig(out=tmp_path / "small", model_size="small", seg_from=tmp_path / "medium", **common),
+              data_loader=load)
+    with pytest.raises(TrainError, match="needs meta.json and best_seg.pt"):
+        train(TrainConfig(out=tmp_path / "x", model_size="sepgate", seg_from=tmp_path / "nowhere", **common),
+              data_loader=load)
+    other = {"train": _samples(6, 7), "val": _samples(3, 5)}
+    with pytest.raises(TrainError, match="normalisation mean/std"):
+        train(TrainConfig(out=tmp_path / "y", model_size="sepgate", seg_from=tmp_path / "medium", **common),
+              data_loader=lambda split: other[split])
+
+
 def test_bad_runs_are_refused(tmp_path):
     base = dict(data_root=tmp_path, out=tmp_path / "r", progress=False)
     with pytest.raises(TrainError, match="unknown profile 'wafer'"):

@@ -17,20 +17,48 @@ def test_bench_fast_mode_accounts_for_every_frame(tmp_path, agent_config):
     r = subprocess.run([sys.executable, "-m", "agent.cli", "bench", "--fast", "--config", str(cfg_path),
                         "--json", str(out), "--rate", "20"], capture_output=True, text=True, timeout=240)
     assert r.returncode == 0, r.stdout + r.stderr
-    res = json.loads(out.read_text())
+    def no_nan(const):
+        raise AssertionError(f"{const} in the bench JSON: not JSON, other languages cannot read it")
+
+    res = json.loads(out.read_text(), parse_constant=no_nan)
     assert set(res["scenarios"]) == {"clean", "typical", "heavy"}
     for name, s in res["scenarios"].items():
         f = s["accounting"]
         assert s["accounted"] and f["sent"] == f["received"] == 40 == f["inspected"] + f["gated_out"], name
         assert s["wall_s"] > 0 and s["peak_rss_mb"] > 0 and s["efficiency"] > 0
         assert s["model_cpu_s"] > 0, name
+        # a latency exactly when there were events to time
+        assert (s["latency_p50_s"] is None) == (s["events"] == 0) == (s["latency_p99_s"] is None), name
         if s["agent_cpu_s"]:
             assert s["agent_cpu_overhead"] == pytest.approx(s["agent_cpu_s"] / s["model_cpu_s"] - 1, rel=0.05, abs=0.01)
         if sys.platform.startswith("linux"):  # the agent's threads carry their names down to the OS
             assert {"inference", "ingest", "publisher"} <= set(s["agent_thread_cpu_s"]), name
             assert all(v >= 0 for v in s["agent_thread_cpu_s"].values()), name
     assert res["latency"]["accounting"]["received"] == res["latency"]["frames"]
+    bare = res["bare"]
+    assert len(bare["gate_fps_passes"]) == 2 and bare["gate_fps"] == max(bare["gate_fps_passes"])  # before, after
     assert "bare model throughput" in r.stdout and "x gate" in r.stdout
+
+
+def test_the_bare_reference_is_the_fastest_pass_before_and_after():
+    from agent.bench import best_bare
+
+    before = {"gate_fps": 900.0, "gate_fps_passes": [700.0, 900.0], "seg_fps": 80.0, "seg_fps_passes": [80.0],
+              "workers": 2, "threads": 1}
+    after = {"gate_fps": 850.0, "gate_fps_passes": [850.0], "seg_fps": 95.0, "seg_fps_passes": [95.0],
+             "workers": 2, "threads": 1}
+    best = best_bare(before, after)
+    assert (best["gate_fps"], best["seg_fps"]) == (900.0, 95.0)
+    assert best["gate_fps_passes"] == [700.0, 900.0, 850.0] and best["workers"] == 2
+
+
+def test_a_coil_without_events_has_no_latency_rather_than_nan():
+    from agent.bench import latency_percentiles
+
+    assert latency_percentiles([]) == (None, None)
+    assert json.loads(json.dumps({"p99": latency_percentiles([])[1]})) == {"p99": None}
+    p50, p99 = latency_percentiles([0.01 * i for i in range(1, 101)])
+    assert p50 == pytest.approx(0.505) and p99 == pytest.approx(0.9901)
 
 
 def test_threads_are_named_for_the_os():

@@ -177,7 +177,7 @@ class Inference:
         try:
             while not self._halt.is_set():
                 models = self._acquire(worker)
-                batch = self.frames.get_batch(self.cfg.models.max_batch, self.cfg.models.max_wait_ms / 1000.0)
+                batch = self.frames.get_batch(self.cfg.models.max_batch, self.fill_wait_s(models))
                 if not batch:
                     self.on_alive()  # idle and responsive
                     continue
@@ -192,6 +192,12 @@ class Inference:
         except BaseException as exc:
             self.error = exc
             log.exception("inference_failed", worker=worker)
+
+    def fill_wait_s(self, models: Models) -> float:
+        """How long a partial batch waits for more frames: `models.max_wait_ms` where the backend runs
+        stacked batches (TensorRT, CUDA); none where it takes one frame per call (the CPU), since
+        waiting there only adds up to max_wait_ms to every frame's latency at line rate."""
+        return self.cfg.models.max_wait_ms / 1000.0 if models.batch > 1 else 0.0
 
     def _stack(self, images: list[np.ndarray], buf: list) -> np.ndarray:
         """One contiguous [N, C, H, W] array; a single C-contiguous frame is passed as a view (no copy)."""

@@ -1,6 +1,8 @@
 """The agent starts on the best backend that loads, says why the others did not, and reports it."""
 from __future__ import annotations
 
+import types
+
 import pytest
 
 from agent.service import Agent, status_request
@@ -21,6 +23,34 @@ def test_strict_mode_refuses_instead_of_falling_back(agent_config):
     cfg = agent_config(models={"backends": ["tensorrt", "onnxruntime"], "strict": True})
     with pytest.raises(BackendError, match="tensorrt"):
         Agent(cfg, install_signals=False).run()
+
+
+def test_frames_do_not_wait_for_a_batch_to_fill_at_one_frame_per_call(running_agent):
+    """At one frame per model call (the CPU) a lone frame is inspected at once, not after
+    models.max_wait_ms waiting for company; with stacked batches the wait applies."""
+    import time
+
+    from tinypack import clean_frame
+
+    from agent.camera_sim import CameraSim
+    from agent.subscriber import Subscriber
+
+    agent = running_agent(models={"max_batch": 8, "opt_batch": 8, "cpu_max_batch": 1, "workers": 1,
+                                  "max_wait_ms": 5000.0})
+    assert agent.inference.fill_wait_s(agent.models) == 0.0
+    sub = Subscriber(agent.cfg.publish.endpoint, agent.cfg.publish.replay_endpoint, from_seq=1)
+    time.sleep(0.3)
+    cam = CameraSim(agent.cfg.ingest.endpoint)
+    t0 = time.monotonic()
+    cam.send_coil("lone-coil", [(clean_frame(), None)])
+    cam.close()
+    summary = next(msg for topic, msg in sub.messages(timeout_s=30) if topic == "summary" and msg["final"])
+    waited = time.monotonic() - t0
+    sub.close()
+    assert summary["frames"]["inspected"] + summary["frames"]["gated_out"] == 1
+    assert waited < 2.5, f"a lone frame took {waited:.1f} s: it waited for a batch of 8 (max_wait_ms 5000)"
+    stacked = types.SimpleNamespace(batch=8)
+    assert agent.inference.fill_wait_s(stacked) == 5.0
 
 
 @pytest.mark.parametrize("cpu_max_batch, expected", [(1, 1), (2, 2), (16, 8)])

@@ -364,7 +364,8 @@ def _seg_source(cfg: TrainConfig, classes: tuple[str, ...], mean: float, std: fl
 
 
 def train(cfg: TrainConfig, *, data_loader: Callable[[str], list[Sample]] | None = None) -> dict[str, Any]:
-    """Train both models; returns the run summary also written to `<out>/meta.json`.
+    """Train both models (the gate alone with `cfg.seg_from`); returns the run summary also written
+    to `<out>/meta.json`.
 
     data_loader(split) -> samples replaces the shared data (tests); split is "train" or "val".
     """

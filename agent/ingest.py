@@ -99,19 +99,22 @@ class Ingest(threading.Thread):
                 for _ in range(256):  # a burst per wake-up, then re-check the stop flag
                     if self.backpressure and len(self.frames) >= self.frames.max_frames:
                         break
+                    t0 = time.perf_counter()
                     try:
                         parts = sock.recv_multipart(flags=zmq.NOBLOCK, copy=False)
                     except zmq.Again:
                         break
                     self.received_messages += 1
-                    self.handle(parts)
+                    self.handle(parts, recv_s=time.perf_counter() - t0)
         finally:
             for w in watches:
                 w.close()
             sock.close(linger=0)
 
     # -- one message ------------------------------------------------------------------------
-    def handle(self, parts: list) -> None:
+    def handle(self, parts: list, recv_s: float | None = None) -> None:
+        """One message. recv_s: how long taking it from the socket took ("receive" stage); the
+        time from here until the frame is queued is the "decode" stage (parse, validate, admit)."""
         recv_mono, recv_ns = time.monotonic(), time.time_ns()
         index = None
         try:
@@ -134,7 +137,9 @@ class Ingest(threading.Thread):
             self._rejected(rej, index if index is not None else rej.index)
             return
         if self.on_frame:
-            self.on_frame("receive", time.monotonic() - recv_mono)
+            if recv_s is not None:
+                self.on_frame("receive", recv_s)
+            self.on_frame("decode", time.monotonic() - recv_mono)
         for shed in self.frames.put(frame):
             h = shed.header
             for s in self.coils.finish(h.camera, h.coil, h.index, "shed"):

@@ -3,11 +3,12 @@ from __future__ import annotations
 
 import json
 import subprocess
-
-import pytest
 import sys
 
+import pytest
+
 from agent.config import config_dict, dump_toml
+from agent.metrics import STAGES
 
 
 def test_bench_fast_mode_accounts_for_every_frame(tmp_path, agent_config):
@@ -27,6 +28,9 @@ def test_bench_fast_mode_accounts_for_every_frame(tmp_path, agent_config):
         assert s["accounted"] and f["sent"] == f["received"] == 40 == f["inspected"] + f["gated_out"], name
         assert s["wall_s"] > 0 and s["peak_rss_mb"] > 0 and s["efficiency"] > 0
         assert s["model_cpu_s"] > 0, name
+        # every stage the issue names, receive and decode timed apart
+        assert set(s["stage_s"]) == set(STAGES), name
+        assert s["stage_s"]["receive"] > 0 and s["stage_s"]["decode"] > 0 and s["stage_s"]["gate"] > 0, name
         # a latency exactly when there were events to time
         assert (s["latency_p50_s"] is None) == (s["events"] == 0) == (s["latency_p99_s"] is None), name
         if s["agent_cpu_s"]:

@@ -212,7 +212,8 @@ def run_scenario(cfg_path: Path, cfg, n: int, fraction: float, clean: list, bad:
         threads = {k: round(v - threads0.get(k, 0.0), 2) for k, v in _thread_cpu_s(proc.pid).items()}
         status = status_request(cfg.control.endpoint)
         rss = _rss_peak_mb(proc.pid)
-        stages = {k: round(v.get("sum_s", 0.0), 3) for k, v in status["metrics"]["stages"].items()}
+        stages = {k: round(v.get("sum_s", 0.0), 4) for k, v in status["metrics"]["stages"].items()}
+        stage_counts = {k: int(v.get("count", 0)) for k, v in status["metrics"]["stages"].items()}
         p50, p99 = latency_percentiles(got["latency"])
         f = s["frames"]
         return {
@@ -221,7 +222,7 @@ def run_scenario(cfg_path: Path, cfg, n: int, fraction: float, clean: list, bad:
             + f["shed"] + f["pending"] + f["lost"] and f["sent"] == n == f["received"] + f["missing"],
             "wall_s": round(wall, 3), "agent_wall_s": s["timing"]["wall_s"], "fps": round(n / wall, 1),
             "pass_rate": round(f["inspected"] / max(1, f["received"]), 4), "events": got["events"],
-            "stage_s": stages, "latency_p50_s": p50,
+            "stage_s": stages, "stage_count": stage_counts, "latency_p50_s": p50,
             "latency_p99_s": p99, "peak_rss_mb": rss,
             "rate_hz": rate, "backend": s.get("backend"),
             # On a 2-core box the simulator and subscriber (this process) compete with the agent.

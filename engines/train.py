@@ -340,6 +340,8 @@ def _seg_source(cfg: TrainConfig, classes: tuple[str, ...], mean: float, std: fl
     from engines.models import CONFIGS, ModelConfig
 
     src = Path(cfg.seg_from)
+    if src.resolve() == Path(cfg.out).resolve():
+        raise TrainError(f"--seg-from {src} is this run's own --out; name the earlier run")
     meta_path, weights = src / META_FILE, src / "best_seg.pt"
     if not meta_path.is_file() or not weights.is_file():
         raise TrainError(f"--seg-from {src}: needs {META_FILE} and best_seg.pt written by `coilsight train`")

@@ -132,6 +132,9 @@ def test_gate_only_run_takes_the_segmenter_from_another_run(tmp_path):
     with pytest.raises(TrainError, match="segmenter layers differ"):
         train(TrainConfig(out=tmp_path / "small", model_size="small", seg_from=tmp_path / "medium", **common),
               data_loader=load)
+    with pytest.raises(TrainError, match="is this run's own --out"):
+        train(TrainConfig(out=tmp_path / "medium", model_size="sepgate", seg_from=tmp_path / "medium", **common),
+              data_loader=load)
     with pytest.raises(TrainError, match="needs meta.json and best_seg.pt"):
         train(TrainConfig(out=tmp_path / "x", model_size="sepgate", seg_from=tmp_path / "nowhere", **common),
               data_loader=load)

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
+from engines.manifest import write_atomic
+
 NOTES_FILE = "CARD_NOTES.md"
 
 
@@ -178,7 +180,5 @@ def write_card(pack_dir: Path, evaluation_dir: Path | None, *, measure: bool = T
     speed = measure_speed(pack_dir) if measure else None
     text = render(pack_dir, evaluation_dir, speed, split)
     out = Path(pack_dir) / "MODEL_CARD.md"
-    tmp = out.with_suffix(".md.tmp")
-    tmp.write_text(text)
-    tmp.replace(out)
+    write_atomic(out, text.encode())
     return out

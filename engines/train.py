@@ -456,10 +456,16 @@ def train(cfg: TrainConfig, *, data_loader: Callable[[str], list[Sample]] | None
     from tqdm import tqdm
 
     bce_gate = torch.nn.BCEWithLogitsLoss(pos_weight=pw)
+    fixed_val_seg = None  # a gate-only run: the segmenter never changes, so neither does its val loss
+    if seg_source is not None:
+        seg.eval()
+        with torch.no_grad():
+            fixed_val_seg = float(seg_loss(seg.logits(vs_x), vs_t))
     stop_reason = "epochs"
     for epoch in range(start_epoch, cfg.epochs):
         gate.train()
-        seg.train()
+        if seg_source is None:
+            seg.train()
         run_g = run_s = 0.0
         bar = tqdm(range(cfg.steps_per_epoch), desc=f"{cfg.profile} epoch {epoch + 1}/{cfg.epochs}",
                    disable=not cfg.progress, leave=False)
@@ -487,7 +493,8 @@ def train(cfg: TrainConfig, *, data_loader: Callable[[str], list[Sample]] | None
         gate.eval()
         seg.eval()
         with torch.no_grad():
-            val = {"gate": float(bce_gate(gate.logits(vg_x), vg_y)), "seg": float(seg_loss(seg.logits(vs_x), vs_t))}
+            val = {"gate": float(bce_gate(gate.logits(vg_x), vg_y)),
+                   "seg": fixed_val_seg if seg_source is not None else float(seg_loss(seg.logits(vs_x), vs_t))}
         minutes = spent_before + (time.monotonic() - started) / 60.0
         row = {"epoch": epoch + 1, "train_gate": run_g / cfg.steps_per_epoch, "train_seg": run_s / cfg.steps_per_epoch,
                "val_gate": val["gate"], "val_seg": val["seg"], "minutes": round(minutes, 2)}

@@ -96,7 +96,9 @@ class ModelsSection:
     opt_batch: int = F(8, lo=1, hi=256, doc="TensorRT optimisation profile's opt batch")
     cpu_max_batch: int = F(1, lo=1, hi=256, doc="batch cap while a model runs on the CPU, where a larger batch "
                                                 "is no faster and multiplies activation memory")
-    max_wait_ms: float = F(20.0, lo=0.0, hi=10_000.0, doc="longest a partial batch waits for more frames (backends that run stacked batches only; at one frame per call, as on the CPU, frames never wait)")
+    max_wait_ms: float = F(20.0, lo=0.0, hi=10_000.0, doc="longest a partial batch waits for more frames (backends "
+                                                            "that run stacked batches only; at one frame per call, "
+                                                            "as on the CPU, frames never wait)")
 
 
 @dataclass(frozen=True)

@@ -27,7 +27,8 @@ SIZE_MULTIPLE = 8
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """Widths of the layers; `small` ships, `tiny` and `wide` are the measured alternatives."""
+    """Layer widths and block kinds; CONFIGS names the measured sizes (docs/models.md says which
+    profile ships which)."""
 
     gate_widths: tuple[int, int, int] = (16, 32, 48)
     gate_pool: int = 2  # average pool before the first conv

@@ -135,12 +135,13 @@ def bare_throughput(cfg, frames: list[np.ndarray], min_frames: int = 320, passes
         for role, backend in (("gate", models.gate), ("seg", models.seg)):
             if backend is None:
                 continue
+            prepare = models.pack.models[role].prepare  # the model's own input pooling counts as its time
 
             def run(w: int) -> None:
                 for j in range(per_worker):
-                    backend.infer(batches[(j + w) % len(batches)])
+                    backend.infer(prepare(batches[(j + w) % len(batches)]))
 
-            backend.infer(batches[0])
+            backend.infer(prepare(batches[0]))
             rates = []
             with ThreadPoolExecutor(workers) as pool:
                 for _ in range(max(1, passes)):

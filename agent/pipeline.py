@@ -15,8 +15,8 @@ from agent.config import CameraSection, Config
 from agent.postprocess import extract_defects
 from agent.threadnames import name_this_thread
 from calibration.spatial import CameraGeometry
-from engines.backends import Backend, BackendError
-from engines.modelpack import Calibration, ModelPack, load_calibration, load_model_pack
+from engines.backends import Backend
+from engines.modelpack import Calibration, ModelEntry, ModelPack, load_calibration, load_model_pack
 
 log = structlog.get_logger(__name__)
 
@@ -41,9 +41,9 @@ class Models:
     def warm_up(self, batch: int) -> None:
         """One batch of the configured shape through each engine before READY (Frigate does this)."""
         x = np.zeros((batch, self.pack.channels, self.pack.height, self.pack.width), np.uint8)
-        self.gate.infer(x)
+        self.gate.infer(self.pack.models["gate"].prepare(x))
         if self.seg is not None:
-            self.seg.infer(x)
+            self.seg.infer(self.pack.models["seg"].prepare(x))
 
     def close(self) -> None:
         for b in (self.seg, self.gate):
@@ -65,12 +65,12 @@ def open_models(cfg: Config, models_dir=None) -> Models:
             engine_dir = manifest.engine_dir(pack.profile, manifest.machine_facts(), cfg.state_path())
         except manifest.ManifestError as exc:
             log.info("tensorrt_unavailable", reason=str(exc))
-    shapes = manifest.profile_shapes(pack.channels, pack.height, pack.width, min_batch=1,
-                                     opt_batch=cfg.models.opt_batch, max_batch=cfg.models.max_batch)
     opened: dict[str, Backend] = {}
     reasons: list[dict] = []
     try:
         for role, entry in pack.models.items():
+            shapes = manifest.profile_shapes(pack.channels, *entry.input_hw(pack.height, pack.width), min_batch=1,
+                                             opt_batch=cfg.models.opt_batch, max_batch=cfg.models.max_batch)
             backend, why = select.open_backend(
                 list(cfg.models.backends), entry, max_batch=cfg.models.max_batch, threads=cfg.models.threads,
                 strict=cfg.models.strict, engine_dir=engine_dir, profile_shapes=shapes)
@@ -212,15 +212,15 @@ class Inference:
             out[i] = img
         return out
 
-    def _run_model(self, backend: Backend, output: str, images: list[np.ndarray], per_call: int,
+    def _run_model(self, backend: Backend, entry: ModelEntry, images: list[np.ndarray], per_call: int,
                    buf: list) -> list[np.ndarray]:
         """The model over these frames, `per_call` frames per call (Models.batch); one output per frame
         (views, no copies). At one frame per call the frames go to the runtime as views on their
         ZeroMQ buffers: on the CPU that skips a copy of every frame, which cost more than the extra
-        calls (docs/performance.md)."""
+        calls (docs/performance.md). A model with an `input_pool` gets the frames pooled first."""
         out: list[np.ndarray] = []
         for i in range(0, len(images), per_call):
-            out.extend(backend.infer(self._stack(images[i:i + per_call], buf))[output])
+            out.extend(backend.infer(entry.prepare(self._stack(images[i:i + per_call], buf)))[entry.output])
         with self._lock:
             self.model_calls += -(-len(images) // per_call)
         return out
@@ -230,14 +230,14 @@ class Inference:
         buf = buf if buf is not None else [None]
         images = [f.image for f in batch]
         t0 = time.perf_counter()
-        scores = np.stack(self._run_model(m.gate, m.pack.models["gate"].output, images, m.batch, buf))
+        scores = np.stack(self._run_model(m.gate, m.pack.models["gate"], images, m.batch, buf))
         t1 = time.perf_counter()
         self.on_stage("gate", t1 - t0)
         top = scores.max(axis=1)
         passed = np.flatnonzero(top >= m.calibration.gate_threshold)
         probs = None
         if passed.size and m.seg is not None:
-            probs = self._run_model(m.seg, m.pack.models["seg"].output, [images[i] for i in passed], m.batch, buf)
+            probs = self._run_model(m.seg, m.pack.models["seg"], [images[i] for i in passed], m.batch, buf)
             self.on_stage("seg", time.perf_counter() - t1)
         t2 = time.perf_counter()
         events_by_frame: dict[int, list[dict]] = {}

@@ -614,11 +614,12 @@ def calibrate(
     stride = pack.seg.output_stride
 
     def batch_input(idx: list[int]) -> np.ndarray:
-        return np.stack([pad_to_multiple(to_chw(frames[i].image, pack.channels, frames[i].source)) for i in idx])
+        return np.stack([pad_to_multiple(to_chw(frames[i].image, pack.channels, frames[i].source),
+                                         pack.pad_multiple) for i in idx])
 
     with cls(pack.gate.path, max_batch=batch, threads=threads) as gate:
         for idx in _batches(shapes, batch):
-            out = gate.infer(batch_input(idx))[pack.gate.output]
+            out = gate.infer(pack.gate.prepare(batch_input(idx)))[pack.gate.output]
             if out.shape != (len(idx), k_count):
                 raise CalibrationError(f"gate output {pack.gate.output!r} has shape {out.shape}, "
                                        f"expected [{len(idx)}, {k_count}]")
@@ -675,7 +676,7 @@ def calibrate(
         with cls(pack.seg.path, max_batch=batch, threads=threads) as seg:
             for idx in _batches(shapes[:n], batch):
                 x = batch_input(idx)
-                out = seg.infer(x)[pack.seg.output]
+                out = seg.infer(pack.seg.prepare(x))[pack.seg.output]
                 want = (len(idx), k_count, x.shape[2] // stride, x.shape[3] // stride)
                 if out.shape != want:
                     raise CalibrationError(f"seg output {pack.seg.output!r} has shape {out.shape}, expected "

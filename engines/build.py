@@ -78,8 +78,11 @@ class BuildSpec:
     def selected(self) -> list[str]:
         return list(self.roles) or list(self.pack.models)
 
-    def profile_shapes(self) -> dict[str, dict[str, list[int]]]:
-        return manifest.profile_shapes(self.pack.channels, self.pack.height, self.pack.width,
+    def profile_shapes(self, role: str) -> dict[str, dict[str, list[int]]]:
+        """The optimisation profile of this model's engine: the pack's frame, pooled where the model
+        has an input_pool (the agent asks open_backend for the same)."""
+        h, w = self.pack.models[role].input_hw(self.pack.height, self.pack.width)
+        return manifest.profile_shapes(self.pack.channels, h, w,
                                        min_batch=self.min_batch, opt_batch=self.opt_batch, max_batch=self.max_batch)
 
 
@@ -145,6 +148,7 @@ def run_parity(reference_path: Path, candidate, frames: np.ndarray, role: str, p
     from engines.backends.onnxrt import OnnxRuntimeBackend
 
     gate_t, pixel_t, source = thresholds(pack)
+    frames = pack.models[role].prepare(frames)  # as the agent feeds this model
     batches = [frames[i:i + batch] for i in range(0, len(frames), batch)]
     with OnnxRuntimeBackend(reference_path, max_batch=batch) as ref, candidate as cand:
         report = compare(ref, cand, batches, role=role, gate_threshold=gate_t, pixel_thresholds=pixel_t,
@@ -312,7 +316,7 @@ def plan(spec: BuildSpec) -> tuple[manifest.MachineFacts | None, str | None, dic
             continue
         found = manifest.check_engine(manifest.engine_dir(spec.pack.profile, facts, spec.state),
                                       spec.pack.models[role].path, facts, role=role,
-                                      profile_shapes=spec.profile_shapes())
+                                      profile_shapes=spec.profile_shapes(role))
         needed[role] = found or (["--force"] if spec.force else [])
     return facts, why_not, needed
 
@@ -349,7 +353,7 @@ def _build_engine(spec: BuildSpec, role: str, facts: manifest.MachineFacts, fp16
     d = manifest.engine_dir(spec.pack.profile, facts, spec.state)
     d.mkdir(parents=True, exist_ok=True)
     engine_path = d / f"{role}.engine"
-    shapes = spec.profile_shapes()
+    shapes = spec.profile_shapes(role)
     result = build_in_child(fp16_path, engine_path, shapes=shapes, workspace_bytes=spec.workspace_bytes,
                             timing_cache=d / "timing.cache")
     source = spec.pack.models[role].path

@@ -134,8 +134,9 @@ def cmd_build(args: argparse.Namespace) -> int:
         print(f"profile {spec.pack.profile}: pack {spec.pack.directory}")
         print(f"  engine dir: {where}")
         print(f"  fp16 dir:   {manifest.fp16_dir(spec.pack.profile, spec.state)}")
-        print(f"  profile shapes: {json.dumps(spec.profile_shapes())}; workspace {spec.workspace_bytes >> 20} MiB")
+        print(f"  workspace {spec.workspace_bytes >> 20} MiB")
         for role, reasons in needed.items():
+            print(f"  {role}: profile shapes {json.dumps(spec.profile_shapes(role))}")
             print(f"  {role}: " + ("up to date" if not reasons else "would build: " + "; ".join(reasons)))
         return 0
     try:

@@ -267,15 +267,17 @@ def evaluate_samples(
             if tuple(first.classes) != tuple(pack.classes):
                 raise EvaluationError(f"{first.source}: data classes {list(first.classes)} differ from the "
                                       f"model pack's {list(pack.classes)}")
-            x = np.stack([pad_to_multiple(to_chw(s.image, pack.channels, s.source)) for s, _ in batch])
+            x = np.stack([pad_to_multiple(to_chw(s.image, pack.channels, s.source), pack.pad_multiple)
+                          for s, _ in batch])
             n, hp, wp = len(batch), x.shape[2], x.shape[3]
-            scores = _infer(gate, x, pack.gate.output, "gate", (n, k), first.source)
+            scores = _infer(gate, pack.gate.prepare(x), pack.gate.output, "gate", (n, k), first.source)
             probs = None
             if seg is not None and not all(crop for _, crop in batch):
                 s = seg_entry.output_stride
                 if hp % s or wp % s:
                     raise EvaluationError(f"output stride {s} does not divide the padded input {hp}x{wp}")
-                probs = _infer(seg, x, seg_entry.output, "seg", (n, k, hp // s, wp // s), first.source)
+                probs = _infer(seg, seg_entry.prepare(x), seg_entry.output, "seg", (n, k, hp // s, wp // s),
+                               first.source)
             for j, (sample, crop) in enumerate(batch):
                 _account(acc, sample, crop, scores[j], None if probs is None or crop else probs[j],
                          thresholds, min_areas, seg_entry.output_stride if seg_entry else 1, cal.gate_threshold)

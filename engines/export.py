@@ -6,6 +6,11 @@ ONNX opset 17, input `image` uint8 [N, C, H, W] with N, H and W dynamic; outputs
 convolutions. The ONNX Runtime output must match torch within `MAX_ABS_DIFF` on random uint8
 frames at two sizes, else `ExportError`; the written pack must load with
 `engines.modelpack.load_model_pack`.
+
+A gate that starts with a k x k average pool is exported without it (`PrePooledGate`): its
+`image` input is the frame already pooled on uint8 (`engines.modelpack.pool_frames`), which is
+what model.json's `input_pool: k` tells every runner. That skips a Cast and a pool over the full
+frame in the graph (docs/models.md measures the gain); `pool_in_graph=True` keeps the old form.
 """
 from __future__ import annotations
 
@@ -110,7 +115,8 @@ def _data_description(meta: dict[str, Any]) -> str:
     return f"{what} under {meta.get('data', '?')}{extra}"
 
 
-def model_json(meta: dict[str, Any], gate_path: Path, seg_path: Path, height: int, width: int) -> dict[str, Any]:
+def model_json(meta: dict[str, Any], gate_path: Path, seg_path: Path, height: int, width: int,
+               gate_input_pool: int = 1) -> dict[str, Any]:
     """model.json for the pack (format per docs/architecture.md)."""
     from engines.models import OUTPUT_STRIDE
 
@@ -142,14 +148,19 @@ def model_json(meta: dict[str, Any], gate_path: Path, seg_path: Path, height: in
             "clean_crops": meta.get("clean_crops"),
         },
     }
+    if gate_input_pool > 1:
+        doc["models"]["gate"]["input_pool"] = gate_input_pool
     if meta.get("seg_from"):  # a gate-only run: the segmenter is another run's, named here
         doc["training"]["seg_from"] = meta["seg_from"]
     return doc
 
 
 def export_pack(checkpoint: str | Path, out: str | Path, profile: str | None = None,
-                height: int | None = None, width: int | None = None) -> dict[str, Any]:
-    """Export both models of a training run into `out`; returns model.json's content plus `max_abs_diff`."""
+                height: int | None = None, width: int | None = None, pool_in_graph: bool = False) -> dict[str, Any]:
+    """Export both models of a training run into `out`; returns model.json's content plus `max_abs_diff`
+    (and, for a gate exported without its pool, `pool_rounding`: the largest gate score change that
+    rounding the pooled pixels to uint8 makes on random frames, for the record)."""
+    from engines.models import PrePooledGate
     from engines.train import PROFILE_TRAINING
 
     meta, gate, seg = load_run(checkpoint)
@@ -160,18 +171,38 @@ def export_pack(checkpoint: str | Path, out: str | Path, profile: str | None = N
     width = width or (prof.width if prof else None)
     if not height or not width or height % 8 or width % 8:
         raise ExportError(f"input height {height} and width {width} must be set and multiples of 8")
+    pool = 1 if pool_in_graph else gate.pool_size
+    if height % pool or width % pool:
+        raise ExportError(f"the gate's {pool}x{pool} pool does not divide the {height}x{width} input")
+    gate_graph = PrePooledGate(gate).eval() if pool > 1 else gate
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     diffs = {}
     with tempfile.TemporaryDirectory(dir=out) as tmp:
         tmp = Path(tmp)
-        for role, model, output in (("gate", gate, "scores"), ("seg", seg, "probs")):
+        for role, model, output in (("gate", gate_graph, "scores"), ("seg", seg, "probs")):
             path = tmp / f"{role}.onnx"
             export_onnx(model, path, output)
             diffs[role] = verify_onnx(model, path, output)
+        extra = {"pool_rounding": pool_rounding(gate, tmp / "gate.onnx", pool)} if pool > 1 else {}
         for role in ("gate", "seg"):
             shutil.move(str(tmp / f"{role}.onnx"), out / f"{role}.onnx")
-    doc = model_json(meta, out / "gate.onnx", out / "seg.onnx", height, width)
+    doc = model_json(meta, out / "gate.onnx", out / "seg.onnx", height, width, gate_input_pool=pool)
     (out / "model.json").write_text(json.dumps(doc, indent=1) + "\n")
     load_model_pack(out)
-    return {**doc, "max_abs_diff": diffs}
+    return {**doc, "max_abs_diff": diffs, **extra}
+
+
+def pool_rounding(gate, path: Path, pool: int, shape=(4, 1, 64, 96), seed: int = 1) -> float:
+    """Largest |torch gate on full frames - ONNX gate on uint8-pooled frames| over random frames."""
+    import onnxruntime as ort
+    import torch
+
+    from engines.modelpack import pool_frames
+
+    x = np.random.default_rng(seed).integers(0, 256, size=shape, dtype=np.uint8)
+    with torch.no_grad():
+        ref = gate(torch.from_numpy(x)).numpy()
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    got = sess.run(None, {"image": pool_frames(x, pool)})[0]
+    return float(np.max(np.abs(got - ref)))

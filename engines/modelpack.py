@@ -13,7 +13,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-MODEL_PACK_FORMAT = 1
+import numpy as np
+
+# Format 2 adds `input_pool` to a model entry. A format-1 reader would feed whole frames to a gate
+# made for pooled ones (a fully convolutional graph runs on either, wrongly), so it must refuse them.
+MODEL_PACK_FORMAT = 2
+READABLE_PACK_FORMATS = (1, 2)
 CALIBRATION_FORMAT = 1
 
 
@@ -36,10 +41,43 @@ class ModelEntry:
     sha256: str
     output: str  # output tensor name
     output_stride: int = 1  # seg: input px per output px
+    input_pool: int = 1  # the model takes frames area-averaged over input_pool x input_pool px (uint8)
 
     @property
     def short_hash(self) -> str:
         return self.sha256[:12]
+
+    def input_hw(self, height: int, width: int) -> tuple[int, int]:
+        """The H, W this model is fed for frames of height x width."""
+        return height // self.input_pool, width // self.input_pool
+
+    def prepare(self, x: np.ndarray) -> np.ndarray:
+        """Frames ``[N, C, H, W]`` uint8 as this model takes them: pooled by ``input_pool`` (see
+        pool_frames), else unchanged (no copy)."""
+        return pool_frames(x, self.input_pool)
+
+
+def pool_frames(x: np.ndarray, k: int) -> np.ndarray:
+    """Area-average ``[N, C, H, W]`` uint8 frames over k x k blocks into uint8 ``[N, C, H/k, W/k]``.
+
+    The gate's first op was a k x k average pool on the Cast-to-float frame; doing it here on uint8
+    (OpenCV's INTER_AREA: the exact block mean rounded to a nearest grey level, so within 0.5 of
+    the float pool) skips the Cast of the full frame and passes 1/k^2 of the pixels to the runtime, or
+    over PCIe to a GPU. k = 1 returns ``x`` itself."""
+    if k == 1:
+        return x
+    if x.ndim != 4 or x.dtype != np.uint8:
+        raise ValueError(f"pool_frames: expected uint8 [N, C, H, W], got {x.dtype} {x.shape}")
+    n, c, h, w = x.shape
+    if h % k or w % k:
+        raise ValueError(f"pool_frames: {h}x{w} (HxW) frames do not divide into {k}x{k} blocks")
+    import cv2
+
+    out = np.empty((n, c, h // k, w // k), np.uint8)
+    for i in range(n):
+        for j in range(c):
+            out[i, j] = cv2.resize(x[i, j], (w // k, h // k), interpolation=cv2.INTER_AREA)
+    return out
 
 
 @dataclass(frozen=True)
@@ -74,6 +112,12 @@ class ModelPack:
     def seg(self) -> ModelEntry | None:
         return self.models.get("seg")
 
+    @property
+    def pad_multiple(self) -> int:
+        """What images of other sizes are padded to (evaluation, calibration): a multiple of the
+        models' stride 8 and of every model's input_pool."""
+        return int(np.lcm.reduce([8, *(m.input_pool for m in self.models.values())]))
+
     def versions(self) -> dict[str, str]:
         """Model role -> short sha256, named in every event and summary."""
         return {role: m.short_hash for role, m in self.models.items()}
@@ -98,12 +142,15 @@ def load_model_pack(directory: str | Path, *, verify_hashes: bool = True) -> Mod
     except json.JSONDecodeError as exc:
         raise ModelPackError(f"{meta_path}: not valid JSON: {exc}") from exc
     where = str(meta_path)
-    if meta.get("format") != MODEL_PACK_FORMAT:
-        raise ModelPackError(f"{where}: format {meta.get('format')!r} is not {MODEL_PACK_FORMAT}")
+    fmt = meta.get("format")
+    if fmt not in READABLE_PACK_FORMATS:
+        raise ModelPackError(f"{where}: format {fmt!r} is not one this agent reads {READABLE_PACK_FORMATS}")
     classes = tuple(_require(meta, "classes", where, list))
     if not classes or not all(isinstance(c, str) and c for c in classes):
         raise ModelPackError(f"{where}: classes must be a non-empty list of names")
     inp = _require(meta, "input", where, dict)
+    height = int(_require(inp, "height", f"{where}: input", int))
+    width = int(_require(inp, "width", f"{where}: input", int))
     models: dict[str, ModelEntry] = {}
     for role, entry in _require(meta, "models", where, dict).items():
         w = f"{where}: models.{role}"
@@ -115,12 +162,21 @@ def load_model_pack(directory: str | Path, *, verify_hashes: bool = True) -> Mod
             actual = sha256_file(path)
             if actual != sha:
                 raise ModelPackError(f"{w}: sha256 of {path.name} is {actual[:12]}, model.json says {sha[:12]}")
+        pool = 1
+        if "input_pool" in entry:
+            if fmt < 2:
+                raise ModelPackError(f"{w}: input_pool needs model.json format 2, this file says format {fmt}")
+            pool = _require(entry, "input_pool", w, int)
+            if pool < 1 or height % pool or width % pool:
+                raise ModelPackError(f"{w}: input_pool {pool} must be >= 1 and divide the {height}x{width} "
+                                     f"(HxW) input")
         models[role] = ModelEntry(
             role=role,
             path=path,
             sha256=sha,
             output=_require(entry, "output", w, str),
             output_stride=int(entry.get("output_stride", 1)),
+            input_pool=pool,
         )
     if "gate" not in models:
         raise ModelPackError(f"{where}: a model pack needs a 'gate' model")
@@ -129,8 +185,8 @@ def load_model_pack(directory: str | Path, *, verify_hashes: bool = True) -> Mod
         profile=_require(meta, "profile", where, str),
         classes=classes,
         channels=int(_require(inp, "channels", f"{where}: input", int)),
-        height=int(_require(inp, "height", f"{where}: input", int)),
-        width=int(_require(inp, "width", f"{where}: input", int)),
+        height=height,
+        width=width,
         models=models,
         meta=meta,
     )

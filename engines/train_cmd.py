@@ -35,6 +35,9 @@ def register(subparsers) -> None:
     e.add_argument("--checkpoint", type=Path, required=True, help="run folder written by `coilsight train`")
     e.add_argument("--profile", required=True, choices=PROFILES)
     e.add_argument("--out", type=Path, required=True, help="model pack folder, e.g. engines/models/steel")
+    e.add_argument("--gate-pool-in-graph", action="store_true",
+                   help="keep the gate's average pool inside gate.onnx (a format-1 style pack); by default the "
+                        "agent pools uint8 frames before the gate (model.json input_pool)")
     e.set_defaults(func=_run_export)
 
 
@@ -63,7 +66,7 @@ def _run_export(args: argparse.Namespace) -> int:
     from engines.modelpack import ModelPackError
 
     try:
-        doc = export_pack(args.checkpoint, args.out, args.profile)
+        doc = export_pack(args.checkpoint, args.out, args.profile, pool_in_graph=args.gate_pool_in_graph)
     except (ExportError, ModelPackError) as exc:
         print(f"coilsight export: error: {exc}", file=sys.stderr)
         return 2
@@ -71,4 +74,8 @@ def _run_export(args: argparse.Namespace) -> int:
     print(f"exported {doc['profile']} to {args.out}: gate {doc['models']['gate']['sha256'][:12]}, "
           f"seg {doc['models']['seg']['sha256'][:12]}; torch vs ONNX Runtime max abs diff gate {d['gate']:.2e}, "
           f"seg {d['seg']:.2e}")
+    if "pool_rounding" in doc:
+        pool = doc["models"]["gate"]["input_pool"]
+        print(f"the gate takes frames pooled {pool}x{pool} on uint8; rounding those pixels moves its scores on "
+              f"random frames by at most {doc['pool_rounding']:.2e}")
     return 0

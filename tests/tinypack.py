@@ -19,8 +19,13 @@ CLASSES = ("bright", "dark")
 BACKGROUND = 100  # grey level of a clean frame
 
 
-def _graph(output: str, channels: int = 1) -> onnx.ModelProto:
-    inp = helper.make_tensor_value_info("image", TensorProto.UINT8, ["N", channels, "H", "W"])
+def _graph(output: str, channels: int = 1, input_pool: int = 1, hw: tuple[int, int] | None = None) -> onnx.ModelProto:
+    """The 4x4-cell model; with input_pool k it takes frames already pooled k x k and pools the rest.
+    ``hw`` fixes the input's H and W (else dynamic), so a runner that feeds another size fails loudly."""
+    if 4 % input_pool:
+        raise ValueError(f"input_pool {input_pool} must divide the 4x4 cells")
+    k = 4 // input_pool
+    inp = helper.make_tensor_value_info("image", TensorProto.UINT8, ["N", channels, *(hw or ("H", "W"))])
     consts = [
         helper.make_tensor("scale", TensorProto.FLOAT, [], [1 / 255.0]),
         helper.make_tensor("hi", TensorProto.FLOAT, [], [0.6]),
@@ -31,7 +36,7 @@ def _graph(output: str, channels: int = 1) -> onnx.ModelProto:
         helper.make_node("Cast", ["image"], ["xf"], to=TensorProto.FLOAT),
         helper.make_node("Mul", ["xf", "scale"], ["xc"]),
         helper.make_node("ReduceMean", ["xc"], ["x"], axes=[1], keepdims=1),  # channels -> one grey plane
-        helper.make_node("AveragePool", ["x"], ["pooled"], kernel_shape=[4, 4], strides=[4, 4]),
+        helper.make_node("AveragePool", ["x"], ["pooled"], kernel_shape=[k, k], strides=[k, k]),
         helper.make_node("Sub", ["pooled", "hi"], ["b0"]),
         helper.make_node("Mul", ["b0", "gain"], ["b1"]),
         helper.make_node("Sigmoid", ["b1"], ["bright"]),
@@ -58,7 +63,8 @@ def write_pack_files(directory: Path, models: dict[str, dict], classes, *, profi
     ``models``: role -> {"file", "output"[, "output_stride"]}; hashes are computed here."""
     entries = {role: {**m, "sha256": sha256_file(directory / m["file"])} for role, m in models.items()}
     meta = {
-        "format": 1, "profile": profile, "classes": list(classes),
+        "format": 2 if any("input_pool" in m for m in models.values()) else 1, "profile": profile,
+        "classes": list(classes),
         "input": {"channels": channels, "height": height, "width": width, "dtype": "uint8", "layout": "NCHW",
                   "mean": 0.5, "std": 0.25},
         "models": entries, "training": {"data": "tests", "command": "tests", "seed": 0},
@@ -73,11 +79,16 @@ def write_pack_files(directory: Path, models: dict[str, dict], classes, *, profi
 
 
 def make_pack(directory: Path, *, height: int = 64, width: int = 256, gate_threshold: float = 0.5,
-              min_area_px: int = 16, profile: str = "tiny", channels: int = 1, seg: bool = True) -> Path:
-    """seg=False makes a classification-only pack (wafer maps): events per class over its threshold."""
+              min_area_px: int = 16, profile: str = "tiny", channels: int = 1, seg: bool = True,
+              gate_input_pool: int = 1) -> Path:
+    """seg=False makes a classification-only pack (wafer maps): events per class over its threshold.
+    gate_input_pool k > 1: the gate takes frames the agent pooled k x k (a format-2 pack)."""
     directory.mkdir(parents=True, exist_ok=True)
-    onnx.save(_graph("scores", channels), directory / "gate.onnx")
+    fixed = (height // gate_input_pool, width // gate_input_pool) if gate_input_pool > 1 else None
+    onnx.save(_graph("scores", channels, gate_input_pool, fixed), directory / "gate.onnx")
     models = {"gate": {"file": "gate.onnx", "output": "scores"}}
+    if gate_input_pool > 1:
+        models["gate"]["input_pool"] = gate_input_pool
     if seg:
         onnx.save(_graph("probs", channels), directory / "seg.onnx")
         models["seg"] = {"file": "seg.onnx", "output": "probs", "output_stride": 4}

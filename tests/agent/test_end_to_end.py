@@ -5,7 +5,7 @@ import threading
 import time
 
 import pytest
-from tinypack import clean_frame, frame_with
+from tinypack import clean_frame, frame_with, make_pack
 
 from agent.camera_sim import CameraSim
 from agent.subscriber import Subscriber
@@ -28,9 +28,14 @@ def collect(agent, stop_when, timeout=30.0):
     return out, t, sub
 
 
-@pytest.mark.parametrize("workers", [1, 2])
-def test_coil_accounting_events_and_summary(running_agent, workers):
-    agent = running_agent(models={"workers": workers, "threads": 1})
+@pytest.mark.parametrize(("workers", "gate_input_pool"), [(1, 1), (2, 1), (2, 2), (1, 4)])
+def test_coil_accounting_events_and_summary(running_agent, tmp_path, workers, gate_input_pool):
+    """gate_input_pool > 1: the pack's gate takes frames pooled by the agent, at a fixed input size
+    (feeding it whole frames fails), and finds exactly what the in-graph pool finds."""
+    models = {"workers": workers, "threads": 1}
+    if gate_input_pool > 1:
+        models["dir"] = str(make_pack(tmp_path / "pooled", gate_input_pool=gate_input_pool))
+    agent = running_agent(models=models)
     out, t, sub = collect(agent, lambda topic, m: topic == "summary" and m["final"])
     frames = []
     truth = {}

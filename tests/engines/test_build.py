@@ -123,7 +123,7 @@ def test_spec_validation(setup):
     with pytest.raises(build.BuildError, match=r"workspace 1024 bytes is below 64 MiB"):
         build.BuildSpec(pack=pack, state=setup[1], workspace_bytes=1024)
     spec = build.BuildSpec(pack=pack, state=setup[1], min_batch=1, opt_batch=2, max_batch=4)
-    assert spec.profile_shapes() == {"image": {"min": [1, 1, 32, 48], "opt": [2, 1, 32, 48], "max": [4, 1, 32, 48]}}
+    assert spec.profile_shapes("gate") == spec.profile_shapes("seg") == {"image": {"min": [1, 1, 32, 48], "opt": [2, 1, 32, 48], "max": [4, 1, 32, 48]}}
 
 
 def test_frames_from_npy_and_image_folder(setup, tmp_path):
@@ -152,3 +152,28 @@ def test_build_child_process_reports_its_error(tmp_path):
         build.build_in_child(tmp_path / "gate.fp16.onnx", tmp_path / "gate.engine", shapes={},
                              workspace_bytes=1 << 30, timing_cache=tmp_path / "timing.cache", timeout_s=120)
     assert not (tmp_path / "gate.engine").exists()
+
+
+@NO_TRT
+def test_a_gate_with_an_input_pool_is_built_and_checked_on_pooled_frames(tmp_path, capsys):
+    """The gate of a format-2 pack takes frames pooled by the agent: its engine's optimisation profile
+    and its parity frames are pooled the same way. Its graph has a fixed pooled input size, so
+    whole frames would fail the parity run."""
+    from tinypack import make_pack as make_agent_pack
+
+    pack_dir = make_agent_pack(tmp_path / "pack", height=64, width=256, gate_input_pool=4)
+    state = tmp_path / "state"
+    spec = build.BuildSpec(pack=load_model_pack(pack_dir), state=state, min_batch=1, opt_batch=2, max_batch=4)
+    assert spec.profile_shapes("gate")["image"]["max"] == [4, 1, 16, 64]
+    assert spec.profile_shapes("seg")["image"]["max"] == [4, 1, 64, 256]
+    with pytest.raises(build.TensorRTMissing):
+        build.build(spec)
+    fp16_dir = state / "engines" / "tiny" / "fp16"
+    gate = json.loads((fp16_dir / "gate.fp16.json").read_text())["parity"]
+    assert gate["frames"] == 16 and gate["decision_agreement"] == 1.0
+    cfg = tmp_path / "agent.toml"
+    cfg.write_text(f'[agent]\nprofile = "tiny"\nstate_dir = "{state}"\n[models]\ndir = "{pack_dir}"\n'
+                   "max_batch = 4\nopt_batch = 2\n")
+    assert run("engines", "build", "--config", str(cfg), "--dry-run") == 0
+    out = capsys.readouterr().out
+    assert 'gate: profile shapes {"image": {"min": [1, 1, 16, 64], "opt": [2, 1, 16, 64], "max": [4, 1, 16, 64]}}' in out

@@ -29,31 +29,47 @@ def _fake_run(folder, profile="steel", classes=("a", "b"), size="tiny"):
     return folder
 
 
-def test_round_trip_torch_vs_onnxruntime(tmp_path):
+@pytest.mark.parametrize("pool_in_graph", [False, True])
+def test_round_trip_torch_vs_onnxruntime(tmp_path, pool_in_graph):
+    """Each graph, fed as model.json says (the gate's frames pooled by the runner unless the pool
+    stays in the graph), gives torch's numbers on whole frames."""
+    from engines.models import PrePooledGate
+
     out = tmp_path / "pack"
-    doc = export_pack(_fake_run(tmp_path / "run"), out, "steel")
+    doc = export_pack(_fake_run(tmp_path / "run"), out, "steel", pool_in_graph=pool_in_graph)
     assert doc["max_abs_diff"]["gate"] < 1e-4 and doc["max_abs_diff"]["seg"] < 1e-4
+    pack = load_model_pack(out)
     _, gate, seg = load_run(tmp_path / "run")
+    assert pack.gate.input_pool == (1 if pool_in_graph else 4)  # the tiny size pools 4x4
     x = np.random.default_rng(1).integers(0, 256, (3, 1, 256, 1600), dtype=np.uint8)
     for role, model, name in (("gate", gate, "scores"), ("seg", seg, "probs")):
-        sess = ort.InferenceSession(str(out / f"{role}.onnx"), providers=["CPUExecutionProvider"])
+        entry = pack.models[role]
+        sess = ort.InferenceSession(str(entry.path), providers=["CPUExecutionProvider"])
         inp = sess.get_inputs()[0]
         assert inp.name == "image" and inp.type == "tensor(uint8)"
-        got = sess.run([name], {"image": x})[0]
+        got = sess.run([name], {"image": entry.prepare(x)})[0]
         with torch.no_grad():
             ref = model(torch.from_numpy(x)).numpy()
-        np.testing.assert_allclose(got, ref, atol=1e-4)
+            pooled = role == "gate" and not pool_in_graph
+            exact = PrePooledGate(gate)(torch.from_numpy(entry.prepare(x))).numpy() if pooled else ref
+        np.testing.assert_allclose(got, exact, atol=1e-4)  # the graph is the torch model
+        # and whole frames give the same answer up to rounding the pooled pixels to grey levels
+        np.testing.assert_allclose(got, ref, atol=1e-4 if role == "seg" or pool_in_graph else 2e-2)
     assert got.shape == (3, 2, 64, 400)
+    assert ("pool_rounding" in doc) is not pool_in_graph
+    if not pool_in_graph:
+        assert 0 < doc["pool_rounding"] < 2e-2
 
 
 def test_model_json_follows_the_contract(tmp_path):
     out = tmp_path / "pack"
     export_pack(_fake_run(tmp_path / "run"), out, "steel")
     doc = json.loads((out / "model.json").read_text())
-    assert doc["format"] == 1 and doc["profile"] == "steel" and doc["classes"] == ["a", "b"]
+    assert doc["format"] == 2 and doc["profile"] == "steel" and doc["classes"] == ["a", "b"]
     assert doc["input"] == {"channels": 1, "height": 256, "width": 1600, "dtype": "uint8", "layout": "NCHW",
                             "mean": 0.45, "std": 0.2}
-    assert doc["models"]["gate"] == {"file": "gate.onnx", "sha256": sha256_file(out / "gate.onnx"), "output": "scores"}
+    assert doc["models"]["gate"] == {"file": "gate.onnx", "sha256": sha256_file(out / "gate.onnx"), "output": "scores",
+                                     "input_pool": 4}
     assert doc["models"]["seg"] == {"file": "seg.onnx", "sha256": sha256_file(out / "seg.onnx"), "output": "probs",
                                     "output_stride": 4}
     training = doc["training"]

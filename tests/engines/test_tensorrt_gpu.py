@@ -75,7 +75,7 @@ def test_manifest_fresh_after_build(tiny, facts):
     spec, d = tiny
     for role in ("gate", "seg"):
         assert manifest.check_engine(d, spec.pack.models[role].path, facts, role=role,
-                                     profile_shapes=spec.profile_shapes()) == []
+                                     profile_shapes=spec.profile_shapes(role)) == []
     entry = manifest.read_manifest(d)["engines"]["gate"]
     assert entry["precision"] == "fp16-from-onnx" and entry["machine"]["tensorrt"] == trt.__version__
     assert entry["parity"]["tensorrt"]["outputs"]["scores"]["candidate_nonfinite"] == 0

@@ -6,6 +6,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
+import cv2
 import numpy as np
 import structlog
 
@@ -56,6 +57,10 @@ def open_models(cfg: Config, models_dir=None) -> Models:
     loads. Fails loudly (ModelPackError / BackendError) at start-up."""
     pack = load_model_pack(models_dir or cfg.models_dir())
     calibration = load_calibration(pack, cfg.models.calibration or None)
+    # OpenCV pools frames for models with an input_pool, inside each inference worker: give it the
+    # worker's thread budget, not a pool of one thread per core of its own (on 2 cores that pool
+    # used ~0.1 CPU s per 4,000-frame coil and bought no speed; docs/performance.md)
+    cv2.setNumThreads(max(1, cfg.models.threads))
     from engines import manifest
     from engines.backends import select
 

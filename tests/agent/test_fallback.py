@@ -79,3 +79,21 @@ def test_model_calls_are_capped_while_the_models_run_on_the_cpu(running_agent, c
     assert calls >= 24 // expected  # no call carried more than `expected` frames
     if expected == 1:
         assert calls == 24
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_opencv_pooling_gets_the_workers_thread_budget(agent_config, threads):
+    """Frames are pooled with OpenCV inside each inference worker; OpenCV must not bring a thread
+    pool of its own (one per core) to a box whose threads are counted out."""
+    import cv2
+
+    from agent.pipeline import open_models
+
+    before = cv2.getNumThreads()
+    cv2.setNumThreads(8)
+    try:
+        models = open_models(agent_config(models={"threads": threads}))
+        models.close()
+        assert cv2.getNumThreads() == threads
+    finally:
+        cv2.setNumThreads(before)

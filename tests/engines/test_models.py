@@ -94,6 +94,20 @@ def test_separable_gate_is_depthwise_and_smaller():
         build_models(2, config=ModelConfig(gate_block="dense"))
 
 
+def test_gate_tail_counts_the_stride_one_blocks():
+    """gate_tail=0 (`sepgate3`) drops the stride-1 block after the two stride-2 ones; the layers
+    before it keep their names, and a shipped sepgate config (no gate_tail key) keeps its tail."""
+    three, _ = build_models(6, config="sepgate3")
+    four, _ = build_models(6, config="sepgate")
+    assert len(four.features) == len(three.features) + 1 == 4
+    assert ModelConfig.from_dict({k: v for k, v in CONFIGS["sepgate"].to_dict().items() if k != "gate_tail"}) \
+        == CONFIGS["sepgate"]
+    shared = {k: v for k, v in four.state_dict().items() if not k.startswith("features.3.")}
+    three.load_state_dict(shared)  # the same names for every layer both have
+    with pytest.raises(ValueError, match="gate_tail -1"):
+        build_models(2, config=ModelConfig(gate_tail=-1))
+
+
 def test_bad_configs_are_named():
     with pytest.raises(ValueError, match="unknown model size 'huge'"):
         build_models(2, config="huge")

@@ -11,7 +11,6 @@ from __future__ import annotations
 import queue
 import threading
 import time
-from pathlib import Path
 from typing import Any, Callable
 
 import msgpack

@@ -6,7 +6,6 @@ SIGHUP reloads, and a phased, bounded shutdown on SIGTERM/SIGINT.
 """
 from __future__ import annotations
 
-import json
 import os
 import signal
 import threading

@@ -67,7 +67,7 @@ def test_duplicates_reordering_and_missing_coil_end(running_agent):
         cam.frame("D2", i)
     for i in range(5):
         cam1.frame("D3", i)
-    assert col.wait(lambda c: len(c.summaries()) >= 3, 30), [m["coil"] for m in c.summaries()]
+    assert col.wait(lambda c: len(c.summaries()) >= 3, 30), [m["coil"] for m in col.summaries()]
     col.close()
     cam.close()
     cam1.close()

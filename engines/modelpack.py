@@ -63,7 +63,9 @@ def pool_frames(x: np.ndarray, k: int) -> np.ndarray:
     The gate's first op was a k x k average pool on the Cast-to-float frame; doing it here on uint8
     (OpenCV's INTER_AREA: the exact block mean rounded to a nearest grey level, so within 0.5 of
     the float pool) skips the Cast of the full frame and passes 1/k^2 of the pixels to the runtime, or
-    over PCIe to a GPU. k = 1 returns ``x`` itself."""
+    over PCIe to a GPU. k = 1 returns ``x`` itself. Speed (one thread, a 1600x256 frame): k = 2 takes
+    OpenCV's fast path, ~0.02 ms for a cached frame and ~0.07 ms for one straight off the socket;
+    other k take its general path (k = 4: ~0.26 ms)."""
     if k == 1:
         return x
     if x.ndim != 4 or x.dtype != np.uint8:

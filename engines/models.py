@@ -137,7 +137,11 @@ class Gate(nn.Module):
 
     def logit_map(self, x: torch.Tensor) -> torch.Tensor:
         # pool, then normalise: the same numbers (both are linear) for 1/pool^2 of the arithmetic
-        return self.head(self.features(self.norm(self.pool(x.float()))))
+        return self.pooled_logit_map(self.pool(x.float()))
+
+    def pooled_logit_map(self, x: torch.Tensor) -> torch.Tensor:
+        """The logit map of an image already pooled (uint8 or float): everything after the pool."""
+        return self.head(self.features(self.norm(x)))
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         return torch.amax(self.logit_map(x), dim=(2, 3))
@@ -160,8 +164,7 @@ class PrePooledGate(nn.Module):
         self.gate = gate
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        g = self.gate
-        return torch.sigmoid(torch.amax(g.head(g.features(g.norm(x))), dim=(2, 3)))
+        return torch.sigmoid(torch.amax(self.gate.pooled_logit_map(x), dim=(2, 3)))
 
 
 class Segmenter(nn.Module):

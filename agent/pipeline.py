@@ -217,15 +217,23 @@ class Inference:
             out[i] = img
         return out
 
+    def _model_input(self, entry: ModelEntry, images: list[np.ndarray], buf: list) -> np.ndarray:
+        """The model's input for these frames. A model with an `input_pool` gets each frame pooled on
+        its own, so the full-size frames are never stacked (a copy of every frame) only to be pooled."""
+        if entry.input_pool > 1:
+            pooled = [entry.prepare(img[None]) for img in images]
+            return pooled[0] if len(pooled) == 1 else np.concatenate(pooled)
+        return self._stack(images, buf)
+
     def _run_model(self, backend: Backend, entry: ModelEntry, images: list[np.ndarray], per_call: int,
                    buf: list) -> list[np.ndarray]:
         """The model over these frames, `per_call` frames per call (Models.batch); one output per frame
         (views, no copies). At one frame per call the frames go to the runtime as views on their
         ZeroMQ buffers: on the CPU that skips a copy of every frame, which cost more than the extra
-        calls (docs/performance.md). A model with an `input_pool` gets the frames pooled first."""
+        calls (docs/performance.md)."""
         out: list[np.ndarray] = []
         for i in range(0, len(images), per_call):
-            out.extend(backend.infer(entry.prepare(self._stack(images[i:i + per_call], buf)))[entry.output])
+            out.extend(backend.infer(self._model_input(entry, images[i:i + per_call], buf))[entry.output])
         with self._lock:
             self.model_calls += -(-len(images) // per_call)
         return out

@@ -28,11 +28,13 @@ def collect(agent, stop_when, timeout=30.0):
     return out, t, sub
 
 
-@pytest.mark.parametrize(("workers", "gate_input_pool"), [(1, 1), (2, 1), (2, 2), (1, 4)])
-def test_coil_accounting_events_and_summary(running_agent, tmp_path, workers, gate_input_pool):
+@pytest.mark.parametrize(("workers", "gate_input_pool", "per_call"), [(1, 1, 1), (2, 1, 1), (2, 2, 1), (1, 4, 1),
+                                                                  (2, 2, 4)])
+def test_coil_accounting_events_and_summary(running_agent, tmp_path, workers, gate_input_pool, per_call):
     """gate_input_pool > 1: the pack's gate takes frames pooled by the agent, at a fixed input size
-    (feeding it whole frames fails), and finds exactly what the in-graph pool finds."""
-    models = {"workers": workers, "threads": 1}
+    (feeding it whole frames fails), and finds exactly what the in-graph pool finds, one frame per
+    model call or several stacked (per_call, models.cpu_max_batch)."""
+    models = {"workers": workers, "threads": 1, "cpu_max_batch": per_call}
     if gate_input_pool > 1:
         models["dir"] = str(make_pack(tmp_path / "pooled", gate_input_pool=gate_input_pool))
     agent = running_agent(models=models)

@@ -36,7 +36,7 @@ def register(subparsers) -> None:
     e.add_argument("--profile", required=True, choices=PROFILES)
     e.add_argument("--out", type=Path, required=True, help="model pack folder, e.g. engines/models/steel")
     e.add_argument("--gate-pool-in-graph", action="store_true",
-                   help="keep the gate's average pool inside gate.onnx (a format-1 style pack); by default the "
+                   help="keep the gate's average pool inside gate.onnx (the graph takes whole frames); by default the "
                         "agent pools uint8 frames before the gate (model.json input_pool)")
     e.set_defaults(func=_run_export)
 

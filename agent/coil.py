@@ -59,6 +59,10 @@ class Coil:
     end_reason: str | None = None
     length_mm: float | None = None
     restored: bool = False  # rebuilt from a checkpoint after a crash, and no frame since
+    # The summary's `models`, `profile` and `backend`: those of the models that took this coil's
+    # latest frame, so that a hot swap after (or during) the coil does not relabel it. None until
+    # a frame has been through the models; the summary then names the models running at the time.
+    models: dict | None = None
 
     def camera(self, camera: str) -> CameraCoil:
         cam = self.cameras.get(camera)
@@ -211,8 +215,10 @@ class CoilRegistry:
             c.last_frame_mono = now
 
     # -- inference side ------------------------------------------------------------------
-    def finish(self, camera: str, coil: str, index: int, state: str, events: list[dict] = ()) -> list[dict]:
-        """A pending frame reached a terminal state; returns summaries that became due."""
+    def finish(self, camera: str, coil: str, index: int, state: str, events: list[dict] = (),
+               models: dict | None = None) -> list[dict]:
+        """A pending frame reached a terminal state; returns summaries that became due. ``models``:
+        the summary fields of the models that took the frame (Models.summary_fields)."""
         if state not in TERMINAL:
             raise ValueError(f"unknown terminal state {state!r}")
         now = self.clock()
@@ -228,6 +234,8 @@ class CoilRegistry:
                 return []
             cc.seen[index] = state
             c.pending -= 1
+            if models is not None:
+                c.models = models
             wall = time.time_ns()
             for ev in events:
                 self._add_defect(c, ev)
@@ -362,6 +370,7 @@ class CoilRegistry:
         density = {k: round(n / metres, 3) for k, n in c.defects_by_class.items()} if metres > 0 else {}
         worst = [ev for _, _, ev in sorted(c.worst, key=lambda t: (-t[0], t[1]))]
         return {
+            **(c.models or {}),
             "type": "summary",
             "coil": c.coil,
             "final": final,

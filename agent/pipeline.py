@@ -32,6 +32,14 @@ class Models:
     seg: Backend | None
     fallbacks: list[dict] = field(default_factory=list)
     batch: int = 8  # frames per model call: models.max_batch, or models.cpu_max_batch on the CPU
+    _summary_fields: dict | None = field(default=None, repr=False)
+
+    def summary_fields(self) -> dict:
+        """What a coil summary says of these models: `models`, `profile`, `backend` (docs/protocol.md)."""
+        if self._summary_fields is None:
+            self._summary_fields = {"models": self.pack.versions(), "profile": self.pack.profile,
+                                    "backend": {role: d["backend"] for role, d in self.describe().items()}}
+        return self._summary_fields
 
     def describe(self) -> dict:
         out = {"gate": {**self.gate.describe(), "sha": self.pack.models["gate"].short_hash, "batch": self.batch}}
@@ -267,13 +275,14 @@ class Inference:
         t3 = time.perf_counter()
         self.on_stage("postprocess", t3 - t2)
         passed_set = set(int(i) for i in passed)
+        fields = m.summary_fields()
         for i, f in enumerate(batch):
             h = f.header
             events = events_by_frame.get(i, [])
             for ev in events:
                 self.submit("defect", ev)
             state = "inspected" if i in passed_set else "gated_out"
-            for summary in self.coils.finish(h.camera, h.coil, h.index, state, events):
+            for summary in self.coils.finish(h.camera, h.coil, h.index, state, events, models=fields):
                 self.submit("summary", self.decorate_summary(summary))
         self.on_stage("publish", time.perf_counter() - t3)
         with self._lock:
@@ -282,9 +291,11 @@ class Inference:
             self.batches += 1
 
     def decorate_summary(self, summary: dict) -> dict:
-        m = self.models
-        return {**summary, "models": m.pack.versions(), "profile": m.pack.profile,
-                "backend": {role: d["backend"] for role, d in m.describe().items()}}
+        """A summary with its `models`, `profile` and `backend`: those the coil registry recorded for
+        the coil's latest inspected frame, else (no frame through the models) the running ones."""
+        if "models" in summary:
+            return summary
+        return {**summary, **self.models.summary_fields()}
 
     def _event(self, m: Models, f: Frame, d, gate_score: float) -> dict:
         h = f.header

@@ -42,7 +42,8 @@ def test_bench_fast_mode_accounts_for_every_frame(tmp_path, agent_config):
     assert res["latency"]["accounting"]["received"] == res["latency"]["frames"]
     bare = res["bare"]
     assert len(bare["gate_fps_passes"]) == 2 and bare["gate_fps"] == max(bare["gate_fps_passes"])  # before, after
-    assert "bare model throughput" in r.stdout and "x gate" in r.stdout
+    assert "bare model throughput" in r.stdout and "x gate" in r.stdout and "x limit" in r.stdout
+    assert res["machine"]["cpus"] >= 1 and res["machine"]["onnxruntime"]
 
 
 def test_the_bare_reference_is_the_fastest_pass_before_and_after():
@@ -55,6 +56,24 @@ def test_the_bare_reference_is_the_fastest_pass_before_and_after():
     best = best_bare(before, after)
     assert (best["gate_fps"], best["seg_fps"]) == (900.0, 95.0)
     assert best["gate_fps_passes"] == [700.0, 900.0, 850.0] and best["workers"] == 2
+
+
+def test_reference_figures_follow_from_the_bare_models():
+    from agent.bench import derive_reference_figures
+
+    bare = {"gate_fps": 3000.0, "seg_fps": 200.0, "threads": 1, "workers": 2}
+    # 2 % of frames segmented: a frame costs 1/3000 + 0.02/200 s = 1/2307.69 s at bare speed
+    r = derive_reference_figures({"pass_rate": 0.02, "fps": 1600.0, "wall_s": 2.5, "agent_cpu_s": 5.2}, bare, 4000)
+    assert r["bare_fps"] == pytest.approx(2307.7, abs=0.1)
+    assert r["efficiency"] == pytest.approx(1600 / 2307.69, abs=1e-3)
+    assert r["model_cpu_s"] == pytest.approx(4000 * 2 / 2307.69, abs=1e-3)
+    assert r["agent_cpu_overhead"] == pytest.approx(5.2 / (4000 * 2 / 2307.69) - 1, abs=1e-3)
+    assert r["ungated_baseline_s"] == 20.0 and r["speedup_vs_ungated"] == 8.0
+    # the models alone: 20 s ungated against 4000 / 2307.69 s gated
+    assert r["models_limit_speedup"] == pytest.approx(11.54, abs=0.01)
+    # every frame segmented: the gate can only cost, the limit falls below 1
+    r = derive_reference_figures({"pass_rate": 1.0, "fps": 150.0, "wall_s": 26.7}, bare, 4000)
+    assert r["models_limit_speedup"] < 1.0 and "agent_cpu_overhead" not in r
 
 
 def test_a_coil_without_events_has_no_latency_rather_than_nan():

@@ -405,12 +405,16 @@ class CoilRegistry:
             return {k: self._summary(c, now, final=False, reason=None) for k, c in self._coils.items()}
 
     # -- crash recovery (agent/recovery.py) --------------------------------------------------
-    def export_state(self, recent_s: float = 30.0) -> dict:
+    def export_state(self, recent_s: float = 30.0, owed_since_ns: int | None = None) -> dict:
         """Everything a restart needs, as plain JSON-able data: open coils (frame states as index
         ranges), which coil each camera is on, recently closed coil ids, and what was produced in
-        the last ``recent_s`` seconds (to re-send what the journal may not have got)."""
+        the last ``recent_s`` seconds (to re-send what the journal may not have got), reaching
+        further back to ``owed_since_ns`` (the publisher's oldest message not yet journaled, less 2 s
+        for messages produced just before they were submitted) when the journal lags further."""
         now, wall = self.clock(), time.time_ns()
         horizon = wall - int(recent_s * 1e9)
+        if owed_since_ns is not None:
+            horizon = min(horizon, owed_since_ns - 2_000_000_000)
         with self._lock:
             coils = {}
             for name, c in self._coils.items():

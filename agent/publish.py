@@ -46,7 +46,10 @@ class Publisher(threading.Thread):
         self.health = health or (lambda: {})
         self.on_published = on_published
         self.socket_setup = socket_setup
-        self._q: queue.Queue[tuple[str, dict]] = queue.Queue(maxsize=queue_size)
+        # (topic, body, wall ns at submit): the stamp says how far back the crash checkpoint must
+        # reach to hold everything not yet journaled (oldest_unjournaled_ns)
+        self._q: queue.Queue[tuple[str, dict, int]] = queue.Queue(maxsize=queue_size)
+        self._taken_oldest_ns: int | None = None  # the group being journaled: its oldest submit stamp
         self._halt = threading.Event()
         self.bound = threading.Event()
         self.error: BaseException | None = None
@@ -65,7 +68,7 @@ class Publisher(threading.Thread):
         deadline = time.monotonic() + timeout
         while True:
             try:
-                self._q.put((topic, body), timeout=0.2)
+                self._q.put((topic, body, time.time_ns()), timeout=0.2)
                 return
             except queue.Full:
                 if self._halt.is_set() or not self.is_alive():
@@ -84,6 +87,18 @@ class Publisher(threading.Thread):
 
     def queue_depth(self) -> int:
         return self._q.qsize()
+
+    def oldest_unjournaled_ns(self) -> int | None:
+        """Wall time (ns) at which the oldest message not yet in the journal was submitted; None
+        when everything submitted is journaled. A stalled disk (fsync) can hold messages here far
+        longer than the checkpoint's usual window, and a crash must not lose them (agent/recovery.py)."""
+        # The queue's head first, then the group in flight: _take stamps the group before it takes
+        # the head off the queue, so reading in this order cannot miss a message between the two.
+        with self._q.mutex:
+            head = self._q.queue[0][2] if self._q.queue else None
+        taken = self._taken_oldest_ns
+        stamps = [t for t in (head, taken) if t is not None]
+        return min(stamps) if stamps else None
 
     def stop(self, timeout: float = 5.0) -> None:
         self._halt.set()
@@ -145,11 +160,16 @@ class Publisher(threading.Thread):
             pub.close(linger=self.linger_ms)
             rep.close(linger=0)
 
-    def _take(self, wait: float) -> list[tuple[str, dict]]:
+    def _take(self, wait: float) -> list[tuple[str, dict, int]]:
+        with self._q.mutex:  # stamp the group before its head leaves the queue
+            if self._q.queue:
+                self._taken_oldest_ns = self._q.queue[0][2]
         try:
             items = [self._q.get(timeout=wait)]
         except queue.Empty:
             return []
+        if self._taken_oldest_ns is None:  # came in while waiting: it is fresh
+            self._taken_oldest_ns = items[0][2]
         while len(items) < 512:
             try:
                 items.append(self._q.get_nowait())
@@ -157,18 +177,19 @@ class Publisher(threading.Thread):
                 break
         return items
 
-    def _publish(self, pub: zmq.Socket, items: list[tuple[str, dict]]) -> None:
+    def _publish(self, pub: zmq.Socket, items: list[tuple[str, dict, int]]) -> None:
         first = self.journal.last_seq + 1
         now_ns = time.time_ns()
         packed = []
-        for i, (topic, body) in enumerate(items):
+        for i, (topic, body, _) in enumerate(items):
             full = {"v": PROTOCOL_VERSION, "type": topic, "agent": self.agent, "seq": first + i, "ts_ns": now_ns,
                     **body}
             packed.append((TOPICS[topic], pack_body(full)))
         seqs = self.journal.append_many(packed)
+        self._taken_oldest_ns = None  # journaled: a restart finds them there
         if seqs[0] != first:
             raise PublishError(f"journal handed out seq {seqs[0]}, expected {first}")
-        for (topic_b, body_b), (topic, body) in zip(packed, items):
+        for (topic_b, body_b), (topic, body, _) in zip(packed, items):
             pub.send_multipart([topic_b, body_b], copy=False)
             if self.on_published:
                 self.on_published(topic, body)

@@ -16,7 +16,9 @@ The rule a restart follows (``agent_restart`` is one of the end reasons of docs/
 * A coil that no camera continues after the restart closes at the idle timeout with
   ``end_reason: "agent_restart"``; a coil every camera had already ended closes at once.
 * Defect events and final summaries that were produced but had not reached the journal are
-  sent again (with new sequence numbers); the ones the journal holds are not.
+  sent again (with new sequence numbers); the ones the journal holds are not. The checkpoint
+  keeps what was produced in the last ``recent_s`` seconds and, when the journal lags further
+  (a stalled disk), everything since the publisher's oldest message not yet journaled.
 * The checkpoint's journal sequence number is a floor: a journal cut at a record boundary
   cannot make the agent reuse a sequence number (reported as ``missing_records`` damage).
 
@@ -28,7 +30,8 @@ Hook (agent/service.py), three calls::
     for topic, body in self.recovery.restore(self.coils, self.journal):
         self._emit_summary(body) if topic == "summary" else self.publisher.submit(topic, body)
     # _tick():
-    self.recovery.save(self.coils, self.journal.last_seq)
+    self.recovery.save(self.coils, self.journal.last_seq,
+                       owed_since_ns=self.publisher.oldest_unjournaled_ns())
     # shutdown(), after self.publisher.stop(): everything owed is journaled
     self.recovery.clear(self.coils, self.journal.last_seq)
 """
@@ -65,8 +68,12 @@ class Recovery:
         self.last_save_s = 0.0  # how long the last save took
 
     # -- while running -------------------------------------------------------------------------
-    def save(self, registry: CoilRegistry, last_seq: int, *, force: bool = False) -> bool:
-        """Checkpoint the registry; ``last_seq`` is the journal's last sequence number now."""
+    def save(self, registry: CoilRegistry, last_seq: int, *, owed_since_ns: int | None = None,
+             force: bool = False) -> bool:
+        """Checkpoint the registry; ``last_seq`` is the journal's last sequence number now;
+        ``owed_since_ns`` the submit time of the publisher's oldest message not yet journaled
+        (Publisher.oldest_unjournaled_ns): the checkpoint keeps what was produced since then, however
+        long ago, and at least the last ``recent_s`` seconds."""
         now = self.clock()
         # At most every interval_s, and never more than ~5 % of the time: a long coil (hundreds of
         # thousands of frames) makes a save cost tens of ms, under the registry's lock.
@@ -74,7 +81,7 @@ class Recovery:
             return False
         self._last_save = now
         t0 = time.perf_counter()
-        state = registry.export_state(recent_s=self.recent_s)
+        state = registry.export_state(recent_s=self.recent_s, owed_since_ns=owed_since_ns)
         doc = {"format": FORMAT, "wall_ns": time.time_ns(), "last_seq": int(last_seq), **state}
         tmp = self.path.with_suffix(".tmp")
         tmp.write_text(json.dumps(doc, separators=(",", ":")))

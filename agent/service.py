@@ -214,7 +214,7 @@ class Agent:
         self.metrics.set_queue_depth("frames", len(self.frames))
         self.metrics.set_queue_depth("publish", self.publisher.queue_depth())
         self._write_watermark()
-        self.recovery.save(self.coils, self.journal.last_seq)
+        self.recovery.save(self.coils, self.journal.last_seq, owed_since_ns=self.publisher.oldest_unjournaled_ns())
 
     def _status_line(self) -> str:
         return (f"{self.state}: {self.inference.inspected + self.inference.gated_out} frames inferred, "

@@ -103,3 +103,55 @@ def test_checkpoint_seq_is_a_floor_for_a_journal_cut_short(tmp_path):
     rec.restore(registry(), j)
     assert j.last_seq == 41 and [d.kind for d in j.damage] == ["missing_records"]
     assert journal_append(j, "defect", defect("A", 1)) == 42
+
+
+def test_events_a_stalled_journal_holds_back_survive_a_crash_however_old(tmp_path):
+    """The publisher's journal write (fsync on a slow card) stalls for longer than the checkpoint's
+    window: what it still holds must be in the checkpoint, and a restart sends it."""
+    import zmq
+
+    from agent.publish import Publisher
+
+    j = Journal(tmp_path / "j", fsync=False)
+    r = registry()
+    for i in range(2):
+        r.admit("cam0", "A", i, 0.0)
+    events = [defect("A", 0), defect("A", 0, x=8)]
+    r.finish("cam0", "A", 0, "inspected", events)
+    # A publisher whose thread never runs: it holds every message, as a stalled journal write would.
+    pub = Publisher(zmq.Context.instance(), endpoint="inproc://stalled", replay_endpoint="inproc://stalled-replay",
+                    journal=j, agent="t", heartbeat_s=1.0, sndhwm=100, linger_ms=0, max_replay=100)
+    assert pub.oldest_unjournaled_ns() is None
+    t0 = time.time_ns()
+    for ev in events:
+        pub.submit("defect", ev)
+    owed_since = pub.oldest_unjournaled_ns()
+    assert t0 <= owed_since <= time.time_ns()
+    time.sleep(0.05)
+    # a window of 0 s stands for "older than the window": without the publisher's stamp they are left out
+    rec = Recovery(tmp_path / CHECKPOINT_NAME, recent_s=0.0)
+    rec.save(r, j.last_seq, force=True)
+    assert rec.load()["recent"] == []
+    rec.save(r, j.last_seq, owed_since_ns=owed_since, force=True)
+    assert sorted(b["bbox_px"][0] for _, t, b in rec.load()["recent"] if t == "defect") == [0, 8]
+    owed = rec.restore(registry(), j)  # the kill: nothing reached the journal
+    assert sorted(b["bbox_px"][0] for t, b in owed if t == "defect") == [0, 8]
+
+
+def test_the_publisher_owes_nothing_once_it_has_journaled(tmp_path):
+    import zmq
+
+    from agent.publish import Publisher
+
+    j = Journal(tmp_path / "j", fsync=False)
+    pub = Publisher(zmq.Context.instance(), endpoint="inproc://owed", replay_endpoint="inproc://owed-replay",
+                    journal=j, agent="t", heartbeat_s=1.0, sndhwm=100, linger_ms=0, max_replay=100)
+    for i in range(3):
+        pub.submit("defect", defect("A", i))
+    assert pub.oldest_unjournaled_ns() is not None
+    pub.start()
+    deadline = time.monotonic() + 10
+    while pub.published < 3 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert j.last_seq == 3 and pub.oldest_unjournaled_ns() is None
+    pub.stop()

@@ -158,6 +158,54 @@ def bare_throughput(cfg, frames: list[np.ndarray], min_frames: int = 320, passes
         models.close()
 
 
+def pipeline_throughput(cfg, n: int, fraction: float, clean: list, bad: list) -> dict:
+    """The agent's own inference stage in this process, with nothing in front of it: the coil's
+    frames (views on the same pools the simulator sends) already in a real frame queue, the real
+    workers (`Inference`, its threads, queue, gate, segmentation, post-processing, coil
+    accounting), events handed to a sink instead of the publisher. No sockets, no ingest thread, no
+    simulator. Between the bare models and end to end, it says which share of the loss is the
+    pipeline's own code and which the transport's and the harness's."""
+    from agent.batcher import Frame, FrameQueue
+    from agent.coil import CoilRegistry
+    from agent.pipeline import Inference, open_models
+    from agent.protocol import FrameHeader
+
+    models = open_models(cfg)
+    try:
+        coils = CoilRegistry(budget_s=cfg.coil.budget_s, provisional_at=cfg.coil.provisional_at,
+                             idle_timeout_s=cfg.ingest.coil_idle_timeout_s, worst_n=cfg.coil.worst_defects,
+                             classes=models.pack.classes)
+        coil = "pipeline"
+        coils.coil_start("cam0", coil)
+        queue = FrameQueue(max(1, n))
+        for i, (img, _) in enumerate(coil_frames(n, fraction, clean, bad)):
+            coils.admit("cam0", coil, i, 0.0)
+            h = FrameHeader("cam0", coil, i, i, 0, img.shape, str(img.dtype), "raw", 0.0)
+            queue.put(Frame(h, img[None] if img.ndim == 2 else np.moveaxis(img, -1, 0), 0.0, 0))
+        models.warm_up(models.batch)
+        done = threading.Event()
+        sink = {"defect": 0, "summary": 0}
+
+        def submit(topic: str, body: dict) -> None:
+            sink[topic] += 1
+            if topic == "summary":
+                done.set()
+
+        inf = Inference(cfg=cfg, frames=queue, coils=coils, models=models, submit=submit)
+        coils.coil_end("cam0", coil, n, None)  # the summary comes when the last frame is through
+        t0 = time.perf_counter()
+        inf.start()
+        finished = done.wait(timeout=max(120.0, n / 5.0))
+        wall = time.perf_counter() - t0
+        inf.stop()
+        if not finished or inf.inspected + inf.gated_out != n:
+            raise RuntimeError(f"in-process pipeline: {inf.inspected + inf.gated_out} of {n} frames through")
+        return {"wall_s": round(wall, 3), "fps": round(n / wall, 1), "inspected": inf.inspected,
+                "gated_out": inf.gated_out, "events": sink["defect"]}
+    finally:
+        models.close()
+
+
 def best_bare(*runs: dict) -> dict:
     """The fastest of several bare measurements, model by model (taken before and after the
     scenarios, so the reference brackets them)."""
@@ -191,6 +239,8 @@ def derive_reference_figures(r: dict, bare: dict, n: int) -> dict:
     r["ungated_baseline_s"] = round(n / bare["seg_fps"], 2)
     r["speedup_vs_ungated"] = round(r["ungated_baseline_s"] / r["wall_s"], 2)
     r["models_limit_speedup"] = round(bare_fps / bare["seg_fps"], 2)
+    if "pipeline" in r:  # the inference stage alone, in process (pipeline_throughput)
+        r["pipeline"]["efficiency"] = round(r["pipeline"]["fps"] / bare_fps, 3)
     return r
 
 
@@ -319,7 +369,9 @@ def run_bench(args) -> int:
         for name in scenarios:
             fraction = SCENARIOS[name]
             print(f"bench: scenario {name} ({fraction:.0%} defective) ...", flush=True)
+            pipeline = pipeline_throughput(cfg, n, fraction, clean, bad)
             raw[name] = run_scenario(cfg_path, cfg, n, fraction, clean, bad, log_path=work / f"{name}.log")
+            raw[name]["pipeline"] = pipeline
         print("bench: bare model throughput again, after the scenarios ...", flush=True)
         bare = best_bare(bare_before, bare_throughput(cfg, clean + bad, passes=passes))
         results["bare"] = {k: (round(v, 1) if isinstance(v, float) else v) for k, v in bare.items()}
@@ -344,19 +396,22 @@ def format_table(res: dict) -> str:
     lines = [f"bare model throughput (fastest pass, before and after the scenarios): gate {b['gate_fps']} frames/s, "
              f"seg {b['seg_fps']} frames/s ({b['backend']}); passes gate {b.get('gate_fps_passes', '-')}, "
              f"seg {b.get('seg_fps_passes', '-')}", ""]
-    head = ("scenario", "frames", "wall s", "fps", "bare fps", "effic.", "pass", "events", "p50 s", "p99 s",
+    head = ("scenario", "frames", "wall s", "fps", "bare fps", "effic.", "in-proc", "pass", "events", "p50 s", "p99 s",
             "RSS MB", "ungated s", "x gate", "x limit")
     rows = [head]
     items = list(res["scenarios"].items()) + ([("latency@%g" % res["latency"]["rate_hz"], res["latency"])]
                                               if "latency" in res else [])
     for name, r in items:
         rows.append((name, r["frames"], r["wall_s"], r["fps"], r.get("bare_fps", "-"), r.get("efficiency", "-"),
+                     r.get("pipeline", {}).get("efficiency", "-"),
                      r["pass_rate"], r["events"], _or_dash(r["latency_p50_s"]), _or_dash(r["latency_p99_s"]),
                      round(r["peak_rss_mb"] or 0), r.get("ungated_baseline_s", "-"), r.get("speedup_vs_ungated", "-"),
                      r.get("models_limit_speedup", "-")))
     widths = [max(len(str(row[i])) for row in rows) for i in range(len(head))]
     for row in rows:
         lines.append("  ".join(str(v).rjust(w) for v, w in zip(row, widths)))
+    lines.append("effic.: end-to-end frames/s over bare; in-proc: the same for the agent's inference stage alone, "
+                 "in process (no sockets, no ingest, no simulator)")
     lines.append("x gate: ungated baseline (segmentation on every frame, bare) over wall time; x limit: the same "
                  "ratio for the bare models at this pass rate, with no agent around them")
     lines.append("")

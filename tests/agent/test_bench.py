@@ -28,6 +28,10 @@ def test_bench_fast_mode_accounts_for_every_frame(tmp_path, agent_config):
         assert s["accounted"] and f["sent"] == f["received"] == 40 == f["inspected"] + f["gated_out"], name
         assert s["wall_s"] > 0 and s["peak_rss_mb"] > 0 and s["efficiency"] > 0
         assert s["model_cpu_s"] > 0, name
+        # the inference stage alone, in process, on the same frames: the same decisions and events
+        p = s["pipeline"]
+        assert p["inspected"] + p["gated_out"] == 40 and p["efficiency"] > 0, name
+        assert (p["inspected"], p["events"]) == (f["inspected"], s["events"]), name
         # every stage the issue names, receive and decode timed apart
         assert set(s["stage_s"]) == set(STAGES), name
         n = s["stage_count"]
@@ -42,7 +46,7 @@ def test_bench_fast_mode_accounts_for_every_frame(tmp_path, agent_config):
     assert res["latency"]["accounting"]["received"] == res["latency"]["frames"]
     bare = res["bare"]
     assert len(bare["gate_fps_passes"]) == 2 and bare["gate_fps"] == max(bare["gate_fps_passes"])  # before, after
-    assert "bare model throughput" in r.stdout and "x gate" in r.stdout and "x limit" in r.stdout
+    assert "bare model throughput" in r.stdout and "x gate" in r.stdout and "x limit" in r.stdout and "in-proc" in r.stdout
     assert res["machine"]["cpus"] >= 1 and res["machine"]["onnxruntime"]
 
 

@@ -7,7 +7,10 @@ summary: wall time, frames/s, per-stage time (from the agent's own metrics), gat
 frame-to-event latency and the agent's peak RSS. In the same run, before the agent starts, it
 measures the reference figures on the same frames with the same backends and thread counts:
 bare model throughput (no sockets, threads or post-processing), hence efficiency = end-to-end
-frames/s / bare frames/s, and the ungated baseline (segmentation on every frame).
+frames/s / bare frames/s, and the ungated baseline (segmentation on every frame). Before each
+scenario it also runs the agent's inference stage alone in this process on the scenario's frames
+(no sockets, ingest or simulator), which splits the loss between the agent's own code and the frame
+path in front of it.
 A latency scenario streams at a fixed line rate (default 20 frames/s) and reports p50/p99.
 """
 from __future__ import annotations

@@ -170,21 +170,20 @@ def pipeline_throughput(cfg, n: int, fraction: float, clean: list, bad: list) ->
     pipeline's own code and which the transport's and the harness's."""
     from agent.batcher import Frame, FrameQueue
     from agent.coil import CoilRegistry
+    from agent.ingest import wire_to_chw
     from agent.pipeline import Inference, open_models
     from agent.protocol import FrameHeader
 
     models = open_models(cfg)
     try:
-        coils = CoilRegistry(budget_s=cfg.coil.budget_s, provisional_at=cfg.coil.provisional_at,
-                             idle_timeout_s=cfg.ingest.coil_idle_timeout_s, worst_n=cfg.coil.worst_defects,
-                             classes=models.pack.classes)
+        coils = CoilRegistry.for_config(cfg, models.pack.classes)
         coil = "pipeline"
         coils.coil_start("cam0", coil)
         queue = FrameQueue(max(1, n))
         for i, (img, _) in enumerate(coil_frames(n, fraction, clean, bad)):
             coils.admit("cam0", coil, i, 0.0)
             h = FrameHeader("cam0", coil, i, i, 0, img.shape, str(img.dtype), "raw", 0.0)
-            queue.put(Frame(h, img[None] if img.ndim == 2 else np.moveaxis(img, -1, 0), 0.0, 0))
+            queue.put(Frame(h, wire_to_chw(img), 0.0, 0))
         models.warm_up(models.batch)
         done = threading.Event()
         sink = {"defect": 0, "summary": 0}

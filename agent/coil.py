@@ -121,6 +121,13 @@ class CoilRegistry:
         self._recent: deque[tuple[int, str, dict]] = deque(maxlen=20_000)
 
     # -- ingest side -------------------------------------------------------------------
+
+    @classmethod
+    def for_config(cls, cfg, classes: tuple[str, ...]) -> "CoilRegistry":
+        """The registry an agent config asks for (agent.config.Config: coil budget, provisional
+        point, idle timeout, worst defects kept), for a model pack's classes."""
+        return cls(budget_s=cfg.coil.budget_s, provisional_at=cfg.coil.provisional_at,
+                   idle_timeout_s=cfg.ingest.coil_idle_timeout_s, worst_n=cfg.coil.worst_defects, classes=classes)
     def _open(self, coil: str, now: float) -> Coil:
         c = self._coils.get(coil)
         if c is None:

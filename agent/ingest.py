@@ -19,6 +19,11 @@ from agent.threadnames import name_this_thread
 log = structlog.get_logger(__name__)
 
 
+def wire_to_chw(image: np.ndarray) -> np.ndarray:
+    """A frame as it comes off the wire (HxW grey or HxWxC) as the model's CxHxW: a view, no copy."""
+    return image[None] if image.ndim == 2 else np.moveaxis(image, -1, 0)
+
+
 class Ingest(threading.Thread):
     def __init__(self, ctx: zmq.Context, *, endpoint: str, rcvhwm: int, frames: FrameQueue, coils: CoilRegistry,
                  channels: int, max_width: int, max_height: int, allowed_encodings: tuple[str, ...],
@@ -151,10 +156,7 @@ class Ingest(threading.Thread):
     def _to_chw(self, header, image: np.ndarray) -> np.ndarray:
         if image.dtype != np.uint8:
             raise Rejected("bad_dtype", f"the model takes uint8 pixels, frame is {image.dtype}", header.camera, header.coil)
-        if image.ndim == 2:
-            image = image[None]
-        else:
-            image = np.moveaxis(image, -1, 0)  # HWC on the wire -> CHW for the model
+        image = wire_to_chw(image)
         if image.shape[0] != self.channels:
             raise Rejected("bad_shape", f"the model takes {self.channels} channel(s), frame has {image.shape[0]}",
                            header.camera, header.coil)

@@ -81,9 +81,7 @@ class Agent:
         self.journal = Journal(state / "journal" / cfg.agent.name, fsync=cfg.publish.fsync)
         if self.journal.damage:
             log.error("journal_damage_reported", damage=[d.as_dict() for d in self.journal.damage[:10]])
-        self.coils = CoilRegistry(budget_s=cfg.coil.budget_s, provisional_at=cfg.coil.provisional_at,
-                                  idle_timeout_s=cfg.ingest.coil_idle_timeout_s, worst_n=cfg.coil.worst_defects,
-                                  classes=pack.classes)
+        self.coils = CoilRegistry.for_config(cfg, pack.classes)
         self.frames = FrameQueue(cfg.ingest.max_queue_frames)
         socket_setup = self._setup_auth()
         self.publisher = Publisher(

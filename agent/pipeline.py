@@ -282,8 +282,9 @@ class Inference:
             for ev in events:
                 self.submit("defect", ev)
             state = "inspected" if i in passed_set else "gated_out"
+            # finish() puts this batch's models in the summary itself: nothing to decorate
             for summary in self.coils.finish(h.camera, h.coil, h.index, state, events, models=fields):
-                self.submit("summary", self.decorate_summary(summary))
+                self.submit("summary", summary)
         self.on_stage("publish", time.perf_counter() - t3)
         with self._lock:
             self.inspected += len(passed_set)

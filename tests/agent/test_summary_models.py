@@ -2,8 +2,6 @@
 coil's last frame and its summary (real ONNX Runtime sessions on two tiny packs, real registry)."""
 from __future__ import annotations
 
-import shutil
-
 import onnx
 from tinypack import clean_frame, frame_with, write_pack_files, CLASSES
 

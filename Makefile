@@ -23,6 +23,7 @@ demo: $(VENV)/.runtime
 
 test: $(VENV)/.dev
 	bash scripts/ensure-system-tools.sh
+	$(PY) -m ruff check .
 	$(PY) -m pytest -q
 
 test-all: $(VENV)/.dev

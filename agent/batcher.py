@@ -39,10 +39,6 @@ class FrameQueue:
     def __len__(self) -> int:
         return self._n
 
-    def depths(self) -> dict[str, int]:
-        with self._cond:
-            return {cam: len(q) for cam, q in self._queues.items()}
-
     def put(self, frame: Frame) -> list[Frame]:
         """Enqueue without blocking; returns the frames shed to make room (maybe this one)."""
         shed: list[Frame] = []

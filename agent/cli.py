@@ -8,10 +8,8 @@ import sys
 # Each module exposes register(subparsers); handlers import heavy packages lazily.
 COMMAND_MODULES = (
     "agent.commands",
-    "engines.train_cmd",
-    "engines.eval_cmd",
-    "engines.build_cmd",
-    "calibration.commands",
+    "training.commands",
+    "agent.engine_commands",
     "agent.auth",
 )
 
@@ -27,6 +25,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    import structlog
+
+    if not structlog.is_configured():  # stdout carries each command's result; its log events go to stderr
+        from agent.logs import configure_logging
+
+        configure_logging(stream=sys.stderr)
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:

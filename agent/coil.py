@@ -1,4 +1,4 @@
-"""Per-coil state: frame accounting, defects, deadline and the summary.
+"""Per-coil state: frame accounting, defects and deadline (agent/summary.py writes the summary).
 
 Every distinct frame a camera sent for a coil ends in exactly one state:
 inspected, gated_out, rejected (by reason), shed, missing (never received), or lost (the agent
@@ -20,13 +20,12 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any
 
 import structlog
 
-log = structlog.get_logger(__name__)
+from agent.summary import TERMINAL, build_summary
 
-TERMINAL = ("inspected", "gated_out", "rejected", "shed", "lost")
+log = structlog.get_logger(__name__)
 
 
 @dataclass
@@ -82,22 +81,6 @@ def _ranges(indices: list[int]) -> list[list[int]]:
             out[-1][1] = i
         else:
             out.append([i, i])
-    return out
-
-
-def _gaps(seen: dict[int, str], end: int) -> list[list[int]]:
-    """Inclusive ranges of indices below ``end`` not in ``seen``. Walks the indices received, never
-    range(end): one frame with index 10^7 must not cost ten million steps and a list that size."""
-    out: list[list[int]] = []
-    nxt = 0
-    for i in sorted(seen):
-        if i >= end:
-            break
-        if i > nxt:
-            out.append([nxt, i - 1])
-        nxt = i + 1
-    if end > nxt:
-        out.append([nxt, end - 1])
     return out
 
 
@@ -326,80 +309,7 @@ class CoilRegistry:
 
     # -- summary ---------------------------------------------------------------------------
     def _summary(self, c: Coil, now: float, *, final: bool, reason: str | None) -> dict:
-        totals = dict.fromkeys(("sent", "received", "inspected", "gated_out", "rejected", "shed", "missing",
-                                "pending", "lost", "duplicates"), 0)
-        rejected_by_reason: dict[str, int] = {}
-        cameras: dict[str, Any] = {}
-        missing_ranges: dict[str, list[list[int]]] = {}
-        end_reasons = set()
-        complete = True
-        max_pos = 0.0
-        for cc in c.cameras.values():
-            counts = {s: 0 for s in ("pending", *TERMINAL)}
-            for s in cc.seen.values():
-                counts[s] += 1
-            received = len(cc.seen)
-            if cc.sent is not None:
-                # Frames above the coil_end count were sent all the same: count them, so that
-                # sent = received + missing holds, and the coil is not complete.
-                top = max(cc.seen) + 1 if cc.seen else 0
-                expected = max(cc.sent, top)
-                missing = _gaps(cc.seen, expected)
-                if top > cc.sent:
-                    complete = False
-            else:  # no coil_end: what we can tell is the gaps below the highest index seen
-                expected = None
-                top = max(cc.seen) + 1 if cc.seen else 0
-                missing = _gaps(cc.seen, top)
-            if (cc.end_reason != "coil_end" or missing or counts["shed"] or counts["lost"] or counts["pending"]
-                    or counts["rejected"]):
-                complete = False
-            end_reasons.add(cc.end_reason or "open")
-            n_missing = sum(b - a + 1 for a, b in missing)
-            if missing:
-                missing_ranges[cc.camera] = missing
-            cam_summary = {"sent": expected, "received": received, "missing": n_missing,
-                           "duplicates": cc.duplicates, **counts,
-                           "rejected_by_reason": dict(cc.rejected_by_reason), "end_reason": cc.end_reason}
-            cameras[cc.camera] = cam_summary
-            for k in ("received", "inspected", "gated_out", "rejected", "shed", "pending", "lost", "duplicates"):
-                totals[k] += cam_summary[k]
-            totals["missing"] += n_missing
-            totals["sent"] += expected if expected is not None else received + n_missing
-            for r, n in cc.rejected_by_reason.items():
-                rejected_by_reason[r] = rejected_by_reason.get(r, 0) + n
-            max_pos = max(max_pos, cc.max_pos_mm)
-        if not final:
-            complete = False
-        length_mm = c.length_mm if c.length_mm else max_pos
-        metres = length_mm / 1000.0
-        wall_s = now - c.started_mono
-        density = {k: round(n / metres, 3) for k, n in c.defects_by_class.items()} if metres > 0 else {}
-        worst = [ev for _, _, ev in sorted(c.worst, key=lambda t: (-t[0], t[1]))]
-        return {
-            **(c.models or {}),
-            "type": "summary",
-            "coil": c.coil,
-            "final": final,
-            "complete": complete,
-            "end_reason": reason if final else "deadline",
-            "end_reasons": sorted(end_reasons),
-            "frames": totals,
-            "rejected_by_reason": rejected_by_reason,
-            "missing_ranges": missing_ranges,
-            "cameras": cameras,
-            "defects": {k: c.defects_by_class.get(k, 0) for k in self.classes},
-            "defect_count": c.n_defects,
-            "length_mm": round(length_mm, 1),
-            "density_per_m": density,
-            "worst": worst,
-            "timing": {
-                "started_ns": c.started_wall_ns,
-                "wall_s": round(wall_s, 3),
-                "budget_s": self.budget_s,
-                "slack_s": round(self.budget_s - wall_s, 3),
-            },
-        }
+        return build_summary(c, now, final=final, reason=reason, classes=self.classes, budget_s=self.budget_s)
 
     def open_coils(self) -> list[str]:
         with self._lock:

@@ -131,8 +131,8 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 
 def cmd_camera_sim(args: argparse.Namespace) -> int:
-    from agent.camera_sim import CameraSim, composed_frames, folder_frames, synthetic_frames
-    from engines.synth import STEEL_CLASSES
+    from agent.tools.camera_sim import CameraSim, composed_frames, folder_frames, synthetic_frames
+    from training.synth import STEEL_CLASSES
 
     _setup_logging()
     if args.folder:
@@ -190,13 +190,13 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from agent.demo import run_demo
+    from agent.tools.demo import run_demo
 
     return run_demo(args.config, frames=args.frames, defect_fraction=args.defect_fraction, rate=args.rate,
                     as_json=args.json)
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from agent.bench import run_bench
+    from agent.tools.bench import run_bench
 
     return run_bench(args)

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-REPO_MODELS = Path(__file__).resolve().parent.parent / "engines" / "models"
+from engines.packs import shipped_pack_dir
 
 
 class ConfigError(ValueError):
@@ -52,7 +52,6 @@ class IngestSection:
     overload: str = F("shed", choices=("shed", "backpressure"),
                       doc="queue full: shed the heaviest camera's oldest frame (counted), or stop reading "
                           "so ZeroMQ's bounded queues push back on the cameras (their drops show as missing)")
-    reorder_window: int = F(64, lo=0, hi=100_000, doc="frame indices a late frame may lag and still count")
     coil_idle_timeout_s: float = F(30.0, lo=0.1, hi=86_400, doc="no frames for this long closes a coil as incomplete")
     max_width: int = F(4096, lo=1, hi=65_536)
     max_height: int = F(4096, lo=1, hi=65_536)
@@ -131,7 +130,7 @@ class Config:
     source: str = field(default="<defaults>", compare=False)
 
     def models_dir(self) -> Path:
-        return Path(self.models.dir) if self.models.dir else REPO_MODELS / self.agent.profile
+        return Path(self.models.dir) if self.models.dir else shipped_pack_dir(self.agent.profile)
 
     def state_path(self) -> Path:
         if self.agent.state_dir:
@@ -145,15 +144,6 @@ class Config:
             if cam.id == camera_id:
                 return cam
         return None
-
-
-# Sequence defaults cannot be dataclass defaults on frozen classes without factory; patch them.
-for _cls, _name, _value in (
-    (IngestSection, "allowed_encodings", ("raw", "png", "jpeg")),
-    (ModelsSection, "backends", ("onnxruntime",)),
-):
-    _f = _cls.__dataclass_fields__[_name]
-    _f.default = _value
 
 
 def _check_value(path: str, value: Any, ftype: Any, meta: dict, errors: list[str]) -> Any:

@@ -13,9 +13,9 @@ import structlog
 from agent.batcher import Frame, FrameQueue
 from agent.coil import CoilRegistry
 from agent.config import CameraSection, Config
-from agent.postprocess import extract_defects
+from engines.postprocess import extract_defects
 from agent.threadnames import name_this_thread
-from calibration.spatial import CameraGeometry
+from engines.geometry import CameraGeometry
 from engines.backends import Backend
 from engines.modelpack import Calibration, ModelEntry, ModelPack, load_calibration, load_model_pack
 

@@ -10,8 +10,22 @@ import structlog
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
 
 
+class _CurrentStderr:
+    """Whatever sys.stderr is at the time of each write (a test's capture, a redirected stream),
+    never a handle that was closed since logging was configured."""
+
+    def write(self, text: str) -> int:
+        return sys.stderr.write(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
+
+    def isatty(self) -> bool:
+        return sys.stderr.isatty()
+
+
 def configure_logging(fmt: str = "auto", level: str = "info", stream=None) -> None:
-    stream = stream or sys.stderr
+    stream = _CurrentStderr() if stream is None or stream is sys.stderr else stream
     if fmt == "auto":
         under_systemd = bool(os.environ.get("INVOCATION_ID") or os.environ.get("JOURNAL_STREAM"))
         fmt = "json" if under_systemd or not stream.isatty() else "console"

@@ -38,7 +38,6 @@ Hook (agent/service.py), three calls::
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 
@@ -47,6 +46,7 @@ import structlog
 
 from agent.coil import CoilRegistry
 from agent.journal import Journal
+from engines.atomic import write_json_atomic
 
 log = structlog.get_logger(__name__)
 
@@ -83,9 +83,7 @@ class Recovery:
         t0 = time.perf_counter()
         state = registry.export_state(recent_s=self.recent_s, owed_since_ns=owed_since_ns)
         doc = {"format": FORMAT, "wall_ns": time.time_ns(), "last_seq": int(last_seq), **state}
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(doc, separators=(",", ":")))
-        os.replace(tmp, self.path)  # a reader sees the old or the new checkpoint, never half of one
+        write_json_atomic(self.path, doc, indent=None)  # a reader sees the old or the new checkpoint
         self.saves += 1
         self.last_save_s = time.perf_counter() - t0
         return True
@@ -98,9 +96,7 @@ class Recovery:
         closed = registry.export_state(recent_s=0.0)["closed"]
         doc = {"format": FORMAT, "wall_ns": time.time_ns(), "last_seq": int(last_seq), "coils": {},
                "current": {}, "closed": closed, "recent": []}
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(doc))
-        os.replace(tmp, self.path)
+        write_json_atomic(self.path, doc, indent=None)
 
     # -- at start ------------------------------------------------------------------------------
     def load(self) -> dict | None:

@@ -6,7 +6,6 @@ SIGHUP reloads, and a phased, bounded shutdown on SIGTERM/SIGINT.
 """
 from __future__ import annotations
 
-import os
 import signal
 import threading
 import time
@@ -24,10 +23,11 @@ from agent.config import Config
 from agent.ingest import Ingest
 from agent.journal import Journal
 from agent.metrics import Metrics
-from agent.pipeline import Inference, Models, open_models
+from agent.inference import Inference, Models, open_models
 from agent.publish import Publisher
 from agent.sdnotify import Notifier, Watchdog
 from agent.threadnames import name_this_thread
+from engines.atomic import write_atomic
 
 log = structlog.get_logger(__name__)
 
@@ -310,9 +310,7 @@ class Agent:
         seq = self.publisher.last_published_seq
         if seq == self._watermark:
             return
-        tmp = self._watermark_path().with_suffix(".tmp")
-        tmp.write_text(str(seq))
-        os.replace(tmp, self._watermark_path())
+        write_atomic(self._watermark_path(), str(seq))
         self._watermark = seq
 
     # -- shutdown: phased and bounded ---------------------------------------------------------------

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 if TYPE_CHECKING:
-    from calibration.thresholds import CalibrationResult
+    from calibration.run import CalibrationResult
 
 DPI = 100
 
@@ -37,7 +37,7 @@ def _pyplot():
 def plot_gate_curve(scores: np.ndarray, labels: np.ndarray, threshold: float, recall_target: float,
                     path: Path, title: str = "gate") -> Path:
     """Recall of defective frames vs pass rate over all thresholds; chosen point marked."""
-    from calibration.thresholds import gate_curve
+    from calibration.gate import gate_curve
 
     plt = _pyplot()
     thresholds, recall, pass_rate = gate_curve(scores, labels)

@@ -3,7 +3,7 @@
 A line camera looks down on the strip. Its image x axis runs across the strip, its y axis
 along it (the direction the strip moves). ``CameraGeometry`` holds the numbers the agent
 needs, with the same names as the ``[[cameras]]`` section of the config (agent/config.py
-CameraSection), and maps pixels exactly as agent/postprocess.py does::
+CameraSection), and maps pixels exactly as engines/postprocess.py does::
 
     across_mm = offset_x_mm + x * mm_per_px_x     x = x_px, or frame_width - x_px when flip_x
     along_mm  = frame_pos_mm + y_px * mm_per_px_y
@@ -15,7 +15,8 @@ across-strip position (from the strip's reference edge) of the frame's left edge
 right edge when ``flip_x`` (the camera sees the strip mirrored); ``frame_pos_mm`` is the
 along-strip position of the frame's first row, which the agent knows from the frame header.
 
-``measure_from_target`` measures these numbers from one image of a printed chessboard laid
+``CameraGeometry`` is the small runtime type in engines.geometry (the agent's post-processing
+uses it); this module measures it. ``measure_from_target`` measures these numbers from one image of a printed chessboard laid
 flat on the strip with its rows across the strip: OpenCV finds the inner corners
 (findChessboardCorners + cornerSubPix), a least-squares fit of corner pixel positions against
 their grid indices gives the scale along each axis, and the pattern's first corner (on the
@@ -30,65 +31,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from engines.geometry import CameraGeometry, GeometryError
 
-class SpatialCalibrationError(ValueError):
-    """The target image cannot give a trustworthy geometry; the message says why."""
-
-
-@dataclass(frozen=True)
-class CameraGeometry:
-    """Pixel -> strip millimetres for one camera (field names = config keys)."""
-
-    mm_per_px_x: float
-    mm_per_px_y: float
-    offset_x_mm: float
-    flip_x: bool = False
-
-    def __post_init__(self) -> None:
-        for name in ("mm_per_px_x", "mm_per_px_y"):
-            value = getattr(self, name)
-            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
-                raise SpatialCalibrationError(f"CameraGeometry.{name} must be a finite number > 0, got {value!r}")
-        if not (isinstance(self.offset_x_mm, (int, float)) and math.isfinite(self.offset_x_mm)):
-            raise SpatialCalibrationError(f"CameraGeometry.offset_x_mm must be a finite number, got {self.offset_x_mm!r}")
-
-    def px_to_strip_mm(
-        self, x_px: float, y_px: float, frame_pos_mm: float, *, frame_width_px: int | None = None
-    ) -> tuple[float, float]:
-        """(across_mm, along_mm) of the point (x_px, y_px) of a frame whose first row is at
-        frame_pos_mm. A mirrored camera (flip_x) needs the frame width to mirror x."""
-        if self.flip_x:
-            if frame_width_px is None:
-                raise SpatialCalibrationError("CameraGeometry with flip_x needs frame_width_px to map x")
-            x_px = frame_width_px - x_px
-        across = self.offset_x_mm + x_px * self.mm_per_px_x
-        along = frame_pos_mm + y_px * self.mm_per_px_y
-        return float(across), float(along)
-
-    def area_px_to_mm2(self, area_px: float) -> float:
-        """Area of a region of area_px pixels, in mm^2."""
-        return float(area_px) * self.mm_per_px_x * self.mm_per_px_y
-
-    def length_px_to_mm(self, dx_px: float, dy_px: float) -> tuple[float, float]:
-        """Width across and length along the strip of a dx_px x dy_px extent."""
-        return float(abs(dx_px) * self.mm_per_px_x), float(abs(dy_px) * self.mm_per_px_y)
-
-    def to_toml(self, camera_id: str) -> str:
-        """The [[cameras]] snippet for the agent's config."""
-        lines = [
-            "[[cameras]]",
-            f"id = {_toml_string(camera_id)}",
-            f"mm_per_px_x = {self.mm_per_px_x:.6g}",
-            f"mm_per_px_y = {self.mm_per_px_y:.6g}",
-            f"offset_x_mm = {self.offset_x_mm:.6g}",
-        ]
-        if self.flip_x:
-            lines.append("flip_x = true")
-        return "\n".join(lines) + "\n"
-
-
-def _toml_string(value: str) -> str:
-    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+# The chessboard measurement's errors are the geometry's (one type for "these numbers are unusable").
+SpatialCalibrationError = GeometryError
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,7 @@
 """One class's probability map -> its defects: threshold, 8-connected components, minimum area.
 
 The single implementation of that rule: the agent turns its output into defect events
-(agent/postprocess.py) and the evaluation into masks and boxes (engines/evaluate.py), so what
+(engines/postprocess.py) and the evaluation into masks and boxes (training/evaluate.py), so what
 is calibrated and scored is what the line reports. numpy and OpenCV only (the agent imports it).
 """
 from __future__ import annotations

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import structlog
 
-from engines.manifest import write_atomic
+from engines.atomic import write_atomic
 
 log = structlog.get_logger(__name__)
 
@@ -60,7 +60,7 @@ _FINAL_ACTIVATIONS = {"Sigmoid", "Softmax", "LogSoftmax"}
 # Ops that only move, reshape or resample values between the final activation and an output.
 _SHAPE_ONLY = {"Identity", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Transpose", "Resize", "Upsample"}
 # Elementwise ops that make up the input normalisation right after the uint8 input.
-# AveragePool: a gate that pools the raw image before normalising it (engines/models.py) has it in
+# AveragePool: a gate that pools the raw image before normalising it (training/nets.py) has it in
 # the chain; pooling before the first conv stays FP32 like the normalisation it precedes.
 _NORMALISE = {"Cast", "Div", "Sub", "Mul", "Add", "Identity", "AveragePool"}
 

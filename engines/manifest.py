@@ -24,6 +24,7 @@ from typing import Any
 
 import structlog
 
+from engines.atomic import write_atomic
 from engines.backends.base import BackendError
 from engines.modelpack import sha256_file
 
@@ -180,26 +181,6 @@ def read_manifest(directory: Path) -> dict[str, Any]:
     if not isinstance(data.get("engines"), dict):
         raise ManifestError(f"corrupt: {path} has no 'engines' table")
     return data
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write to a temp file in the same directory, fsync, then os.replace (never a half file)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
 
 
 def record_engine(directory: Path, role: str, entry: dict[str, Any]) -> Path:

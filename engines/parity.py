@@ -7,7 +7,7 @@ Measured per model, over every batch of frames:
 - gate models: agreement of the gate decision ``max_k score >= threshold`` at the calibrated
   threshold (fraction of frames with the same decision);
 - segmentation models: Dice agreement of the thresholded masks per (frame, class), Severstal
-  style (two empty masks agree perfectly; calibration.metrics.dice_pairs, the table behind
+  style (two empty masks agree perfectly; metrics.dice_pairs, the table behind
   dice_severstal), at each class's calibrated pixel threshold.
 
 ``ParityBar`` holds the limits; ``ParityReport.check(bar)`` raises ``ParityError`` carrying the
@@ -21,7 +21,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 import structlog
 
-from calibration.metrics import dice_pairs
+from metrics import dice_pairs
 from engines.backends.base import Backend
 
 log = structlog.get_logger(__name__)

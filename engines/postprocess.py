@@ -5,7 +5,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from calibration.spatial import CameraGeometry
+from engines.geometry import CameraGeometry
 from engines.components import class_components
 from engines.modelpack import ClassThreshold
 
@@ -20,7 +20,7 @@ class Defect:
 
     def to_strip(self, geom: CameraGeometry, frame_pos_mm: float, frame_width: int) -> dict:
         """Centre and size in strip coordinates (mm): across from the strip's reference edge,
-        along from the coil head, by the camera's calibrated geometry (calibration/spatial.py)."""
+        along from the coil head, by the camera's calibrated geometry (engines/geometry.py)."""
         x0, y0, x1, y1 = self.bbox_px
         across, along = geom.px_to_strip_mm((x0 + x1) / 2.0, (y0 + y1) / 2.0, frame_pos_mm,
                                             frame_width_px=frame_width)

@@ -1,4 +1,7 @@
-"""Quality metrics shared by calibration and evaluation (numpy only, no torch, no sklearn).
+"""Quality metrics shared by calibration, evaluation and parity (numpy only, no torch, no sklearn).
+
+The lowest layer: it imports no other Coilsight package, and ``engines``, ``calibration`` and
+``training`` may all import it. (The agent's Prometheus counters are agent/metrics.py, another idea.)
 
 - `dice_severstal`: Dice as the Severstal steel defect competition scored it: one Dice per
   (image, class) pair, 1.0 when prediction and truth are both empty, averaged over all pairs.
@@ -6,12 +9,14 @@
 - `iou`: per-class intersection over union, pooled over the whole set.
 - `roc_auc`: rank-based (Mann-Whitney U) area under the ROC curve, ties get average ranks.
 - `precision_recall`: at one score threshold (positive when score >= threshold).
+- `box_masks`: boxes rasterised to per-class masks.
 """
 from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import NamedTuple
+import math
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -175,3 +180,17 @@ def precision_recall(scores, labels, threshold: float) -> PrecisionRecall:
     precision = tp / (tp + fp) if tp + fp else float("nan")
     recall = tp / (tp + fn) if tp + fn else float("nan")
     return PrecisionRecall(float(threshold), precision, recall, tp, fp, fn, tn)
+
+
+def box_masks(shape: tuple[int, int], classes: int, boxes: Iterable[Any]) -> np.ndarray:
+    """Rasterise boxes (``cls``, ``x0``, ``y0``, ``x1``, ``y1`` in px, x1/y1 exclusive) to bool
+    ``[classes, H, W]``: pixel (y, x) is set when x0 <= x < x1 and y0 <= y < y1 (fractional corners:
+    floor of x0/y0, ceil of x1/y1)."""
+    h, w = shape
+    masks = np.zeros((classes, h, w), dtype=bool)
+    for box in boxes:
+        x0, y0 = max(0, math.floor(box.x0)), max(0, math.floor(box.y0))
+        x1, y1 = min(w, math.ceil(box.x1)), min(h, math.ceil(box.y1))
+        if x1 > x0 and y1 > y0:
+            masks[box.cls, y0:y1, x0:x1] = True
+    return masks

@@ -1,4 +1,9 @@
-"""`coilsight train` and `coilsight export`; torch is imported inside the handlers only."""
+"""Offline commands: `coilsight train`, `export`, `evaluate`, `card` and `calibrate thresholds|spatial`.
+
+They read the labelled data (training.datasets) and drive training, export, evaluation, the model
+card and calibration. torch, pycocotools, matplotlib and ONNX Runtime sessions are imported inside
+the handlers, so `coilsight --help` stays fast and the runtime install can still list them.
+"""
 from __future__ import annotations
 
 import argparse
@@ -6,10 +11,16 @@ import shlex
 import sys
 from pathlib import Path
 
-PROFILES = ("steel", "magnetic_tile", "kolektorsdd")
+from engines.packs import PROFILES, shipped_pack_dir
 
 
 def register(subparsers) -> None:
+    _register_train(subparsers)
+    _register_evaluate(subparsers)
+    _register_calibrate(subparsers)
+
+
+def _register_train(subparsers) -> None:
     t = subparsers.add_parser("train", help="train a profile's gate and segmenter on CPU (torch)",
                               description="Trains on the train split, keeps the best checkpoint by validation "
                               "loss on the val split; never reads the test split. Resumes from <out>/last.pt.")
@@ -22,7 +33,7 @@ def register(subparsers) -> None:
     t.add_argument("--max-minutes", type=float, default=9.0, help="stop after the epoch that crosses this")
     t.add_argument("--synthetic-fraction", type=float, default=None,
                    help="share of synthetic strip windows per batch (default 0.25 for steel, 0 elsewhere)")
-    t.add_argument("--model-size", default="small", help="engines.models.CONFIGS key (tiny, small, medium, large, sepgate, ...)")
+    t.add_argument("--model-size", default="small", help="training.nets.CONFIGS key (tiny, small, medium, large, sepgate, ...)")
     t.add_argument("--steps-only-schedule", action="store_true",
                    help="learning rate by steps only (bit-reproducible); default also anneals by --max-minutes")
     t.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
@@ -42,8 +53,8 @@ def register(subparsers) -> None:
 
 
 def _run_train(args: argparse.Namespace) -> int:
-    from engines.datasets import DatasetError
-    from engines.train import TrainConfig, TrainError, train
+    from training.datasets import DatasetError
+    from training.train import TrainConfig, TrainError, train
 
     cfg = TrainConfig(profile=args.profile, data_root=args.data_root, out=args.out, epochs=args.epochs,
                       steps_per_epoch=args.steps_per_epoch, seed=args.seed, max_minutes=args.max_minutes,
@@ -62,7 +73,7 @@ def _run_train(args: argparse.Namespace) -> int:
 
 
 def _run_export(args: argparse.Namespace) -> int:
-    from engines.export import ExportError, export_pack
+    from training.export import ExportError, export_pack
     from engines.modelpack import ModelPackError
 
     try:
@@ -78,4 +89,211 @@ def _run_export(args: argparse.Namespace) -> int:
         pool = doc["models"]["gate"]["input_pool"]
         print(f"the gate takes frames pooled {pool}x{pool} on uint8; rounding those pixels moves its scores on "
               f"random frames by at most {doc['pool_rounding']:.2e}")
+    return 0
+
+
+def _register_evaluate(sub) -> None:
+    p = sub.add_parser(
+        "evaluate",
+        help="evaluate a model pack on a labelled data split (gate AUC, Dice, mAP, defect type)",
+        description="Run the profile's model pack (ONNX Runtime by default) over a split of its labelled data "
+                    "and report gate ROC AUC/recall/precision/pass rate at the calibrated threshold, Severstal "
+                    "Dice and IoU per class, detection mAP@0.5 and mAP@0.5:0.95, and defect-type accuracy. "
+                    "Writes evaluation_<split>.json and .md to --out and prints the markdown.",
+    )
+    p.add_argument("--profile", required=True, choices=PROFILES, help="data profile and model pack to evaluate")
+    p.add_argument("--models", type=Path, default=None,
+                   help="model pack folder (model.json, calibration.json); default engines/models/<profile>")
+    p.add_argument("--data", type=Path, default=None,
+                   help="data root holding neu_det/, magnetic_tile/, kolektorsdd/ (or the dataset folder itself); "
+                        "default /work/shared/data or ../shared/data next to the repository")
+    p.add_argument("--split", default="test", choices=("train", "val", "test", "trainval", "all"),
+                   help="split by training.datasets.assign_split (default: test)")
+    p.add_argument("--out", type=Path, default=None,
+                   help="folder for evaluation_<split>.json/.md (default: ./evaluation/<profile>)")
+    p.add_argument("--calibration", type=Path, default=None, help="calibration.json (default: beside the models)")
+    p.add_argument("--backend", default="onnxruntime", help="inference backend (engines.backends.BACKENDS)")
+    p.add_argument("--threads", type=int, default=2, help="intra-op threads per model (default: 2)")
+    p.add_argument("--batch", type=int, default=8, help="largest batch of equal-size images (default: 8)")
+    p.add_argument("--limit", type=int, default=None, help="evaluate only the first N images of the split")
+    p.set_defaults(func=_run_evaluate)
+
+    c = sub.add_parser(
+        "card",
+        help="write a model pack's MODEL_CARD.md from its files, an evaluation folder and a speed measurement",
+        description="Regenerates MODEL_CARD.md (training/card.py) from model.json, calibration.json, the "
+                    "evaluation_<split>.md/json that `coilsight evaluate` wrote for this very pack (refused if it "
+                    "evaluated other models), a fresh ONNX Runtime speed measurement, and CARD_NOTES.md.",
+    )
+    c.add_argument("--profile", required=True, choices=PROFILES)
+    c.add_argument("--models", type=Path, default=None, help="model pack folder; default engines/models/<profile>")
+    c.add_argument("--evaluation", type=Path, required=True, help="folder holding evaluation_<split>.md/.json")
+    c.add_argument("--split", default="test", choices=("val", "test"))
+    c.add_argument("--no-speed", action="store_true", help="leave the speed section out (no measurement)")
+    c.set_defaults(func=_run_card)
+
+
+def _run_evaluate(args: argparse.Namespace) -> int:
+    from engines.backends import BackendError
+    from training.datasets import DatasetError, default_data_root
+    from training.evaluate import EvaluationError, evaluate_profile, render_markdown, write_report
+    from engines.modelpack import ModelPackError
+
+    models = args.models or shipped_pack_dir(args.profile)
+    data = args.data or default_data_root()
+    if data is None:
+        print("evaluate: no data root found (/work/shared/data or ../shared/data); pass --data ROOT", file=sys.stderr)
+        return 2
+    if args.batch < 1 or args.threads < 0 or (args.limit is not None and args.limit < 1):
+        print("evaluate: --batch and --limit must be >= 1, --threads >= 0", file=sys.stderr)
+        return 2
+    out = args.out or Path("evaluation") / args.profile
+    try:
+        report = evaluate_profile(
+            args.profile, models, data, args.split, backend=args.backend, threads=args.threads,
+            max_batch=args.batch, calibration_path=args.calibration, limit=args.limit,
+        )
+    except (ModelPackError, DatasetError, EvaluationError, BackendError) as exc:
+        print(f"evaluate: {exc}", file=sys.stderr)
+        return 2
+    json_path, md_path = write_report(report, out)
+    sys.stdout.write(render_markdown(report))
+    print(f"\nWrote {json_path} and {md_path}")
+    return 0
+
+
+def _run_card(args: argparse.Namespace) -> int:
+    from training.card import CardError, write_card
+
+    try:
+        out = write_card(args.models or shipped_pack_dir(args.profile), args.evaluation,
+                         measure=not args.no_speed, split=args.split)
+    except (CardError, FileNotFoundError) as exc:
+        print(f"coilsight card: {exc}", file=sys.stderr)
+        return 2
+    print(f"wrote {out}")
+    return 0
+
+
+def _register_calibrate(subparsers) -> None:
+    cal = subparsers.add_parser("calibrate", help="calibrate thresholds (tied to model hashes) or camera geometry")
+    sub = cal.add_subparsers(dest="calibrate_command", required=True, metavar="WHAT")
+
+    th = sub.add_parser(
+        "thresholds",
+        help="gate threshold for a recall target + per-class pixel thresholds; writes calibration.json",
+        description="Runs the model pack on labelled validation data through ONNX Runtime and writes "
+        "calibration.json beside the models, tied to their sha256.",
+    )
+    th.add_argument("--profile", required=True, help="profile name, e.g. steel")
+    th.add_argument("--models", type=Path, help="model pack folder (default: engines/models/<profile>)")
+    src = th.add_mutually_exclusive_group(required=True)
+    src.add_argument("--data", type=Path, help="folder in Severstal layout (train.csv + train_images/, or "
+                     "ground_truth.csv + frames/ as the camera simulator writes)")
+    src.add_argument("--dataset-root", type=Path, help="root of the profile datasets (e.g. /work/shared/data)")
+    th.add_argument("--split", default="val", choices=("val", "train"),
+                    help="split of --dataset-root to use (the test split is never used for calibration)")
+    th.add_argument("--recall-target", type=float, default=0.99, help="frame-level gate recall (default 0.99)")
+    th.add_argument("--min-gate-positives", type=int, default=None,
+                    help="fewest defective frames to accept (default ceil(1/(1-target)))")
+    th.add_argument("--min-positive-images", type=int, default=5,
+                    help="fewest images holding a class to calibrate it (default 5)")
+    th.add_argument("--allow-missing-class", action="store_true",
+                    help="keep a documented default (marked calibrated=false) for classes with too few images")
+    th.add_argument("--min-image-recall", type=float, default=None,
+                    help="per class, only thresholds that find the class (a kept component touching it) in at "
+                    "least this share of its images; the best Dice among those (default: no floor)")
+    th.add_argument("--pixel-thresholds", help="comma-separated grid (default 0.10..0.90 step 0.05)")
+    th.add_argument("--min-areas", help="comma-separated grid of min component areas in image px")
+    th.add_argument("--gate-view", choices=("images", "both"), default="images",
+                    help="data without defect-free images: meet the recall target on the images (default) "
+                    "or also on size-matched defect crops (both: the lower threshold, cautious and costly)")
+    th.add_argument("--batch", type=int, default=8, help="images per ONNX Runtime batch (equal sizes)")
+    th.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (0 = default)")
+    th.add_argument("--output", type=Path, help="where to write (default: <models>/calibration.json)")
+    th.add_argument("--report", type=Path, help="also write an HTML report with PNG plots into this folder")
+    th.set_defaults(func=_run_thresholds)
+
+    sp = sub.add_parser(
+        "spatial",
+        help="measure mm/px and offset of a camera from a chessboard image; prints the [[cameras]] TOML",
+    )
+    sp.add_argument("--image", type=Path, required=True, help="image of the chessboard lying on the strip")
+    sp.add_argument("--pattern", default="9x6", help="inner corners COLSxROWS (default 9x6)")
+    sp.add_argument("--square-mm", type=float, required=True, help="printed square size in mm")
+    sp.add_argument("--target-offset-mm", type=float, default=0.0,
+                    help="measured across-strip position of the pattern's first corner")
+    sp.add_argument("--camera-id", default="cam0", help="camera id for the snippet")
+    sp.add_argument("--flip-x", action="store_true", help="the camera sees the strip mirrored")
+    sp.set_defaults(func=_run_spatial)
+
+
+def _fail(what: str, message: str) -> int:
+    print(f"coilsight calibrate {what}: error: {message}", file=sys.stderr)
+    return 2
+
+
+def _grid(text: str | None, kind: type, flag: str):
+    if text is None:
+        return None
+    try:
+        return tuple(kind(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise ValueError(f"{flag}: {text!r} is not a comma-separated list of {kind.__name__}") from None
+
+
+def _run_thresholds(args: argparse.Namespace) -> int:
+    from calibration import CalibrationError
+    from training.calibrate import run_threshold_calibration
+    from engines.backends import BackendError
+    from training.datasets import DatasetError
+    from training.evaluate import EvaluationError
+    from engines.modelpack import ModelPackError
+
+    try:
+        result = run_threshold_calibration(
+            profile=args.profile,
+            models=args.models,
+            data=args.data,
+            dataset_root=args.dataset_root,
+            split=args.split,
+            recall_target=args.recall_target,
+            min_gate_positives=args.min_gate_positives,
+            min_positive_images=args.min_positive_images,
+            allow_missing_class=args.allow_missing_class,
+            min_image_recall=args.min_image_recall,
+            pixel_thresholds=_grid(args.pixel_thresholds, float, "--pixel-thresholds"),
+            min_areas=_grid(args.min_areas, int, "--min-areas"),
+            gate_view=args.gate_view,
+            batch=args.batch,
+            threads=args.threads,
+            output=args.output,
+            report=args.report,
+        )
+    except (CalibrationError, ModelPackError, DatasetError, EvaluationError, BackendError, ValueError, OSError) as exc:
+        return _fail("thresholds", str(exc))
+    print(result.summary())
+    return 0
+
+
+def _run_spatial(args: argparse.Namespace) -> int:
+    import cv2
+
+    from calibration.spatial import SpatialCalibrationError, measure_from_target, parse_pattern
+
+    if not args.image.is_file():
+        return _fail("spatial", f"cannot read image {args.image}: no such file")
+    image = cv2.imread(str(args.image), cv2.IMREAD_GRAYSCALE)
+    if image is None:
+        return _fail("spatial", f"cannot read image {args.image}: not an image OpenCV can decode")
+    try:
+        m = measure_from_target(
+            image, parse_pattern(args.pattern), args.square_mm, args.target_offset_mm, flip_x=args.flip_x
+        )
+    except SpatialCalibrationError as exc:
+        return _fail("spatial", f"{args.image}: {exc}")
+    g = m.geometry
+    print(f"# from {args.image.name}: {m.n_corners} corners, fit residual {m.residual_px:.3f} px, "
+          f"rotation {m.rotation_deg:.2f} deg, first corner at x={m.first_corner_px[0]:.2f} px")
+    print(g.to_toml(args.camera_id), end="")
     return 0

@@ -11,9 +11,9 @@ What is measured (thresholds from the pack's calibration.json):
   recall/precision of defective images and the pass rate at the calibrated gate threshold.
 - segmentation: per class, pixels with prob >= pixel_threshold; 8-connected components found at
   the model's output resolution, a component dropped when its area (output cells x stride^2,
-  image px) is below min_area_px, exactly as agent/postprocess.py and calibration/thresholds.py
+  image px) is below min_area_px, exactly as engines/postprocess.py and calibration/run.py
   count it; the kept mask is upsampled nearest (each cell to stride x stride px) and cropped to
-  the image. Severstal Dice (calibration.metrics.dice_severstal) per class and mean, IoU pooled
+  the image. Severstal Dice (metrics.dice_severstal) per class and mean, IoU pooled
   per class. Box-only data (NEU) is scored against its boxes rasterised as masks. Reported both
   for the seg model alone and for the pipeline (frames the gate stops predict nothing).
 - detection view: each kept component is a box (its extent in image px) with score = the
@@ -21,11 +21,11 @@ What is measured (thresholds from the pack's calibration.json):
   mAP@0.5 and mAP@0.5:0.95 (plus AP@0.5 per class).
 - defect type: on images that carry exactly one class, argmax of the gate scores vs that class.
 
-Data without defect-free images (NEU) gets gate negatives from engines.datasets.clean_crops of
+Data without defect-free images (NEU) gets gate negatives from training.datasets.clean_crops of
 the same split (settings from model.json "training.clean_crops", else
-engines.datasets.CLEAN_CROPS_DEFAULT); those crops join the gate metrics as negatives and nothing
+training.datasets.CLEAN_CROPS_DEFAULT); those crops join the gate metrics as negatives and nothing
 else. Because they are smaller than the images, a second gate view, "gate_size_matched", scores
-them against engines.datasets.defect_crops of the same size (one per image, centred on its first
+them against training.datasets.defect_crops of the same size (one per image, centred on its first
 box), so a gate that merely responds to image size cannot look skilled.
 """
 from __future__ import annotations
@@ -40,14 +40,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import cv2
 import numpy as np
 import structlog
 
-from calibration.metrics import dice_pairs, precision_recall, roc_auc
-from engines import datasets
+from metrics import dice_pairs, precision_recall, roc_auc
+from training import datasets
 from engines.components import class_components
-from engines.datasets import Box, Sample
+from training.datasets import Box, Sample
+from engines import runner
 from engines.modelpack import Calibration, ModelPack, load_calibration, load_model_pack
 
 log = structlog.get_logger(__name__)
@@ -61,34 +61,18 @@ class EvaluationError(RuntimeError):
     """Evaluation cannot run or the models broke the model contract; the message says why."""
 
 
-# -- input preparation -------------------------------------------------------------------------
-
+# -- input preparation: engines.runner (the one offline runner) -----------------------------------
 
 def to_chw(image: np.ndarray, channels: int, source: str = "image") -> np.ndarray:
-    """uint8 HxW / HxWx3 -> uint8 [C, H, W] with the pack's channel count."""
-    img = np.asarray(image)
-    if img.dtype != np.uint8:
-        raise EvaluationError(f"{source}: image dtype {img.dtype}; the model contract needs uint8")
-    if img.ndim == 2:
-        img = img[:, :, None]
-    if img.ndim != 3:
-        raise EvaluationError(f"{source}: image shape {img.shape} is neither HxW nor HxWxC")
-    if channels == 1 and img.shape[2] == 3:
-        img = cv2.cvtColor(img, cv2.COLOR_RGB2GRAY)[:, :, None]
-    elif channels == 3 and img.shape[2] == 1:
-        img = np.repeat(img, 3, axis=2)
-    if img.shape[2] != channels:
-        raise EvaluationError(f"{source}: image has {img.shape[2]} channels, the model pack wants {channels}")
-    return np.ascontiguousarray(img.transpose(2, 0, 1))
+    """engines.runner.to_chw, raising EvaluationError."""
+    try:
+        return runner.to_chw(image, channels, source)
+    except runner.RunnerError as exc:
+        raise EvaluationError(str(exc)) from None
 
 
 def pad_to_multiple(chw: np.ndarray, multiple: int = PAD_MULTIPLE) -> np.ndarray:
-    """Pad [C, H, W] at the bottom and right with edge values so H and W are multiples."""
-    h, w = chw.shape[1:]
-    ph, pw = -h % multiple, -w % multiple
-    if ph == 0 and pw == 0:
-        return chw
-    return np.pad(chw, ((0, 0), (0, ph), (0, pw)), mode="edge")
+    return runner.pad_to_multiple(chw, multiple)
 
 
 # -- post-processing ---------------------------------------------------------------------------
@@ -206,25 +190,6 @@ def _thresholds(pack: ModelPack, cal: Calibration) -> tuple[list[float], list[in
     return ([cal.classes[c].pixel_threshold for c in pack.classes], [cal.classes[c].min_area_px for c in pack.classes])
 
 
-def _infer(backend, x: np.ndarray, output: str, role: str, expected: tuple[int, ...], source: str) -> np.ndarray:
-    spec = backend.inputs[0]
-    for axis in (2, 3):
-        if spec.shape[axis] is not None and spec.shape[axis] != x.shape[axis]:
-            raise EvaluationError(
-                f"{source}: the {role} model takes a fixed {spec.shape[2]}x{spec.shape[3]} (HxW) input, this batch is "
-                f"{x.shape[2]}x{x.shape[3]}; evaluation feeds native image sizes to fully convolutional models"
-            )
-    out = backend.infer(x)
-    if output not in out:
-        raise EvaluationError(f"{role} model has no output {output!r} (has {sorted(out)})")
-    value = out[output]
-    if value.shape != expected:
-        raise EvaluationError(f"{role} output {output!r} has shape {value.shape}, expected {expected}")
-    if not np.all(np.isfinite(value)):
-        raise EvaluationError(f"{role} output {output!r} holds NaN or infinite values ({source})")
-    return value
-
-
 def evaluate_samples(
     pack: ModelPack,
     cal: Calibration,
@@ -239,12 +204,9 @@ def evaluate_samples(
 
     `crops` are gate-only: the defect-free ones join the gate metrics as negatives; all of them
     (defect-free and defective) make the size-matched gate view."""
-    from engines.backends import load_backend_class
-
     if max_batch < 1:
         raise EvaluationError(f"max_batch must be >= 1, got {max_batch}")
     k = len(pack.classes)
-    cls = load_backend_class(backend)
     seg_entry = pack.seg
     thresholds, min_areas = _thresholds(pack, cal)
     acc = _Accumulator(k)
@@ -254,12 +216,7 @@ def evaluate_samples(
         yield from ((s, False) for s in samples)
         yield from ((s, True) for s in crops)
 
-    gate = cls(pack.gate.path, max_batch=max_batch, threads=threads)
-    seg = cls(seg_entry.path, max_batch=max_batch, threads=threads) if seg_entry else None
-    with contextlib.ExitStack() as stack:
-        stack.enter_context(gate)
-        if seg is not None:
-            stack.enter_context(seg)
+    with runner.PackRunner(pack, backend=backend, threads=threads, max_batch=max_batch) as models:
         pending: dict[tuple[int, ...], list[tuple[Sample, bool]]] = {}
 
         def run(batch: list[tuple[Sample, bool]]) -> None:
@@ -267,17 +224,14 @@ def evaluate_samples(
             if tuple(first.classes) != tuple(pack.classes):
                 raise EvaluationError(f"{first.source}: data classes {list(first.classes)} differ from the "
                                       f"model pack's {list(pack.classes)}")
-            x = np.stack([pad_to_multiple(to_chw(s.image, pack.channels, s.source), pack.pad_multiple)
-                          for s, _ in batch])
-            n, hp, wp = len(batch), x.shape[2], x.shape[3]
-            scores = _infer(gate, pack.gate.prepare(x), pack.gate.output, "gate", (n, k), first.source)
-            probs = None
-            if seg is not None and not all(crop for _, crop in batch):
-                s = seg_entry.output_stride
-                if hp % s or wp % s:
-                    raise EvaluationError(f"output stride {s} does not divide the padded input {hp}x{wp}")
-                probs = _infer(seg, seg_entry.prepare(x), seg_entry.output, "seg", (n, k, hp // s, wp // s),
-                               first.source)
+            try:
+                x = runner.stack_images(pack, [s.image for s, _ in batch], [s.source for s, _ in batch])
+                scores = models.gate(x, first.source)
+                probs = None
+                if models.has("seg") and not all(crop for _, crop in batch):
+                    probs = models.seg(x, first.source)
+            except runner.RunnerError as exc:
+                raise EvaluationError(str(exc)) from None
             for j, (sample, crop) in enumerate(batch):
                 _account(acc, sample, crop, scores[j], None if probs is None or crop else probs[j],
                          thresholds, min_areas, seg_entry.output_stride if seg_entry else 1, cal.gate_threshold)
@@ -295,8 +249,10 @@ def evaluate_samples(
                 pending.clear()
         for group in pending.values():
             run(group)
+        backend_name = models.backend_name
+        has_seg = models.has("seg")
     seconds = time.perf_counter() - t0
-    return _summarise(pack, cal, acc, seconds, backend_name=cls.name, has_seg=seg is not None)
+    return _summarise(pack, cal, acc, seconds, backend_name=backend_name, has_seg=has_seg)
 
 
 def _account(acc: _Accumulator, sample: Sample, crop: bool, scores: np.ndarray, probs: np.ndarray | None,
@@ -453,9 +409,9 @@ def evaluate_profile(
                                      max_per_image=settings["max_per_image"])
         defect = datasets.defect_crops(samples, settings["size"], max_per_image=1)
         crops = clean + defect
-        crop_info = {"from": "engines.datasets.clean_crops of the same split (it has no defect-free image)",
+        crop_info = {"from": "training.datasets.clean_crops of the same split (it has no defect-free image)",
                      **settings, "n": len(clean),
-                     "size_matched_positives": {"from": "engines.datasets.defect_crops, one per image",
+                     "size_matched_positives": {"from": "training.datasets.defect_crops, one per image",
                                                 "n": len(defect)}}
     log.info("evaluation_started", profile=profile, split=split, images=len(ds), crops=len(crops),
              models=pack.versions())
@@ -465,7 +421,7 @@ def evaluate_profile(
         "format": REPORT_FORMAT,
         "profile": profile,
         "split": split,
-        "split_rule": "engines.datasets.assign_split: first byte of sha1(file stem) < 51 test, < 82 val, else train",
+        "split_rule": "training.datasets.assign_split: first byte of sha1(file stem) < 51 test, < 82 val, else train",
         "data": {"root": str(data_root), "dataset": ds.name, "limit": limit, "negative_crops": crop_info},
         "models": {"directory": str(pack.directory), **pack.versions()},
         "calibration": {"path": str(calibration_path or pack.directory / "calibration.json"),

@@ -37,8 +37,8 @@ def load_run(checkpoint: str | Path):
     """(meta, gate, seg) from a training folder: meta.json plus best_gate.pt / best_seg.pt."""
     import torch
 
-    from engines.models import ModelConfig, build_models
-    from engines.train import META_FILE
+    from training.nets import ModelConfig, build_models
+    from training.train import META_FILE
 
     checkpoint = Path(checkpoint)
     meta_path = checkpoint / META_FILE
@@ -110,7 +110,7 @@ DATA_DESCRIPTIONS = {
 
 def _data_description(meta: dict[str, Any]) -> str:
     what = DATA_DESCRIPTIONS.get(meta["profile"], meta["profile"])
-    extra = f"; plus synthetic strips (engines.synth) as {meta['synthetic_fraction']:.0%} of batches" \
+    extra = f"; plus synthetic strips (training.synth) as {meta['synthetic_fraction']:.0%} of batches" \
         if meta.get("synthetic_fraction") else ""
     return f"{what} under {meta.get('data', '?')}{extra}"
 
@@ -118,7 +118,7 @@ def _data_description(meta: dict[str, Any]) -> str:
 def model_json(meta: dict[str, Any], gate_path: Path, seg_path: Path, height: int, width: int,
                gate_input_pool: int = 1) -> dict[str, Any]:
     """model.json for the pack (format per docs/architecture.md)."""
-    from engines.models import OUTPUT_STRIDE
+    from training.nets import OUTPUT_STRIDE
 
     doc = {
         "format": MODEL_PACK_FORMAT,
@@ -133,7 +133,7 @@ def model_json(meta: dict[str, Any], gate_path: Path, seg_path: Path, height: in
         },
         "training": {
             "data": _data_description(meta),
-            "split": "engines.datasets.assign_split: sha1(file stem)[0] < 51 test (never used), < 82 val "
+            "split": "training.datasets.assign_split: sha1(file stem)[0] < 51 test (never used), < 82 val "
                      "(early stopping, calibration), else train",
             "command": meta.get("command", ""),
             "seed": meta.get("seed", 0),
@@ -160,8 +160,8 @@ def export_pack(checkpoint: str | Path, out: str | Path, profile: str | None = N
     """Export both models of a training run into `out`; returns model.json's content plus `max_abs_diff`
     (and, for a gate exported without its pool, `pool_rounding`: the largest gate score change that
     rounding the pooled pixels to uint8 makes on random frames, for the record)."""
-    from engines.models import PrePooledGate
-    from engines.train import PROFILE_TRAINING
+    from training.nets import PrePooledGate
+    from training.train import PROFILE_TRAINING
 
     meta, gate, seg = load_run(checkpoint)
     if profile is not None and profile != meta["profile"]:

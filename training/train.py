@@ -1,6 +1,6 @@
 """Train a profile's gate and segmenter on CPU (torch), the way `coilsight train` runs it.
 
-Data (engines.datasets, split rule there; the test split is never read here):
+Data (training.datasets, split rule there; the test split is never read here):
 - gate: same-size crops, so the gate cannot learn image size. Positives are
   `defect_crops(train, crop)` (one window per annotated defect, up to `GATE_POSITIVES_PER_IMAGE`)
   and as many fresh windows centred on a random defect pixel,
@@ -11,7 +11,7 @@ Data (engines.datasets, split rule there; the test split is never read here):
   images centred on a defect more often), with NEU's boxes rasterised by `boxes_to_masks`,
   plus clean crops with empty masks. Target at output stride 4 = fraction of mask pixels per
   4x4 cell. Loss: BCE + soft Dice.
-- steel: a `synthetic_fraction` of both batches comes from engines.synth.StripGenerator (random
+- steel: a `synthetic_fraction` of both batches comes from training.synth.StripGenerator (random
   windows of generated 1600x256 frames) so the shipped model also sees the demo's synthetic
   defects. Quality is reported on real NEU data only.
 - augmentation like a line camera: gain/offset drift, a brightness ramp across the window, small
@@ -38,8 +38,8 @@ from typing import Any, Callable
 import numpy as np
 import structlog
 
-from engines import datasets
-from engines.datasets import Sample
+from training import datasets
+from training.datasets import Sample
 
 log = structlog.get_logger(__name__)
 
@@ -207,8 +207,8 @@ def build_pools(samples: list[Sample], classes: tuple[str, ...], crop: int, clea
 
 
 def synthetic_frames(classes: tuple[str, ...], n: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
-    """n generated 1600x256 frames, three in four defective (engines.synth)."""
-    from engines.synth import StripGenerator
+    """n generated 1600x256 frames, three in four defective (training.synth)."""
+    from training.synth import StripGenerator
 
     gen = StripGenerator(classes=classes, seed=seed)
     return [gen.frame(i, defective=(i % 4 != 3)) for i in range(n)]
@@ -337,7 +337,7 @@ def _load(profile: str, root: Path, split: str, limit: int | None) -> list[Sampl
 
 def _seg_source(cfg: TrainConfig, classes: tuple[str, ...], mean: float, std: float) -> dict[str, Any]:
     """Check that --seg-from's segmenter fits this run; returns what meta.json records of it."""
-    from engines.models import CONFIGS, ModelConfig
+    from training.nets import CONFIGS, ModelConfig
 
     src = Path(cfg.seg_from)
     if src.resolve() == Path(cfg.out).resolve():
@@ -373,7 +373,7 @@ def train(cfg: TrainConfig, *, data_loader: Callable[[str], list[Sample]] | None
     """
     import torch
 
-    from engines.models import CONFIGS, build_models
+    from training.nets import CONFIGS, build_models
 
     if cfg.profile not in PROFILE_TRAINING:
         raise TrainError(f"unknown profile {cfg.profile!r}; known: {', '.join(PROFILE_TRAINING)}")

@@ -35,12 +35,12 @@ def _pool(defective: bool, width: int, height: int, seed: int, compose_from: Pat
           profile: str = "steel") -> list[np.ndarray]:
     """Distinct frames of one kind: synthetic strips, or line frames composed from real crops."""
     if compose_from is not None:
-        from agent.camera_sim import composed_frames
+        from agent.tools.camera_sim import composed_frames
 
         return [f for f, _ in composed_frames(POOL, 1.0 if defective else 0.0, profile=profile,
                                               data_root=compose_from, split="val", seed=seed,
                                               width=width, height=height)]
-    from engines.synth import StripGenerator
+    from training.synth import StripGenerator
 
     gen = StripGenerator(width=width, height=height, seed=seed)
     return [gen.frame(i, defective)[0] for i in range(POOL)]
@@ -126,7 +126,7 @@ def bare_throughput(cfg, frames: list[np.ndarray], min_frames: int = 320, passes
     slower than the agent itself (efficiency 1.13)."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from agent.pipeline import open_models
+    from agent.inference import open_models
 
     workers = cfg.models.workers
     models = open_models(cfg)
@@ -171,7 +171,7 @@ def pipeline_throughput(cfg, n: int, fraction: float, clean: list, bad: list) ->
     from agent.batcher import Frame, FrameQueue
     from agent.coil import CoilRegistry
     from agent.ingest import wire_to_chw
-    from agent.pipeline import Inference, open_models
+    from agent.inference import Inference, open_models
     from agent.protocol import FrameHeader
 
     models = open_models(cfg)
@@ -266,8 +266,8 @@ def machine_facts() -> dict:
 
 def run_scenario(cfg_path: Path, cfg, n: int, fraction: float, clean: list, bad: list, *, rate: float = 0.0,
                  log_path: Path) -> dict:
-    from agent.camera_sim import CameraSim
-    from agent.demo import start_agent, wait_ready
+    from agent.tools.camera_sim import CameraSim
+    from agent.tools.demo import start_agent, wait_ready
     from agent.service import status_request
     from agent.subscriber import Subscriber
 
@@ -338,7 +338,7 @@ def run_scenario(cfg_path: Path, cfg, n: int, fraction: float, clean: list, bad:
 
 def run_bench(args) -> int:
     from agent.config import load_config
-    from agent.demo import isolated_config
+    from agent.tools.demo import isolated_config
 
     n = 40 if args.fast else args.frames
     scenarios = args.scenario or list(SCENARIOS)

@@ -1,6 +1,6 @@
 """Camera simulator: publishes coils over the wire protocol, writes exact ground truth.
 
-Sources: the synthetic strip generator (engines/synth.py), or a folder of images. With a
+Sources: the synthetic strip generator (training/synth.py), or a folder of images. With a
 ground-truth folder it writes ``frames/<coil>_<index>.png`` and ``ground_truth.csv`` in the
 Severstal layout (ImageId, ClassId 1-based, EncodedPixels) so `coilsight calibrate` and
 `coilsight evaluate` can read what the camera sent.
@@ -19,7 +19,7 @@ import structlog
 import zmq
 
 from agent.protocol import encode_control, encode_frame
-from engines.datasets import rle_encode
+from training.datasets import rle_encode
 
 log = structlog.get_logger(__name__)
 
@@ -41,7 +41,7 @@ class SentCoil:
 def synthetic_frames(n: int, defect_fraction: float, *, seed: int = 0, width: int = 1600, height: int = 256,
                      classes: tuple[str, ...] | None = None) -> Iterator[tuple[np.ndarray, np.ndarray | None]]:
     """n frames; a deterministic ``defect_fraction`` of them carry defects (with masks)."""
-    from engines.synth import STEEL_CLASSES, StripGenerator
+    from training.synth import STEEL_CLASSES, StripGenerator
 
     gen = StripGenerator(width=width, height=height, classes=classes or STEEL_CLASSES, seed=seed)
     rng = np.random.default_rng(seed + 7919)
@@ -56,13 +56,13 @@ def composed_frames(n: int, defect_fraction: float, *, profile: str = "steel", d
                     ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Line frames composed from REAL crops (issue: the gate must be judged on what the line sees).
 
-    A clean frame tiles defect-free crops cut outside every box (engines.datasets.clean_crops,
+    A clean frame tiles defect-free crops cut outside every box (training.datasets.clean_crops,
     the definition training and calibration use); a defective frame is a clean one with one real
     defective image pasted at a random place, its grey level shifted to the frame's (an affine
     change, so its masks stay exact). Masks are [K, height, width] bool, exact.
     """
-    from engines.datasets import CLEAN_CROPS_DEFAULT, boxes_to_masks, clean_crops, load_profile_dataset
-    from engines.synth import compose_from_crops
+    from training.datasets import CLEAN_CROPS_DEFAULT, boxes_to_masks, clean_crops, load_profile_dataset
+    from training.synth import compose_from_crops
 
     ds = load_profile_dataset(profile, data_root, split)
     samples = [ds[i] for i in range(len(ds))]

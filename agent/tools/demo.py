@@ -99,9 +99,9 @@ def format_summary(s: dict) -> str:
 
 
 def run_demo(config: Path, *, frames: int, defect_fraction: float, rate: float, as_json: bool) -> int:
-    from agent.camera_sim import CameraSim, synthetic_frames
+    from agent.tools.camera_sim import CameraSim, synthetic_frames
     from agent.subscriber import Subscriber
-    from engines.synth import STEEL_CLASSES
+    from training.synth import STEEL_CLASSES
 
     with tempfile.TemporaryDirectory(prefix="coilsight-demo-") as tmp:
         work = Path(tmp)

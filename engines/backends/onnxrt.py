@@ -42,11 +42,10 @@ class OnnxRuntimeBackend(Backend):
             opts.inter_op_num_threads = 1
         opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         opts.log_severity_level = 3
-        if not self.options.get("spinning", False):
-            # Idle intra-op threads spin by default. On a 2-core line box that burns the core the
-            # receive and publish threads need: `coilsight bench` measured the heavy coil 1.65x and
-            # the clean coil 1.85x faster end to end with spinning off (docs/performance.md).
-            opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        # Idle intra-op threads spin by default. On a 2-core line box that burns the core the
+        # receive and publish threads need: `coilsight bench` measured the heavy coil 1.65x and
+        # the clean coil 1.85x faster end to end with spinning off (docs/performance.md).
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         try:
             self._session = ort.InferenceSession(str(self.model_path), sess_options=opts, providers=list(self.providers))
         except Exception as exc:  # ORT raises its own Fail/InvalidGraph types

@@ -3,11 +3,10 @@ from __future__ import annotations
 
 import time
 
-import zmq
 from tinypack import frame_with
 
 from agent import auth
-from agent.camera_sim import CameraSim
+from agent.tools.camera_sim import CameraSim
 from agent.subscriber import Subscriber
 
 

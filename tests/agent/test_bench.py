@@ -51,7 +51,7 @@ def test_bench_fast_mode_accounts_for_every_frame(tmp_path, agent_config):
 
 
 def test_the_bare_reference_is_the_fastest_pass_before_and_after():
-    from agent.bench import best_bare
+    from agent.tools.bench import best_bare
 
     before = {"gate_fps": 900.0, "gate_fps_passes": [700.0, 900.0], "seg_fps": 80.0, "seg_fps_passes": [80.0],
               "workers": 2, "threads": 1}
@@ -63,7 +63,7 @@ def test_the_bare_reference_is_the_fastest_pass_before_and_after():
 
 
 def test_reference_figures_follow_from_the_bare_models():
-    from agent.bench import derive_reference_figures
+    from agent.tools.bench import derive_reference_figures
 
     bare = {"gate_fps": 3000.0, "seg_fps": 200.0, "threads": 1, "workers": 2}
     # 2 % of frames segmented: a frame costs 1/3000 + 0.02/200 s = 1/2307.69 s at bare speed
@@ -81,7 +81,7 @@ def test_reference_figures_follow_from_the_bare_models():
 
 
 def test_a_coil_without_events_has_no_latency_rather_than_nan():
-    from agent.bench import latency_percentiles
+    from agent.tools.bench import latency_percentiles
 
     assert latency_percentiles([]) == (None, None)
     assert json.loads(json.dumps({"p99": latency_percentiles([])[1]})) == {"p99": None}

@@ -11,7 +11,7 @@ DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
 
 @pytest.mark.skipif(not (DATA / "neu_det").is_dir(), reason="shared NEU-DET data not present")
 def test_composed_frames_from_real_neu_crops():
-    from agent.camera_sim import composed_frames
+    from agent.tools.camera_sim import composed_frames
 
     frames = list(composed_frames(8, 0.5, data_root=DATA, split="val", seed=3))
     assert len(frames) == 8
@@ -29,7 +29,7 @@ def test_composed_frames_from_real_neu_crops():
 
 
 def test_composed_frames_refuses_an_empty_dataset(tmp_path):
-    from agent.camera_sim import composed_frames
+    from agent.tools.camera_sim import composed_frames
 
     (tmp_path / "neu_det" / "IMAGES").mkdir(parents=True)
     (tmp_path / "neu_det" / "ANNOTATIONS").mkdir(parents=True)

@@ -5,7 +5,7 @@ import time
 
 from tinypack import clean_frame, frame_with
 
-from agent.camera_sim import CameraSim
+from agent.tools.camera_sim import CameraSim
 from agent.subscriber import Subscriber
 
 

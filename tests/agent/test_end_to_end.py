@@ -7,7 +7,7 @@ import time
 import pytest
 from tinypack import clean_frame, frame_with, make_pack
 
-from agent.camera_sim import CameraSim
+from agent.tools.camera_sim import CameraSim
 from agent.subscriber import Subscriber
 
 
@@ -87,7 +87,7 @@ def test_camera_sim_ground_truth_reads_back_as_severstal(tmp_path, running_agent
     """The simulator's ground truth is the Severstal layout the dataset reader and calibration read."""
     import numpy as np
 
-    from engines.datasets import read_severstal
+    from training.datasets import read_severstal
 
     agent = running_agent()
     frames = [(frame_with("bright", 40, 20), None), (clean_frame(), None)]
@@ -118,7 +118,7 @@ def test_backpressure_mode_sheds_nothing_under_a_burst(running_agent):
 
 def test_mirrored_camera_positions(tmp_path):
     """flip_x: a camera that sees the strip mirrored reports across positions from the other side."""
-    from agent.postprocess import Defect
+    from engines.postprocess import Defect
     from calibration.spatial import CameraGeometry
 
     d = Defect(0, "bright", 0.9, (10, 4, 30, 8), 80)

@@ -32,7 +32,7 @@ def test_frames_do_not_wait_for_a_batch_to_fill_at_one_frame_per_call(running_ag
 
     from tinypack import clean_frame
 
-    from agent.camera_sim import CameraSim
+    from agent.tools.camera_sim import CameraSim
     from agent.subscriber import Subscriber
 
     agent = running_agent(models={"max_batch": 8, "opt_batch": 8, "cpu_max_batch": 1, "workers": 1,
@@ -61,7 +61,7 @@ def test_model_calls_are_capped_while_the_models_run_on_the_cpu(running_agent, c
 
     from tinypack import clean_frame
 
-    from agent.camera_sim import CameraSim
+    from agent.tools.camera_sim import CameraSim
     from agent.subscriber import Subscriber
 
     agent = running_agent(models={"max_batch": 8, "opt_batch": 8, "cpu_max_batch": cpu_max_batch, "workers": 1})
@@ -87,7 +87,7 @@ def test_opencv_pooling_gets_the_workers_thread_budget(agent_config, threads):
     pool of its own (one per core) to a box whose threads are counted out."""
     import cv2
 
-    from agent.pipeline import open_models
+    from agent.inference import open_models
 
     before = cv2.getNumThreads()
     cv2.setNumThreads(8)

@@ -1,13 +1,15 @@
 """Hot swap under a stream of frames loses nothing; the metrics endpoint matches the summary."""
 from __future__ import annotations
 
+import pytest
+
 import threading
 import time
 import urllib.request
 
 from tinypack import clean_frame, frame_with
 
-from agent.camera_sim import CameraSim
+from agent.tools.camera_sim import CameraSim
 from agent.service import status_request
 from agent.subscriber import Subscriber
 
@@ -19,8 +21,6 @@ def stream(agent, coil, n, rate_hz):
     cam.close()
     return sent
 
-
-import pytest
 
 
 @pytest.mark.parametrize("workers", [1, 2])

@@ -11,7 +11,6 @@ import threading
 import time
 from pathlib import Path
 
-import pytest
 
 from agent.config import config_dict, dump_toml
 
@@ -92,7 +91,7 @@ def test_calibration_for_other_models_is_refused(tmp_path, agent_config, tiny_pa
 
 def test_watchdog_pings_stop_when_inference_hangs(tmp_path, agent_config, monkeypatch):
     """WATCHDOG=1 comes from the main loop only while inference makes progress."""
-    from agent.camera_sim import CameraSim
+    from agent.tools.camera_sim import CameraSim
     from agent.service import Agent
     from tinypack import clean_frame
 

@@ -6,7 +6,7 @@ import time
 import numpy as np
 from tinypack import make_pack
 
-from agent.camera_sim import CameraSim
+from agent.tools.camera_sim import CameraSim
 from agent.subscriber import Subscriber
 
 

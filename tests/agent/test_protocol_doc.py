@@ -68,7 +68,7 @@ def test_documented_examples_list_every_documented_key():
 def test_published_messages_carry_every_documented_key(running_agent):
     from tinypack import clean_frame, frame_with
 
-    from agent.camera_sim import CameraSim
+    from agent.tools.camera_sim import CameraSim
     from agent.subscriber import Subscriber
 
     agent = running_agent()

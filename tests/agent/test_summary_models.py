@@ -7,7 +7,7 @@ from tinypack import clean_frame, frame_with, write_pack_files, CLASSES
 
 from agent.batcher import Frame, FrameQueue
 from agent.coil import CoilRegistry
-from agent.pipeline import Inference, open_models
+from agent.inference import Inference, open_models
 from agent.protocol import FrameHeader
 
 

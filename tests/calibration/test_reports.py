@@ -9,12 +9,9 @@ import numpy as np
 import pytest
 
 from calibration.reports import plot_gate_curve, write_report
-from calibration.thresholds import (
-    CalibrationResult,
-    choose_gate_threshold,
-    pick_class_thresholds,
-    search_class_thresholds,
-)
+from calibration.classes import pick_class_thresholds, search_class_thresholds
+from calibration.gate import choose_gate_threshold
+from calibration.run import CalibrationResult
 
 
 def _result(tmp_path) -> CalibrationResult:

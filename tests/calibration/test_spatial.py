@@ -5,7 +5,7 @@ import cv2
 import numpy as np
 import pytest
 
-from calibration.commands import main as calibrate_main
+from agent.cli import main as calibrate_main
 from calibration.spatial import (
     CameraGeometry,
     SpatialCalibrationError,

@@ -10,17 +10,12 @@ import cv2
 import numpy as np
 import pytest
 
-from calibration.commands import main as calibrate_main
-from calibration.thresholds import (
-    MISSING_CLASS_DEFAULT,
-    CalibrationError,
-    calibrate,
-    choose_class_thresholds,
-    choose_gate_threshold,
-    min_positives_for,
-    search_class_thresholds,
-)
-from engines.datasets import Sample, write_severstal_csv
+from agent.cli import main as calibrate_main
+from calibration import CalibrationError
+from calibration.classes import MISSING_CLASS_DEFAULT, choose_class_thresholds, search_class_thresholds
+from calibration.gate import choose_gate_threshold, min_positives_for
+from calibration.run import calibrate
+from training.datasets import Sample, write_severstal_csv
 from engines.modelpack import ModelPackError, load_calibration, load_model_pack, sha256_file
 
 # ----------------------------------------------------------------------------- gate
@@ -525,7 +520,7 @@ def test_min_image_recall_trades_dice_for_found_defects():
         probs.append(p)
         masks.append(gt)
     s = search_class_thresholds(probs, masks, ("d",), (0.5,), (0, 16))
-    from calibration.thresholds import pick_class_thresholds
+    from calibration.classes import pick_class_thresholds
 
     best = pick_class_thresholds(s, min_positive_images=0)["d"]
     assert best.min_area_px == 16 and best.image_recall == 0.5
@@ -542,9 +537,9 @@ def test_min_image_recall_trades_dice_for_found_defects():
 @pytest.mark.parametrize(("stride", "hw"), [(1, (20, 30)), (2, (29, 45)), (4, (61, 50))])
 def test_search_equals_scoring_the_masks_evaluate_makes(stride, hw):
     """The count-based search gives, at every grid point, the Dice of the masks that
-    engines.evaluate.components builds (threshold, components, min area, upsample, crop)."""
-    from calibration.metrics import dice_pairs
-    from engines.evaluate import components
+    training.evaluate.components builds (threshold, components, min area, upsample, crop)."""
+    from metrics import dice_pairs
+    from training.evaluate import components
 
     rng = np.random.default_rng(stride)
     h, w = hw
@@ -577,7 +572,7 @@ STEEL = ("crazing", "inclusion", "patches", "pitted_surface", "rolled-in_scale",
 def _neu_like(root: Path, n_val: int) -> None:
     """A NEU-DET-shaped folder (IMAGES/ + ANNOTATIONS/ VOC XML, every image defective) whose
     stems fall in the validation split, 96x96 px, one bright box per image."""
-    from engines.datasets import assign_split
+    from training.datasets import assign_split
 
     images, notes = root / "neu_det" / "IMAGES", root / "neu_det" / "ANNOTATIONS"
     images.mkdir(parents=True)
@@ -632,7 +627,7 @@ def test_dataset_root_without_clean_images_uses_clean_crops(tmp_path, capsys):
         calibrate_main(["calibrate", "thresholds", "--profile", "steel", "--models", str(pack_dir),
                         "--dataset-root", str(tmp_path / "data"), "--split", "test"])
     assert "invalid choice: 'test'" in capsys.readouterr().err
-    from calibration.thresholds import load_calibration_samples
+    from training.calibrate import load_calibration_samples
 
     with pytest.raises(CalibrationError, match=r"the test split is kept for evaluation; calibrate on --split val"):
         load_calibration_samples(load_model_pack(pack_dir), dataset_root=tmp_path / "data", split="test")

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 from _tiny_onnx import make_pack
 
-from engines import build, build_cmd, manifest
+from agent import engine_commands as build_cmd
+from engines import build, manifest
 from engines.modelpack import load_model_pack
 from engines.parity import synthetic_frames
 
@@ -39,7 +40,8 @@ def setup(tmp_path):
 def test_build_without_tensorrt_does_step_a_then_exits_3(setup, capsys):
     pack, state, cfg = setup
     assert run("engines", "build", "--config", str(cfg)) == build_cmd.EXIT_NO_TENSORRT
-    err = capsys.readouterr().err.strip().splitlines()
+    # the command's own message; its structured log events (JSON lines) share stderr
+    err = [line for line in capsys.readouterr().err.strip().splitlines() if not line.startswith("{")]
     assert len(err) == 1
     assert err[0].startswith("coilsight engines build: TensorRT is not installed")
     assert "FP16 ONNX and the ONNX Runtime parity gate are done" in err[0]

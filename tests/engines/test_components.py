@@ -6,9 +6,9 @@ import cv2
 import numpy as np
 import pytest
 
-from agent.postprocess import extract_defects
+from engines.postprocess import extract_defects
 from engines.components import class_components
-from engines.evaluate import components
+from training.evaluate import components
 from engines.modelpack import ClassThreshold
 
 
@@ -36,7 +36,7 @@ def test_one_blob_exactly():
 
 @pytest.mark.parametrize("seed", range(4))
 def test_agent_events_are_the_evaluation_boxes(seed):
-    """What the line reports (agent.postprocess) is what the evaluation scores (engines.evaluate)."""
+    """What the line reports (engines.postprocess) is what the evaluation scores (training.evaluate)."""
     classes = ("a", "b", "c")
     probs = _probs(seed, 3, 32, 96)
     thresholds = {"a": ClassThreshold(0.2, 0), "b": ClassThreshold(0.3, 64), "c": ClassThreshold(0.25, 160)}

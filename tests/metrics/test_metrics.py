@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from calibration.metrics import dice_pairs, dice_severstal, iou, precision_recall, roc_auc
+from metrics import dice_pairs, dice_severstal, iou, precision_recall, roc_auc
 
 
 def _masks():

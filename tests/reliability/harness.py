@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from agent.config import config_dict, dump_toml
-from agent.demo import wait_ready
+from agent.tools.demo import wait_ready
 from agent.subscriber import Subscriber
 
 def figures(name: str, **values) -> None:

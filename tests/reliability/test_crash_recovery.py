@@ -9,7 +9,7 @@ import pytest
 from harness import Collector, agent_process, check_accounting, figures  # noqa: F401 (agent_process: a fixture)
 from tinypack import clean_frame, frame_with
 
-from agent.camera_sim import CameraSim
+from agent.tools.camera_sim import CameraSim
 from agent.journal import Journal
 from agent.service import status_request
 

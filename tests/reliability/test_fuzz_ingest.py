@@ -5,7 +5,6 @@ import random
 import time
 
 import msgpack
-import numpy as np
 import zmq
 from harness import Collector, check_accounting, figures
 from hypothesis import HealthCheck, given, settings

@@ -6,7 +6,7 @@ import time
 from harness import Collector, figures
 from tinypack import clean_frame, frame_with
 
-from agent.camera_sim import CameraSim
+from agent.tools.camera_sim import CameraSim
 
 
 def frames(n: int, every: int):

@@ -1,4 +1,4 @@
-"""engines/card.py: MODEL_CARD.md made from the pack's own files, never from stale figures."""
+"""training/card.py: MODEL_CARD.md made from the pack's own files, never from stale figures."""
 from __future__ import annotations
 
 import json
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from engines.card import CardError, render, write_card
+from training.card import CardError, render, write_card
 
 ROOT = Path(__file__).resolve().parents[2]
 

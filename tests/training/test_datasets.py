@@ -10,7 +10,7 @@ import cv2
 import numpy as np
 import pytest
 
-from engines.datasets import (
+from training.datasets import (
     CLEAN_CROPS_DEFAULT,
     MAGNETIC_TILE_CLASSES,
     STEEL_CLASSES,

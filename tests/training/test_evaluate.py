@@ -13,11 +13,11 @@ import pytest
 import structlog
 from onnx import TensorProto, helper, numpy_helper
 
-from calibration.metrics import dice_severstal
-from engines import datasets
-from engines.datasets import STEEL_CLASSES, Box, assign_split, clean_crops, load_profile_dataset
-from engines.eval_cmd import register
-from engines.evaluate import (
+from metrics import dice_severstal
+from training import datasets
+from training.datasets import STEEL_CLASSES, Box, assign_split, clean_crops, load_profile_dataset
+from training.commands import register
+from training.evaluate import (
     EvaluationError,
     coco_map,
     components,
@@ -315,8 +315,8 @@ def test_evaluate_errors(tmp_path, capsys):
 
 
 def test_batching_and_size_mixes_do_not_change_results(tmp_path):
-    from engines.datasets import Sample
-    from engines.evaluate import evaluate_samples
+    from training.datasets import Sample
+    from training.evaluate import evaluate_samples
     from engines.modelpack import load_calibration, load_model_pack
 
     pack = load_model_pack(_pack(tmp_path / "m", "kolektorsdd", ("defect",), [BRIGHT[0]], [BRIGHT[1]]))
@@ -343,8 +343,8 @@ def test_batching_and_size_mixes_do_not_change_results(tmp_path):
 
 
 def test_a_gate_that_stops_everything_leaves_the_never_predict_dice(tmp_path):
-    from engines.datasets import Sample
-    from engines.evaluate import evaluate_samples
+    from training.datasets import Sample
+    from training.evaluate import evaluate_samples
     from engines.modelpack import load_calibration, load_model_pack
 
     pack = load_model_pack(_pack(tmp_path / "m", "kolektorsdd", ("defect",), [BRIGHT[0]], [BRIGHT[1]],
@@ -366,7 +366,7 @@ def test_a_gate_that_stops_everything_leaves_the_never_predict_dice(tmp_path):
 
 
 def test_evaluate_on_shared_magnetic_tile_if_present(tmp_path):
-    from engines.datasets import MAGNETIC_TILE_CLASSES, default_data_root
+    from training.datasets import MAGNETIC_TILE_CLASSES, default_data_root
 
     root = default_data_root()
     if root is None:

@@ -1,4 +1,4 @@
-"""engines/export.py: the exported graphs match torch, model.json follows the contract."""
+"""training/export.py: the exported graphs match torch, model.json follows the contract."""
 from __future__ import annotations
 
 import json
@@ -9,9 +9,9 @@ import pytest
 torch = pytest.importorskip("torch")
 ort = pytest.importorskip("onnxruntime")
 
-from engines.export import ExportError, export_pack, load_run, verify_onnx  # noqa: E402
+from training.export import ExportError, export_pack, load_run, verify_onnx  # noqa: E402
 from engines.modelpack import load_model_pack, sha256_file  # noqa: E402
-from engines.models import CONFIGS, build_models  # noqa: E402
+from training.nets import CONFIGS, build_models  # noqa: E402
 
 
 def _fake_run(folder, profile="steel", classes=("a", "b"), size="tiny"):
@@ -33,7 +33,7 @@ def _fake_run(folder, profile="steel", classes=("a", "b"), size="tiny"):
 def test_round_trip_torch_vs_onnxruntime(tmp_path, pool_in_graph):
     """Each graph, fed as model.json says (the gate's frames pooled by the runner unless the pool
     stays in the graph), gives torch's numbers on whole frames."""
-    from engines.models import PrePooledGate
+    from training.nets import PrePooledGate
 
     out = tmp_path / "pack"
     doc = export_pack(_fake_run(tmp_path / "run"), out, "steel", pool_in_graph=pool_in_graph)
@@ -91,7 +91,7 @@ def test_export_refuses_bad_runs(tmp_path):
 
 
 def test_a_graph_that_differs_from_torch_is_refused(tmp_path):
-    from engines.export import export_onnx
+    from training.export import export_onnx
 
     _, gate, _ = load_run(_fake_run(tmp_path / "run"))
     path = tmp_path / "gate.onnx"

@@ -1,11 +1,11 @@
-"""engines/models.py: the model contract inside the graph (uint8 in, sigmoid out, stride 4)."""
+"""training/nets.py: the model contract inside the graph (uint8 in, sigmoid out, stride 4)."""
 from __future__ import annotations
 
 import pytest
 
 torch = pytest.importorskip("torch")
 
-from engines.models import CONFIGS, OUTPUT_STRIDE, ModelConfig, Normalise, build_models, count_params  # noqa: E402
+from training.nets import CONFIGS, OUTPUT_STRIDE, ModelConfig, Normalise, build_models, count_params  # noqa: E402
 
 
 @pytest.mark.parametrize("size", sorted(CONFIGS))

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from engines.synth import MIN_CONTRAST, STEEL_CLASSES, StripGenerator, compose_from_crops
+from training.synth import MIN_CONTRAST, STEEL_CLASSES, StripGenerator, compose_from_crops
 
 
 def test_frame_shapes_and_dtypes():

@@ -1,4 +1,4 @@
-"""engines/train.py on tiny synthetic data: losses fall, checkpoints are written and resumed."""
+"""training/train.py on tiny synthetic data: losses fall, checkpoints are written and resumed."""
 from __future__ import annotations
 
 import json
@@ -8,9 +8,9 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from engines.datasets import STEEL_CLASSES, Sample, mask_boxes  # noqa: E402
-from engines.synth import StripGenerator  # noqa: E402
-from engines.train import (  # noqa: E402
+from training.datasets import STEEL_CLASSES, Sample, mask_boxes  # noqa: E402
+from training.synth import StripGenerator  # noqa: E402
+from training.train import (  # noqa: E402
     TrainConfig, TrainError, augment, build_pools, gate_batch, pos_weight, seg_batch, seg_loss, seg_target, train,
     window,
 )
@@ -57,7 +57,7 @@ def test_window_pads_small_images_and_augment_moves_masks_with_pixels():
 
 def test_a_few_steps_reduce_both_losses():
     torch.manual_seed(0)
-    from engines.models import build_models
+    from training.nets import build_models
 
     rng = np.random.default_rng(0)
     pools = build_pools(_samples(8, 1), STEEL_CLASSES, 64, CLEAN, rng)

@@ -142,7 +142,7 @@ class TensorRTBackend(Backend):
             with _gpu_step("releasing the CUDA context (pop)", self.model_path):
                 self._cuda_ctx.pop()
         except BaseException:
-            self._abandon(pushed)
+            self._release(pushed)  # what it took; failures are logged, the activate error is raised
             raise
         log.info("tensorrt_engine_loaded", engine=str(self.model_path), input=self.inputs[0].name,
                  max_shape=self._max_in_shape, outputs=[o.name for o in self.outputs])
@@ -306,10 +306,6 @@ class TensorRTBackend(Backend):
     def _pop_quietly(self) -> None:
         """Pop the context on an error path (logged if it fails; the first error is what the caller gets)."""
         self._attempt("CUDA context pop", self._cuda_ctx.pop, [])
-
-    def _abandon(self, pushed: bool) -> None:
-        """After a failed activate: release what it took; the activate error is the one raised."""
-        self._release(pushed)
 
     def deactivate_impl(self) -> None:
         with self._lock:

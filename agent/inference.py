@@ -55,9 +55,9 @@ class Models:
             self.seg.infer(self.pack.models["seg"].prepare(x))
 
     def close(self) -> None:
-        for b in (self.seg, self.gate):
-            if b is not None:
-                b.deactivate()
+        from engines.backends.select import close_backends
+
+        close_backends((self.seg, self.gate))  # a failed release is logged, never raised
 
 
 def open_models(cfg: Config, models_dir=None) -> Models:
@@ -90,8 +90,7 @@ def open_models(cfg: Config, models_dir=None) -> Models:
             opened[role] = backend
             reasons += [{"model": role, **r} for r in why]
     except BaseException:
-        for b in opened.values():
-            b.deactivate()
+        select.close_backends(opened.values())  # a failed release is logged; the start-up error is raised
         raise
     on_cpu = any(b.on_cpu for b in opened.values())
     batch = min(cfg.models.max_batch, cfg.models.cpu_max_batch) if on_cpu else cfg.models.max_batch

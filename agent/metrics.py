@@ -47,6 +47,9 @@ class Metrics:
                                  ["queue"], namespace=ns, registry=r)
         self.backend_info = Gauge("backend_info", "1 for the backend serving each model",
                                   ["model", "backend"], namespace=ns, registry=r)
+        self.backend_fallbacks = Counter("backend_fallbacks", "Backends of the chain that did not load a model "
+                                         "(the reason is in the log line backend_not_loaded)",
+                                         ["model", "backend"], namespace=ns, registry=r)
         self.coil_deadline_slack = Gauge("coil_deadline_slack_seconds",
                                          "Seconds left before the open coil's summary deadline",
                                          namespace=ns, registry=r)
@@ -97,6 +100,10 @@ class Metrics:
         self._backends[model] = backend
         self.backend_info.labels(model=model, backend=backend).set(1)
 
+    def count_backend_fallback(self, model: str, backend: str) -> None:
+        """One backend of the chain was skipped for ``model`` (at start-up or an engine reload)."""
+        self.backend_fallbacks.labels(model=model, backend=backend).inc()
+
     def set_deadline_slack(self, seconds: float) -> None:
         self.coil_deadline_slack.set(seconds)
 
@@ -135,7 +142,7 @@ class Metrics:
 
 def _snapshot(families: Any) -> dict[str, Any]:
     snap: dict[str, Any] = {"frames": {}, "rejected": {}, "stages": {}, "queue_depth": {},
-                            "backends": {}, "events_published": {}, "gate_pass_rate": None,
+                            "backends": {}, "backend_fallbacks": {}, "events_published": {}, "gate_pass_rate": None,
                             "coil_deadline_slack_seconds": None, "journal_bytes": None}
     prefix = NAMESPACE + "_"
     for family in families:
@@ -152,6 +159,8 @@ def _snapshot(families: Any) -> dict[str, Any]:
                 snap["stages"].setdefault(labels["stage"], {})[key] = value
             elif sample == "queue_depth":
                 snap["queue_depth"][labels["queue"]] = value
+            elif sample == "backend_fallbacks_total":
+                snap["backend_fallbacks"].setdefault(labels["model"], {})[labels["backend"]] = value
             elif sample == "backend_info" and value:
                 snap["backends"][labels["model"]] = labels["backend"]
             elif sample in ("gate_pass_rate", "coil_deadline_slack_seconds", "journal_bytes"):

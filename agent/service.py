@@ -69,8 +69,8 @@ class Agent:
         self.notifier.status("loading models")
         self.models = open_models(cfg)
         pack = self.models.pack
-        for f in self.models.fallbacks:
-            log.warning("backend_fallback", **f)
+        for f in self.models.fallbacks:  # each already logged once, with its reason, as backend_not_loaded
+            self.metrics.count_backend_fallback(f["model"], f["backend"])
         log.info("models_loaded", profile=pack.profile, models=self.models.describe())
         for role, d in self.models.describe().items():
             self.metrics.set_backend(role, d["backend"])
@@ -289,6 +289,8 @@ class Agent:
             log.error("models_reload_failed", error=str(exc))
             self.notifier.ready(self._status_line())
             return False, f"reload failed, old models kept: {exc}"
+        for f in new.fallbacks:
+            self.metrics.count_backend_fallback(f["model"], f["backend"])
         self.inference.request_swap(new)
         self.models = new
         self.reloads += 1

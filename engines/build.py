@@ -7,9 +7,17 @@
     ``1 << STRONGLY_TYPED``, no precision flags; the same code serves 10.13+ and 11.x), with one
     optimisation profile (batch min/opt/max, H/W = the profile's frame size), a workspace limit
     and a persistent timing cache. It runs in a child process (repeated builds grow the builder's
-    memory, NVIDIA/TensorRT#2220), writes the plan atomically, then the engine is checked against
-    the FP32 ONNX once more (TensorRT vs ONNX Runtime) and only then is its manifest entry
-    written: an engine without an entry is never used.
+    memory, NVIDIA/TensorRT#2220), writes the plan under a temporary name beside ``<role>.engine``,
+    checks that plan against the FP32 ONNX once more (TensorRT vs ONNX Runtime), and only then
+    renames it over ``<role>.engine`` and writes its manifest entry (atomically, fsynced). A
+    failure at any step (build, parity, rename, manifest) leaves the previous engine and its
+    manifest entry as they were: a failed rebuild never costs the line its working engine.
+
+Every failure reaches the caller as a BuildError (or ParityError, which carries its report)
+naming the model: FP16 conversion errors, pycuda/TensorRT errors in the parity run, a full disk.
+``coilsight engines build`` prints it as one line and exits non-zero. The three steps that need
+TensorRT and a GPU (machine facts, the plan build, opening a plan) are the fields of
+``GpuSteps``; tests on a CPU box pass their own to exercise everything around them.
 
 Files (engines.manifest): FP16 ONNX in ``<state>/engines/<profile>/fp16/``, engines and
 manifest.json in ``<state>/engines/<profile>/<gpu-slug>-trt<version>/``.
@@ -18,18 +26,20 @@ from __future__ import annotations
 
 import json
 import multiprocessing
+import os
 import queue
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import structlog
 
 from engines import manifest
-from engines.fp16 import FP16Recipe, convert
+from engines.backends.base import Backend, BackendError, describe_cause
+from engines.fp16 import FP16Error, FP16Recipe, convert
 from engines.modelpack import ModelPack, ModelPackError, load_calibration, sha256_file
 from engines.parity import ParityBar, ParityReport, compare, synthetic_frames
 
@@ -170,13 +180,22 @@ def prepare_fp16(spec: BuildSpec, role: str, frames: np.ndarray) -> tuple[Path, 
     out_dir.mkdir(parents=True, exist_ok=True)
     dest = out_dir / f"{role}.fp16.onnx"
     log.info("fp16_convert_started", model=role, source=str(entry.path))
-    convert(entry.path, dest, spec.recipe)
+    try:
+        convert(entry.path, dest, spec.recipe)
+    except FP16Error as exc:
+        raise BuildError(f"{role}: FP16 conversion failed: {exc}") from exc
+    except Exception as exc:  # onnx / onnxconverter-common raise their own types; traceback in the log
+        log.error("fp16_convert_raised", model=role, error=describe_cause(exc), exc_info=True)
+        raise BuildError(f"{role}: FP16 conversion failed: {describe_cause(exc)}") from exc
     candidate = OnnxRuntimeBackend(dest, max_batch=spec.parity_batch)
     try:
         report = run_parity(entry.path, candidate, frames, role, spec.pack, spec.bar, spec.parity_batch)
     except ParityError:
         dest.unlink()
         raise
+    except BackendError as exc:
+        dest.unlink(missing_ok=True)
+        raise BuildError(f"{role}: the ONNX Runtime parity run of the FP16 model failed: {exc}") from exc
     record = {"source_sha256": sha256_file(entry.path), "recipe": spec.recipe.to_dict(),
               "sha256": sha256_file(dest), "parity": report.to_dict()}
     manifest.write_atomic(out_dir / f"{role}.fp16.json", json.dumps(record, indent=2).encode())
@@ -301,12 +320,38 @@ def build_in_child(onnx_path: Path, engine_path: Path, *, shapes, workspace_byte
     return value
 
 
+def open_tensorrt_plan(engine_path: Path, *, role: str, max_batch: int, device: int) -> Backend:
+    """The TensorRT backend over a plan that has no manifest entry yet (the build's parity run)."""
+    from engines.backends.tensorrt import TensorRTBackend
+
+    return TensorRTBackend(engine_path, max_batch=max_batch, verify_manifest=False, device=device, role=role)
+
+
+@dataclass(frozen=True)
+class GpuSteps:
+    """The steps of a build that need TensorRT and a GPU; everything else in this module runs anywhere.
+
+    - ``facts(device) -> MachineFacts``: raises ManifestError when this machine has no TensorRT/GPU;
+    - ``build_plan(onnx_path, engine_path, *, shapes, workspace_bytes, timing_cache) -> {"seconds", ...}``:
+      writes the plan to ``engine_path`` (the build passes a temporary name);
+    - ``open_plan(engine_path, *, role, max_batch, device) -> Backend``: an inactive backend over a
+      plan, for the parity run.
+    """
+
+    # Looked up when a GpuSteps is made, not when this module is imported.
+    facts: Callable[[int], manifest.MachineFacts] = field(default_factory=lambda: manifest.machine_facts)
+    build_plan: Callable[..., dict[str, Any]] = field(default_factory=lambda: build_in_child)
+    open_plan: Callable[..., Backend] = field(default_factory=lambda: open_tensorrt_plan)
+
+
 # -- the whole build ---------------------------------------------------------------------------------
 
-def plan(spec: BuildSpec) -> tuple[manifest.MachineFacts | None, str | None, dict[str, list[str]]]:
+def plan(spec: BuildSpec, gpu: GpuSteps | None = None
+         ) -> tuple[manifest.MachineFacts | None, str | None, dict[str, list[str]]]:
     """Machine facts (or why there are none) and, per selected model, why it needs a build ([] = up to date)."""
+    gpu = gpu or GpuSteps()
     try:
-        facts, why_not = manifest.machine_facts(spec.device), None
+        facts, why_not = gpu.facts(spec.device), None
     except manifest.ManifestError as exc:
         facts, why_not = None, str(exc)
     needed: dict[str, list[str]] = {}
@@ -321,10 +366,11 @@ def plan(spec: BuildSpec) -> tuple[manifest.MachineFacts | None, str | None, dic
     return facts, why_not, needed
 
 
-def build(spec: BuildSpec) -> list[ModelOutcome]:
+def build(spec: BuildSpec, gpu: GpuSteps | None = None) -> list[ModelOutcome]:
     """Build every selected model that is not up to date. Raises TensorRTMissing after step (a)
     when this machine has no TensorRT/CUDA, BuildError/ParityError on failures."""
-    facts, why_not, needed = plan(spec)
+    gpu = gpu or GpuSteps()
+    facts, why_not, needed = plan(spec, gpu)
     frames = None
     outcomes: list[ModelOutcome] = []
     for role, reasons in needed.items():
@@ -333,12 +379,15 @@ def build(spec: BuildSpec) -> list[ModelOutcome]:
             outcomes.append(ModelOutcome(role, "up-to-date"))
             continue
         log.info("engine_build_needed", model=role, profile=spec.pack.profile, reasons=reasons)
-        frames = load_frames(spec) if frames is None else frames
-        fp16_path, parity = prepare_fp16(spec, role, frames)
-        if facts is None:
-            outcomes.append(ModelOutcome(role, "fp16-only", fp16_onnx=fp16_path, reasons=reasons))
-            continue
-        outcomes.append(_build_engine(spec, role, facts, fp16_path, parity, frames))
+        try:
+            frames = load_frames(spec) if frames is None else frames
+            fp16_path, parity = prepare_fp16(spec, role, frames)
+            if facts is None:
+                outcomes.append(ModelOutcome(role, "fp16-only", fp16_onnx=fp16_path, reasons=reasons))
+                continue
+            outcomes.append(_build_engine(spec, role, facts, fp16_path, parity, frames, gpu))
+        except OSError as exc:  # a full disk, a read-only state dir: name the model and the path
+            raise BuildError(f"{role}: {exc}") from exc
     if facts is None:
         raise TensorRTMissing(f"{why_not}; FP16 ONNX and the ONNX Runtime parity gate are done "
                               f"({manifest.fp16_dir(spec.pack.profile, spec.state)}), engines need a GPU box")
@@ -346,33 +395,59 @@ def build(spec: BuildSpec) -> list[ModelOutcome]:
 
 
 def _build_engine(spec: BuildSpec, role: str, facts: manifest.MachineFacts, fp16_path: Path,
-                  parity_ort: dict[str, Any], frames: np.ndarray) -> ModelOutcome:
-    from engines.backends.tensorrt import TensorRTBackend
+                  parity_ort: dict[str, Any], frames: np.ndarray, gpu: GpuSteps) -> ModelOutcome:
+    """Plan to a temporary name, parity on it, then install it over ``<role>.engine`` with its
+    manifest entry. Until the install, the previous engine and manifest are untouched; the
+    install itself puts them back if it fails (manifest.install_engine)."""
     from engines.parity import ParityError
 
     d = manifest.engine_dir(spec.pack.profile, facts, spec.state)
     d.mkdir(parents=True, exist_ok=True)
-    engine_path = d / f"{role}.engine"
+    engine_path, local_fp16 = d / f"{role}.engine", d / f"{role}.fp16.onnx"
+    # Same folder, so the final rename is atomic; hidden and named for this process.
+    new_engine = d / f".{role}.engine.{os.getpid()}.new"
+    new_fp16 = d / f".{role}.fp16.onnx.{os.getpid()}.new"
     shapes = spec.profile_shapes(role)
-    result = build_in_child(fp16_path, engine_path, shapes=shapes, workspace_bytes=spec.workspace_bytes,
-                            timing_cache=d / "timing.cache")
     source = spec.pack.models[role].path
-    candidate = TensorRTBackend(engine_path, max_batch=spec.parity_batch, verify_manifest=False,
-                                device=spec.device, role=role)
     try:
-        report = run_parity(source, candidate, frames, role, spec.pack, spec.bar, spec.parity_batch)
-    except ParityError:
-        engine_path.unlink(missing_ok=True)  # never leave an engine that failed parity
-        raise
-    local_fp16 = d / f"{role}.fp16.onnx"
-    manifest.write_atomic(local_fp16, fp16_path.read_bytes())  # the exact graph this engine came from
-    entry = manifest.engine_entry(
-        role=role, engine_path=engine_path, onnx_fp32=source, onnx_fp16=local_fp16, facts=facts,
-        profile_shapes=shapes, workspace_bytes=spec.workspace_bytes, build_seconds=result["seconds"],
-        built_at=datetime.now(timezone.utc).isoformat(timespec="seconds"), fp16_recipe=spec.recipe.to_dict(),
-        parity={"onnxruntime_fp16": parity_ort, "tensorrt": report.to_dict()},
-    )
-    manifest.record_engine(d, role, entry)
+        try:
+            result = gpu.build_plan(fp16_path, new_engine, shapes=shapes, workspace_bytes=spec.workspace_bytes,
+                                    timing_cache=d / "timing.cache")
+        except BuildError:
+            raise
+        except Exception as exc:  # pycuda/TensorRT's own types, from a build run in this process
+            raise BuildError(f"{role}: the TensorRT build failed: {describe_cause(exc)}") from exc
+        if not new_engine.is_file():
+            raise BuildError(f"{role}: the TensorRT build reported success but wrote no plan at {new_engine}")
+        try:
+            candidate = gpu.open_plan(new_engine, role=role, max_batch=spec.parity_batch, device=spec.device)
+            report = run_parity(source, candidate, frames, role, spec.pack, spec.bar, spec.parity_batch)
+        except ParityError:  # carries its report; the previous engine is kept
+            raise
+        except BackendError as exc:  # pycuda out of memory, a plan that does not deserialize...
+            raise BuildError(f"{role}: the parity run of the new engine failed: {exc}; "
+                             f"the previous engine, if any, is kept") from exc
+        except Exception as exc:  # a vendor library's own type that slipped through the backend
+            log.error("engine_parity_run_raised", model=role, error=describe_cause(exc), exc_info=True)
+            raise BuildError(f"{role}: the parity run of the new engine failed: {describe_cause(exc)}; "
+                             f"the previous engine, if any, is kept") from exc
+        # The report names the file the engine will have, not the temporary one it was checked under.
+        report.candidate = report.candidate.replace(new_engine.name, engine_path.name)
+        manifest.write_atomic(new_fp16, fp16_path.read_bytes())  # the exact graph this engine came from
+
+        def entry() -> dict[str, Any]:  # from the installed files: same bytes as the ones checked
+            return manifest.engine_entry(
+                role=role, engine_path=engine_path, onnx_fp32=source, onnx_fp16=local_fp16, facts=facts,
+                profile_shapes=shapes, workspace_bytes=spec.workspace_bytes, build_seconds=result["seconds"],
+                built_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                fp16_recipe=spec.recipe.to_dict(),
+                parity={"onnxruntime_fp16": parity_ort, "tensorrt": report.to_dict()},
+            )
+
+        manifest.install_engine(d, role, [(new_engine, engine_path), (new_fp16, local_fp16)], entry)
+    finally:
+        for leftover in (new_engine, new_fp16):
+            leftover.unlink(missing_ok=True)  # gone already when installed
     log.info("engine_built", model=role, engine=str(engine_path), seconds=round(result["seconds"], 1))
     return ModelOutcome(role, "built", engine=engine_path, fp16_onnx=local_fp16,
                         detail=f"{result['seconds']:.0f} s, parity max |diff| "

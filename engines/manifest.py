@@ -18,13 +18,14 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import structlog
 
-from engines.atomic import write_atomic
+from engines.atomic import fsync_dir, write_atomic
 from engines.backends.base import BackendError
 from engines.modelpack import sha256_file
 
@@ -181,6 +182,52 @@ def read_manifest(directory: Path) -> dict[str, Any]:
     if not isinstance(data.get("engines"), dict):
         raise ManifestError(f"corrupt: {path} has no 'engines' table")
     return data
+
+
+def install_engine(directory: Path, role: str, moves: list[tuple[Path, Path]],
+                   entry: Callable[[], dict[str, Any]]) -> Path:
+    """Rename each new file (``(new, final)``, both in ``directory``) over its final name, then
+    record ``entry()`` for ``role`` in manifest.json. Until the renames the old files are
+    untouched; if a rename or the manifest write fails, the previous files and manifest are put
+    back (from hard links taken first), so the old engine and its entry stay usable. A crash
+    between the renames and the manifest write leaves a new engine the old entry does not match:
+    check_engine refuses it (sha256), it is never used.
+    """
+    directory = Path(directory)
+    finals = [final for _, final in moves] + [directory / MANIFEST_NAME]
+    kept: list[tuple[Path, Path | None]] = []  # (final, hard link to its previous version, None = had none)
+    try:
+        for final in finals:
+            previous = None
+            if final.exists():
+                previous = final.with_name(f".{final.name}.{os.getpid()}.previous")
+                previous.unlink(missing_ok=True)
+                try:
+                    os.link(final, previous)
+                except OSError:  # no hard links on this filesystem
+                    shutil.copy2(final, previous)
+            kept.append((final, previous))
+        for new, final in moves:
+            os.replace(new, final)
+        fsync_dir(directory)
+        path = record_engine(directory, role, entry())
+    except BaseException:
+        for final, previous in reversed(kept):
+            try:
+                if previous is None:
+                    final.unlink(missing_ok=True)
+                else:
+                    os.replace(previous, final)
+            except OSError as exc:  # reported; the error that stopped the install is raised
+                log.error("engine_restore_failed", path=str(final), error=str(exc))
+        fsync_dir(directory)
+        log.warning("engine_install_rolled_back", dir=str(directory), model=role)
+        raise
+    finally:
+        for _, previous in kept:
+            if previous is not None:
+                previous.unlink(missing_ok=True)
+    return path
 
 
 def record_engine(directory: Path, role: str, entry: dict[str, Any]) -> Path:

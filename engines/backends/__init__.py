@@ -26,7 +26,7 @@ def load_backend_class(name: str) -> type[Backend]:
     module_name, _, attr = target.partition(":")
     try:
         module = importlib.import_module(module_name)
-    except ImportError as exc:  # missing optional dependency (tensorrt, pycuda)
+    except (ImportError, OSError) as exc:  # missing optional dependency, or its shared libraries (libnvinfer)
         raise BackendError(f"backend {name!r} is not installed here: {exc}") from exc
     return getattr(module, attr)
 

@@ -22,6 +22,14 @@ class BackendError(RuntimeError):
     """A backend could not load or run a model; the message says why."""
 
 
+def describe_cause(exc: BaseException) -> str:
+    """``pycuda._driver.MemoryError: cuMemAlloc failed: out of memory``: the full type name says
+    which library raised it (builtins are named bare)."""
+    kind = type(exc)
+    name = kind.__qualname__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__qualname__}"
+    return f"{name}: {exc}" if str(exc) else name
+
+
 @dataclass(frozen=True)
 class TensorSpec:
     name: str

@@ -16,18 +16,26 @@ tests/engines/test_tensorrt_gpu.py exercises it on a GPU box.
   output dtype from ``engine.get_tensor_dtype``; results returned as float32 copies.
 - Freed explicitly in reverse order (buffers, stream, context, engine, runtime), with the
   CUDA context current, then the primary context released.
+- Every CUDA/TensorRT call runs inside ``_gpu_step``: whatever it raises becomes a
+  BackendError naming the step and the cause. pycuda raises its own types
+  (``pycuda._driver.Error`` and its ``MemoryError``/``LogicError``/``LaunchError``/
+  ``RuntimeError``, all plain ``Exception`` subclasses) from ``mem_alloc``, ``Stream()``,
+  ``push()``...; as BackendErrors they make open_backend fall back to ONNX Runtime instead
+  of stopping the agent. A failed activate releases what it took before raising.
 """
 from __future__ import annotations
 
 import collections
+import contextlib
 import threading
-from typing import Any
+from pathlib import Path
+from typing import Any, Iterator
 
 import numpy as np
 import structlog
 import tensorrt as trt
 
-from engines.backends.base import Backend, BackendError, TensorSpec
+from engines.backends.base import Backend, BackendError, TensorSpec, describe_cause
 
 log = structlog.get_logger(__name__)
 
@@ -84,6 +92,18 @@ def get_logger() -> TrtLogger:
         return _LOGGER
 
 
+@contextlib.contextmanager
+def _gpu_step(what: str, engine: Path) -> Iterator[None]:
+    """Run a block of CUDA/TensorRT calls; anything they raise becomes a BackendError saying what
+    was being done, on which engine, and the original type and message (chained as __cause__)."""
+    try:
+        yield
+    except BackendError:
+        raise
+    except Exception as exc:  # pycuda/TensorRT raise their own types; named in the message
+        raise BackendError(f"tensorrt: {what} failed for {engine.name}: {describe_cause(exc)}") from exc
+
+
 def _np_dtype(dtype: "trt.DataType") -> np.dtype:
     try:
         return np.dtype(trt.nptype(dtype))
@@ -109,20 +129,21 @@ class TensorRTBackend(Backend):
         role = self.options.get("role") or self.model_path.stem
         if self.options.get("verify_manifest", True):
             self._refuse_stale(role)
-        try:
+        device = int(self.options.get("device", 0))
+        with _gpu_step(f"opening CUDA device {device}", self.model_path):
             cuda.init()
-            self._cuda_ctx = cuda.Device(int(self.options.get("device", 0))).retain_primary_context()
-        except cuda.Error as exc:
-            raise BackendError(f"tensorrt: cannot open CUDA device {self.options.get('device', 0)}: {exc}") from exc
-        self._cuda_ctx.push()
+            self._cuda_ctx = cuda.Device(device).retain_primary_context()
+        pushed = False
         try:
+            with _gpu_step("making the CUDA context current (push)", self.model_path):
+                self._cuda_ctx.push()
+            pushed = True
             self._load()
+            with _gpu_step("releasing the CUDA context (pop)", self.model_path):
+                self._cuda_ctx.pop()
         except BaseException:
-            self._free()
-            self._cuda_ctx.pop()
-            self._cuda_ctx.detach()
+            self._release(pushed)  # what it took; failures are logged, the activate error is raised
             raise
-        self._cuda_ctx.pop()
         log.info("tensorrt_engine_loaded", engine=str(self.model_path), input=self.inputs[0].name,
                  max_shape=self._max_in_shape, outputs=[o.name for o in self.outputs])
 
@@ -142,105 +163,155 @@ class TensorRTBackend(Backend):
             raise StaleEngineError(str(self.model_path), reasons)
 
     def _load(self) -> None:
-        cuda = self._cuda
-        self._trt_logger = get_logger()
+        cuda, path = self._cuda, self.model_path
+        with _gpu_step("loading TensorRT's plugins", path):
+            self._trt_logger = get_logger()
         self._trt_logger.take_errors()
-        self._runtime = trt.Runtime(self._trt_logger)
-        plan = self.model_path.read_bytes()
-        self._engine = self._runtime.deserialize_cuda_engine(plan)
+        with _gpu_step("reading the plan", path):
+            plan = path.read_bytes()
+        with _gpu_step("creating the TensorRT runtime", path):
+            self._runtime = trt.Runtime(self._trt_logger)
+        with _gpu_step("deserializing the plan", path):
+            self._engine = self._runtime.deserialize_cuda_engine(plan)
         if self._engine is None:  # no exception from TensorRT, only logger messages
             errors = self._trt_logger.take_errors() or ["no error was logged"]
-            raise BackendError(f"tensorrt: cannot deserialize {self.model_path}: " + " | ".join(errors))
-        self._context = self._engine.create_execution_context()
+            raise BackendError(f"tensorrt: cannot deserialize {path}: " + " | ".join(errors))
+        with _gpu_step("creating an execution context", path):
+            self._context = self._engine.create_execution_context()
         if self._context is None:
-            raise BackendError(f"tensorrt: cannot create an execution context for {self.model_path}: "
+            raise BackendError(f"tensorrt: cannot create an execution context for {path}: "
                                + " | ".join(self._trt_logger.take_errors()))
-        names = [self._engine.get_tensor_name(i) for i in range(self._engine.num_io_tensors)]
-        ins = [n for n in names if self._engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
-        outs = [n for n in names if self._engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
-        if len(ins) != 1:
-            raise BackendError(f"tensorrt: {self.model_path.name} has inputs {ins}, the model contract wants one")
-        in_name = ins[0]
-        in_dtype = _np_dtype(self._engine.get_tensor_dtype(in_name))
-        shape = tuple(self._engine.get_tensor_shape(in_name))
-        pmin, _, pmax = (tuple(s) for s in self._engine.get_tensor_profile_shape(in_name, 0))
+        with _gpu_step("reading the engine's I/O tensors", path):
+            names = [self._engine.get_tensor_name(i) for i in range(self._engine.num_io_tensors)]
+            ins = [n for n in names if self._engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
+            outs = [n for n in names if self._engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
+            if len(ins) != 1:
+                raise BackendError(f"tensorrt: {path.name} has inputs {ins}, the model contract wants one")
+            in_name = ins[0]
+            in_dtype = _np_dtype(self._engine.get_tensor_dtype(in_name))
+            shape = tuple(self._engine.get_tensor_shape(in_name))
+            pmin, _, pmax = (tuple(s) for s in self._engine.get_tensor_profile_shape(in_name, 0))
         if pmax[0] < self.max_batch:
-            raise BackendError(f"tensorrt: {self.model_path.name} was built for batches up to {pmax[0]}, "
+            raise BackendError(f"tensorrt: {path.name} was built for batches up to {pmax[0]}, "
                                f"max_batch {self.max_batch} asked; rebuild with `coilsight engines build --force`")
         # Batch is checked by Backend against max_batch; other dims are fixed or bounded by the profile.
         self.inputs = [TensorSpec(in_name, in_dtype, (None, *[d if d >= 0 else None for d in shape[1:]]))]
         self._profile_min, self._max_in_shape = pmin, (self.max_batch, *pmax[1:])
-        if not self._context.set_input_shape(in_name, self._max_in_shape):
-            raise BackendError(f"tensorrt: input shape {self._max_in_shape} rejected by {self.model_path.name}")
-        self._stream = cuda.Stream()
+        with _gpu_step(f"setting the input shape {self._max_in_shape}", path):
+            shape_ok = self._context.set_input_shape(in_name, self._max_in_shape)
+        if not shape_ok:
+            raise BackendError(f"tensorrt: input shape {self._max_in_shape} rejected by {path.name}")
+        with _gpu_step("creating a CUDA stream", path):
+            self._stream = cuda.Stream()
         self._host: dict[str, np.ndarray] = {}
         self._device: dict[str, Any] = {}
         self._alloc(in_name, self._max_in_shape, in_dtype)
         self.outputs = []
         for name in outs:
-            dtype = _np_dtype(self._engine.get_tensor_dtype(name))
-            out_shape = tuple(self._context.get_tensor_shape(name))
+            with _gpu_step(f"reading output {name!r}", path):
+                dtype = _np_dtype(self._engine.get_tensor_dtype(name))
+                out_shape = tuple(self._context.get_tensor_shape(name))
             if any(d < 0 for d in out_shape):
                 raise BackendError(f"tensorrt: output {name!r} shape {out_shape} unresolved at the max input shape")
             self._alloc(name, out_shape, dtype)
             self.outputs.append(TensorSpec(name, np.dtype(np.float32), (None, *out_shape[1:])))
         for name, mem in self._device.items():
-            if not self._context.set_tensor_address(name, int(mem)):
+            with _gpu_step(f"set_tensor_address({name!r})", path):
+                address_ok = self._context.set_tensor_address(name, int(mem))
+            if not address_ok:
                 raise BackendError(f"tensorrt: set_tensor_address({name!r}) failed")
 
     def _alloc(self, name: str, shape: tuple[int, ...], dtype: np.dtype) -> None:
         count = int(np.prod(shape))
-        self._host[name] = self._cuda.pagelocked_empty(count, dtype)  # flat, sliced per batch
-        self._device[name] = self._cuda.mem_alloc(max(1, count * dtype.itemsize))
+        nbytes = max(1, count * dtype.itemsize)
+        with _gpu_step(f"allocating {nbytes} bytes of page-locked host memory for {name!r}", self.model_path):
+            self._host[name] = self._cuda.pagelocked_empty(count, dtype)  # flat, sliced per batch
+        with _gpu_step(f"allocating {nbytes} bytes of device memory for {name!r}", self.model_path):
+            self._device[name] = self._cuda.mem_alloc(nbytes)
 
     def infer_impl(self, image: np.ndarray) -> dict[str, np.ndarray]:
         in_name = self.inputs[0].name
         for axis, (lo, hi, got) in enumerate(zip(self._profile_min[1:], self._max_in_shape[1:], image.shape[1:]), 1):
             if not lo <= got <= hi:
                 raise BackendError(f"tensorrt: input {in_name!r} axis {axis} is {got}, the engine takes {lo}..{hi}")
-        cuda = self._cuda
         with self._lock:
-            self._cuda_ctx.push()
+            with _gpu_step("making the CUDA context current (push)", self.model_path):
+                self._cuda_ctx.push()
             try:
-                if not self._context.set_input_shape(in_name, image.shape):
-                    raise BackendError(f"tensorrt: input shape {image.shape} rejected by {self.model_path.name}")
-                h_in = self._host[in_name][: image.size]
-                np.copyto(h_in, image.reshape(-1))
-                cuda.memcpy_htod_async(self._device[in_name], h_in, self._stream)
-                if not self._context.execute_async_v3(stream_handle=self._stream.handle):
-                    self._stream.synchronize()
-                    raise BackendError(f"tensorrt: execute_async_v3 failed for {self.model_path.name}: "
-                                       + " | ".join(self._trt_logger.take_errors()))
-                views = {}
-                for spec in self.outputs:
-                    shape = tuple(self._context.get_tensor_shape(spec.name))
-                    view = self._host[spec.name][: int(np.prod(shape))]
-                    cuda.memcpy_dtoh_async(view, self._device[spec.name], self._stream)
-                    views[spec.name] = view.reshape(shape)
-                self._stream.synchronize()
-                # Copy out while holding the lock: the next call reuses these pinned buffers.
-                return {name: view.astype(np.float32, copy=True) for name, view in views.items()}
-            finally:
+                with _gpu_step(f"inference on a batch of shape {image.shape}", self.model_path):
+                    result = self._run(in_name, image)
+            except BaseException:
+                self._pop_quietly()  # the inference error is the one to report
+                raise
+            with _gpu_step("releasing the CUDA context (pop)", self.model_path):
                 self._cuda_ctx.pop()
+            return result
 
-    def _free(self) -> None:
+    def _run(self, in_name: str, image: np.ndarray) -> dict[str, np.ndarray]:
+        """One batch with the CUDA context current and the lock held."""
+        cuda = self._cuda
+        if not self._context.set_input_shape(in_name, image.shape):
+            raise BackendError(f"tensorrt: input shape {image.shape} rejected by {self.model_path.name}")
+        h_in = self._host[in_name][: image.size]
+        np.copyto(h_in, image.reshape(-1))
+        cuda.memcpy_htod_async(self._device[in_name], h_in, self._stream)
+        if not self._context.execute_async_v3(stream_handle=self._stream.handle):
+            self._stream.synchronize()
+            raise BackendError(f"tensorrt: execute_async_v3 failed for {self.model_path.name}: "
+                               + " | ".join(self._trt_logger.take_errors()))
+        views = {}
+        for spec in self.outputs:
+            shape = tuple(self._context.get_tensor_shape(spec.name))
+            view = self._host[spec.name][: int(np.prod(shape))]
+            cuda.memcpy_dtoh_async(view, self._device[spec.name], self._stream)
+            views[spec.name] = view.reshape(shape)
+        self._stream.synchronize()
+        # Copy out while holding the lock: the next call reuses these pinned buffers.
+        return {name: view.astype(np.float32, copy=True) for name, view in views.items()}
+
+    def _attempt(self, what: str, fn, failures: list[str]) -> bool:
+        """Run one release step; a failure is logged and added to ``failures``, never raised, so
+        the remaining steps still run and the error being handled (if any) is the one reported."""
+        try:
+            fn()
+            return True
+        except Exception as exc:  # a broken CUDA context fails every step: keep going, report each
+            failures.append(f"{what}: {describe_cause(exc)}")
+            log.error("tensorrt_release_failed", engine=str(self.model_path), what=what, error=describe_cause(exc))
+            return False
+
+    def _free(self, failures: list[str]) -> None:
         """Release in reverse order of creation; call with the CUDA context current."""
         for name in reversed(list(getattr(self, "_device", {}))):
-            self._device.pop(name).free()
+            self._attempt(f"device memory {name!r}", self._device.pop(name).free, failures)
         for name in reversed(list(getattr(self, "_host", {}))):
-            self._host.pop(name).base.free()  # the pinned allocation behind the numpy view
+            # the pinned allocation behind the numpy view
+            self._attempt(f"host memory {name!r}", self._host.pop(name).base.free, failures)
         for attr in ("_stream", "_context", "_engine", "_runtime"):
             if hasattr(self, attr):
                 delattr(self, attr)
 
+    def _release(self, pushed: bool) -> list[str]:
+        """Free everything with the context current, pop it, drop the primary context reference
+        retained in activate. Every step is tried; returns what failed."""
+        failures: list[str] = []
+        if not pushed:
+            pushed = self._attempt("CUDA context push", self._cuda_ctx.push, failures)
+        if pushed:  # without the context nothing can be freed; the process exit reclaims it
+            self._free(failures)
+            self._attempt("CUDA context pop", self._cuda_ctx.pop, failures)
+        self._attempt("primary context detach", self._cuda_ctx.detach, failures)
+        return failures
+
+    def _pop_quietly(self) -> None:
+        """Pop the context on an error path (logged if it fails; the first error is what the caller gets)."""
+        self._attempt("CUDA context pop", self._cuda_ctx.pop, [])
+
     def deactivate_impl(self) -> None:
         with self._lock:
-            self._cuda_ctx.push()
-            try:
-                self._free()
-            finally:
-                self._cuda_ctx.pop()
-                self._cuda_ctx.detach()  # drop the primary context reference retained in activate
+            failures = self._release(pushed=False)
+        if failures:
+            raise BackendError(f"tensorrt: releasing {self.model_path.name} failed: " + "; ".join(failures))
         log.info("tensorrt_engine_released", engine=str(self.model_path))
 
     def describe(self) -> dict:

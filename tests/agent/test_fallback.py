@@ -17,6 +17,9 @@ def test_falls_back_to_onnxruntime_cpu_and_says_why(running_agent):
     assert {("gate", "tensorrt"), ("gate", "onnxruntime-cuda"), ("seg", "tensorrt")} <= tried
     reasons = " ".join(f["reason"] for f in agent.models.fallbacks)
     assert "tensorrt" in reasons.lower() and "CUDAExecutionProvider" in reasons
+    # counted once per skipped backend and model (coilsight_backend_fallbacks_total)
+    assert agent.metrics.snapshot()["backend_fallbacks"] == {
+        "gate": {"tensorrt": 1.0, "onnxruntime-cuda": 1.0}, "seg": {"tensorrt": 1.0, "onnxruntime-cuda": 1.0}}
 
 
 def test_strict_mode_refuses_instead_of_falling_back(agent_config):

@@ -153,6 +153,42 @@ def test_truncated_plan_without_manifest_check_gives_logger_errors(tiny, tmp_pat
         _trt(tmp_path, spec, "gate", verify_manifest=False).activate()
 
 
+def test_out_of_device_memory_falls_back_to_onnxruntime(tiny):
+    """Issue 16 item 8 on real hardware: with the GPU's memory taken, opening the engine fails
+    (pycuda's MemoryError from mem_alloc, or TensorRT's out-of-memory while deserializing); the
+    failure is a BackendError, open_backend falls back to ONNX Runtime and says why, and nothing
+    is left current on this thread."""
+    import pycuda.driver as cuda
+
+    from engines.backends.select import open_backend
+
+    spec, d = tiny
+    cuda.init()
+    ctx = cuda.Device(0).retain_primary_context()
+    ctx.push()
+    hog, chunk = [], 1 << 30
+    try:
+        while chunk >= 1 << 20:  # take everything, in ever smaller pieces
+            try:
+                hog.append(cuda.mem_alloc(chunk))
+            except cuda.MemoryError:
+                chunk //= 2
+        backend, skipped = open_backend(["tensorrt", "onnxruntime"], spec.pack.models["gate"], max_batch=32,
+                                        threads=1, strict=False, engine_dir=d,
+                                        profile_shapes=spec.profile_shapes("gate"))
+        backend.deactivate()
+        print(f"\nfell back after taking {len(hog)} blocks: {skipped}")
+        assert backend.name == "onnxruntime-cpu"
+        assert [s["backend"] for s in skipped] == ["tensorrt"] and skipped[0]["reason"].startswith("tensorrt: ")
+    finally:
+        for block in hog:
+            block.free()
+        ctx.pop()
+        ctx.detach()
+    with _trt(d, spec, "gate") as eng:  # memory back: the same engine loads again
+        assert eng.infer(synthetic_frames(2, 1, 64, 96))["scores"].shape[0] == 2
+
+
 def test_steel_pack_if_shipped(tmp_path, facts):
     if not (STEEL / "model.json").is_file():
         pytest.skip("engines/models/steel is not in this checkout")

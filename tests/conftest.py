@@ -84,3 +84,13 @@ def running_agent(agent_config):
     for agent, t in started:
         agent.request_stop()
         t.join(20)
+
+
+@pytest.fixture(autouse=True)
+def _structlog_defaults():
+    """Each test starts with structlog's defaults: a command run in process (agent.cli.main) points
+    the log at that test's stderr, and the next test must not inherit it."""
+    yield
+    import structlog
+
+    structlog.reset_defaults()

@@ -12,7 +12,7 @@ import pytest
 from _tiny_onnx import make_pack
 
 from agent import engine_commands as build_cmd
-from engines import build, manifest
+from engines import build, manifest, trt_build
 from engines.modelpack import load_model_pack
 from engines.parity import synthetic_frames
 
@@ -151,7 +151,7 @@ def test_frames_from_npy_and_image_folder(setup, tmp_path):
 def test_build_child_process_reports_its_error(tmp_path):
     """Step (b) runs in a spawned process; whatever stops it comes back as a BuildError."""
     with pytest.raises(build.BuildError, match=r"ModuleNotFoundError: No module named 'tensorrt'"):
-        build.build_in_child(tmp_path / "gate.fp16.onnx", tmp_path / "gate.engine", shapes={},
+        trt_build.build_in_child(tmp_path / "gate.fp16.onnx", tmp_path / "gate.engine", shapes={},
                              workspace_bytes=1 << 30, timing_cache=tmp_path / "timing.cache", timeout_s=120)
     assert not (tmp_path / "gate.engine").exists()
 

@@ -21,7 +21,7 @@ from _fake_gpu import PYCUDA_ERRORS, install, uninstall
 from _tiny_onnx import make_model, make_pack
 
 from agent import engine_commands as build_cmd
-from engines import build, manifest
+from engines import build, manifest, trt_build
 from engines.backends.onnxrt import OnnxRuntimeBackend
 from engines.modelpack import load_model_pack
 from engines.parity import ParityError
@@ -257,7 +257,7 @@ def test_cli_parity_run_out_of_gpu_memory_is_one_line_and_keeps_the_engine(tmp_p
         assert run("engines", "check", "--config", str(cfg), "--model", "gate") == 0
         d = manifest.engine_dir("tiny", facts, tmp_path / "state")
         # the hardware step that builds a plan, in this process (no child: the fakes live here)
-        monkeypatch.setattr(build, "build_in_child", PlanWriter(other=b"FAKEPLAN" + bytes(64)))
+        monkeypatch.setattr(trt_build, "build_in_child", PlanWriter(other=b"FAKEPLAN" + bytes(64)))
         before = snapshot(d)
         capsys.readouterr()
         cuda.fail_on("mem_alloc", PYCUDA_ERRORS["MemoryError"](OOM))
@@ -277,7 +277,7 @@ def test_cli_build_failure_is_one_line(tmp_path, capsys, monkeypatch):
     pack = make_pack(tmp_path / "pack")
     install(monkeypatch)
     try:
-        monkeypatch.setattr(build, "build_in_child", _failing_build_plan)
+        monkeypatch.setattr(trt_build, "build_in_child", _failing_build_plan)
         code = run("engines", "build", "--config", str(_config(tmp_path, pack)), "--model", "gate")
         err = capsys.readouterr().err.strip().splitlines()
         assert code == build_cmd.EXIT_FAILED

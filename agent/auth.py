@@ -304,15 +304,20 @@ def drop_connections(endpoint: str) -> int:
     the process's own outgoing connections never match."""
     if endpoint.startswith("tcp://"):
         host, _, port = endpoint[len("tcp://"):].rpartition(":")
-        want_port = int(port)
-        host = host.strip("[]")
-        match = lambda local: (isinstance(local, tuple) and local[1] == want_port  # noqa: E731
-                               and (host in ("0.0.0.0", "::", "*") or local[0] == host))
-        families = (socket.AF_INET, socket.AF_INET6)
+        want_port, host = int(port), host.strip("[]")
+
+        def match(local: Any) -> bool:
+            return (isinstance(local, tuple) and local[1] == want_port
+                    and (host in ("0.0.0.0", "::", "*") or local[0] == host))
+
+        families: tuple[int, ...] = (socket.AF_INET, socket.AF_INET6)
     elif endpoint.startswith("ipc://"):
         path = endpoint[len("ipc://"):]
-        want_path = "\0" + path[1:] if path.startswith("@") else path
-        match = lambda local: local in (want_path, want_path.encode())  # noqa: E731
+        want_path = "\0" + path[1:] if path.startswith("@") else path  # abstract: a leading NUL
+
+        def match(local: Any) -> bool:
+            return local in (want_path, want_path.encode())
+
         families = (socket.AF_UNIX,)
     else:
         return 0

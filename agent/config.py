@@ -360,8 +360,8 @@ def _check_auth(cfg: Config, raw_auth: dict, errors: list[str]) -> None:
         if not getattr(a, key):
             errors.append(f"auth.{key}: required when auth.enabled with per-role lists ({what})")
     if cfg.control.endpoint.startswith("tcp://") and not a.operators_dir:
-        errors.append(f"auth.operators_dir: required for a tcp:// control endpoint with auth.enabled (the control "
-                      f"socket admits only operator keys); or put control.endpoint on ipc://")
+        errors.append("auth.operators_dir: required for a tcp:// control endpoint with auth.enabled (the control "
+                      "socket admits only operator keys); or put control.endpoint on ipc://")
 
 
 def config_warnings(cfg: Config) -> list[str]:

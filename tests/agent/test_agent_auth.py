@@ -1,13 +1,24 @@
 """CURVE end to end through the real agent: keys from files, allow-list through ZAP."""
 from __future__ import annotations
 
+import os
+import shutil
+import signal
+import socket
+import stat
+import subprocess
+import sys
 import time
 
+import pytest
 import zmq
 from tinypack import frame_with
 
 from agent import auth
 from agent.camera_sim import CameraSim
+from agent.config import config_dict, dump_toml
+from agent.protocol import encode_replay_request, unpack_body
+from agent.service import status_request
 from agent.subscriber import Subscriber
 
 
@@ -64,19 +75,6 @@ def test_only_allowed_peers_get_in_or_out(tmp_path, running_agent, capsys):
 
 
 # --- roles (issue 16, item 9) and revocation on SIGHUP (item 7), through the real agent -------
-import os  # noqa: E402
-import shutil  # noqa: E402
-import signal  # noqa: E402
-import socket  # noqa: E402
-import stat  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-
-import pytest  # noqa: E402
-
-from agent.config import config_dict, dump_toml  # noqa: E402
-from agent.protocol import encode_replay_request, unpack_body  # noqa: E402
-from agent.service import status_request  # noqa: E402
 
 
 @pytest.fixture
@@ -202,7 +200,7 @@ def _wait_notify(sock, want, timeout):
         try:
             if want in sock.recv(4096).decode().split("\n"):
                 return
-        except socket.timeout:
+        except TimeoutError:
             continue
     raise AssertionError(f"{want} not received within {timeout} s")
 

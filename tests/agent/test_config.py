@@ -2,8 +2,8 @@ from __future__ import annotations
 
 import re
 import subprocess
-import typing
 import sys
+import typing
 from pathlib import Path
 
 import pytest
@@ -116,8 +116,8 @@ def test_agent_name_accepts_protocol_names():
 @pytest.mark.parametrize("key, value, why", [
     ("agent.tick_s", 5.0, r"must be <= 1.0, got 5.0 \(the main loop pings the systemd watchdog"),
     ("agent.tick_s", 0.001, r"must be >= 0.02, got 0.001 \(.*under 20 ms it spins a CPU core"),
-    ("publish.heartbeat_s", 60.0, r"must be <= 10.0, got 60.0 \(subscribers see a gap, and a silent agent, "
-                                  r"only through heartbeats"),
+    ("publish.heartbeat_s", 60.0, (r"must be <= 10.0, got 60.0 \(subscribers see a gap, and a silent agent, "
+                                   r"only through heartbeats")),
     ("publish.heartbeat_s", 0.001, r"must be >= 0.05, got 0.001 \(.*crowd the publisher thread"),
     ("models.max_wait_ms", 10_000.0, r"must be <= 5000.0, got 10000.0 \(.*systemd watchdog's stall time"),
 ])
@@ -160,11 +160,11 @@ ROLE_DIRS = {"cameras_dir": "/k/cameras", "subscribers_dir": "/k/subscribers", "
 
 @pytest.mark.parametrize("control, auth, message", [
     ("tcp://0.0.0.0:5558", {}, r"control\.endpoint: tcp://0.0.0.0:5558 binds the control socket on every interface"),
-    ("tcp://*:5558", {"enabled": True, **ROLE_DIRS}, r"control\.endpoint: tcp://\*:5558 binds the control socket "
-                                                    r"on every interface"),
+    ("tcp://*:5558", {"enabled": True, **ROLE_DIRS}, (r"control\.endpoint: tcp://\*:5558 binds the control socket "
+                                                     r"on every interface")),
     ("tcp://[::]:5558", {}, r"binds the control socket on every interface"),
-    ("tcp://10.20.0.5:5558", {}, r"control\.endpoint: tcp://10.20.0.5:5558 is not loopback and auth.enabled is "
-                                 r"false: anyone on that network could reload models"),
+    ("tcp://10.20.0.5:5558", {}, (r"control\.endpoint: tcp://10.20.0.5:5558 is not loopback and auth.enabled is "
+                                  r"false: anyone on that network could reload models")),
     ("tcp://eth0:5558", {}, r"is not loopback and auth.enabled is false"),
     ("ipc://@coilsight", {}, r"control\.endpoint: ipc://@coilsight is an abstract socket"),
 ])
@@ -186,15 +186,15 @@ def test_control_endpoints_that_pass(control, auth):
 
 @pytest.mark.parametrize("auth, message", [
     ({"enabled": True, "allow_dir": "/k/all", "cameras_dir": "/k/c"},
-     r"auth\.allow_dir: the deprecated list for every role cannot be combined with auth\.cameras_dir; move its "
-     r"keys into the role directories"),
+     (r"auth\.allow_dir: the deprecated list for every role cannot be combined with auth\.cameras_dir; move its "
+      r"keys into the role directories")),
     ({"enabled": True, "cameras_dir": "/k/c", "operators_dir": "/k/o"},
-     r"auth\.subscribers_dir: required when auth.enabled with per-role lists \(the publish and replay sockets "
-     r"admit only subscriber keys\)"),
+     (r"auth\.subscribers_dir: required when auth.enabled with per-role lists \(the publish and replay sockets "
+      r"admit only subscriber keys\)")),
     ({"enabled": True, "subscribers_dir": "/k/s", "operators_dir": "/k/o"}, r"auth\.cameras_dir: required"),
     ({"enabled": True, "cameras_dir": "/k/c", "subscribers_dir": "/k/s"},
-     r"auth\.operators_dir: required for a tcp:// control endpoint with auth.enabled .*or put control.endpoint "
-     r"on ipc://"),
+     (r"auth\.operators_dir: required for a tcp:// control endpoint with auth.enabled .*or put control.endpoint "
+      r"on ipc://")),
 ])
 def test_role_lists_are_complete_and_not_mixed_with_the_old_one(auth, message):
     with pytest.raises(ConfigError, match=message):

@@ -10,10 +10,14 @@ import structlog
 import zmq
 
 from agent.auth import (
+    ROLES,
     AuthError,
     HandshakeWatch,
+    bind_private_ipc,
     credentials_dir,
+    drop_connections,
     generate_keys,
+    key_role,
     make_curve_client,
     make_curve_server,
     register,
@@ -244,8 +248,6 @@ def test_credentials_dir(monkeypatch, tmp_path):
 
 
 # --- roles (issue 16, item 9) and revocation (item 7) ---------------------------------------
-from agent.auth import ROLES, bind_private_ipc, drop_connections, key_role  # noqa: E402
-
 
 @pytest.fixture
 def role_keys(tmp_path):

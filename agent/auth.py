@@ -322,8 +322,12 @@ def drop_connections(endpoint: str) -> int:
     else:
         return 0
     dropped = 0
-    fd_dir = Path("/proc/self/fd")
-    for name in os.listdir(fd_dir):
+    try:
+        fds = os.listdir("/proc/self/fd")
+    except OSError as exc:  # no /proc: new handshakes are checked, connected peers stay until they leave
+        log.error("connection_drop_unavailable", endpoint=endpoint, error=str(exc))
+        return 0
+    for name in fds:
         fd = int(name)
         try:
             if not stat.S_ISSOCK(os.fstat(fd).st_mode):

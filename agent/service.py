@@ -173,7 +173,12 @@ class Agent:
             bind_private_ipc(self.control, ep, int(self.cfg.control.socket_mode, 8))
             return None
         watch = socket_setup(self.control, "control") if socket_setup and ep.startswith("tcp://") else None
-        self.control.bind(ep)
+        try:
+            self.control.bind(ep)
+        except BaseException:
+            if watch is not None:
+                watch.close()  # its monitor socket would keep ctx.term() waiting
+            raise
         return watch
 
     def reload_keys(self) -> dict[str, list[str]]:

@@ -69,9 +69,15 @@ def test_only_allowed_peers_get_in_or_out(tmp_path, running_agent, capsys):
         assert list(sub.messages(timeout_s=1.0)) == []
         sub.close()
     good_sub.close()
+    # The old single list (auth.allow_dir) stands for every role: its keys are operators too, and with
+    # auth on the control socket takes CURVE only.
+    assert status_request(cfg.control.endpoint, curve=(sub_sec, server_pub))["ok"]
+    with pytest.raises(TimeoutError):
+        status_request(cfg.control.endpoint, timeout_ms=800, curve=(stranger_sec, server_pub))
     logged = capsys.readouterr().out
     assert "curve_peer_denied" in logged  # the stranger's key, refused by the ZAP allow-list
     assert "curve_handshake_failed" in logged  # the plain-text camera and subscriber, seen by the watch
+    assert "config_deprecated" in logged and "auth.allow_dir: deprecated" in logged
 
 
 # --- roles (issue 16, item 9) and revocation on SIGHUP (item 7), through the real agent -------

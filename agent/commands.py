@@ -48,6 +48,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("status", help="ask a running agent for its health and metrics")
     p.add_argument("--endpoint", default="tcp://127.0.0.1:5558")
     p.add_argument("--config", type=Path, help="read the control endpoint from this config")
+    p.add_argument("--key", type=Path, help="operator secret key file (NAME.key_secret) for a CURVE control socket")
+    p.add_argument("--server-key", type=Path, help="the agent's public key file (server.key) for a CURVE control socket")
     p.set_defaults(func=cmd_status)
 
     p = sub.add_parser("demo", help="camera-sim + agent + subscriber on loopback; prints the coil summary")
@@ -108,7 +110,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
-    from agent.config import ConfigError, load_config
+    from agent.config import ConfigError, config_warnings, load_config
 
     try:
         cfg = load_config(args.config)
@@ -117,6 +119,8 @@ def cmd_check_config(args: argparse.Namespace) -> int:
             print(e)
         print(f"{len(exc.errors)} error(s)")
         return 1
+    for w in config_warnings(cfg):
+        print(f"{args.config}: warning: {w}")
     if args.models:
         from engines.modelpack import ModelPackError, load_calibration, load_model_pack
 
@@ -177,12 +181,27 @@ def cmd_status(args: argparse.Namespace) -> int:
 
     endpoint = args.endpoint
     if args.config:
-        from agent.config import load_config
+        from agent.config import ConfigError, load_config
 
-        endpoint = load_config(args.config).control.endpoint
+        try:
+            cfg = load_config(args.config)
+        except ConfigError as exc:
+            print(f"coilsight status: {exc}", file=sys.stderr)
+            return 2
+        endpoint = cfg.control.endpoint
+        if cfg.auth.enabled and endpoint.startswith("tcp://") and not args.key:
+            print(f"coilsight status: the control socket {endpoint} uses CURVE (auth.enabled): pass --key "
+                  f"OPERATOR.key_secret and --server-key server.key, or put control.endpoint on ipc://",
+                  file=sys.stderr)
+            return 2
+    if bool(args.key) != bool(args.server_key):
+        print("coilsight status: --key and --server-key go together", file=sys.stderr)
+        return 2
+    from agent.auth import AuthError
+
     try:
-        reply = status_request(endpoint)
-    except TimeoutError as exc:
+        reply = status_request(endpoint, curve=(args.key, args.server_key) if args.key else None)
+    except (TimeoutError, AuthError) as exc:
         print(f"coilsight status: {exc}", file=sys.stderr)
         return 1
     print(json.dumps(reply, indent=2, default=str))

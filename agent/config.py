@@ -7,6 +7,9 @@ check-config FILE`` prints all errors at once.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
+import math
+import re
 import tomllib
 import typing
 from dataclasses import dataclass, field
@@ -24,11 +27,10 @@ class ConfigError(ValueError):
         super().__init__("; ".join(errors))
 
 
-
-
-
-def F(default: Any = dataclasses.MISSING, *, lo=None, hi=None, choices: tuple = (), factory=None, doc: str = ""):
-    meta = {"lo": lo, "hi": hi, "choices": choices, "doc": doc}
+def F(default: Any = dataclasses.MISSING, *, lo=None, hi=None, choices: tuple = (), factory=None, doc: str = "",
+      why: str = ""):
+    """A config field. lo/hi: inclusive bounds; why: the reason for them, quoted in the error."""
+    meta = {"lo": lo, "hi": hi, "choices": choices, "doc": doc, "why": why}
     if factory is not None:
         return field(default_factory=factory, metadata=meta)
     return field(default=default, metadata=meta)
@@ -41,7 +43,10 @@ class AgentSection:
     state_dir: str = F("", doc="journal and engines; empty = $STATE_DIRECTORY or ~/.local/state/coilsight")
     log_format: str = F("auto", choices=("auto", "json", "console"))
     log_level: str = F("info", choices=("debug", "info", "warning", "error"))
-    tick_s: float = F(0.2, lo=0.01, hi=5.0, doc="main-loop period: watchdog, deadlines, heartbeats")
+    tick_s: float = F(0.2, lo=0.02, hi=1.0, doc="main-loop period: watchdog, deadlines, control requests",
+                      why="the main loop pings the systemd watchdog, checks coil deadlines and idle timeouts, "
+                          "answers the control socket and saves the crash checkpoint once per tick: under 20 ms "
+                          "it spins a CPU core, over 1 s deadlines and control answers are late by that much")
 
 
 @dataclass(frozen=True)
@@ -62,7 +67,10 @@ class IngestSection:
 class PublishSection:
     endpoint: str = F("tcp://127.0.0.1:5556", doc="PUB socket subscribers connect to (bound)")
     replay_endpoint: str = F("tcp://127.0.0.1:5557", doc="REP socket serving missed ranges (bound)")
-    heartbeat_s: float = F(1.0, lo=0.05, hi=60.0)
+    heartbeat_s: float = F(1.0, lo=0.05, hi=10.0, doc="period of the health heartbeat on the PUB socket",
+                           why="subscribers see a gap, and a silent agent, only through heartbeats: over 10 s "
+                               "a lost event goes unnoticed that long; under 50 ms heartbeats (a health "
+                               "snapshot each) crowd the publisher thread and every subscriber")
     sndhwm: int = F(100_000, lo=1, hi=10_000_000)
     linger_ms: int = F(2000, lo=0, hi=60_000)
     max_replay: int = F(1000, lo=1, hi=100_000, doc="most messages one replay reply carries")
@@ -71,16 +79,49 @@ class PublishSection:
 
 @dataclass(frozen=True)
 class ControlSection:
-    endpoint: str = F("tcp://127.0.0.1:5558", doc="REP socket for `coilsight status` and reloads (bound)")
+    endpoint: str = F("tcp://127.0.0.1:5558", doc="REP socket for `coilsight status` and reloads (bound): "
+                      "loopback tcp://, tcp:// with auth on (CURVE, operator keys), or ipc:// (file permissions)")
+    socket_mode: str = F("0600", choices=("0600", "0660"), doc="file mode of an ipc:// control socket: "
+                         "0600 = the agent's user only, 0660 = also its group (operators)")
     metrics_port: int = F(0, lo=0, hi=65_535, doc="Prometheus HTTP port on 127.0.0.1; 0 = off")
+
+
+LEGACY_ALLOW_DIR = "/etc/coilsight/curve/clients"
 
 
 @dataclass(frozen=True)
 class AuthSection:
-    enabled: bool = F(False, doc="CURVE on the ingest, publish and replay sockets")
+    enabled: bool = F(False, doc="CURVE on the ingest, publish and replay sockets (and control on tcp://)")
     credentials_dir: str = F("", doc="where the server secret key is; $CREDENTIALS_DIRECTORY wins under systemd")
     server_key: str = F("curve-server.key_secret", doc="file name of the server secret key in credentials_dir")
-    allow_dir: str = F("/etc/coilsight/curve/clients", doc="public keys of allowed cameras and subscribers")
+    cameras_dir: str = F("", doc="public keys of cameras: they may push frames and coil_start/coil_end (ingest)")
+    subscribers_dir: str = F("", doc="public keys of subscribers: they may receive events (publish) and ask "
+                                     "for replays (replay)")
+    operators_dir: str = F("", doc="public keys of operators: they may use the control socket on tcp:// "
+                                   "(status, reload); not needed with an ipc:// control socket")
+    allow_dir: str = F("", doc="DEPRECATED: one list for every role (camera, subscriber and operator); "
+                               f"used, as {LEGACY_ALLOW_DIR} when empty, only when no *_dir of a role is set")
+
+    def role_dirs(self) -> dict[str, str]:
+        """role -> allow-list directory; the deprecated single list stands for every role."""
+        if self.legacy():
+            single = self.allow_dir or LEGACY_ALLOW_DIR
+            return {"camera": single, "subscriber": single, "operator": single}
+        dirs = {"camera": self.cameras_dir, "subscriber": self.subscribers_dir, "operator": self.operators_dir}
+        return {role: d for role, d in dirs.items() if d}
+
+    def legacy(self) -> bool:
+        return not (self.cameras_dir or self.subscribers_dir or self.operators_dir)
+
+    def allow_lists(self) -> str | dict[str, str]:
+        """What agent.auth.start_authenticator takes: the deprecated single directory, or role -> directory."""
+        return (self.allow_dir or LEGACY_ALLOW_DIR) if self.legacy() else self.role_dirs()
+
+
+@dataclass(frozen=True)
+class JournalSection:
+    keep_segments: int = F(16, lo=1, hi=10_000, doc="64 MiB journal segments kept for replay; older ones "
+                                                    "are deleted (the replay horizon is about this x 64 MiB)")
 
 
 @dataclass(frozen=True)
@@ -95,9 +136,12 @@ class ModelsSection:
     opt_batch: int = F(8, lo=1, hi=256, doc="TensorRT optimisation profile's opt batch")
     cpu_max_batch: int = F(1, lo=1, hi=256, doc="batch cap while a model runs on the CPU, where a larger batch "
                                                 "is no faster and multiplies activation memory")
-    max_wait_ms: float = F(20.0, lo=0.0, hi=10_000.0, doc="longest a partial batch waits for more frames (backends "
-                                                            "that run stacked batches only; at one frame per call, "
-                                                            "as on the CPU, frames never wait)")
+    max_wait_ms: float = F(20.0, lo=0.0, hi=5_000.0, doc="longest a partial batch waits for more frames (backends "
+                                                           "that run stacked batches only; at one frame per call, "
+                                                           "as on the CPU, frames never wait)",
+                           why="every frame of a partial batch waits this long before inference: it must stay "
+                               "well under the systemd watchdog's stall time (WatchdogSec=10 s, no batch done "
+                               "means no ping) and the coil's budget")
 
 
 @dataclass(frozen=True)
@@ -124,6 +168,7 @@ class Config:
     publish: PublishSection = F(factory=PublishSection)
     control: ControlSection = F(factory=ControlSection)
     auth: AuthSection = F(factory=AuthSection)
+    journal: JournalSection = F(factory=JournalSection)
     models: ModelsSection = F(factory=ModelsSection)
     coil: CoilSection = F(factory=CoilSection)
     cameras: tuple[CameraSection, ...] = F(factory=tuple)
@@ -175,15 +220,19 @@ def _check_value(path: str, value: Any, ftype: Any, meta: dict, errors: list[str
             errors.append(f"{path}: must be a number, got {value!r}")
             return value
         value = float(value)
+        if not math.isfinite(value):  # nan passes every comparison; inf passes every lower bound
+            errors.append(f"{path}: must be a finite number, got {value}")
+            return value
     elif ftype is str:
         if not isinstance(value, str):
             errors.append(f"{path}: must be a string, got {value!r}")
             return value
     lo, hi, choices = meta.get("lo"), meta.get("hi"), meta.get("choices") or ()
+    why = f" ({meta['why']})" if meta.get("why") else ""
     if lo is not None and value < lo:
-        errors.append(f"{path}: must be >= {lo}, got {value}")
+        errors.append(f"{path}: must be >= {lo}, got {value}{why}")
     if hi is not None and value > hi:
-        errors.append(f"{path}: must be <= {hi}, got {value}")
+        errors.append(f"{path}: must be <= {hi}, got {value}{why}")
     if choices and value not in choices:
         errors.append(f"{path}: must be one of {', '.join(map(str, choices))}, got {value!r}")
     return value
@@ -209,11 +258,124 @@ def _build(cls: type, data: dict, prefix: str, errors: list[str]) -> Any:
         return None
 
 
-def _cross_checks(cfg: Config, errors: list[str]) -> None:
+# The protocol's name rule (docs/protocol.md): agent.name also names the journal directory under
+# the state dir, so it must be one plain path component ('.', '..' and '/' can never pass).
+NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.:-]{0,63}")
+_HOST_RE = re.compile(r"[A-Za-z0-9]([A-Za-z0-9-]{0,62})(\.[A-Za-z0-9]([A-Za-z0-9-]{0,62}))*")
+WILDCARD_HOSTS = ("*", "0.0.0.0", "::", "[::]")
+IPC_PATH_MAX = 107  # sockaddr_un.sun_path less its terminating NUL
+
+
+def endpoint_problem(ep: str) -> str | None:
+    """What is wrong with a ZeroMQ endpoint the agent binds, or None. tcp://HOST:PORT with HOST
+    an IP address, [IPv6], a host or interface name, or * and PORT an integer 1-65535;
+    ipc://PATH; inproc://NAME."""
+    if ep.startswith("tcp://"):
+        rest = ep[len("tcp://"):]
+        host, sep, port = rest.rpartition(":")
+        if not sep or not host:
+            return f"must be tcp://HOST:PORT, got {ep!r}"
+        if not (port.isascii() and port.isdigit()) or not 1 <= int(port) <= 65535:
+            return f"port {port!r} in {ep!r} is not an integer 1-65535"
+        if host.startswith("[") and host.endswith("]"):
+            try:
+                ipaddress.IPv6Address(host[1:-1])
+            except ValueError:
+                return f"host {host!r} in {ep!r} is not an IPv6 address"
+        elif host != "*" and not _HOST_RE.fullmatch(host):
+            return f"host {host!r} in {ep!r} is not an IP address, host or interface name, or *"
+        elif host.replace(".", "").isdigit():
+            try:
+                ipaddress.IPv4Address(host)
+            except ValueError:
+                return f"host {host!r} in {ep!r} is not an IPv4 address"
+        return None
+    if ep.startswith("ipc://"):
+        path = ep[len("ipc://"):]
+        if not path or path == "@":
+            return f"ipc:// needs a socket path, got {ep!r}"
+        if len(path.encode()) > IPC_PATH_MAX:
+            return f"ipc path in {ep!r} is {len(path.encode())} bytes, longer than the {IPC_PATH_MAX} a socket takes"
+        return None
+    if ep.startswith("inproc://"):
+        return None if ep[len("inproc://"):] else f"inproc:// needs a name, got {ep!r}"
+    return f"must start with tcp://, ipc:// or inproc://, got {ep!r}"
+
+
+def tcp_host(ep: str) -> str | None:
+    if not ep.startswith("tcp://"):
+        return None
+    return ep[len("tcp://"):].rpartition(":")[0]
+
+
+def is_loopback(host: str) -> bool:
+    h = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if h in ("localhost", "lo"):
+        return True
+    try:
+        return ipaddress.ip_address(h).is_loopback
+    except ValueError:
+        return False
+
+
+def _check_control(cfg: Config, errors: list[str]) -> None:
+    """Control answers status and reloads models: never on every interface, never off the box
+    without CURVE, and with auth on either CURVE (operator keys) or an ipc:// file socket."""
+    ep = cfg.control.endpoint
+    host = tcp_host(ep)
+    if ep.startswith("ipc://@"):
+        errors.append(f"control.endpoint: {ep} is an abstract socket, which any local process may connect to; "
+                      f"use an ipc:// file path (its mode is control.socket_mode) or loopback tcp://")
+    if host is None:
+        return
+    if host in WILDCARD_HOSTS:
+        errors.append(f"control.endpoint: {ep} binds the control socket on every interface; bind it to "
+                      f"127.0.0.1, to one interface with auth.enabled (CURVE, operator keys), or use ipc://")
+    elif not is_loopback(host) and not cfg.auth.enabled:
+        errors.append(f"control.endpoint: {ep} is not loopback and auth.enabled is false: anyone on that network "
+                      f"could reload models; use 127.0.0.1, ipc://, or turn on auth (CURVE, operator keys)")
+
+
+def _check_auth(cfg: Config, raw_auth: dict, errors: list[str]) -> None:
+    a = cfg.auth
+    role_keys = [k for k in ("cameras_dir", "subscribers_dir", "operators_dir") if raw_auth.get(k)]
+    if raw_auth.get("allow_dir") and role_keys:
+        errors.append(f"auth.allow_dir: the deprecated list for every role cannot be combined with "
+                      f"auth.{', auth.'.join(role_keys)}; move its keys into the role directories and remove it")
+        return
+    if not a.enabled or a.legacy():
+        return
+    for key, what in (("cameras_dir", "the ingest socket admits only camera keys"),
+                      ("subscribers_dir", "the publish and replay sockets admit only subscriber keys")):
+        if not getattr(a, key):
+            errors.append(f"auth.{key}: required when auth.enabled with per-role lists ({what})")
+    if cfg.control.endpoint.startswith("tcp://") and not a.operators_dir:
+        errors.append("auth.operators_dir: required for a tcp:// control endpoint with auth.enabled (the control "
+                      "socket admits only operator keys); or put control.endpoint on ipc://")
+
+
+def config_warnings(cfg: Config) -> list[str]:
+    """Things that work but should change; `coilsight check-config` prints them, the agent logs them."""
+    out: list[str] = []
+    if cfg.auth.enabled and cfg.auth.legacy():
+        d = cfg.auth.allow_dir or LEGACY_ALLOW_DIR
+        out.append(f"auth.allow_dir: deprecated: the keys in {d} are admitted for every role (push frames, "
+                   f"subscribe and replay, control); split them into auth.cameras_dir, auth.subscribers_dir and "
+                   f"auth.operators_dir (docs/deployment.md, Roles)")
+    return out
+
+
+def _cross_checks(cfg: Config, errors: list[str], raw: dict | None = None) -> None:
+    if not NAME_RE.fullmatch(cfg.agent.name):
+        errors.append(f"agent.name: must be 1-64 characters from A-Z a-z 0-9 _ . : - starting with a letter, digit "
+                      f"or _ (it names the journal directory under the state dir), got {cfg.agent.name!r}")
     ids = [c.id for c in cfg.cameras]
     for i, cid in enumerate(ids):
         if not cid:
             errors.append(f"cameras[{i}].id: must not be empty")
+        elif not re.fullmatch(r"[A-Za-z0-9_.:-]{1,64}", cid):
+            errors.append(f"cameras[{i}].id: must be 1-64 characters from A-Z a-z 0-9 _ . : - (the protocol's "
+                          f"name rule; frames from another name are rejected), got {cid!r}")
         if ids.count(cid) > 1 and ids.index(cid) == i:
             errors.append(f"cameras[{i}].id: duplicate camera id {cid!r}")
     if cfg.models.opt_batch > cfg.models.max_batch:
@@ -229,18 +391,25 @@ def _cross_checks(cfg: Config, errors: list[str]) -> None:
         if enc not in ("raw", "png", "jpeg"):
             errors.append(f"ingest.allowed_encodings[{i}]: must be raw, png or jpeg, got {enc!r}")
     endpoints = [cfg.ingest.endpoint, cfg.publish.endpoint, cfg.publish.replay_endpoint, cfg.control.endpoint]
-    for name, ep in zip(("ingest.endpoint", "publish.endpoint", "publish.replay_endpoint", "control.endpoint"), endpoints):
-        if not ep.startswith(("tcp://", "ipc://", "inproc://")):
-            errors.append(f"{name}: must start with tcp://, ipc:// or inproc://, got {ep!r}")
+    names = ("ingest.endpoint", "publish.endpoint", "publish.replay_endpoint", "control.endpoint")
+    bad = False
+    for name, ep in zip(names, endpoints):
+        problem = endpoint_problem(ep)
+        if problem:
+            errors.append(f"{name}: {problem}")
+            bad = True
         elif endpoints.count(ep) > 1:
             errors.append(f"{name}: endpoint {ep} is used twice")
+    if not bad:
+        _check_control(cfg, errors)
+    _check_auth(cfg, (raw or {}).get("auth") or {}, errors)
 
 
 def config_from_dict(data: dict, source: str = "<dict>") -> Config:
     errors: list[str] = []
     cfg = _build(Config, data, "", errors)
     if cfg is not None and not errors:
-        _cross_checks(cfg, errors)
+        _cross_checks(cfg, errors, data)
     if errors:
         raise ConfigError([f"{source}: {e}" for e in errors])
     return dataclasses.replace(cfg, source=source)

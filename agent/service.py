@@ -6,6 +6,7 @@ SIGHUP reloads, and a phased, bounded shutdown on SIGTERM/SIGINT.
 """
 from __future__ import annotations
 
+import os
 import signal
 import threading
 import time
@@ -55,6 +56,7 @@ class Agent:
         self.inference: Inference | None = None
         self.control: zmq.Socket | None = None
         self.control_endpoint: str | None = None
+        self._control_watch = None  # agent.auth.HandshakeWatch on a CURVE control socket
         self.metrics_port: int | None = None
         self.summaries_published = 0
         self.reloads = 0
@@ -78,7 +80,8 @@ class Agent:
         self.models.warm_up(min(cfg.models.opt_batch, self.models.batch))  # no larger than it will run
         state = cfg.state_path()
         state.mkdir(parents=True, exist_ok=True)
-        self.journal = Journal(state / "journal" / cfg.agent.name, fsync=cfg.publish.fsync)
+        self.journal = Journal(state / "journal" / cfg.agent.name, fsync=cfg.publish.fsync,
+                               keep_segments=cfg.journal.keep_segments)
         if self.journal.damage:
             log.error("journal_damage_reported", damage=[d.as_dict() for d in self.journal.damage[:10]])
         self.coils = CoilRegistry.for_config(cfg, pack.classes)
@@ -122,7 +125,7 @@ class Agent:
         self.control = self.ctx.socket(zmq.REP)
         self.control.setsockopt(zmq.LINGER, 0)
         self.control.setsockopt(zmq.MAXMSGSIZE, 4096)
-        self.control.bind(cfg.control.endpoint)
+        self._control_watch = self._bind_control(socket_setup)
         self.control_endpoint = self.control.getsockopt_string(zmq.LAST_ENDPOINT)
         if cfg.control.metrics_port:
             self.metrics_port = self.metrics.serve("127.0.0.1", cfg.control.metrics_port)
@@ -149,13 +152,43 @@ class Agent:
             auth.make_curve_server(probe, secret)  # fail here, at start-up, on a missing or bad key
         finally:
             probe.close(linger=0)
-        self.authenticator = auth.start_authenticator(self.ctx, self.cfg.auth.allow_dir)
-        log.info("curve_enabled", allow_dir=self.cfg.auth.allow_dir)
+        from agent.config import config_warnings
+
+        for warning in config_warnings(self.cfg):
+            log.warning("config_deprecated", warning=warning)
+        self.authenticator = auth.start_authenticator(self.ctx, self.cfg.auth.allow_lists())
+        log.info("curve_enabled", allow_lists=self.cfg.auth.allow_lists())
         def setup(sock: zmq.Socket, name: str) -> auth.HandshakeWatch:
-            auth.make_curve_server(sock, secret)
+            auth.make_curve_server(sock, secret, auth.SOCKET_ROLES[name])  # only that role's keys get in
             return auth.HandshakeWatch(sock, name)  # plain-text peers and wrong server keys, logged at a bounded rate
 
         return setup
+
+    def _bind_control(self, socket_setup):
+        """Control on ipc:// is guarded by its file mode; on tcp:// with auth on, by CURVE and the
+        operator keys (config validation refuses non-loopback tcp:// without auth)."""
+        ep = self.cfg.control.endpoint
+        if ep.startswith("ipc://"):
+            from agent.auth import bind_private_ipc
+
+            bind_private_ipc(self.control, ep, int(self.cfg.control.socket_mode, 8))
+            return None
+        watch = socket_setup(self.control, "control") if socket_setup and ep.startswith("tcp://") else None
+        try:
+            self.control.bind(ep)
+        except BaseException:
+            if watch is not None:
+                watch.close()  # its monitor socket would keep ctx.term() waiting
+            raise
+        return watch
+
+    def reload_keys(self) -> dict[str, list[str]]:
+        """SIGHUP: re-read the CURVE allow-lists; peers whose key was removed are cut off at once."""
+        if self.authenticator is None:
+            return {}
+        return self.authenticator.reload_and_revoke({
+            "ingest": self.ingest.bound_endpoint, "publish": self.publisher.pub_endpoint_bound,
+            "replay": self.publisher.replay_endpoint_bound, "control": self.control_endpoint})
 
     # -- main loop ------------------------------------------------------------------------------
     def _on_signal(self, signum: int, _frame: Any) -> None:
@@ -186,6 +219,7 @@ class Agent:
                 self._tick()
                 if self._reload.is_set():
                     self._reload.clear()
+                    self.reload_keys()
                     self.reload_models()
                 now = time.monotonic()
                 if now - last_status >= 5.0:
@@ -205,6 +239,8 @@ class Agent:
                 return
         for s in self.coils.poll():
             self._emit_summary(s)
+        if self._control_watch is not None:
+            self._control_watch.drain()
         self.watchdog.maybe_ping()
         inferred = self.inference.inspected + self.inference.gated_out
         if inferred:
@@ -338,6 +374,8 @@ class Agent:
         log.info("agent_stopped", last_seq=self.journal.last_seq if self.journal else None)
 
     def _close_partial(self) -> None:
+        if self._control_watch is not None:
+            self._control_watch.close()
         if self.control is not None:
             self.control.close(linger=0)
         if self.journal is not None:
@@ -351,13 +389,23 @@ class Agent:
         self.notifier.close()
 
 
-def status_request(endpoint: str, cmd: str = "status", timeout_ms: int = 3000) -> dict:
-    """Ask a running agent over its control socket (`coilsight status`)."""
+def status_request(endpoint: str, cmd: str = "status", timeout_ms: int = 3000,
+                   curve: tuple[str | os.PathLike[str], str | os.PathLike[str]] | None = None) -> dict:
+    """Ask a running agent over its control socket (`coilsight status`). curve: (operator
+    secret key file, server public key file) for a CURVE control socket."""
     ctx = zmq.Context.instance()
     s = ctx.socket(zmq.REQ)
     s.setsockopt(zmq.LINGER, 0)
     s.setsockopt(zmq.RCVTIMEO, timeout_ms)
     s.setsockopt(zmq.SNDTIMEO, timeout_ms)
+    if curve is not None:
+        from agent.auth import make_curve_client
+
+        try:
+            make_curve_client(s, *curve)
+        except BaseException:
+            s.close()
+            raise
     s.connect(endpoint)
     try:
         s.send(msgpack.packb({"cmd": cmd}))

@@ -106,6 +106,9 @@ else
             fi
         done <<'EOF'
 /etc/coilsight 750 root
+/etc/coilsight/curve/cameras 750 root
+/etc/coilsight/curve/subscribers 750 root
+/etc/coilsight/curve/operators 750 root
 /etc/coilsight/curve/clients 750 root
 /var/lib/coilsight 750 coilsight
 /var/lib/coilsight/engines 750 coilsight

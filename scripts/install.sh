@@ -110,8 +110,9 @@ if [ "$curve" -eq 1 ]; then
         "$venv_dir/bin/coilsight" keys generate --out "$etc/curve" --name server
         chown root:root "$etc/curve/server.key_secret"
         chmod 0600 "$etc/curve/server.key_secret"
-        echo "    give $etc/curve/server.key (public) to cameras and subscribers;"
-        echo "    put their *.key files in $etc/curve/clients/"
+        echo "    give $etc/curve/server.key (public) to cameras, subscribers and operators;"
+        echo "    put their public keys (coilsight keys generate --role ...) in $etc/curve/cameras/,"
+        echo "    $etc/curve/subscribers/ and $etc/curve/operators/ (docs/deployment.md, Roles)"
     fi
 fi
 

@@ -10,10 +10,14 @@ import structlog
 import zmq
 
 from agent.auth import (
+    ROLES,
     AuthError,
     HandshakeWatch,
+    bind_private_ipc,
     credentials_dir,
+    drop_connections,
     generate_keys,
+    key_role,
     make_curve_client,
     make_curve_server,
     register,
@@ -241,3 +245,188 @@ def test_credentials_dir(monkeypatch, tmp_path):
     systemd_creds.mkdir()
     monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(systemd_creds))
     assert credentials_dir(tmp_path / "ignored") == systemd_creds  # systemd wins over the config
+
+
+# --- roles (issue 16, item 9) and revocation (item 7) ---------------------------------------
+
+@pytest.fixture
+def role_keys(tmp_path):
+    """server; cam0, cam1 (camera), sub0 (subscriber), each role's allow-list directory."""
+    d = tmp_path / "keys"
+    out = {"server": generate_keys(d, "server")}
+    dirs = {role: tmp_path / f"{role}s" for role in ROLES}
+    for p in dirs.values():
+        p.mkdir()
+    for name, role in (("cam0", "camera"), ("cam1", "camera"), ("sub0", "subscriber"), ("op0", "operator")):
+        out[name] = generate_keys(d, name, role)
+        (dirs[role] / f"{name}.key").write_bytes(out[name][0].read_bytes())
+    out["dirs"] = dirs
+    return out
+
+
+@pytest.fixture
+def role_auth(ctx, role_keys):
+    a = start_authenticator(ctx, role_keys["dirs"])
+    yield a
+    a.stop()
+
+
+def role_server(ctx, kind, keys, role):
+    s = ctx.socket(kind)
+    s.linger = 0
+    make_curve_server(s, keys["server"][1], role)
+    return s, f"tcp://127.0.0.1:{s.bind_to_random_port('tcp://127.0.0.1')}"
+
+
+def test_a_key_gets_in_only_on_its_roles_sockets(ctx, role_keys, role_auth):
+    ingest, ingest_addr = role_server(ctx, zmq.PULL, role_keys, "camera")
+    pub, pub_addr = role_server(ctx, zmq.PUB, role_keys, "subscriber")
+    # A subscriber key cannot push frames; a camera key can.
+    sneaky = client_socket(ctx, zmq.PUSH, role_keys, "sub0", ingest_addr)
+    try_send(sneaky, b"frame from a subscriber key")
+    assert wait_for(lambda: role_auth.allow_lists["camera"].denied >= 1), "ZAP never saw the subscriber key"
+    cam = client_socket(ctx, zmq.PUSH, role_keys, "cam0", ingest_addr)
+    cam.send(b"frame from a camera")
+    assert recv_within(ingest, 5000) == [b"frame from a camera"]
+    assert recv_within(ingest, 300) is None
+    # A camera key cannot subscribe; a subscriber key can.
+    subs = {}
+    for name in ("cam0", "sub0"):
+        s = client_socket(ctx, zmq.SUB, role_keys, name, pub_addr)
+        s.setsockopt(zmq.SUBSCRIBE, b"")
+        subs[name] = s
+    got = {name: 0 for name in subs}
+    deadline = time.monotonic() + 10
+    while got["sub0"] < 5 and time.monotonic() < deadline:
+        pub.send(b"event")
+        for name, s in subs.items():
+            while recv_within(s, 10) is not None:
+                got[name] += 1
+    assert got["sub0"] >= 5 and got["cam0"] == 0
+    assert role_auth.allow_lists["subscriber"].denied >= 1
+
+
+def test_an_unknown_zap_domain_admits_nobody(ctx, role_keys, role_auth):
+    pull = ctx.socket(zmq.PULL)
+    pull.linger = 0
+    make_curve_server(pull, role_keys["server"][1])  # no role: domain "" -> no list for it
+    addr = f"tcp://127.0.0.1:{pull.bind_to_random_port('tcp://127.0.0.1')}"
+    push = client_socket(ctx, zmq.PUSH, role_keys, "cam0", addr)
+    try_send(push, b"x")
+    assert recv_within(pull, 500) is None
+    with pytest.raises(AuthError, match=r"unknown role 'admin' \(known: camera, subscriber, operator\)"):
+        make_curve_server(pull, role_keys["server"][1], "admin")
+
+
+def test_revoked_key_is_cut_off_and_the_others_reconnect(ctx, role_keys, role_auth):
+    pull, addr = role_server(ctx, zmq.PULL, role_keys, "camera")
+    cams = {}
+    for name in ("cam0", "cam1"):
+        c = client_socket(ctx, zmq.PUSH, role_keys, name, addr)
+        c.sndtimeo = 100
+        c.send(name.encode())
+        cams[name] = c
+    assert sorted([recv_within(pull, 5000)[0], recv_within(pull, 5000)[0]]) == [b"cam0", b"cam1"]
+    (role_keys["dirs"]["camera"] / "cam0.key").unlink()
+    revoked = role_auth.reload_and_revoke({"ingest": addr, "publish": None})
+    assert revoked == {"camera": ["cam0"]}
+    got = []
+    deadline = time.monotonic() + 5
+    while got.count(b"cam1") < 10 and time.monotonic() < deadline:
+        for name, c in cams.items():
+            try:
+                c.send(name.encode())
+            except zmq.Again:
+                pass
+        while (msg := recv_within(pull, 20)) is not None:
+            got.append(msg[0])
+    assert got.count(b"cam1") >= 10  # the kept camera reconnected by itself
+    assert got.count(b"cam0") == 0  # the revoked one, connected before the reload, gets nothing in
+    assert role_auth.allow_lists["camera"].denied >= 1
+
+
+def test_revoked_subscriber_stops_receiving(ctx, role_keys, role_auth):
+    pub, addr = role_server(ctx, zmq.PUB, role_keys, "subscriber")
+    sub = client_socket(ctx, zmq.SUB, role_keys, "sub0", addr)
+    sub.setsockopt(zmq.SUBSCRIBE, b"")
+    deadline = time.monotonic() + 10
+    while recv_within(sub, 20) is None and time.monotonic() < deadline:
+        pub.send(b"before")
+    (role_keys["dirs"]["subscriber"] / "sub0.key").unlink()
+    assert role_auth.reload_and_revoke({"publish": addr}) == {"subscriber": ["sub0"]}
+    while recv_within(sub, 100) is not None:  # what was on the wire before the cut
+        pass
+    for _ in range(20):
+        pub.send(b"after")
+        assert recv_within(sub, 20) is None
+
+
+def test_drop_connections_leaves_the_listener_and_outgoing_connections(ctx, role_keys):
+    pull = ctx.socket(zmq.PULL)
+    pull.linger = 0
+    addr = f"tcp://127.0.0.1:{pull.bind_to_random_port('tcp://127.0.0.1')}"
+    push = ctx.socket(zmq.PUSH)
+    push.linger = 0
+    push.connect(addr)
+    push.send(b"1")
+    assert recv_within(pull, 5000) == [b"1"]
+    assert drop_connections(addr) == 1  # the accepted one; not the listener, not the PUSH side
+    push.send(b"2")  # the PUSH reconnects by itself to the same, still bound, listener
+    assert recv_within(pull, 5000) == [b"2"]
+    assert drop_connections("inproc://nothing") == 0
+
+
+def test_reload_after_start_skips_bad_files_and_keeps_a_vanished_dir(ctx, role_keys, role_auth, tmp_path):
+    cams = role_keys["dirs"]["camera"]
+    (cams / "junk.key").write_text("hello\n")
+    (cams / "wrong-role.key").write_bytes(role_keys["sub0"][0].read_bytes())
+    with structlog.testing.capture_logs() as logs:
+        assert role_auth.reload() == {}
+    skipped = sorted(e["file"].rsplit("/", 1)[1] for e in logs if e["event"] == "curve_key_file_skipped")
+    assert skipped == ["junk.key", "wrong-role.key"]
+    assert role_auth.allow_lists["camera"].names() == ["cam0", "cam1"]
+    subs = role_keys["dirs"]["subscriber"]
+    (subs / "sub0.key").rename(tmp_path / "sub0.key")
+    subs.rmdir()
+    with structlog.testing.capture_logs() as logs:
+        assert role_auth.reload() == {}
+    assert [e["role"] for e in logs if e["event"] == "curve_allow_list_reload_failed"] == ["subscriber"]
+    assert role_auth.allow_lists["subscriber"].names() == ["sub0"]  # kept: a missing dir is not "nobody"
+
+
+def test_a_key_made_for_another_role_is_refused_at_start(ctx, role_keys):
+    (role_keys["dirs"]["camera"] / "sub0.key").write_bytes(role_keys["sub0"][0].read_bytes())
+    with pytest.raises(AuthError, match=r"sub0.key was generated for role 'subscriber' but is in the camera "
+                                        r"allow-list .*; a subscriber key may not push frames"):
+        start_authenticator(ctx, role_keys["dirs"])
+
+
+def test_generate_keys_with_a_role(tmp_path, capsys):
+    public, secret = generate_keys(tmp_path, "cam9", "camera")
+    assert key_role(public) == "camera" and key_role(secret) == "camera"
+    assert key_role(generate_keys(tmp_path, "plain")[0]) is None
+    with pytest.raises(AuthError, match=r"unknown role 'admin'"):
+        generate_keys(tmp_path, "x", "admin")
+    parser = argparse.ArgumentParser(prog="coilsight")
+    register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["keys", "generate", "--out", str(tmp_path), "--name", "mes", "--role", "subscriber"])
+    assert args.func(args) == 0
+    out = capsys.readouterr().out
+    assert f"install -m 0644 {tmp_path / 'mes.key'} /etc/coilsight/curve/subscribers/" in out
+    assert "role: subscriber: may receive events" in out
+    assert key_role(tmp_path / "mes.key") == "subscriber"
+
+
+@pytest.mark.parametrize("mode", [0o600, 0o660])
+def test_private_ipc_control_socket(ctx, tmp_path, mode):
+    rep = ctx.socket(zmq.REP)
+    rep.linger = 0
+    path = bind_private_ipc(rep, f"ipc://{tmp_path}/control.sock", mode)
+    assert stat.S_IMODE(path.stat().st_mode) == mode
+    req = ctx.socket(zmq.REQ)
+    req.linger = 0
+    req.connect(f"ipc://{path}")
+    req.send(b"status")
+    assert recv_within(rep, 5000) == [b"status"]
+    with pytest.raises(AuthError, match=r"an abstract @name has no file permissions"):
+        bind_private_ipc(rep, "ipc://@coilsight-control", 0o600)

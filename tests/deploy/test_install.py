@@ -53,7 +53,8 @@ def test_staged_install_lays_out_the_box(source, tmp_path):
     uid = int(next(line for line in passwd.splitlines() if line.startswith("coilsight:")).split(":")[2])
     state = root / "var/lib/coilsight"
     assert state.stat().st_uid == uid and mode(state) == 0o750
-    assert mode(root / "etc/coilsight/curve/clients") == 0o750
+    for role_dir in ("cameras", "subscribers", "operators", "clients"):  # clients: the deprecated single list
+        assert mode(root / "etc/coilsight/curve" / role_dir) == 0o750
     config = root / "etc/coilsight/steel.toml"
     assert config.read_text() == "# steel profile\n" and mode(config) == 0o640
     assert (root / "opt/coilsight/share/docs/deployment.md").is_file()

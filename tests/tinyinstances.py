@@ -3,9 +3,11 @@
 Same classes and cells as tests/tinypack.py ("bright", "dark": 4x4 px cells whose mean grey level
 is high or low), plus the instance head of the contract (docs/architecture.md) at stride 4:
 
-- ``heatmap`` = the class probabilities averaged over 5x5 cells (zeros outside the map): a square
-  of 5x5 cells (20 px, aligned to 4 px) peaks at its centre cell with ~1.0, its neighbours lower;
-- ``size``    = 4 x the number of "on" cells (any class prob > 0.5) in the cell's row (w) and column (h)
+- ``heatmap`` = sigmoid(8 (d - 0.6)), d = the share of the class's "on" cells (the cells whose
+  probability is over 0.5) in the 5x5 cells around (zeros outside the map): a square of 5x5 cells
+  (20 px, aligned to 4 px) peaks at its centre cell with sigmoid(3.2) = 0.961, its neighbours
+  lower; a 16 px square (4x4 cells) tops out at a 2x2 plateau of sigmoid(0.32) = 0.579;
+- ``size``    = 4 x the number of "on" cells (any class) in the cell's row (w) and column (h)
   within +-4 cells: the square's 20 x 20 px at its centre cell;
 - ``offset``  = 0.5, 0.5 everywhere: the centre of the cell, which is the square's centre.
 
@@ -37,13 +39,14 @@ def instance_graph(role: str, channels: int = 1, size_gain: float = 1.0) -> onnx
     """role "gate": ``scores`` [N, 2]; role "seg": ``probs``, ``heatmap`` [N, 2, H/4, W/4], ``size`` and
     ``offset`` [N, 2, H/4, W/4]."""
     inp = helper.make_tensor_value_info("image", TensorProto.UINT8, ["N", channels, "H", "W"])
-    size_w = np.zeros((2, 1, 9, 9), np.float32)
-    size_w[0, 0, 4, :] = 4.0 * size_gain  # row: width in px
-    size_w[1, 0, :, 4] = 4.0 * size_gain  # column: height in px
+    size_w = np.zeros((2, 2, 9, 9), np.float32)  # on cells of either class
+    size_w[0, :, 4, :] = 4.0 * size_gain  # row: width in px
+    size_w[1, :, :, 4] = 4.0 * size_gain  # column: height in px
     inits = [
         _f("scale", 1 / 255.0), _f("hi", 0.6), _f("lo", 0.15), _f("gain", 30.0),
         _f("size_w", size_w), _f("size_b", np.zeros(2)),
-        _f("off_w", np.zeros((2, 1, 1, 1))), _f("off_b", np.full(2, 0.5)), _f("half", 0.5),
+        _f("off_w", np.zeros((2, 2, 1, 1))), _f("off_b", np.full(2, 0.5)),
+        _f("heat_mid", 0.6), _f("heat_gain", 8.0),
     ]
     nodes = [
         helper.make_node("Cast", ["image"], ["xf"], to=TensorProto.FLOAT),
@@ -63,12 +66,19 @@ def instance_graph(role: str, channels: int = 1, size_gain: float = 1.0) -> onnx
         outs = [helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["N", 2])]
         inits = inits[:4]
     else:
+        # the head reads the cells' "on" masks (the same tests as probs > 0.5), not probs, so the FP16
+        # converter keeps probs' final Sigmoid in FP32 with nothing downstream of it
         nodes += [
-            helper.make_node("AveragePool", ["probs"], ["heatmap"], kernel_shape=[5, 5], strides=[1, 1],
+            helper.make_node("Sign", ["b0"], ["bright_s"]),  # pooled - hi
+            helper.make_node("Relu", ["bright_s"], ["bright_on"]),  # 1 where over, else 0
+            helper.make_node("Sign", ["d0"], ["dark_s"]),  # lo - pooled
+            helper.make_node("Relu", ["dark_s"], ["dark_on"]),
+            helper.make_node("Concat", ["bright_on", "dark_on"], ["on"], axis=1),
+            helper.make_node("AveragePool", ["on"], ["density"], kernel_shape=[5, 5], strides=[1, 1],
                              pads=[2, 2, 2, 2], count_include_pad=1),
-            helper.make_node("ReduceMax", ["probs"], ["pmax"], axes=[1], keepdims=1),
-            helper.make_node("Greater", ["pmax", "half"], ["on_b"]),
-            helper.make_node("Cast", ["on_b"], ["on"], to=TensorProto.FLOAT),
+            helper.make_node("Sub", ["density", "heat_mid"], ["h0"]),
+            helper.make_node("Mul", ["h0", "heat_gain"], ["h1"]),
+            helper.make_node("Sigmoid", ["h1"], ["heatmap"]),
             helper.make_node("Conv", ["on", "size_w", "size_b"], ["size_raw"], pads=[4, 4, 4, 4]),
             helper.make_node("Relu", ["size_raw"], ["size"]),
             helper.make_node("Conv", ["on", "off_w", "off_b"], ["offset"]),

@@ -135,3 +135,27 @@ def test_the_runner_returns_and_checks_the_instance_outputs(tmp_path):
         assert out["heatmap"][0, 0].argmax() == np.ravel_multi_index((7, 12), (16, 64))  # the square's centre cell
         assert out["size"][0, :, 7, 12] == pytest.approx((20.0, 20.0))
         assert models.seg(x).shape == (1, 2, 16, 64)  # probs alone, as before
+
+
+def test_the_documented_model_json_loads(tmp_path):
+    """docs/architecture.md's model.json example is a format-3 pack this reader loads, instances and all."""
+    import re
+    from pathlib import Path
+
+    from tinyinstances import instance_graph
+
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "architecture.md").read_text()
+    body = re.search(r"```json example:model_json\n(.*?)```", doc, re.S).group(1)
+    meta = json.loads(body)
+    meta["classes"] = ["crazing", "scratches"]
+    import onnx
+
+    from engines.modelpack import sha256_file
+
+    for role in ("gate", "seg"):
+        onnx.save(instance_graph(role), tmp_path / f"{role}.onnx")
+        meta["models"][role]["sha256"] = sha256_file(tmp_path / f"{role}.onnx")
+    (tmp_path / "model.json").write_text(json.dumps(meta))
+    pack = load_model_pack(tmp_path)
+    assert pack.meta["format"] == 3 and pack.gate.input_pool == 2
+    assert pack.seg.instances == InstanceSpec("heatmap", "size", "offset", 4)

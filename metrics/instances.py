@@ -157,3 +157,53 @@ def count_instances(gt_boxes, gt_classes, dt_boxes, dt_classes, n_classes: int, 
     out.split = int((event_on_defect.sum(axis=1) >= 2).sum())
     out.merged = int((defect_in_event.sum(axis=0) >= 2).sum())
     return out
+
+
+def match_by_score(gt_boxes, gt_classes, dt_boxes, dt_classes, dt_scores, *, min_iou: float = 0.5) -> np.ndarray:
+    """COCO's matching: events in falling score order each take the unmatched true defect of their
+    class with the highest IoU >= min_iou. Returns a bool [events] flag: matched (a true positive).
+    An event's flag never depends on lower-scored events, so thresholding the scores at t keeps
+    exactly the flags of the events scoring >= t (what choose_score_threshold relies on)."""
+    gt, dt = _boxes(gt_boxes), _boxes(dt_boxes)
+    gc = np.asarray(gt_classes, np.int64).reshape(-1)
+    dc = np.asarray(dt_classes, np.int64).reshape(-1)
+    sc = np.asarray(dt_scores, np.float64).reshape(-1)
+    if len(gc) != len(gt) or len(dc) != len(dt) or len(sc) != len(dt):
+        raise ValueError("match_by_score: boxes, classes and scores differ in length")
+    tp = np.zeros(len(dt), bool)
+    if len(gt) == 0 or len(dt) == 0:
+        return tp
+    iou = box_iou(gt, dt)
+    taken = np.zeros(len(gt), bool)
+    for d in np.argsort(-sc, kind="stable"):
+        ok = (~taken) & (gc == dc[d]) & (iou[:, d] >= min_iou)
+        if ok.any():
+            g = int(np.argmax(np.where(ok, iou[:, d], -1.0)))
+            taken[g] = True
+            tp[d] = True
+    return tp
+
+
+def choose_score_threshold(scores, matched, n_true: int, candidates) -> tuple[float, dict]:
+    """The candidate threshold with the best F1 of matched events (events scoring >= t; recall over
+    ``n_true`` true defects). Ties go to the highest threshold (fewer events for the same F1).
+    Returns (threshold, {"f1", "precision", "recall", "events", "matched"} at it)."""
+    s = np.asarray(scores, np.float64).reshape(-1)
+    m = np.asarray(matched, bool).reshape(-1)
+    if s.shape != m.shape:
+        raise ValueError(f"{s.size} scores for {m.size} matched flags")
+    cands = sorted({float(c) for c in candidates})
+    if not cands:
+        raise ValueError("no candidate thresholds")
+    best: tuple[float, float, dict] | None = None
+    for t in cands:
+        keep = s >= t
+        events, tp = int(keep.sum()), int((keep & m).sum())
+        precision = tp / events if events else 0.0
+        recall = tp / n_true if n_true else 0.0
+        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+        if best is None or f1 >= best[0]:
+            best = (f1, t, {"f1": round(f1, 6), "precision": round(precision, 6), "recall": round(recall, 6),
+                            "events": events, "matched": tp})
+    assert best is not None
+    return best[1], best[2]

@@ -74,3 +74,25 @@ def test_bad_input_is_refused():
         count_instances([[0, 0, 1, 1]], [0, 1], [], [], 2)
     with pytest.raises(ValueError, match="min_iou and cover must be in"):
         count_instances([], [], [], [], 2, min_iou=0.0)
+
+
+def test_match_by_score_is_cocos_greedy_order_and_same_class():
+    from metrics.instances import match_by_score
+
+    gt = [[0, 0, 10, 10]]
+    # the higher-scored event takes the defect even with the lower IoU; a wrong-class event never matches
+    tp = match_by_score(gt, [0], [[0, 0, 10, 10], [1, 0, 10, 10], [0, 0, 10, 10]], [0, 0, 1], [0.5, 0.9, 0.99])
+    assert tp.tolist() == [False, True, False]
+    assert match_by_score([], [], [[0, 0, 1, 1]], [0], [0.5]).tolist() == [False]
+
+
+def test_choose_score_threshold_maximises_f1_and_prefers_the_higher_tie():
+    from metrics.instances import choose_score_threshold
+
+    scores = [0.9, 0.8, 0.6, 0.4, 0.35]
+    matched = [True, True, False, True, False]
+    t, at = choose_score_threshold(scores, matched, 4, [0.3, 0.5, 0.7])
+    # t 0.3: 3/5 events, 3/4 defects, F1 .667; t 0.5: 2/3, 2/4, F1 .571; t 0.7: 2/2, 2/4, F1 .667 -> 0.7
+    assert t == 0.7 and at["events"] == 2 and at["matched"] == 2 and at["f1"] == pytest.approx(2 / 3)
+    with pytest.raises(ValueError, match="no candidate thresholds"):
+        choose_score_threshold(scores, matched, 4, [])

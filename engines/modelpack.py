@@ -26,6 +26,12 @@ READABLE_PACK_FORMATS = (1, 2, 3)
 CALIBRATION_FORMAT = 1
 
 
+def pack_format(models: dict[str, dict]) -> int:
+    """The lowest model.json format that holds these model entries, so a pack stays readable by the
+    oldest agent that can run it: 3 with an ``instances`` block, else 2 (what exporters wrote before)."""
+    return 3 if any("instances" in m for m in models.values()) else 2
+
+
 class ModelPackError(ValueError):
     """The model pack on disk is missing, malformed or inconsistent."""
 

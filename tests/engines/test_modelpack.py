@@ -159,3 +159,11 @@ def test_the_documented_model_json_loads(tmp_path):
     pack = load_model_pack(tmp_path)
     assert pack.meta["format"] == 3 and pack.gate.input_pool == 2
     assert pack.seg.instances == InstanceSpec("heatmap", "size", "offset", 4)
+
+
+def test_pack_format_is_the_lowest_that_holds_the_models():
+    from engines.modelpack import pack_format
+
+    plain = {"gate": {"file": "gate.onnx"}, "seg": {"file": "seg.onnx", "output": "probs"}}
+    assert pack_format(plain) == 2  # readable by every agent since input_pool
+    assert pack_format({**plain, "seg": {**plain["seg"], "instances": {"stride": 4}}}) == 3

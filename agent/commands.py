@@ -143,15 +143,16 @@ def cmd_camera_sim(args: argparse.Namespace) -> int:
         frames = folder_frames(args.folder)
     elif args.compose_from:
         frames = composed_frames(args.frames, args.defect_fraction, profile=args.profile, data_root=args.compose_from,
-                                 split=args.split, seed=args.seed)
+                                 split=args.split, seed=args.seed, with_instances=True)
     else:
-        frames = synthetic_frames(args.frames, args.defect_fraction, seed=args.seed)
+        frames = synthetic_frames(args.frames, args.defect_fraction, seed=args.seed, with_instances=True)
     cam = CameraSim(args.endpoint, camera=args.camera)
     sent = cam.send_coil(args.coil, frames, rate_hz=args.rate, encoding=args.encoding, gt_dir=args.gt_dir,
                          classes=STEEL_CLASSES)
     cam.close()
     print(json.dumps({"coil": sent.coil, "camera": sent.camera, "sent": sent.sent,
-                      "defective": len(sent.defective), "not_sent": len(sent.dropped)}))
+                      "defective": len(sent.defective), "defects": sum(len(v) for v in sent.instances.values()),
+                      "not_sent": len(sent.dropped)}))
     return 0 if not sent.dropped else 1
 
 

@@ -30,6 +30,9 @@ from calibration.classes import (
     pick_class_thresholds,
 )
 from calibration.gate import GateChoice, choose_gate_threshold, gate_at, min_positives_for
+from calibration.instances import INSTANCE_THRESHOLD_GRID, choose_instance_thresholds, true_boxes
+from calibration.instances import OBJECTIVE as INSTANCE_OBJECTIVE
+from engines.instances import decode_instances
 from engines.atomic import write_json_atomic
 from engines.modelpack import CALIBRATION_FORMAT, ModelPack
 from metrics import box_masks
@@ -252,14 +255,23 @@ def calibrate(
     if size_doc is not None:
         gate_doc["size_matched"] = size_doc
 
+    head = pack.seg.instances  # an instance head: its per-class thresholds are chosen too
+    decoded: list[tuple[list, Any]] = []
+
     def probs_and_masks():
         with PackRunner(pack, backend=backend, threads=threads, max_batch=batch, roles=("seg",)) as models:
             for idx in _batches(shapes[:n], batch):
                 try:
-                    out = models.seg(batch_input(idx), frames[idx[0]].source)
+                    outs = models.seg_outputs(batch_input(idx), frames[idx[0]].source)
                 except RunnerError as exc:
                     raise CalibrationError(str(exc)) from None
+                out = outs[pack.seg.output]
                 for j, i in enumerate(idx):
+                    if head is not None:
+                        decoded.append((decode_instances(
+                            outs[head.heatmap][j], outs[head.size][j], outs[head.offset][j], stride=head.stride,
+                            thresholds=min(INSTANCE_THRESHOLD_GRID), frame_hw=shapes[i][:2], max_instances=100),
+                            true_boxes(frames[i])))
                     yield i, out[j], _sample_masks(frames[i])
 
     order: list[int] = []
@@ -289,6 +301,8 @@ def calibrate(
         d[stopped] = np.where(search.positives[stopped, k], 0.0, 1.0)
         c.dice_with_gate = float(d.mean())
 
+    instance_docs = choose_instance_thresholds(pack.classes, decoded) if head is not None else {}
+
     info = dict(data_info or {})
     info.setdefault("what", "samples")
     info.setdefault("split", "unknown")
@@ -302,7 +316,7 @@ def calibrate(
         "profile": pack.profile,
         "models": {role: m.sha256 for role, m in pack.models.items()},
         "gate": gate_doc,
-        "classes": {name: choices[name].to_json() for name in pack.classes},
+        "classes": {name: {**choices[name].to_json(), **instance_docs.get(name, {})} for name in pack.classes},
         "search": {
             "pixel_thresholds": list(ts),
             "min_areas_px": list(areas),
@@ -310,6 +324,8 @@ def calibrate(
                          "components below min_area_px (output cells x stride^2, as engines/postprocess.py "
                          "counts them) removed, masks upsampled nearest to image size",
             "tie_break": "lowest pixel_threshold, then smallest min_area_px",
+            **({"instance_thresholds": list(INSTANCE_THRESHOLD_GRID), "instance_objective": INSTANCE_OBJECTIVE}
+               if head is not None else {}),
             "min_positive_images": min_positive_images,
             "min_image_recall": min_image_recall,
             "min_gate_positives": min_positives_for(recall_target) if min_gate_positives is None else min_gate_positives,

@@ -97,8 +97,10 @@ def _register_evaluate(sub) -> None:
         "evaluate",
         help="evaluate a model pack on a labelled data split (gate AUC, Dice, mAP, defect type)",
         description="Run the profile's model pack (ONNX Runtime by default) over a split of its labelled data "
-                    "and report gate ROC AUC/recall/precision/pass rate at the calibrated threshold, Severstal "
-                    "Dice and IoU per class, detection mAP@0.5 and mAP@0.5:0.95, and defect-type accuracy. "
+                    "and report gate ROC AUC/recall/precision/pass rate at the calibrated threshold, Dice on "
+                    "images holding each class (then Severstal Dice) and IoU per class, detection mAP@0.5 and "
+                    "mAP@0.5:0.95 per class and by box area, instance counts (true defects, events, matched, "
+                    "split, merged) with a class confusion matrix, and defect-type accuracy. "
                     "Writes evaluation_<split>.json and .md to --out and prints the markdown.",
     )
     p.add_argument("--profile", required=True, choices=PROFILES, help="data profile and model pack to evaluate")

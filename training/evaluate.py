@@ -16,9 +16,14 @@ What is measured (thresholds from the pack's calibration.json):
   the image. Severstal Dice (metrics.dice_severstal) per class and mean, IoU pooled
   per class. Box-only data (NEU) is scored against its boxes rasterised as masks. Reported both
   for the seg model alone and for the pipeline (frames the gate stops predict nothing).
-- detection view: each kept component is a box (its extent in image px) with score = the
-  highest probability inside it, scored with pycocotools COCOeval against the annotated boxes:
-  mAP@0.5 and mAP@0.5:0.95 (plus AP@0.5 per class).
+- detection view: the events the agent would publish, as boxes: for a pack with an instance head
+  (model.json format 3) its decoded instances (engines.instances, score = the peak), else each
+  kept component (its extent in image px, score = the highest probability inside it). Scored with
+  pycocotools COCOeval against the annotated boxes: mAP@0.5 and mAP@0.5:0.95, overall, per class
+  and by true box area (AREA_RANGES: 0-40^2, 40-70^2, 70-96^2, 96^2+ px).
+- instances (metrics.instances): true defects, events, matched one-to-one at IoU >= 0.5, split
+  (one defect, several events), merged (one event, several defects), missed, false, the median
+  best and matched IoU, and a class confusion matrix of the matched pairs (plus missed / false).
 - defect type: on images that carry exactly one class, argmax of the gate scores vs that class.
 
 Data without defect-free images (NEU) gets gate negatives from training.datasets.clean_crops of
@@ -44,8 +49,10 @@ import numpy as np
 import structlog
 
 from metrics import dice_pairs, precision_recall, roc_auc
+from metrics.instances import InstanceCounts, count_instances
 from training import datasets
 from engines.components import class_components
+from engines.instances import decode_instances
 from training.datasets import Box, Sample
 from engines import runner
 from engines.modelpack import Calibration, ModelPack, load_calibration, load_model_pack
@@ -55,6 +62,12 @@ log = structlog.get_logger(__name__)
 PAD_MULTIPLE = 8
 MAX_PENDING_BATCHES = 4  # images waiting for a same-size partner, in batches
 REPORT_FORMAT = 1
+# COCO area ranges of true boxes (px^2) for mAP by size; seed 002's split of small defects
+AREA_RANGES: dict[str, tuple[float, float]] = {
+    "all": (0.0, 1e10), "0-40": (0.0, 40.0 ** 2), "40-70": (40.0 ** 2, 70.0 ** 2),
+    "70-96": (70.0 ** 2, 96.0 ** 2), "96+": (96.0 ** 2, 1e10),
+}
+MATCH_IOU = 0.5  # instance counts: one-to-one matches at this IoU
 
 
 class EvaluationError(RuntimeError):
@@ -113,7 +126,9 @@ def coco_map(
     image_sizes: Sequence[tuple[int, int]],
     n_classes: int,
 ) -> dict[str, Any]:
-    """mAP@0.5, mAP@0.5:0.95 (COCOeval, bbox, maxDets 100) and AP@0.5 per class.
+    """mAP@0.5, mAP@0.5:0.95 (COCOeval, bbox, maxDets 100), both per class and by true box area
+    (AREA_RANGES, COCO's rule: a range scores the true boxes of that area and ignores detections
+    matched to others or, unmatched, of another area).
 
     gt_boxes[i] / dt_boxes[i] belong to image i of size image_sizes[i] (H, W); dt boxes carry
     their score. Values are None where no ground-truth box exists (nothing to score)."""
@@ -136,10 +151,16 @@ def coco_map(
     result: dict[str, Any] = {"gt_boxes": len(annotations), "predicted_boxes": len(detections),
                               "gt_boxes_per_class": gt_per_class.tolist()}
     if not annotations:
-        return {**result, "map50": None, "map50_95": None, "ap50_per_class": [None] * n_classes}
+        return {**result, "map50": None, "map50_95": None, "ap50_per_class": [None] * n_classes,
+                "ap50_95_per_class": [None] * n_classes, "by_area": {}}
     if not detections:
         ap = [0.0 if c else None for c in gt_per_class]
-        return {**result, "map50": 0.0, "map50_95": 0.0, "ap50_per_class": ap}
+        by_area = {}
+        for label, (lo, hi) in AREA_RANGES.items():
+            n_gt = sum(1 for x in annotations if lo <= x["area"] < hi)
+            by_area[label] = {"gt_boxes": n_gt, "map50": 0.0 if n_gt else None, "map50_95": 0.0 if n_gt else None}
+        return {**result, "map50": 0.0, "map50_95": 0.0, "ap50_per_class": ap, "ap50_95_per_class": ap,
+                "by_area": by_area}
     with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress and tables
         gt = COCO()
         gt.dataset = {"images": images, "annotations": annotations,
@@ -147,15 +168,29 @@ def coco_map(
         gt.createIndex()
         dt = gt.loadRes(detections)
         ev = COCOeval(gt, dt, iouType="bbox")
+        ev.params.areaRng = [list(r) for r in AREA_RANGES.values()]
+        ev.params.areaRngLbl = list(AREA_RANGES)
         ev.evaluate()
         ev.accumulate()
-        ev.summarize()
-    precision = ev.eval["precision"]  # [T IoUs, R recalls, K classes, A areas, M maxDets]
-    ap50 = []
+    # COCOeval.summarize's means, computed here for every area range (summarize knows only its own):
+    # precision [T IoUs, R recalls, K classes, A areas, M maxDets]; -1 where a class has no true box
+    precision = ev.eval["precision"][..., -1]  # maxDets 100
+
+    def mean_ap(p: np.ndarray) -> float | None:
+        return float(p[p > -1].mean()) if (p > -1).any() else None
+
+    ap50, ap50_95 = [], []
     for k in range(n_classes):
-        p = precision[0, :, k, 0, -1]
-        ap50.append(float(p[p > -1].mean()) if gt_per_class[k] and (p > -1).any() else None)
-    return {**result, "map50": float(ev.stats[1]), "map50_95": float(ev.stats[0]), "ap50_per_class": ap50}
+        ap50.append(mean_ap(precision[0, :, k, 0]) if gt_per_class[k] else None)
+        ap50_95.append(mean_ap(precision[:, :, k, 0]) if gt_per_class[k] else None)
+    by_area = {}
+    for a, label in enumerate(AREA_RANGES):
+        lo, hi = AREA_RANGES[label]
+        n_gt = sum(1 for x in annotations if lo <= x["area"] < hi)
+        by_area[label] = {"gt_boxes": n_gt, "map50": mean_ap(precision[0, :, :, a]) if n_gt else None,
+                          "map50_95": mean_ap(precision[:, :, :, a]) if n_gt else None}
+    return {**result, "map50": by_area["all"]["map50"], "map50_95": by_area["all"]["map50_95"],
+            "ap50_per_class": ap50, "ap50_95_per_class": ap50_95, "by_area": by_area}
 
 
 # -- the evaluation ----------------------------------------------------------------------------
@@ -178,12 +213,14 @@ class _Accumulator:
     type_truth: list = field(default_factory=list)
     type_pred: list = field(default_factory=list)
     truth_from_boxes: int = 0
+    counts: InstanceCounts = None  # type: ignore[assignment]
     inter: np.ndarray = None  # type: ignore[assignment]
     union: np.ndarray = None  # type: ignore[assignment]
 
     def __post_init__(self) -> None:
         self.inter = np.zeros(self.k, np.int64)
         self.union = np.zeros(self.k, np.int64)
+        self.counts = InstanceCounts(self.k)
 
 
 def _thresholds(pack: ModelPack, cal: Calibration) -> tuple[list[float], list[int]]:
@@ -227,14 +264,19 @@ def evaluate_samples(
             try:
                 x = runner.stack_images(pack, [s.image for s, _ in batch], [s.source for s, _ in batch])
                 scores = models.gate(x, first.source)
-                probs = None
+                probs = outs = None
                 if models.has("seg") and not all(crop for _, crop in batch):
-                    probs = models.seg(x, first.source)
+                    outs = models.seg_outputs(x, first.source)
+                    probs = outs[seg_entry.output]
             except runner.RunnerError as exc:
                 raise EvaluationError(str(exc)) from None
             for j, (sample, crop) in enumerate(batch):
+                inst = None
+                if outs is not None and not crop and seg_entry.instances is not None:
+                    inst = _instances(outs, j, seg_entry, cal, pack, sample.shape)
                 _account(acc, sample, crop, scores[j], None if probs is None or crop else probs[j],
-                         thresholds, min_areas, seg_entry.output_stride if seg_entry else 1, cal.gate_threshold)
+                         thresholds, min_areas, seg_entry.output_stride if seg_entry else 1, cal.gate_threshold,
+                         inst)
 
         for item in tagged():
             key = tuple(item[0].image.shape)
@@ -255,8 +297,22 @@ def evaluate_samples(
     return _summarise(pack, cal, acc, seconds, backend_name=backend_name, has_seg=has_seg)
 
 
+def _instances(outs: dict[str, np.ndarray], j: int, entry, cal: Calibration, pack: ModelPack,
+               image_hw: tuple[int, int]) -> list[tuple[Box, float]]:
+    """Image j's decoded instances as scored boxes, clipped to the image (its padding cut off)."""
+    spec = entry.instances
+    insts = decode_instances(
+        outs[spec.heatmap][j], outs[spec.size][j], outs[spec.offset][j], stride=spec.stride,
+        thresholds=[cal.classes[c].instance_threshold for c in pack.classes], frame_hw=image_hw,
+        max_instances=100)  # COCOeval's maxDets
+    return [(Box(i.class_id, *(float(v) for v in i.box)), i.score) for i in insts]
+
+
 def _account(acc: _Accumulator, sample: Sample, crop: bool, scores: np.ndarray, probs: np.ndarray | None,
-             thresholds, min_areas, stride: int, gate_threshold: float) -> None:
+             thresholds, min_areas, stride: int, gate_threshold: float,
+             instances: list[tuple[Box, float]] | None = None) -> None:
+    """One image into the accumulator; ``instances``: the pack's decoded instances (an instance head),
+    else the components are the events."""
     labels = np.asarray(sample.labels) > 0
     frame = float(scores.max())
     acc.frame_scores.append(frame)
@@ -284,9 +340,14 @@ def _account(acc: _Accumulator, sample: Sample, crop: bool, scores: np.ndarray, 
         acc.dice_rows_gated.append(np.where(truth.any(axis=(1, 2)), 0.0, 1.0))
     acc.inter += np.logical_and(masks, truth).sum(axis=(1, 2))
     acc.union += np.logical_or(masks, truth).sum(axis=(1, 2))
+    if instances is not None:
+        boxes = instances
     acc.gt_boxes.append(list(sample.boxes))
     acc.dt_boxes.append(boxes)
     acc.sizes.append(sample.shape)
+    acc.counts.add(count_instances([(b.x0, b.y0, b.x1, b.y1) for b in sample.boxes], [b.cls for b in sample.boxes],
+                                   [(b.x0, b.y0, b.x1, b.y1) for b, _ in boxes], [b.cls for b, _ in boxes], acc.k,
+                                   min_iou=MATCH_IOU))
 
 
 def _nan_to_none(value: float | None) -> float | None:
@@ -335,13 +396,14 @@ def _summarise(pack: ModelPack, cal: Calibration, acc: _Accumulator, seconds: fl
                               for k in range(len(names))]
         report["segmentation"] = {
             "truth": "boxes rasterised as masks" if acc.truth_from_boxes else "masks",
+            # Dice on images that hold the class first: the mean below counts empty/empty pairs as 1
+            "dice_positive_mean": float(table[present].mean()) if present.any() else None,
             "dice_mean": float(table.mean()),
             "dice_per_class": dict(zip(names, table.mean(axis=0).tolist())),
             "dice_mean_after_gate": float(gated.mean()),
             # Severstal Dice counts empty/empty pairs as 1, so it is dominated by them; these say
-            # what the figure is worth: Dice on pairs whose truth is non-empty, and the Dice of a
-            # model that never predicts anything (the share of empty-truth pairs).
-            "dice_positive_mean": float(table[present].mean()) if present.any() else None,
+            # what the figure is worth: Dice on pairs whose truth is non-empty (above), and the Dice
+            # of a model that never predicts anything (the share of empty-truth pairs).
             "dice_positive_per_class": dict(zip(names, positive_per_class)),
             "positive_pairs_per_class": dict(zip(names, present.sum(axis=0).tolist())),
             "dice_never_predict": float((~present).mean()),
@@ -354,11 +416,16 @@ def _summarise(pack: ModelPack, cal: Calibration, acc: _Accumulator, seconds: fl
         }
         det = coco_map(acc.gt_boxes, acc.dt_boxes, acc.sizes, len(names))
         det["ap50_per_class"] = dict(zip(names, det["ap50_per_class"]))
+        det["ap50_95_per_class"] = dict(zip(names, det["ap50_95_per_class"]))
         det["gt_boxes_per_class"] = dict(zip(names, det["gt_boxes_per_class"]))
+        det["events_from"] = "instances" if pack.seg.instances is not None else "components"
         report["detection"] = det
+        report["instances"] = {"match_iou": MATCH_IOU, "events_from": det["events_from"],
+                               **acc.counts.to_dict(names)}
     else:
         report["segmentation"] = None
         report["detection"] = None
+        report["instances"] = None
     if acc.type_truth:
         truth, pred = np.asarray(acc.type_truth), np.asarray(acc.type_pred)
         confusion = np.zeros((len(names), len(names)), np.int64)
@@ -478,25 +545,49 @@ def render_markdown(report: dict[str, Any]) -> str:
         det = report["detection"]
         lines += [
             "",
-            f"## Segmentation (Severstal Dice, truth: {seg['truth']})",
+            f"## Segmentation (truth: {seg['truth']})",
             "",
-            f"Dice mean {_fmt(seg['dice_mean'])} (after the gate: {_fmt(seg['dice_mean_after_gate'])}; "
-            f"a model that never predicts scores {_fmt(seg['dice_never_predict'])}), "
-            f"Dice on images holding the class {_fmt(seg['dice_positive_mean'])}, IoU mean {_fmt(seg['iou_mean'])}; "
-            f"detection view mAP@0.5 {_fmt(det['map50'])}, mAP@0.5:0.95 {_fmt(det['map50_95'])} "
-            f"({det['predicted_boxes']} predicted, {det['gt_boxes']} true boxes)",
+            f"Dice on images holding the class {_fmt(seg['dice_positive_mean'])}; "
+            f"Severstal Dice mean {_fmt(seg['dice_mean'])}, which counts empty/empty pairs as 1 "
+            f"(after the gate: {_fmt(seg['dice_mean_after_gate'])}; a model that never predicts scores "
+            f"{_fmt(seg['dice_never_predict'])}); IoU mean {_fmt(seg['iou_mean'])}; "
+            f"detection view ({det.get('events_from', 'components')}) mAP@0.5 {_fmt(det['map50'])}, "
+            f"mAP@0.5:0.95 {_fmt(det['map50_95'])} ({det['predicted_boxes']} predicted, {det['gt_boxes']} true boxes)",
             "",
-            "| class | Dice | Dice never-predict | Dice on positives (n) | IoU | AP@0.5 | true boxes "
+            "| class | Dice on positives (n) | Dice | Dice never-predict | IoU | AP@0.5 | AP@0.5:0.95 | true boxes "
             "| pixel threshold | min area px |",
-            "|---|---|---|---|---|---|---|---|---|",
+            "|---|---|---|---|---|---|---|---|---|---|",
         ]
         for name, dice in seg["dice_per_class"].items():
             t = seg["thresholds"][name]
-            lines.append(f"| {name} | {_fmt(dice)} | {_fmt(seg['dice_never_predict_per_class'][name])} | "
-                         f"{_fmt(seg['dice_positive_per_class'][name])} ({seg['positive_pairs_per_class'][name]}) | "
-                         f"{_fmt(seg['iou_per_class'][name])} | "
-                         f"{_fmt(det['ap50_per_class'][name])} | {det['gt_boxes_per_class'][name]} | "
+            lines.append(f"| {name} | {_fmt(seg['dice_positive_per_class'][name])} "
+                         f"({seg['positive_pairs_per_class'][name]}) | {_fmt(dice)} | "
+                         f"{_fmt(seg['dice_never_predict_per_class'][name])} | {_fmt(seg['iou_per_class'][name])} | "
+                         f"{_fmt(det['ap50_per_class'][name])} | "
+                         f"{_fmt(det.get('ap50_95_per_class', {}).get(name))} | {det['gt_boxes_per_class'][name]} | "
                          f"{_fmt(t['pixel_threshold'], 2)} | {t['min_area_px']} |")
+        if det.get("by_area"):
+            lines += ["", "### mAP by true box area (px)", "", "| area | true boxes | mAP@0.5 | mAP@0.5:0.95 |",
+                      "|---|---|---|---|"]
+            for label, a in det["by_area"].items():
+                lines.append(f"| {label}{'' if label == 'all' else ' (sqrt of area)'} | {a['gt_boxes']} | "
+                             f"{_fmt(a['map50'])} | {_fmt(a['map50_95'])} |")
+    inst = report.get("instances")
+    if inst:
+        lines += ["", f"## Instances (events from {inst['events_from']}, one-to-one at IoU >= {inst['match_iou']})",
+                  "",
+                  "| true defects | events | matched | same class | split | merged | missed | false | events per "
+                  "defect | recall | precision | median best IoU | median matched IoU |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+                  f"| {inst['true_defects']} | {inst['events']} | {inst['matched']} | {inst['matched_same_class']} | "
+                  f"{inst['split']} | {inst['merged']} | {inst['missed']} | {inst['false_events']} | "
+                  f"{_fmt(inst['events_per_defect'], 2)} | {_fmt(inst['recall'])} | {_fmt(inst['precision'])} | "
+                  f"{_fmt(inst['median_best_iou'])} | {_fmt(inst['median_matched_iou'])} |",
+                  "", "Class confusion of matched pairs (rows truth, columns events; (none): missed / false):", "",
+                  "| truth \\ event | " + " | ".join(inst["confusion"]["labels"]) + " |",
+                  "|---" * (len(inst["confusion"]["labels"]) + 1) + "|"]
+        for label, row in zip(inst["confusion"]["labels"], inst["confusion"]["matrix"]):
+            lines.append(f"| {label} | " + " | ".join(str(v) for v in row) + " |")
     dt = report.get("defect_type")
     if dt:
         lines += ["", "## Defect type (argmax of gate scores, images with one class)", "",

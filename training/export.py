@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from engines.modelpack import MODEL_PACK_FORMAT, load_model_pack, sha256_file
+from engines.modelpack import MODEL_PACK_FORMAT, load_model_pack, pack_format, sha256_file
 
 OPSET = 17
 MAX_ABS_DIFF = 1e-4
@@ -121,7 +121,7 @@ def model_json(meta: dict[str, Any], gate_path: Path, seg_path: Path, height: in
     from training.nets import OUTPUT_STRIDE
 
     doc = {
-        "format": MODEL_PACK_FORMAT,
+        "format": MODEL_PACK_FORMAT,  # lowered below to the lowest that holds the models (pack_format)
         "profile": meta["profile"],
         "classes": list(meta["classes"]),
         "input": {"channels": 1, "height": height, "width": width, "dtype": "uint8", "layout": "NCHW",
@@ -150,6 +150,7 @@ def model_json(meta: dict[str, Any], gate_path: Path, seg_path: Path, height: in
     }
     if gate_input_pool > 1:
         doc["models"]["gate"]["input_pool"] = gate_input_pool
+    doc["format"] = pack_format(doc["models"])
     if meta.get("seg_from"):  # a gate-only run: the segmenter is another run's, named here
         doc["training"]["seg_from"] = meta["seg_from"]
     return doc

@@ -61,10 +61,19 @@ class StripGenerator:
     # -- public ------------------------------------------------------------------
     def frame(self, index: int, defective: bool) -> tuple[np.ndarray, np.ndarray]:
         """Return (image uint8 [H, W], masks bool [K, H, W]); masks are all False when not defective."""
+        out, masks, _ = self.frame_with_instances(index, defective)
+        return out, masks
+
+    def frame_with_instances(self, index: int, defective: bool
+                             ) -> tuple[np.ndarray, np.ndarray, list[tuple[int, int, int, int, int]]]:
+        """(image, masks, instances): one instance per painted defect, ``(class_id, x0, y0, x1, y1)``, the
+        box (px, x1/y1 exclusive) of the pixels it still owns after later defects painted over it (a
+        defect wholly painted over is none). The same image and masks as ``frame``."""
         rng = np.random.default_rng([self.seed, int(index), int(bool(defective))])
         base = self._texture(rng)
         k, h, w = len(self.classes), self.height, self.width
         masks = np.zeros((k, h, w), dtype=bool)
+        painted: list[tuple[int, np.ndarray]] = []
         if defective:
             delta = np.zeros((h, w), dtype=np.float32)
             n_defects = int(rng.choice([1, 1, 1, 2, 2, 3]))
@@ -78,12 +87,18 @@ class StripGenerator:
                 delta[support] = d[support]
                 masks[:, support] = False
                 masks[ci] |= support
+                painted = [(c, own & ~support) for c, own in painted] + [(ci, support)]
             image = base + delta
         else:
             image = base
+        instances = []
+        for ci, own in painted:
+            ys, xs = np.nonzero(own)
+            if xs.size:
+                instances.append((ci, int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1))
         # keep every defect pixel at least MIN_CONTRAST away from the clean texture after clipping
         out = np.clip(np.rint(image), 0, 255).astype(np.uint8)
-        return out, masks
+        return out, masks, instances
 
     # -- texture -------------------------------------------------------------------
     def _texture(self, rng: np.random.Generator) -> np.ndarray:

@@ -12,6 +12,9 @@ scenario it also runs the agent's inference stage alone in this process on the s
 (no sockets, ingest or simulator), which splits the loss between the agent's own code and the frame
 path in front of it.
 A latency scenario streams at a fixed line rate (default 20 frames/s) and reports p50/p99.
+Each scenario also scores the agent's events against the defects the camera painted (camera-sim's
+ground-truth instances, metrics.instances): events per true defect, the median best IoU of each
+defect with any event of its frame, matched one-to-one at IoU >= 0.5, split and merged.
 """
 from __future__ import annotations
 
@@ -32,25 +35,35 @@ POOL = 48  # distinct frames per kind; the coil cycles through them (the simulat
 
 
 def _pool(defective: bool, width: int, height: int, seed: int, compose_from: Path | None = None,
-          profile: str = "steel") -> list[np.ndarray]:
-    """Distinct frames of one kind: synthetic strips, or line frames composed from real crops."""
+          profile: str = "steel", truth: list | None = None) -> list[np.ndarray]:
+    """Distinct frames of one kind: synthetic strips, or line frames composed from real crops. Each
+    frame's painted defects ((class_id, x0, y0, x1, y1) tuples) are appended to ``truth`` when given."""
     if compose_from is not None:
         from agent.tools.camera_sim import composed_frames
 
-        return [f for f, _ in composed_frames(POOL, 1.0 if defective else 0.0, profile=profile,
-                                              data_root=compose_from, split="val", seed=seed,
-                                              width=width, height=height)]
-    from training.synth import StripGenerator
+        items = list(composed_frames(POOL, 1.0 if defective else 0.0, profile=profile, data_root=compose_from,
+                                     split="val", seed=seed, width=width, height=height, with_instances=True))
+    else:
+        from training.synth import StripGenerator
 
-    gen = StripGenerator(width=width, height=height, seed=seed)
-    return [gen.frame(i, defective)[0] for i in range(POOL)]
+        gen = StripGenerator(width=width, height=height, seed=seed)
+        items = [gen.frame_with_instances(i, defective) for i in range(POOL)]
+    if truth is not None:
+        truth.extend(item[2] for item in items)
+    return [item[0] for item in items]
 
 
-def coil_frames(n: int, fraction: float, clean: list, bad: list, seed: int = 0):
+def coil_frames(n: int, fraction: float, clean: list, bad: list, seed: int = 0, truth: tuple | None = None):
+    """The scenario's coil; with ``truth`` (the clean and bad pools' instances) each frame carries its
+    painted defects for camera-sim's ground truth."""
     rng = np.random.default_rng(seed)
     flags = rng.random(n) < fraction
     for i in range(n):
-        yield (bad[i % POOL], np.ones((1, 1, 1), bool)) if flags[i] else (clean[i % POOL], None)
+        pool, defect_mask, kind = (bad, np.ones((1, 1, 1), bool), 1) if flags[i] else (clean, None, 0)
+        if truth is None:
+            yield pool[i % POOL], defect_mask
+        else:
+            yield pool[i % POOL], defect_mask, truth[kind][i % POOL]
 
 
 def _rss_peak_mb(pid: int) -> float | None:
@@ -265,8 +278,8 @@ def machine_facts() -> dict:
 
 
 def run_scenario(cfg_path: Path, cfg, n: int, fraction: float, clean: list, bad: list, *, rate: float = 0.0,
-                 log_path: Path) -> dict:
-    from agent.tools.camera_sim import CameraSim
+                 log_path: Path, truth: tuple | None = None, n_classes: int = 1) -> dict:
+    from agent.tools.camera_sim import CameraSim, score_events
     from agent.tools.demo import start_agent, wait_ready
     from agent.service import status_request
     from agent.subscriber import Subscriber
@@ -275,13 +288,14 @@ def run_scenario(cfg_path: Path, cfg, n: int, fraction: float, clean: list, bad:
     try:
         wait_ready(proc, cfg.control.endpoint, timeout_s=120)
         sub = Subscriber(cfg.publish.endpoint, cfg.publish.replay_endpoint, from_seq=None)
-        got = {"latency": [], "events": 0, "summary": None, "t_summary": None}
+        got = {"latency": [], "events": 0, "summary": None, "t_summary": None, "boxes": []}
 
         def listen():
             for topic, msg in sub.messages(timeout_s=1800):
                 now = time.time_ns()
                 if topic == "defect":
                     got["events"] += 1
+                    got["boxes"].append({k: msg[k] for k in ("index", "class_id", "bbox_px")})
                     got["latency"].append((now - msg["frame_ts_ns"]) / 1e9)
                 elif msg["final"]:
                     got["summary"], got["t_summary"] = msg, time.perf_counter()
@@ -296,7 +310,7 @@ def run_scenario(cfg_path: Path, cfg, n: int, fraction: float, clean: list, bad:
         t0 = time.perf_counter()
         # A fresh coil id per run: the agent (rightly) rejects frames of a coil it already summarised.
         coil = f"bench-{fraction}-{n}-{time.time_ns()}"
-        sent = cam.send_coil(coil, coil_frames(n, fraction, clean, bad), rate_hz=rate)
+        sent = cam.send_coil(coil, coil_frames(n, fraction, clean, bad, truth=truth), rate_hz=rate)
         cam.close()
         t.join(timeout=max(120.0, n / 5.0))
         sub.close()
@@ -327,6 +341,8 @@ def run_scenario(cfg_path: Path, cfg, n: int, fraction: float, clean: list, bad:
             # where the agent's CPU went, by thread: the part outside "inference" is the pipeline's cost
             "agent_thread_cpu_s": dict(sorted(threads.items(), key=lambda kv: -kv[1])),
             "agent_minor_faults_per_frame": round((faults - faults0) / n, 1) if faults is not None else None,
+            # the events against the defects the camera painted (None: the frames carry no truth)
+            "instances": score_events(sent, got["boxes"], n_classes) if sent.instances else None,
         }
     finally:
         proc.send_signal(signal.SIGTERM)
@@ -361,8 +377,10 @@ def run_bench(args) -> int:
         pack = load_model_pack(cfg.models_dir())
         print(f"bench: {n} frames of {pack.width}x{pack.height} per scenario; building frame pools ...", flush=True)
         src = getattr(args, "compose_from", None)
-        clean = _pool(False, pack.width, pack.height, 1, src, pack.profile)
-        bad = _pool(True, pack.width, pack.height, 2, src, pack.profile)
+        truth: tuple[list, list] = ([], [])
+        clean = _pool(False, pack.width, pack.height, 1, src, pack.profile, truth[0])
+        bad = _pool(True, pack.width, pack.height, 2, src, pack.profile, truth[1])
+        k = len(pack.classes)
         results["frames_source"] = f"composed from real {pack.profile} val crops under {src}" if src else "synthetic"
         # every frame of both pools: the same frames the scenarios send, not a cache-resident few
         passes = 1 if args.fast else 3
@@ -372,7 +390,8 @@ def run_bench(args) -> int:
             fraction = SCENARIOS[name]
             print(f"bench: scenario {name} ({fraction:.0%} defective) ...", flush=True)
             pipeline = pipeline_throughput(cfg, n, fraction, clean, bad)
-            raw[name] = run_scenario(cfg_path, cfg, n, fraction, clean, bad, log_path=work / f"{name}.log")
+            raw[name] = run_scenario(cfg_path, cfg, n, fraction, clean, bad, log_path=work / f"{name}.log",
+                                     truth=truth, n_classes=k)
             raw[name]["pipeline"] = pipeline
         print("bench: bare model throughput again, after the scenarios ...", flush=True)
         bare = best_bare(bare_before, bare_throughput(cfg, clean + bad, passes=passes))
@@ -383,7 +402,7 @@ def run_bench(args) -> int:
             print(f"bench: latency at {args.rate} frames/s ...", flush=True)
             m = min(n, int(args.rate * 30))
             r = run_scenario(cfg_path, cfg, m, SCENARIOS["typical"], clean, bad, rate=args.rate,
-                             log_path=work / "latency.log")
+                             log_path=work / "latency.log", truth=truth, n_classes=k)
             results["latency"] = r
     print(format_table(results))
     if args.json:
@@ -416,6 +435,12 @@ def format_table(res: dict) -> str:
                  "in process (no sockets, no ingest, no simulator)")
     lines.append("x gate: ungated baseline (segmentation on every frame, bare) over wall time; x limit: the same "
                  "ratio for the bare models at this pass rate, with no agent around them")
+    lines.append("")
+    lines.append("events against the painted defects (camera-sim truth; matched: one-to-one at IoU >= 0.5): " + "; ".join(
+        f"{name}: {i['true_defects']} defects, {_or_dash(i['events_per_defect'])} events per defect, median best "
+        f"IoU {_or_dash(i['median_best_iou'])}, median matched IoU {_or_dash(i['median_matched_iou'])}, "
+        f"matched {i['matched']}, split {i['split']}, merged {i['merged']}, false {i['false_events']}"
+        for name, r in items if (i := r.get("instances"))))
     lines.append("")
     lines.append("CPU seconds, agent / simulator+subscriber (agent CPU over the models' own at bare speed): " + "; ".join(
         f"{name}: {r.get('agent_cpu_s')} / {r.get('simulator_cpu_s')}"

@@ -98,8 +98,19 @@ def format_summary(s: dict) -> str:
     return "\n".join(out)
 
 
+def _per(value) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
+def cfg_classes(cfg_path: Path) -> tuple[str, ...]:
+    """The classes of the pack the agent of this config loads."""
+    from engines.modelpack import load_model_pack
+
+    return load_model_pack(load_config(cfg_path).models_dir(), verify_hashes=False).classes
+
+
 def run_demo(config: Path, *, frames: int, defect_fraction: float, rate: float, as_json: bool) -> int:
-    from agent.tools.camera_sim import CameraSim, synthetic_frames
+    from agent.tools.camera_sim import CameraSim, score_events, synthetic_frames
     from agent.subscriber import Subscriber
     from training.synth import STEEL_CLASSES
 
@@ -113,12 +124,13 @@ def run_demo(config: Path, *, frames: int, defect_fraction: float, rate: float, 
         try:
             wait_ready(proc, cfg.control.endpoint)
             sub = Subscriber(cfg.publish.endpoint, cfg.publish.replay_endpoint, from_seq=None)
-            got: dict = {"defects": 0, "summary": None}
+            got: dict = {"defects": 0, "summary": None, "events": []}
 
             def listen() -> None:
                 for topic, msg in sub.messages(timeout_s=600):
                     if topic == "defect":
                         got["defects"] += 1
+                        got["events"].append(msg)
                     elif topic == "summary" and msg["final"]:
                         got["summary"] = msg
                         return
@@ -129,7 +141,8 @@ def run_demo(config: Path, *, frames: int, defect_fraction: float, rate: float, 
             print(f"streaming {frames} frames of 1600x256 ({defect_fraction:.0%} with defects) ...", flush=True)
             t0 = time.monotonic()
             cam = CameraSim(cfg.ingest.endpoint, camera="cam0")
-            sent = cam.send_coil(f"demo-{int(time.time())}", synthetic_frames(frames, defect_fraction),
+            sent = cam.send_coil(f"demo-{int(time.time())}",
+                                 synthetic_frames(frames, defect_fraction, with_instances=True),
                                  rate_hz=rate, classes=STEEL_CLASSES)
             cam.close()
             t.join(timeout=300)
@@ -144,6 +157,10 @@ def run_demo(config: Path, *, frames: int, defect_fraction: float, rate: float, 
                 print(format_summary(s))
                 print(f"\n{got['defects']} defect events received by the subscriber; camera sent {sent.sent} frames "
                       f"({len(sent.defective)} with defects) in {time.monotonic() - t0:.1f} s")
+                score = score_events(sent, got["events"], len(cfg_classes(cfg_path)))
+                print(f"{score['true_defects']} defects painted: {_per(score['events_per_defect'])} events per "
+                      f"defect, {score['matched']} matched one-to-one at IoU >= 0.5, {score['split']} split, "
+                      f"{score['merged']} merged; median best IoU {_per(score['median_best_iou'])}")
             return 0
         finally:
             proc.send_signal(signal.SIGTERM)

@@ -34,6 +34,10 @@ def test_bench_fast_mode_accounts_for_every_frame(tmp_path, agent_config):
         assert (p["inspected"], p["events"]) == (f["inspected"], s["events"]), name
         # every stage the issue names, receive and decode timed apart
         assert set(s["stage_s"]) == set(STAGES), name
+        # every event scored against the defects camera-sim painted (clean frames: no defects)
+        inst = s["instances"]
+        assert inst["events"] == s["events"] and inst["unscored_events"] == 0, name
+        assert (inst["true_defects"] == 0) == (name == "clean"), name
         n = s["stage_count"]
         assert n["receive"] == n["decode"] == 40 and n["gate"] >= 40 // 8, name  # every frame; gate per batch
         # a latency exactly when there were events to time
@@ -47,6 +51,7 @@ def test_bench_fast_mode_accounts_for_every_frame(tmp_path, agent_config):
     bare = res["bare"]
     assert len(bare["gate_fps_passes"]) == 2 and bare["gate_fps"] == max(bare["gate_fps_passes"])  # before, after
     assert "bare model throughput" in r.stdout and "x gate" in r.stdout and "x limit" in r.stdout and "in-proc" in r.stdout
+    assert "events per defect" in r.stdout
     assert res["machine"]["cpus"] >= 1 and res["machine"]["onnxruntime"]
 
 

@@ -92,3 +92,46 @@ def test_published_messages_carry_every_documented_key(running_agent):
     assert table_keys("### 2.2 `summary`") | common <= set(seen["summary"])
     assert table_keys("### 2.3 `health`") <= set(seen["health"])
     assert set(seen["summary"]["frames"]) == set(examples()["summary"]["frames"])
+
+
+def test_documented_instance_event_is_a_defect_with_the_optional_keys():
+    """The instance example (docs/protocol.md 2.1) is a v1 `defect`: every required key, plus `instance`,
+    and it survives the wire (MessagePack) unchanged."""
+    ex = examples()["defect_instance"]
+    common = {"v", "type", "agent", "seq", "ts_ns"}
+    assert ex["v"] == 1 and ex["type"] == "defect"
+    assert table_keys("### 2.1 `defect`") | common <= set(ex)
+    optional = table_keys("#### Instance events")
+    assert optional == {"instance"} and optional <= set(ex)
+    assert set(ex) - set(examples()["defect"]) == optional  # nothing but the optional keys is new
+    assert ex["confidence"] == ex["instance"]
+    x0, y0, x1, y1 = ex["bbox_px"]
+    assert 0 <= x0 < x1 and 0 <= y0 < y1
+    assert msgpack.unpackb(msgpack.packb(ex)) == ex
+
+
+def test_an_instance_pack_publishes_the_documented_instance_keys(running_agent, tmp_path):
+    from tinyinstances import frame_with_squares, make_instance_pack
+
+    from agent.tools.camera_sim import CameraSim
+    from agent.subscriber import Subscriber
+
+    agent = running_agent(models={"dir": str(make_instance_pack(tmp_path / "inst"))})
+    cfg = agent.cfg
+    sub = Subscriber(cfg.publish.endpoint, cfg.publish.replay_endpoint, topics=("defect",), from_seq=1)
+    import time
+
+    time.sleep(0.3)
+    cam = CameraSim(cfg.ingest.endpoint)
+    cam.send_coil("doc-inst", [(frame_with_squares([("bright", 8, 8)]), None)])
+    cam.close()
+    event = None
+    for topic, msg in sub.messages(timeout_s=20):
+        if topic == "defect":
+            event = msg
+            break
+    sub.close()
+    assert event is not None, "no defect event"
+    common = {"v", "type", "agent", "seq", "ts_ns"}
+    assert table_keys("### 2.1 `defect`") | common | table_keys("#### Instance events") <= set(event)
+    assert set(event) == set(examples()["defect_instance"])

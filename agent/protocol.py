@@ -92,7 +92,7 @@ class Control:
 _U63 = (1 << 63) - 1
 
 
-def _str_keys(pairs: list[tuple[Any, Any]]) -> dict:
+def str_keys(pairs: list[tuple[Any, Any]]) -> dict:
     """object_pairs_hook: every map has str keys (a bin key beside a str key once reached sorted())."""
     for k, _ in pairs:
         if type(k) is not str:
@@ -114,7 +114,7 @@ def _unpack(raw: bytes | memoryview, max_len: int) -> Any:
             max_map_len=32,
             max_ext_len=0,
             use_list=True,
-            object_pairs_hook=_str_keys,
+            object_pairs_hook=str_keys,
         )
     except Rejected:
         raise

@@ -25,7 +25,7 @@ import zmq
 from agent.guard import LoopGuard, recv_request, router_socket, send_reply
 from agent.journal import Journal
 from agent.metrics import RateLimiter
-from agent.protocol import PROTOCOL_VERSION, TOPICS, pack_body
+from agent.protocol import PROTOCOL_VERSION, TOPICS, pack_body, str_keys
 from agent.threadnames import name_this_thread
 
 log = structlog.get_logger(__name__)
@@ -276,7 +276,7 @@ def _parse_replay_request(raw: bytes) -> tuple[int, int] | str:
     """(from, to) of a replay request, or why it is not one."""
     try:
         req = msgpack.unpackb(raw, raw=False, strict_map_key=True, max_str_len=64, max_bin_len=0,
-                              max_array_len=0, max_map_len=8, max_ext_len=0)
+                              max_array_len=0, max_map_len=8, max_ext_len=0, object_pairs_hook=str_keys)
     except (ValueError, TypeError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError) as exc:
         return f"not MessagePack: {exc}"
     if not isinstance(req, dict) or req.get("v") != PROTOCOL_VERSION or req.get("type") != "replay":

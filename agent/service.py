@@ -22,6 +22,7 @@ from agent.batcher import FrameQueue
 from agent.coil import CoilRegistry
 from agent.config import Config
 from agent.guard import LoopGuard, recv_request, router_socket, send_reply
+from agent.protocol import str_keys
 from agent.ingest import Ingest
 from agent.journal import Journal
 from agent.metrics import Metrics
@@ -301,7 +302,7 @@ class Agent:
         if raw is not None:
             try:
                 req = msgpack.unpackb(raw, raw=False, strict_map_key=True, max_str_len=64, max_bin_len=0,
-                                      max_array_len=0, max_map_len=4, max_ext_len=0)
+                                      max_array_len=0, max_map_len=4, max_ext_len=0, object_pairs_hook=str_keys)
                 cmd = req.get("cmd") if isinstance(req, dict) else None
             except (ValueError, TypeError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError):
                 cmd = None

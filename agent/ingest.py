@@ -20,6 +20,13 @@ from agent.threadnames import name_this_thread
 log = structlog.get_logger(__name__)
 
 
+def frame_multiple(pack) -> int:
+    """What a frame's height and width must be multiples of for this model pack to take it: every
+    model's input_pool, and 8 where a segmentation model is present (its strides: a 250x1600 or 4x4
+    frame fails its skip connections). A classification-only gate takes any size its pool divides."""
+    return int(np.lcm.reduce([8 if pack.seg is not None else 1, *(m.input_pool for m in pack.models.values())]))
+
+
 def wire_to_chw(image: np.ndarray) -> np.ndarray:
     """A frame as it comes off the wire (HxW grey or HxWxC) as the model's CxHxW: a view, no copy."""
     return image[None] if image.ndim == 2 else np.moveaxis(image, -1, 0)
@@ -48,8 +55,8 @@ class Ingest(threading.Thread):
         # "backpressure": stop reading while the frame queue is full (ZeroMQ's high-water marks then
         # bound memory and the camera's PUSH blocks); "shed": keep reading and shed, counted.
         self.backpressure = backpressure
-        # frame height and width must be multiples of this (the model pack's pad_multiple: its pooling
-        # and strides); any other shape is rejected here, before it can reach a model
+        # frame height and width must be multiples of this (frame_multiple: the models' pooling and
+        # strides); any other shape is rejected here, before it can reach a model
         self.shape_multiple = max(1, shape_multiple)
         # last resort per message (never ends the thread) and per socket read (ends it when the socket
         # fails every time: the agent then exits non-zero and systemd restarts it)

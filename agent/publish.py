@@ -73,6 +73,7 @@ class Publisher(threading.Thread):
         self.replay_rejected = 0  # bad requests, answered with an error
         self.replay_dropped = 0  # replies a peer did not take (gone, or not reading)
         self._replay_log = RateLimiter(per_s=1.0, burst=10)
+        self._served_log = RateLimiter(per_s=2.0, burst=20)  # a flood of requests must not flood the log
         self.on_reply_dropped = on_reply_dropped
         # last resort around each replay request and heartbeat: no peer can end this thread
         self.guard = LoopGuard("publisher", max_consecutive=1000, on_error=on_loop_error)
@@ -161,9 +162,10 @@ class Publisher(threading.Thread):
                     self._publish(pub, items)
                 for w in watches:
                     w.drain()
-                if dict(poller.poll(0)).get(rep):
+                for _ in range(8 if dict(poller.poll(0)).get(rep) else 0):  # a few requests per turn
                     try:
-                        self._serve_replay(rep)
+                        if not self._serve_replay(rep):
+                            break
                         self.guard.ok()
                     except Exception as exc:  # last resort: counted, logged (bounded), the loop goes on
                         self.guard.failed(exc, socket="replay")
@@ -227,11 +229,12 @@ class Publisher(threading.Thread):
         except zmq.Again:
             log.warning("heartbeat_not_sent")
 
-    def _serve_replay(self, rep: zmq.Socket) -> None:
+    def _serve_replay(self, rep: zmq.Socket) -> bool:
+        """One request, if one waits (False when none did)."""
         try:
             envelope, raw, error = recv_request(rep)
         except zmq.Again:
-            return
+            return False
         self.replay_requests += 1
         first = last = 0
         if error is None:
@@ -243,7 +246,7 @@ class Publisher(threading.Thread):
             if self._replay_log.allow():
                 log.warning("replay_request_rejected", error=error[:200], suppressed=self._replay_log.suppressed)
             self._reply(rep, envelope, [pack_body({"v": PROTOCOL_VERSION, "type": "replay", "error": error[:200]})])
-            return
+            return True
         records = self.journal.read(first, last, limit=self.max_replay)
         size, keep = 0, 0
         for _, topic, body in records:  # at most REPLAY_MAX_BYTES, at least one message
@@ -257,8 +260,10 @@ class Publisher(threading.Thread):
         frames: list[Any] = [pack_body(meta)]
         for _, topic, body in records:
             frames += [topic, body]
-        if self._reply(rep, envelope, frames):
-            log.info("replay_served", first=first, last=last, count=len(records))
+        if self._reply(rep, envelope, frames) and self._served_log.allow():
+            log.info("replay_served", first=first, last=last, count=len(records),
+                     suppressed=self._served_log.suppressed)
+        return True
 
     def _reply(self, rep: zmq.Socket, envelope: list[bytes], frames: list) -> bool:
         if send_reply(rep, envelope, frames):

@@ -23,7 +23,7 @@ from agent.coil import CoilRegistry
 from agent.config import Config
 from agent.guard import LoopGuard, recv_request, router_socket, send_reply
 from agent.protocol import str_keys
-from agent.ingest import Ingest
+from agent.ingest import Ingest, frame_multiple
 from agent.journal import Journal
 from agent.metrics import Metrics
 from agent.pipeline import Inference, Models, open_models
@@ -122,7 +122,7 @@ class Agent:
                              max_height=cfg.ingest.max_height, allowed_encodings=cfg.ingest.allowed_encodings,
                              emit_summary=self._emit_summary, on_reject=self._on_reject, socket_setup=socket_setup,
                              on_frame=self.metrics.observe_stage,
-                             backpressure=cfg.ingest.overload == "backpressure", shape_multiple=pack.pad_multiple,
+                             backpressure=cfg.ingest.overload == "backpressure", shape_multiple=frame_multiple(pack),
                              on_loop_error=self.metrics.count_loop_error)
         self.ingest.start()
         if not self.ingest.bound.wait(5.0) or self.ingest.error:

@@ -22,8 +22,8 @@ KEYS = st.text(max_size=8) | st.binary(max_size=4) | st.integers(-5, 5)
 VALUES = st.recursive(SCALARS, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(KEYS, inner, max_size=4),
                       max_leaves=12)
 # a valid frame header with keys replaced or added: reaches deeper than random maps
-NEAR_HEADERS = st.dictionaries(st.sampled_from(sorted(header())) | KEYS, VALUES, max_size=4).map(
-    lambda d: {**header(), **d})
+NEAR_HEADERS = st.dictionaries(st.sampled_from(sorted(header())) | KEYS | st.sampled_from(["x", b"", b"y"]), VALUES,
+                               max_size=4).map(lambda d: {**header(), **d})
 
 
 def packed(value) -> bytes | None:

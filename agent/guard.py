@@ -29,8 +29,8 @@ log = structlog.get_logger(__name__)
 class LoopGuard:
     """Counts and logs what a thread's loop could not handle. Thread-safe (inference workers share one)."""
 
-    def __init__(self, thread: str, *, max_consecutive: int | None = 1000, on_error: Callable[[str, str], None] | None = None,
-                 per_s: float = 1.0, burst: int = 5):
+    def __init__(self, thread: str, *, max_consecutive: int | None = 1000,
+                 on_error: Callable[[str, str], None] | None = None, per_s: float = 1.0, burst: int = 5):
         self.thread = thread
         self.max_consecutive = max_consecutive
         self.on_error = on_error

@@ -22,11 +22,11 @@ from agent.batcher import FrameQueue
 from agent.coil import CoilRegistry
 from agent.config import Config
 from agent.guard import LoopGuard, recv_request, router_socket, send_reply
-from agent.protocol import str_keys
 from agent.ingest import Ingest, frame_multiple
 from agent.journal import Journal
 from agent.metrics import Metrics
 from agent.pipeline import Inference, Models, open_models
+from agent.protocol import str_keys
 from agent.publish import Publisher
 from agent.sdnotify import Notifier, Watchdog
 from agent.threadnames import name_this_thread

@@ -183,7 +183,7 @@ def test_item5_many_part_messages_are_rejected_by_count_without_keeping_parts(li
 
 
 def test_item10_a_progressive_jpeg_is_refused_and_counted_as_its_frame(line):
-    agent, cam, sub = line()
+    _, cam, sub = line()
     prog = cv2.imencode(".jpg", clean_frame(), [cv2.IMWRITE_JPEG_PROGRESSIVE, 1])[1].tobytes()
     cam.control("coil_start", "J")
     cam.frame("J", 0, encoding="jpeg")  # baseline: decoded and inspected
@@ -231,7 +231,7 @@ def test_item12_interleaved_and_after_end_frames_are_counted_in_their_coil(line)
 
 
 def test_item16_a_frame_rejected_for_an_unknown_key_is_rejected_not_missing(line):
-    agent, cam, sub = line()
+    _, cam, sub = line()
     cam.control("coil_start", "K")
     cam.frame("K", 0)
     head = encode_frame("cam0", "K", cam.seq, 1, clean_frame(), ts_ns=1, pos_mm=0.0)

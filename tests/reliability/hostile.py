@@ -99,7 +99,7 @@ class Line:
             img = frame_with("bright", x=64, y=16) if i == 0 else clean_frame()
             self.send(encode_frame("cam0", coil, self.seq, i, img, ts_ns=time.time_ns(), pos_mm=128.0 * i))
         self.send(encode_control("coil_end", "cam0", coil, self.seq, ts_ns=time.time_ns(), frames=3))
-        assert self.col.wait(lambda c: c.summaries(coil), timeout_s), f"no summary for {coil}: the agent stopped inspecting"
+        assert self.col.wait(lambda c: c.summaries(coil), timeout_s), f"no summary for {coil}: agent stopped inspecting"
         (s,) = self.col.summaries(coil)
         f = s["frames"]
         assert (f["received"], f["inspected"], f["gated_out"], s["complete"]) == (3, 1, 2, True), s

@@ -9,15 +9,29 @@ from __future__ import annotations
 import time
 
 import msgpack
+import numpy as np
 import pytest
 import zmq
 from harness import agent_process, figures  # noqa: F401 (agent_process: a fixture)
-from hostile import PIX, Line, answer, dealer_send, deep, header, png_bomb, progressive_jpeg, push, replay_request, \
-    req, status_body
+from hostile import (
+    PIX,
+    Line,
+    answer,
+    dealer_send,
+    deep,
+    header,
+    png_bomb,
+    progressive_jpeg,
+    push,
+    replay_request,
+    req,
+    status_body,
+)
+
 
 # (what, parts, the reason it is counted under at ingest); frame indices differ so that no row is a duplicate
 def ingest_rows() -> list[tuple[str, list[bytes], str]]:
-    h = lambda i, **kw: msgpack.packb(header(index=i, **kw))  # noqa: E731
+    h = lambda i, **kw: msgpack.packb(header(index=i, **kw))
     return [
         ("str and bin keys in one header", [msgpack.packb({**header(index=1), b"": 1}, use_bin_type=True), PIX],
          "malformed"),
@@ -137,3 +151,32 @@ def test_one_hostile_request_on_a_reply_socket_is_answered_and_the_agent_goes_on
         line.close()
     figures(f"single hostile message: {socket}", rows=len(rows), loop_errors=status["health"].get("loop_errors"),
             replies_dropped=status["metrics"]["replies_dropped"])
+
+
+def test_a_worker_that_fails_on_everything_ends_and_the_agent_exits_1_at_once(agent_process, tmp_path):
+    """Fail fast: a gate that takes only pooled 64x256 frames (a fixed input) fed nothing but 32x256
+    frames, which pass every ingest check, fails every batch; after 50 in a row the worker ends, and
+    the agent exits 1 instead of running headless (systemd's Restart=on-failure takes over)."""
+    from tinypack import make_pack
+
+    from agent.protocol import encode_control, encode_frame
+
+    pooled = make_pack(tmp_path / "pooled", gate_input_pool=2)
+    ap = agent_process(models={"dir": str(pooled)}, ingest={"max_queue_frames": 1000, "rcvhwm": 10_000})
+    ap.start()
+    s = zmq.Context.instance().socket(zmq.PUSH)
+    s.setsockopt(zmq.LINGER, 0)
+    s.connect(ap.cfg.ingest.endpoint)
+    s.send_multipart(encode_control("coil_start", "cam0", "F", 0, ts_ns=time.time_ns()))
+    small = np.full((32, 256), 100, np.uint8)
+    t0 = time.monotonic()
+    for i in range(400):
+        s.send_multipart(encode_frame("cam0", "F", i + 1, i, small, ts_ns=time.time_ns(), pos_mm=0.0))
+    s.close()
+    rc = ap.proc.wait(60)
+    exit_s = time.monotonic() - t0
+    log = ap.log()
+    assert rc == 1, log[-2000:]
+    assert "loop_failing_every_time" in log and "thread_failed" in log and "inference" in log
+    assert "cannot start" not in log
+    figures("fail fast", exit_code=rc, seconds_to_exit=round(exit_s, 1))

@@ -225,6 +225,8 @@ class Ingest(threading.Thread):
 
     def _check_seq(self, camera: str, seq: int) -> None:
         last = self._last_seq.get(camera)
+        if last is None and len(self._last_seq) >= 10_000:  # bounded: a peer can invent camera names
+            self._last_seq.pop(next(iter(self._last_seq)))
         self._last_seq[camera] = seq
         if last is None:
             return

@@ -77,7 +77,7 @@ class Line:
 
     def __init__(self, cfg):
         self.cfg = cfg
-        self.col = Collector(cfg)
+        self.col = Collector(cfg, timeout_s=1800.0)  # long fuzz runs (--run-slow) outlast the 120 s default
         self.cam = zmq.Context.instance().socket(zmq.PUSH)
         self.cam.setsockopt(zmq.LINGER, 2000)
         self.cam.setsockopt(zmq.SNDTIMEO, 5000)

@@ -7,7 +7,13 @@ died while it was in flight). Until then it is pending. Invariants, checked by t
     received = inspected + gated_out + rejected + shed + pending + lost
     sent     = received + missing        (sent from the cameras' coil_end messages)
 
-Duplicates (a frame index received again) are counted apart and never inspected twice.
+Duplicates (a frame index received again) are counted apart and never inspected twice. Frames
+that arrive after their camera ended the coil (coil_end, or a move to the next coil) are counted in
+that coil like any other, and also as ``after_end``; a coil whose camera still sends after its end
+stays open until ``late_hold_s`` passes without a frame for it, so interleaved and reordered frames
+are in its summary. Frames of a coil whose final summary is out are rejected (``stale_coil``) and
+counted per closed coil in ``late_frames()``. A rejection counts in the summary only as the frame
+it rejects: ``rejected`` = the sum of ``rejected_by_reason``.
 A coil closes when every camera that took part has ended it and nothing is pending, when no
 frame arrived for ``coil_idle_timeout_s`` (end reason ``idle_timeout``), when a camera starts
 another coil first (``next_coil``), or at shutdown (``shutdown``). An unfinished coil gets a
@@ -37,6 +43,7 @@ class CameraCoil:
     end_reason: str | None = None
     max_pos_mm: float = 0.0
     duplicates: int = 0
+    after_end: int = 0  # frames received after this camera ended the coil (counted in received too)
     rejected_by_reason: dict[str, int] = field(default_factory=dict)
 
     def count(self, state: str) -> int:
@@ -88,7 +95,8 @@ class CoilRegistry:
     """Thread-safe: ingest, inference and the main loop all report here."""
 
     def __init__(self, *, budget_s: float, provisional_at: float, idle_timeout_s: float, worst_n: int,
-                 classes: tuple[str, ...], frame_height_mm: float = 0.0, clock=time.monotonic):
+                 classes: tuple[str, ...], frame_height_mm: float = 0.0, clock=time.monotonic,
+                 late_hold_s: float = 2.0):
         self.budget_s = budget_s
         self.provisional_at = provisional_at
         self.idle_timeout_s = idle_timeout_s
@@ -98,6 +106,8 @@ class CoilRegistry:
         self._lock = threading.Lock()
         self._coils: dict[str, Coil] = {}
         self._closed: dict[str, float] = {}  # coil id -> close time (to reject stale frames)
+        self._late: dict[str, int] = {}  # closed coil id -> frames that came after its final summary
+        self.late_hold_s = late_hold_s
         self._current: dict[str, str] = {}  # camera -> coil it is sending
         # What the registry produced lately (defect events, final summaries), with wall time:
         # a crash checkpoint keeps them so a restart can re-send what never reached the journal.
@@ -169,6 +179,8 @@ class CoilRegistry:
         now = self.clock()
         with self._lock:
             if coil in self._closed:
+                if coil in self._late or len(self._late) < 1000:
+                    self._late[coil] = self._late.get(coil, 0) + 1
                 return "stale_coil", []
             out = self._switch(camera, coil, now)
             c = self._open(coil, now)
@@ -176,6 +188,8 @@ class CoilRegistry:
             if index in cc.seen:
                 cc.duplicates += 1
                 return "duplicate", out
+            if cc.ended:
+                cc.after_end += 1
             cc.seen[index] = "pending"
             cc.max_pos_mm = max(cc.max_pos_mm, pos_mm)
             c.pending += 1
@@ -183,26 +197,42 @@ class CoilRegistry:
             c.restored = False
             return "ok", out
 
-    def reject(self, camera: str, coil: str, index: int | None, reason: str) -> None:
-        """A frame of a known coil was rejected after (or instead of) admission."""
+    def reject(self, camera: str, coil: str, index: int | None, reason: str) -> list[dict]:
+        """A frame was rejected after (or instead of) admission: it ends ``rejected``, counted under
+        ``reason``. Returns summaries that became due. Only a frame counts: without an index (the
+        message could not say which frame it was) nothing is counted here and no coil is opened, and
+        a frame already in a terminal state is not counted twice (the caller counts it globally)."""
+        if index is None:
+            return []
         now = self.clock()
         with self._lock:
             c = self._coils.get(coil)
             if c is None:
                 if coil in self._closed:
-                    return
+                    return []
                 c = self._open(coil, now)
             cc = c.camera(camera)
-            cc.rejected_by_reason[reason] = cc.rejected_by_reason.get(reason, 0) + 1
-            if index is None:
-                return
             state = cc.seen.get(index)
             if state == "pending":
                 c.pending -= 1
             elif state is not None:
-                return  # already terminal; counted in rejected_by_reason only
+                return []  # already terminal
+            cc.rejected_by_reason[reason] = cc.rejected_by_reason.get(reason, 0) + 1
             cc.seen[index] = "rejected"
             c.last_frame_mono = now
+            return self._maybe_close(c, now)
+
+    def state_of(self, camera: str, coil: str, index: int) -> str | None:
+        """The frame's state ("pending", a terminal state), or None for a frame of no open coil."""
+        with self._lock:
+            c = self._coils.get(coil)
+            cc = c.cameras.get(camera) if c is not None else None
+            return cc.seen.get(index) if cc is not None else None
+
+    def late_frames(self) -> dict[str, int]:
+        """Closed coil -> frames that came after its final summary (rejected as stale_coil)."""
+        with self._lock:
+            return dict(self._late)
 
     # -- inference side ------------------------------------------------------------------
     def finish(self, camera: str, coil: str, index: int, state: str, events: list[dict] = (),
@@ -262,6 +292,8 @@ class CoilRegistry:
                             cc.ended, cc.end_reason = True, reason
                     log.warning("coil_idle_timeout", coil=c.coil, idle_s=round(now - c.last_frame_mono, 1))
                     out += self._maybe_close(c, now)
+                elif c.all_ended and c.pending == 0:
+                    out += self._maybe_close(c, now)  # held for late frames (_maybe_close) until quiet
         return out
 
     def close_all(self, reason: str, *, pending_state: str | None = None) -> list[dict]:
@@ -288,6 +320,12 @@ class CoilRegistry:
 
     def _maybe_close(self, c: Coil, now: float) -> list[dict]:
         if c.all_ended and c.pending == 0:
+            # A camera that moved on without coil_end, or that sends after its coil_end, may still
+            # have frames of this coil in flight: hold the summary until none came for late_hold_s
+            # (poll() closes it then), so that they are counted in it, not after it.
+            hold = any(cc.end_reason == "next_coil" or cc.after_end for cc in c.cameras.values())
+            if hold and now - c.last_frame_mono < self.late_hold_s:
+                return []
             return [self._close(c, now)]
         return []
 
@@ -305,6 +343,7 @@ class CoilRegistry:
         if len(self._closed) > 10_000:  # bounded memory of closed coil ids
             for k in sorted(self._closed, key=self._closed.get)[:1000]:
                 del self._closed[k]
+                self._late.pop(k, None)
         return summary
 
     # -- summary ---------------------------------------------------------------------------
@@ -342,7 +381,8 @@ class CoilRegistry:
                         by_state.setdefault(st, []).append(i)
                     cams[cam] = {"states": {st: _ranges(ix) for st, ix in by_state.items()}, "ended": cc.ended,
                                  "sent": cc.sent, "end_reason": cc.end_reason, "max_pos_mm": cc.max_pos_mm,
-                                 "duplicates": cc.duplicates, "rejected_by_reason": dict(cc.rejected_by_reason)}
+                                 "duplicates": cc.duplicates, "after_end": cc.after_end,
+                                 "rejected_by_reason": dict(cc.rejected_by_reason)}
                 coils[name] = {"started_wall_ns": c.started_wall_ns, "age_s": now - c.started_mono,
                                "cameras": cams, "defects_by_class": dict(c.defects_by_class),
                                "n_defects": c.n_defects, "worst": [[sev, n, ev] for sev, n, ev in c.worst],
@@ -377,6 +417,7 @@ class CoilRegistry:
                     cc = c.camera(cam)
                     cc.ended, cc.sent, cc.end_reason = d["ended"], d["sent"], d["end_reason"]
                     cc.max_pos_mm, cc.duplicates = d["max_pos_mm"], d["duplicates"]
+                    cc.after_end = int(d.get("after_end", 0))
                     cc.rejected_by_reason = dict(d["rejected_by_reason"])
                     for st, ranges in d["states"].items():
                         st = in_flight if st == "pending" else st

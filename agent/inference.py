@@ -13,6 +13,8 @@ import structlog
 from agent.batcher import Frame, FrameQueue
 from agent.coil import CoilRegistry
 from agent.config import CameraSection, Config
+from agent.guard import LoopGuard, isolate_failed_batch
+from agent.metrics import RateLimiter
 from engines.postprocess import extract_defects, extract_instances
 from agent.threadnames import name_this_thread
 from engines.geometry import CameraGeometry
@@ -118,7 +120,9 @@ class Inference:
 
     def __init__(self, *, cfg: Config, frames: FrameQueue, coils: CoilRegistry, models: Models,
                  submit: Callable[[str, dict], None], on_stage: Callable[[str, float], None] | None = None,
-                 on_alive: Callable[[], None] | None = None):
+                 on_alive: Callable[[], None] | None = None,
+                 on_reject: Callable[[str, str | None], None] | None = None,
+                 on_loop_error: Callable[[str, str], None] | None = None):
         self.cfg = cfg
         self.frames = frames
         self.coils = coils
@@ -141,6 +145,29 @@ class Inference:
         self.model_calls = 0  # calls into the backends (up to Models.batch frames each)
         self._cameras = {c.id: camera_geometry(c) for c in cfg.cameras}
         self._default_cam = camera_geometry(CameraSection(id="default"))
+        # No frame can end a worker: a failed batch is retried frame by frame (agent/guard.py); 50
+        # batches in a row with no frame through end it, and the agent exits non-zero.
+        self.guard = LoopGuard("inference", max_consecutive=50, on_error=on_loop_error)
+        self.rejected: dict[str, int] = {}  # reason -> frames rejected here (inference_failed)
+        self.on_reject = on_reject
+        self.reject_log = RateLimiter(per_s=1.0, burst=10)
+
+    def count_rejected(self, reason: str, camera: str | None) -> None:
+        with self._lock:
+            self.rejected[reason] = self.rejected.get(reason, 0) + 1
+        if self.on_reject:
+            self.on_reject(reason, camera)
+
+    def _process_guarded(self, batch: list[Frame], models: Models, buf: list) -> None:
+        try:
+            self.process(batch, models, buf)
+            self.guard.ok()
+        except Exception as exc:
+            from agent.publish import PublishError
+
+            if isinstance(exc, PublishError):
+                raise
+            isolate_failed_batch(self, batch, models, buf, exc)
 
     def start(self) -> None:
         for i in range(self.n_workers):
@@ -196,11 +223,11 @@ class Inference:
                 if not batch:
                     self.on_alive()  # idle and responsive
                     continue
-                self.process(batch, models, buf)
+                self._process_guarded(batch, models, buf)
                 self.on_alive()
             # Drain what is queued: SIGTERM publishes what the agent owes.
             while batch := self.frames.get_batch(self.cfg.models.max_batch, 0.0, idle_timeout_s=0.0):
-                self.process(batch, self._acquire(worker), buf)
+                self._process_guarded(batch, self._acquire(worker), buf)
                 self.on_alive()
             with self._lock:
                 self._worker_gen[worker] = self._gen

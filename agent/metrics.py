@@ -57,6 +57,10 @@ class Metrics:
                                    namespace=ns, registry=r)
         self.events_published = Counter("events_published", "Messages published, by topic",
                                         ["topic"], namespace=ns, registry=r)
+        self.loop_errors = Counter("loop_errors", "Failures a thread's loop survived (agent/guard.py), by "
+                                   "thread and exception kind", ["thread", "kind"], namespace=ns, registry=r)
+        self.replies_dropped = Counter("replies_dropped", "Replies not sent because the peer was gone or "
+                                       "not reading, by socket", ["socket"], namespace=ns, registry=r)
         self._backends: dict[str, str] = {}
         self._server: Any = None
         self._thread: threading.Thread | None = None
@@ -113,6 +117,12 @@ class Metrics:
     def count_published(self, topic: str, n: int = 1) -> None:
         self.events_published.labels(topic=topic).inc(n)
 
+    def count_loop_error(self, thread: str, kind: str) -> None:
+        self.loop_errors.labels(thread=thread, kind=kind).inc()
+
+    def count_reply_dropped(self, socket: str, n: int = 1) -> None:
+        self.replies_dropped.labels(socket=socket).inc(n)
+
     # --- reading ---------------------------------------------------------------------
     def snapshot(self) -> dict[str, Any]:
         """The registry's current figures as a JSON-friendly dict (for `coilsight status`)."""
@@ -142,7 +152,8 @@ class Metrics:
 
 def _snapshot(families: Any) -> dict[str, Any]:
     snap: dict[str, Any] = {"frames": {}, "rejected": {}, "stages": {}, "queue_depth": {},
-                            "backends": {}, "backend_fallbacks": {}, "events_published": {}, "gate_pass_rate": None,
+                            "backends": {}, "backend_fallbacks": {}, "events_published": {}, "loop_errors": {},
+                            "replies_dropped": {}, "gate_pass_rate": None,
                             "coil_deadline_slack_seconds": None, "journal_bytes": None}
     prefix = NAMESPACE + "_"
     for family in families:
@@ -154,6 +165,10 @@ def _snapshot(families: Any) -> dict[str, Any]:
                 snap["rejected"][labels["reason"]] = value
             elif sample == "events_published_total":
                 snap["events_published"][labels["topic"]] = value
+            elif sample == "loop_errors_total":
+                snap["loop_errors"].setdefault(labels["thread"], {})[labels["kind"]] = value
+            elif sample == "replies_dropped_total":
+                snap["replies_dropped"][labels["socket"]] = value
             elif sample in ("stage_seconds_count", "stage_seconds_sum"):
                 key = "count" if sample.endswith("count") else "sum_s"
                 snap["stages"].setdefault(labels["stage"], {})[key] = value

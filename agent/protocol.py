@@ -38,7 +38,17 @@ REJECT_REASONS = (
     "decode_failed",    # PNG/JPEG that OpenCV cannot decode, or decoded to another shape
     "duplicate",        # same camera, coil and frame index seen before
     "stale_coil",       # frame for a coil that is already closed
+    "inference_failed", # the models could not run this frame (it is counted, the agent goes on)
+    "internal",         # the agent failed on this message in a way it did not foresee (a bug; logged)
 )
+
+# Parts per message the agent keeps: [header, pixels] from cameras. ZeroMQ itself has no limit on
+# the number of parts (ZMQ_MAXMSGSIZE bounds each part), so this is checked as parts are read.
+MAX_PARTS = 2
+# JPEG start-of-frame markers the agent decodes: baseline and extended sequential, Huffman coded.
+# Their decode cost is bounded by the pixel count (checked against the header's shape); a
+# progressive JPEG's is not (it may hold thousands of scans over the same coefficients).
+JPEG_SEQUENTIAL_SOF = (0xC0, 0xC1)
 
 
 class Rejected(ValueError):
@@ -82,6 +92,14 @@ class Control:
 _U63 = (1 << 63) - 1
 
 
+def str_keys(pairs: list[tuple[Any, Any]]) -> dict:
+    """object_pairs_hook: every map has str keys (a bin key beside a str key once reached sorted())."""
+    for k, _ in pairs:
+        if type(k) is not str:
+            raise Rejected("malformed", f"map keys must be strings, got a {type(k).__name__} key")
+    return dict(pairs)
+
+
 def _unpack(raw: bytes | memoryview, max_len: int) -> Any:
     if len(raw) > max_len:
         raise Rejected("oversized", f"header is {len(raw)} bytes, limit {max_len}")
@@ -96,7 +114,10 @@ def _unpack(raw: bytes | memoryview, max_len: int) -> Any:
             max_map_len=32,
             max_ext_len=0,
             use_list=True,
+            object_pairs_hook=str_keys,
         )
+    except Rejected:
+        raise
     except (ValueError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError, TypeError) as exc:
         raise Rejected("malformed", f"header is not valid msgpack: {exc}") from None
 
@@ -127,7 +148,7 @@ def decode_message(parts: list, *, max_width: int, max_height: int, max_channels
     Returns (FrameHeader, pixel_buffer) for frames, (Control, None) for control messages.
     ``parts`` items may be bytes or zmq.Frame (anything with the buffer protocol).
     """
-    if not 1 <= len(parts) <= 2:
+    if not 1 <= len(parts) <= MAX_PARTS:
         raise Rejected("malformed", f"expected 1 or 2 ZeroMQ frames, got {len(parts)}")
     head = parts[0]
     head = head.buffer if hasattr(head, "buffer") else head
@@ -143,6 +164,10 @@ def decode_message(parts: list, *, max_width: int, max_height: int, max_channels
     # must not open a coil (and later publish a summary) for a coil nobody runs.
     camera = h.get("camera") if isinstance(h.get("camera"), str) and NAME_RE.match(h["camera"]) else None
     coil = h.get("coil") if isinstance(h.get("coil"), str) and NAME_RE.match(h["coil"]) else None
+    # Likewise the frame index, read before the rest of the header is checked: a frame rejected for
+    # any reason (an unknown key included) is then counted as that frame, rejected, not as missing.
+    index = h.get("index") if mtype == "frame" and type(h.get("index")) is int and 0 <= h["index"] <= 10_000_000 \
+        else None
     try:
         if mtype == "frame":
             return _decode_frame(h, parts, max_width, max_height, max_channels, allowed_encodings)
@@ -152,6 +177,8 @@ def decode_message(parts: list, *, max_width: int, max_height: int, max_channels
             return _decode_control(h, mtype), None
     except Rejected as exc:
         exc.camera, exc.coil = exc.camera or camera, exc.coil or coil
+        if exc.index is None:
+            exc.index = index
         raise
     raise Rejected("unknown_type", f"message type {str(mtype)[:40]!r} is not frame, coil_start or coil_end",
                    camera, coil)
@@ -231,7 +258,15 @@ def pixels_to_array(header: FrameHeader, buf: Any) -> np.ndarray:
         return np.frombuffer(buf, dtype=dtype).reshape(header.shape)
     import cv2
 
-    size = encoded_size(bytes(buf[:65536]), header.encoding)
+    head = bytes(buf[:65536])
+    if header.encoding == "jpeg":
+        sof = jpeg_sof(head)
+        if sof is not None and sof not in JPEG_SEQUENTIAL_SOF:
+            # Checked before OpenCV starts: a 475 KB progressive JPEG with thousands of scans took
+            # 0.5-0.8 s to decode on the ingest thread. Baseline decode cost is bounded by its pixels.
+            raise Rejected("bad_encoding", f"JPEG SOF{sof - 0xC0} (progressive, lossless or arithmetic) is not "
+                           "accepted; send baseline JPEG", header.camera, header.coil)
+    size = encoded_size(head, header.encoding)
     if size != header.shape[:2]:
         # Checked before OpenCV allocates anything: a 60 KiB PNG can claim 30000 x 30000 pixels.
         raise Rejected("decode_failed", f"{header.encoding} image header says {size}, frame header says "
@@ -254,6 +289,32 @@ def pixels_to_array(header: FrameHeader, buf: Any) -> np.ndarray:
 _JPEG_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
 
 
+def jpeg_sof(data: bytes) -> int | None:
+    """The JPEG's start-of-frame marker (0xC0 baseline, 0xC2 progressive, ...); None if not found."""
+    pos = _jpeg_sof_pos(data)
+    return None if pos is None else data[pos + 1]
+
+
+def _jpeg_sof_pos(data: bytes) -> int | None:
+    if data[:2] != b"\xff\xd8":
+        return None
+    pos = 2
+    while pos + 4 <= len(data):
+        if data[pos] != 0xFF:
+            return None
+        marker = data[pos + 1]
+        if marker == 0xFF:  # fill byte
+            pos += 1
+            continue
+        if marker in _JPEG_SOF:
+            return pos if pos + 9 <= len(data) else None
+        length = int.from_bytes(data[pos + 2:pos + 4], "big")
+        if length < 2:
+            return None
+        pos += 2 + length
+    return None
+
+
 def encoded_size(data: bytes, encoding: str) -> tuple[int, int] | None:
     """(height, width) from a PNG's IHDR or a JPEG's SOF marker, without decoding; None if absent."""
     if encoding == "png":
@@ -261,25 +322,10 @@ def encoded_size(data: bytes, encoding: str) -> tuple[int, int] | None:
             return None
         return int.from_bytes(data[20:24], "big"), int.from_bytes(data[16:20], "big")
     if encoding == "jpeg":
-        if data[:2] != b"\xff\xd8":
+        pos = _jpeg_sof_pos(data)
+        if pos is None:
             return None
-        pos = 2
-        while pos + 4 <= len(data):
-            if data[pos] != 0xFF:
-                return None
-            marker = data[pos + 1]
-            if marker == 0xFF:  # fill byte
-                pos += 1
-                continue
-            length = int.from_bytes(data[pos + 2:pos + 4], "big")
-            if marker in _JPEG_SOF:
-                if pos + 9 > len(data):
-                    return None
-                return int.from_bytes(data[pos + 5:pos + 7], "big"), int.from_bytes(data[pos + 7:pos + 9], "big")
-            if length < 2:
-                return None
-            pos += 2 + length
-        return None
+        return int.from_bytes(data[pos + 5:pos + 7], "big"), int.from_bytes(data[pos + 7:pos + 9], "big")
     return None
 
 

@@ -1,10 +1,15 @@
 """The outbound stream: PUB socket, replay socket, heartbeat; journal before publish.
 
-One thread owns the PUB and REP sockets and the journal. Producers call ``submit()``; the
+One thread owns the PUB and replay sockets and the journal. Producers call ``submit()``; the
 thread takes what is queued, gives each message the next sequence number, writes the group to
 the journal (fsync), then publishes it. A heartbeat on topic ``health`` carries the last
 sequence number so a subscriber can see a gap even when no event follows (the ZeroMQ guide's
-Clone pattern); the REP socket serves missed ranges from the journal, byte-identical.
+Clone pattern); the replay socket serves missed ranges from the journal, byte-identical.
+
+The replay socket is a ROUTER (REQ peers see a REP): a bad request of any shape is answered with
+an error and counted, a reply is at most ``max_replay`` messages and ``REPLAY_MAX_BYTES``, and a
+peer that does not read its replies gets at most ``ROUTER_SNDHWM`` of them queued: the rest are
+dropped and counted (``replay_replies_dropped``), never blocking this thread or piling up.
 """
 from __future__ import annotations
 
@@ -17,11 +22,15 @@ import msgpack
 import structlog
 import zmq
 
+from agent.guard import LoopGuard, recv_request, router_socket, send_reply
 from agent.journal import Journal
-from agent.protocol import PROTOCOL_VERSION, TOPICS, pack_body
+from agent.metrics import RateLimiter
+from agent.protocol import PROTOCOL_VERSION, TOPICS, pack_body, str_keys
 from agent.threadnames import name_this_thread
 
 log = structlog.get_logger(__name__)
+
+REPLAY_MAX_BYTES = 16 << 20  # one reply's bodies at most (always at least one message)
 
 
 class PublishError(RuntimeError):
@@ -32,7 +41,9 @@ class Publisher(threading.Thread):
     def __init__(self, ctx: zmq.Context, *, endpoint: str, replay_endpoint: str, journal: Journal, agent: str,
                  heartbeat_s: float, sndhwm: int, linger_ms: int, max_replay: int,
                  health: Callable[[], dict] | None = None, on_published: Callable[[str, dict], None] | None = None,
-                 socket_setup: Callable[[zmq.Socket, str], Any] | None = None, queue_size: int = 10_000):
+                 socket_setup: Callable[[zmq.Socket, str], Any] | None = None, queue_size: int = 10_000,
+                 on_loop_error: Callable[[str, str], None] | None = None,
+                 on_reply_dropped: Callable[[str], None] | None = None):
         super().__init__(name="publisher", daemon=True)
         self.ctx = ctx
         self.endpoint = endpoint
@@ -58,6 +69,14 @@ class Publisher(threading.Thread):
         self.pub_endpoint_bound: str | None = None
         self.replay_endpoint_bound: str | None = None
         self._republish: list[tuple[int, bytes, bytes]] = []
+        self.replay_requests = 0
+        self.replay_rejected = 0  # bad requests, answered with an error
+        self.replay_dropped = 0  # replies a peer did not take (gone, or not reading)
+        self._replay_log = RateLimiter(per_s=1.0, burst=10)
+        self._served_log = RateLimiter(per_s=2.0, burst=20)  # a flood of requests must not flood the log
+        self.on_reply_dropped = on_reply_dropped
+        # last resort around each replay request and heartbeat: no peer can end this thread
+        self.guard = LoopGuard("publisher", max_consecutive=1000, on_error=on_loop_error)
 
     # -- producer side ----------------------------------------------------------------------
     def submit(self, topic: str, body: dict, timeout: float = 5.0) -> None:
@@ -115,12 +134,10 @@ class Publisher(threading.Thread):
 
     def _run(self) -> None:
         pub = self.ctx.socket(zmq.PUB)
-        rep = self.ctx.socket(zmq.REP)
-        for s in (pub, rep):
-            s.setsockopt(zmq.LINGER, self.linger_ms)
-            s.setsockopt(zmq.SNDTIMEO, 1000)
+        pub.setsockopt(zmq.LINGER, self.linger_ms)
+        pub.setsockopt(zmq.SNDTIMEO, 1000)
         pub.setsockopt(zmq.SNDHWM, self.sndhwm)
-        rep.setsockopt(zmq.MAXMSGSIZE, 4096)
+        rep = router_socket(self.ctx, max_msg_bytes=4096)
         watches = []  # agent.auth.HandshakeWatch per socket when CURVE is on: refused peers are logged
         if self.socket_setup:
             watches = [w for w in (self.socket_setup(pub, "publish"), self.socket_setup(rep, "replay")) if w]
@@ -145,12 +162,20 @@ class Publisher(threading.Thread):
                     self._publish(pub, items)
                 for w in watches:
                     w.drain()
-                if dict(poller.poll(0)).get(rep):
-                    self._serve_replay(rep)
+                for _ in range(8 if dict(poller.poll(0)).get(rep) else 0):  # a few requests per turn
+                    try:
+                        if not self._serve_replay(rep):
+                            break
+                        self.guard.ok()
+                    except Exception as exc:  # last resort: counted, logged (bounded), the loop goes on
+                        self.guard.failed(exc, socket="replay")
                 now = time.monotonic()
                 if now >= next_hb:
-                    self._heartbeat(pub)
                     next_hb = now + self.heartbeat_s
+                    try:
+                        self._heartbeat(pub)
+                    except Exception as exc:
+                        self.guard.failed(exc, socket="publish")
                 if self._halt.is_set() and self._q.empty():
                     self._heartbeat(pub)
                     break
@@ -204,25 +229,64 @@ class Publisher(threading.Thread):
         except zmq.Again:
             log.warning("heartbeat_not_sent")
 
-    def _serve_replay(self, rep: zmq.Socket) -> None:
-        raw = rep.recv()
+    def _serve_replay(self, rep: zmq.Socket) -> bool:
+        """One request, if one waits (False when none did)."""
         try:
-            req = msgpack.unpackb(raw, raw=False, strict_map_key=True, max_str_len=64, max_bin_len=0,
-                                  max_array_len=0, max_map_len=8, max_ext_len=0)
-            if not isinstance(req, dict) or req.get("v") != PROTOCOL_VERSION or req.get("type") != "replay":
-                raise ValueError("expected {v: 1, type: replay, from, to}")
-            first, last = req["from"], req["to"]
-            if not (isinstance(first, int) and isinstance(last, int)) or first < 1 or last < first:
-                raise ValueError("from and to must be integers with 1 <= from <= to")
-        except (ValueError, KeyError, TypeError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError) as exc:
-            rep.send(pack_body({"v": PROTOCOL_VERSION, "type": "replay", "error": str(exc)[:200]}))
-            log.warning("replay_request_rejected", error=str(exc)[:200])
-            return
+            envelope, raw, error = recv_request(rep)
+        except zmq.Again:
+            return False
+        self.replay_requests += 1
+        first = last = 0
+        if error is None:
+            error = _parse_replay_request(raw)
+        if isinstance(error, tuple):
+            (first, last), error = error, None
+        if error is not None:
+            self.replay_rejected += 1
+            if self._replay_log.allow():
+                log.warning("replay_request_rejected", error=error[:200], suppressed=self._replay_log.suppressed)
+            self._reply(rep, envelope, [pack_body({"v": PROTOCOL_VERSION, "type": "replay", "error": error[:200]})])
+            return True
         records = self.journal.read(first, last, limit=self.max_replay)
+        size, keep = 0, 0
+        for _, topic, body in records:  # at most REPLAY_MAX_BYTES, at least one message
+            size += len(topic) + len(body)
+            if keep and size > REPLAY_MAX_BYTES:
+                break
+            keep += 1
+        records = records[:keep]
         meta = {"v": PROTOCOL_VERSION, "type": "replay", "from": first, "to": last, "count": len(records),
                 "first_seq": self.journal.first_seq, "last_seq": self.journal.last_seq}
         frames: list[Any] = [pack_body(meta)]
         for _, topic, body in records:
             frames += [topic, body]
-        rep.send_multipart(frames)
-        log.info("replay_served", first=first, last=last, count=len(records))
+        if self._reply(rep, envelope, frames) and self._served_log.allow():
+            log.info("replay_served", first=first, last=last, count=len(records),
+                     suppressed=self._served_log.suppressed)
+        return True
+
+    def _reply(self, rep: zmq.Socket, envelope: list[bytes], frames: list) -> bool:
+        if send_reply(rep, envelope, frames):
+            return True
+        self.replay_dropped += 1
+        if self.on_reply_dropped:
+            self.on_reply_dropped("replay")
+        if self._replay_log.allow():
+            log.warning("replay_reply_dropped", reason="peer gone or not reading its replies",
+                        dropped_total=self.replay_dropped, suppressed=self._replay_log.suppressed)
+        return False
+
+
+def _parse_replay_request(raw: bytes) -> tuple[int, int] | str:
+    """(from, to) of a replay request, or why it is not one."""
+    try:
+        req = msgpack.unpackb(raw, raw=False, strict_map_key=True, max_str_len=64, max_bin_len=0,
+                              max_array_len=0, max_map_len=8, max_ext_len=0, object_pairs_hook=str_keys)
+    except (ValueError, TypeError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError) as exc:
+        return f"not MessagePack: {exc}"
+    if not isinstance(req, dict) or req.get("v") != PROTOCOL_VERSION or req.get("type") != "replay":
+        return "expected {v: 1, type: replay, from, to}"
+    first, last = req.get("from"), req.get("to")
+    if type(first) is not int or type(last) is not int or first < 1 or last < first:
+        return "from and to must be integers with 1 <= from <= to"
+    return first, last

@@ -21,10 +21,12 @@ from agent import recovery
 from agent.batcher import FrameQueue
 from agent.coil import CoilRegistry
 from agent.config import Config
-from agent.ingest import Ingest
+from agent.guard import LoopGuard, recv_request, router_socket, send_reply
+from agent.ingest import Ingest, frame_multiple
 from agent.journal import Journal
 from agent.metrics import Metrics
 from agent.inference import Inference, Models, open_models
+from agent.protocol import str_keys
 from agent.publish import Publisher
 from agent.sdnotify import Notifier, Watchdog
 from agent.threadnames import name_this_thread
@@ -64,6 +66,9 @@ class Agent:
         self._watermark: int | None = None  # last seq written to published.seq
         self.ready = threading.Event()
         self.exit_code = 0
+        # last resort around each control request: no local client can end the main loop
+        self.control_guard = LoopGuard("control", max_consecutive=1000, on_error=self.metrics.count_loop_error)
+        self.control_dropped = 0
 
     # -- start-up: fails loudly ---------------------------------------------------------------
     def start(self) -> None:
@@ -91,7 +96,8 @@ class Agent:
             self.ctx, endpoint=cfg.publish.endpoint, replay_endpoint=cfg.publish.replay_endpoint,
             journal=self.journal, agent=cfg.agent.name, heartbeat_s=cfg.publish.heartbeat_s,
             sndhwm=cfg.publish.sndhwm, linger_ms=cfg.publish.linger_ms, max_replay=cfg.publish.max_replay,
-            health=self.health, on_published=self._on_published, socket_setup=socket_setup)
+            health=self.health, on_published=self._on_published, socket_setup=socket_setup,
+            on_loop_error=self.metrics.count_loop_error, on_reply_dropped=self.metrics.count_reply_dropped)
         watermark = self._read_watermark()
         # A journal cut at a record boundary looks clean; the watermark proves those seqs were used.
         self.journal.reserve_through(watermark, "published.seq")
@@ -103,7 +109,8 @@ class Agent:
             raise StartupError(f"cannot bind publish sockets: {self.publisher.error}")
         self.inference = Inference(cfg=cfg, frames=self.frames, coils=self.coils, models=self.models,
                                    submit=self.publisher.submit, on_stage=self.metrics.observe_stage,
-                                   on_alive=self.watchdog.mark_alive)
+                                   on_alive=self.watchdog.mark_alive, on_reject=self._on_reject,
+                                   on_loop_error=self.metrics.count_loop_error)
         self.inference.start()
         # Crash recovery (agent/recovery.py): open coils continue, in-flight frames are lost, and
         # what never reached the journal is sent again. Before ingest, so no frame beats it.
@@ -118,13 +125,12 @@ class Agent:
                              max_height=cfg.ingest.max_height, allowed_encodings=cfg.ingest.allowed_encodings,
                              emit_summary=self._emit_summary, on_reject=self._on_reject, socket_setup=socket_setup,
                              on_frame=self.metrics.observe_stage,
-                             backpressure=cfg.ingest.overload == "backpressure")
+                             backpressure=cfg.ingest.overload == "backpressure", shape_multiple=frame_multiple(pack),
+                             on_loop_error=self.metrics.count_loop_error)
         self.ingest.start()
         if not self.ingest.bound.wait(5.0) or self.ingest.error:
             raise StartupError(f"cannot bind ingest socket {cfg.ingest.endpoint}: {self.ingest.error}")
-        self.control = self.ctx.socket(zmq.REP)
-        self.control.setsockopt(zmq.LINGER, 0)
-        self.control.setsockopt(zmq.MAXMSGSIZE, 4096)
+        self.control = router_socket(self.ctx, max_msg_bytes=4096)  # REQ clients see a REP (agent/guard.py)
         self._control_watch = self._bind_control(socket_setup)
         self.control_endpoint = self.control.getsockopt_string(zmq.LAST_ENDPOINT)
         if cfg.control.metrics_port:
@@ -215,7 +221,11 @@ class Agent:
         try:
             while not self._stop.is_set():
                 if dict(poller.poll(tick_ms)).get(self.control):
-                    self._serve_control()
+                    try:
+                        self._serve_control()
+                        self.control_guard.ok()
+                    except Exception as exc:  # last resort: counted, logged (bounded), the loop goes on
+                        self.control_guard.failed(exc, socket="control")
                 self._tick()
                 if self._reload.is_set():
                     self._reload.clear()
@@ -226,13 +236,18 @@ class Agent:
                     last_status = now
                     self.notifier.status(self._status_line())
                     self.metrics.set_journal_bytes(self.journal.size_bytes())
+        except Exception as exc:  # the agent started: this is a failure while running, not at start-up
+            log.exception("agent_failed", error=str(exc), kind=type(exc).__name__)
+            self.exit_code = 1
         finally:
             self.shutdown()
         return self.exit_code
 
     def _tick(self) -> None:
         for t in (self.ingest, self.inference, self.publisher):
-            if t.error is not None:
+            # A thread that ended anyway (its last-resort handler gave up) leaves the agent headless:
+            # exit non-zero now, so that systemd restarts it. Every thread of these runs until stop().
+            if t.error is not None or not t.is_alive():
                 self.exit_code = 1
                 log.error("thread_failed", thread=t.name, error=repr(t.error))
                 self._stop.set()
@@ -288,31 +303,57 @@ class Agent:
             "models": self.models.pack.versions() if self.models else {},
             "queue_depth": len(self.frames) if hasattr(self, "frames") else 0,
             "inferred": (inf.inspected + inf.gated_out) if inf else 0,
-            "rejected": dict(self.ingest.rejected) if self.ingest else {},
+            "rejected": self._rejected_counts(),
             "coils_open": self.coils.open_coils() if hasattr(self, "coils") else [],
             "journal_damage": len(self.journal.damage) if self.journal else 0,
             "reloads": self.reloads,
+            "loop_errors": self._loop_errors(),
         }
+
+    def _rejected_counts(self) -> dict:
+        out = dict(self.ingest.rejected) if self.ingest else {}
+        if self.inference is not None:
+            for reason, n in dict(self.inference.rejected).items():
+                out[reason] = out.get(reason, 0) + n
+        return out
+
+    def _loop_errors(self) -> dict:
+        """Failures each thread's loop survived (agent/guard.py), by thread."""
+        guards = [self.control_guard]
+        if self.ingest is not None:
+            guards += [self.ingest.message_guard, self.ingest.socket_guard]
+        if self.inference is not None:
+            guards.append(self.inference.guard)
+        if self.publisher is not None:
+            guards.append(self.publisher.guard)
+        return {g.thread: g.total() for g in guards if g.total()}
 
     # -- control socket ---------------------------------------------------------------------------
     def _serve_control(self) -> None:
-        raw = self.control.recv()
         try:
-            req = msgpack.unpackb(raw, raw=False, strict_map_key=True, max_str_len=64, max_bin_len=0,
-                                  max_array_len=0, max_map_len=4, max_ext_len=0)
-            cmd = req.get("cmd") if isinstance(req, dict) else None
-        except (ValueError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError):
-            cmd = None
+            envelope, raw, error = recv_request(self.control)
+        except zmq.Again:
+            return
+        cmd = None
+        if raw is not None:
+            try:
+                req = msgpack.unpackb(raw, raw=False, strict_map_key=True, max_str_len=64, max_bin_len=0,
+                                      max_array_len=0, max_map_len=4, max_ext_len=0, object_pairs_hook=str_keys)
+                cmd = req.get("cmd") if isinstance(req, dict) else None
+            except (ValueError, TypeError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError):
+                cmd = None
         if cmd == "status":
             reply = {"ok": True, "health": self.health(), "metrics": self.metrics.snapshot(),
-                     "coils": self.coils.snapshot(), "last_seq": self.journal.last_seq,
-                     "journal_bytes": self.journal.size_bytes()}
+                     "coils": self.coils.snapshot(), "late_frames": self.coils.late_frames(),
+                     "last_seq": self.journal.last_seq, "journal_bytes": self.journal.size_bytes()}
         elif cmd == "reload":
             ok, detail = self.reload_models()
             reply = {"ok": ok, "detail": detail}
         else:
-            reply = {"ok": False, "error": "expected {cmd: status | reload}"}
-        self.control.send(msgpack.packb(reply, default=str))
+            reply = {"ok": False, "error": error or "expected {cmd: status | reload}"}
+        if not send_reply(self.control, envelope, [msgpack.packb(reply, default=str)]):
+            self.control_dropped += 1
+            self.metrics.count_reply_dropped("control")
 
     def reload_models(self) -> tuple[bool, str]:
         """Hot swap: load the new models beside the old ones; switch between batches. A failed

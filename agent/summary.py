@@ -37,7 +37,7 @@ def _gaps(seen: dict[int, str], end: int) -> list[list[int]]:
 def build_summary(c: Coil, now: float, *, final: bool, reason: str | None, classes: tuple[str, ...],
                   budget_s: float) -> dict:
     totals = dict.fromkeys(("sent", "received", "inspected", "gated_out", "rejected", "shed", "missing",
-                            "pending", "lost", "duplicates"), 0)
+                            "pending", "lost", "duplicates", "after_end"), 0)
     rejected_by_reason: dict[str, int] = {}
     cameras: dict[str, Any] = {}
     missing_ranges: dict[str, list[list[int]]] = {}
@@ -69,10 +69,11 @@ def build_summary(c: Coil, now: float, *, final: bool, reason: str | None, class
         if missing:
             missing_ranges[cc.camera] = missing
         cam_summary = {"sent": expected, "received": received, "missing": n_missing,
-                       "duplicates": cc.duplicates, **counts,
+                       "duplicates": cc.duplicates, "after_end": cc.after_end, **counts,
                        "rejected_by_reason": dict(cc.rejected_by_reason), "end_reason": cc.end_reason}
         cameras[cc.camera] = cam_summary
-        for k in ("received", "inspected", "gated_out", "rejected", "shed", "pending", "lost", "duplicates"):
+        for k in ("received", "inspected", "gated_out", "rejected", "shed", "pending", "lost", "duplicates",
+                  "after_end"):
             totals[k] += cam_summary[k]
         totals["missing"] += n_missing
         totals["sent"] += expected if expected is not None else received + n_missing

@@ -49,7 +49,7 @@ def test_clean_coil_closes_complete_with_exact_counts():
     invariants(s)
     assert s["final"] and s["complete"] and s["end_reason"] == "coil_end"
     assert s["frames"] == {"sent": 10, "received": 10, "inspected": 4, "gated_out": 6, "rejected": 0, "shed": 0,
-                           "missing": 0, "pending": 0, "lost": 0, "duplicates": 0}
+                           "missing": 0, "pending": 0, "lost": 0, "duplicates": 0, "after_end": 0}
     assert s["defects"] == {"bright": 4, "dark": 0} and s["length_mm"] == 25.0
     assert [w["index"] for w in s["worst"]] == [9, 6, 3]  # worst_n = 3, by area x confidence
     assert r.open_coils() == [] and r.is_closed("A")
@@ -73,7 +73,8 @@ def test_duplicates_missing_rejected_and_frames_above_the_coil_end_count():
         assert r.admit("cam0", "A", i, 0.0)[0] == "ok"
     assert r.admit("cam0", "A", 2, 0.0)[0] == "duplicate"
     r.reject("cam0", "A", 6, "decode_failed")
-    r.reject("cam0", "A", None, "schema")  # no index: counted by reason only
+    r.reject("cam0", "A", None, "schema")  # no index: names no frame, so not counted in the coil
+    r.reject("cam0", "A", 6, "size_mismatch")  # already rejected: not counted twice
     for i in (0, 1, 2, 5, 9):
         r.finish("cam0", "A", i, "gated_out")
     (s,) = r.coil_end("cam0", "A", 8, None)  # the camera says 8, yet index 9 arrived
@@ -81,7 +82,7 @@ def test_duplicates_missing_rejected_and_frames_above_the_coil_end_count():
     f = s["frames"]
     assert (f["sent"], f["received"], f["missing"], f["duplicates"], f["rejected"]) == (10, 6, 4, 1, 1)
     assert s["missing_ranges"] == {"cam0": [[3, 4], [7, 8]]}
-    assert s["rejected_by_reason"] == {"decode_failed": 1, "schema": 1}
+    assert s["rejected_by_reason"] == {"decode_failed": 1}  # sums to frames.rejected (issue 16, item 16)
     assert not s["complete"]
 
 
@@ -100,7 +101,11 @@ def test_next_coil_ends_the_previous_one_and_a_late_frame_does_not_switch_back()
     r.admit("cam0", "A", 0, 0.0)
     r.finish("cam0", "A", 0, "gated_out")
     status, out = r.admit("cam0", "B", 0, 0.0)  # A never got a coil_end
-    assert status == "ok" and len(out) == 1
+    # held for late (interleaved) frames of A until none came for late_hold_s, then closed by poll()
+    assert status == "ok" and out == []
+    r.clock.t += r.late_hold_s
+    out = r.poll()
+    assert len(out) == 1
     assert out[0]["coil"] == "A" and out[0]["end_reason"] == "next_coil" and not out[0]["complete"]
     # B ended by cam0 while cam1 still sends B: a late B frame from cam0 must not end C.
     r.admit("cam1", "B", 0, 0.0)

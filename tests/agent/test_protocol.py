@@ -154,8 +154,50 @@ def test_encoded_size_reads_png_and_jpeg_headers():
 
 
 def test_every_reason_is_covered_here_or_by_the_agent():
-    covered = {reason for _, reason, _ in CASES} | {"decode_failed", "duplicate", "stale_coil"}
+    # decode_failed, bad_encoding (progressive JPEG) below; duplicate, stale_coil, inference_failed and
+    # internal by the agent (tests/agent/test_hostile_input.py)
+    covered = {reason for _, reason, _ in CASES} | {"decode_failed", "duplicate", "stale_coil", "inference_failed",
+                                                     "internal"}
     assert covered == set(REJECT_REASONS)
+
+
+def test_a_header_with_a_bin_key_beside_str_keys_is_malformed():
+    # issue 16, item 1: MessagePack allows str and bin keys in one map; sorting them raised TypeError
+    # (unknown keys are listed sorted) and ended the ingest thread.
+    raw = msgpack.packb({**header(), b"": 1}, use_bin_type=True)  # an empty bin passes max_bin_len=0
+    with pytest.raises(Rejected, match="map keys must be strings, got a bytes key") as exc:
+        decode([raw, IMG.tobytes()])
+    assert exc.value.reason == "malformed"
+    nested = msgpack.packb({**header(), "shape": [{b"": 1, "y": 2}]}, use_bin_type=True)
+    with pytest.raises(Rejected, match="map keys must be strings"):
+        decode([nested, IMG.tobytes()])
+
+
+def test_a_frame_rejected_for_any_header_reason_still_names_its_index():
+    # issue 16, item 16: an unknown key was counted under schema but the frame was reported missing
+    with pytest.raises(Rejected, match=r"unknown key\(s\) \['extra'\]") as exc:
+        decode(frame(header(extra=1)))
+    assert (exc.value.reason, exc.value.camera, exc.value.coil, exc.value.index) == ("schema", "cam0", "C1", 7)
+    with pytest.raises(Rejected, match="key 'ts_ns'") as exc:
+        decode(frame(header(ts_ns=-1)))
+    assert exc.value.index == 7
+    for bad in (-1, 10**8, "7", True, 7.0):
+        with pytest.raises(Rejected) as exc:
+            decode(frame(header(index=bad)))
+        assert exc.value.index is None, bad  # an unreadable index names no frame
+
+
+def test_progressive_jpeg_is_refused_before_decoding():
+    # issue 16, item 10: a progressive JPEG's decode cost is not bounded by its size (thousands of
+    # scans); baseline's is (its pixels, checked against the header). Refused as bad_encoding.
+    prog = cv2.imencode(".jpg", IMG, [cv2.IMWRITE_JPEG_PROGRESSIVE, 1])[1].tobytes()
+    h, buf = decode(frame(header(encoding="jpeg"), prog))
+    with pytest.raises(Rejected, match=r"JPEG SOF2 \(progressive, lossless or arithmetic\) is not accepted") as exc:
+        pixels_to_array(h, buf)
+    assert (exc.value.reason, exc.value.camera, exc.value.coil) == ("bad_encoding", "cam0", "C1")
+    base = cv2.imencode(".jpg", IMG)[1].tobytes()
+    h, buf = decode(frame(header(encoding="jpeg"), base))
+    assert pixels_to_array(h, buf).shape == IMG.shape
 
 
 def test_limits_and_bodies():
@@ -192,7 +234,8 @@ def test_random_bytes_only_ever_reject(parts):
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
-@given(st.dictionaries(st.sampled_from(sorted(header())) | st.text(max_size=6), VALUES, max_size=12),
+@given(st.dictionaries(st.sampled_from(sorted(header())) | st.text(max_size=6) | st.binary(max_size=3), VALUES,
+                      max_size=12),
        st.sampled_from([b"", IMG.tobytes(), IMG.tobytes()[:-1], cv2.imencode(".png", IMG)[1].tobytes()]))
 def test_random_headers_only_ever_reject(h, pixels):
-    decode_fully([msgpack.packb({**header(), **h}, use_bin_type=False), pixels])
+    decode_fully([msgpack.packb({**header(), **h}, use_bin_type=True), pixels])

@@ -11,8 +11,10 @@ from agent.recovery import CHECKPOINT_NAME, Recovery
 
 
 def registry() -> CoilRegistry:
+    # late_hold_s=0: a coil ended by next_coil closes as soon as its frames are through (the hold for
+    # late frames is tested in test_coil.py; these tests are about what a restart re-sends)
     return CoilRegistry(budget_s=300.0, provisional_at=0.9, idle_timeout_s=30.0, worst_n=5,
-                        classes=("bright", "dark"))
+                        classes=("bright", "dark"), late_hold_s=0.0)
 
 
 def defect(coil: str, index: int, x: int = 0) -> dict:

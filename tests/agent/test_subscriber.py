@@ -169,3 +169,36 @@ def test_refused_and_unanswered_replays_raise(tmp_path):
     with pytest.raises(ReplayError, match=f"replay 1..3: no answer from {nobody}"):
         sub._replay(1, 3)
     sub.close()
+
+
+def test_a_replay_reply_stops_at_16_mib_and_the_rest_is_asked_for_again(tmp_path):
+    """Issue 16, item 5: one reply is at most publish.max_replay messages and REPLAY_MAX_BYTES."""
+    import msgpack
+
+    from agent.publish import REPLAY_MAX_BYTES
+    from agent.protocol import encode_replay_request
+
+    j = Journal(tmp_path / "j", fsync=False)
+    eps = endpoints()
+    p = publisher(j, eps)
+    try:
+        blob = "x" * (3 << 20)  # 3 MiB bodies: six of them pass 16 MiB
+        for i in range(8):
+            p.submit("summary", {"n": i, "blob": blob})
+        wait_published(p, 8)
+        s = zmq.Context.instance().socket(zmq.REQ)
+        s.setsockopt(zmq.LINGER, 0)
+        s.setsockopt(zmq.RCVTIMEO, 5000)
+        s.connect(eps[1])
+        s.send(encode_replay_request(1, 8))
+        meta, *pairs = s.recv_multipart()
+        meta = msgpack.unpackb(meta)
+        assert meta["count"] == 5 and len(pairs) == 10  # 5 x 3 MiB <= 16 MiB < 6 x 3 MiB
+        assert sum(len(b) for b in pairs) <= REPLAY_MAX_BYTES
+        s.send(encode_replay_request(6, 8))  # the rest, asked for again from the last seq + 1
+        meta, *pairs = s.recv_multipart()
+        assert msgpack.unpackb(meta)["count"] == 3
+        s.close()
+    finally:
+        p.stop()
+        j.close()

@@ -257,6 +257,11 @@ class Journal:
                             return out
         return out
 
+    def record_seqs(self) -> list[int]:
+        """The seqs of the records the journal holds, oldest first (gaps where records were damaged)."""
+        with self._lock:
+            return [s for seg in self._segments for s in seg.index]
+
     @property
     def first_seq(self) -> int:
         for seg in self._segments:

@@ -17,6 +17,7 @@ import msgpack
 import structlog
 import zmq
 
+from agent.binding import BindError, bind
 from agent.journal import Journal
 from agent.protocol import PROTOCOL_VERSION, TOPICS, pack_body
 from agent.threadnames import name_this_thread
@@ -124,10 +125,13 @@ class Publisher(threading.Thread):
         watches = []  # agent.auth.HandshakeWatch per socket when CURVE is on: refused peers are logged
         if self.socket_setup:
             watches = [w for w in (self.socket_setup(pub, "publish"), self.socket_setup(rep, "replay")) if w]
-        pub.bind(self.endpoint)
-        rep.bind(self.replay_endpoint)
-        self.pub_endpoint_bound = pub.getsockopt_string(zmq.LAST_ENDPOINT)
-        self.replay_endpoint_bound = rep.getsockopt_string(zmq.LAST_ENDPOINT)
+        try:  # a failed bind must not leave these open: the context could never terminate
+            self.pub_endpoint_bound = bind(pub, self.endpoint, "publish")
+            self.replay_endpoint_bound = bind(rep, self.replay_endpoint, "replay")
+        except BindError:
+            pub.close(linger=0)
+            rep.close(linger=0)
+            raise
         self.bound.set()
         poller = zmq.Poller()
         poller.register(rep, zmq.POLLIN)

@@ -17,8 +17,9 @@ import msgpack
 import structlog
 import zmq
 
-from agent import recovery
+from agent import recovery, statefiles
 from agent.batcher import FrameQueue
+from agent.binding import BindError, bind, wait_bound
 from agent.coil import CoilRegistry
 from agent.config import Config
 from agent.ingest import Ingest
@@ -62,10 +63,14 @@ class Agent:
         self._watermark: int | None = None  # last seq written to published.seq
         self.ready = threading.Event()
         self.exit_code = 0
+        self.state_lock: statefiles.StateLock | None = None
+        self.state_report = statefiles.StateReport()  # state files moved aside at start-up
 
     # -- start-up: fails loudly ---------------------------------------------------------------
     def start(self) -> None:
         cfg = self.cfg
+        # First, before any model loads: a second agent on this state directory is refused at once.
+        self.state_lock = statefiles.StateLock(cfg.state_path()).acquire()
         self.notifier.status("loading models")
         self.models = open_models(cfg)
         pack = self.models.pack
@@ -89,15 +94,14 @@ class Agent:
             journal=self.journal, agent=cfg.agent.name, heartbeat_s=cfg.publish.heartbeat_s,
             sndhwm=cfg.publish.sndhwm, linger_ms=cfg.publish.linger_ms, max_replay=cfg.publish.max_replay,
             health=self.health, on_published=self._on_published, socket_setup=socket_setup)
-        watermark = self._read_watermark()
+        watermark = statefiles.read_watermark(self._watermark_path(), self.journal.last_seq, self.state_report)
         # A journal cut at a record boundary looks clean; the watermark proves those seqs were used.
         self.journal.reserve_through(watermark, "published.seq")
         if watermark < self.journal.last_seq:
             n = self.publisher.republish_from(watermark + 1)
             log.info("journal_tail_to_republish", first=watermark + 1, last=self.journal.last_seq, count=n)
         self.publisher.start()
-        if not self.publisher.bound.wait(5.0) or self.publisher.error:
-            raise StartupError(f"cannot bind publish sockets: {self.publisher.error}")
+        wait_bound(self.publisher, self.publisher.bound, "publish sockets")
         self.inference = Inference(cfg=cfg, frames=self.frames, coils=self.coils, models=self.models,
                                    submit=self.publisher.submit, on_stage=self.metrics.observe_stage,
                                    on_alive=self.watchdog.mark_alive)
@@ -105,7 +109,7 @@ class Agent:
         # Crash recovery (agent/recovery.py): open coils continue, in-flight frames are lost, and
         # what never reached the journal is sent again. Before ingest, so no frame beats it.
         self.recovery = recovery.Recovery(self.journal.dir / recovery.CHECKPOINT_NAME)
-        for topic, body in self.recovery.restore(self.coils, self.journal):
+        for topic, body in self.recovery.restore(self.coils, self.journal, self.state_report):
             if topic == "summary":
                 self._emit_summary(body)
             else:
@@ -117,15 +121,16 @@ class Agent:
                              on_frame=self.metrics.observe_stage,
                              backpressure=cfg.ingest.overload == "backpressure")
         self.ingest.start()
-        if not self.ingest.bound.wait(5.0) or self.ingest.error:
-            raise StartupError(f"cannot bind ingest socket {cfg.ingest.endpoint}: {self.ingest.error}")
+        wait_bound(self.ingest, self.ingest.bound, f"ingest socket {cfg.ingest.endpoint}")
         self.control = self.ctx.socket(zmq.REP)
         self.control.setsockopt(zmq.LINGER, 0)
         self.control.setsockopt(zmq.MAXMSGSIZE, 4096)
-        self.control.bind(cfg.control.endpoint)
-        self.control_endpoint = self.control.getsockopt_string(zmq.LAST_ENDPOINT)
+        self.control_endpoint = bind(self.control, cfg.control.endpoint, "control")
         if cfg.control.metrics_port:
-            self.metrics_port = self.metrics.serve("127.0.0.1", cfg.control.metrics_port)
+            try:
+                self.metrics_port = self.metrics.serve("127.0.0.1", cfg.control.metrics_port)
+            except OSError as exc:
+                raise BindError(str(exc)) from None
         if self.install_signals:
             signal.signal(signal.SIGTERM, self._on_signal)
             signal.signal(signal.SIGINT, self._on_signal)
@@ -256,6 +261,7 @@ class Agent:
             "coils_open": self.coils.open_coils() if hasattr(self, "coils") else [],
             "journal_damage": len(self.journal.damage) if self.journal else 0,
             "reloads": self.reloads,
+            "state_files_moved_aside": list(self.state_report.moved_aside),
         }
 
     # -- control socket ---------------------------------------------------------------------------
@@ -300,12 +306,6 @@ class Agent:
     def _watermark_path(self) -> Path:
         return self.journal.dir / "published.seq"
 
-    def _read_watermark(self) -> int:
-        try:
-            return int(self._watermark_path().read_text().strip() or 0)
-        except (OSError, ValueError):
-            return 0
-
     def _write_watermark(self) -> None:
         seq = self.publisher.last_published_seq
         if seq == self._watermark:
@@ -338,6 +338,11 @@ class Agent:
         log.info("agent_stopped", last_seq=self.journal.last_seq if self.journal else None)
 
     def _close_partial(self) -> None:
+        # Threads that started before a start-up failure own sockets: stop them, or the context
+        # below could never terminate (a port in use would leave the agent waiting forever).
+        for t in (self.ingest, self.inference, self.publisher):
+            if t is not None and t.is_alive():
+                t.stop(2.0)
         if self.control is not None:
             self.control.close(linger=0)
         if self.journal is not None:
@@ -347,8 +352,14 @@ class Agent:
         if self.authenticator is not None:
             self.authenticator.stop()
         self.metrics.close()
-        self.ctx.term()
+        alive = [t.name for t in (self.ingest, self.publisher) if t is not None and t.is_alive()]
+        if alive:  # their sockets are in use: terminating the context would wait for them forever
+            log.error("context_not_terminated", threads=alive)
+        else:
+            self.ctx.destroy(linger=0)  # sockets a failed thread left open; closed ones keep their linger
         self.notifier.close()
+        if self.state_lock is not None:
+            self.state_lock.release()
 
 
 def status_request(endpoint: str, cmd: str = "status", timeout_ms: int = 3000) -> dict:

@@ -18,7 +18,7 @@ import structlog
 import zmq
 
 from agent.binding import BindError, bind
-from agent.journal import Journal
+from agent.journal import Journal, JournalFull
 from agent.protocol import PROTOCOL_VERSION, TOPICS, pack_body
 from agent.threadnames import name_this_thread
 
@@ -59,6 +59,9 @@ class Publisher(threading.Thread):
         self.pub_endpoint_bound: str | None = None
         self.replay_endpoint_bound: str | None = None
         self._republish: list[tuple[int, bytes, bytes]] = []
+        # Messages taken from the queue that the journal could not take (JournalFull: the disk is
+        # full and its in-memory bound reached): retried before anything newer, never dropped.
+        self._stalled: list[tuple[str, dict, int]] = []
 
     # -- producer side ----------------------------------------------------------------------
     def submit(self, topic: str, body: dict, timeout: float = 5.0) -> None:
@@ -143,10 +146,15 @@ class Publisher(threading.Thread):
             if self._republish:
                 log.info("journal_republished", count=len(self._republish))
             self._republish = []
+            halt_seen = None
             while True:
-                items = self._take(wait=0.02)
+                items = self._stalled or self._take(wait=0.02)
                 if items:
                     self._publish(pub, items)
+                else:
+                    self.journal.flush_held()  # a full disk freed: held records land with no new message
+                if self._stalled:
+                    time.sleep(0.02)
                 for w in watches:
                     w.drain()
                 if dict(poller.poll(0)).get(rep):
@@ -155,9 +163,14 @@ class Publisher(threading.Thread):
                 if now >= next_hb:
                     self._heartbeat(pub)
                     next_hb = now + self.heartbeat_s
-                if self._halt.is_set() and self._q.empty():
+                if self._halt.is_set() and self._q.empty() and not self._stalled:
                     self._heartbeat(pub)
                     break
+                if self._halt.is_set():
+                    halt_seen = halt_seen or time.monotonic()
+                    if self._stalled and time.monotonic() - halt_seen > 2.0:
+                        log.error("publish_stopped_with_messages_unjournaled", messages=len(self._stalled) + self._q.qsize())
+                        break
         finally:
             for w in watches:
                 w.close()
@@ -189,8 +202,17 @@ class Publisher(threading.Thread):
             full = {"v": PROTOCOL_VERSION, "type": topic, "agent": self.agent, "seq": first + i, "ts_ns": now_ns,
                     **body}
             packed.append((TOPICS[topic], pack_body(full)))
-        seqs = self.journal.append_many(packed)
-        self._taken_oldest_ns = None  # journaled: a restart finds them there
+        try:
+            seqs = self.journal.append_many(packed)
+        except JournalFull as exc:
+            if not self._stalled:
+                log.error("publish_stalled_journal_full", error=str(exc), messages=len(items))
+            self._stalled = items
+            return
+        if self._stalled:
+            log.warning("publish_resumed", messages=len(items))
+            self._stalled = []
+        self._taken_oldest_ns = None  # journaled (or held by the journal): a restart finds them there
         if seqs[0] != first:
             raise PublishError(f"journal handed out seq {seqs[0]}, expected {first}")
         for (topic_b, body_b), (topic, body, _) in zip(packed, items):

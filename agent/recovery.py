@@ -45,9 +45,10 @@ from pathlib import Path
 import msgpack
 import structlog
 
-from agent.coil import CoilRegistry
 from agent import statefiles
+from agent.coil import CoilRegistry
 from agent.journal import Journal
+from agent.metrics import RateLimitedLog
 from agent.statefiles import StateReport
 
 log = structlog.get_logger(__name__)
@@ -70,6 +71,8 @@ class Recovery:
         self._last_save = float("-inf")
         self.saves = 0
         self.last_save_s = 0.0  # how long the last save took
+        self.write_errors = 0
+        self._errors_log = RateLimitedLog(log, per_s=0.2, burst=2)
 
     # -- while running -------------------------------------------------------------------------
     def save(self, registry: CoilRegistry, last_seq: int, *, owed_since_ns: int | None = None,
@@ -87,9 +90,8 @@ class Recovery:
         t0 = time.perf_counter()
         state = registry.export_state(recent_s=self.recent_s, owed_since_ns=owed_since_ns)
         doc = {"format": FORMAT, "wall_ns": time.time_ns(), "last_seq": int(last_seq), **state}
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(doc, separators=(",", ":")))
-        os.replace(tmp, self.path)  # a reader sees the old or the new checkpoint, never half of one
+        if not self._write(json.dumps(doc, separators=(",", ":"))):
+            return False
         self.saves += 1
         self.last_save_s = time.perf_counter() - t0
         return True
@@ -102,9 +104,21 @@ class Recovery:
         closed = registry.export_state(recent_s=0.0)["closed"]
         doc = {"format": FORMAT, "wall_ns": time.time_ns(), "last_seq": int(last_seq), "coils": {},
                "current": {}, "closed": closed, "recent": []}
+        self._write(json.dumps(doc))
+
+    def _write(self, text: str) -> bool:
+        """Atomically (a reader sees the old or the new checkpoint, never half of one). A full disk
+        is logged at a bounded rate and the last checkpoint stays: the agent goes on."""
         tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(doc))
-        os.replace(tmp, self.path)
+        try:
+            tmp.write_text(text)
+            os.replace(tmp, self.path)
+        except OSError as exc:
+            self.write_errors += 1
+            self._errors_log.error("checkpoint_not_written", path=str(self.path), error=exc.strerror,
+                                   failures=self.write_errors)
+            return False
+        return True
 
     # -- at start ------------------------------------------------------------------------------
     def load(self, journal_last_seq: int = statefiles.MAX_SEQ, report: StateReport | None = None) -> dict | None:

@@ -6,7 +6,6 @@ SIGHUP reloads, and a phased, bounded shutdown on SIGTERM/SIGINT.
 """
 from __future__ import annotations
 
-import os
 import signal
 import threading
 import time
@@ -65,6 +64,7 @@ class Agent:
         self.exit_code = 0
         self.state_lock: statefiles.StateLock | None = None
         self.state_report = statefiles.StateReport()  # state files moved aside at start-up
+        self._journal_alarm: dict | None = None  # Journal.alarm(): the disk refuses writes
 
     # -- start-up: fails loudly ---------------------------------------------------------------
     def start(self) -> None:
@@ -218,9 +218,18 @@ class Agent:
         self.metrics.set_queue_depth("publish", self.publisher.queue_depth())
         self._write_watermark()
         self.recovery.save(self.coils, self.journal.last_seq, owed_since_ns=self.publisher.oldest_unjournaled_ns())
+        alarm = self.journal.alarm()
+        if (alarm is None) != (self._journal_alarm is None):
+            self._journal_alarm = alarm
+            self.notifier.status(self._status_line())  # at once, not at the next 5 s STATUS
+        self._journal_alarm = alarm
+        self.metrics.set_journal_alarm(alarm)
 
     def _status_line(self) -> str:
-        return (f"{self.state}: {self.inference.inspected + self.inference.gated_out} frames inferred, "
+        a = self._journal_alarm
+        alarm = (f"ALARM journal not writable: {a['path']}: {a['error']}; {a['held_records']} event(s) held in memory; "
+                 if a else "")
+        return (f"{alarm}{self.state}: {self.inference.inspected + self.inference.gated_out} frames inferred, "
                 f"{len(self.frames)} queued, {len(self.coils.open_coils())} coil(s) open, "
                 f"last seq {self.journal.last_seq}")
 
@@ -260,6 +269,7 @@ class Agent:
             "rejected": dict(self.ingest.rejected) if self.ingest else {},
             "coils_open": self.coils.open_coils() if hasattr(self, "coils") else [],
             "journal_damage": len(self.journal.damage) if self.journal else 0,
+            "journal_unwritable": self._journal_alarm,
             "reloads": self.reloads,
             "state_files_moved_aside": list(self.state_report.moved_aside),
         }
@@ -310,10 +320,8 @@ class Agent:
         seq = self.publisher.last_published_seq
         if seq == self._watermark:
             return
-        tmp = self._watermark_path().with_suffix(".tmp")
-        tmp.write_text(str(seq))
-        os.replace(tmp, self._watermark_path())
-        self._watermark = seq
+        if statefiles.write_watermark(self._watermark_path(), seq):
+            self._watermark = seq
 
     # -- shutdown: phased and bounded ---------------------------------------------------------------
     def shutdown(self) -> None:

@@ -27,7 +27,10 @@ from typing import Any
 
 import structlog
 
+from agent.metrics import RateLimitedLog
+
 log = structlog.get_logger(__name__)
+_watermark_log = RateLimitedLog(log, per_s=0.2, burst=2)
 
 LOCK_NAME = "coilsight.lock"
 MAX_SEQ = 2**63 - 1  # the journal stores seqs as u64; above 2**63 is never legitimate
@@ -58,7 +61,7 @@ class StateLock:
         self.path = Path(state_dir) / LOCK_NAME
         self._fd: int | None = None
 
-    def acquire(self) -> "StateLock":
+    def acquire(self) -> StateLock:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         try:
@@ -175,6 +178,34 @@ def read_watermark(path: Path, journal_last_seq: int, report: StateReport) -> in
     except OSError as exc:
         report.move_aside(path, f"{path.name} unreadable: {exc.strerror}")
     return 0
+
+
+def write_watermark(path: Path, seq: int) -> bool:
+    """Write the publish watermark atomically (temp + rename). When the disk is full the temp file
+    cannot be written; the watermark is then overwritten in place: a few bytes inside the block the
+    file already has, which needs no new space. It must get through: events published live from
+    memory while the journal cannot write are only known to have used their seqs through it, so a
+    crash before the disk frees cannot make a restart reuse them. False when neither worked (logged
+    at a bounded rate; the caller tries again at its next tick)."""
+    text = f"{seq}\n".encode()
+    tmp = path.with_suffix(".tmp")
+    try:
+        tmp.write_bytes(text)
+        os.replace(tmp, path)
+        return True
+    except OSError as first:
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+            try:
+                os.pwrite(fd, text, 0)
+                os.ftruncate(fd, len(text))
+            finally:
+                os.close(fd)
+            return True
+        except OSError as exc:
+            _watermark_log.error("watermark_not_written", path=str(path), seq=seq, error=exc.strerror,
+                                 first_error=first.strerror)
+            return False
 
 
 def load_checkpoint(path: Path, journal_last_seq: int, report: StateReport, *, fmt: int) -> dict | None:

@@ -12,7 +12,13 @@ from agent import statefiles
 from agent.coil import CoilRegistry
 from agent.journal import Journal
 from agent.recovery import CHECKPOINT_NAME, FORMAT, Recovery
-from agent.statefiles import StateDirLocked, StateFileInvalid, StateLock, StateReport, validate_checkpoint
+from agent.statefiles import (
+    StateDirLocked,
+    StateFileInvalid,
+    StateLock,
+    StateReport,
+    validate_checkpoint,
+)
 
 
 def registry() -> CoilRegistry:

@@ -27,7 +27,7 @@ def test_a_short_coil_the_checkpoint_never_saw_gets_its_summary_after_sigkill(ag
         # kill lands as soon as its first defect event is out, while its frames are still in the models.
         sender = threading.Thread(target=cam.send_coil, args=(name, coil_frames(n)), daemon=True)
         sender.start()
-        assert live.wait(lambda c: c.defects(name), 30), ap.log()[-3000:]
+        assert live.wait(lambda c, name=name: c.defects(name), 30), ap.log()[-3000:]
         ap.kill()
         live.close()
         sender.join(30)

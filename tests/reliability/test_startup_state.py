@@ -50,7 +50,7 @@ def test_a_port_in_use_exits_non_zero_at_once_naming_the_endpoint(tmp_path, agen
     assert proc.returncode != 0
     assert f"cannot start: cannot bind the {role} socket to {endpoint}: Address already in use" in err, err[-2000:]
     failed = [json.loads(line) for line in err.splitlines() if '"agent_start_failed"' in line]
-    first_failure = min(datetime.fromisoformat(json.loads(line)["timestamp"].replace("Z", "+00:00")).timestamp()
+    first_failure = min(datetime.fromisoformat(json.loads(line)["timestamp"]).timestamp()
                         for line in err.splitlines() if line.startswith("{") and '_failed"' in line)
     figures(f"port in use ({role})", exit_code=proc.returncode, process_wall_s=round(exit_s, 2),
             start_failed_logged=len(failed), exit_after_bind_failure_s=round(exited_wall - first_failure, 3))
@@ -104,7 +104,8 @@ def test_a_damaged_state_file_is_moved_aside_reported_and_never_fatal(agent_proc
     reply = ap.start(timeout_s=60)  # before the fix: a hang, or a crash loop with an opaque error
     (moved,) = reply["health"]["state_files_moved_aside"]
     assert moved["path"] == str(path) and moved["moved_to"].startswith(f"{path}.bad-")
-    assert open(moved["moved_to"], "rb").read() == content
+    with open(moved["moved_to"], "rb") as f:
+        assert f.read() == content
     assert not path.exists() or path.read_bytes() != content  # the agent may have written a fresh one since
     assert reply["last_seq"] == last_seq, "a file moved aside raises no seq floor"
     # The agent inspects as before, and its seqs go on from the journal.

@@ -110,3 +110,35 @@ def test_a_full_disk_keeps_the_agent_inspecting_and_no_seq_is_lost(state_fs, not
         assert s["final"] and s["frames"]["received"] == 40, s
     figures(f"disk full {full_at}", held_records_at_alarm=held, journal_records=len(seqs),
             live_messages=len(seen), fs_kib=state_fs.size_kib)
+
+
+def test_killed_while_the_disk_is_full_no_seq_is_reused(state_fs, agent_process):
+    """Events held in memory die with the process (they were published live; the journal never got
+    them). What must not happen is a restart handing their seqs to other events: the watermark,
+    overwritten in place on the full disk, says they were used."""
+    ap = agent_process()
+    ap.start()
+    live = Collector(ap.cfg, from_seq=None)
+    time.sleep(0.3)
+    send(ap.cfg, ["K0"], 8)
+    assert live.wait(lambda c: c.summaries("K0"), 20)
+    state_fs.fill()
+    send(ap.cfg, [f"K1-{k}" for k in range(3)], 40)
+    assert live.wait(lambda c: all(c.summaries(f"K1-{k}") for k in range(3)), 30), ap.log()[-3000:]
+    alarm = health(ap.cfg)["health"]["journal_unwritable"]
+    assert alarm is not None and alarm["held_records"] > 0
+    time.sleep(0.3)  # a main-loop tick writes the watermark
+    live.close()
+    top = max(m["seq"] for _, m in live.msgs)
+    ap.kill()
+    state_fs.free()
+    reply = ap.start()
+    assert reply["last_seq"] >= top and reply["health"]["journal_damage"] >= 1  # missing_records, reported
+    after = Collector(ap.cfg, from_seq=None)
+    time.sleep(0.3)
+    send(ap.cfg, ["K2"], 8)
+    assert after.wait(lambda c: c.summaries("K2"), 20)
+    after.close()
+    assert min(m["seq"] for _, m in after.msgs) > top, "no seq published before the kill is used again"
+    figures("killed while disk full", held_records=alarm["held_records"], last_seq_seen=top,
+            first_seq_after=min(m["seq"] for _, m in after.msgs))

@@ -293,7 +293,8 @@ class Journal:
         except OSError as exc:
             self._retry_at = now + self.retry_s
             if self._unwritable is None:
-                self._unwritable = {"path": str(seg.path), "error": exc.strerror or str(exc), "since_ns": time.time_ns()}
+                self._unwritable = {"path": str(seg.path), "error": exc.strerror or str(exc),
+                                    "since_ns": time.time_ns()}
                 log.error("journal_not_writable", path=str(seg.path), error=exc.strerror, errno=exc.errno,
                           held_records=len(self._held), first_held_seq=self._held[0][0],
                           max_held_bytes=self.max_held_bytes)

@@ -169,7 +169,8 @@ class Publisher(threading.Thread):
                 if self._halt.is_set():
                     halt_seen = halt_seen or time.monotonic()
                     if self._stalled and time.monotonic() - halt_seen > 2.0:
-                        log.error("publish_stopped_with_messages_unjournaled", messages=len(self._stalled) + self._q.qsize())
+                        log.error("publish_stopped_with_messages_unjournaled",
+                                  messages=len(self._stalled) + self._q.qsize())
                         break
         finally:
             for w in watches:

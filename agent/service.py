@@ -218,12 +218,12 @@ class Agent:
         self.metrics.set_queue_depth("publish", self.publisher.queue_depth())
         self._write_watermark()
         self.recovery.save(self.coils, self.journal.last_seq, owed_since_ns=self.publisher.oldest_unjournaled_ns())
-        alarm = self.journal.alarm()
-        if (alarm is None) != (self._journal_alarm is None):
-            self._journal_alarm = alarm
-            self.notifier.status(self._status_line())  # at once, not at the next 5 s STATUS
+        alarm = self.journal.alarm()  # the disk refuses the journal: events held in memory
+        changed = (alarm is None) != (self._journal_alarm is None)
         self._journal_alarm = alarm
         self.metrics.set_journal_alarm(alarm)
+        if changed:
+            self.notifier.status(self._status_line())  # at once, not at the next 5 s STATUS
 
     def _status_line(self) -> str:
         a = self._journal_alarm

@@ -74,7 +74,8 @@ class StateLock:
                 raise StateDirLocked(
                     f"state directory {self.path.parent} is in use by another agent ({who} holds {self.path}); "
                     "two agents must not share one state directory: give each its own agent.state_dir") from None
-            raise StateDirLocked(f"cannot lock state directory {self.path.parent} ({self.path}): {exc.strerror}") from None
+            raise StateDirLocked(f"cannot lock state directory {self.path.parent} ({self.path}): "
+                                 f"{exc.strerror}") from None
         try:  # the holder's pid, for the message a second agent prints; informational only
             os.ftruncate(fd, 0)
             os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)

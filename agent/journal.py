@@ -41,6 +41,9 @@ MAGIC = b"CSJ1"
 _HEAD = struct.Struct("<4sII")  # magic, length, crc
 _SEQ = struct.Struct("<QB")  # seq, topic_len
 MAX_RECORD = 64 << 20
+# A segment rotates once it passes segment_bytes (64 MiB by default); a file far larger than any
+# segment, or not a regular file, is not read into memory but moved aside (issue 16, item 13).
+MAX_SEGMENT_FILE = 1 << 30
 
 
 class JournalError(RuntimeError):
@@ -55,7 +58,7 @@ class JournalFull(JournalError):
 class Damage:
     segment: str
     offset: int
-    kind: str  # crc_mismatch | torn_tail | bad_length | bad_magic | seq_order | missing_records
+    kind: str  # crc_mismatch | torn_tail | bad_length | bad_magic | seq_order | missing_records | moved_aside
     detail: str
 
     def as_dict(self) -> dict:
@@ -110,6 +113,10 @@ class Journal:
                 first = int(path.stem.split("-")[1])
             except (IndexError, ValueError):
                 log.warning("journal_foreign_file_ignored", path=str(path))
+                continue
+            if not path.is_file() or path.stat().st_size > MAX_SEGMENT_FILE:
+                self._move_aside(path, "not a regular file" if not path.is_file()
+                                 else f"{path.stat().st_size} bytes, more than any segment ({MAX_SEGMENT_FILE})")
                 continue
             seg = _Segment(path, first)
             data = path.read_bytes()
@@ -191,6 +198,15 @@ class Journal:
         except struct.error:
             return high
         return seq if high < seq <= high + 10_000 else high
+
+    def _move_aside(self, path: Path, why: str) -> None:
+        target = path.with_name(f"{path.name}.bad-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}")
+        try:
+            os.replace(path, target)
+        except OSError as exc:
+            why = f"{why}; not moved: {exc.strerror}"
+        self._damaged(path, 0, "moved_aside", f"{why}; now {target.name}")
+        log.error("state_file_moved_aside", path=str(path), reason=why, moved_to=str(target))
 
     def _damaged(self, path: Path, offset: int, kind: str, detail: str) -> None:
         self.damage.append(Damage(path.name, offset, kind, detail))

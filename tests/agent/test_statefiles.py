@@ -134,3 +134,22 @@ def test_bad_checkpoint_is_moved_aside_and_restore_goes_on(tmp_path, write):
     (entry,) = report.moved_aside
     assert entry["path"] == str(path) and not path.exists()
     assert entry["moved_to"].startswith(str(path) + ".bad-")
+
+
+@pytest.mark.parametrize("make", ["directory", "huge sparse file"])
+def test_a_segment_that_cannot_be_one_is_moved_aside_not_read(tmp_path, make):
+    j = Journal(tmp_path / "j", fsync=False)
+    j.append_many([(b"defect", b"one")])
+    j.close()
+    bad = tmp_path / "j" / "segment-0000000000000002.log"
+    if make == "directory":
+        bad.mkdir()
+    else:
+        with open(bad, "wb") as f:
+            f.truncate(5 << 30)  # 5 GiB of holes: read_bytes() would take it all into memory
+    j = Journal(tmp_path / "j", fsync=False)
+    (d,) = [d for d in j.damage if d.kind == "moved_aside"]
+    assert d.segment == bad.name and not bad.exists()
+    assert [p.name.startswith(bad.name + ".bad-") for p in (tmp_path / "j").iterdir()].count(True) == 1
+    assert j.read(1, 10) == [(1, b"defect", b"one")] and j.append_many([(b"defect", b"two")]) == [2]
+    j.close()

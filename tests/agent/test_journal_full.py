@@ -93,3 +93,60 @@ def test_a_journal_opened_on_a_full_disk_starts_and_holds(tiny_fs):
     j.close()  # close writes what is held
     again = Journal(tiny_fs.path / "journal", fsync=False)
     assert [s for s, _, _ in again.read(1, again.last_seq)] == list(range(1, i + 1))
+
+
+def test_past_the_bound_the_publisher_waits_and_drops_nothing(tiny_fs):
+    """A real Publisher on loopback: held records go out live up to the bound, then the publisher
+    holds the rest unnumbered; space returns and every message is published and journaled in seq order."""
+    import msgpack
+    import zmq
+
+    from conftest import free_port
+
+    from agent.publish import Publisher
+
+    j = Journal(tiny_fs.path / "journal", fsync=False, max_held_bytes=3000, retry_s=0.05)
+    ctx = zmq.Context()
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    pub = Publisher(ctx, endpoint=endpoint, replay_endpoint=f"tcp://127.0.0.1:{free_port()}", journal=j,
+                    agent="t", heartbeat_s=10.0, sndhwm=10_000, linger_ms=0, max_replay=1000)
+    sub = ctx.socket(zmq.SUB)
+    sub.setsockopt(zmq.RCVTIMEO, 200)
+    sub.setsockopt(zmq.SUBSCRIBE, b"defect")
+    sub.connect(endpoint)
+    pub.start()
+    assert pub.bound.wait(5)
+    time.sleep(0.3)  # the SUB connection is up
+
+    def drain() -> list[int]:
+        got = []
+        while True:
+            try:
+                got.append(msgpack.unpackb(sub.recv_multipart()[1])["seq"])
+            except zmq.Again:
+                return got
+
+    try:
+        tiny_fs.fill()
+        n = 60
+        for i in range(n):  # paced: the publisher takes them a few at a time
+            pub.submit("defect", {"coil": "B", "camera": "cam0", "index": i, "pad": "x" * 200})
+            time.sleep(0.01)
+        time.sleep(0.5)
+        live = drain()
+        alarm = j.alarm()
+        assert alarm is not None and alarm["held_bytes"] <= 3000
+        assert live == list(range(1, len(live) + 1)) and len(live) < n, "past the bound nothing more goes out"
+        assert j.last_seq == len(live), "the messages waiting have no seq yet"
+        tiny_fs.free()
+        deadline = time.monotonic() + 10
+        while len(live) < n and time.monotonic() < deadline:
+            live += drain()
+        assert live == list(range(1, n + 1)), "every message published once, in seq order"
+        assert j.alarm() is None
+        assert [s for s, _, _ in j.read(1, n, limit=1000)] == list(range(1, n + 1)), "and journaled"
+    finally:
+        pub.stop(5)
+        sub.close(linger=0)
+        j.close()
+        ctx.term()

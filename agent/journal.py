@@ -359,6 +359,9 @@ class Journal:
         out: list[tuple[int, bytes, bytes]] = []
         with self._lock:
             for seg in self._segments:
+                # seqs grow along a segment: skip whole segments outside the range without a scan
+                if not seg.index or next(reversed(seg.index)) < first or next(iter(seg.index)) > last:
+                    continue
                 wanted = [s for s in seg.index if first <= s <= last]
                 if not wanted:
                     continue

@@ -11,6 +11,7 @@ import structlog
 import zmq
 
 from agent.batcher import Frame, FrameQueue
+from agent.binding import BindError, bind
 from agent.coil import CoilRegistry
 from agent.guard import LoopGuard, recv_bounded
 from agent.metrics import RateLimiter
@@ -102,8 +103,11 @@ class Ingest(threading.Thread):
         sock.setsockopt(zmq.MAXMSGSIZE, max_message_bytes(self.max_width, self.max_height, self.channels, 1))
         # socket_setup may return a watch (agent.auth.HandshakeWatch) that logs refused peers
         watches = [w for w in [self.socket_setup(sock, "ingest") if self.socket_setup else None] if w is not None]
-        sock.bind(self.endpoint)
-        self.bound_endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        try:
+            self.bound_endpoint = bind(sock, self.endpoint, "ingest")
+        except BindError:
+            sock.close(linger=0)
+            raise
         self.bound.set()
         poller = zmq.Poller()
         poller.register(sock, zmq.POLLIN)

@@ -12,12 +12,23 @@ is truncated so appends start clean. A restart never reuses a sequence number: t
 sequence number is above every sequence number found, including a damaged record's when its
 header is plausible. Segments rotate at ``segment_bytes``; the oldest beyond ``keep_segments``
 are deleted (the replay horizon).
+
+A full disk (or any write error) does not stop the agent (issue 16, item 11): records that cannot
+be written are **held in memory** with the seq they were given, up to ``max_held_bytes``, and
+the publisher goes on publishing them live; ``read`` (replay) serves them from memory. Every
+write first writes what is held, oldest first, so the segments stay in seq order; a write that
+fails part-way is cut back (ftruncate) to the last whole record. The write is retried every
+``retry_s`` and at each append; when it succeeds the held records land in the segments with the
+same seqs and bytes, so no seq is lost. ``alarm()`` says what is held and which file failed.
+Past the bound ``append_many`` raises ``JournalFull`` and assigns no seq: the publisher keeps
+the messages queued and back-pressure reaches the frame queue (frames shed, counted).
 """
 from __future__ import annotations
 
 import os
 import struct
 import threading
+import time
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,17 +41,24 @@ MAGIC = b"CSJ1"
 _HEAD = struct.Struct("<4sII")  # magic, length, crc
 _SEQ = struct.Struct("<QB")  # seq, topic_len
 MAX_RECORD = 64 << 20
+# A segment rotates once it passes segment_bytes (64 MiB by default); a file far larger than any
+# segment, or not a regular file, is not read into memory but moved aside (issue 16, item 13).
+MAX_SEGMENT_FILE = 1 << 30
 
 
 class JournalError(RuntimeError):
     pass
 
 
+class JournalFull(JournalError):
+    """The journal cannot write and holds as much in memory as it may: no seq was assigned."""
+
+
 @dataclass
 class Damage:
     segment: str
     offset: int
-    kind: str  # crc_mismatch | torn_tail | bad_length | bad_magic | seq_order | missing_records
+    kind: str  # crc_mismatch | torn_tail | bad_length | bad_magic | seq_order | missing_records | moved_aside
     detail: str
 
     def as_dict(self) -> dict:
@@ -63,18 +81,26 @@ def _encode(seq: int, topic: bytes, body: bytes) -> bytes:
 
 class Journal:
     def __init__(self, directory: str | Path, *, fsync: bool = True, segment_bytes: int = 64 << 20,
-                 keep_segments: int = 16):
+                 keep_segments: int = 16, max_held_bytes: int = 64 << 20, retry_s: float = 0.5):
         self.dir = Path(directory)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.fsync = fsync
         self.segment_bytes = segment_bytes
         self.keep_segments = keep_segments
+        self.max_held_bytes = max_held_bytes
+        self.retry_s = retry_s
         self.damage: list[Damage] = []
         self._segments: list[_Segment] = []
         self._lock = threading.Lock()
         self.last_seq = 0
+        # records given a seq but not yet in a segment (the disk refused them), oldest first
+        self._held: list[tuple[int, bytes]] = []
+        self._held_bytes = 0
+        self._unwritable: dict | None = None  # {"path", "error", "since_ns"} while writes fail
+        self._retry_at = 0.0
+        self._closed = False
         self._scan()
-        self._fh = None
+        self._fh = None  # the tail segment, opened (unbuffered, append) at the first write
         self._open_tail()
 
     # -- open / scan ----------------------------------------------------------------------
@@ -87,6 +113,10 @@ class Journal:
                 first = int(path.stem.split("-")[1])
             except (IndexError, ValueError):
                 log.warning("journal_foreign_file_ignored", path=str(path))
+                continue
+            if not path.is_file() or path.stat().st_size > MAX_SEGMENT_FILE:
+                self._move_aside(path, "not a regular file" if not path.is_file()
+                                 else f"{path.stat().st_size} bytes, more than any segment ({MAX_SEGMENT_FILE})")
                 continue
             seg = _Segment(path, first)
             data = path.read_bytes()
@@ -147,8 +177,12 @@ class Journal:
                 good_end = end
             if good_end < len(data) and path == paths[-1]:
                 # Keep the torn tail for forensics, then truncate so appends start on a record boundary.
-                with open(path.with_suffix(".damaged"), "ab") as f:
-                    f.write(data[good_end:])
+                try:
+                    with open(path.with_suffix(".damaged"), "ab") as f:
+                        f.write(data[good_end:])
+                except OSError as exc:  # a full disk: the bytes are lost, the journal must still open
+                    log.error("journal_damaged_tail_not_kept", segment=path.name, bytes=len(data) - good_end,
+                              error=exc.strerror)
                 with open(path, "r+b") as f:
                     f.truncate(good_end)
             self._segments.append(seg)
@@ -165,29 +199,44 @@ class Journal:
             return high
         return seq if high < seq <= high + 10_000 else high
 
+    def _move_aside(self, path: Path, why: str) -> None:
+        target = path.with_name(f"{path.name}.bad-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}")
+        try:
+            os.replace(path, target)
+        except OSError as exc:
+            why = f"{why}; not moved: {exc.strerror}"
+        self._damaged(path, 0, "moved_aside", f"{why}; now {target.name}")
+        log.error("state_file_moved_aside", path=str(path), reason=why, moved_to=str(target))
+
     def _damaged(self, path: Path, offset: int, kind: str, detail: str) -> None:
         self.damage.append(Damage(path.name, offset, kind, detail))
 
     def _open_tail(self) -> None:
         if not self._segments or self._segments[-1].path.stat().st_size >= self.segment_bytes:
             self._new_segment()
-        self._fh = open(self._segments[-1].path, "ab")
+        try:
+            self._fh = open(self._segments[-1].path, "ab", buffering=0)
+        except OSError as exc:  # a full disk at start-up: writes are held until it can be created
+            log.error("journal_segment_not_opened", path=str(self._segments[-1].path), error=exc.strerror)
 
     def _new_segment(self) -> None:
         first = self.last_seq + 1
         path = self.dir / f"segment-{first:016d}.log"
-        path.touch()
         self._segments.append(_Segment(path, first))
         while len(self._segments) > self.keep_segments:
             old = self._segments.pop(0)
             old.path.unlink(missing_ok=True)
             log.info("journal_segment_dropped", segment=old.path.name)
-        if self.fsync:
-            fd = os.open(self.dir, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+        try:
+            path.touch()
+            if self.fsync:
+                fd = os.open(self.dir, os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+        except OSError as exc:  # created at the next write that can
+            log.error("journal_segment_not_created", path=str(path), error=exc.strerror)
 
     def reserve_through(self, seq: int, source: str) -> bool:
         """Never hand out ``seq`` or below again: evidence from outside the segments (the publish
@@ -205,39 +254,114 @@ class Journal:
 
     # -- writing ---------------------------------------------------------------------------
     def append_many(self, items: list[tuple[bytes, bytes]]) -> list[int]:
-        """Write (topic, body) records with fresh sequence numbers; durable when this returns."""
+        """Give (topic, body) records fresh sequence numbers and write them; durable when this
+        returns and ``alarm()`` is None. When the disk refuses them they are held in memory (see the
+        module docstring); past ``max_held_bytes`` raises JournalFull and assigns nothing."""
         with self._lock:
-            if self._fh is None:
+            if self._closed:
                 raise JournalError("journal is closed")
-            seqs = []
-            seg = self._segments[-1]
-            pos = self._fh.tell()
-            chunks = []
+            recs = []
+            seq = self.last_seq
             for topic, body in items:
-                self.last_seq += 1
-                rec = _encode(self.last_seq, topic, body)
-                seg.index[self.last_seq] = (pos, len(rec))
-                pos += len(rec)
-                chunks.append(rec)
-                seqs.append(self.last_seq)
-            self._fh.write(b"".join(chunks))
-            self._fh.flush()
-            if self.fsync:
-                os.fsync(self._fh.fileno())
-            if pos >= self.segment_bytes:
+                seq += 1
+                recs.append((seq, _encode(seq, topic, body)))
+            nbytes = sum(len(r) for _, r in recs)
+            if self._held:
+                self._flush_held_locked()
+                if self._held and self._held_bytes + nbytes > self.max_held_bytes:
+                    raise JournalFull(f"journal {self._unwritable['path'] if self._unwritable else self.dir} "
+                                      f"not writable ({self._unwritable['error'] if self._unwritable else '?'}) "
+                                      f"and {self._held_bytes} bytes held in memory, the most allowed")
+            self.last_seq = seq
+            self._held += recs
+            self._held_bytes += nbytes
+            self._flush_held_locked()
+            return [s for s, _ in recs]
+
+    def flush_held(self) -> bool:
+        """Try to write what is held (at most every ``retry_s``); True when nothing is held."""
+        with self._lock:
+            if self._closed:
+                return not self._held
+            return self._flush_held_locked()
+
+    def alarm(self) -> dict | None:
+        """None while every record is in a segment; else which file failed, why, since when, and
+        what is held in memory (for health, metrics and the sd_notify STATUS line)."""
+        with self._lock:
+            if self._unwritable is None and not self._held:
+                return None
+            return {**(self._unwritable or {"path": str(self._segments[-1].path), "error": "", "since_ns": 0}),
+                    "held_records": len(self._held), "held_bytes": self._held_bytes,
+                    "held_seqs": [self._held[0][0], self._held[-1][0]] if self._held else [],
+                    "max_held_bytes": self.max_held_bytes}
+
+    def _flush_held_locked(self) -> bool:
+        if not self._held:
+            return True
+        now = time.monotonic()
+        if self._unwritable is not None and now < self._retry_at:
+            return False  # failed a moment ago: a write now would fail the same way
+        seg = self._segments[-1]
+        data = b"".join(r for _, r in self._held)
+        try:
+            pos = self._write_locked(seg, data)
+        except OSError as exc:
+            self._retry_at = now + self.retry_s
+            if self._unwritable is None:
+                self._unwritable = {"path": str(seg.path), "error": exc.strerror or str(exc),
+                                    "since_ns": time.time_ns()}
+                log.error("journal_not_writable", path=str(seg.path), error=exc.strerror, errno=exc.errno,
+                          held_records=len(self._held), first_held_seq=self._held[0][0],
+                          max_held_bytes=self.max_held_bytes)
+            return False
+        for s, rec in self._held:
+            seg.index[s] = (pos, len(rec))
+            pos += len(rec)
+        if self._unwritable is not None:
+            log.warning("journal_writable_again", path=str(seg.path), records_written=len(self._held),
+                        first_seq=self._held[0][0], last_seq=self._held[-1][0],
+                        held_s=round((time.time_ns() - self._unwritable["since_ns"]) / 1e9, 1))
+            self._unwritable = None
+        self._held = []
+        self._held_bytes = 0
+        if pos >= self.segment_bytes:
+            if self._fh is not None:
                 self._fh.close()
-                self._new_segment()
-                self._fh = open(self._segments[-1].path, "ab")
-            return seqs
+                self._fh = None
+            self._new_segment()
+        return True
+
+    def _write_locked(self, seg: _Segment, data: bytes) -> int:
+        """Append ``data`` to the tail segment (fsync per config); returns the offset it starts at.
+        On failure the segment is cut back to that offset, so it never ends in half a record."""
+        if self._fh is None:
+            self._fh = open(seg.path, "ab", buffering=0)
+        fd = self._fh.fileno()
+        start = os.fstat(fd).st_size
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            if self.fsync:
+                os.fsync(fd)
+        except OSError:
+            try:
+                os.ftruncate(fd, start)
+            except OSError as exc:
+                log.error("journal_cut_back_failed", path=str(seg.path), offset=start, error=exc.strerror)
+            raise
+        return start
 
     # -- reading ---------------------------------------------------------------------------
     def read(self, first: int, last: int, limit: int = 1000) -> list[tuple[int, bytes, bytes]]:
         """Records with first <= seq <= last (at most ``limit``), oldest first."""
         out: list[tuple[int, bytes, bytes]] = []
         with self._lock:
-            if self._fh is not None:
-                self._fh.flush()
             for seg in self._segments:
+                # seqs grow along a segment: skip whole segments outside the range without a scan
+                if not seg.index or next(reversed(seg.index)) < first or next(iter(seg.index)) > last:
+                    continue
                 wanted = [s for s in seg.index if first <= s <= last]
                 if not wanted:
                     continue
@@ -255,13 +379,27 @@ class Journal:
                         out.append((seq, topic, payload[_SEQ.size + tlen:]))
                         if len(out) >= limit:
                             return out
+            for s, rec in self._held:  # not on disk yet (a full disk): served from memory
+                if first <= s <= last:
+                    payload = rec[_HEAD.size:]
+                    seq, tlen = _SEQ.unpack_from(payload, 0)
+                    out.append((seq, payload[_SEQ.size:_SEQ.size + tlen], payload[_SEQ.size + tlen:]))
+                    if len(out) >= limit:
+                        return out
         return out
+
+    def record_seqs(self) -> list[int]:
+        """The seqs of the records the journal holds, oldest first (gaps where records were damaged)."""
+        with self._lock:
+            return [s for seg in self._segments for s in seg.index] + [s for s, _ in self._held]
 
     @property
     def first_seq(self) -> int:
         for seg in self._segments:
             if seg.index:
                 return min(seg.index)
+        if self._held:
+            return self._held[0][0]
         return self.last_seq + 1
 
     def size_bytes(self) -> int:
@@ -269,9 +407,19 @@ class Journal:
 
     def close(self) -> None:
         with self._lock:
+            if self._closed:
+                return
+            self._retry_at = 0.0
+            if not self._flush_held_locked():
+                log.error("journal_closed_with_records_unwritten", path=self._unwritable["path"],
+                          error=self._unwritable["error"], records=len(self._held),
+                          first_seq=self._held[0][0], last_seq=self._held[-1][0])
+            self._closed = True
             if self._fh is not None:
-                self._fh.flush()
                 if self.fsync:
-                    os.fsync(self._fh.fileno())
+                    try:
+                        os.fsync(self._fh.fileno())
+                    except OSError as exc:
+                        log.error("journal_fsync_failed_at_close", error=exc.strerror)
                 self._fh.close()
                 self._fh = None

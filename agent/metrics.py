@@ -55,6 +55,11 @@ class Metrics:
                                          namespace=ns, registry=r)
         self.journal_bytes = Gauge("journal_bytes", "Size of the event journal on disk",
                                    namespace=ns, registry=r)
+        self.journal_writable = Gauge("journal_writable", "1 while the journal writes; 0 while the disk refuses "
+                                      "and events are held in memory", namespace=ns, registry=r)
+        self.journal_writable.set(1)
+        self.journal_held_records = Gauge("journal_held_records", "Published events held in memory, not yet "
+                                          "written to the journal", namespace=ns, registry=r)
         self.events_published = Counter("events_published", "Messages published, by topic",
                                         ["topic"], namespace=ns, registry=r)
         self.loop_errors = Counter("loop_errors", "Failures a thread's loop survived (agent/guard.py), by "
@@ -114,6 +119,11 @@ class Metrics:
     def set_journal_bytes(self, n: int) -> None:
         self.journal_bytes.set(n)
 
+    def set_journal_alarm(self, alarm: dict | None) -> None:
+        """agent.journal.Journal.alarm(): None while writable."""
+        self.journal_writable.set(0 if alarm else 1)
+        self.journal_held_records.set(alarm["held_records"] if alarm else 0)
+
     def count_published(self, topic: str, n: int = 1) -> None:
         self.events_published.labels(topic=topic).inc(n)
 
@@ -154,7 +164,8 @@ def _snapshot(families: Any) -> dict[str, Any]:
     snap: dict[str, Any] = {"frames": {}, "rejected": {}, "stages": {}, "queue_depth": {},
                             "backends": {}, "backend_fallbacks": {}, "events_published": {}, "loop_errors": {},
                             "replies_dropped": {}, "gate_pass_rate": None,
-                            "coil_deadline_slack_seconds": None, "journal_bytes": None}
+                            "coil_deadline_slack_seconds": None, "journal_bytes": None,
+                            "journal_writable": None, "journal_held_records": None}
     prefix = NAMESPACE + "_"
     for family in families:
         for s in family.samples:
@@ -178,7 +189,8 @@ def _snapshot(families: Any) -> dict[str, Any]:
                 snap["backend_fallbacks"].setdefault(labels["model"], {})[labels["backend"]] = value
             elif sample == "backend_info" and value:
                 snap["backends"][labels["model"]] = labels["backend"]
-            elif sample in ("gate_pass_rate", "coil_deadline_slack_seconds", "journal_bytes"):
+            elif sample in ("gate_pass_rate", "coil_deadline_slack_seconds", "journal_bytes", "journal_writable",
+                            "journal_held_records"):
                 snap[sample] = value
     for stage in snap["stages"].values():
         stage["mean_s"] = stage["sum_s"] / stage["count"] if stage.get("count") else None

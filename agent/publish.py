@@ -22,8 +22,9 @@ import msgpack
 import structlog
 import zmq
 
+from agent.binding import BindError, bind
 from agent.guard import LoopGuard, recv_request, router_socket, send_reply
-from agent.journal import Journal
+from agent.journal import Journal, JournalFull
 from agent.metrics import RateLimiter
 from agent.protocol import PROTOCOL_VERSION, TOPICS, pack_body, str_keys
 from agent.threadnames import name_this_thread
@@ -77,6 +78,9 @@ class Publisher(threading.Thread):
         self.on_reply_dropped = on_reply_dropped
         # last resort around each replay request and heartbeat: no peer can end this thread
         self.guard = LoopGuard("publisher", max_consecutive=1000, on_error=on_loop_error)
+        # Messages taken from the queue that the journal could not take (JournalFull: the disk is
+        # full and its in-memory bound reached): retried before anything newer, never dropped.
+        self._stalled: list[tuple[str, dict, int]] = []
 
     # -- producer side ----------------------------------------------------------------------
     def submit(self, topic: str, body: dict, timeout: float = 5.0) -> None:
@@ -141,10 +145,13 @@ class Publisher(threading.Thread):
         watches = []  # agent.auth.HandshakeWatch per socket when CURVE is on: refused peers are logged
         if self.socket_setup:
             watches = [w for w in (self.socket_setup(pub, "publish"), self.socket_setup(rep, "replay")) if w]
-        pub.bind(self.endpoint)
-        rep.bind(self.replay_endpoint)
-        self.pub_endpoint_bound = pub.getsockopt_string(zmq.LAST_ENDPOINT)
-        self.replay_endpoint_bound = rep.getsockopt_string(zmq.LAST_ENDPOINT)
+        try:  # a failed bind must not leave these open: the context could never terminate
+            self.pub_endpoint_bound = bind(pub, self.endpoint, "publish")
+            self.replay_endpoint_bound = bind(rep, self.replay_endpoint, "replay")
+        except BindError:
+            pub.close(linger=0)
+            rep.close(linger=0)
+            raise
         self.bound.set()
         poller = zmq.Poller()
         poller.register(rep, zmq.POLLIN)
@@ -156,10 +163,15 @@ class Publisher(threading.Thread):
             if self._republish:
                 log.info("journal_republished", count=len(self._republish))
             self._republish = []
+            halt_seen = None
             while True:
-                items = self._take(wait=0.02)
+                items = self._stalled or self._take(wait=0.02)
                 if items:
                     self._publish(pub, items)
+                else:
+                    self.journal.flush_held()  # a full disk freed: held records land with no new message
+                if self._stalled:
+                    time.sleep(0.02)
                 for w in watches:
                     w.drain()
                 for _ in range(8 if dict(poller.poll(0)).get(rep) else 0):  # a few requests per turn
@@ -176,9 +188,15 @@ class Publisher(threading.Thread):
                         self._heartbeat(pub)
                     except Exception as exc:
                         self.guard.failed(exc, socket="publish")
-                if self._halt.is_set() and self._q.empty():
+                if self._halt.is_set() and self._q.empty() and not self._stalled:
                     self._heartbeat(pub)
                     break
+                if self._halt.is_set():
+                    halt_seen = halt_seen or time.monotonic()
+                    if self._stalled and time.monotonic() - halt_seen > 2.0:
+                        log.error("publish_stopped_with_messages_unjournaled",
+                                  messages=len(self._stalled) + self._q.qsize())
+                        break
         finally:
             for w in watches:
                 w.close()
@@ -210,8 +228,17 @@ class Publisher(threading.Thread):
             full = {"v": PROTOCOL_VERSION, "type": topic, "agent": self.agent, "seq": first + i, "ts_ns": now_ns,
                     **body}
             packed.append((TOPICS[topic], pack_body(full)))
-        seqs = self.journal.append_many(packed)
-        self._taken_oldest_ns = None  # journaled: a restart finds them there
+        try:
+            seqs = self.journal.append_many(packed)
+        except JournalFull as exc:
+            if not self._stalled:
+                log.error("publish_stalled_journal_full", error=str(exc), messages=len(items))
+            self._stalled = items
+            return
+        if self._stalled:
+            log.warning("publish_resumed", messages=len(items))
+            self._stalled = []
+        self._taken_oldest_ns = None  # journaled (or held by the journal): a restart finds them there
         if seqs[0] != first:
             raise PublishError(f"journal handed out seq {seqs[0]}, expected {first}")
         for (topic_b, body_b), (topic, body, _) in zip(packed, items):

@@ -44,14 +44,19 @@ from pathlib import Path
 import msgpack
 import structlog
 
+from agent import statefiles
 from agent.coil import CoilRegistry
 from agent.journal import Journal
-from engines.atomic import write_json_atomic
+from agent.metrics import RateLimitedLog
+from agent.statefiles import StateReport
+from engines.atomic import write_atomic
 
 log = structlog.get_logger(__name__)
 
 CHECKPOINT_NAME = "coils.checkpoint.json"
 FORMAT = 1
+# Without a checkpoint, how far back start-up looks in the journal for coils never summarised.
+ORPHAN_SCAN_RECORDS = 20_000
 
 
 class Recovery:
@@ -66,6 +71,8 @@ class Recovery:
         self._last_save = float("-inf")
         self.saves = 0
         self.last_save_s = 0.0  # how long the last save took
+        self.write_errors = 0
+        self._errors_log = RateLimitedLog(log, per_s=0.2, burst=2)
 
     # -- while running -------------------------------------------------------------------------
     def save(self, registry: CoilRegistry, last_seq: int, *, owed_since_ns: int | None = None,
@@ -83,7 +90,8 @@ class Recovery:
         t0 = time.perf_counter()
         state = registry.export_state(recent_s=self.recent_s, owed_since_ns=owed_since_ns)
         doc = {"format": FORMAT, "wall_ns": time.time_ns(), "last_seq": int(last_seq), **state}
-        write_json_atomic(self.path, doc, indent=None)  # a reader sees the old or the new checkpoint
+        if not self._write(json.dumps(doc, separators=(",", ":"))):
+            return False
         self.saves += 1
         self.last_save_s = time.perf_counter() - t0
         return True
@@ -96,34 +104,47 @@ class Recovery:
         closed = registry.export_state(recent_s=0.0)["closed"]
         doc = {"format": FORMAT, "wall_ns": time.time_ns(), "last_seq": int(last_seq), "coils": {},
                "current": {}, "closed": closed, "recent": []}
-        write_json_atomic(self.path, doc, indent=None)
+        self._write(json.dumps(doc))
+
+    def _write(self, text: str) -> bool:
+        """Atomically (a reader sees the old or the new checkpoint, never half of one). A full disk
+        is logged at a bounded rate and the last checkpoint stays: the agent goes on."""
+        try:
+            write_atomic(self.path, text)
+        except OSError as exc:
+            self.write_errors += 1
+            self._errors_log.error("checkpoint_not_written", path=str(self.path), error=exc.strerror,
+                                   failures=self.write_errors)
+            return False
+        return True
 
     # -- at start ------------------------------------------------------------------------------
-    def load(self) -> dict | None:
-        try:
-            doc = json.loads(self.path.read_text())
-        except FileNotFoundError:
-            return None
-        except (OSError, ValueError) as exc:
-            log.error("checkpoint_unreadable", path=str(self.path), error=str(exc)[:200])
-            return None
-        if not isinstance(doc, dict) or doc.get("format") != FORMAT:
-            log.error("checkpoint_unknown_format", path=str(self.path), format=str(doc.get("format"))[:20]
-                      if isinstance(doc, dict) else None)
-            return None
-        return doc
+    def load(self, journal_last_seq: int = statefiles.MAX_SEQ, report: StateReport | None = None) -> dict | None:
+        """The checkpoint, validated field by field (agent/statefiles.py); None when there is none. A
+        bad one (garbage, wrong shape, an implausible seq) is moved aside and reported, never fatal."""
+        return statefiles.load_checkpoint(self.path, journal_last_seq, report or StateReport(), fmt=FORMAT)
 
-    def restore(self, registry: CoilRegistry, journal: Journal) -> list[tuple[str, dict]]:
-        """Rebuild the open coils; returns (topic, body) to send: defect events and summaries owed."""
-        doc = self.load()
-        if doc is None:
-            return []
-        journal.reserve_through(int(doc.get("last_seq", 0)), self.path.name)
-        coils = registry.import_state(doc)
-        recent = doc.get("recent", [])
-        horizon = min([doc["wall_ns"], *(w for w, _, _ in recent)]) - 2_000_000_000
-        journaled_defects, journaled_closed = _journal_tail(journal, horizon)
+    def restore(self, registry: CoilRegistry, journal: Journal,
+                report: StateReport | None = None) -> list[tuple[str, dict]]:
+        """Rebuild the open coils; returns (topic, body) to send: defect events and summaries owed.
+
+        Coils the checkpoint does not know (they started after it was written, or it was missing
+        or moved aside) are found in the journal: every coil with a defect event there and no final
+        summary is reopened (``orphan``), so it closes with a summary like any other restored coil."""
+        doc = self.load(journal.last_seq, report)
+        if doc is not None:
+            journal.reserve_through(doc["last_seq"], self.path.name)
+            coils = registry.import_state(doc)
+            recent = doc["recent"]
+            horizon = min([doc["wall_ns"], *(w for w, _, _ in recent)]) - 2_000_000_000
+            journaled_defects, journaled_closed = _journal_tail(journal, horizon)
+        else:  # no checkpoint to bound the look back: the newest records only
+            coils, recent = [], []
+            journaled_defects, journaled_closed = _journal_tail(journal, 0, max_records=ORPHAN_SCAN_RECORDS)
         closed_after = [c for c in journaled_closed if registry.recover_closed(c)]
+        orphans = _adopt_orphans(registry, journaled_defects.values(), journaled_closed)
+        if doc is None and not orphans:
+            return []
         by_frame: dict[tuple[str, str, int], list[dict]] = {}
         for ev in journaled_defects.values():
             by_frame.setdefault((ev["coil"], ev["camera"], ev["index"]), []).append(ev)
@@ -136,25 +157,56 @@ class Recovery:
                 owed.append((topic, body))
         settled = registry.close_settled()
         owed += [("summary", s) for s in settled]
-        log.warning("coils_restored", coils=coils, closed_after_checkpoint=closed_after,
+        log.warning("coils_restored", coils=coils, orphans=orphans, closed_after_checkpoint=closed_after,
                     frames_recovered_from_journal=recovered, resent=len(owed) - len(settled),
-                    closed_now=[s["coil"] for s in settled], checkpoint_seq=doc.get("last_seq"))
+                    closed_now=[s["coil"] for s in settled],
+                    checkpoint_seq=doc["last_seq"] if doc is not None else None)
         return owed
+
+
+def _adopt_orphans(registry: CoilRegistry, defects, journaled_closed: set[str]) -> list[str]:
+    """Coils with defect events in the journal that the registry neither holds open nor knows as
+    closed, and that have no final summary there: the agent died between their first event and
+    their summary with no checkpoint in between. Reopened as restored coils (frames without an
+    event in the journal are reported missing: the agent cannot vouch for them), so a camera that
+    goes on continues them and one that does not closes them as ``agent_restart``."""
+    open_now = set(registry.open_coils())
+    found: dict[str, dict] = {}
+    for ev in defects:
+        coil = ev["coil"]
+        if coil in open_now or coil in journaled_closed or registry.is_closed(coil):
+            continue
+        c = found.setdefault(coil, {"started_wall_ns": ev.get("ts_ns") or 0, "cameras": {}, "defects_by_class": {},
+                                    "n_defects": 0, "worst": [], "provisional_sent": False, "end_reason": None,
+                                    "length_mm": None})
+        started = ev.get("recv_ts_ns") or ev.get("ts_ns")
+        if isinstance(started, int) and 0 < started < c["started_wall_ns"]:
+            c["started_wall_ns"] = started
+        c["cameras"].setdefault(ev["camera"], {"states": {}, "ended": False, "sent": None, "end_reason": None,
+                                               "max_pos_mm": 0.0, "duplicates": 0, "rejected_by_reason": {}})
+    if found:
+        registry.import_state({"coils": found})
+        log.error("orphan_coils_reopened", coils=sorted(found))
+    return sorted(found)
 
 
 def _defect_key(ev: dict) -> tuple:
     return (ev.get("coil"), ev.get("camera"), ev.get("index"), ev.get("class"), tuple(ev.get("bbox_px") or ()))
 
 
-def _journal_tail(journal: Journal, horizon_ns: int, chunk: int = 1000) -> tuple[dict[tuple, dict], set[str]]:
+def _journal_tail(journal: Journal, horizon_ns: int, chunk: int = 1000,
+                  max_records: int | None = None) -> tuple[dict[tuple, dict], set[str]]:
     """Defect events (by identity) and coils with a final summary among the journal records
-    published at or after ``horizon_ns``, read backwards from the newest."""
+    published at or after ``horizon_ns`` (and among the newest ``max_records``), read backwards
+    from the newest. Walks the records the journal holds, not the seq numbers: a seq floor far above
+    the last record (a watermark from a damaged file) must not turn into a long empty loop."""
     defects: dict[tuple, dict] = {}
     closed: set[str] = set()
-    hi = journal.last_seq
-    while hi >= journal.first_seq:
-        lo = max(journal.first_seq, hi - chunk + 1)
-        records = journal.read(lo, hi, limit=chunk)
+    seqs = journal.record_seqs()
+    hi = len(seqs)
+    while hi > 0:
+        lo = max(0, hi - chunk)
+        records = journal.read(seqs[lo], seqs[hi - 1], limit=chunk)
         oldest = None
         for _, topic, raw in records:
             body = msgpack.unpackb(raw, raw=False)
@@ -168,5 +220,7 @@ def _journal_tail(journal: Journal, horizon_ns: int, chunk: int = 1000) -> tuple
                 closed.add(body["coil"])
         if oldest is not None and oldest < horizon_ns:
             break
-        hi = lo - 1
+        if max_records is not None and len(seqs) - lo >= max_records:
+            break
+        hi = lo
     return defects, closed

@@ -17,8 +17,9 @@ import msgpack
 import structlog
 import zmq
 
-from agent import recovery
+from agent import recovery, statefiles
 from agent.batcher import FrameQueue
+from agent.binding import BindError, bind, wait_bound
 from agent.coil import CoilRegistry
 from agent.config import Config
 from agent.guard import LoopGuard, recv_request, router_socket, send_reply
@@ -30,7 +31,6 @@ from agent.protocol import str_keys
 from agent.publish import Publisher
 from agent.sdnotify import Notifier, Watchdog
 from agent.threadnames import name_this_thread
-from engines.atomic import write_atomic
 
 log = structlog.get_logger(__name__)
 
@@ -69,10 +69,15 @@ class Agent:
         # last resort around each control request: no local client can end the main loop
         self.control_guard = LoopGuard("control", max_consecutive=1000, on_error=self.metrics.count_loop_error)
         self.control_dropped = 0
+        self.state_lock: statefiles.StateLock | None = None
+        self.state_report = statefiles.StateReport()  # state files moved aside at start-up
+        self._journal_alarm: dict | None = None  # Journal.alarm(): the disk refuses writes
 
     # -- start-up: fails loudly ---------------------------------------------------------------
     def start(self) -> None:
         cfg = self.cfg
+        # First, before any model loads: a second agent on this state directory is refused at once.
+        self.state_lock = statefiles.StateLock(cfg.state_path()).acquire()
         self.notifier.status("loading models")
         self.models = open_models(cfg)
         pack = self.models.pack
@@ -98,15 +103,14 @@ class Agent:
             sndhwm=cfg.publish.sndhwm, linger_ms=cfg.publish.linger_ms, max_replay=cfg.publish.max_replay,
             health=self.health, on_published=self._on_published, socket_setup=socket_setup,
             on_loop_error=self.metrics.count_loop_error, on_reply_dropped=self.metrics.count_reply_dropped)
-        watermark = self._read_watermark()
+        watermark = statefiles.read_watermark(self._watermark_path(), self.journal.last_seq, self.state_report)
         # A journal cut at a record boundary looks clean; the watermark proves those seqs were used.
         self.journal.reserve_through(watermark, "published.seq")
         if watermark < self.journal.last_seq:
             n = self.publisher.republish_from(watermark + 1)
             log.info("journal_tail_to_republish", first=watermark + 1, last=self.journal.last_seq, count=n)
         self.publisher.start()
-        if not self.publisher.bound.wait(5.0) or self.publisher.error:
-            raise StartupError(f"cannot bind publish sockets: {self.publisher.error}")
+        wait_bound(self.publisher, self.publisher.bound, "publish sockets")
         self.inference = Inference(cfg=cfg, frames=self.frames, coils=self.coils, models=self.models,
                                    submit=self.publisher.submit, on_stage=self.metrics.observe_stage,
                                    on_alive=self.watchdog.mark_alive, on_reject=self._on_reject,
@@ -115,7 +119,7 @@ class Agent:
         # Crash recovery (agent/recovery.py): open coils continue, in-flight frames are lost, and
         # what never reached the journal is sent again. Before ingest, so no frame beats it.
         self.recovery = recovery.Recovery(self.journal.dir / recovery.CHECKPOINT_NAME)
-        for topic, body in self.recovery.restore(self.coils, self.journal):
+        for topic, body in self.recovery.restore(self.coils, self.journal, self.state_report):
             if topic == "summary":
                 self._emit_summary(body)
             else:
@@ -128,13 +132,15 @@ class Agent:
                              backpressure=cfg.ingest.overload == "backpressure", shape_multiple=frame_multiple(pack),
                              on_loop_error=self.metrics.count_loop_error)
         self.ingest.start()
-        if not self.ingest.bound.wait(5.0) or self.ingest.error:
-            raise StartupError(f"cannot bind ingest socket {cfg.ingest.endpoint}: {self.ingest.error}")
+        wait_bound(self.ingest, self.ingest.bound, f"ingest socket {cfg.ingest.endpoint}")
         self.control = router_socket(self.ctx, max_msg_bytes=4096)  # REQ clients see a REP (agent/guard.py)
         self._control_watch = self._bind_control(socket_setup)
         self.control_endpoint = self.control.getsockopt_string(zmq.LAST_ENDPOINT)
         if cfg.control.metrics_port:
-            self.metrics_port = self.metrics.serve("127.0.0.1", cfg.control.metrics_port)
+            try:
+                self.metrics_port = self.metrics.serve("127.0.0.1", cfg.control.metrics_port)
+            except OSError as exc:
+                raise BindError(str(exc)) from None
         if self.install_signals:
             signal.signal(signal.SIGTERM, self._on_signal)
             signal.signal(signal.SIGINT, self._on_signal)
@@ -181,7 +187,7 @@ class Agent:
             return None
         watch = socket_setup(self.control, "control") if socket_setup and ep.startswith("tcp://") else None
         try:
-            self.control.bind(ep)
+            bind(self.control, ep, "control")  # BindError names the socket and the endpoint
         except BaseException:
             if watch is not None:
                 watch.close()  # its monitor socket would keep ctx.term() waiting
@@ -264,9 +270,18 @@ class Agent:
         self.metrics.set_queue_depth("publish", self.publisher.queue_depth())
         self._write_watermark()
         self.recovery.save(self.coils, self.journal.last_seq, owed_since_ns=self.publisher.oldest_unjournaled_ns())
+        alarm = self.journal.alarm()  # the disk refuses the journal: events held in memory
+        changed = (alarm is None) != (self._journal_alarm is None)
+        self._journal_alarm = alarm
+        self.metrics.set_journal_alarm(alarm)
+        if changed:
+            self.notifier.status(self._status_line())  # at once, not at the next 5 s STATUS
 
     def _status_line(self) -> str:
-        return (f"{self.state}: {self.inference.inspected + self.inference.gated_out} frames inferred, "
+        a = self._journal_alarm
+        alarm = (f"ALARM journal not writable: {a['path']}: {a['error']}; {a['held_records']} event(s) held in memory; "
+                 if a else "")
+        return (f"{alarm}{self.state}: {self.inference.inspected + self.inference.gated_out} frames inferred, "
                 f"{len(self.frames)} queued, {len(self.coils.open_coils())} coil(s) open, "
                 f"last seq {self.journal.last_seq}")
 
@@ -306,8 +321,10 @@ class Agent:
             "rejected": self._rejected_counts(),
             "coils_open": self.coils.open_coils() if hasattr(self, "coils") else [],
             "journal_damage": len(self.journal.damage) if self.journal else 0,
+            "journal_unwritable": self._journal_alarm,
             "reloads": self.reloads,
             "loop_errors": self._loop_errors(),
+            "state_files_moved_aside": list(self.state_report.moved_aside),
         }
 
     def _rejected_counts(self) -> dict:
@@ -379,18 +396,12 @@ class Agent:
     def _watermark_path(self) -> Path:
         return self.journal.dir / "published.seq"
 
-    def _read_watermark(self) -> int:
-        try:
-            return int(self._watermark_path().read_text().strip() or 0)
-        except (OSError, ValueError):
-            return 0
-
     def _write_watermark(self) -> None:
         seq = self.publisher.last_published_seq
         if seq == self._watermark:
             return
-        write_atomic(self._watermark_path(), str(seq))
-        self._watermark = seq
+        if statefiles.write_watermark(self._watermark_path(), seq):
+            self._watermark = seq
 
     # -- shutdown: phased and bounded ---------------------------------------------------------------
     def shutdown(self) -> None:
@@ -417,6 +428,11 @@ class Agent:
     def _close_partial(self) -> None:
         if self._control_watch is not None:
             self._control_watch.close()
+        # Threads that started before a start-up failure own sockets: stop them, or the context
+        # below could never terminate (a port in use would leave the agent waiting forever).
+        for t in (self.ingest, self.inference, self.publisher):
+            if t is not None and t.is_alive():
+                t.stop(2.0)
         if self.control is not None:
             self.control.close(linger=0)
         if self.journal is not None:
@@ -426,8 +442,14 @@ class Agent:
         if self.authenticator is not None:
             self.authenticator.stop()
         self.metrics.close()
-        self.ctx.term()
+        alive = [t.name for t in (self.ingest, self.publisher) if t is not None and t.is_alive()]
+        if alive:  # their sockets are in use: terminating the context would wait for them forever
+            log.error("context_not_terminated", threads=alive)
+        else:
+            self.ctx.destroy(linger=0)  # sockets a failed thread left open; closed ones keep their linger
         self.notifier.close()
+        if self.state_lock is not None:
+            self.state_lock.release()
 
 
 def status_request(endpoint: str, cmd: str = "status", timeout_ms: int = 3000,

@@ -59,12 +59,13 @@ def test_hot_swap_under_stream_loses_nothing(running_agent, tiny_pack, workers):
     assert sorted(e["index"] for e in events) == list(range(0, 150, 3))  # each defect once: none lost, none twice
 
 
-def test_metrics_endpoint_matches_summary(running_agent):
+def test_metrics_endpoint_matches_summary(running_agent, tmp_path):
     from tests_support_metrics import scrape
 
     agent = running_agent(control={"metrics_port": 0})
     assert agent.metrics_port is None  # 0 = off
-    agent2 = running_agent(control={"metrics_port": free_port()})
+    # its own state directory: two agents on one are refused (statefiles.StateLock)
+    agent2 = running_agent(control={"metrics_port": free_port()}, agent={"state_dir": str(tmp_path / "state2")})
     cfg = agent2.cfg
     sub = Subscriber(cfg.publish.endpoint, cfg.publish.replay_endpoint, from_seq=1)
     time.sleep(0.3)

@@ -18,6 +18,7 @@ import zmq
 
 from agent import recovery
 from agent.batcher import FrameQueue
+from agent.camera_stats import CameraStats
 from agent.coil import CoilRegistry
 from agent.config import Config
 from agent.ingest import Ingest
@@ -57,6 +58,8 @@ class Agent:
         self.control_endpoint: str | None = None
         self.metrics_port: int | None = None
         self.summaries_published = 0
+        self.camera_stats = CameraStats()
+        self.recent_summaries: list[dict] = []  # the last few final summaries, for `coilsight status`
         self.reloads = 0
         self.authenticator = None
         self._watermark: int | None = None  # last seq written to published.seq
@@ -229,6 +232,7 @@ class Agent:
             self.summaries_published += 1
             f = body["frames"]
             if body.get("final"):
+                self.recent_summaries = [*self.recent_summaries[-4:], body]
                 for cam, c in body.get("cameras", {}).items():
                     for state in ("inspected", "gated_out", "rejected", "shed", "missing", "lost"):
                         if c.get(state):
@@ -241,6 +245,7 @@ class Agent:
 
     def _on_reject(self, reason: str, camera: str | None) -> None:
         self.metrics.count_rejected(reason)
+        self.camera_stats.count_reject(camera, reason)
 
     def health(self) -> dict:
         inf = self.inference
@@ -256,6 +261,8 @@ class Agent:
             "coils_open": self.coils.open_coils() if hasattr(self, "coils") else [],
             "journal_damage": len(self.journal.damage) if self.journal else 0,
             "reloads": self.reloads,
+            "cameras": self.camera_stats.snapshot(dict(self.ingest._last_seq), dict(self.ingest.seq_gaps))
+            if self.ingest else {},
         }
 
     # -- control socket ---------------------------------------------------------------------------
@@ -270,6 +277,7 @@ class Agent:
         if cmd == "status":
             reply = {"ok": True, "health": self.health(), "metrics": self.metrics.snapshot(),
                      "coils": self.coils.snapshot(), "last_seq": self.journal.last_seq,
+                     "recent_summaries": list(self.recent_summaries),
                      "journal_bytes": self.journal.size_bytes()}
         elif cmd == "reload":
             ok, detail = self.reload_models()

@@ -41,7 +41,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--endpoint", help=f"the agent's ingest endpoint (default: from --config, else {INGEST})")
     p.add_argument("--events", help=f"the agent's event (PUB) endpoint (default: from --config, else {EVENTS})")
     p.add_argument("--camera", default="cam0", help="camera id")
-    p.add_argument("--coil", help="coil id (default: a new time-based id, sim-YYYYMMDD-HHMMSS-PID)")
+    p.add_argument("--coil", help="coil id (default: a new time-based id, sim-YYYYMMDD-HHMMSS-micros)")
     p.add_argument("--frames", type=int, default=300, help="frames to send")
     p.add_argument("--defect-fraction", type=float, default=0.2, help="share of frames with painted defects")
     p.add_argument("--rate", type=float, default=0.0, help="frames per second; 0 = as fast as the agent takes them")

@@ -9,11 +9,9 @@ rejected, missing, or no verdict came in time; 2 no agent at the ingest or event
 from __future__ import annotations
 
 import json
-import os
 import sys
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -31,24 +29,7 @@ EXIT_OK, EXIT_NOT_INSPECTED, EXIT_NO_AGENT = 0, 1, 2
 
 def unique_coil_id(prefix: str = "sim") -> str:
     """A coil id no earlier run used (time-based, like the demo's), within the protocol's name rules."""
-    return f"{prefix}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid() % 10000:04d}"
-
-
-@dataclass
-class Endpoints:
-    ingest: str
-    events: str
-
-    @classmethod
-    def from_args(cls, args) -> Endpoints:
-        ingest, events = args.endpoint, args.events
-        if args.config:
-            from agent.config import load_config
-
-            cfg = load_config(args.config)
-            ingest = args.endpoint if args.endpoint_given else cfg.ingest.endpoint
-            events = args.events if args.events_given else cfg.publish.endpoint
-        return cls(ingest, events)
+    return f"{prefix}-{time.strftime('%Y%m%d-%H%M%S')}-{time.time_ns() // 1000 % 1_000_000:06d}"
 
 
 class ConnectWatch:
@@ -163,27 +144,27 @@ def _counting(frames: Iterable, progress: ProgressLine, listener: AgentListener 
 def run_camera_sim(args, frames: Iterable, classes: tuple[str, ...]) -> int:
     from agent.tools.camera_sim import CameraSim
 
-    ends = Endpoints.from_args(args)
+    ingest_endpoint, events_endpoint = args.endpoint, args.events  # resolved from --config by the command
     coil = args.coil or unique_coil_id()
     listener = None
     if not args.no_verdict:
-        listener = AgentListener(ends.events)
+        listener = AgentListener(events_endpoint)
         listener.start()
     watch = ConnectWatch()
     try:
         if listener is not None:
             if not listener.wait_for(lambda: listener.health, args.connect_timeout):
-                return _no_agent(f"no heartbeat from {ends.events} within {args.connect_timeout:g} s: cannot learn "
+                return _no_agent(f"no heartbeat from {events_endpoint} within {args.connect_timeout:g} s: cannot learn "
                                  "what the agent does with the coil (give the agent's --config or --events; "
                                  "--no-verdict sends without checking)")
         cam_health = listener.camera(args.camera) if listener else None
         # Continue this camera's seq where the agent last saw it: a restarted gateway is not a gap.
         seq_start = int(cam_health["last_seq"]) + 1 if cam_health else 0
         before = _rejected(listener, args.camera) if listener else {}
-        cam = CameraSim(ends.ingest, camera=args.camera, socket_setup=watch, seq_start=seq_start)
+        cam = CameraSim(ingest_endpoint, camera=args.camera, socket_setup=watch, seq_start=seq_start)
         try:
             if not watch.wait(args.connect_timeout):
-                return _no_agent(f"no agent at {ends.ingest}: nothing took the connection within "
+                return _no_agent(f"no agent at {ingest_endpoint}: nothing took the connection within "
                                  f"{args.connect_timeout:g} s (is `coilsight run` up? give its --config or --endpoint)")
             progress = ProgressLine(f"camera-sim {coil}", args.frames if not args.folder else None)
             count = [0]

@@ -70,10 +70,10 @@ def open_backend(chain: list[str], model: ModelEntry, *, max_batch: int, threads
                   stale_engine=stale, exc_info=isinstance(exc, UnexpectedLoadError))
             skipped.append({"backend": name, "reason": str(exc)})
             continue
-        log.info("backend_selected", model=model.role, backend=name, path=str(path),
-                 fell_back_from=", ".join(s["backend"] for s in skipped),
-                 skipped_because="; ".join(s["reason"] if s["reason"].startswith(s["backend"])
-                                           else f"{s['backend']}: {s['reason']}" for s in skipped))
+        why = {"fell_back_from": ", ".join(s["backend"] for s in skipped),
+               "skipped_because": "; ".join(s["reason"] if s["reason"].startswith(s["backend"])
+                                            else f"{s['backend']}: {s['reason']}" for s in skipped)} if skipped else {}
+        log.info("backend_selected", model=model.role, backend=name, path=str(path), **why)
         return backend, skipped
     raise BackendError(f"{model.role}: no backend could load the model: "
                        + "; ".join(f"{s['backend']}: {s['reason']}" for s in skipped))

@@ -211,6 +211,10 @@ class Publisher(threading.Thread):
                                   max_array_len=0, max_map_len=8, max_ext_len=0)
             if not isinstance(req, dict) or req.get("v") != PROTOCOL_VERSION or req.get("type") != "replay":
                 raise ValueError("expected {v: 1, type: replay, from, to}")
+            absent = [k for k in ("from", "to") if k not in req]
+            if absent:
+                raise ValueError(f"the replay request has no {' and no '.join(repr(k) for k in absent)} key; "
+                                 "send {v: 1, type: replay, from: FIRST, to: LAST} (both inclusive)")
             first, last = req["from"], req["to"]
             if not (isinstance(first, int) and isinstance(last, int)) or first < 1 or last < first:
                 raise ValueError("from and to must be integers with 1 <= from <= to")

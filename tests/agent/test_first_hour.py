@@ -80,6 +80,27 @@ def test_camera_sim_frames_of_the_wrong_shape_are_reported(running_agent, tmp_pa
     assert code == 1
     assert result["verdict"] == "incomplete" and result["rejected_by_reason"] == {"bad_shape": 3}
     assert f"the agent rejected 3 of 3 frames (bad_shape: 3) of coil {result['coil']}" in err
+    # docs/protocol.md 2.2: rejected_by_reason sums to frames.rejected
+    summary = status_request(agent.cfg.control.endpoint)["recent_summaries"][-1]
+    assert sum(summary["rejected_by_reason"].values()) == summary["frames"]["rejected"] == 3
+
+
+def test_a_replay_request_without_from_gets_a_sentence(running_agent):
+    import msgpack
+    import zmq
+
+    agent = running_agent()
+    req = zmq.Context.instance().socket(zmq.REQ)
+    req.setsockopt(zmq.LINGER, 0)
+    req.setsockopt(zmq.RCVTIMEO, 5000)
+    req.connect(agent.cfg.publish.replay_endpoint)
+    try:
+        req.send(msgpack.packb({"v": 1, "type": "replay", "to": 3}))
+        reply = msgpack.unpackb(req.recv_multipart()[0], raw=False)
+    finally:
+        req.close()
+    assert reply["error"] == ("the replay request has no 'from' key; send {v: 1, type: replay, from: FIRST, "
+                              "to: LAST} (both inclusive)")
 
 
 def test_camera_sim_pointed_at_nothing_says_so(tmp_path, capsys):

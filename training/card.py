@@ -10,6 +10,7 @@ decisions) that no file can produce. Nothing in the card is typed in by hand exc
 from __future__ import annotations
 
 import json
+import re
 import platform
 import time
 from pathlib import Path
@@ -80,6 +81,29 @@ def _demote(markdown: str) -> str:
     return "\n".join("#" + line if line.startswith("#") else line for line in lines).strip()
 
 
+# Where each profile's data set comes from and under what terms (as its publisher states them; check
+# them again before any commercial use). A card names the source, never the machine's copy of it.
+DATASETS: dict[str, str] = {
+    "steel": "NEU surface defect database (NEU-DET), K. Song and Y. Yan, Northeastern University, China "
+             "(http://faculty.neu.edu.cn/songkechen/zh_CN/zdylm/263270/list/index.htm); released by its authors "
+             "for research use, no open licence stated: ask the authors before commercial use",
+    "magnetic_tile": "Magnetic-tile defect data set, Y. Huang, C. Qiu, K. Yuan, \"Surface defect saliency of "
+                     "magnetic tile\", The Visual Computer 36 (2020) "
+                     "(https://github.com/abin24/Magnetic-tile-defect-datasets.); published for research use, no "
+                     "licence file: ask the authors before commercial use",
+    "kolektorsdd": "Kolektor Surface-Defect Dataset (KolektorSDD), Kolektor Group and ViCoS, University of "
+                   "Ljubljana (https://www.vicos.si/resources/kolektorsdd/); licence CC BY-NC-SA 4.0 "
+                   "(non-commercial, share alike, attribution)",
+}
+
+
+def portable(text: str) -> str:
+    """A path of the machine that trained the pack, written so any reader can follow it: the data
+    root as $COILSIGHT_DATA_ROOT, run folders as runs/NAME."""
+    text = re.sub(r"(?<![\w.])/[\w./-]*/shared/data\b", "$COILSIGHT_DATA_ROOT", text)
+    return re.sub(r"(?<![\w.])/tmp/runs/", "runs/", text)
+
+
 def render(pack_dir: Path, evaluation_dir: Path | None, speed: dict | None, split: str = "test") -> str:
     pack_dir = Path(pack_dir)
     meta = json.loads((pack_dir / "model.json").read_text())
@@ -115,16 +139,17 @@ def render(pack_dir: Path, evaluation_dir: Path | None, speed: dict | None, spli
                          + f" | {1000.0 / per[batches[0]]:.2f} |")
     if train:
         lines += ["", "## Data and training", "",
-                  f"- Data: {train.get('data', '?')}",
+                  f"- Data: {portable(train.get('data', '?'))}",
+                  f"- Source and licence: {DATASETS.get(profile, 'not recorded for this profile')}",
                   f"- Split: {train.get('split', '?')}. Nothing was tuned on the test split.",
-                  f"- Command: `{train.get('command', '?')}` then `coilsight export --checkpoint RUN --profile "
+                  f"- Command: `{portable(train.get('command', '?'))}` then `coilsight export --checkpoint RUN --profile "
                   f"{profile} --out engines/models/{profile}`",
                   f"- Seed {train.get('seed')}, {train.get('epochs_run')} epochs, {train.get('minutes')} min on "
                   f"CPU; best checkpoint per model by val loss: {json.dumps(train.get('best', {}))}"]
         src = train.get("seg_from")
         if src:  # a gate-only run: say where the segmenter was trained
             lines.append(f"- The gate alone was trained by that command; the segmenter is the one of an earlier run "
-                         f"(size `{src.get('model_size')}`, {src.get('minutes')} min): `{src.get('command', '?')}`")
+                         f"(size `{src.get('model_size')}`, {src.get('minutes')} min): `{portable(src.get('command', '?'))}`")
         if train.get("gate_crop"):
             lines.append(f"- Gate trained on {train['gate_crop']}x{train['gate_crop']} crops (clean crops "
                          f"{json.dumps(train.get('clean_crops', {}))}); seg on {train.get('seg_crop')} px windows. "

@@ -152,20 +152,21 @@ def run_camera_sim(args, frames: Iterable, classes: tuple[str, ...]) -> int:
         listener.start()
     watch = ConnectWatch()
     try:
-        if listener is not None:
-            if not listener.wait_for(lambda: listener.health, args.connect_timeout):
-                return _no_agent(f"no heartbeat from {events_endpoint} within {args.connect_timeout:g} s: cannot learn "
-                                 "what the agent does with the coil (give the agent's --config or --events; "
-                                 "--no-verdict sends without checking)")
-        cam_health = listener.camera(args.camera) if listener else None
-        # Continue this camera's seq where the agent last saw it: a restarted gateway is not a gap.
-        seq_start = int(cam_health["last_seq"]) + 1 if cam_health else 0
-        before = _rejected(listener, args.camera) if listener else {}
-        cam = CameraSim(ingest_endpoint, camera=args.camera, socket_setup=watch, seq_start=seq_start)
+        cam = CameraSim(ingest_endpoint, camera=args.camera, socket_setup=watch)
         try:
+            # Both waits run at once (the listener is already connecting): the ingest first, as the
+            # agent binds it only when ready; then its heartbeat, for the verdict.
             if not watch.wait(args.connect_timeout):
                 return _no_agent(f"no agent at {ingest_endpoint}: nothing took the connection within "
                                  f"{args.connect_timeout:g} s (is `coilsight run` up? give its --config or --endpoint)")
+            if listener is not None and not listener.wait_for(lambda: listener.health, args.connect_timeout):
+                return _no_agent(f"no heartbeat from {events_endpoint} within {args.connect_timeout:g} s: cannot "
+                                 "learn what the agent does with the coil (give the agent's --config or --events; "
+                                 "--no-verdict sends without checking)")
+            cam_health = listener.camera(args.camera) if listener else None
+            # Continue this camera's seq where the agent last saw it: a restarted gateway is not a gap.
+            cam.seq = int(cam_health["last_seq"]) + 1 if cam_health else 0
+            before = _rejected(listener, args.camera) if listener else {}
             progress = ProgressLine(f"camera-sim {coil}", args.frames if not args.folder else None)
             count = [0]
             sent = cam.send_coil(coil, _counting(frames, progress, listener, args.camera, before, count),

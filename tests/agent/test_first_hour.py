@@ -105,16 +105,23 @@ def test_a_replay_request_without_from_gets_a_sentence(running_agent):
 
 def test_camera_sim_pointed_at_nothing_says_so(tmp_path, capsys):
     folder = frames_folder(tmp_path / "frames")
-    ingest = f"tcp://127.0.0.1:{free_port()}"
-    code, result, err = camera_sim(capsys, "--endpoint", ingest, "--no-verdict", "--connect-timeout", "1",
-                                   "--folder", str(folder))
+    ingest, events = f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}"
+    for extra in (["--no-verdict"], ["--events", events]):
+        code, result, err = camera_sim(capsys, "--endpoint", ingest, *extra, "--connect-timeout", "1",
+                                       "--folder", str(folder))
+        assert (code, result) == (2, None)
+        assert f"coilsight camera-sim: no agent at {ingest}: nothing took the connection within 1 s" in err
+
+
+def test_camera_sim_without_the_agents_heartbeat_sends_nothing(running_agent, tmp_path, capsys):
+    agent = running_agent()
+    events = f"tcp://127.0.0.1:{free_port()}"  # a wrong event endpoint: the verdict could not be learnt
+    code, result, err = camera_sim(capsys, "--endpoint", agent.cfg.ingest.endpoint, "--events", events,
+                                   "--connect-timeout", "1", "--folder", str(frames_folder(tmp_path / "f")))
     assert (code, result) == (2, None)
-    assert f"no agent at {ingest}: nothing took the connection within 1 s" in err
-    events = f"tcp://127.0.0.1:{free_port()}"
-    code, result, err = camera_sim(capsys, "--endpoint", ingest, "--events", events, "--connect-timeout", "1",
-                                   "--folder", str(folder))
-    assert (code, result) == (2, None)
-    assert f"no heartbeat from {events} within 1 s" in err
+    assert f"no heartbeat from {events} within 1 s: cannot learn what the agent does with the coil" in err
+    assert "cameras" not in status_request(agent.cfg.control.endpoint)["health"] or \
+        status_request(agent.cfg.control.endpoint)["health"]["cameras"] == {}  # nothing was sent
 
 
 def test_heartbeat_counts_a_cameras_seq_gaps(running_agent):

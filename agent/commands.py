@@ -137,7 +137,10 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     import faulthandler
 
-    faulthandler.enable()  # WatchdogSignal=SIGABRT then prints every thread's stack to the journal
+    from agent.native_stderr import capture_native_stderr
+
+    capture_native_stderr()  # libpng/libjpeg lines through the log's rate limit
+    faulthandler.enable(file=sys.stderr)  # WatchdogSignal=SIGABRT then prints every thread's stack to the journal
     log = structlog.get_logger("agent")
     agent = Agent(cfg)
     try:

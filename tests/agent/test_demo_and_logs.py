@@ -125,3 +125,55 @@ def test_progress_line_only_on_a_terminal():
         p.close()
     assert pipe.getvalue() == ""
     assert "\rcamera-sim C1: 10/10 frames, " in tty.getvalue() and ", 0 rejected" in tty.getvalue()
+
+
+def test_libpng_lines_go_through_the_log_and_its_rate_limit(tmp_path, agent_config):
+    """A camera sending broken PNGs: libpng's own stderr lines become rate-limited log events."""
+    import signal
+    import time
+
+    import zmq
+    from tinypack import clean_frame
+
+    from agent.protocol import encode_frame
+    from agent.service import status_request
+
+    cfg = agent_config(ingest={"allowed_encodings": ["raw", "png"]})
+    path = tmp_path / "agent.toml"
+    path.write_text(dump_toml(config_dict(cfg)))
+    err_path = tmp_path / "agent.err"
+    with open(err_path, "w") as err:
+        proc = subprocess.Popen([sys.executable, "-m", "agent.cli", "run", "--config", str(path)],
+                                stdout=subprocess.DEVNULL, stderr=err)
+    push = zmq.Context.instance().socket(zmq.PUSH)
+    push.setsockopt(zmq.LINGER, 2000)
+    push.setsockopt(zmq.SNDTIMEO, 10_000)
+    try:
+        from agent.tools.demo import wait_ready
+
+        wait_ready(proc, cfg.control.endpoint, timeout_s=60)
+        push.connect(cfg.ingest.endpoint)
+        n = 40
+        for i in range(n):
+            header, png = encode_frame("cam0", "broken", i, i, clean_frame(), ts_ns=time.time_ns(), pos_mm=0.0,
+                                       encoding="png")
+            png = bytearray(bytes(png))
+            png[60:80] = b"x" * 20  # inside the IDAT chunk: libpng complains on stderr
+            push.send_multipart([header, bytes(png)])
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if status_request(cfg.control.endpoint)["health"]["rejected"].get("decode_failed", 0) >= n:
+                break
+            time.sleep(0.2)
+        time.sleep(0.5)  # the reader thread logs what libpng wrote
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=20) == 0
+    finally:
+        push.close()
+        if proc.poll() is None:
+            proc.kill()
+    lines = err_path.read_text().splitlines()
+    assert not [line for line in lines if line.startswith("libpng")]  # nothing bypasses the log
+    native = [json.loads(line) for line in lines if '"native_library_message"' in line]
+    assert 1 <= len(native) <= 12 and all("libpng error" in e["text"] for e in native)
+    assert native[0]["level"] == "warning"

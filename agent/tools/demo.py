@@ -170,7 +170,8 @@ class GroundTruth:
         return {"frames": self.frames, "painted_frames": len(self.boxes), "clean_frames": self.frames - len(self.boxes),
                 "painted_defects": painted, "painted_defects_found": found,
                 "painted_frames_with_events": flagged_defective, "clean_frames_with_events": flagged_clean,
-                "gate_passed": summary["frames"]["inspected"], "defect_events": len(events)}
+                "gate_passed": summary["frames"]["inspected"], "defect_events": len(events),
+                "profile": summary.get("profile")}
 
 
 def _pct(a: int, b: int) -> str:
@@ -188,7 +189,9 @@ def format_ground_truth(gt: dict) -> str:
         f"{gt['clean_frames']} clean frames ({_pct(gt['clean_frames_with_events'], gt['clean_frames'])})",
         f"  {gt['painted_defects_found']} of {gt['painted_defects']} painted defects found "
         f"({_pct(gt['painted_defects_found'], gt['painted_defects'])}; found = an event's box overlaps it)",
-    ])
+    ] + ([f"  note: the painted defects are synthetic steel-strip shapes; the {gt['profile']} models were "
+          "trained on real images of their own line, so expect them to miss most of these"]
+         if gt.get("profile") not in (None, "steel") else []))
 
 
 def _say(text: str) -> None:

@@ -81,11 +81,12 @@ def test_console_logs_show_maps_as_json_not_python_reprs():
     from agent.logs import configure_logging
 
     buf = io.StringIO()
+    saved = structlog.get_config()
     try:
         configure_logging("console", "info", stream=buf)
         structlog.get_logger("t").info("models_loaded", models={"gate": {"backend": "onnxruntime-cpu"}}, ids=["a"])
     finally:
-        structlog.reset_defaults()
+        structlog.configure(**saved)
     line = buf.getvalue()
     # maps and lists as compact JSON (the renderer quotes a value holding quotes), never {'gate': ...}
     assert """models='{"gate":{"backend":"onnxruntime-cpu"}}'""" in line and """ids='["a"]'""" in line

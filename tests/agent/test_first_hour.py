@@ -19,6 +19,19 @@ from agent.config import config_dict, dump_toml
 from agent.service import status_request
 
 
+@pytest.fixture(autouse=True)
+def logs_on_stderr():
+    """As `coilsight` sets it up, whatever an earlier test configured: stdout carries only results."""
+    import structlog
+
+    from agent.logs import configure_logging
+
+    saved = structlog.get_config()
+    configure_logging(stream=sys.stderr)
+    yield
+    structlog.configure(**saved)
+
+
 def write_config(agent, path: Path) -> Path:
     path.write_text(dump_toml(config_dict(agent.cfg)))
     return path

@@ -178,3 +178,28 @@ def test_libpng_lines_go_through_the_log_and_its_rate_limit(tmp_path, agent_conf
     native = [json.loads(line) for line in lines if '"native_library_message"' in line]
     assert 1 <= len(native) <= 12 and all("libpng error" in e["text"] for e in native)
     assert native[0]["level"] == "warning"
+
+
+def test_coils_restored_is_a_warning_only_when_something_was_restored(tmp_path, agent_config):
+    from agent.coil import CoilRegistry
+    from agent.journal import Journal
+    from agent.recovery import Recovery
+
+    cfg = agent_config()
+    classes = ("bright", "dark")
+    journal = Journal(tmp_path / "journal", fsync=False)
+    try:
+        before = CoilRegistry.for_config(cfg, classes)
+        Recovery(tmp_path / "ckpt.json").save(before, journal.last_seq, force=True)  # a clean stop: nothing open
+        with structlog.testing.capture_logs() as logs:
+            Recovery(tmp_path / "ckpt.json").restore(CoilRegistry.for_config(cfg, classes), journal)
+        (line,) = [e for e in logs if e["event"] == "coils_restored"]
+        assert line["log_level"] == "info" and line["coils"] == []
+        before.admit("cam0", "open-coil", 0, 0.0)  # a coil still open at the crash
+        Recovery(tmp_path / "ckpt.json").save(before, journal.last_seq, force=True)
+        with structlog.testing.capture_logs() as logs:
+            Recovery(tmp_path / "ckpt.json").restore(CoilRegistry.for_config(cfg, classes), journal)
+        (line,) = [e for e in logs if e["event"] == "coils_restored"]
+        assert line["log_level"] == "warning" and "open-coil" in line["coils"]
+    finally:
+        journal.close()

@@ -30,7 +30,7 @@ test-all: $(VENV)/.dev
 	$(PY) -m pytest -q --run-slow
 
 bench: $(VENV)/.runtime
-	$(VENV)/bin/coilsight bench --json bench.json
+	$(VENV)/bin/coilsight bench --out bench.json
 
 # On a GPU box with the gpu extra installed: the TensorRT tests (skipped everywhere else).
 gpu-test: $(VENV)/.dev

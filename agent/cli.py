@@ -14,11 +14,27 @@ COMMAND_MODULES = (
 )
 
 
+def _version() -> str:
+    from importlib import metadata
+
+    try:
+        return metadata.version("coilsight")
+    except metadata.PackageNotFoundError:  # run from a checkout that was never installed
+        from agent import __version__
+
+        return __version__
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="coilsight", description="Coilsight edge inspection agent")
+    from engines.cliargs import CoilsightParser, iter_parsers
+
+    parser = CoilsightParser(prog="coilsight", description="Coilsight edge inspection agent")
+    parser.add_argument("--version", action="version", version=f"coilsight {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in COMMAND_MODULES:
         importlib.import_module(name).register(sub)
+    for _ in iter_parsers(parser):  # each sub-command's --help starts with its one-line description
+        pass
     return parser
 
 

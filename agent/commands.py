@@ -7,72 +7,113 @@ import os
 import sys
 from pathlib import Path
 
+from engines.backends import BACKENDS
+
+BACKEND_CHOICES = tuple(sorted(BACKENDS))
+
+
+DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "steel.toml"
+INGEST, EVENTS, REPLAY, CONTROL = ("tcp://127.0.0.1:5555", "tcp://127.0.0.1:5556", "tcp://127.0.0.1:5557",
+                                   "tcp://127.0.0.1:5558")
+
 
 def register(sub: argparse._SubParsersAction) -> None:
+    from engines.cliargs import deprecated_alias
+
     p = sub.add_parser("run", help="run the inspection agent")
-    p.add_argument("--config", required=True, type=Path)
-    p.add_argument("--state-dir", help="override agent.state_dir")
+    p.add_argument("--config", required=True, type=Path, help="agent config (TOML), e.g. configs/steel.toml")
+    p.add_argument("--state-dir", help="override agent.state_dir (journal, engines)")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("check-config", help="validate a config file offline; prints every error with its key path")
-    p.add_argument("config", type=Path)
-    p.add_argument("--models", action="store_true", help="also load the model pack and its calibration")
+    p.add_argument("config", type=Path, help="agent config (TOML)")
+    p.add_argument("--load-models", dest="load_models", action="store_true",
+                   help="also load the model pack and its calibration")
+    deprecated_alias(p, "--models", "--load-models", "load_models", flag=True)
+    p.add_argument("--print", dest="print_config", action="store_true",
+                   help="print the effective config (every key, defaults filled in) as TOML")
     p.set_defaults(func=cmd_check_config)
 
-    p = sub.add_parser("camera-sim", help="publish a simulated coil to an agent")
-    p.add_argument("--endpoint", default="tcp://127.0.0.1:5555")
-    p.add_argument("--camera", default="cam0")
-    p.add_argument("--coil", default="coil-0001")
-    p.add_argument("--frames", type=int, default=300)
-    p.add_argument("--defect-fraction", type=float, default=0.2)
+    p = sub.add_parser("camera-sim", help="stream a simulated coil to an agent and report what the agent made of it",
+                       description="Streams one coil to a running agent, then listens to the agent's event stream "
+                       "for its verdict: exit 0 when the coil was summarised complete with nothing rejected, 1 when "
+                       "frames were rejected, missing or not summarised, 2 when no agent answers.")
+    p.add_argument("--config", type=Path, help="the agent's config: ingest and event endpoints are read from it")
+    p.add_argument("--endpoint", help=f"the agent's ingest endpoint (default: from --config, else {INGEST})")
+    p.add_argument("--events", help=f"the agent's event (PUB) endpoint (default: from --config, else {EVENTS})")
+    p.add_argument("--camera", default="cam0", help="camera id")
+    p.add_argument("--coil", help="coil id (default: a new time-based id, sim-YYYYMMDD-HHMMSS-micros)")
+    p.add_argument("--frames", type=int, default=300, help="frames to send")
+    p.add_argument("--defect-fraction", type=float, default=0.2, help="share of frames with painted defects")
     p.add_argument("--rate", type=float, default=0.0, help="frames per second; 0 = as fast as the agent takes them")
     p.add_argument("--folder", type=Path, help="send the images of this folder instead of synthetic strips")
-    p.add_argument("--compose-from", metavar="DATA_ROOT", type=Path,
-                   help="compose line frames from real crops of the profile's dataset under DATA_ROOT")
-    p.add_argument("--profile", default="steel", help="dataset profile for --compose-from (default steel)")
-    p.add_argument("--split", default="val", choices=("train", "val", "test"), help="split for --compose-from")
-    p.add_argument("--encoding", choices=("raw", "png", "jpeg"), default="raw")
+    p.add_argument("--data-root", dest="data_root", type=Path,
+                   help="compose line frames from real crops of the profile's dataset under this data root")
+    deprecated_alias(p, "--compose-from", "--data-root", "data_root", type=Path)
+    p.add_argument("--profile", default="steel", help="dataset profile for --data-root")
+    p.add_argument("--split", default="val", choices=("train", "val", "test"), help="split for --data-root")
+    p.add_argument("--encoding", choices=("raw", "png", "jpeg"), default="raw", help="pixel encoding on the wire")
     p.add_argument("--gt-dir", type=Path, help="write frames and Severstal-style ground truth here")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="random seed of the frame source")
+    p.add_argument("--connect-timeout", type=float, default=5.0,
+                   help="seconds to wait for the agent's ingest connection and first heartbeat")
+    p.add_argument("--wait", type=float, default=60.0, help="seconds to wait for the coil's summary after its end")
+    p.add_argument("--no-verdict", action="store_true",
+                   help="send without listening to the agent (no event endpoint needed; rejections go unseen)")
     p.set_defaults(func=cmd_camera_sim)
 
-    p = sub.add_parser("subscribe", help="print the event stream as JSON lines, with gap repair")
-    p.add_argument("--endpoint", default="tcp://127.0.0.1:5556")
-    p.add_argument("--replay", default="tcp://127.0.0.1:5557")
+    p = sub.add_parser("subscribe", help="print the event stream (JSON lines or a table), with gap repair")
+    p.add_argument("--config", type=Path, help="the agent's config: event and replay endpoints are read from it")
+    p.add_argument("--endpoint", help=f"the agent's event (PUB) endpoint (default: from --config, else {EVENTS})")
+    p.add_argument("--replay", help=f"the agent's replay endpoint (default: from --config, else {REPLAY})")
     p.add_argument("--topic", action="append", choices=("defect", "summary", "health"),
-                   help="topics to print (repeatable); default defect and summary")
+                   help="topics to print (repeatable; default: defect and summary)")
+    p.add_argument("--format", choices=("json", "table"), default="json",
+                   help="json: one JSON object per line; table: one readable line per event")
     p.add_argument("--from-seq", type=int, help="replay from this sequence number first (late join)")
-    p.add_argument("--timeout", type=float, help="stop after this many seconds")
+    p.add_argument("--timeout", type=float, help="stop after this many seconds (default: run until Ctrl-C)")
     p.add_argument("--count", type=int, help="stop after this many messages")
+    p.add_argument("--heartbeat-timeout", type=float, default=5.0,
+                   help="seconds without a heartbeat before saying the agent is silent")
     p.set_defaults(func=cmd_subscribe)
 
-    p = sub.add_parser("status", help="ask a running agent for its health and metrics")
-    p.add_argument("--endpoint", default="tcp://127.0.0.1:5558")
-    p.add_argument("--config", type=Path, help="read the control endpoint from this config")
+    p = sub.add_parser("status", help="ask a running agent for its state, models, queue and coils")
+    p.add_argument("--config", type=Path, help="the agent's config: the control endpoint is read from it")
+    p.add_argument("--endpoint", help=f"the agent's control endpoint (default: from --config, else {CONTROL})")
+    p.add_argument("--json", action="store_true", help="the full status reply as JSON (health, metrics, coils)")
     p.add_argument("--key", type=Path, help="operator secret key file (NAME.key_secret) for a CURVE control socket")
     p.add_argument("--server-key", type=Path, help="the agent's public key file (server.key) for a CURVE control socket")
     p.set_defaults(func=cmd_status)
 
     p = sub.add_parser("demo", help="camera-sim + agent + subscriber on loopback; prints the coil summary")
-    p.add_argument("--config", type=Path, default=Path(__file__).resolve().parent.parent / "configs" / "steel.toml")
-    p.add_argument("--frames", type=int, default=300)
-    p.add_argument("--defect-fraction", type=float, default=0.2)
-    p.add_argument("--rate", type=float, default=0.0)
+    p.add_argument("--config", type=Path, default=DEFAULT_CONFIG,
+                   help="profile config (default: configs/steel.toml); steel, magnetic_tile and kolektorsdd ship "
+                        "a model pack")
+    p.add_argument("--profile", help="shorthand for --config configs/PROFILE.toml")
+    p.add_argument("--frames", type=int, default=300, help="frames in the simulated coil")
+    p.add_argument("--defect-fraction", type=float, default=0.2, help="share of frames with painted defects")
+    p.add_argument("--rate", type=float, default=0.0, help="frames per second; 0 = as fast as the agent takes them")
     p.add_argument("--json", action="store_true", help="print the summary as JSON instead of a table")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("bench", help="time the real agent on simulated coils (see docs/performance.md)")
-    p.add_argument("--config", type=Path, default=Path(__file__).resolve().parent.parent / "configs" / "steel.toml")
-    p.add_argument("--frames", type=int, default=4000)
-    p.add_argument("--scenario", action="append", choices=("clean", "typical", "heavy"))
-    p.add_argument("--backend", action="append", help="backend chain override (repeatable)")
+    p.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="profile config (default: configs/steel.toml)")
+    p.add_argument("--frames", type=int, default=4000, help="frames per scenario")
+    p.add_argument("--scenario", action="append", choices=("clean", "typical", "heavy"),
+                   help="scenarios to run (repeatable; default: all three)")
+    p.add_argument("--backend", action="append", choices=BACKEND_CHOICES,
+                   help="backend chain override (repeatable; default: the config's models.backends)")
     p.add_argument("--batch", type=int, help="frames per model call and per queue batch: sets models.max_batch, "
                    "opt_batch and cpu_max_batch (default: the config's)")
-    p.add_argument("--json", type=Path, help="write the results here")
+    p.add_argument("--json", nargs="?", const="-", metavar="FILE",
+                   help="print the results as JSON on stdout instead of the table (FILE: deprecated, use --out)")
+    p.add_argument("--out", type=Path, help="also write the results as JSON to this file")
     p.add_argument("--fast", action="store_true", help="a few frames: checks the bench runs, not its speed")
     p.add_argument("--rate", type=float, default=0.0, help="line rate for the latency scenario (0 = off)")
-    p.add_argument("--compose-from", metavar="DATA_ROOT", type=Path,
-                   help="frames composed from the profile's real validation crops instead of synthetic strips")
+    p.add_argument("--data-root", dest="data_root", type=Path,
+                   help="frames composed from the profile's real validation crops under this data root instead of "
+                        "synthetic strips")
+    deprecated_alias(p, "--compose-from", "--data-root", "data_root", type=Path)
     p.set_defaults(func=cmd_bench)
 
 
@@ -99,7 +140,10 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     import faulthandler
 
-    faulthandler.enable()  # WatchdogSignal=SIGABRT then prints every thread's stack to the journal
+    from agent.native_stderr import capture_native_stderr
+
+    capture_native_stderr()  # libpng/libjpeg lines through the log's rate limit
+    faulthandler.enable(file=sys.stderr)  # WatchdogSignal=SIGABRT then prints every thread's stack to the journal
     log = structlog.get_logger("agent")
     agent = Agent(cfg)
     try:
@@ -115,7 +159,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
-    from agent.config import ConfigError, config_warnings, load_config
+    from agent.config import ConfigError, config_dict, config_warnings, dump_toml, load_config
 
     try:
         cfg = load_config(args.config)
@@ -125,8 +169,8 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         print(f"{len(exc.errors)} error(s)")
         return 1
     for w in config_warnings(cfg):
-        print(f"{args.config}: warning: {w}")
-    if args.models:
+        print(f"{args.config}: warning: {w}", file=sys.stderr)
+    if args.load_models:
         from engines.modelpack import ModelPackError, load_calibration, load_model_pack
 
         try:
@@ -135,71 +179,62 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         except ModelPackError as exc:
             print(f"{args.config}: models: {exc}")
             return 1
+    if args.print_config:
+        print(f"# effective config of {args.config} (every key, defaults filled in)")
+        print(dump_toml(config_dict(cfg)), end="")
+        return 0
     print(f"{args.config}: ok")
     return 0
 
 
-def cmd_camera_sim(args: argparse.Namespace) -> int:
-    from agent.tools.camera_sim import CameraSim, composed_frames, folder_frames, synthetic_frames
-    from training.synth import STEEL_CLASSES
+def _agent_config(args: argparse.Namespace):
+    """The agent config named by --config, or None; a bad one is a usage error (exit 2)."""
+    if not getattr(args, "config", None):
+        return None
+    from agent.config import ConfigError, load_config
 
-    _setup_logging()
-    if args.folder:
-        frames = folder_frames(args.folder)
-    elif args.compose_from:
-        frames = composed_frames(args.frames, args.defect_fraction, profile=args.profile, data_root=args.compose_from,
-                                 split=args.split, seed=args.seed, with_instances=True)
-    else:
-        frames = synthetic_frames(args.frames, args.defect_fraction, seed=args.seed, with_instances=True)
-    cam = CameraSim(args.endpoint, camera=args.camera)
-    sent = cam.send_coil(args.coil, frames, rate_hz=args.rate, encoding=args.encoding, gt_dir=args.gt_dir,
-                         classes=STEEL_CLASSES)
-    cam.close()
-    print(json.dumps({"coil": sent.coil, "camera": sent.camera, "sent": sent.sent,
-                      "defective": len(sent.defective), "defects": sum(len(v) for v in sent.instances.values()),
-                      "not_sent": len(sent.dropped)}))
-    return 0 if not sent.dropped else 1
+    try:
+        return load_config(args.config)
+    except ConfigError as exc:
+        for e in exc.errors:
+            print(f"config error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def cmd_camera_sim(args: argparse.Namespace) -> int:
+    from agent.tools.camera_run import frames_from_args, run_camera_sim
+
+    cfg = _agent_config(args)
+    args.endpoint = args.endpoint or (cfg.ingest.endpoint if cfg else INGEST)
+    args.events = args.events or (cfg.publish.endpoint if cfg else EVENTS)
+    try:
+        frames, classes = frames_from_args(args)
+    except (OSError, ValueError) as exc:
+        print(f"coilsight camera-sim: {exc}", file=sys.stderr)
+        return 2
+    return run_camera_sim(args, frames, classes)
 
 
 def cmd_subscribe(args: argparse.Namespace) -> int:
-    from agent.subscriber import Subscriber
+    from agent.tools.views import run_subscribe
 
-    topics = tuple(args.topic or ("defect", "summary"))
-    sub = Subscriber(args.endpoint, args.replay, topics=topics, from_seq=args.from_seq,
-                     include_health="health" in topics)
-    n = 0
-    try:
-        for topic, msg in sub.messages(timeout_s=args.timeout):
-            sys.stdout.write(json.dumps({"topic": topic, **msg}, default=str) + "\n")
-            sys.stdout.flush()
-            n += 1
-            if args.count and n >= args.count:
-                break
-    except KeyboardInterrupt:
-        pass
-    finally:
-        sub.close()
-    return 0
+    cfg = _agent_config(args)
+    args.endpoint = args.endpoint or (cfg.publish.endpoint if cfg else EVENTS)
+    args.replay = args.replay or (cfg.publish.replay_endpoint if cfg else REPLAY)
+    return run_subscribe(args)
 
 
 def cmd_status(args: argparse.Namespace) -> int:
     from agent.service import status_request
+    from agent.tools.views import format_status
 
-    endpoint = args.endpoint
-    if args.config:
-        from agent.config import ConfigError, load_config
-
-        try:
-            cfg = load_config(args.config)
-        except ConfigError as exc:
-            print(f"coilsight status: {exc}", file=sys.stderr)
-            return 2
-        endpoint = cfg.control.endpoint
-        if cfg.auth.enabled and endpoint.startswith("tcp://") and not args.key:
-            print(f"coilsight status: the control socket {endpoint} uses CURVE (auth.enabled): pass --key "
-                  f"OPERATOR.key_secret and --server-key server.key, or put control.endpoint on ipc://",
-                  file=sys.stderr)
-            return 2
+    cfg = _agent_config(args)
+    endpoint = args.endpoint or (cfg.control.endpoint if cfg else CONTROL)
+    if cfg is not None and cfg.auth.enabled and endpoint.startswith("tcp://") and not args.key:
+        print(f"coilsight status: the control socket {endpoint} uses CURVE (auth.enabled): pass --key "
+              f"OPERATOR.key_secret and --server-key server.key, or put control.endpoint on ipc://",
+              file=sys.stderr)
+        return 2
     if bool(args.key) != bool(args.server_key):
         print("coilsight status: --key and --server-key go together", file=sys.stderr)
         return 2
@@ -207,17 +242,30 @@ def cmd_status(args: argparse.Namespace) -> int:
 
     try:
         reply = status_request(endpoint, curve=(args.key, args.server_key) if args.key else None)
-    except (TimeoutError, AuthError) as exc:
+    except AuthError as exc:
         print(f"coilsight status: {exc}", file=sys.stderr)
+        return 2
+    except TimeoutError:
+        print(f"coilsight status: no agent at {endpoint} (no answer within 3 s)", file=sys.stderr)
         return 1
-    print(json.dumps(reply, indent=2, default=str))
+    if args.json:
+        print(json.dumps(reply, indent=2, default=str))
+    else:
+        print(format_status(reply, endpoint))
     return 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from agent.tools.demo import run_demo
 
-    return run_demo(args.config, frames=args.frames, defect_fraction=args.defect_fraction, rate=args.rate,
+    config = args.config
+    if args.profile:
+        config = DEFAULT_CONFIG.parent / f"{args.profile}.toml"
+        if not config.is_file():
+            known = ", ".join(sorted(p.stem for p in DEFAULT_CONFIG.parent.glob("*.toml")))
+            print(f"coilsight demo: no profile {args.profile!r} (configs/ has {known})", file=sys.stderr)
+            return 2
+    return run_demo(config, frames=args.frames, defect_fraction=args.defect_fraction, rate=args.rate,
                     as_json=args.json)
 
 

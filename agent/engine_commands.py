@@ -36,7 +36,9 @@ def register(sub) -> None:
     build.set_defaults(func=cmd_build)
 
     lst = esub.add_parser("list", help="list built engines and their manifests")
-    lst.add_argument("--state-dir", type=Path, help="default: $STATE_DIRECTORY or ~/.local/state/coilsight")
+    lst.add_argument("--config", type=Path, help="agent config: list the engines under its state dir")
+    lst.add_argument("--state-dir", type=Path, help="default: from --config, else $STATE_DIRECTORY or "
+                                                    "~/.local/state/coilsight")
     lst.add_argument("--json", action="store_true", help="machine-readable output")
     lst.set_defaults(func=cmd_list)
 
@@ -60,7 +62,11 @@ def cmd_reload(args: argparse.Namespace) -> int:
         from agent.config import load_config
 
         endpoint = load_config(args.config).control.endpoint
-    try:
+    try:  # is anyone there? The same 3 s `coilsight status` waits; only a live agent gets the long wait
+        status_request(endpoint, "status", timeout_ms=3000)
+    except TimeoutError:
+        return _fail("reload", f"no agent at {endpoint} (no answer within 3 s)", EXIT_FAILED)
+    try:  # loading and warming up new engines takes a while on a busy box
         reply = status_request(endpoint, "reload", timeout_ms=120_000)
     except TimeoutError as exc:
         return _fail("reload", str(exc), EXIT_FAILED)
@@ -139,6 +145,12 @@ def cmd_build(args: argparse.Namespace) -> int:
             print(f"  {role}: profile shapes {json.dumps(spec.profile_shapes(role))}")
             print(f"  {role}: " + ("up to date" if not reasons else "would build: " + "; ".join(reasons)))
         return 0
+    facts, why_not, _ = build.plan(spec)
+    missing = [m for m in ("onnx", "onnxconverter_common") if not _importable(m)]
+    if missing:  # stop at the first reason, before any work: say what this box lacks and where to get it
+        reason = f"{why_not}; " if facts is None else ""
+        return _fail("build", f"{reason}the FP16 step needs {', '.join(missing)}: install the 'gpu' extra "
+                     "(pip install 'coilsight[gpu]') on the line box", EXIT_NO_TENSORRT if facts is None else EXIT_USAGE)
     try:
         outcomes = build.build(spec)
     except build.TensorRTMissing as exc:
@@ -157,7 +169,15 @@ def cmd_build(args: argparse.Namespace) -> int:
 def cmd_list(args: argparse.Namespace) -> int:
     from engines import manifest
 
-    root = (args.state_dir or manifest.state_dir()) / "engines"
+    state = args.state_dir
+    if state is None and args.config:
+        from agent.config import ConfigError, load_config
+
+        try:
+            state = load_config(args.config).state_path()
+        except ConfigError as exc:
+            return _fail("list", "; ".join(exc.errors), EXIT_USAGE)
+    root = (state or manifest.state_dir()) / "engines"
     rows = []
     for path in sorted(root.glob("*/*/manifest.json")):
         try:
@@ -182,6 +202,15 @@ def cmd_list(args: argparse.Namespace) -> int:
             print(f"{r['profile']}/{r['model']}: TensorRT {r['tensorrt']} on {r['gpu']}, built {r['built_at']}, "
                   f"{r['bytes']} bytes, max {r['max_shape']} ({r['dir']})")
     return 0
+
+
+def _importable(name: str) -> bool:
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):
+        return False
 
 
 def _max_shape(entry: dict) -> list | None:

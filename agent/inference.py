@@ -80,7 +80,7 @@ def open_models(cfg: Config, models_dir=None) -> Models:
         try:  # where `coilsight engines build` put this machine's engines; None = no GPU/TensorRT here
             engine_dir = manifest.engine_dir(pack.profile, manifest.machine_facts(), cfg.state_path())
         except manifest.ManifestError as exc:
-            log.info("tensorrt_unavailable", reason=str(exc))
+            log.debug("tensorrt_unavailable", reason=str(exc))
     opened: dict[str, Backend] = {}
     reasons: list[dict] = []
     try:

@@ -24,6 +24,18 @@ class _CurrentStderr:
         return sys.stderr.isatty()
 
 
+def _plain_values(_, __, event_dict: dict) -> dict:
+    """Console lines show maps and lists as compact JSON (``{"gate":"onnxruntime-cpu"}``), never a
+    Python repr; the JSON renderer writes them natively."""
+    import json
+
+    for key, value in event_dict.items():
+        if isinstance(value, (dict, list, tuple, set)) and key != "event":
+            event_dict[key] = json.dumps(sorted(value) if isinstance(value, set) else value,
+                                         separators=(",", ":"), default=str)
+    return event_dict
+
+
 def configure_logging(fmt: str = "auto", level: str = "info", stream=None) -> None:
     stream = _CurrentStderr() if stream is None or stream is sys.stderr else stream
     if fmt == "auto":
@@ -36,9 +48,12 @@ def configure_logging(fmt: str = "auto", level: str = "info", stream=None) -> No
         structlog.processors.StackInfoRenderer(),
         structlog.processors.format_exc_info,
     ]
-    renderer = structlog.processors.JSONRenderer() if fmt == "json" else structlog.dev.ConsoleRenderer(colors=False)
+    if fmt == "json":
+        tail = [structlog.processors.JSONRenderer()]
+    else:
+        tail = [_plain_values, structlog.dev.ConsoleRenderer(colors=False)]
     structlog.configure(
-        processors=[*processors, renderer],
+        processors=[*processors, *tail],
         wrapper_class=structlog.make_filtering_bound_logger(_LEVELS[level]),
         logger_factory=structlog.PrintLoggerFactory(file=stream),
         cache_logger_on_first_use=False,

@@ -313,6 +313,10 @@ def _parse_replay_request(raw: bytes) -> tuple[int, int] | str:
         return f"not MessagePack: {exc}"
     if not isinstance(req, dict) or req.get("v") != PROTOCOL_VERSION or req.get("type") != "replay":
         return "expected {v: 1, type: replay, from, to}"
+    absent = [k for k in ("from", "to") if k not in req]
+    if absent:
+        return (f"the replay request has no {' and no '.join(repr(k) for k in absent)} key; "
+                "send {v: 1, type: replay, from: FIRST, to: LAST} (both inclusive)")
     first, last = req.get("from"), req.get("to")
     if type(first) is not int or type(last) is not int or first < 1 or last < first:
         return "from and to must be integers with 1 <= from <= to"

@@ -157,10 +157,12 @@ class Recovery:
                 owed.append((topic, body))
         settled = registry.close_settled()
         owed += [("summary", s) for s in settled]
-        log.warning("coils_restored", coils=coils, orphans=orphans, closed_after_checkpoint=closed_after,
-                    frames_recovered_from_journal=recovered, resent=len(owed) - len(settled),
-                    closed_now=[s["coil"] for s in settled],
-                    checkpoint_seq=doc["last_seq"] if doc is not None else None)
+        # A warning only when something was restored or owed; a clean restart is one info line.
+        level = log.warning if coils or orphans or closed_after or recovered or owed else log.info
+        level("coils_restored", coils=coils, orphans=orphans, closed_after_checkpoint=closed_after,
+              frames_recovered_from_journal=recovered, resent=len(owed) - len(settled),
+              closed_now=[s["coil"] for s in settled],
+              checkpoint_seq=doc["last_seq"] if doc is not None else None)
         return owed
 
 

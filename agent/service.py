@@ -20,6 +20,7 @@ import zmq
 from agent import recovery, statefiles
 from agent.batcher import FrameQueue
 from agent.binding import BindError, bind, wait_bound
+from agent.camera_stats import CameraStats
 from agent.coil import CoilRegistry
 from agent.config import Config
 from agent.guard import LoopGuard, recv_request, router_socket, send_reply
@@ -61,6 +62,8 @@ class Agent:
         self._control_watch = None  # agent.auth.HandshakeWatch on a CURVE control socket
         self.metrics_port: int | None = None
         self.summaries_published = 0
+        self.camera_stats = CameraStats()
+        self.recent_summaries: list[dict] = []  # the last few final summaries, for `coilsight status`
         self.reloads = 0
         self.authenticator = None
         self._watermark: int | None = None  # last seq written to published.seq
@@ -295,6 +298,7 @@ class Agent:
             self.summaries_published += 1
             f = body["frames"]
             if body.get("final"):
+                self.recent_summaries = [*self.recent_summaries[-4:], body]
                 for cam, c in body.get("cameras", {}).items():
                     for state in ("inspected", "gated_out", "rejected", "shed", "missing", "lost"):
                         if c.get(state):
@@ -307,6 +311,7 @@ class Agent:
 
     def _on_reject(self, reason: str, camera: str | None) -> None:
         self.metrics.count_rejected(reason)
+        self.camera_stats.count_reject(camera, reason)
 
     def health(self) -> dict:
         inf = self.inference
@@ -325,6 +330,8 @@ class Agent:
             "reloads": self.reloads,
             "loop_errors": self._loop_errors(),
             "state_files_moved_aside": list(self.state_report.moved_aside),
+            "cameras": self.camera_stats.snapshot(dict(self.ingest._last_seq), dict(self.ingest.seq_gaps))
+            if self.ingest else {},
         }
 
     def _rejected_counts(self) -> dict:
@@ -362,7 +369,8 @@ class Agent:
         if cmd == "status":
             reply = {"ok": True, "health": self.health(), "metrics": self.metrics.snapshot(),
                      "coils": self.coils.snapshot(), "late_frames": self.coils.late_frames(),
-                     "last_seq": self.journal.last_seq, "journal_bytes": self.journal.size_bytes()}
+                     "last_seq": self.journal.last_seq, "recent_summaries": list(self.recent_summaries),
+                     "journal_bytes": self.journal.size_bytes()}
         elif cmd == "reload":
             ok, detail = self.reload_models()
             reply = {"ok": ok, "detail": detail}

@@ -44,7 +44,7 @@ def load_calibration_samples(
 
     grey = pack.channels == 1
     if (data is None) == (dataset_root is None):
-        raise CalibrationError("give exactly one of --data DIR or --dataset-root ROOT")
+        raise CalibrationError("give exactly one of --gt-dir DIR or --data-root ROOT")
     if data is not None:
         csv_path, images = severstal_folder(Path(data))
         ds = datasets.read_severstal(csv_path, images, pack.classes, grey=grey, name=Path(data).name)

@@ -10,6 +10,7 @@ decisions) that no file can produce. Nothing in the card is typed in by hand exc
 from __future__ import annotations
 
 import json
+import re
 import platform
 import time
 from pathlib import Path
@@ -80,6 +81,33 @@ def _demote(markdown: str) -> str:
     return "\n".join("#" + line if line.startswith("#") else line for line in lines).strip()
 
 
+# Where each profile's data set comes from and what terms its copy states, as recorded in the README
+# of the copy the packs were trained on (shared/data/<folder>/README.md). Nobody has checked the
+# original publishers' terms: check them before any commercial use. A card names the source, never
+# the machine's copy of it.
+DATASETS: dict[str, str] = {
+    "steel": "NEU surface defect database (NEU-DET, Northeastern University, China; "
+             "http://faculty.neu.edu.cn/yunhyan/NEU_surface_defect_database.html), as copied in the GitHub "
+             "repository siddhartamukherjee/NEU-DET-Steel-Surface-Defect-Detection (commit 351bee2); licence: none "
+             "stated in that copy, the original database's terms not checked: check them before any commercial use",
+    "magnetic_tile": "Magnetic-tile defect data set of the paper \"Saliency of magnetic tile surface defects\" "
+                     "(GitHub abin24/Magnetic-tile-defect-datasets., commit cc4eb53); licence: no licence file; "
+                     "its README says \"It is welcomed to use our dataset. And if it is used in your research, "
+                     "please cite our paper.\" Check with the authors before any commercial use",
+    "kolektorsdd": "KolektorSDD (Kolektor Group and ViCoS, University of Ljubljana), in the YOLO-polygon "
+                   "conversion of GitHub stoy95536/KolektorSDD_Yolov8_Datasets (commit 81e5cf3); licence: none "
+                   "stated in that copy, the original dataset's terms not checked: check them before any "
+                   "commercial use",
+}
+
+
+def portable(text: str) -> str:
+    """A path of the machine that trained the pack, written so any reader can follow it: the data
+    root as $COILSIGHT_DATA_ROOT, run folders as runs/NAME."""
+    text = re.sub(r"(?<![\w.])/[\w./-]*/shared/data\b", "$COILSIGHT_DATA_ROOT", text)
+    return re.sub(r"(?<![\w.])/tmp/runs/", "runs/", text)
+
+
 def render(pack_dir: Path, evaluation_dir: Path | None, speed: dict | None, split: str = "test") -> str:
     pack_dir = Path(pack_dir)
     meta = json.loads((pack_dir / "model.json").read_text())
@@ -115,16 +143,17 @@ def render(pack_dir: Path, evaluation_dir: Path | None, speed: dict | None, spli
                          + f" | {1000.0 / per[batches[0]]:.2f} |")
     if train:
         lines += ["", "## Data and training", "",
-                  f"- Data: {train.get('data', '?')}",
+                  f"- Data: {portable(train.get('data', '?'))}",
+                  f"- Source and licence: {DATASETS.get(profile, 'not recorded for this profile')}",
                   f"- Split: {train.get('split', '?')}. Nothing was tuned on the test split.",
-                  f"- Command: `{train.get('command', '?')}` then `coilsight export --checkpoint RUN --profile "
+                  f"- Command: `{portable(train.get('command', '?'))}` then `coilsight export --checkpoint RUN --profile "
                   f"{profile} --out engines/models/{profile}`",
                   f"- Seed {train.get('seed')}, {train.get('epochs_run')} epochs, {train.get('minutes')} min on "
                   f"CPU; best checkpoint per model by val loss: {json.dumps(train.get('best', {}))}"]
         src = train.get("seg_from")
         if src:  # a gate-only run: say where the segmenter was trained
             lines.append(f"- The gate alone was trained by that command; the segmenter is the one of an earlier run "
-                         f"(size `{src.get('model_size')}`, {src.get('minutes')} min): `{src.get('command', '?')}`")
+                         f"(size `{src.get('model_size')}`, {src.get('minutes')} min): `{portable(src.get('command', '?'))}`")
         if train.get("gate_crop"):
             lines.append(f"- Gate trained on {train['gate_crop']}x{train['gate_crop']} crops (clean crops "
                          f"{json.dumps(train.get('clean_crops', {}))}); seg on {train.get('seg_crop')} px windows. "

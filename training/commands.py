@@ -11,7 +11,36 @@ import shlex
 import sys
 from pathlib import Path
 
+from engines.backends import BACKENDS
+from engines.cliargs import deprecated_alias
 from engines.packs import PROFILES, shipped_pack_dir
+
+BACKEND_CHOICES = tuple(sorted(BACKENDS))
+# training/nets.py CONFIGS keys; listed here so `--help` needs no torch (a test keeps them equal)
+MODEL_SIZES = ("tiny", "small", "wide", "medium", "large", "patchgate", "sepgate", "sepgate3", "sepgate4")
+DATA_ROOT_HELP = ("data root holding neu_det/, magnetic_tile/, kolektorsdd/ (default: $COILSIGHT_DATA_ROOT, else the "
+                  "shared data folder found beside the checkout)")
+
+
+def missing_extra(command: str, extra: str, *modules: str) -> int | None:
+    """Exit code 2 with one line naming the extra to install when a module the command needs is
+    absent (the runtime install leaves torch, onnx, pycocotools and matplotlib out); else None."""
+    import importlib.util
+
+    missing = []
+    for name in modules:
+        try:
+            found = importlib.util.find_spec(name) is not None
+        except (ImportError, ValueError):  # a parent package missing, or a module without a spec
+            found = False
+        if not found:
+            missing.append(name)
+    if not missing:
+        return None
+    print(f"coilsight {command}: needs {', '.join(missing)}, which this install leaves out; install the "
+          f"'{extra}' extra: pip install 'coilsight[{extra}]' (from a checkout: pip install -e '.[{extra}]')",
+          file=sys.stderr)
+    return 2
 
 
 def register(subparsers) -> None:
@@ -24,16 +53,16 @@ def _register_train(subparsers) -> None:
     t = subparsers.add_parser("train", help="train a profile's gate and segmenter on CPU (torch)",
                               description="Trains on the train split, keeps the best checkpoint by validation "
                               "loss on the val split; never reads the test split. Resumes from <out>/last.pt.")
-    t.add_argument("--profile", required=True, choices=PROFILES)
-    t.add_argument("--data-root", type=Path, default=Path("/work/shared/data"), help="shared data root")
+    t.add_argument("--profile", required=True, choices=PROFILES, help="product line whose data to train on")
+    t.add_argument("--data-root", type=Path, help=DATA_ROOT_HELP)
     t.add_argument("--out", type=Path, required=True, help="run folder (checkpoints, meta.json)")
-    t.add_argument("--epochs", type=int, default=40)
-    t.add_argument("--steps-per-epoch", type=int, default=40)
-    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--epochs", type=int, default=40, help="most epochs")
+    t.add_argument("--steps-per-epoch", type=int, default=40, help="optimiser steps per epoch")
+    t.add_argument("--seed", type=int, default=0, help="random seed (data order, initial weights)")
     t.add_argument("--max-minutes", type=float, default=9.0, help="stop after the epoch that crosses this")
     t.add_argument("--synthetic-fraction", type=float, default=None,
                    help="share of synthetic strip windows per batch (default 0.25 for steel, 0 elsewhere)")
-    t.add_argument("--model-size", default="small", help="training.nets.CONFIGS key (tiny, small, medium, large, sepgate, ...)")
+    t.add_argument("--model-size", default="small", choices=MODEL_SIZES, help="network size (training/nets.py)")
     t.add_argument("--steps-only-schedule", action="store_true",
                    help="learning rate by steps only (bit-reproducible); default also anneals by --max-minutes")
     t.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
@@ -44,8 +73,8 @@ def _register_train(subparsers) -> None:
 
     e = subparsers.add_parser("export", help="export a training run to ONNX + model.json (a model pack)")
     e.add_argument("--checkpoint", type=Path, required=True, help="run folder written by `coilsight train`")
-    e.add_argument("--profile", required=True, choices=PROFILES)
-    e.add_argument("--out", type=Path, required=True, help="model pack folder, e.g. engines/models/steel")
+    e.add_argument("--profile", required=True, choices=PROFILES, help="profile the run was trained for")
+    e.add_argument("--out", type=Path, required=True, help="model pack folder, e.g. engines/models/<profile>")
     e.add_argument("--gate-pool-in-graph", action="store_true",
                    help="keep the gate's average pool inside gate.onnx (the graph takes whole frames); by default the "
                         "agent pools uint8 frames before the gate (model.json input_pool)")
@@ -53,6 +82,14 @@ def _register_train(subparsers) -> None:
 
 
 def _run_train(args: argparse.Namespace) -> int:
+    if (code := missing_extra("train", "train", "torch")) is not None:
+        return code
+    from training.datasets import default_data_root
+
+    args.data_root = args.data_root or default_data_root()
+    if args.data_root is None:
+        print("coilsight train: no data root found; pass --data-root ROOT or set COILSIGHT_DATA_ROOT", file=sys.stderr)
+        return 2
     from training.datasets import DatasetError
     from training.train import TrainConfig, TrainError, train
 
@@ -73,6 +110,8 @@ def _run_train(args: argparse.Namespace) -> int:
 
 
 def _run_export(args: argparse.Namespace) -> int:
+    if (code := missing_extra("export", "train", "torch", "onnx")) is not None:
+        return code
     from training.export import ExportError, export_pack
     from engines.modelpack import ModelPackError
 
@@ -106,15 +145,15 @@ def _register_evaluate(sub) -> None:
     p.add_argument("--profile", required=True, choices=PROFILES, help="data profile and model pack to evaluate")
     p.add_argument("--models", type=Path, default=None,
                    help="model pack folder (model.json, calibration.json); default engines/models/<profile>")
-    p.add_argument("--data", type=Path, default=None,
-                   help="data root holding neu_det/, magnetic_tile/, kolektorsdd/ (or the dataset folder itself); "
-                        "default /work/shared/data or ../shared/data next to the repository")
+    p.add_argument("--data-root", dest="data_root", type=Path, default=None,
+                   help=DATA_ROOT_HELP.replace(" (default", " or the dataset folder itself (default"))
+    deprecated_alias(p, "--data", "--data-root", "data_root", type=Path)
     p.add_argument("--split", default="test", choices=("train", "val", "test", "trainval", "all"),
                    help="split by training.datasets.assign_split (default: test)")
     p.add_argument("--out", type=Path, default=None,
                    help="folder for evaluation_<split>.json/.md (default: ./evaluation/<profile>)")
     p.add_argument("--calibration", type=Path, default=None, help="calibration.json (default: beside the models)")
-    p.add_argument("--backend", default="onnxruntime", help="inference backend (engines.backends.BACKENDS)")
+    p.add_argument("--backend", default="onnxruntime", choices=BACKEND_CHOICES, help="inference backend")
     p.add_argument("--threads", type=int, default=2, help="intra-op threads per model (default: 2)")
     p.add_argument("--batch", type=int, default=8, help="largest batch of equal-size images (default: 8)")
     p.add_argument("--limit", type=int, default=None, help="evaluate only the first N images of the split")
@@ -127,24 +166,26 @@ def _register_evaluate(sub) -> None:
                     "evaluation_<split>.md/json that `coilsight evaluate` wrote for this very pack (refused if it "
                     "evaluated other models), a fresh ONNX Runtime speed measurement, and CARD_NOTES.md.",
     )
-    c.add_argument("--profile", required=True, choices=PROFILES)
+    c.add_argument("--profile", required=True, choices=PROFILES, help="profile whose model card to write")
     c.add_argument("--models", type=Path, default=None, help="model pack folder; default engines/models/<profile>")
     c.add_argument("--evaluation", type=Path, required=True, help="folder holding evaluation_<split>.md/.json")
-    c.add_argument("--split", default="test", choices=("val", "test"))
+    c.add_argument("--split", default="test", choices=("val", "test"), help="which evaluation to quote")
     c.add_argument("--no-speed", action="store_true", help="leave the speed section out (no measurement)")
     c.set_defaults(func=_run_card)
 
 
 def _run_evaluate(args: argparse.Namespace) -> int:
+    if (code := missing_extra("evaluate", "train", "pycocotools")) is not None:
+        return code
     from engines.backends import BackendError
     from training.datasets import DatasetError, default_data_root
     from training.evaluate import EvaluationError, evaluate_profile, render_markdown, write_report
     from engines.modelpack import ModelPackError
 
     models = args.models or shipped_pack_dir(args.profile)
-    data = args.data or default_data_root()
+    data = args.data_root or default_data_root()
     if data is None:
-        print("evaluate: no data root found (/work/shared/data or ../shared/data); pass --data ROOT", file=sys.stderr)
+        print("evaluate: no data root found; pass --data-root ROOT or set COILSIGHT_DATA_ROOT", file=sys.stderr)
         return 2
     if args.batch < 1 or args.threads < 0 or (args.limit is not None and args.limit < 1):
         print("evaluate: --batch and --limit must be >= 1, --threads >= 0", file=sys.stderr)
@@ -165,6 +206,8 @@ def _run_evaluate(args: argparse.Namespace) -> int:
 
 
 def _run_card(args: argparse.Namespace) -> int:
+    if (code := missing_extra("card", "train", "onnx")) is not None:
+        return code
     from training.card import CardError, write_card
 
     try:
@@ -190,11 +233,13 @@ def _register_calibrate(subparsers) -> None:
     th.add_argument("--profile", required=True, help="profile name, e.g. steel")
     th.add_argument("--models", type=Path, help="model pack folder (default: engines/models/<profile>)")
     src = th.add_mutually_exclusive_group(required=True)
-    src.add_argument("--data", type=Path, help="folder in Severstal layout (train.csv + train_images/, or "
-                     "ground_truth.csv + frames/ as the camera simulator writes)")
-    src.add_argument("--dataset-root", type=Path, help="root of the profile datasets (e.g. /work/shared/data)")
+    src.add_argument("--gt-dir", dest="data", type=Path, help="labelled folder in Severstal layout (train.csv + "
+                     "train_images/, or ground_truth.csv + frames/ as `camera-sim --gt-dir` writes)")
+    src.add_argument("--data-root", dest="dataset_root", type=Path, help=DATA_ROOT_HELP.split(" (default")[0])
+    deprecated_alias(src, "--data", "--gt-dir", "data", type=Path)
+    deprecated_alias(src, "--dataset-root", "--data-root", "dataset_root", type=Path)
     th.add_argument("--split", default="val", choices=("val", "train"),
-                    help="split of --dataset-root to use (the test split is never used for calibration)")
+                    help="split of --data-root to use (the test split is never used for calibration)")
     th.add_argument("--recall-target", type=float, default=0.99, help="frame-level gate recall (default 0.99)")
     th.add_argument("--min-gate-positives", type=int, default=None,
                     help="fewest defective frames to accept (default ceil(1/(1-target)))")
@@ -212,7 +257,8 @@ def _register_calibrate(subparsers) -> None:
                     "or also on size-matched defect crops (both: the lower threshold, cautious and costly)")
     th.add_argument("--batch", type=int, default=8, help="images per ONNX Runtime batch (equal sizes)")
     th.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (0 = default)")
-    th.add_argument("--output", type=Path, help="where to write (default: <models>/calibration.json)")
+    th.add_argument("--out", dest="output", type=Path, help="where to write (default: <models>/calibration.json)")
+    deprecated_alias(th, "--output", "--out", "output", type=Path)
     th.add_argument("--report", type=Path, help="also write an HTML report with PNG plots into this folder")
     th.set_defaults(func=_run_thresholds)
 
@@ -245,6 +291,8 @@ def _grid(text: str | None, kind: type, flag: str):
 
 
 def _run_thresholds(args: argparse.Namespace) -> int:
+    if args.report and (code := missing_extra("calibrate thresholds --report", "train", "matplotlib")) is not None:
+        return code
     from calibration import CalibrationError
     from training.calibrate import run_threshold_calibration
     from engines.backends import BackendError

@@ -310,7 +310,11 @@ def run_scenario(cfg_path: Path, cfg, n: int, fraction: float, clean: list, bad:
         t0 = time.perf_counter()
         # A fresh coil id per run: the agent (rightly) rejects frames of a coil it already summarised.
         coil = f"bench-{fraction}-{n}-{time.time_ns()}"
-        sent = cam.send_coil(coil, coil_frames(n, fraction, clean, bad, truth=truth), rate_hz=rate)
+        from agent.tools.progress import ProgressLine
+
+        progress = ProgressLine(f"bench {fraction:.0%} defective", n)
+        sent = cam.send_coil(coil, _with_progress(coil_frames(n, fraction, clean, bad, truth=truth), progress), rate_hz=rate)
+        progress.close()
         cam.close()
         t.join(timeout=max(120.0, n / 5.0))
         sub.close()
@@ -352,6 +356,17 @@ def run_scenario(cfg_path: Path, cfg, n: int, fraction: float, clean: list, bad:
             proc.kill()
 
 
+def _with_progress(frames, progress):
+    for i, item in enumerate(frames, start=1):
+        yield item
+        progress.update(i)
+
+
+def _say(text: str) -> None:
+    """Bench's own progress notes: stderr, so stdout carries only the result."""
+    print(text, file=sys.stderr, flush=True)
+
+
 def run_bench(args) -> int:
     from agent.config import load_config
     from agent.tools.demo import isolated_config
@@ -375,8 +390,8 @@ def run_bench(args) -> int:
         from engines.modelpack import load_model_pack
 
         pack = load_model_pack(cfg.models_dir())
-        print(f"bench: {n} frames of {pack.width}x{pack.height} per scenario; building frame pools ...", flush=True)
-        src = getattr(args, "compose_from", None)
+        _say(f"bench: {n} frames of {pack.width}x{pack.height} per scenario; building frame pools ...")
+        src = getattr(args, "data_root", None)
         truth: tuple[list, list] = ([], [])
         clean = _pool(False, pack.width, pack.height, 1, src, pack.profile, truth[0])
         bad = _pool(True, pack.width, pack.height, 2, src, pack.profile, truth[1])
@@ -388,26 +403,35 @@ def run_bench(args) -> int:
         raw = {}
         for name in scenarios:
             fraction = SCENARIOS[name]
-            print(f"bench: scenario {name} ({fraction:.0%} defective) ...", flush=True)
+            _say(f"bench: scenario {name} ({fraction:.0%} defective) ...")
             pipeline = pipeline_throughput(cfg, n, fraction, clean, bad)
             raw[name] = run_scenario(cfg_path, cfg, n, fraction, clean, bad, log_path=work / f"{name}.log",
                                      truth=truth, n_classes=k)
             raw[name]["pipeline"] = pipeline
-        print("bench: bare model throughput again, after the scenarios ...", flush=True)
+        _say("bench: bare model throughput again, after the scenarios ...")
         bare = best_bare(bare_before, bare_throughput(cfg, clean + bad, passes=passes))
         results["bare"] = {k: (round(v, 1) if isinstance(v, float) else v) for k, v in bare.items()}
         for name, r in raw.items():
             results["scenarios"][name] = derive_reference_figures(r, bare, n)
         if args.rate:
-            print(f"bench: latency at {args.rate} frames/s ...", flush=True)
+            _say(f"bench: latency at {args.rate} frames/s ...")
             m = min(n, int(args.rate * 30))
             r = run_scenario(cfg_path, cfg, m, SCENARIOS["typical"], clean, bad, rate=args.rate,
                              log_path=work / "latency.log", truth=truth, n_classes=k)
             results["latency"] = r
-    print(format_table(results))
-    if args.json:
-        args.json.write_text(json.dumps(results, indent=2, default=str))
-        print(f"bench: results written to {args.json}")
+    out = getattr(args, "out", None)
+    as_json = getattr(args, "json", None)
+    if as_json not in (None, "-"):  # `--json FILE`, the spelling before --out: one more release
+        print("coilsight: warning: --json FILE is deprecated and will be removed in the next release; "
+              "use --out FILE (--json alone prints JSON on stdout)", file=sys.stderr)
+        out = Path(as_json)
+    if as_json == "-":
+        print(json.dumps(results, indent=2, default=str))
+    else:
+        print(format_table(results))
+    if out:
+        Path(out).write_text(json.dumps(results, indent=2, default=str))
+        _say(f"bench: results written to {out}")
     ok = all(r["accounted"] for r in results["scenarios"].values())
     return 0 if ok else 1
 

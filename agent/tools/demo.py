@@ -2,12 +2,15 @@
 
 Starts `coilsight run` as a child process with the profile's config (IPC endpoints in a
 temporary folder, so nothing collides with a running agent), subscribes to its stream, streams
-a coil from the camera simulator, prints the coil summary, then stops the agent with SIGTERM.
+a coil from the camera simulator (frames of the profile's shape, with painted defects it keeps as
+ground truth), prints the coil summary and how it compares with that ground truth, then stops the
+agent with SIGTERM. A failed run keeps its folder and the agent's log, and says where.
 """
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -75,8 +78,11 @@ def format_summary(s: dict) -> str:
         ("coil", s["coil"]), ("final / complete", f"{s['final']} / {s['complete']}"),
         ("end reason", s["end_reason"]),
         ("frames sent", f["sent"]), ("received", f["received"]), ("inspected (gate passed)", f["inspected"]),
-        ("gated out", f["gated_out"]), ("rejected", f"{f['rejected']} {s['rejected_by_reason'] or ''}".strip()),
-        ("shed", f["shed"]), ("missing", f"{f['missing']} {s['missing_ranges'] or ''}".strip()),
+        ("gated out", f["gated_out"]),
+        ("rejected", f"{f['rejected']} " + ", ".join(f"{k} {v}" for k, v in (s["rejected_by_reason"] or {}).items())),
+        ("shed", f["shed"]),
+        ("missing", f"{f['missing']} " + ", ".join(f"{cam} {a}-{b}" for cam, ranges in (s["missing_ranges"] or {}).items()
+                                                    for a, b in ranges)),
         ("lost", f["lost"]), ("duplicates", f["duplicates"]),
         ("coil length", f"{s['length_mm'] / 1000:.1f} m"),
         ("defects", s["defect_count"]),
@@ -102,34 +108,134 @@ def _per(value) -> str:
     return "-" if value is None else f"{value:.2f}"
 
 
-def cfg_classes(cfg_path: Path) -> tuple[str, ...]:
-    """The classes of the pack the agent of this config loads."""
-    from engines.modelpack import load_model_pack
-
-    return load_model_pack(load_config(cfg_path).models_dir(), verify_hashes=False).classes
+class DemoError(RuntimeError):
+    """The demo cannot run this profile; the message says what is missing."""
 
 
-def run_demo(config: Path, *, frames: int, defect_fraction: float, rate: float, as_json: bool) -> int:
+def _check_profile(config: Path):
+    """The config and its model pack, or DemoError naming what is missing (chip, parts and wafer
+    ship no pack yet)."""
+    from agent.config import ConfigError
+    from engines.modelpack import ModelPackError, load_model_pack
+
+    try:
+        cfg = load_config(config)
+    except ConfigError as exc:
+        raise DemoError(f"{config}: " + "; ".join(exc.errors)) from None
+    try:
+        pack = load_model_pack(cfg.models_dir())
+    except ModelPackError as exc:
+        raise DemoError(f"profile {cfg.agent.profile} has no model pack to demo ({exc}); the shipped packs are "
+                        f"steel, magnetic_tile and kolektorsdd; train one with `coilsight train --profile "
+                        f"{cfg.agent.profile}` or set [models] dir in {config}") from None
+    if pack.channels != 1:
+        raise DemoError(f"profile {cfg.agent.profile}: the demo paints grey frames; its pack takes "
+                        f"{pack.channels} channels")
+    return cfg, pack
+
+
+class GroundTruth:
+    """What the demo painted, per frame: one box per painted defect (the extent of its class's mask;
+    the generator paints one to three defects per frame, two of a class on one frame count once)."""
+
+    def __init__(self) -> None:
+        self.boxes: dict[int, list[tuple[int, int, int, int]]] = {}
+        self.frames = 0
+
+    def record(self, frames):
+        import numpy as np
+
+        for index, item in enumerate(frames):  # (img, masks) or (img, masks, instances)
+            masks = item[1]
+            self.frames += 1
+            if masks is not None and masks.any():
+                boxes = []
+                for m in masks:
+                    if m.any():
+                        ys, xs = np.nonzero(m)
+                        boxes.append((int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1))
+                self.boxes[index] = boxes
+            yield item
+
+    def compare(self, events: list[dict], summary: dict) -> dict:
+        """The agent's findings against what was painted (class-agnostic: a painted defect is found when
+        a defect event on its frame overlaps its box)."""
+        by_frame: dict[int, list[list[int]]] = {}
+        for ev in events:
+            by_frame.setdefault(int(ev["index"]), []).append(ev["bbox_px"])
+
+        def overlaps(a, b) -> bool:
+            return a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
+
+        painted = sum(len(b) for b in self.boxes.values())
+        found = sum(1 for i, boxes in self.boxes.items() for box in boxes
+                    if any(overlaps(box, e) for e in by_frame.get(i, [])))
+        flagged_defective = sum(1 for i in self.boxes if i in by_frame)
+        flagged_clean = sum(1 for i in by_frame if i not in self.boxes)
+        return {"frames": self.frames, "painted_frames": len(self.boxes), "clean_frames": self.frames - len(self.boxes),
+                "painted_defects": painted, "painted_defects_found": found,
+                "painted_frames_with_events": flagged_defective, "clean_frames_with_events": flagged_clean,
+                "gate_passed": summary["frames"]["inspected"], "defect_events": len(events),
+                "profile": summary.get("profile")}
+
+
+def _pct(a: int, b: int) -> str:
+    return f"{100.0 * a / b:.1f} %" if b else "n/a"
+
+
+def format_ground_truth(gt: dict) -> str:
+    return "\n".join([
+        "Against the demo's own ground truth",
+        f"  painted: {gt['painted_frames']} of {gt['frames']} frames carry {gt['painted_defects']} defects; "
+        f"{gt['clean_frames']} frames are clean",
+        f"  gate passed {gt['gate_passed']} of {gt['frames']} frames to segmentation",
+        f"  defect events on {gt['painted_frames_with_events']} of {gt['painted_frames']} painted frames "
+        f"({_pct(gt['painted_frames_with_events'], gt['painted_frames'])}) and on {gt['clean_frames_with_events']} of "
+        f"{gt['clean_frames']} clean frames ({_pct(gt['clean_frames_with_events'], gt['clean_frames'])})",
+        f"  {gt['painted_defects_found']} of {gt['painted_defects']} painted defects found "
+        f"({_pct(gt['painted_defects_found'], gt['painted_defects'])}; found = an event's box overlaps it)",
+    ] + ([f"  note: the painted defects are synthetic steel-strip shapes; the {gt['profile']} models were "
+          "trained on real images of their own line, so expect them to miss most of these"]
+         if gt.get("profile") not in (None, "steel") else []))
+
+
+def _say(text: str) -> None:
+    """Progress notes: stderr, so that stdout carries only the result (`demo --json | jq`)."""
+    print(text, file=sys.stderr, flush=True)
+
+
+def run_demo(config: Path, *, frames: int, defect_fraction: float, rate: float, as_json: bool,
+             keep_dir: Path | None = None) -> int:
+    """0 when the coil was summarised and frames were inspected; 1 otherwise, keeping the agent's log
+    (its path is printed); 2 when the profile cannot be demonstrated here."""
     from agent.tools.camera_sim import CameraSim, score_events, synthetic_frames
     from agent.subscriber import Subscriber
-    from training.synth import STEEL_CLASSES
 
-    with tempfile.TemporaryDirectory(prefix="coilsight-demo-") as tmp:
-        work = Path(tmp)
+    try:
+        _, pack = _check_profile(config)
+    except DemoError as exc:
+        print(f"coilsight demo: {exc}", file=sys.stderr)
+        return 2
+    work = Path(tempfile.mkdtemp(prefix="coilsight-demo-", dir=keep_dir))
+    ok = False
+    log_path = work / "agent.log"
+    try:
         cfg_path = isolated_config(config, work)
         cfg = load_config(cfg_path)
-        log_path = work / "agent.log"
-        print(f"starting agent ({cfg.agent.profile} profile, log {log_path}) ...", flush=True)
+        _say(f"starting agent ({cfg.agent.profile} profile, log {log_path}) ...")
         proc = start_agent(cfg_path, log_path)
         try:
-            wait_ready(proc, cfg.control.endpoint)
+            try:
+                wait_ready(proc, cfg.control.endpoint)
+            except (RuntimeError, TimeoutError) as exc:
+                print(f"coilsight demo: {exc}; agent log kept: {log_path}", file=sys.stderr)
+                return 1
             sub = Subscriber(cfg.publish.endpoint, cfg.publish.replay_endpoint, from_seq=None)
-            got: dict = {"defects": 0, "summary": None, "events": []}
+            got: dict = {"events": [], "summary": None}
 
             def listen() -> None:
                 for topic, msg in sub.messages(timeout_s=600):
                     if topic == "defect":
-                        got["defects"] += 1
                         got["events"].append(msg)
                     elif topic == "summary" and msg["final"]:
                         got["summary"] = msg
@@ -138,29 +244,45 @@ def run_demo(config: Path, *, frames: int, defect_fraction: float, rate: float, 
             t = threading.Thread(target=listen, daemon=True)
             t.start()
             time.sleep(0.3)  # let the SUB connect before the coil starts
-            print(f"streaming {frames} frames of 1600x256 ({defect_fraction:.0%} with defects) ...", flush=True)
+            _say(f"streaming {frames} frames of {pack.width}x{pack.height} ({defect_fraction:.0%} with painted "
+                 "defects) ...")
             t0 = time.monotonic()
+            truth = GroundTruth()
+            source = synthetic_frames(frames, defect_fraction, width=pack.width, height=pack.height, with_instances=True)
             cam = CameraSim(cfg.ingest.endpoint, camera="cam0")
-            sent = cam.send_coil(f"demo-{int(time.time())}",
-                                 synthetic_frames(frames, defect_fraction, with_instances=True),
-                                 rate_hz=rate, classes=STEEL_CLASSES)
+            sent = cam.send_coil(f"demo-{time.strftime('%Y%m%d-%H%M%S')}", truth.record(source), rate_hz=rate,
+                                 classes=pack.classes)
             cam.close()
             t.join(timeout=300)
             sub.close()
             s = got["summary"]
             if s is None:
-                print("no coil summary arrived; see the agent log", file=sys.stderr)
+                print(f"coilsight demo: no coil summary arrived; agent log kept: {log_path}", file=sys.stderr)
                 return 1
+            gt = truth.compare(got["events"], s)
+            f = s["frames"]
             if as_json:
-                print(json.dumps(s, indent=2, default=str))
+                print(json.dumps({"summary": s, "ground_truth": gt}, indent=2, default=str))
             else:
                 print(format_summary(s))
-                print(f"\n{got['defects']} defect events received by the subscriber; camera sent {sent.sent} frames "
-                      f"({len(sent.defective)} with defects) in {time.monotonic() - t0:.1f} s")
-                score = score_events(sent, got["events"], len(cfg_classes(cfg_path)))
+                print()
+                print(format_ground_truth(gt))
+                print(f"\n{len(got['events'])} defect events received by the subscriber; camera sent {sent.sent} "
+                      f"frames in {time.monotonic() - t0:.1f} s")
+                score = score_events(sent, got["events"], len(pack.classes))
                 print(f"{score['true_defects']} defects painted: {_per(score['events_per_defect'])} events per "
                       f"defect, {score['matched']} matched one-to-one at IoU >= 0.5, {score['split']} split, "
                       f"{score['merged']} merged; median best IoU {_per(score['median_best_iou'])}")
+            if f["inspected"] + f["gated_out"] == 0:
+                print(f"coilsight demo: the agent inspected none of the {sent.sent} frames "
+                      f"(rejected: {s['rejected_by_reason'] or f['rejected']}); agent log kept: {log_path}",
+                      file=sys.stderr)
+                return 1
+            if f["rejected"] or not s["complete"]:
+                print(f"coilsight demo: the coil is incomplete ({f['rejected']} rejected, {f['missing']} missing); "
+                      f"agent log kept: {log_path}", file=sys.stderr)
+                return 1
+            ok = True
             return 0
         finally:
             proc.send_signal(signal.SIGTERM)
@@ -168,3 +290,7 @@ def run_demo(config: Path, *, frames: int, defect_fraction: float, rate: float, 
                 proc.wait(timeout=20)
             except subprocess.TimeoutExpired:
                 proc.kill()
+                proc.wait(timeout=5)
+    finally:
+        if ok:
+            shutil.rmtree(work, ignore_errors=True)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import importlib
 
-from engines.backends.base import Backend, BackendError, TensorSpec
+from engines.backends.base import Backend, BackendError, BackendUnavailable, TensorSpec
 
 BACKENDS: dict[str, str] = {
     "onnxruntime": "engines.backends.onnxrt:OnnxRuntimeBackend",
@@ -27,8 +27,8 @@ def load_backend_class(name: str) -> type[Backend]:
     try:
         module = importlib.import_module(module_name)
     except (ImportError, OSError) as exc:  # missing optional dependency, or its shared libraries (libnvinfer)
-        raise BackendError(f"backend {name!r} is not installed here: {exc}") from exc
+        raise BackendUnavailable(f"backend {name!r} is not installed here: {exc}") from exc
     return getattr(module, attr)
 
 
-__all__ = ["BACKENDS", "Backend", "BackendError", "TensorSpec", "load_backend_class"]
+__all__ = ["BACKENDS", "Backend", "BackendError", "BackendUnavailable", "TensorSpec", "load_backend_class"]

@@ -22,6 +22,11 @@ class BackendError(RuntimeError):
     """A backend could not load or run a model; the message says why."""
 
 
+class BackendUnavailable(BackendError):
+    """This machine lacks the backend (its library, provider or engines): an expected skip on a box
+    without a GPU, logged at debug; the model's ``backend_selected`` line names it and why."""
+
+
 def describe_cause(exc: BaseException) -> str:
     """``pycuda._driver.MemoryError: cuMemAlloc failed: out of memory``: the full type name says
     which library raised it (builtins are named bare)."""

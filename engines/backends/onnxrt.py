@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from engines.backends.base import Backend, BackendError, TensorSpec
+from engines.backends.base import Backend, BackendError, BackendUnavailable, TensorSpec
 
 _ORT_DTYPES = {
     "tensor(uint8)": np.dtype(np.uint8),
@@ -33,7 +33,8 @@ class OnnxRuntimeBackend(Backend):
         available = ort.get_available_providers()
         missing = [p for p in self.providers if p not in available]
         if missing:
-            raise BackendError(f"{self.name}: provider(s) {missing} not available (have {available})")
+            raise BackendUnavailable(f"{self.name}: provider(s) {', '.join(missing)} not available "
+                                     f"(have {', '.join(available)})")
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if self.threads > 0:

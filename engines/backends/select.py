@@ -20,7 +20,7 @@ from typing import Any
 
 import structlog
 
-from engines.backends import Backend, BackendError, load_backend_class
+from engines.backends import Backend, BackendError, BackendUnavailable, load_backend_class
 from engines.backends.base import describe_cause
 from engines.manifest import StaleEngineError
 from engines.modelpack import ModelEntry
@@ -52,7 +52,7 @@ def open_backend(chain: list[str], model: ModelEntry, *, max_batch: int, threads
             options: dict[str, Any] = {}
             if cls.name == "tensorrt":
                 if engine_dir is None:
-                    raise BackendError("no engine directory (no GPU facts or engines not built)")
+                    raise BackendUnavailable("no engine directory (no GPU facts or engines not built)")
                 path = Path(engine_dir) / f"{model.role}.engine"
                 options = {"onnx_path": model.path, "role": model.role, "device": device,
                            "profile_shapes": profile_shapes}
@@ -63,12 +63,17 @@ def open_backend(chain: list[str], model: ModelEntry, *, max_batch: int, threads
                 log.error("backend_refused_strict", model=model.role, backend=name, reason=str(exc), stale_engine=stale)
                 hint = "; run `coilsight engines build`" if stale else ""
                 raise BackendError(f"{model.role}: strict mode and {name} cannot load: {exc}{hint}") from exc
-            log.warning("backend_not_loaded", model=model.role, backend=name, reason=str(exc),
-                        stale_engine=stale, exc_info=isinstance(exc, UnexpectedLoadError))
+            # Absent here (no TensorRT, no CUDA on a CPU box) is expected: debug, and named in the
+            # model's one backend_selected line; anything else (a stale engine, a failed load) warns.
+            level = log.debug if isinstance(exc, BackendUnavailable) else log.warning
+            level("backend_not_loaded", model=model.role, backend=name, reason=str(exc),
+                  stale_engine=stale, exc_info=isinstance(exc, UnexpectedLoadError))
             skipped.append({"backend": name, "reason": str(exc)})
             continue
-        log.info("backend_selected", model=model.role, backend=name, path=str(path),
-                 fell_back_from=[s["backend"] for s in skipped])
+        why = {"fell_back_from": ", ".join(s["backend"] for s in skipped),
+               "skipped_because": "; ".join(s["reason"] if s["reason"].startswith(s["backend"])
+                                            else f"{s['backend']}: {s['reason']}" for s in skipped)} if skipped else {}
+        log.info("backend_selected", model=model.role, backend=name, path=str(path), **why)
         return backend, skipped
     raise BackendError(f"{model.role}: no backend could load the model: "
                        + "; ".join(f"{s['backend']}: {s['reason']}" for s in skipped))

@@ -16,7 +16,7 @@ def test_bench_fast_mode_accounts_for_every_frame(tmp_path, agent_config):
     cfg_path.write_text(dump_toml(config_dict(agent_config())))
     out = tmp_path / "bench.json"
     r = subprocess.run([sys.executable, "-m", "agent.cli", "bench", "--fast", "--config", str(cfg_path),
-                        "--json", str(out), "--rate", "20"], capture_output=True, text=True, timeout=240)
+                        "--out", str(out), "--rate", "20"], capture_output=True, text=True, timeout=240)
     assert r.returncode == 0, r.stdout + r.stderr
     def no_nan(const):
         raise AssertionError(f"{const} in the bench JSON: not JSON, other languages cannot read it")

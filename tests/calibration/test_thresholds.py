@@ -631,5 +631,5 @@ def test_dataset_root_without_clean_images_uses_clean_crops(tmp_path, capsys):
 
     with pytest.raises(CalibrationError, match=r"the test split is kept for evaluation; calibrate on --split val"):
         load_calibration_samples(load_model_pack(pack_dir), dataset_root=tmp_path / "data", split="test")
-    with pytest.raises(CalibrationError, match=r"give exactly one of --data DIR or --dataset-root ROOT"):
+    with pytest.raises(CalibrationError, match=r"give exactly one of --gt-dir DIR or --data-root ROOT"):
         load_calibration_samples(load_model_pack(pack_dir))

@@ -27,7 +27,7 @@ def source(tmp_path):
     (src / "docs").mkdir()
     shutil.copy2(ROOT / "docs" / "deployment.md", src / "docs" / "deployment.md")
     (src / "configs").mkdir()
-    for profile in ("steel", "chips"):
+    for profile in ("steel", "chip"):
         (src / "configs" / f"{profile}.toml").write_text(f"# {profile} profile\n")
     return src
 
@@ -73,12 +73,12 @@ def test_reinstall_keeps_the_edited_config(source, tmp_path):
 
 def test_other_profile_gets_a_drop_in(source, tmp_path):
     root = tmp_path / "root"
-    result = install(source, "--profile", "chips", "--root", str(root))
+    result = install(source, "--profile", "chip", "--root", str(root))
     assert result.returncode == 0, result.stderr
     for unit in ("coilsight", "coilsight-engines"):
         drop_in = root / f"etc/systemd/system/{unit}.service.d/profile.conf"
-        assert "Environment=COILSIGHT_CONFIG=/etc/coilsight/chips.toml" in drop_in.read_text()
-    assert (root / "etc/coilsight/chips.toml").is_file()
+        assert "Environment=COILSIGHT_CONFIG=/etc/coilsight/chip.toml" in drop_in.read_text()
+    assert (root / "etc/coilsight/chip.toml").is_file()
 
 
 def test_unknown_profile_and_option_are_refused(source, tmp_path):

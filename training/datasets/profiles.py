@@ -63,9 +63,13 @@ def load_profile_dataset(profile: str, root: str | Path, split: str, *, grey: bo
 
 
 def default_data_root(start: str | Path | None = None) -> Path | None:
-    """/work/shared/data, or ../shared/data relative to the repository; None when neither exists."""
+    """$COILSIGHT_DATA_ROOT, else the shared data folder of this workplace (/work/shared/data), else
+    shared/data beside the repository; None when none exists."""
+    import os
+
     repo = Path(start) if start is not None else Path(__file__).resolve().parents[1]
-    for candidate in (Path("/work/shared/data"), repo.parent / "shared" / "data"):
+    env = os.environ.get("COILSIGHT_DATA_ROOT")
+    for candidate in ([Path(env)] if env else []) + [Path("/work/shared/data"), repo.parent / "shared" / "data"]:
         if candidate.is_dir():
             return candidate
     return None

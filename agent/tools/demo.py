@@ -209,6 +209,7 @@ def run_demo(config: Path, *, frames: int, defect_fraction: float, rate: float, 
     """0 when the coil was summarised and frames were inspected; 1 otherwise, keeping the agent's log
     (its path is printed); 2 when the profile cannot be demonstrated here."""
     from agent.tools.camera_sim import CameraSim, score_events, synthetic_frames
+    from training.synth import STEEL_CLASSES
     from agent.subscriber import Subscriber
 
     try:
@@ -250,8 +251,9 @@ def run_demo(config: Path, *, frames: int, defect_fraction: float, rate: float, 
             truth = GroundTruth()
             source = synthetic_frames(frames, defect_fraction, width=pack.width, height=pack.height, with_instances=True)
             cam = CameraSim(cfg.ingest.endpoint, camera="cam0")
+            # the painted defects are the synthetic strip's (steel) classes, whatever the pack's
             sent = cam.send_coil(f"demo-{time.strftime('%Y%m%d-%H%M%S')}", truth.record(source), rate_hz=rate,
-                                 classes=pack.classes)
+                                 classes=STEEL_CLASSES)
             cam.close()
             t.join(timeout=300)
             sub.close()
@@ -269,7 +271,7 @@ def run_demo(config: Path, *, frames: int, defect_fraction: float, rate: float, 
                 print(format_ground_truth(gt))
                 print(f"\n{len(got['events'])} defect events received by the subscriber; camera sent {sent.sent} "
                       f"frames in {time.monotonic() - t0:.1f} s")
-                score = score_events(sent, got["events"], len(pack.classes))
+                score = score_events(sent, got["events"], len(STEEL_CLASSES))
                 print(f"{score['true_defects']} defects painted: {_per(score['events_per_defect'])} events per "
                       f"defect, {score['matched']} matched one-to-one at IoU >= 0.5, {score['split']} split, "
                       f"{score['merged']} merged; median best IoU {_per(score['median_best_iou'])}")

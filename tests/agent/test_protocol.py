@@ -92,6 +92,8 @@ CASES = [
     (frame(header(dtype="float32")), "bad_dtype", r"dtype 'float32' is not one of \['uint16', 'uint8'\]"),
     (frame(header(encoding="bmp")), "bad_encoding", r"encoding 'bmp' is not one of \['raw', 'png', 'jpeg'\]"),
     (frame(header(), IMG.tobytes()[:-1]), "size_mismatch", r"raw pixels are 16383 bytes, shape \[64, 256\] uint8 needs 16384"),
+    # longer than its shape too: numpy would refuse the reshape later, inside ingest
+    (frame(header(), IMG.tobytes() + b"\0"), "size_mismatch", r"raw pixels are 16385 bytes, shape \[64, 256\] uint8 needs 16384"),
     (frame(header(dtype="uint16")), "size_mismatch", "needs 32768"),
     (frame(header(pad="x" * 250, pad2="y" * 250, **{f"k{i}": "z" * 250 for i in range(15)})), "oversized",
      r"header is \d+ bytes, limit 4096"),

@@ -2,8 +2,11 @@
 accounting check (docs/protocol.md 2.2), instead of a copy in every test file."""
 from __future__ import annotations
 
+import os
+import struct
 import threading
 import time
+from pathlib import Path
 
 from agent.subscriber import Subscriber
 
@@ -79,3 +82,18 @@ def check_accounting(s: dict) -> None:
                                  + f["lost"]), f
     f = s["frames"]
     assert f["sent"] == f["received"] + f["missing"], f
+
+
+def record_ends(journal_dir: Path) -> dict[int, tuple[str, int]]:
+    """seq -> (segment path, offset just past its record), from the segment files themselves:
+    magic b"CSJ1" | length u32 | crc32 u32 | seq u64 | ... (agent/journal.py)."""
+    out = {}
+    for seg in sorted(Path(journal_dir).glob("segment-*.log")):
+        data = seg.read_bytes()
+        pos = 0
+        while pos + 20 <= len(data):
+            magic, length, _crc, seq = struct.unpack_from("<4sIIQ", data, pos)
+            assert magic == b"CSJ1", f"{seg.name}: no record at {pos}"
+            pos += 12 + length
+            out[seq] = (os.path.realpath(seg), pos)
+    return out

@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import os
 import stat
-import struct
 import threading
 from pathlib import Path
 
 import msgpack
 import pytest
 import zmq
-from tests_support_events import Collector
+from tests_support_events import Collector, record_ends
 from tinypack import clean_frame, frame_with
 
 from agent.camera_sim import CameraSim
@@ -75,21 +74,6 @@ class Durability:
                 f"durable; durable so far: {durable.get(path, 0)} bytes")
             checked += 1
         return checked
-
-
-def record_ends(journal_dir: Path) -> dict[int, tuple[str, int]]:
-    """seq -> (segment path, offset just past its record), from the segment files themselves:
-    magic b"CSJ1" | length u32 | crc32 u32 | seq u64 | ... (agent/journal.py)."""
-    out = {}
-    for seg in sorted(Path(journal_dir).glob("segment-*.log")):
-        data = seg.read_bytes()
-        pos = 0
-        while pos + 20 <= len(data):
-            magic, length, _crc, seq = struct.unpack_from("<4sIIQ", data, pos)
-            assert magic == b"CSJ1", f"{seg.name}: no record at {pos}"
-            pos += 12 + length
-            out[seq] = (os.path.realpath(seg), pos)
-    return out
 
 
 def test_publisher_makes_each_record_durable_before_sending_it(tmp_path, monkeypatch):

@@ -59,3 +59,18 @@ def test_bad_input_pool_is_refused_with_the_reason(tmp_path, change, message):
     _edit(d, change)
     with pytest.raises(ModelPackError, match=message):
         load_model_pack(d)
+
+
+def test_a_model_file_that_is_not_the_one_model_json_names_is_refused(tmp_path):
+    """model.json's sha256 is what calibration and every event name: another ONNX file under the
+    same name (a copy gone wrong, a half-finished deploy) must not load."""
+    import hashlib
+
+    d = make_pack(tmp_path / "p")
+    named = json.loads((d / "model.json").read_text())["models"]["seg"]["sha256"]
+    (d / "seg.onnx").write_bytes((d / "gate.onnx").read_bytes())  # a valid model, the wrong one
+    actual = hashlib.sha256((d / "seg.onnx").read_bytes()).hexdigest()
+    with pytest.raises(ModelPackError, match=rf"models\.seg: sha256 of seg\.onnx is {actual[:12]}, "
+                                             rf"model\.json says {named[:12]}"):
+        load_model_pack(d)
+    assert load_model_pack(d, verify_hashes=False).seg.sha256 == named  # only when asked not to check

@@ -23,16 +23,20 @@ def figures(name: str, **values) -> None:
     print(f"\n[figures] {name}: " + ", ".join(f"{k}={v}" for k, v in values.items()), flush=True)
 
 
-def agent_cmd(cfg_path: Path) -> list[str]:
-    """The real `coilsight run` process."""
+def agent_cmd(cfg_path: Path, slow_fsync_s: float = 0.0) -> list[str]:
+    """The real `coilsight run` process; slow_fsync_s > 0: on a stalled disk (slow_disk.py)."""
+    if slow_fsync_s:
+        return [sys.executable, str(Path(__file__).with_name("slow_disk.py")), str(slow_fsync_s), "run", "--config",
+                str(cfg_path)]
     return [sys.executable, "-m", "agent.cli", "run", "--config", str(cfg_path)]
 
 
 class AgentProcess:
     """A real agent process on a fixed config (its ports survive restarts)."""
 
-    def __init__(self, tmp_path: Path, cfg):
+    def __init__(self, tmp_path: Path, cfg, slow_fsync_s: float = 0.0):
         self.cfg = cfg
+        self.slow_fsync_s = slow_fsync_s
         self.cfg_path = tmp_path / "agent.toml"
         self.cfg_path.write_text(dump_toml(config_dict(cfg)))
         self.log_path = tmp_path / "agent.log"
@@ -41,7 +45,7 @@ class AgentProcess:
 
     def start(self, timeout_s: float = 60.0) -> dict:
         t0 = time.monotonic()
-        self.proc = subprocess.Popen(agent_cmd(self.cfg_path), stdout=subprocess.DEVNULL,
+        self.proc = subprocess.Popen(agent_cmd(self.cfg_path, self.slow_fsync_s), stdout=subprocess.DEVNULL,
                                      stderr=open(self.log_path, "ab"), env={**os.environ, "PYTHONUNBUFFERED": "1"})
         reply = wait_ready(self.proc, self.cfg.control.endpoint, timeout_s=timeout_s)
         self.ready_s.append(time.monotonic() - t0)
@@ -67,13 +71,20 @@ class AgentProcess:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
 
+    def events(self, name: str) -> list[dict]:
+        """The agent's JSON log lines for one event (structlog, one event per line)."""
+        import json
+
+        return [json.loads(line) for line in self.log().splitlines() if f'"event": "{name}"' in line
+                or f'"event":"{name}"' in line]
+
 
 @pytest.fixture
 def agent_process(tmp_path, agent_config):
     procs: list[AgentProcess] = []
 
-    def make(**overrides) -> AgentProcess:
-        ap = AgentProcess(tmp_path, agent_config(**overrides))
+    def make(slow_fsync_s: float = 0.0, **overrides) -> AgentProcess:
+        ap = AgentProcess(tmp_path, agent_config(**overrides), slow_fsync_s)
         procs.append(ap)
         return ap
 

@@ -77,6 +77,22 @@ def test_missing_model_fails_loudly(tmp_path, agent_config):
     assert "cannot start: no model.json in" in r.stderr
 
 
+def test_a_port_in_use_fails_loudly_and_exits(tmp_path, agent_config):
+    """The agent exits non-zero with the reason; it does not hang in shutdown on the sockets a
+    failed start left open (systemd would wait for READY until its start timeout)."""
+    import socket
+
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        cfg_path, _ = write_config(tmp_path, agent_config, publish={"replay_endpoint": f"tcp://127.0.0.1:{port}"})
+        r = subprocess.run([sys.executable, "-m", "agent.cli", "run", "--config", str(cfg_path)],
+                           capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1
+    assert "cannot start: cannot bind publish sockets: Address already in use" in r.stderr
+
+
 def test_calibration_for_other_models_is_refused(tmp_path, agent_config, tiny_pack):
     import json
 

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import address_in_use
 from tests_support_events import Collector, check_accounting  # noqa: F401  (re-exported for the suite)
 
 from agent.config import config_dict, dump_toml
@@ -34,22 +35,38 @@ def agent_cmd(cfg_path: Path, slow_fsync_s: float = 0.0) -> list[str]:
 class AgentProcess:
     """A real agent process on a fixed config (its ports survive restarts)."""
 
-    def __init__(self, tmp_path: Path, cfg, slow_fsync_s: float = 0.0):
-        self.cfg = cfg
-        self.slow_fsync_s = slow_fsync_s
+    def __init__(self, tmp_path: Path, make_cfg, slow_fsync_s: float = 0.0):
+        self.make_cfg = make_cfg  # a fresh config (fresh ports) each call
         self.cfg_path = tmp_path / "agent.toml"
-        self.cfg_path.write_text(dump_toml(config_dict(cfg)))
+        self._write(make_cfg())
+        self.slow_fsync_s = slow_fsync_s
         self.log_path = tmp_path / "agent.log"
         self.proc: subprocess.Popen | None = None
         self.ready_s: list[float] = []
 
+    def _write(self, cfg) -> None:
+        self.cfg = cfg
+        self.cfg_path.write_text(dump_toml(config_dict(cfg)))
+
     def start(self, timeout_s: float = 60.0) -> dict:
-        t0 = time.monotonic()
-        self.proc = subprocess.Popen(agent_cmd(self.cfg_path, self.slow_fsync_s), stdout=subprocess.DEVNULL,
-                                     stderr=open(self.log_path, "ab"), env={**os.environ, "PYTHONUNBUFFERED": "1"})
-        reply = wait_ready(self.proc, self.cfg.control.endpoint, timeout_s=timeout_s)
-        self.ready_s.append(time.monotonic() - t0)
-        return reply
+        for attempt in range(3):
+            t0 = time.monotonic()
+            logged = self.log_path.stat().st_size if self.log_path.exists() else 0
+            with open(self.log_path, "ab") as log:
+                self.proc = subprocess.Popen(agent_cmd(self.cfg_path, self.slow_fsync_s), stdout=subprocess.DEVNULL,
+                                             stderr=log, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+            try:
+                reply = wait_ready(self.proc, self.cfg.control.endpoint, timeout_s=timeout_s)
+            except RuntimeError:  # exited before ready
+                # Someone took a port between free_port() and the bind: on the first start only (a
+                # restart must keep its ports), pick fresh ones and try again.
+                if self.ready_s or attempt == 2 or not address_in_use(self.log()[logged:]):
+                    raise
+                self._write(self.make_cfg())
+                continue
+            self.ready_s.append(time.monotonic() - t0)
+            return reply
+        raise AssertionError("unreachable")
 
     def kill(self) -> None:
         self.proc.send_signal(signal.SIGKILL)
@@ -84,7 +101,7 @@ def agent_process(tmp_path, agent_config):
     procs: list[AgentProcess] = []
 
     def make(slow_fsync_s: float = 0.0, **overrides) -> AgentProcess:
-        ap = AgentProcess(tmp_path, agent_config(**overrides), slow_fsync_s)
+        ap = AgentProcess(tmp_path, lambda: agent_config(**overrides), slow_fsync_s)
         procs.append(ap)
         return ap
 

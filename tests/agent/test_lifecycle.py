@@ -58,11 +58,9 @@ def test_ready_after_warm_up_and_stopping_on_sigterm(tmp_path, agent_config):
         from agent.service import status_request
 
         assert status_request(cfg.control.endpoint)["health"]["state"] == "ready"
-        t0 = time.monotonic()
         proc.send_signal(signal.SIGTERM)
         read_until(sock, "STOPPING=1", 10)
-        assert proc.wait(timeout=15) == 0
-        assert time.monotonic() - t0 < 10
+        assert proc.wait(timeout=15) == 0  # a drain that hangs fails here (how long it took is the bench's)
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -164,9 +162,9 @@ def test_sighup_reloads_models_in_a_real_process(tmp_path, agent_config):
         read_until(sock, "READY=1", 60)
         proc.send_signal(signal.SIGHUP)
         read_until(sock, "RELOADING=1", 10)
-        lines = read_until(sock, "READY=1", 30)
-        assert "READY=1" in lines
-        assert status_request(cfg.control.endpoint)["health"]["reloads"] == 1
+        read_until(sock, "READY=1", 30)  # raises unless READY follows the reload
+        health = status_request(cfg.control.endpoint)["health"]
+        assert (health["reloads"], health["state"]) == (1, "ready")
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=15) == 0
     finally:

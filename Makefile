@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 
-.PHONY: demo test test-all bench gpu-test clean
+.PHONY: demo test test-all bench gpu-test mutation clean
 
 $(VENV)/.runtime: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -37,5 +37,14 @@ gpu-test: $(VENV)/.dev
 	$(PIP) install -q -e '.[gpu]'
 	$(PY) -m pytest -q -m gpu
 
+# Mutation testing over the modules that carry the promises (docs/testing.md); tens of minutes,
+# never part of `make test`. Narrow it with MUTATE=..., TESTS=..., BUDGET_S=..., JOBS=...
+$(VENV)/.mutation: pyproject.toml $(VENV)/.dev
+	$(PIP) install -q -c constraints/ci.txt -e '.[mutation]'
+	touch $@
+
+mutation: $(VENV)/.mutation
+	PY=$(abspath $(PY)) bash scripts/mutation.sh
+
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) .pytest_cache mutants mutation-out

@@ -221,6 +221,12 @@ class Agent:
         try:
             self.start()
         except BaseException:
+            # A failed start (a port in use) must exit, not hang: ctx.term() waits forever for the
+            # sockets of threads already started and for one a failed bind left open.
+            for t in (self.ingest, self.inference, self.publisher):
+                if t is not None:
+                    t.stop(2.0)
+            self.ctx.destroy(linger=0)
             self._close_partial()
             raise
         poller = zmq.Poller()

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import errno
 import socket
 import sys
 from pathlib import Path
@@ -22,10 +23,29 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+_handed_out: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A loopback TCP port the kernel just gave out as free (bind to port 0, read it back), never
+    the same one twice in a test run. Another process may still take it before the agent binds it
+    (other suites run on the same machine): the fixtures that start agents pick fresh ports and try
+    again when a bind fails that way (``address_in_use``)."""
+    for _ in range(100):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in _handed_out:
+            _handed_out.add(port)
+            return port
+    raise RuntimeError("the kernel keeps handing out ports this test run already used")
+
+
+def address_in_use(error: BaseException | str | None) -> bool:
+    """A bind that failed because someone else holds the port (zmq.ZMQError, or the agent's
+    StartupError / log line quoting it)."""
+    return error is not None and (getattr(error, "errno", None) == errno.EADDRINUSE
+                                  or "Address already in use" in str(error))
 
 
 @pytest.fixture
@@ -71,14 +91,29 @@ def running_agent(agent_config):
     started = []
 
     def start(**overrides):
-        cfg = agent_config(**overrides)
-        agent = Agent(cfg, install_signals=False)
-        t = threading.Thread(target=agent.run, name="agent-main", daemon=True)
-        t.start()
-        if not agent.ready.wait(30):
-            raise RuntimeError("agent not ready within 30 s")
-        started.append((agent, t))
-        return agent
+        for attempt in range(3):
+            cfg = agent_config(**overrides)  # fresh ports each attempt
+            agent = Agent(cfg, install_signals=False)
+            failed: list[BaseException] = []
+
+            def run(agent=agent, failed=failed):
+                try:
+                    agent.run()
+                except BaseException as exc:  # start-up failed: surfaced below
+                    failed.append(exc)
+
+            t = threading.Thread(target=run, name="agent-main", daemon=True)
+            t.start()
+            while not agent.ready.wait(0.1):
+                if not t.is_alive():
+                    break
+            if agent.ready.is_set():
+                started.append((agent, t))
+                return agent
+            t.join(5)
+            if not (failed and address_in_use(failed[0]) and attempt < 2):
+                raise RuntimeError(f"agent did not start: {failed[0] if failed else 'not ready'}")
+        raise AssertionError("unreachable")
 
     yield start
     for agent, t in started:

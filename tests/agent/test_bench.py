@@ -26,11 +26,9 @@ def test_bench_fast_mode_accounts_for_every_frame(tmp_path, agent_config):
     for name, s in res["scenarios"].items():
         f = s["accounting"]
         assert s["accounted"] and f["sent"] == f["received"] == 40 == f["inspected"] + f["gated_out"], name
-        assert s["wall_s"] > 0 and s["peak_rss_mb"] > 0 and s["efficiency"] > 0
-        assert s["model_cpu_s"] > 0, name
         # the inference stage alone, in process, on the same frames: the same decisions and events
         p = s["pipeline"]
-        assert p["inspected"] + p["gated_out"] == 40 and p["efficiency"] > 0, name
+        assert p["inspected"] + p["gated_out"] == 40, name
         assert (p["inspected"], p["events"]) == (f["inspected"], s["events"]), name
         # every stage the issue names, receive and decode timed apart
         assert set(s["stage_s"]) == set(STAGES), name
@@ -46,13 +44,15 @@ def test_bench_fast_mode_accounts_for_every_frame(tmp_path, agent_config):
             assert s["agent_cpu_overhead"] == pytest.approx(s["agent_cpu_s"] / s["model_cpu_s"] - 1, rel=0.05, abs=0.01)
         if sys.platform.startswith("linux"):  # the agent's threads carry their names down to the OS
             assert {"inference", "ingest", "publisher"} <= set(s["agent_thread_cpu_s"]), name
-            assert all(v >= 0 for v in s["agent_thread_cpu_s"].values()), name
+            assert s["agent_thread_cpu_s"]["inference"] > 0, name  # the models ran on the thread named so
     assert res["latency"]["accounting"]["received"] == res["latency"]["frames"]
     bare = res["bare"]
     assert len(bare["gate_fps_passes"]) == 2 and bare["gate_fps"] == max(bare["gate_fps_passes"])  # before, after
     assert "bare model throughput" in r.stdout and "x gate" in r.stdout and "x limit" in r.stdout and "in-proc" in r.stdout
     assert "events per defect" in r.stdout
-    assert res["machine"]["cpus"] >= 1 and res["machine"]["onnxruntime"]
+    import onnxruntime
+
+    assert res["machine"]["onnxruntime"] == onnxruntime.__version__
 
 
 def test_the_bare_reference_is_the_fastest_pass_before_and_after():

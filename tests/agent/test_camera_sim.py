@@ -1,15 +1,16 @@
 """The camera simulator composes line frames from real crops with exact ground truth."""
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 
-DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
+from training.datasets import default_data_root
+
+DATA = default_data_root()  # the one rule the other suites use: /work/shared/data or ../shared/data
 
 
-@pytest.mark.skipif(not (DATA / "neu_det").is_dir(), reason="shared NEU-DET data not present")
+@pytest.mark.skipif(DATA is None or not (DATA / "neu_det").is_dir(),
+                    reason="shared NEU-DET data (/work/shared/data or ../shared/data) not present")
 def test_composed_frames_from_real_neu_crops():
     from agent.tools.camera_sim import composed_frames
 

@@ -86,6 +86,21 @@ def test_duplicates_missing_rejected_and_frames_above_the_coil_end_count():
     assert not s["complete"]
 
 
+def test_frames_above_the_coil_end_count_alone_make_the_coil_incomplete():
+    """Nothing missing, rejected or lost: only the camera's count is wrong. The agent cannot vouch
+    for a coil whose camera miscounted, so it is not complete, and the extra frames are counted."""
+    r = registry()
+    for i in range(12):
+        r.admit("cam0", "A", i, 0.0)
+        r.finish("cam0", "A", i, "gated_out")
+    (s,) = r.coil_end("cam0", "A", 10, None)  # the camera says 10, indices 0..11 arrived
+    invariants(s)
+    assert s["end_reason"] == "coil_end" and s["missing_ranges"] == {}
+    assert (s["frames"]["sent"], s["frames"]["received"], s["frames"]["missing"]) == (12, 12, 0)
+    assert s["cameras"]["cam0"]["sent"] == 12
+    assert not s["complete"]
+
+
 def test_finish_of_unknown_or_non_pending_frames_is_ignored_and_bad_state_raises():
     r = registry()
     r.admit("cam0", "A", 0, 0.0)

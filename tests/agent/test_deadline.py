@@ -1,36 +1,32 @@
 """Deadline policy: a coil about to overrun its budget gets a provisional summary, then the final one."""
 from __future__ import annotations
 
-import time
-
+from tests_support_events import Collector, check_accounting
 from tinypack import clean_frame, frame_with
 
 from agent.tools.camera_sim import CameraSim
-from agent.subscriber import Subscriber
 
 
 def test_provisional_summary_at_deadline_then_final(running_agent):
     agent = running_agent(coil={"budget_s": 1.0, "provisional_at": 0.5})
     cfg = agent.cfg
-    sub = Subscriber(cfg.publish.endpoint, cfg.publish.replay_endpoint, from_seq=1)
-    time.sleep(0.3)
+    col = Collector(cfg, timeout_s=60.0)
     frames = [(frame_with("dark", 16, 16), None) if i % 4 == 0 else (clean_frame(), None) for i in range(40)]
     cam = CameraSim(cfg.ingest.endpoint)
     cam.send_coil("slow-coil", frames, rate_hz=25.0)  # 1.6 s of frames against a 1 s budget
     cam.close()
-    summaries = []
-    for topic, msg in sub.messages(timeout_s=20):
-        if topic == "summary":
-            summaries.append(msg)
-            if msg["final"]:
-                break
-    sub.close()
+    try:
+        assert col.wait(lambda c: c.summaries("slow-coil"), 20), "no final summary"
+    finally:
+        col.close()
+    summaries = col.summaries("slow-coil", final=None)
     provisional, final = summaries[0], summaries[-1]
     assert len(summaries) == 2
     assert not provisional["final"] and not provisional["complete"] and provisional["end_reason"] == "deadline"
     p = provisional["frames"]
     assert 0 < p["received"] < 40  # published while the coil was still streaming
-    assert p["received"] == p["inspected"] + p["gated_out"] + p["rejected"] + p["shed"] + p["pending"] + p["lost"]
+    check_accounting(provisional)
+    check_accounting(final)
     assert final["final"] and final["complete"] and final["frames"]["received"] == 40
     assert final["timing"]["slack_s"] < 0  # overran, and says so
     assert final["defects"]["dark"] == 10

@@ -1,31 +1,23 @@
 """A coil through a real agent over real loopback sockets, with exact ground truth."""
 from __future__ import annotations
 
-import threading
-import time
-
 import pytest
+from tests_support_events import Collector, check_accounting
 from tinypack import clean_frame, frame_with, make_pack
 
 from agent.tools.camera_sim import CameraSim
-from agent.subscriber import Subscriber
 
 
-def collect(agent, stop_when, timeout=30.0):
-    cfg = agent.cfg
-    sub = Subscriber(cfg.publish.endpoint, cfg.publish.replay_endpoint, topics=("defect", "summary"), from_seq=1)
-    out: list = []
-
-    def run():
-        for topic, msg in sub.messages(timeout_s=timeout):
-            out.append((topic, msg))
-            if stop_when(topic, msg):
-                return
-
-    t = threading.Thread(target=run, daemon=True)
-    t.start()
-    time.sleep(0.3)
-    return out, t, sub
+def collect_coil(agent, coil: str, send) -> list[tuple[str, dict]]:
+    """Everything durable the agent publishes (from seq 1) until the coil's final summary."""
+    col = Collector(agent.cfg, timeout_s=60.0)
+    try:
+        send()
+        assert col.wait(lambda c: c.summaries(coil), 30), "no final summary arrived"
+    finally:
+        col.close()
+    assert col.error is None
+    return col.msgs
 
 
 @pytest.mark.parametrize(("workers", "gate_input_pool", "per_call"), [(1, 1, 1), (2, 1, 1), (2, 2, 1), (1, 4, 1),
@@ -38,7 +30,6 @@ def test_coil_accounting_events_and_summary(running_agent, tmp_path, workers, ga
     if gate_input_pool > 1:
         models["dir"] = str(make_pack(tmp_path / "pooled", gate_input_pool=gate_input_pool))
     agent = running_agent(models=models)
-    out, t, sub = collect(agent, lambda topic, m: topic == "summary" and m["final"])
     frames = []
     truth = {}
     for i in range(40):
@@ -51,17 +42,19 @@ def test_coil_accounting_events_and_summary(running_agent, tmp_path, workers, ga
         else:
             frames.append((clean_frame(), None))
     cam = CameraSim(agent.cfg.ingest.endpoint, camera="cam0")
-    sent = cam.send_coil("coil-A", frames, mm_per_px_y=2.0)
-    cam.close()
-    t.join(30)
-    sub.close()
+    sent = []
+
+    def send():
+        sent.append(cam.send_coil("coil-A", frames, mm_per_px_y=2.0))
+        cam.close()
+
+    out = collect_coil(agent, "coil-A", send)
     summaries = [m for topic, m in out if topic == "summary"]
     defects = [m for topic, m in out if topic == "defect"]
-    assert summaries, "no coil summary arrived"
     s = summaries[-1]
+    check_accounting(s)
     f = s["frames"]
-    assert f["sent"] == sent.sent == 40
-    assert f["received"] == f["inspected"] + f["gated_out"] + f["rejected"] + f["shed"] + f["pending"] + f["lost"]
+    assert f["sent"] == sent[0].sent == 40
     assert f["received"] == 40 and f["missing"] == 0 and f["rejected"] == 0
     assert f["inspected"] == len(truth)
     assert s["complete"] and s["end_reason"] == "coil_end"
@@ -104,13 +97,14 @@ def test_camera_sim_ground_truth_reads_back_as_severstal(tmp_path, running_agent
 
 def test_backpressure_mode_sheds_nothing_under_a_burst(running_agent):
     agent = running_agent(ingest={"overload": "backpressure", "max_queue_frames": 4, "rcvhwm": 4})
-    out, t, sub = collect(agent, lambda topic, m: topic == "summary" and m["final"])
     cam = CameraSim(agent.cfg.ingest.endpoint, sndhwm=4)
-    cam.send_coil("burst", [(frame_with("bright", 8, 8), None) if i % 10 == 0 else (clean_frame(), None)
-                            for i in range(300)])
-    cam.close()
-    t.join(30)
-    sub.close()
+
+    def send():
+        cam.send_coil("burst", [(frame_with("bright", 8, 8), None) if i % 10 == 0 else (clean_frame(), None)
+                                for i in range(300)])
+        cam.close()
+
+    out = collect_coil(agent, "burst", send)
     f = [m for topic, m in out if topic == "summary"][-1]["frames"]
     assert f["received"] == 300 and f["shed"] == 0 and f["inspected"] == 30 and f["gated_out"] == 270
     assert agent.frames.shed_total == 0

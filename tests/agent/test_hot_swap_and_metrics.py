@@ -7,11 +7,11 @@ import threading
 import time
 import urllib.request
 
+from tests_support_events import Collector, check_accounting
 from tinypack import clean_frame, frame_with
 
 from agent.tools.camera_sim import CameraSim
 from agent.service import status_request
-from agent.subscriber import Subscriber
 
 
 def stream(agent, coil, n, rate_hz):
@@ -27,8 +27,7 @@ def stream(agent, coil, n, rate_hz):
 def test_hot_swap_under_stream_loses_nothing(running_agent, tiny_pack, workers):
     agent = running_agent(models={"workers": workers, "threads": 1})
     cfg = agent.cfg
-    sub = Subscriber(cfg.publish.endpoint, cfg.publish.replay_endpoint, from_seq=1)
-    time.sleep(0.3)
+    col = Collector(cfg, timeout_s=90.0)
     result = {}
     t = threading.Thread(target=lambda: result.setdefault("sent", stream(agent, "swap-coil", 150, 100.0)))
     t.start()
@@ -44,14 +43,12 @@ def test_hot_swap_under_stream_loses_nothing(running_agent, tiny_pack, workers):
     cal.write_text(good)
     assert not bad["ok"] and "old models kept" in bad["detail"]
     t.join(30)
-    events, summary = [], None
-    for topic, msg in sub.messages(timeout_s=30):
-        if topic == "defect":
-            events.append(msg)
-        else:
-            summary = msg
-            break
-    sub.close()
+    try:
+        assert col.wait(lambda c: c.summaries("swap-coil"), 30), "no final summary"
+    finally:
+        col.close()
+    events, summary = col.defects("swap-coil"), col.summaries("swap-coil")[0]
+    check_accounting(summary)
     assert agent.inference.swapped.is_set() and agent.inference.models.gate is not old_gate
     f = summary["frames"]
     assert f["sent"] == 150 and f["received"] == 150 and f["missing"] == 0
@@ -67,11 +64,13 @@ def test_metrics_endpoint_matches_summary(running_agent, tmp_path):
     # its own state directory: two agents on one are refused (statefiles.StateLock)
     agent2 = running_agent(control={"metrics_port": free_port()}, agent={"state_dir": str(tmp_path / "state2")})
     cfg = agent2.cfg
-    sub = Subscriber(cfg.publish.endpoint, cfg.publish.replay_endpoint, from_seq=1)
-    time.sleep(0.3)
-    stream(agent2, "metrics-coil", 30, 0.0)
-    summary = next(m for t, m in sub.messages(timeout_s=20) if t == "summary")
-    sub.close()
+    col = Collector(cfg, timeout_s=60.0)
+    try:
+        stream(agent2, "metrics-coil", 30, 0.0)
+        assert col.wait(lambda c: c.summaries("metrics-coil"), 20), "no final summary"
+    finally:
+        col.close()
+    summary = col.summaries("metrics-coil")[0]
     time.sleep(0.3)
     text = urllib.request.urlopen(f"http://127.0.0.1:{agent2.metrics_port}/metrics", timeout=5).read().decode()
     values = scrape(text)

@@ -157,3 +157,34 @@ def test_torn_tail_right_after_the_seq_still_reserves_it(tmp_path):
     j2 = Journal(tmp_path, fsync=False)
     assert [d.kind for d in j2.damage] == ["torn_tail"] and j2.last_seq == 4
     assert fill(j2, 1) == [5]
+
+
+def test_the_evidence_at_the_journal_end_itself_is_no_loss(tmp_path):
+    """published.seq equal to the journal's last seq is the normal case after a clean stop: not damage."""
+    j = Journal(tmp_path, fsync=False)
+    fill(j, 3)
+    assert not j.reserve_through(3, "published.seq")
+    assert j.damage == [] and fill(j, 1) == [4]
+
+
+def test_a_record_repeating_a_seq_is_reported_and_not_served(tmp_path):
+    """Two records with one seq (a copy gone wrong): the first is kept, the repeat is damage."""
+    j = Journal(tmp_path, fsync=False)
+    fill(j, 3)
+    j.close()
+    seg = next(tmp_path.glob("segment-*.log"))
+    data = seg.read_bytes()
+    with open(seg, "ab") as f:  # the last record again, byte for byte
+        f.write(data[data.rfind(MAGIC):])
+    j2 = Journal(tmp_path, fsync=False)
+    assert [(d.kind, d.detail) for d in j2.damage] == [("seq_order", "seq 3 after 3")]
+    assert [r[0] for r in j2.read(1, 10)] == [1, 2, 3] and j2.last_seq == 3
+
+
+def test_a_read_spans_segments_that_hold_none_of_the_range(tmp_path):
+    j = Journal(tmp_path, fsync=False, segment_bytes=200)  # about two records a segment
+    for i in range(12):
+        j.append_many([(b"defect", body(i))])
+    assert len(list(tmp_path.glob("segment-*.log"))) >= 4
+    assert [r[0] for r in j.read(9, 12)] == [9, 10, 11, 12]  # the first segments hold none of 9..12
+    assert [msgpack.unpackb(b)["n"] for _, _, b in j.read(1, 12)] == list(range(12))

@@ -57,11 +57,9 @@ def test_ready_after_warm_up_and_stopping_on_sigterm(tmp_path, agent_config):
         from agent.service import status_request
 
         assert status_request(cfg.control.endpoint)["health"]["state"] == "ready"
-        t0 = time.monotonic()
         proc.send_signal(signal.SIGTERM)
         read_until(sock, "STOPPING=1", 10)
-        assert proc.wait(timeout=15) == 0
-        assert time.monotonic() - t0 < 10
+        assert proc.wait(timeout=15) == 0  # a drain that hangs fails here (how long it took is the bench's)
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -74,6 +72,22 @@ def test_missing_model_fails_loudly(tmp_path, agent_config):
                        text=True, timeout=60)
     assert r.returncode == 1
     assert "cannot start: no model.json in" in r.stderr
+
+
+def test_a_port_in_use_fails_loudly_and_exits(tmp_path, agent_config):
+    """The agent exits non-zero with the reason; it does not hang in shutdown on the sockets a
+    failed start left open (systemd would wait for READY until its start timeout)."""
+    import socket
+
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        cfg_path, _ = write_config(tmp_path, agent_config, publish={"replay_endpoint": f"tcp://127.0.0.1:{port}"})
+        r = subprocess.run([sys.executable, "-m", "agent.cli", "run", "--config", str(cfg_path)],
+                           capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1
+    assert "cannot start: cannot bind publish sockets: Address already in use" in r.stderr
 
 
 def test_calibration_for_other_models_is_refused(tmp_path, agent_config, tiny_pack):
@@ -147,9 +161,9 @@ def test_sighup_reloads_models_in_a_real_process(tmp_path, agent_config):
         read_until(sock, "READY=1", 60)
         proc.send_signal(signal.SIGHUP)
         read_until(sock, "RELOADING=1", 10)
-        lines = read_until(sock, "READY=1", 30)
-        assert "READY=1" in lines
-        assert status_request(cfg.control.endpoint)["health"]["reloads"] == 1
+        read_until(sock, "READY=1", 30)  # raises unless READY follows the reload
+        health = status_request(cfg.control.endpoint)["health"]
+        assert (health["reloads"], health["state"]) == (1, "ready")
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=15) == 0
     finally:

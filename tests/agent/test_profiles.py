@@ -1,30 +1,27 @@
 """One agent, several product lines: multi-channel dies and classification-only wafer maps."""
 from __future__ import annotations
 
-import time
-
 import numpy as np
+from tests_support_events import Collector, check_accounting
 from tinypack import make_pack
 
 from agent.tools.camera_sim import CameraSim
-from agent.subscriber import Subscriber
 
 
 def run_coil(running_agent, pack, frames, *, width, height):
     agent = running_agent(models={"dir": str(pack)}, ingest={"max_width": width, "max_height": height})
     cfg = agent.cfg
-    sub = Subscriber(cfg.publish.endpoint, cfg.publish.replay_endpoint, from_seq=1)
-    time.sleep(0.3)
-    cam = CameraSim(cfg.ingest.endpoint)
-    cam.send_coil("lot-1", [(f, None) for f in frames])
-    cam.close()
-    out = []
-    for topic, msg in sub.messages(timeout_s=20):
-        out.append((topic, msg))
-        if topic == "summary":
-            break
-    sub.close()
-    return [m for t, m in out if t == "defect"], out[-1][1]
+    col = Collector(cfg, timeout_s=60.0)
+    try:
+        cam = CameraSim(cfg.ingest.endpoint)
+        cam.send_coil("lot-1", [(f, None) for f in frames])
+        cam.close()
+        assert col.wait(lambda c: c.summaries("lot-1"), 20), "no final summary"
+    finally:
+        col.close()
+    summary = col.summaries("lot-1")[0]
+    check_accounting(summary)
+    return col.defects("lot-1"), summary
 
 
 def test_six_channel_dies(tmp_path, running_agent):

@@ -92,6 +92,8 @@ CASES = [
     (frame(header(dtype="float32")), "bad_dtype", r"dtype 'float32' is not one of \['uint16', 'uint8'\]"),
     (frame(header(encoding="bmp")), "bad_encoding", r"encoding 'bmp' is not one of \['raw', 'png', 'jpeg'\]"),
     (frame(header(), IMG.tobytes()[:-1]), "size_mismatch", r"raw pixels are 16383 bytes, shape \[64, 256\] uint8 needs 16384"),
+    # longer than its shape too: numpy would refuse the reshape later, inside ingest
+    (frame(header(), IMG.tobytes() + b"\0"), "size_mismatch", r"raw pixels are 16385 bytes, shape \[64, 256\] uint8 needs 16384"),
     (frame(header(dtype="uint16")), "size_mismatch", "needs 32768"),
     (frame(header(pad="x" * 250, pad2="y" * 250, **{f"k{i}": "z" * 250 for i in range(15)})), "oversized",
      r"header is \d+ bytes, limit 4096"),
@@ -144,6 +146,52 @@ def test_decode_failed_for_corrupt_and_lying_images():
     h, buf = decode(frame(header(encoding="jpeg"), b"\xff\xd8\xff\xe0\x00\x02garbage"))
     with pytest.raises(Rejected, match="jpeg image header says None"):
         pixels_to_array(h, buf)
+
+
+def test_a_decode_failure_is_counted_against_its_camera_and_coil():
+    """Rejections after the header decoded carry the frame's camera and coil: the agent counts them
+    in that coil's summary (rejected_by_reason), not as an anonymous message."""
+    png = cv2.imencode(".png", IMG)[1].tobytes()
+    lying = cv2.imencode(".png", IMG[:32])[1].tobytes()
+    rgb = cv2.imencode(".png", np.zeros((64, 256, 3), np.uint8))[1].tobytes()
+    for payload in (png[:60] + b"\0" * 200, lying, rgb):  # corrupt, lying size, decodes to another shape
+        h, buf = decode(frame(header(encoding="png"), payload))
+        with pytest.raises(Rejected) as exc:
+            pixels_to_array(h, buf)
+        assert (exc.value.reason, exc.value.camera, exc.value.coil) == ("decode_failed", "cam0", "C1")
+
+
+def control(kind: str = "coil_end", **kw) -> list:
+    h = {"v": 1, "type": kind, "camera": "cam0", "coil": "C1", "seq": 0, "ts_ns": 0}
+    if kind == "coil_end":
+        h["frames"] = 0
+    h.update(kw)
+    return [msgpack.packb(h)]
+
+
+@pytest.mark.parametrize("kw", [
+    {"frames": 0}, {"frames": 10_000_000}, {"length_mm": 0}, {"length_mm": 1e9}, {"seq": 0}, {"seq": 2**63 - 1},
+    {"ts_ns": 0}, {"ts_ns": 2**63 - 1},
+])
+def test_control_fields_at_their_limits_are_accepted(kw):
+    c, _ = decode(control(**kw))
+    key, value = next(iter(kw.items()))
+    assert getattr(c, "length_mm" if key == "length_mm" else key) == value
+
+
+@pytest.mark.parametrize(("kw", "message"), [
+    ({"frames": 10_000_001}, r"key 'frames' = 10000001 out of range \[0, 10000000\]"),
+    ({"length_mm": -0.5}, r"key 'length_mm' = -0.5 out of range \[0, 1000000000.0\]"),
+    ({"length_mm": 1e9 + 0.5}, r"key 'length_mm' = 1000000000.5 out of range"),
+    ({"seq": -1}, r"key 'seq' = -1 out of range \[0, 9223372036854775807\]"),
+    ({"seq": 2**63}, r"key 'seq' = 9223372036854775808 out of range"),
+    ({"ts_ns": -1}, r"key 'ts_ns' = -1 out of range"),
+    ({"ts_ns": 2**63}, r"key 'ts_ns' = 9223372036854775808 out of range"),
+])
+def test_control_fields_past_their_limits_are_refused(kw, message):
+    with pytest.raises(Rejected, match=message) as exc:
+        decode(control(**kw))
+    assert exc.value.reason == "schema"
 
 
 def test_encoded_size_reads_png_and_jpeg_headers():

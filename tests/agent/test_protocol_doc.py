@@ -68,25 +68,21 @@ def test_documented_examples_list_every_documented_key():
 def test_published_messages_carry_every_documented_key(running_agent):
     from tinypack import clean_frame, frame_with
 
+    from tests_support_events import Collector
+
     from agent.tools.camera_sim import CameraSim
-    from agent.subscriber import Subscriber
 
     agent = running_agent()
     cfg = agent.cfg
-    sub = Subscriber(cfg.publish.endpoint, cfg.publish.replay_endpoint, topics=("defect", "summary", "health"),
-                     from_seq=1, include_health=True)
-    import time
-
-    time.sleep(0.3)
+    col = Collector(cfg, timeout_s=60.0)
     cam = CameraSim(cfg.ingest.endpoint)
     cam.send_coil("doc-coil", [(frame_with("bright", 8, 8), None), (clean_frame(), None)])
     cam.close()
-    seen: dict[str, dict] = {}
-    for topic, msg in sub.messages(timeout_s=20):
-        seen.setdefault(topic, msg)
-        if {"defect", "summary", "health"} <= set(seen):
-            break
-    sub.close()
+    try:
+        assert col.wait(lambda c: c.summaries("doc-coil") and c.health is not None, 20), "no summary or heartbeat"
+    finally:
+        col.close()
+    seen = {"defect": col.defects("doc-coil")[0], "summary": col.summaries("doc-coil")[0], "health": col.health}
     common = {"v", "type", "agent", "seq", "ts_ns"}
     assert table_keys("### 2.1 `defect`") | common <= set(seen["defect"])
     assert table_keys("### 2.2 `summary`") | common <= set(seen["summary"])

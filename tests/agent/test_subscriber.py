@@ -74,6 +74,76 @@ def test_late_subscriber_replays_in_chunks_exactly_once(tmp_path):
     p.stop()
 
 
+class LossyLink(threading.Thread):
+    """A SUB -> PUB hop between the publisher and a subscriber that loses what it is told to, as a
+    flaky network does: the subscriber's live stream has real holes. ``drop_health``: no heartbeat
+    gets through, so only the data messages can show the subscriber a gap."""
+
+    def __init__(self, upstream: str, drop: set[int], drop_health: bool = True):
+        super().__init__(daemon=True)
+        ctx = zmq.Context.instance()
+        self.up = ctx.socket(zmq.SUB)
+        self.up.setsockopt(zmq.SUBSCRIBE, b"")
+        self.up.setsockopt(zmq.LINGER, 0)
+        self.up.connect(upstream)
+        self.down = ctx.socket(zmq.PUB)
+        self.down.setsockopt(zmq.LINGER, 0)
+        self.down.bind("tcp://127.0.0.1:*")
+        self.endpoint = self.down.getsockopt_string(zmq.LAST_ENDPOINT)
+        self.drop, self.drop_health = drop, drop_health
+        self.dropped: list[int] = []
+        self.forwarded: list[int] = []
+        self._halt = threading.Event()
+
+    def run(self) -> None:
+        from agent.protocol import unpack_body
+
+        poller = zmq.Poller()
+        poller.register(self.up, zmq.POLLIN)
+        while not self._halt.is_set():
+            if not poller.poll(50):
+                continue
+            topic, body = self.up.recv_multipart()
+            seq = unpack_body(body)["seq"]
+            if topic == b"health" and self.drop_health:
+                continue
+            if topic != b"health" and seq in self.drop:
+                self.dropped.append(seq)
+                continue
+            self.forwarded.append(seq)
+            self.down.send_multipart([topic, body])
+
+    def close(self) -> None:
+        self._halt.set()
+        self.join(2)
+        self.up.close()
+        self.down.close()
+
+
+def test_a_gap_in_the_live_stream_is_filled_from_the_replay_socket(tmp_path):
+    """Messages 4..6 lost on the way and no heartbeat at all: message 7 shows the gap, and the
+    subscriber asks the replay socket for 4..6 before it hands 7 on."""
+    eps = endpoints()
+    p = publisher(Journal(tmp_path, fsync=False), eps)
+    link = LossyLink(eps[0], drop={4, 5, 6})
+    link.start()
+    sub = Subscriber(link.endpoint, eps[1], from_seq=None, include_health=True)  # live only: no late-join replay
+    got = []
+    t = threading.Thread(target=lambda: got.extend(collect(sub, 10)))
+    t.start()
+    time.sleep(0.5)  # both hops connected before anything is published
+    publish(p, 10)
+    t.join(15)
+    link.close()
+    assert link.dropped == [4, 5, 6] and link.forwarded == [1, 2, 3, 7, 8, 9, 10]
+    assert [m["seq"] for _, m in got] == list(range(1, 11)), "in order, exactly once"
+    assert [m["n"] for _, m in got] == list(range(10))
+    assert all(t != "health" for t, _ in got), "no heartbeat reached the subscriber"
+    assert (sub.gaps, sub.replayed, sub.unrecoverable) == (1, 3, 0)
+    sub.close()
+    p.stop()
+
+
 def test_topics_filter_what_comes_out_but_not_the_tracking(tmp_path):
     eps = endpoints()
     p = publisher(Journal(tmp_path, fsync=False), eps)

@@ -57,13 +57,36 @@ def test_report_writes_small_pngs_and_an_html_page_embedding_them(tmp_path):
     assert len(re.findall(r"<tr><td>", html)) == 2
 
 
+def _left_axes_frame(img: np.ndarray) -> tuple[int, int, int, int]:
+    """(x0, x1, y_top, y_bottom) of the left plot's frame: the longest dark lines in the image."""
+    dark = img.max(axis=2) < 80
+    cols = np.flatnonzero(dark.sum(0) > 0.5 * dark.sum(0).max())
+    rows = np.flatnonzero(dark.sum(1) > 0.3 * dark.sum(1).max())
+    return int(cols[0]), int(cols[cols < img.shape[1] // 2][-1]), int(rows[0]), int(rows[rows < 0.9 * img.shape[0]][-1])
+
+
+def _dark_ring_pixels(img: np.ndarray, frame, x: float, y: float, xlim=1.01, ylim=1.02) -> int:
+    """Near-black pixels 3..8 px from where data point (x, y) of the left plot lands."""
+    x0, x1, top, bottom = frame
+    cx, cy = x0 + x / xlim * (x1 - x0), bottom - y / ylim * (bottom - top)
+    yy, xx = np.mgrid[:img.shape[0], :img.shape[1]]
+    r = np.hypot(xx - cx, yy - cy)
+    return int(((img.max(axis=2) < 80) & (r >= 3) & (r <= 8)).sum())
+
+
 def test_gate_plot_marks_the_chosen_point(tmp_path):
-    # a gate that separates perfectly: the curve reaches recall 1 at the defective share
+    """The black ring sits at (pass rate, recall) of the chosen threshold, computed here from the
+    scores, and not where another threshold's point would be."""
     scores = np.r_[np.linspace(0.6, 1, 50), np.linspace(0, 0.4, 150)]
     labels = np.r_[np.ones(50, bool), np.zeros(150, bool)]
-    path = plot_gate_curve(scores, labels, 0.6, 0.99, tmp_path / "g.png")
-    img = cv2.imread(str(path))
-    assert img is not None and img.std() > 10  # something was drawn
+    points = {t: (float((scores >= t).mean()), float((scores >= t)[labels].mean())) for t in (0.7, 0.9)}
+    assert points[0.7] != points[0.9] and all(0.05 < r < 0.95 for _, r in points.values())  # inside the plot
+    for t, other in ((0.7, 0.9), (0.9, 0.7)):
+        img = cv2.imread(str(plot_gate_curve(scores, labels, t, 0.99, tmp_path / f"g{t}.png")))
+        frame = _left_axes_frame(img)
+        assert frame[1] - frame[0] > 300 and frame[3] - frame[2] > 200, frame
+        assert _dark_ring_pixels(img, frame, *points[t]) > 25, f"no marker at the chosen point of t={t}"
+        assert _dark_ring_pixels(img, frame, *points[other]) < 5, f"a marker where t={other} would be"
 
 
 def test_dice_plot_needs_the_search(tmp_path):

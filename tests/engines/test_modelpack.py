@@ -167,3 +167,16 @@ def test_pack_format_is_the_lowest_that_holds_the_models():
     plain = {"gate": {"file": "gate.onnx"}, "seg": {"file": "seg.onnx", "output": "probs"}}
     assert pack_format(plain) == 2  # readable by every agent since input_pool
     assert pack_format({**plain, "seg": {**plain["seg"], "instances": {"stride": 4}}}) == 3
+def test_a_model_file_that_is_not_the_one_model_json_names_is_refused(tmp_path):
+    """model.json's sha256 is what calibration and every event name: another ONNX file under the
+    same name (a copy gone wrong, a half-finished deploy) must not load."""
+    import hashlib
+
+    d = make_pack(tmp_path / "p")
+    named = json.loads((d / "model.json").read_text())["models"]["seg"]["sha256"]
+    (d / "seg.onnx").write_bytes((d / "gate.onnx").read_bytes())  # a valid model, the wrong one
+    actual = hashlib.sha256((d / "seg.onnx").read_bytes()).hexdigest()
+    with pytest.raises(ModelPackError, match=rf"models\.seg: sha256 of seg\.onnx is {actual[:12]}, "
+                                             rf"model\.json says {named[:12]}"):
+        load_model_pack(d)
+    assert load_model_pack(d, verify_hashes=False).seg.sha256 == named  # only when asked not to check

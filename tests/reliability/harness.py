@@ -8,44 +8,65 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import pytest
+from conftest import address_in_use
+from tests_support_events import Collector, check_accounting  # noqa: F401  (re-exported for the suite)
 
 from agent.config import config_dict, dump_toml
 from agent.tools.demo import wait_ready
-from agent.subscriber import Subscriber
+
 
 def figures(name: str, **values) -> None:
     """One line of figures per test, printed (run pytest -s to see them)."""
     print(f"\n[figures] {name}: " + ", ".join(f"{k}={v}" for k, v in values.items()), flush=True)
 
 
-def agent_cmd(cfg_path: Path) -> list[str]:
-    """The real `coilsight run` process."""
+def agent_cmd(cfg_path: Path, slow_fsync_s: float = 0.0) -> list[str]:
+    """The real `coilsight run` process; slow_fsync_s > 0: on a stalled disk (slow_disk.py)."""
+    if slow_fsync_s:
+        return [sys.executable, str(Path(__file__).with_name("slow_disk.py")), str(slow_fsync_s), "run", "--config",
+                str(cfg_path)]
     return [sys.executable, "-m", "agent.cli", "run", "--config", str(cfg_path)]
 
 
 class AgentProcess:
     """A real agent process on a fixed config (its ports survive restarts)."""
 
-    def __init__(self, tmp_path: Path, cfg):
-        self.cfg = cfg
+    def __init__(self, tmp_path: Path, make_cfg, slow_fsync_s: float = 0.0):
+        self.make_cfg = make_cfg  # a fresh config (fresh ports) each call
         self.cfg_path = tmp_path / "agent.toml"
-        self.cfg_path.write_text(dump_toml(config_dict(cfg)))
+        self._write(make_cfg())
+        self.slow_fsync_s = slow_fsync_s
         self.log_path = tmp_path / "agent.log"
         self.proc: subprocess.Popen | None = None
         self.ready_s: list[float] = []
 
+    def _write(self, cfg) -> None:
+        self.cfg = cfg
+        self.cfg_path.write_text(dump_toml(config_dict(cfg)))
+
     def start(self, timeout_s: float = 60.0) -> dict:
-        t0 = time.monotonic()
-        self.proc = subprocess.Popen(agent_cmd(self.cfg_path), stdout=subprocess.DEVNULL,
-                                     stderr=open(self.log_path, "ab"), env={**os.environ, "PYTHONUNBUFFERED": "1"})
-        reply = wait_ready(self.proc, self.cfg.control.endpoint, timeout_s=timeout_s)
-        self.ready_s.append(time.monotonic() - t0)
-        return reply
+        for attempt in range(3):
+            t0 = time.monotonic()
+            logged = self.log_path.stat().st_size if self.log_path.exists() else 0
+            with open(self.log_path, "ab") as log:
+                self.proc = subprocess.Popen(agent_cmd(self.cfg_path, self.slow_fsync_s), stdout=subprocess.DEVNULL,
+                                             stderr=log, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+            try:
+                reply = wait_ready(self.proc, self.cfg.control.endpoint, timeout_s=timeout_s)
+            except RuntimeError:  # exited before ready
+                # Someone took a port between free_port() and the bind: on the first start only (a
+                # restart must keep its ports), pick fresh ones and try again.
+                if self.ready_s or attempt == 2 or not address_in_use(self.log()[logged:]):
+                    raise
+                self._write(self.make_cfg())
+                continue
+            self.ready_s.append(time.monotonic() - t0)
+            return reply
+        raise AssertionError("unreachable")
 
     def kill(self) -> None:
         self.proc.send_signal(signal.SIGKILL)
@@ -67,89 +88,23 @@ class AgentProcess:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
 
+    def events(self, name: str) -> list[dict]:
+        """The agent's JSON log lines for one event (structlog, one event per line)."""
+        import json
+
+        return [json.loads(line) for line in self.log().splitlines() if f'"event": "{name}"' in line
+                or f'"event":"{name}"' in line]
+
 
 @pytest.fixture
 def agent_process(tmp_path, agent_config):
     procs: list[AgentProcess] = []
 
-    def make(**overrides) -> AgentProcess:
-        ap = AgentProcess(tmp_path, agent_config(**overrides))
+    def make(slow_fsync_s: float = 0.0, **overrides) -> AgentProcess:
+        ap = AgentProcess(tmp_path, lambda: agent_config(**overrides), slow_fsync_s)
         procs.append(ap)
         return ap
 
     yield make
     for ap in procs:
         ap.stop()
-
-
-class Collector:
-    """A gap-repairing subscriber on a thread: everything durable, in order, exactly once."""
-
-    def __init__(self, cfg, *, from_seq: int | None = 1, slow_s: float = 0.0, timeout_s: float = 120.0,
-                 rcvhwm: int | None = None, stall_s: float = 0.0):
-        setup = None
-        if rcvhwm is not None:  # a small receive queue: a slow subscriber then really drops messages
-            import zmq
-
-            def setup(sock):
-                sock.setsockopt(zmq.RCVHWM, rcvhwm)
-                sock.setsockopt(zmq.RCVBUF, 4096)
-        self.sub = Subscriber(cfg.publish.endpoint, cfg.publish.replay_endpoint, from_seq=from_seq,
-                              include_health=True, socket_setup=setup)
-        self.msgs: list[tuple[str, dict]] = []
-        self.health: dict | None = None
-        self.slow_s = slow_s
-        self.stall_s = stall_s  # once, at the first durable message: a subscriber that stops reading
-        self._stop = threading.Event()
-        self.error: BaseException | None = None
-        self.t = threading.Thread(target=self._run, args=(timeout_s,), daemon=True)
-        self.t.start()
-
-    def _run(self, timeout_s: float) -> None:
-        try:
-            for topic, msg in self.sub.messages(timeout_s=timeout_s):
-                if topic == "health":
-                    self.health = msg
-                else:
-                    self.msgs.append((topic, msg))
-                    if self.stall_s:
-                        time.sleep(self.stall_s)
-                        self.stall_s = 0.0
-                    if self.slow_s:
-                        time.sleep(self.slow_s)
-                if self._stop.is_set():
-                    return
-        except BaseException as exc:  # surfaced by the test
-            self.error = exc
-
-    def summaries(self, coil: str | None = None, final: bool | None = True) -> list[dict]:
-        return [m for t, m in self.msgs if t == "summary" and (coil is None or m["coil"] == coil)
-                and (final is None or m["final"] == final)]
-
-    def defects(self, coil: str | None = None) -> list[dict]:
-        return [m for t, m in self.msgs if t == "defect" and (coil is None or m["coil"] == coil)]
-
-    def wait(self, pred, timeout_s: float = 60.0) -> bool:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if pred(self):
-                return True
-            if self.error is not None:
-                raise self.error
-            time.sleep(0.05)
-        return False
-
-    def close(self) -> None:
-        self._stop.set()
-        self.t.join(2)
-        self.sub.close()
-
-
-def check_accounting(s: dict) -> None:
-    """The two invariants of docs/protocol.md 2.2, for the totals and every camera."""
-    parts = [s["frames"], *s["cameras"].values()]
-    for f in parts:
-        assert f["received"] == (f["inspected"] + f["gated_out"] + f["rejected"] + f["shed"] + f["pending"]
-                                 + f["lost"]), f
-    f = s["frames"]
-    assert f["sent"] == f["received"] + f["missing"], f

@@ -32,9 +32,15 @@ def journal_records(cfg) -> list[tuple[int, bytes, dict]]:
 
 @pytest.mark.parametrize("seed", [1, 2, 3] + [pytest.param(s, marks=pytest.mark.slow) for s in range(4, 16)])
 def test_sigkill_mid_coil_loses_no_event_and_reuses_no_seq(agent_process, seed):
+    """Seeds 2, 3, 5, 6, ...: the kill comes while the journal's disk stalls (each fsync takes 3 s,
+    longer than the coil), so the publisher holds events it produced but could not journal yet,
+    and the restart must re-send them (agent/recovery.py): the run asserts it did (resent > 0).
+    Seeds 1, 4, ...: a healthy disk, the kill lands wherever it lands."""
     rng = random.Random(seed)
     n = 240
-    ap = agent_process(ingest={"coil_idle_timeout_s": 30.0})
+    stalled = seed % 3 != 1
+    ap = agent_process(slow_fsync_s=3.0 if stalled else 0.0, ingest={"coil_idle_timeout_s": 30.0},
+                       publish={"fsync": stalled})
     ap.start()
     live = Collector(ap.cfg)  # sees run 1 live: what a subscriber may have acted on before the kill
     time.sleep(0.3)
@@ -50,6 +56,7 @@ def test_sigkill_mid_coil_loses_no_event_and_reuses_no_seq(agent_process, seed):
     live.close()
     down_s = rng.uniform(0.0, 0.5)
     time.sleep(down_s)
+    ap.slow_fsync_s = 0.0  # the disk is healthy again after the restart
     t0 = time.monotonic()
     ap.start()
     ready_s = time.monotonic() - t0
@@ -79,19 +86,24 @@ def test_sigkill_mid_coil_loses_no_event_and_reuses_no_seq(agent_process, seed):
     assert seqs == list(range(1, len(seqs) + 1)), "journal seqs contiguous, none reused"
     assert [m["seq"] for _, m in after.msgs] == seqs, "the subscriber holds every event exactly once"
     # The summary's defect count is what the stream carries for this coil, and every inspected
-    # defective frame has its event.
+    # defective frame has its event. Ground truth: frame i has one bright square iff i % 4 == 0;
+    # the tiny gate passes exactly those (clean frames score ~0.002), and each gives one event. So
+    # the frames with events are the inspected frames, all of them defective.
     defects = after.defects("K1")
+    assert defects, "the coil has inspected defective frames"
     assert s["defect_count"] == len(defects)
     keys = [(d["index"], tuple(d["bbox_px"])) for d in defects]
     assert len(keys) == len(set(keys)), "no defect event twice"
-    assert all(d["index"] % 4 == 0 for d in defects), "defects only where the camera drew them"
-    assert ready_s < 5.0
-    import json
-
-    restored = [json.loads(line) for line in ap.log().splitlines() if '"coils_restored"' in line]
+    event_frames = {d["index"] for d in defects}
+    assert all(i % 4 == 0 for i in event_frames), "defects only where the camera drew them"
+    assert len(event_frames) == len(defects) == f["inspected"], "one event per inspected frame, none missing"
+    assert f["gated_out"] <= n - n // 4, "only clean frames are gated out"
+    restored = ap.events("coils_restored")
     # K1 comes back from the checkpoint, or, killed before any checkpoint held it, from the journal
     # as an orphan (agent/recovery.py): either way exactly once
     assert len(restored) == 1 and restored[0]["coils"] + restored[0].get("orphans", []) == ["K1"]
+    if stalled:
+        assert restored[0]["resent"] > 0, "the kill left events owed; the restart re-sent them"
     figures(f"sigkill seed={seed}", recovered_from_journal=restored[0]["frames_recovered_from_journal"],
             resent=restored[0]["resent"], kill_at_s=round(kill_at, 2), down_s=round(down_s, 2),
             ready_after_restart_s=round(ready_s, 2), events_before_kill=len(live_before), journal_records=len(seqs),
@@ -130,9 +142,9 @@ def test_sigterm_mid_coil_publishes_a_partial_summary_and_exits_0(agent_process)
     cam.close()
     assert c.wait(lambda c: len(c.defects("T1")) >= 13, 20)
     t0 = time.monotonic()
-    rc = ap.terminate()
+    rc = ap.terminate(timeout_s=20.0)  # a drain that hangs fails here; its time is a figure, not a limit
     exit_s = time.monotonic() - t0
-    assert rc == 0 and exit_s < 10
+    assert rc == 0
     assert c.wait(lambda c: c.summaries("T1"), 5)
     c.close()
     s = c.summaries("T1")[0]

@@ -90,19 +90,22 @@ def run_burst(agent_process, burst_s: float, overload: str = "shed") -> None:
     base_rss = rss_mib(pid)
     inferred0 = status_request(ap.cfg.control.endpoint)["health"]["inferred"]
     flood = Sender(ep, "cam0", "B0", rate_hz=0, duration_s=burst_s, image=clean_frame(256, 1024))
-    quiet = Sender(ep, "cam1", "B1", rate_hz=20, duration_s=burst_s + 3.0, image=clean_frame(),
+    # The quiet camera: slow enough that its round-robin share of inference stays above its rate on
+    # a loaded 2-core machine (at 20 Hz it was shed there), and on long enough to send for seconds
+    # after the flood ends, backlog included (backpressure: the flood's coil_end waits for it).
+    quiet = Sender(ep, "cam1", "B1", rate_hz=10, duration_s=burst_s + 15.0, image=clean_frame(),
                    defect_image=frame_with("bright", x=64, y=16))
     t0 = time.monotonic()
     flood.start()
     quiet.start()
     rss, inferred_during = [], None
-    while flood.is_alive():
+    while flood.is_alive():  # the flood's last send is its coil_end: the agent has taken its backlog
         rss.append(rss_mib(pid))
         time.sleep(0.25)
     burst_end_ns = time.time_ns()
     inferred_during = status_request(ap.cfg.control.endpoint)["health"]["inferred"] - inferred0
     burst_wall = time.monotonic() - t0
-    quiet.join(burst_s + 30)
+    quiet.join(burst_s + 40)
     assert col.wait(lambda c: c.summaries("B0") and c.summaries("B1"), 60), ap.log()[-3000:]
     health = status_request(ap.cfg.control.endpoint)["health"]
     rss.append(rss_mib(pid))
@@ -123,26 +126,36 @@ def run_burst(agent_process, burst_s: float, overload: str = "shed") -> None:
         assert f0["shed"] == 0 and f0["missing"] == 0
     # The quiet camera is never starved: every one of its frames is inspected, none shed.
     assert (f1["sent"], f1["inspected"], f1["shed"], f1["missing"]) == (quiet.sent, quiet.sent, 0, 0)
-    # Memory stays bounded by the queues: ZeroMQ's receive queue plus the frame queue, plus a margin
-    # for the allocator; nothing grows with the burst's length.
     frame_mib = 256 * 1024 / 2**20
     bound_mib = (ap.cfg.ingest.rcvhwm + ap.cfg.ingest.max_queue_frames) * frame_mib + 150
-    assert max(rss) - base_rss < bound_mib, (base_rss, bound_mib, rss)
+    early, late = rss[: len(rss) // 2], rss[len(rss) // 2:]
     lat = [(d["ts_ns"] - d["frame_ts_ns"]) / 1e6 for d in col.defects("B1")]
     during = [x for x, d in zip(lat, col.defects("B1")) if d["frame_ts_ns"] < burst_end_ns]
-    after = [x for x, d in zip(lat, col.defects("B1")) if d["frame_ts_ns"] > burst_end_ns + 1e9]
-    assert after, "the quiet camera's frames after the burst were inspected"
+    # after: sent once the flood's last frame was through (its coil's summary), plus 0.5 s
+    after = [x for x, d in zip(lat, col.defects("B1")) if d["frame_ts_ns"] > b0["ts_ns"] + 5e8]
     send_rate = flood.sent / flood.elapsed
     inspect_rate = inferred_during / burst_wall
     figures(f"burst {burst_s:.0f}s {overload}", flood_sent=flood.sent, flood_send_rate_hz=round(send_rate),
             agent_inspect_rate_hz=round(inspect_rate), overload_x=round(send_rate / max(inspect_rate, 1), 1),
             flood_inspected=f0["inspected"] + f0["gated_out"], flood_shed=f0["shed"], flood_missing=f0["missing"],
             camera_blocked_sends=flood.not_sent, quiet_sent=quiet.sent, quiet_inspected=f1["inspected"],
-            rss_base_mib=round(base_rss), rss_max_mib=round(max(rss)), rss_growth_bound_mib=round(bound_mib),
+            rss_base_mib=round(base_rss), rss_max_first_half_mib=round(max(early)),
+            rss_max_second_half_mib=round(max(late)), rss_growth_bound_mib=round(bound_mib),
             quiet_latency_ms_during_p50=round(statistics.median(during), 1) if during else None,
             quiet_latency_ms_during_max=round(max(during), 1) if during else None,
-            quiet_latency_ms_after_p50=round(statistics.median(after), 1),
-            quiet_latency_ms_after_max=round(max(after), 1))
+            quiet_latency_ms_after_p50=round(statistics.median(after), 1) if after else None,
+            quiet_latency_ms_after_max=round(max(after), 1) if after else None)
+    # Memory stays bounded by the queues: ZeroMQ's receive queue plus the frame queue, plus a margin
+    # for the allocator...
+    assert max(rss) - base_rss < bound_mib, (base_rss, bound_mib, rss)
+    # ...and does not grow with the burst's length: the second half of the burst holds no more than
+    # the first half did, within one frame queue and allocator slack (at this flood rate a leak of
+    # what the agent sheds would add hundreds of MiB a second).
+    assert len(early) >= 4 and max(late) <= max(early) + ap.cfg.ingest.max_queue_frames * frame_mib + 32, (early, late)
+    # Latency comes back after the burst: the quiet camera's frames then wait behind no flood, so
+    # they are inspected sooner than while it lasted (both measured in this run, on this machine).
+    assert len(during) >= 5 and len(after) >= 5, (len(during), len(after))
+    assert statistics.median(after) < statistics.median(during)
 
 
 @pytest.mark.parametrize("overload", ["shed", "backpressure"])

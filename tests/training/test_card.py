@@ -38,7 +38,8 @@ def test_card_is_made_from_the_pack_evaluation_speed_and_notes(tiny_pack, tmp_pa
     assert "### Gate (frame score)" in text and "| images | 0.777 |" in text  # the evaluation, one level down
     assert "# Evaluation: tiny" not in text
     assert "A decision only a person can write down." in text
-    assert "Gate threshold 0.5 " in text
+    gate = json.loads((tiny_pack / "calibration.json").read_text())["gate"]["threshold"]
+    assert f"Gate threshold {gate:g} " in text and gate != 0.5  # the pack's own, not a default
 
 
 def test_a_gate_only_run_names_where_its_segmenter_was_trained(tiny_pack, tmp_path):

@@ -219,7 +219,8 @@ def test_old_single_allow_list_maps_to_every_role_with_a_warning(tmp_path):
     r = subprocess.run([sys.executable, "-m", "agent.cli", "check-config", str(old)], capture_output=True, text=True,
                        timeout=60)
     assert r.returncode == 0, r.stdout
-    assert f"{old}: warning: auth.allow_dir: deprecated" in r.stdout and f"{old}: ok" in r.stdout
+    # the verdict on stdout, the warning on stderr (stdout carries only the result)
+    assert f"{old}: warning: auth.allow_dir: deprecated" in r.stderr and f"{old}: ok" in r.stdout
 
 
 def test_status_command_asks_for_an_operator_key_when_control_uses_curve(tmp_path):

@@ -6,7 +6,7 @@ instance whose box is the square. Real sockets on loopback, real ONNX Runtime se
 from __future__ import annotations
 
 import pytest
-from test_end_to_end import collect
+from tests_support_events import Collector
 from tinyinstances import SQUARE, clean_frame, frame_with_squares, make_instance_pack
 from tinypack import frame_with
 
@@ -14,15 +14,15 @@ from agent.tools.camera_sim import CameraSim
 
 
 def _run_coil(agent, coil, frames):
-    out, t, sub = collect(agent, lambda topic, m: topic == "summary" and m["final"])
+    got = Collector(agent.cfg)
     cam = CameraSim(agent.cfg.ingest.endpoint, camera="cam0")
     cam.send_coil(coil, [(f, None) for f in frames], mm_per_px_y=2.0)
     cam.close()
-    t.join(30)
-    sub.close()
-    summaries = [m for topic, m in out if topic == "summary"]
-    assert summaries, "no coil summary arrived"
-    return [m for topic, m in out if topic == "defect"], summaries[-1]
+    try:
+        assert got.wait(lambda c: c.summaries(coil), 30), "no coil summary arrived"
+    finally:
+        got.close()
+    return got.defects(coil), got.summaries(coil)[-1]
 
 
 def test_one_event_per_instance_with_box_score_mask_area_and_strip_position(running_agent, tmp_path):

@@ -87,7 +87,7 @@ def test_a_port_in_use_fails_loudly_and_exits(tmp_path, agent_config):
         r = subprocess.run([sys.executable, "-m", "agent.cli", "run", "--config", str(cfg_path)],
                            capture_output=True, text=True, timeout=60)
     assert r.returncode == 1
-    assert "cannot start: cannot bind publish sockets: Address already in use" in r.stderr
+    assert f"cannot start: cannot bind the replay socket to tcp://127.0.0.1:{port}: Address already in use" in r.stderr
 
 
 def test_calibration_for_other_models_is_refused(tmp_path, agent_config, tiny_pack):

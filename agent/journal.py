@@ -92,6 +92,7 @@ class Journal:
         self.damage: list[Damage] = []
         self._segments: list[_Segment] = []
         self._lock = threading.Lock()
+        self._last_alarm: dict | None = None  # alarm()'s answer while a write holds the lock
         self.last_seq = 0
         # records given a seq but not yet in a segment (the disk refused them), oldest first
         self._held: list[tuple[int, bytes]] = []
@@ -287,14 +288,25 @@ class Journal:
 
     def alarm(self) -> dict | None:
         """None while every record is in a segment; else which file failed, why, since when, and
-        what is held in memory (for health, metrics and the sd_notify STATUS line)."""
-        with self._lock:
+        what is held in memory (for health, metrics and the sd_notify STATUS line).
+
+        The main loop asks every tick. While the publisher holds the lock through a write (a disk that
+        stalls on fsync holds it for seconds), the answer is the last one computed: the loop that pings
+        the watchdog and saves the crash checkpoint must never wait for the disk."""
+        if not self._lock.acquire(timeout=0.05):
+            return self._last_alarm
+        try:
             if self._unwritable is None and not self._held:
-                return None
-            return {**(self._unwritable or {"path": str(self._segments[-1].path), "error": "", "since_ns": 0}),
+                self._last_alarm = None
+            else:
+                self._last_alarm = {
+                    **(self._unwritable or {"path": str(self._segments[-1].path), "error": "", "since_ns": 0}),
                     "held_records": len(self._held), "held_bytes": self._held_bytes,
                     "held_seqs": [self._held[0][0], self._held[-1][0]] if self._held else [],
                     "max_held_bytes": self.max_held_bytes}
+            return self._last_alarm
+        finally:
+            self._lock.release()
 
     def _flush_held_locked(self) -> bool:
         if not self._held:

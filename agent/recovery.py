@@ -110,7 +110,7 @@ class Recovery:
         """Atomically (a reader sees the old or the new checkpoint, never half of one). A full disk
         is logged at a bounded rate and the last checkpoint stays: the agent goes on."""
         try:
-            write_atomic(self.path, text)
+            write_atomic(self.path, text, durable=False)  # main loop: never blocks on a stalled fsync
         except OSError as exc:
             self.write_errors += 1
             self._errors_log.error("checkpoint_not_written", path=str(self.path), error=exc.strerror,

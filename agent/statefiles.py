@@ -184,7 +184,7 @@ def read_watermark(path: Path, journal_last_seq: int, report: StateReport) -> in
 
 
 def write_watermark(path: Path, seq: int) -> bool:
-    """Write the publish watermark atomically (engines.atomic: temp, fsync, rename). When the disk is full the temp file
+    """Write the publish watermark atomically (engines.atomic: temp + rename; no fsync, see durable=False there). When the disk is full the temp file
     cannot be written; the watermark is then overwritten in place: a few bytes inside the block the
     file already has, which needs no new space. It must get through: events published live from
     memory while the journal cannot write are only known to have used their seqs through it, so a
@@ -192,7 +192,7 @@ def write_watermark(path: Path, seq: int) -> bool:
     at a bounded rate; the caller tries again at its next tick)."""
     text = f"{seq}\n".encode()
     try:
-        write_atomic(path, text)
+        write_atomic(path, text, durable=False)  # main loop: never blocks on a stalled fsync
         return True
     except OSError as first:
         try:

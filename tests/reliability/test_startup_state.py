@@ -34,7 +34,7 @@ def test_a_port_in_use_exits_non_zero_at_once_naming_the_endpoint(tmp_path, agen
     squatter = socket.socket()
     squatter.bind(("127.0.0.1", _port(endpoint)))
     squatter.listen()
-    ap = AgentProcess(tmp_path, cfg)
+    ap = AgentProcess(tmp_path, lambda: cfg)
     t0 = time.monotonic()
     proc = subprocess.Popen(agent_cmd(ap.cfg_path), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
@@ -62,7 +62,7 @@ def test_a_second_agent_on_the_same_state_dir_is_refused(tmp_path, agent_process
     (tmp_path / "b").mkdir()
     second_cfg = agent_config()  # its own ports, the same state directory
     assert second_cfg.state_path() == first.cfg.state_path()
-    second = AgentProcess(tmp_path / "b", second_cfg)
+    second = AgentProcess(tmp_path / "b", lambda: second_cfg)
     proc = subprocess.Popen(agent_cmd(second.cfg_path), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode != 0

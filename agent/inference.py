@@ -13,11 +13,12 @@ import structlog
 from agent.batcher import Frame, FrameQueue
 from agent.coil import CoilRegistry
 from agent.config import CameraSection, Config
-from engines.postprocess import extract_defects
+from engines.postprocess import extract_defects, extract_instances
 from agent.threadnames import name_this_thread
 from engines.geometry import CameraGeometry
 from engines.backends import Backend
-from engines.modelpack import Calibration, ModelEntry, ModelPack, load_calibration, load_model_pack
+from engines.modelpack import (Calibration, ModelEntry, ModelPack, check_instance_outputs, load_calibration,
+                               load_model_pack)
 
 log = structlog.get_logger(__name__)
 
@@ -89,6 +90,8 @@ def open_models(cfg: Config, models_dir=None) -> Models:
                 strict=cfg.models.strict, engine_dir=engine_dir, profile_shapes=shapes)
             opened[role] = backend
             reasons += [{"model": role, **r} for r in why]
+        if "seg" in opened:  # an instances block naming outputs the graph lacks fails at start-up
+            check_instance_outputs(pack, [o.name for o in opened["seg"].outputs])
     except BaseException:
         select.close_backends(opened.values())  # a failed release is logged; the start-up error is raised
         raise
@@ -233,14 +236,18 @@ class Inference:
         return self._stack(images, buf)
 
     def _run_model(self, backend: Backend, entry: ModelEntry, images: list[np.ndarray], per_call: int,
-                   buf: list) -> list[np.ndarray]:
+                   buf: list, every_output: bool = False) -> list:
         """The model over these frames, `per_call` frames per call (Models.batch); one output per frame
         (views, no copies). At one frame per call the frames go to the runtime as views on their
         ZeroMQ buffers: on the CPU that skips a copy of every frame, which cost more than the extra
         calls (docs/performance.md)."""
-        out: list[np.ndarray] = []
+        out: list = []
         for i in range(0, len(images), per_call):
-            out.extend(backend.infer(self._model_input(entry, images[i:i + per_call], buf))[entry.output])
+            res = backend.infer(self._model_input(entry, images[i:i + per_call], buf))
+            if every_output:  # an instance head: {name: [..]} per frame
+                out.extend({name: v[j] for name, v in res.items()} for j in range(len(res[entry.output])))
+            else:
+                out.extend(res[entry.output])
         with self._lock:
             self.model_calls += -(-len(images) // per_call)
         return out
@@ -256,17 +263,24 @@ class Inference:
         top = scores.max(axis=1)
         passed = np.flatnonzero(top >= m.calibration.gate_threshold)
         probs = None
+        seg = m.pack.models.get("seg")
+        inst = seg.instances if seg is not None else None
         if passed.size and m.seg is not None:
-            probs = self._run_model(m.seg, m.pack.models["seg"], [images[i] for i in passed], m.batch, buf)
+            probs = self._run_model(m.seg, seg, [images[i] for i in passed], m.batch, buf, inst is not None)
             self.on_stage("seg", time.perf_counter() - t1)
         t2 = time.perf_counter()
         events_by_frame: dict[int, list[dict]] = {}
         if probs is not None:
-            stride = m.pack.models["seg"].output_stride
+            stride = seg.output_stride
             for j, i in enumerate(passed):
                 f = batch[i]
-                defects = extract_defects(probs[j], m.pack.classes, m.calibration.classes, stride,
-                                          f.image.shape[1:], self.cfg.coil.max_events_per_frame)
+                if inst is not None:  # one event per instance (engines/instances.py)
+                    defects = extract_instances(probs[j], inst, seg.output, stride, m.pack.classes,
+                                                m.calibration.classes, f.image.shape[1:],
+                                                self.cfg.coil.max_events_per_frame)
+                else:
+                    defects = extract_defects(probs[j], m.pack.classes, m.calibration.classes, stride,
+                                              f.image.shape[1:], self.cfg.coil.max_events_per_frame)
                 events_by_frame[int(i)] = [self._event(m, f, d, float(top[i])) for d in defects]
         elif passed.size:  # classification-only profile: one event per class over its threshold
             for i in passed:
@@ -305,6 +319,7 @@ class Inference:
             "confidence": d.confidence, "gate_score": round(gate_score, 4), "bbox_px": list(d.bbox_px),
             "area_px": d.area_px, **d.to_strip(cam, h.pos_mm, f.image.shape[2]),
             "frame_ts_ns": h.ts_ns, "recv_ts_ns": f.recv_ns, "models": m.pack.versions(),
+            **({"instance": d.instance} if d.instance is not None else {}),
         }
 
     def _class_events(self, m: Models, f: Frame, scores: np.ndarray) -> list[dict]:

@@ -41,6 +41,7 @@ from engines import manifest
 from engines.backends.base import Backend, BackendError, describe_cause
 from engines.fp16 import FP16Error, FP16Recipe, convert
 from engines.modelpack import ModelPack, ModelPackError, load_calibration, sha256_file
+from engines.instances import DEFAULT_INSTANCE_THRESHOLD
 from engines.parity import ParityBar, ParityReport, compare, synthetic_frames
 
 log = structlog.get_logger(__name__)
@@ -152,17 +153,28 @@ def thresholds(pack: ModelPack) -> tuple[float, list[float], str]:
     return cal.gate_threshold, [cal.classes[c].pixel_threshold for c in pack.classes], "calibration.json"
 
 
+def instance_thresholds(pack: ModelPack) -> list[float]:
+    """Per-class instance thresholds from calibration.json, or the contract's default when absent."""
+    try:
+        cal = load_calibration(pack)
+    except ModelPackError:
+        return [DEFAULT_INSTANCE_THRESHOLD] * len(pack.classes)  # thresholds() has logged why
+    return [cal.classes[c].instance_threshold for c in pack.classes]
+
+
 def run_parity(reference_path: Path, candidate, frames: np.ndarray, role: str, pack: ModelPack,
                bar: ParityBar, batch: int) -> ParityReport:
     """FP32 ONNX (ORT CPU) vs ``candidate`` (an active-able Backend); raises ParityError below the bar."""
     from engines.backends.onnxrt import OnnxRuntimeBackend
 
     gate_t, pixel_t, source = thresholds(pack)
+    instances = pack.models[role].instances  # an instance head: its boxes are compared too
+    instance_t = instance_thresholds(pack) if instances is not None else None
     frames = pack.models[role].prepare(frames)  # as the agent feeds this model
     batches = [frames[i:i + batch] for i in range(0, len(frames), batch)]
     with OnnxRuntimeBackend(reference_path, max_batch=batch) as ref, candidate as cand:
         report = compare(ref, cand, batches, role=role, gate_threshold=gate_t, pixel_thresholds=pixel_t,
-                         model=reference_path.name)
+                         model=reference_path.name, instances=instances, instance_thresholds=instance_t)
     log.info("parity_thresholds", model=reference_path.name, source=source)
     return report.check(bar)
 

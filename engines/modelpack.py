@@ -15,10 +15,14 @@ from typing import Any
 
 import numpy as np
 
+from engines.instances import DEFAULT_INSTANCE_THRESHOLD, InstanceSpec
+
 # Format 2 adds `input_pool` to a model entry. A format-1 reader would feed whole frames to a gate
 # made for pooled ones (a fully convolutional graph runs on either, wrongly), so it must refuse them.
-MODEL_PACK_FORMAT = 2
-READABLE_PACK_FORMATS = (1, 2)
+# Format 3 adds a seg model's `instances` block (engines/instances.py): a format-2 reader would
+# ignore it and publish connected components of a model trained to be read by its instance head.
+MODEL_PACK_FORMAT = 3
+READABLE_PACK_FORMATS = (1, 2, 3)
 CALIBRATION_FORMAT = 1
 
 
@@ -42,6 +46,7 @@ class ModelEntry:
     output: str  # output tensor name
     output_stride: int = 1  # seg: input px per output px
     input_pool: int = 1  # the model takes frames area-averaged over input_pool x input_pool px (uint8)
+    instances: InstanceSpec | None = None  # seg: the instance head's outputs (format 3), else None
 
     @property
     def short_hash(self) -> str:
@@ -86,6 +91,7 @@ def pool_frames(x: np.ndarray, k: int) -> np.ndarray:
 class ClassThreshold:
     pixel_threshold: float
     min_area_px: int
+    instance_threshold: float = DEFAULT_INSTANCE_THRESHOLD  # heatmap peak threshold (instance packs)
 
 
 @dataclass(frozen=True)
@@ -117,8 +123,9 @@ class ModelPack:
     @property
     def pad_multiple(self) -> int:
         """What images of other sizes are padded to (evaluation, calibration): a multiple of the
-        models' stride 8 and of every model's input_pool."""
-        return int(np.lcm.reduce([8, *(m.input_pool for m in self.models.values())]))
+        models' stride 8, of every model's input_pool and of an instance head's stride."""
+        strides = [m.instances.stride for m in self.models.values() if m.instances is not None]
+        return int(np.lcm.reduce([8, *(m.input_pool for m in self.models.values()), *strides]))
 
     def versions(self) -> dict[str, str]:
         """Model role -> short sha256, named in every event and summary."""
@@ -132,6 +139,41 @@ def _require(d: dict, key: str, where: str, kind: type | tuple[type, ...]) -> An
     if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
         raise ModelPackError(f"{where}: key {key!r} must be {kind}, got {type(value).__name__}")
     return value
+
+
+def _instance_spec(block: Any, where: str, fmt: int, role: str, output: str) -> InstanceSpec:
+    """A seg model's ``instances`` block -> InstanceSpec, or ModelPackError saying what is wrong."""
+    if fmt < 3:
+        raise ModelPackError(f"{where}: instances needs model.json format 3, this file says format {fmt}")
+    if role != "seg":
+        raise ModelPackError(f"{where}: only the seg model may carry instances, not the {role} model")
+    if not isinstance(block, dict):
+        raise ModelPackError(f"{where}: instances must be an object, got {type(block).__name__}")
+    w = f"{where}.instances"
+    unknown = sorted(set(block) - {"heatmap", "size", "offset", "stride"})
+    if unknown:
+        raise ModelPackError(f"{w}: unknown key(s) {unknown}; known: heatmap, size, offset, stride")
+    names = [_require(block, key, w, str) for key in ("heatmap", "size", "offset")]
+    if not all(names):
+        raise ModelPackError(f"{w}: output names must not be empty")
+    if len(set(names + [output])) != 4:
+        raise ModelPackError(f"{w}: heatmap, size, offset and the model's output {output!r} must be four "
+                             f"different outputs, got {names + [output]}")
+    stride = _require(block, "stride", w, int)
+    if stride < 1 or stride & (stride - 1):
+        raise ModelPackError(f"{w}: stride must be a power of two >= 1, got {stride}")
+    return InstanceSpec(*names, stride=stride)
+
+
+def check_instance_outputs(pack: ModelPack, output_names: list[str] | tuple[str, ...]) -> None:
+    """Refuse a seg model whose graph lacks an output the instances block names (start-up, one line)."""
+    seg = pack.seg
+    if seg is None or seg.instances is None:
+        return
+    missing = [n for n in seg.instances.outputs if n not in output_names]
+    if missing:
+        raise ModelPackError(f"{pack.directory / 'model.json'}: models.seg.instances names output(s) {missing} "
+                             f"that {seg.path.name} does not have (it has {sorted(output_names)})")
 
 
 def load_model_pack(directory: str | Path, *, verify_hashes: bool = True) -> ModelPack:
@@ -172,13 +214,18 @@ def load_model_pack(directory: str | Path, *, verify_hashes: bool = True) -> Mod
             if pool < 1 or height % pool or width % pool:
                 raise ModelPackError(f"{w}: input_pool {pool} must be >= 1 and divide the {height}x{width} "
                                      f"(HxW) input")
+        output = _require(entry, "output", w, str)
+        instances = None
+        if "instances" in entry:
+            instances = _instance_spec(entry["instances"], w, fmt, role, output)
         models[role] = ModelEntry(
             role=role,
             path=path,
             sha256=sha,
-            output=_require(entry, "output", w, str),
+            output=output,
             output_stride=int(entry.get("output_stride", 1)),
             input_pool=pool,
+            instances=instances,
         )
     if "gate" not in models:
         raise ModelPackError(f"{where}: a model pack needs a 'gate' model")
@@ -228,5 +275,10 @@ def load_calibration(pack: ModelPack, path: str | Path | None = None) -> Calibra
         a = int(_require(c, "min_area_px", f"{where}: classes.{name}", int))
         if not 0.0 < t < 1.0 or a < 0:
             raise ModelPackError(f"{where}: classes.{name}: pixel_threshold must be in (0,1), min_area_px >= 0")
-        classes[name] = ClassThreshold(t, a)
+        it = DEFAULT_INSTANCE_THRESHOLD
+        if "instance_threshold" in c:
+            it = float(_require(c, "instance_threshold", f"{where}: classes.{name}", (int, float)))
+            if not 0.0 < it < 1.0:
+                raise ModelPackError(f"{where}: classes.{name}: instance_threshold must be in (0,1), got {it}")
+        classes[name] = ClassThreshold(t, a, it)
     return Calibration(gate_threshold=threshold, classes=classes, raw=raw)

@@ -8,7 +8,12 @@ Measured per model, over every batch of frames:
   threshold (fraction of frames with the same decision);
 - segmentation models: Dice agreement of the thresholded masks per (frame, class), Severstal
   style (two empty masks agree perfectly; metrics.dice_pairs, the table behind
-  dice_severstal), at each class's calibrated pixel threshold.
+  dice_severstal), at each class's calibrated pixel threshold;
+- instance heads (model.json format 3): the instances decoded from both (engines.instances, at
+  each class's instance threshold) must match one-to-one, same class, at IoU >= ``min_box_iou``
+  (0.9): every box of either side in a pair (``min_box_agreement`` 1.0). The ``size`` and
+  ``offset`` outputs are in px and cells, not probabilities: the abs-diff bar does not apply to
+  them (an FP16 size of 300 px is off by ~0.1 px); their boxes are what is judged.
 
 ``ParityBar`` holds the limits; ``ParityReport.check(bar)`` raises ``ParityError`` carrying the
 report (``.report.to_dict()`` for the manifest, ``.report.text()`` for people).
@@ -22,7 +27,9 @@ import numpy as np
 import structlog
 
 from metrics import dice_pairs
+from metrics.instances import box_iou, greedy_match
 from engines.backends.base import Backend
+from engines.instances import DEFAULT_INSTANCE_THRESHOLD, InstanceSpec, decode_instances
 
 log = structlog.get_logger(__name__)
 
@@ -43,11 +50,13 @@ class ParityBar:
     max_abs_diff: float = 0.05
     min_decision_agreement: float = 0.98  # gate: fraction of frames with the same decision
     min_mean_dice: float = 0.97  # seg: mean Dice of thresholded masks over (frame, class)
+    min_box_iou: float = 0.9  # instance heads: a pair of boxes matches at this IoU or more, same class
+    min_box_agreement: float = 1.0  # pairs / the larger of the two box counts, over all frames
 
     def __post_init__(self) -> None:
         if not self.max_abs_diff > 0:
             raise ValueError(f"parity bar: max_abs_diff must be > 0, got {self.max_abs_diff}")
-        for name in ("min_decision_agreement", "min_mean_dice"):
+        for name in ("min_decision_agreement", "min_mean_dice", "min_box_iou", "min_box_agreement"):
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
                 raise ValueError(f"parity bar: {name} must be in [0, 1], got {value}")
@@ -81,6 +90,16 @@ class ParityReport:
     dice_sum: float = 0.0
     dice_count: int = 0
     dice_min: float = 1.0
+    geometric_outputs: list[str] = field(default_factory=list)  # instance size/offset: no abs-diff bar
+    instance_thresholds: list[float] | None = None
+    # per frame with instances on either side: (frame, reference boxes, candidate boxes, IoUs of the
+    # same-class one-to-one pairs, highest first)
+    box_frames: list[tuple[int, int, int, list[float]]] = field(default_factory=list)
+
+    def box_agreement(self, min_iou: float) -> tuple[int, int, int]:
+        """(pairs at IoU >= min_iou, reference boxes, candidate boxes) over all frames."""
+        pairs = sum(sum(1 for v in ious if v >= min_iou) for _, _, _, ious in self.box_frames)
+        return pairs, sum(f[1] for f in self.box_frames), sum(f[2] for f in self.box_frames)
 
     @property
     def decision_agreement(self) -> float | None:
@@ -99,7 +118,7 @@ class ParityReport:
                 out.append(f"{name}: {s.candidate_nonfinite} NaN/Inf values in the candidate")
             if s.reference_nonfinite:
                 out.append(f"{name}: {s.reference_nonfinite} NaN/Inf values in the FP32 reference")
-            if not s.max_abs_diff <= bar.max_abs_diff:
+            if name not in self.geometric_outputs and not s.max_abs_diff <= bar.max_abs_diff:
                 out.append(f"{name}: max abs diff {s.max_abs_diff:.4g} > {bar.max_abs_diff:.4g}")
         agreement = self.decision_agreement
         if agreement is not None and agreement < bar.min_decision_agreement:
@@ -108,6 +127,15 @@ class ParityReport:
         dice = self.mean_dice
         if dice is not None and dice < bar.min_mean_dice:
             out.append(f"mask Dice {dice:.4f} < {bar.min_mean_dice:.4f} (worst {self.dice_min:.4f})")
+        if self.instance_thresholds is not None:
+            pairs, n_ref, n_cand = self.box_agreement(bar.min_box_iou)
+            most = max(n_ref, n_cand)
+            if most and pairs / most < bar.min_box_agreement:
+                bad = [f for f, r, c, ious in self.box_frames
+                       if r != c or sum(1 for v in ious if v >= bar.min_box_iou) < r][:20]
+                out.append(f"instance boxes: {pairs} same-class pairs at IoU >= {bar.min_box_iou:g} for {n_ref} "
+                           f"reference and {n_cand} candidate boxes ({pairs / most:.2%} < "
+                           f"{bar.min_box_agreement:.2%}; frames {bad})")
         return out
 
     def check(self, bar: ParityBar) -> "ParityReport":
@@ -128,6 +156,10 @@ class ParityReport:
             "gate_threshold": self.gate_threshold, "decision_agreement": self.decision_agreement,
             "decision_flips": self.decision_flips, "pixel_thresholds": self.pixel_thresholds,
             "mean_dice": self.mean_dice, "min_dice": self.dice_min if self.dice_count else None,
+            **({"instance_thresholds": self.instance_thresholds, "geometric_outputs": self.geometric_outputs,
+                "boxes": {"reference": self.box_agreement(0.0)[1], "candidate": self.box_agreement(0.0)[2],
+                          "pair_ious": sorted(v for f in self.box_frames for v in f[3])[:20]}}
+               if self.instance_thresholds is not None else {}),
         }
 
     def text(self) -> str:
@@ -141,6 +173,11 @@ class ParityReport:
         if self.mean_dice is not None:
             lines.append(f"  masks: mean Dice {self.mean_dice:.4f}, worst {self.dice_min:.4f} "
                          f"over {self.dice_count} (frame, class) pairs")
+        if self.instance_thresholds is not None:
+            _, n_ref, n_cand = self.box_agreement(0.0)
+            ious = [v for f in self.box_frames for v in f[3]]
+            lines.append(f"  instances: {n_ref} reference boxes, {n_cand} candidate, {len(ious)} same-class pairs, "
+                         f"lowest pair IoU {min(ious) if ious else float('nan'):.3f}")
         return "\n".join(lines)
 
 
@@ -155,16 +192,20 @@ def _thresholds(pixel_thresholds: float | Sequence[float], k: int) -> np.ndarray
 
 def compare(reference: Backend, candidate: Backend, batches: Iterable[np.ndarray], *, role: str,
             gate_threshold: float | None = None, pixel_thresholds: float | Sequence[float] | None = None,
-            model: str | None = None) -> ParityReport:
+            model: str | None = None, instances: InstanceSpec | None = None,
+            instance_thresholds: float | Sequence[float] | None = None) -> ParityReport:
     """Run both active backends on every batch and measure how far the candidate is from the reference.
 
     Gate decisions are compared on the ``role == "gate"`` model's output (``max_k score >= t``);
-    masks on a ``role == "seg"`` model's 4-D output (``prob >= t_k`` per class).
+    masks on a ``role == "seg"`` model's 4-D output (``prob >= t_k`` per class); with ``instances``
+    (the seg model's instance head), the boxes both decode at ``instance_thresholds`` (default 0.3).
     """
     report = ParityReport(model=model or reference.model_path.name, role=role,
                           candidate=f"{candidate.name}:{candidate.model_path.name}",
                           reference=f"{reference.name}:{reference.model_path.name}",
                           gate_threshold=gate_threshold if role == "gate" else None)
+    if instances is not None:
+        report.geometric_outputs = [instances.size, instances.offset]
     for batch in batches:
         ref = reference.infer(batch)
         cand = candidate.infer(batch)
@@ -197,9 +238,36 @@ def compare(reference: Backend, candidate: Backend, batches: Iterable[np.ndarray
                 report.dice_sum += float(dice.sum())
                 report.dice_count += int(dice.size)
                 report.dice_min = min(report.dice_min, float(dice.min()))
+        if instances is not None:
+            missing = [n for n in instances.outputs if n not in ref]
+            if missing:
+                raise ParityError(report, [f"instance outputs {missing} missing (has {sorted(ref)})"])
+            _compare_boxes(report, ref, cand, instances, instance_thresholds)
         report.frames += int(batch.shape[0])
     log.debug("parity_measured", model=report.model, frames=report.frames)
     return report
+
+
+def _compare_boxes(report: ParityReport, ref: dict, cand: dict, spec: InstanceSpec,
+                   thresholds: float | Sequence[float] | None) -> None:
+    heat = ref[spec.heatmap]
+    k = heat.shape[1]
+    t = _thresholds(DEFAULT_INSTANCE_THRESHOLD if thresholds is None else thresholds, k)
+    report.instance_thresholds = [float(x) for x in t]
+    frame_hw = (heat.shape[2] * spec.stride, heat.shape[3] * spec.stride)
+
+    def decode(out: dict, i: int):
+        h, s, o = (np.nan_to_num(out[n][i], nan=-1.0) for n in spec.outputs)
+        return decode_instances(h, s, o, stride=spec.stride, thresholds=t, frame_hw=frame_hw, max_instances=10_000)
+
+    for i in range(heat.shape[0]):
+        a, b = decode(ref, i), decode(cand, i)
+        if not a and not b:
+            continue
+        iou = box_iou([x.box for x in a], [x.box for x in b])
+        same = np.array([[x.class_id == y.class_id for y in b] for x in a], bool).reshape(len(a), len(b))
+        pairs = greedy_match(iou, 1e-9, allowed=same)
+        report.box_frames.append((report.frames + i, len(a), len(b), [float(iou[r, c]) for r, c in pairs]))
 
 
 def synthetic_frames(n: int, channels: int, height: int, width: int, seed: int = 0) -> np.ndarray:

@@ -1,4 +1,9 @@
-"""Masks -> defects: per-class pixel threshold, connected components, minimum area, px -> mm."""
+"""Model outputs -> defects, px -> mm.
+
+Two rules, chosen by the pack: a seg model with an instance head (model.json format 3) gives one
+defect per instance (engines/instances.py: heatmap peaks, boxes, masks from probs inside the box);
+any other gives one defect per connected component of each class's thresholded mask.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -7,6 +12,7 @@ import numpy as np
 
 from engines.geometry import CameraGeometry
 from engines.components import class_components
+from engines.instances import InstanceSpec, decode_instances
 from engines.modelpack import ClassThreshold
 
 
@@ -17,6 +23,7 @@ class Defect:
     confidence: float  # highest class probability inside the component
     bbox_px: tuple[int, int, int, int]  # x0, y0, x1, y1 in frame pixels, x1/y1 exclusive
     area_px: int  # frame pixels
+    instance: float | None = None  # instance packs: the peak's heatmap score (= confidence); else None
 
     def to_strip(self, geom: CameraGeometry, frame_pos_mm: float, frame_width: int) -> dict:
         """Centre and size in strip coordinates (mm): across from the strip's reference edge,
@@ -55,3 +62,20 @@ def extract_defects(probs: np.ndarray, classes: tuple[str, ...], thresholds: dic
         defects.sort(key=lambda d: d.confidence, reverse=True)
         defects = defects[:max_defects]
     return defects
+
+
+def extract_instances(outputs: dict[str, np.ndarray], spec: InstanceSpec, probs_name: str, probs_stride: int,
+                      classes: tuple[str, ...], thresholds: dict[str, ClassThreshold],
+                      frame_shape: tuple[int, int], max_defects: int = 50) -> list[Defect]:
+    """One frame's outputs of an instance seg model (name -> array without the batch axis) -> one
+    defect per instance, best first: confidence = instance = the peak's heatmap score; box from the
+    size and offset heads; area from the class's mask inside the box (else the box's area)."""
+    heat = outputs[spec.heatmap]
+    if heat.ndim != 3 or heat.shape[0] != len(classes):
+        raise ValueError(f"heatmap must be [K={len(classes)}, h, w], got {heat.shape}")
+    insts = decode_instances(
+        heat, outputs[spec.size], outputs[spec.offset], stride=spec.stride,
+        thresholds=[thresholds[c].instance_threshold for c in classes], frame_hw=frame_shape,
+        probs=outputs[probs_name], pixel_thresholds=[thresholds[c].pixel_threshold for c in classes],
+        probs_stride=probs_stride, max_instances=max_defects)
+    return [Defect(i.class_id, classes[i.class_id], i.score, i.bbox_px, i.area_px, instance=i.score) for i in insts]

@@ -22,7 +22,7 @@ import cv2
 import numpy as np
 
 from engines.backends import Backend, load_backend_class
-from engines.modelpack import ModelEntry, ModelPack
+from engines.modelpack import ModelEntry, ModelPack, check_instance_outputs
 
 
 class RunnerError(ValueError):
@@ -88,8 +88,16 @@ class ModelRunner:
         return self.backend.infer(self.entry.prepare(x))
 
     def __call__(self, x: np.ndarray, source: str = "batch") -> np.ndarray:
-        role, output = self.entry.role, self.entry.output
         prepared = self.entry.prepare(x)
+        return self._checked(x, prepared, source)[self.entry.output]
+
+    def outputs(self, x: np.ndarray, source: str = "batch") -> dict[str, np.ndarray]:
+        """The model's output and, for a seg model with an instance head, ``heatmap``, ``size`` and
+        ``offset`` too (under the names model.json gives them), each checked against the contract."""
+        return self._checked(x, self.entry.prepare(x), source)
+
+    def _checked(self, x: np.ndarray, prepared: np.ndarray, source: str) -> dict[str, np.ndarray]:
+        role = self.entry.role
         spec = self.backend.inputs[0]
         for axis in (2, 3):
             if spec.shape[axis] is not None and spec.shape[axis] != prepared.shape[axis]:
@@ -98,22 +106,31 @@ class ModelRunner:
                     f"batch is {prepared.shape[2]}x{prepared.shape[3]}; offline runs feed native image sizes to "
                     "fully convolutional models"
                 )
-        expected = self.expected_shape(x)
+        expected = {self.entry.output: self.expected_shape(x)}
+        inst = self.entry.instances
+        if inst is not None:
+            n, _, h, w = x.shape
+            if h % inst.stride or w % inst.stride:
+                raise RunnerError(f"instance stride {inst.stride} does not divide the padded input {h}x{w}")
+            hw = (h // inst.stride, w // inst.stride)
+            expected.update({inst.heatmap: (n, self.classes, *hw), inst.size: (n, 2, *hw), inst.offset: (n, 2, *hw)})
         out = self.backend.infer(prepared)
-        if output not in out:
-            raise RunnerError(f"{role} model has no output {output!r} (has {sorted(out)})")
-        value = out[output]
-        if value.shape != expected:
-            raise RunnerError(f"{role} output {output!r} has shape {value.shape}, expected {expected}")
-        if not np.all(np.isfinite(value)):
-            raise RunnerError(f"{role} output {output!r} holds NaN or infinite values ({source})")
-        return value
+        for name, shape in expected.items():
+            if name not in out:
+                raise RunnerError(f"{role} model has no output {name!r} (has {sorted(out)})")
+            value = out[name]
+            if value.shape != shape:
+                raise RunnerError(f"{role} output {name!r} has shape {value.shape}, expected {shape}")
+            if not np.all(np.isfinite(value)):
+                raise RunnerError(f"{role} output {name!r} holds NaN or infinite values ({source})")
+        return {name: out[name] for name in expected}
 
 
 class PackRunner:
     """A model pack's models opened on one backend. Use as a context manager.
 
-    ``runner.gate(x)`` -> scores ``[N, K]``; ``runner.seg(x)`` -> probs ``[N, K, H/s, W/s]``, for
+    ``runner.gate(x)`` -> scores ``[N, K]``; ``runner.seg(x)`` -> probs ``[N, K, H/s, W/s]``;
+    ``runner.seg_outputs(x)`` -> probs plus, for an instance pack, its heatmap, size and offset; for
     uint8 ``[N, C, H, W]`` frames (``stack_images`` makes them from images)."""
 
     def __init__(self, pack: ModelPack, *, backend: str = "onnxruntime", threads: int = 0, max_batch: int = 8,
@@ -134,6 +151,8 @@ class PackRunner:
                 entry = pack.models[role]
                 be = self.backend_class(entry.path, max_batch=max_batch, threads=threads, **(options or {}))
                 self._stack.enter_context(be)
+                if role == "seg":
+                    check_instance_outputs(pack, [o.name for o in be.outputs])
                 self.models[role] = ModelRunner(entry, be, len(pack.classes))
         except BaseException:
             self._stack.close()
@@ -144,6 +163,10 @@ class PackRunner:
 
     def seg(self, x: np.ndarray, source: str = "batch") -> np.ndarray:
         return self.models["seg"](x, source)
+
+    def seg_outputs(self, x: np.ndarray, source: str = "batch") -> dict[str, np.ndarray]:
+        """``probs`` and, for an instance pack, the instance head's outputs (ModelRunner.outputs)."""
+        return self.models["seg"].outputs(x, source)
 
     def has(self, role: str) -> bool:
         return role in self.models

@@ -5,9 +5,12 @@ import json
 
 import numpy as np
 import pytest
+from tinyinstances import make_instance_pack
 from tinypack import make_pack
 
-from engines.modelpack import ModelPackError, load_model_pack, pool_frames
+from engines import runner
+from engines.instances import InstanceSpec
+from engines.modelpack import ModelPackError, load_calibration, load_model_pack, pool_frames
 
 
 def test_pool_frames_is_the_block_mean_rounded_to_a_grey_level():
@@ -52,10 +55,83 @@ def _edit(directory, change) -> None:
     (lambda d: d["models"]["gate"].update(input_pool=3), r"input_pool 3 must be >= 1 and divide the 64x256"),
     (lambda d: d["models"]["gate"].update(input_pool=0), r"input_pool 0 must be >= 1"),
     (lambda d: d["models"]["gate"].update(input_pool="4"), r"key 'input_pool' must be <class 'int'>"),
-    (lambda d: d.update(format=3), r"format 3 is not one this agent reads \(1, 2\)"),
+    (lambda d: d.update(format=4), r"format 4 is not one this agent reads \(1, 2, 3\)"),
 ])
 def test_bad_input_pool_is_refused_with_the_reason(tmp_path, change, message):
     d = make_pack(tmp_path / "p", gate_input_pool=4)
     _edit(d, change)
     with pytest.raises(ModelPackError, match=message):
         load_model_pack(d)
+
+
+# -- format 3: the instance head's block --------------------------------------------------------
+
+def test_an_instance_pack_loads_its_block_and_thresholds(tmp_path):
+    pack = load_model_pack(make_instance_pack(tmp_path / "p", instance_threshold=0.4))
+    assert pack.meta["format"] == 3
+    assert pack.seg.instances == InstanceSpec("heatmap", "size", "offset", 4) and pack.gate.instances is None
+    cal = load_calibration(pack)
+    assert {c.instance_threshold for c in cal.classes.values()} == {0.4}
+    # absent from calibration.json: the contract's default 0.3
+    cal = load_calibration(load_model_pack(make_instance_pack(tmp_path / "q")))
+    assert {c.instance_threshold for c in cal.classes.values()} == {0.3}
+    # old packs: no instances, as before
+    assert load_model_pack(make_pack(tmp_path / "old")).seg.instances is None
+
+
+def test_an_instance_stride_joins_the_padding_multiple(tmp_path):
+    d = make_instance_pack(tmp_path / "p", stride=16)
+    assert load_model_pack(d).pad_multiple == 16
+
+
+def _inst(d, **change):
+    d["models"]["seg"]["instances"].update(change)
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    # a format-2 reader would ignore the block and publish components of an instance model
+    (lambda d: d.update(format=2), r"models.seg: instances needs model.json format 3, this file says format 2"),
+    (lambda d: d["models"]["seg"]["instances"].pop("size"), r"models.seg.instances: missing key 'size'"),
+    (lambda d: _inst(d, offset=7), r"models.seg.instances: key 'offset' must be <class 'str'>, got int"),
+    (lambda d: _inst(d, heatmap=""), r"models.seg.instances: output names must not be empty"),
+    (lambda d: _inst(d, heatmap="probs"), r"must be four different outputs"),
+    (lambda d: _inst(d, stride=3), r"models.seg.instances: stride must be a power of two >= 1, got 3"),
+    (lambda d: _inst(d, stride=0), r"stride must be a power of two >= 1, got 0"),
+    (lambda d: _inst(d, stride=4.0), r"key 'stride' must be <class 'int'>, got float"),
+    (lambda d: _inst(d, centre="c"), r"unknown key\(s\) \['centre'\]"),
+    (lambda d: d["models"]["seg"].update(instances=["heatmap"]), r"instances must be an object, got list"),
+    (lambda d: d["models"]["gate"].update(instances={}), r"only the seg model may carry instances, not the gate"),
+])
+def test_a_bad_instances_block_is_refused_with_the_reason(tmp_path, change, message):
+    d = make_instance_pack(tmp_path / "p")
+    _edit(d, change)
+    with pytest.raises(ModelPackError, match=message):
+        load_model_pack(d)
+
+
+def test_instance_outputs_the_graph_lacks_are_refused_when_opened(tmp_path):
+    d = make_instance_pack(tmp_path / "p")
+    _edit(d, lambda doc: _inst(doc, heatmap="centres"))
+    pack = load_model_pack(d)  # the names are well formed; only the graph can say they are missing
+    with pytest.raises(ModelPackError, match=r"names output\(s\) \['centres'\] that seg.onnx does not have"):
+        runner.PackRunner(pack)
+
+
+def test_a_bad_instance_threshold_is_refused(tmp_path):
+    d = make_instance_pack(tmp_path / "p", instance_threshold=1.5)
+    with pytest.raises(ModelPackError, match=r"classes.bright: instance_threshold must be in \(0,1\), got 1.5"):
+        load_calibration(load_model_pack(d))
+
+
+def test_the_runner_returns_and_checks_the_instance_outputs(tmp_path):
+    from tinyinstances import frame_with_squares
+
+    pack = load_model_pack(make_instance_pack(tmp_path / "p"))
+    with runner.PackRunner(pack) as models:
+        x = runner.stack_images(pack, [frame_with_squares([("bright", 40, 20)])])
+        out = models.seg_outputs(x)
+        assert set(out) == {"probs", "heatmap", "size", "offset"}
+        assert out["heatmap"].shape == (1, 2, 16, 64) and out["size"].shape == (1, 2, 16, 64)
+        assert out["heatmap"][0, 0].argmax() == np.ravel_multi_index((7, 12), (16, 64))  # the square's centre cell
+        assert out["size"][0, :, 7, 12] == pytest.approx((20.0, 20.0))
+        assert models.seg(x).shape == (1, 2, 16, 64)  # probs alone, as before

@@ -121,3 +121,54 @@ def test_synthetic_frames_are_deterministic_uint8():
     a, b = synthetic_frames(3, 2, 16, 20, seed=7), synthetic_frames(3, 2, 16, 20, seed=7)
     assert a.dtype == np.uint8 and a.shape == (3, 2, 16, 20)
     assert np.array_equal(a, b) and a.std() > 10
+
+
+# -- instance heads: boxes decoded from both must match one-to-one, same class, IoU >= 0.9 ----------
+
+def _instance_frames():
+    from tinyinstances import frame_with_squares
+
+    squares = [[("bright", 40, 20)], [("bright", 8, 4), ("dark", 200, 40)], [("dark", 236, 44)], []]
+    return np.stack([frame_with_squares(s)[None] for s in squares])
+
+
+@pytest.fixture(scope="module")
+def instance_models(tmp_path_factory):
+    from tinyinstances import instance_graph
+
+    d = tmp_path_factory.mktemp("parity_inst")
+    onnx.save(instance_graph("seg"), d / "seg.onnx")
+    onnx.save(instance_graph("seg", size_gain=1.5), d / "seg_wide.onnx")  # a perturbed size head
+    return d / "seg.onnx", fp16.convert(d / "seg.onnx", d / "seg.fp16.onnx").path, d / "seg_wide.onnx"
+
+
+def _instance_report(ref_path, cand_path):
+    from engines.instances import InstanceSpec
+
+    with OnnxRuntimeBackend(ref_path, max_batch=4, threads=1) as ref, \
+            OnnxRuntimeBackend(cand_path, max_batch=4, threads=1) as cand:
+        return compare(ref, cand, [_instance_frames()], role="seg", pixel_thresholds=0.5,
+                       instances=InstanceSpec(), instance_thresholds=[0.5, 0.5])
+
+
+def test_instance_boxes_of_a_real_fp16_conversion_pass(instance_models):
+    ref, fp16_path, _ = instance_models
+    report = _instance_report(ref, fp16_path).check(ParityBar())
+    assert report.box_agreement(0.9) == (4, 4, 4)  # the four squares, paired at IoU >= 0.9
+    assert report.geometric_outputs == ["size", "offset"]
+    assert report.to_dict()["boxes"]["reference"] == 4 and "instances: 4 reference boxes" in report.text()
+
+
+def test_a_perturbed_size_head_fails_the_box_gate(instance_models):
+    ref, _, wide = instance_models
+    report = _instance_report(ref, wide)
+    pairs, n_ref, n_cand = report.box_agreement(0.0)
+    assert (pairs, n_ref, n_cand) == (4, 4, 4)  # same peaks, same classes ...
+    assert report.box_agreement(0.9)[0] < 4  # ... but 30 px boxes for 20 px squares: IoU 0.44
+    with pytest.raises(ParityError, match=r"instance boxes: [0-3] same-class pairs at IoU >= 0.9 for 4 reference"):
+        report.check(ParityBar())
+    # only the box gate fails it: size is in px, the abs-diff bar does not judge it
+    with pytest.raises(ParityError) as info:
+        report.check(ParityBar())
+    assert not any(f.startswith("size:") for f in info.value.failures)
+    assert report.outputs["size"].max_abs_diff == pytest.approx(10.0, abs=0.1)

@@ -322,8 +322,10 @@ class InstanceSegmenter(nn.Module):
         f8 = self.s8(f4)
         f16 = self.context(self.s16(f8))
         top = self.lat16(f16)
-        p8 = self.lat8(f8) + F.interpolate(top, scale_factor=2.0, mode="nearest")
-        p4 = self.lat4(f4) + F.interpolate(p8, scale_factor=2.0, mode="nearest")
+        # upsample to the finer map's own size: any H, W that is a multiple of 4 works (NEU's 200 px
+        # is not a multiple of 16); for multiples of 16 it is exactly a 2x nearest upsampling
+        p8 = self.lat8(f8) + F.interpolate(top, size=f8.shape[-2:], mode="nearest")
+        p4 = self.lat4(f4) + F.interpolate(p8, size=f4.shape[-2:], mode="nearest")
         t = self.head_trunk(F.relu(p4))
         return {"probs": self.probs(t), "heatmap": self.heatmap(t), "size": self.size(t), "offset": self.offset(t)}
 

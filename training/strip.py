@@ -122,10 +122,12 @@ class RealisticStripGenerator:
 
     # -- public --------------------------------------------------------------------------------
     def frame(self, index: int, defective: bool) -> StripFrame:
-        rng = np.random.default_rng([self.seed, int(index), int(bool(defective))])
+        # one stream per layer, so that a setting of one layer (stains, defects) leaves the others' pixels
+        seq = np.random.SeedSequence([self.seed, int(index), int(bool(defective))])
+        rng_tex, rng_stain, rng, rng_sensor = (np.random.default_rng(s) for s in seq.spawn(4))
         h, w, k = self.height, self.width, len(self.classes)
-        base = self._background(rng, int(index))
-        stains = self._stains(rng, base)
+        base = self._background(rng_tex, int(index))
+        stains = self._stains(rng_stain, base)
         masks = np.zeros((k, h, w), bool)
         boxes: list[Box] = []
         image = base
@@ -142,7 +144,8 @@ class RealisticStripGenerator:
                 support = np.abs(d) >= MIN_CONTRAST
                 if not support.any():
                     continue
-                scale = rng.uniform(*LOW_CONTRAST) if rng.random() < self.low_contrast_rate else 1.0
+                faint, low = rng.uniform(*LOW_CONTRAST), rng.random() < self.low_contrast_rate  # both always drawn
+                scale = faint if low else 1.0
                 delta[support] = d[support] * scale
                 owner[support] = len(painted)  # a later defect overwrites an earlier one's pixels
                 painted.append((self.classes.index(name), support))
@@ -154,7 +157,7 @@ class RealisticStripGenerator:
                 boxes.append(Box(ci, float(xs.min()), float(ys.min()), float(xs.max() + 1), float(ys.max() + 1)))
                 masks[ci] |= mine
             image = base + delta
-        image = self._sensor(rng, image)
+        image = self._sensor(rng_sensor, image)
         return StripFrame(np.clip(np.rint(image), 0, 255).astype(np.uint8), masks, boxes, stains)
 
     # -- background ----------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """Train the instance model (training.nets.InstanceSegmenter) of a profile on CPU, resumable.
 
 What one step sees (whole images, never a crop through a box):
-- strip-shaped mosaics: a `canvas` (default 256 x 768) whose background is a clean window of a
+- strip-shaped mosaics: a `canvas` (default 256 x 512) whose background is a clean window of a
   realistic strip (training.strip), with whole NEU images pasted left to right, each scale-jittered
   (0.8-1.25), flipped and drift-augmented; their boxes follow the scale and flips;
 - realistic strips (`synthetic_fraction` of the canvases): windows of generated defective or clean
@@ -18,7 +18,7 @@ boxes rasterised as masks.
 AdamW, warm-up + cosine (training.train.learning_rate, following the larger of steps done and
 --max-minutes spent), an EMA of the weights (decay 0.999, warmed up) which is what is evaluated and
 shipped. After every epoch: val mAP@0.5 (pycocotools, training.evaluate.coco_map) of the EMA model
-on the whole val images, peaks decoded by `decode` (below: the contract's 3x3 max-pool peaks, no NMS);
+on the whole val images, peaks decoded by engines.instances (the contract's 3x3 max-pool peaks, no NMS);
 `best.pt` keeps the EMA weights of the best val mAP@0.5; `last.pt` holds everything to resume.
 """
 from __future__ import annotations
@@ -79,34 +79,19 @@ class InstanceTrainConfig:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-# -- decoding (the contract of engines/instances.py, kept here for training's val mAP) ----------
+# -- decoding: engines.instances (the runtime's own decode), boxes as training.datasets.Box ------------
 
 
 def decode(heatmap: np.ndarray, size: np.ndarray, offset: np.ndarray, threshold: float | Sequence[float],
            max_instances: int, stride: int, frame_hw: tuple[int, int]) -> list[tuple[Box, float]]:
-    """One frame's outputs ([K,h,w], [2,h,w], [2,h,w]) -> [(Box, score)], best first: a cell is a
-    peak of class k when it equals the 3x3 max of heatmap[k] around it and is >= the class's
-    threshold; at most max_instances by score; boxes in input px, clipped to frame_hw (H, W)."""
-    k = heatmap.shape[0]
-    thr = np.broadcast_to(np.asarray(threshold, np.float32), (k,))
-    kernel = np.ones((3, 3), np.uint8)
-    found = []
-    for c in range(k):
-        hm = np.ascontiguousarray(heatmap[c], dtype=np.float32)
-        peak = (hm == cv2.dilate(hm, kernel, borderType=cv2.BORDER_REPLICATE)) & (hm >= thr[c])
-        ys, xs = np.nonzero(peak)
-        found += [(float(hm[y, x]), c, int(y), int(x)) for y, x in zip(ys, xs)]
-    found.sort(key=lambda t: -t[0])
-    h_img, w_img = frame_hw
-    out = []
-    for score, c, i, j in found[:max_instances]:
-        cx = (j + float(offset[0, i, j])) * stride
-        cy = (i + float(offset[1, i, j])) * stride
-        bw, bh = float(size[0, i, j]), float(size[1, i, j])
-        x0, y0 = min(max(cx - bw / 2, 0.0), w_img), min(max(cy - bh / 2, 0.0), h_img)
-        x1, y1 = min(max(cx + bw / 2, 0.0), w_img), min(max(cy + bh / 2, 0.0), h_img)
-        out.append((Box(c, x0, y0, x1, y1), score))
-    return out
+    """One frame's outputs ([K,h,w], [2,h,w], [2,h,w]) -> [(Box, score)], best first, decoded by
+    engines.instances.decode_instances (3x3 max-pool peaks >= threshold, no NMS), so val mAP here is
+    the mAP of the events the agent would publish."""
+    from engines.instances import decode_instances
+
+    found = decode_instances(heatmap, size, offset, stride=stride, thresholds=threshold, frame_hw=frame_hw,
+                             max_instances=max_instances)
+    return [(Box(d.class_id, *d.box), d.score) for d in found]
 
 
 # -- targets --------------------------------------------------------------------------------------

@@ -329,7 +329,8 @@ def instance_model_json(meta: dict[str, Any], seg_path: Path, height: int, width
 
 
 def export_instance_pack(checkpoint: str | Path, out: str | Path, height: int | None = None, width: int | None = None,
-                         gate_from: str | Path | None = None, check_frames: list[np.ndarray] | None = None) -> dict[str, Any]:
+                         gate_from: str | Path | None = None, check_frames: list[np.ndarray] | None = None,
+                         profile: str | None = None) -> dict[str, Any]:
     """Export an instance run's best.pt as seg.onnx (outputs probs, heatmap, size, offset) plus
     model.json format 3 into `out`; with `gate_from` (a pack folder), that pack's gate.onnx and its
     model.json entry are copied beside it. Returns model.json's content plus `max_abs_diff` per output."""
@@ -337,6 +338,8 @@ def export_instance_pack(checkpoint: str | Path, out: str | Path, height: int | 
     from training.train import PROFILE_TRAINING
 
     meta, model = load_instance_run(checkpoint)
+    if profile is not None and profile != meta["profile"]:
+        raise ExportError(f"{checkpoint}: the run trained profile {meta['profile']!r}, not {profile!r}")
     prof = PROFILE_TRAINING.get(meta["profile"])
     height = height or (prof.height if prof else None)
     width = width or (prof.width if prof else None)

@@ -93,6 +93,8 @@ def test_export_refuses_bad_runs(tmp_path):
     run = _fake_run(tmp_path / "run", classes=("a", "b"))
     with pytest.raises(ExportError, match=r"--gate-from .*: classes .* differ from the run's \['a', 'b'\]"):
         export_instance_pack(run, tmp_path / "out", gate_from=STEEL_PACK)
+    with pytest.raises(ExportError, match="the run trained profile 'steel', not 'kolektorsdd'"):
+        export_instance_pack(run, tmp_path / "out", profile="kolektorsdd")
     with pytest.raises(ExportError, match="must be set and multiples of 16"):
         export_instance_pack(run, tmp_path / "out", height=200, width=200)
     (run / "best.pt").unlink()
@@ -102,3 +104,21 @@ def test_export_refuses_bad_runs(tmp_path):
     (run / "meta.json").write_text(json.dumps({**meta, "kind": "components"}))
     with pytest.raises(ExportError, match="not an instance run"):
         export_instance_pack(run, tmp_path / "out")
+
+
+def test_cli_trains_and_exports_an_instance_run(tmp_path):
+    """`coilsight export` recognises an instance run and writes a format-3 pack (a real subprocess)."""
+    import os
+    import subprocess
+    import sys
+
+    run = _fake_run(tmp_path / "run")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    cmd = [sys.executable, "-m", "agent.cli", "export", "--checkpoint", str(run), "--profile", "steel",
+           "--out", str(tmp_path / "pack"), "--gate-from", str(STEEL_PACK)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stderr
+    assert "instance pack (format 3)" in done.stdout and "heatmap" in done.stdout
+    assert load_model_pack(tmp_path / "pack").seg.instances is not None
+    bad = subprocess.run(cmd[:-2] + ["--profile", "kolektorsdd"], capture_output=True, text=True, timeout=300, env=env)
+    assert bad.returncode == 2 and "not 'kolektorsdd'" in bad.stderr

@@ -23,10 +23,14 @@ from typing import Any
 
 import numpy as np
 
-from engines.modelpack import MODEL_PACK_FORMAT, load_model_pack, sha256_file
+from engines.modelpack import load_model_pack, sha256_file
 
 OPSET = 17
 MAX_ABS_DIFF = 1e-4
+# A pack without an instance head is written as format 2 (the newest format it needs: input_pool), so
+# agents that read formats 1-2 still load it; instance packs are format 3 (export_instance_pack).
+COMPONENT_PACK_FORMAT = 2
+INSTANCE_PACK_FORMAT = 3
 
 
 class ExportError(RuntimeError):
@@ -121,7 +125,7 @@ def model_json(meta: dict[str, Any], gate_path: Path, seg_path: Path, height: in
     from training.nets import OUTPUT_STRIDE
 
     doc = {
-        "format": MODEL_PACK_FORMAT,
+        "format": COMPONENT_PACK_FORMAT,
         "profile": meta["profile"],
         "classes": list(meta["classes"]),
         "input": {"channels": 1, "height": height, "width": width, "dtype": "uint8", "layout": "NCHW",
@@ -304,7 +308,7 @@ def instance_model_json(meta: dict[str, Any], seg_path: Path, height: int, width
                      "output_stride": OUTPUT_STRIDE, "instances": InstanceSpec(stride=OUTPUT_STRIDE).to_dict()}
     cfg = meta.get("config", {})
     return {
-        "format": 3,
+        "format": INSTANCE_PACK_FORMAT,
         "profile": meta["profile"],
         "classes": list(meta["classes"]),
         "input": {"channels": 1, "height": height, "width": width, "dtype": "uint8", "layout": "NCHW",

@@ -1,4 +1,4 @@
-"""Offline commands: `coilsight train`, `export`, `evaluate`, `card` and `calibrate thresholds|spatial`.
+"""Offline commands: `coilsight train`, `train-instances`, `export`, `evaluate`, `card` and `calibrate thresholds|spatial`.
 
 They read the labelled data (training.datasets) and drive training, export, evaluation, the model
 card and calibration. torch, pycocotools, matplotlib and ONNX Runtime sessions are imported inside
@@ -78,7 +78,29 @@ def _register_train(subparsers) -> None:
     e.add_argument("--gate-pool-in-graph", action="store_true",
                    help="keep the gate's average pool inside gate.onnx (the graph takes whole frames); by default the "
                         "agent pools uint8 frames before the gate (model.json input_pool)")
+    e.add_argument("--gate-from", type=Path, metavar="PACK",
+                   help="instance runs (train-instances): copy this pack's gate into the new pack (same classes "
+                        "and frame size); without it the pack has no gate")
     e.set_defaults(func=_run_export)
+
+    ti = subparsers.add_parser("train-instances", help="train a profile's instance model (heatmap, size, offset "
+                               "beside probs; model.json format 3) on CPU (torch)",
+                               description="Strip-shaped mosaics of whole train images plus realistic strips; keeps "
+                               "the EMA weights of the best val mAP@0.5 (best.pt); never reads the test split. "
+                               "Resumes from <out>/last.pt.")
+    ti.add_argument("--profile", required=True, choices=PROFILES)
+    ti.add_argument("--data-root", type=Path, default=Path("/work/shared/data"), help="shared data root")
+    ti.add_argument("--out", type=Path, required=True, help="run folder (checkpoints, meta.json)")
+    ti.add_argument("--model-size", default="edge", help="training.nets.INSTANCE_CONFIGS key (edge, line, ...)")
+    ti.add_argument("--epochs", type=int, default=200)
+    ti.add_argument("--steps-per-epoch", type=int, default=40)
+    ti.add_argument("--batch", type=int, default=4, help="canvases (256x512) per step")
+    ti.add_argument("--lr", type=float, default=3e-3)
+    ti.add_argument("--synthetic-fraction", type=float, default=0.15, help="share of realistic strip canvases")
+    ti.add_argument("--max-minutes", type=float, default=100.0, help="stop after the epoch that crosses this")
+    ti.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    ti.add_argument("--seed", type=int, default=0)
+    ti.set_defaults(func=_run_train_instances)
 
 
 def _run_train(args: argparse.Namespace) -> int:
@@ -109,12 +131,63 @@ def _run_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_train_instances(args: argparse.Namespace) -> int:
+    from training.datasets import DatasetError
+    from training.train_instances import InstanceTrainConfig, InstanceTrainError, train_instances
+
+    cfg = InstanceTrainConfig(profile=args.profile, data_root=args.data_root, out=args.out, model_size=args.model_size,
+                              epochs=args.epochs, steps_per_epoch=args.steps_per_epoch, batch=args.batch, lr=args.lr,
+                              synthetic_fraction=args.synthetic_fraction, max_minutes=args.max_minutes,
+                              threads=args.threads, seed=args.seed, command="coilsight " + shlex.join(sys.argv[1:]))
+    try:
+        meta = train_instances(cfg)
+    except (InstanceTrainError, DatasetError) as exc:
+        print(f"coilsight train-instances: error: {exc}", file=sys.stderr)
+        return 2
+    best = meta["best"]
+    print(f"trained {meta['profile']} ({meta['model_size']}) for {len(meta['history'])} epochs in "
+          f"{meta['minutes']:.1f} min; best val mAP@0.5 {best.get('val_map50')} at epoch {best.get('epoch')}; "
+          f"checkpoints in {args.out}")
+    return 0
+
+
+def _is_instance_run(checkpoint: Path) -> bool:
+    import json
+
+    meta = checkpoint / "meta.json"
+    try:
+        return meta.is_file() and json.loads(meta.read_text()).get("kind") == "instances"
+    except ValueError:
+        return False  # export_pack names the broken file
+
+
+def _run_export_instances(args: argparse.Namespace) -> int:
+    from training.export import ExportError, export_instance_pack
+    from engines.modelpack import ModelPackError
+
+    try:
+        doc = export_instance_pack(args.checkpoint, args.out, gate_from=args.gate_from, profile=args.profile)
+    except (ExportError, ModelPackError) as exc:
+        print(f"coilsight export: error: {exc}", file=sys.stderr)
+        return 2
+    d = doc["max_abs_diff"]
+    print(f"exported {doc['profile']} instance pack (format 3) to {args.out}: seg {doc['models']['seg']['sha256'][:12]}"
+          f"{', gate from ' + str(args.gate_from) if args.gate_from else ', no gate'}; torch vs ONNX Runtime max abs diff "
+          + ", ".join(f"{k} {v:.2e}" for k, v in d.items()))
+    return 0
+
+
 def _run_export(args: argparse.Namespace) -> int:
     if (code := missing_extra("export", "train", "torch", "onnx")) is not None:
         return code
     from training.export import ExportError, export_pack
     from engines.modelpack import ModelPackError
 
+    if _is_instance_run(args.checkpoint):
+        return _run_export_instances(args)
+    if args.gate_from is not None:
+        print("coilsight export: error: --gate-from is for instance runs (train-instances)", file=sys.stderr)
+        return 2
     try:
         doc = export_pack(args.checkpoint, args.out, args.profile, pool_in_graph=args.gate_pool_in_graph)
     except (ExportError, ModelPackError) as exc:

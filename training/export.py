@@ -27,6 +27,10 @@ from engines.modelpack import MODEL_PACK_FORMAT, load_model_pack, pack_format, s
 
 OPSET = 17
 MAX_ABS_DIFF = 1e-4
+# A pack without an instance head is written as the lowest format that holds it (engines.modelpack.
+# pack_format: 2 with input_pool), so agents that read formats 1-2 still load it; instance packs are
+# format 3 (export_instance_pack).
+INSTANCE_PACK_FORMAT = 3
 
 
 class ExportError(RuntimeError):
@@ -207,3 +211,170 @@ def pool_rounding(gate, path: Path, pool: int, shape=(4, 1, 64, 96), seed: int =
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     got = sess.run(None, {"image": pool_frames(x, pool)})[0]
     return float(np.max(np.abs(got - ref)))
+
+
+# -- instance packs (issue 17): seg.onnx with probs, heatmap, size, offset; model.json format 3 -----
+
+INSTANCE_OUTPUTS = ("probs", "heatmap", "size", "offset")
+# size is in input px (up to thousands): its bound is relative; the others are probabilities
+MAX_REL_DIFF_SIZE = 1e-4
+
+
+def load_instance_run(checkpoint: str | Path, weights: str = "best.pt"):
+    """(meta, model) from an instance training folder (training.train_instances): meta.json + best.pt."""
+    import torch
+
+    from training.nets import InstanceConfig, build_instance_model
+    from training.train_instances import META_FILE
+
+    checkpoint = Path(checkpoint)
+    meta_path = checkpoint / META_FILE
+    if not meta_path.is_file():
+        raise ExportError(f"{checkpoint}: no {META_FILE}; is this the --out folder of training.train_instances?")
+    meta = json.loads(meta_path.read_text())
+    if meta.get("kind") != "instances":
+        raise ExportError(f"{meta_path}: not an instance run (kind {meta.get('kind')!r}); use export_pack")
+    for key in ("profile", "classes", "mean", "std", "model_config"):
+        if key not in meta:
+            raise ExportError(f"{meta_path}: missing key {key!r}")
+    model = build_instance_model(len(meta["classes"]), 1, meta["mean"], meta["std"],
+                                 InstanceConfig.from_dict(meta["model_config"]))
+    path = checkpoint / weights
+    if not path.is_file():
+        raise ExportError(f"{checkpoint}: no {weights}")
+    model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    return meta, model.eval()
+
+
+def export_instance_onnx(model, path: Path, channels: int = 1, height: int = 64, width: int = 96) -> None:
+    import torch
+
+    dummy = torch.randint(0, 256, (2, channels, height, width), dtype=torch.uint8)
+    axes = {"image": {0: "N", 2: "H", 3: "W"}, **{o: {0: "N", 2: "H_out", 3: "W_out"} for o in INSTANCE_OUTPUTS}}
+    model.eval()
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.onnx.export(model, (dummy,), str(path), input_names=["image"], output_names=list(INSTANCE_OUTPUTS),
+                          opset_version=OPSET, dynamic_axes=axes, do_constant_folding=True, dynamo=False)
+
+
+def verify_instance_onnx(model, path: Path, shapes=((2, 1, 64, 96), (1, 1, 256, 320)), seed: int = 0,
+                         frames: list[np.ndarray] | None = None) -> dict[str, float]:
+    """Per output, the largest |torch - ONNX Runtime| over random uint8 inputs (and `frames`, uint8
+    [N, 1, H, W], e.g. real images); ExportError when a probability output differs by MAX_ABS_DIFF
+    or more, or size by more than MAX_REL_DIFF_SIZE of its value (+ MAX_ABS_DIFF)."""
+    import onnx
+    import onnxruntime as ort
+    import torch
+
+    onnx.checker.check_model(onnx.load(str(path)))
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    names = ([i.name for i in sess.get_inputs()], [o.name for o in sess.get_outputs()])
+    if names != (["image"], list(INSTANCE_OUTPUTS)):
+        raise ExportError(f"{path.name}: graph has inputs/outputs {names}, expected (['image'], {list(INSTANCE_OUTPUTS)})")
+    rng = np.random.default_rng(seed)
+    inputs = [rng.integers(0, 256, size=shape, dtype=np.uint8) for shape in shapes] + list(frames or [])
+    worst = dict.fromkeys(INSTANCE_OUTPUTS, 0.0)
+    for x in inputs:
+        with torch.no_grad():
+            refs = [t.numpy() for t in model(torch.from_numpy(x))]
+        gots = sess.run(list(INSTANCE_OUTPUTS), {"image": x})
+        for name, ref, got in zip(INSTANCE_OUTPUTS, refs, gots):
+            if got.shape != ref.shape:
+                raise ExportError(f"{path.name}: ONNX Runtime {name} shape {got.shape} != torch {ref.shape} for input {x.shape}")
+            diff = np.abs(got - ref)
+            if name == "size":
+                excess = float(np.max(diff - MAX_REL_DIFF_SIZE * np.abs(ref)))
+                if not excess < MAX_ABS_DIFF:
+                    raise ExportError(f"{path.name}: ONNX Runtime size differs from torch by {float(diff.max()):.3g} px "
+                                      f"(limit {MAX_REL_DIFF_SIZE:g} x size + {MAX_ABS_DIFF:g})")
+            worst[name] = max(worst[name], float(diff.max()))
+    for name in ("probs", "heatmap", "offset"):
+        if not worst[name] < MAX_ABS_DIFF:
+            raise ExportError(f"{path.name}: ONNX Runtime {name} differs from torch by {worst[name]:.3g} (limit {MAX_ABS_DIFF})")
+    return worst
+
+
+def instance_model_json(meta: dict[str, Any], seg_path: Path, height: int, width: int,
+                        gate: dict[str, Any] | None = None) -> dict[str, Any]:
+    """model.json format 3 for an instance pack; `gate`: a gate entry (file, sha256, output,
+    input_pool) taken from another pack, or None for a pack without a gate."""
+    from engines.instances import InstanceSpec
+    from training.nets import OUTPUT_STRIDE
+
+    models: dict[str, Any] = {}
+    if gate is not None:
+        models["gate"] = gate
+    models["seg"] = {"file": seg_path.name, "sha256": sha256_file(seg_path), "output": "probs",
+                     "output_stride": OUTPUT_STRIDE, "instances": InstanceSpec(stride=OUTPUT_STRIDE).to_dict()}
+    cfg = meta.get("config", {})
+    return {
+        "format": INSTANCE_PACK_FORMAT,
+        "profile": meta["profile"],
+        "classes": list(meta["classes"]),
+        "input": {"channels": 1, "height": height, "width": width, "dtype": "uint8", "layout": "NCHW",
+                  "mean": meta["mean"], "std": meta["std"]},
+        "models": models,
+        "training": {
+            "data": DATA_DESCRIPTIONS.get(meta["profile"], meta["profile"]) + f" under {meta.get('data', '?')}; "
+                    f"strip mosaics on realistic strip background (training.strip), realistic strips as "
+                    f"{cfg.get('synthetic_fraction', 0):.0%} of canvases",
+            "split": "training.datasets.assign_split: sha1(file stem)[0] < 51 test (never used), < 82 val "
+                     "(checkpoint choice by val mAP@0.5, calibration), else train",
+            "command": meta.get("command", ""),
+            "seed": meta.get("seed", 0),
+            "minutes": meta.get("minutes"),
+            "epochs_run": len(meta.get("history", [])),
+            "best": meta.get("best", {}),
+            "model_size": meta.get("model_size"),
+            "model_config": meta.get("model_config"),
+            "kind": "instances",
+        },
+    }
+
+
+def export_instance_pack(checkpoint: str | Path, out: str | Path, height: int | None = None, width: int | None = None,
+                         gate_from: str | Path | None = None, check_frames: list[np.ndarray] | None = None,
+                         profile: str | None = None) -> dict[str, Any]:
+    """Export an instance run's best.pt as seg.onnx (outputs probs, heatmap, size, offset) plus
+    model.json format 3 into `out`; with `gate_from` (a pack folder), that pack's gate.onnx and its
+    model.json entry are copied beside it. Returns model.json's content plus `max_abs_diff` per output."""
+    from engines.modelpack import load_model_pack as load_pack
+    from training.train import PROFILE_TRAINING
+
+    meta, model = load_instance_run(checkpoint)
+    if profile is not None and profile != meta["profile"]:
+        raise ExportError(f"{checkpoint}: the run trained profile {meta['profile']!r}, not {profile!r}")
+    prof = PROFILE_TRAINING.get(meta["profile"])
+    height = height or (prof.height if prof else None)
+    width = width or (prof.width if prof else None)
+    if not height or not width or height % 16 or width % 16:
+        raise ExportError(f"input height {height} and width {width} must be set and multiples of 16")
+    gate_entry = None
+    out = Path(out)
+    if gate_from is not None:
+        src = load_pack(gate_from)
+        if src.gate is None:
+            raise ExportError(f"--gate-from {gate_from}: that pack has no gate")
+        if tuple(src.classes) != tuple(meta["classes"]):
+            raise ExportError(f"--gate-from {gate_from}: classes {list(src.classes)} differ from the run's {meta['classes']}")
+        if (src.height, src.width) != (height, width):
+            raise ExportError(f"--gate-from {gate_from}: input {src.height}x{src.width} differs from {height}x{width}")
+        raw = json.loads((Path(gate_from) / "model.json").read_text())["models"]["gate"]
+        gate_entry = dict(raw)
+    out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out) as tmp:
+        tmp = Path(tmp)
+        export_instance_onnx(model, tmp / "seg.onnx")
+        diffs = verify_instance_onnx(model, tmp / "seg.onnx", frames=check_frames)
+        shutil.move(str(tmp / "seg.onnx"), out / "seg.onnx")
+    if gate_entry is not None:
+        shutil.copyfile(Path(gate_from) / gate_entry["file"], out / "gate.onnx")
+        gate_entry["file"] = "gate.onnx"
+        gate_entry["sha256"] = sha256_file(out / "gate.onnx")
+    doc = instance_model_json(meta, out / "seg.onnx", height, width, gate_entry)
+    if gate_entry is not None:
+        doc["training"]["gate_from"] = str(gate_from)
+    (out / "model.json").write_text(json.dumps(doc, indent=1) + "\n")
+    load_pack(out)
+    return {**doc, "max_abs_diff": diffs}

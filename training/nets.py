@@ -15,6 +15,7 @@ stride 2/4/8 and returns per-class probabilities at output stride 4.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
 import torch
@@ -208,3 +209,174 @@ def build_models(num_classes: int, in_channels: int = 1, mean: float = 0.5, std:
 
 def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+# -- the instance model (issue 17): a trunk worth the head, an anchor-free head beside `probs` ----
+
+INSTANCE_OUTPUTS = ("probs", "heatmap", "size", "offset")
+SIZE_SCALE = 16.0  # size = SIZE_SCALE * exp(t) input px: t = 0 is a 16 px box
+SIZE_LOG_CLAMP = (-3.0, 5.0)  # 0.8 .. 2,375 px; keeps exp finite in FP16 (max 65,504)
+HEATMAP_PRIOR = 0.1  # initial heatmap probability (CenterNet's bias -2.19)
+
+
+@dataclass(frozen=True)
+class InstanceConfig:
+    """Widths of the instance model. Encoder stages at stride 2, 4, 8, 16 (`widths`); dilated 3x3
+    context convs at stride 16 (`context`: their dilations); 1x1 lateral convs fuse top-down to
+    stride 4 (`decoder` channels); a 3x3 depthwise + 1x1 head trunk at stride 4 (`head`) feeds four
+    1x1 outputs. `separable`: stages at stride >= 4 are depthwise 3x3 + 1x1 (cheap) instead of full
+    3x3 convs (the stride-4 downsampling conv is always a full 3x3); `blocks`: extra stride-1 blocks per stage from stride 4 on."""
+
+    widths: tuple[int, int, int, int] = (16, 32, 64, 128)
+    context: tuple[int, ...] = (2, 4, 8)
+    decoder: int = 48
+    head: int = 48
+    separable: bool = True
+    blocks: tuple[int, int, int] = (1, 2, 2)
+
+    def to_dict(self) -> dict:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "InstanceConfig":
+        unknown = set(d) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"instance config: unknown keys {sorted(unknown)}; known: {sorted(cls.__dataclass_fields__)}")
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+
+
+INSTANCE_CONFIGS: dict[str, InstanceConfig] = {
+    # the CPU default: GMACs per 1600x256 frame near the shipped segmenter's (test_nets states both)
+    # full 3x3 convs: torch's depthwise convs train ~2x slower per step on the CPU for fewer MACs
+    "edge": InstanceConfig(widths=(16, 24, 48, 64), context=(2, 4, 8), decoder=32, head=32, separable=False,
+                           blocks=(0, 1, 1)),
+    # the same trunk in depthwise-separable blocks, wider: 0.55 GMAC, measured and not shipped
+    "edge_sep": InstanceConfig(),
+    # accuracy first, for GPU line boxes: full 3x3 convs, wider, deeper context
+    "line": InstanceConfig(widths=(24, 48, 96, 160), context=(2, 4, 8), decoder=64, head=64,
+                           separable=False, blocks=(1, 2, 2)),
+    # tests only: the same graph, a few thousand parameters
+    "test": InstanceConfig(widths=(8, 8, 16, 16), context=(2,), decoder=8, head=8, blocks=(0, 0, 0)),
+}
+
+
+def _stage(cin: int, cout: int, stride: int, separable: bool, dilation: int = 1) -> nn.Sequential:
+    if separable:
+        return nn.Sequential(
+            nn.Conv2d(cin, cin, 3, stride=stride, padding=dilation, dilation=dilation, groups=cin, bias=False),
+            nn.BatchNorm2d(cin), nn.ReLU(inplace=True),
+            nn.Conv2d(cin, cout, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+    return _cbr(cin, cout, stride, dilation)
+
+
+class _Residual(nn.Module):
+    def __init__(self, body: nn.Module):
+        super().__init__()
+        self.body = body
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.body(x)
+
+
+class InstanceSegmenter(nn.Module):
+    """Image -> (probs, heatmap, size, offset) at output stride 4 (the contract in
+    READ-ME of engines/instances.py and docs/architecture.md, model.json format 3):
+
+    - probs   [N, K, H/4, W/4] per-class pixel probability (sigmoid), as the old Segmenter;
+    - heatmap [N, K, H/4, W/4] per-class centre heatmap (sigmoid);
+    - size    [N, 2, H/4, W/4] box (w, h) in input px, SIZE_SCALE * exp(clamped t) >= 0;
+    - offset  [N, 2, H/4, W/4] centre offset (dx, dy) in cells, sigmoid (0..1).
+    """
+
+    def __init__(self, num_classes: int, in_channels: int = 1, mean: float = 0.5, std: float = 0.25,
+                 config: InstanceConfig = InstanceConfig()):
+        super().__init__()
+        w1, w2, w3, w4 = config.widths
+        sep = config.separable
+        self.norm = Normalise(mean, std)
+        self.s2 = _cbr(in_channels, w1, 2)
+        # the stride-4 stage is a full 3x3 conv in every size: few input channels, and the head's detail
+        self.s4 = nn.Sequential(_cbr(w1, w2, 2), *[_Residual(_stage(w2, w2, 1, sep)) for _ in range(config.blocks[0])])
+        self.s8 = nn.Sequential(_stage(w2, w3, 2, sep), *[_Residual(_stage(w3, w3, 1, sep)) for _ in range(config.blocks[1])])
+        self.s16 = nn.Sequential(_stage(w3, w4, 2, sep), *[_Residual(_stage(w4, w4, 1, sep)) for _ in range(config.blocks[2])])
+        self.context = nn.Sequential(*[_Residual(_stage(w4, w4, 1, sep, dilation=d)) for d in config.context])
+        d = config.decoder
+        self.lat16 = nn.Conv2d(w4, d, 1)
+        self.lat8 = nn.Conv2d(w3, d, 1)
+        self.lat4 = nn.Conv2d(w2, d, 1)
+        self.head_trunk = nn.Sequential(
+            nn.Conv2d(d, d, 3, padding=1, groups=d, bias=False), nn.BatchNorm2d(d), nn.ReLU(inplace=True),
+            nn.Conv2d(d, config.head, 1, bias=False), nn.BatchNorm2d(config.head), nn.ReLU(inplace=True))
+        h = config.head
+        self.probs = nn.Conv2d(h, num_classes, 1)
+        self.heatmap = nn.Conv2d(h, num_classes, 1)
+        self.size = nn.Conv2d(h, 2, 1)
+        self.offset = nn.Conv2d(h, 2, 1)
+        nn.init.constant_(self.heatmap.bias, math.log(HEATMAP_PRIOR / (1.0 - HEATMAP_PRIOR)))
+        nn.init.constant_(self.probs.bias, math.log(HEATMAP_PRIOR / (1.0 - HEATMAP_PRIOR)))
+        self.num_classes = num_classes
+
+    def raw(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Pre-activation outputs: probs/heatmap/offset logits, size log-scale t (unclamped)."""
+        f4 = self.s4(self.s2(self.norm(x)))
+        f8 = self.s8(f4)
+        f16 = self.context(self.s16(f8))
+        top = self.lat16(f16)
+        # upsample to the finer map's own size: any H, W that is a multiple of 4 works (NEU's 200 px
+        # is not a multiple of 16); for multiples of 16 it is exactly a 2x nearest upsampling
+        p8 = self.lat8(f8) + F.interpolate(top, size=f8.shape[-2:], mode="nearest")
+        p4 = self.lat4(f4) + F.interpolate(p8, size=f4.shape[-2:], mode="nearest")
+        t = self.head_trunk(F.relu(p4))
+        return {"probs": self.probs(t), "heatmap": self.heatmap(t), "size": self.size(t), "offset": self.offset(t)}
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        r = self.raw(x)
+        size = SIZE_SCALE * torch.exp(torch.clamp(r["size"], *SIZE_LOG_CLAMP))
+        return torch.sigmoid(r["probs"]), torch.sigmoid(r["heatmap"]), size, torch.sigmoid(r["offset"])
+
+
+def build_instance_model(num_classes: int, in_channels: int = 1, mean: float = 0.5, std: float = 0.25,
+                         config: InstanceConfig | str = "edge") -> InstanceSegmenter:
+    if isinstance(config, str):
+        if config not in INSTANCE_CONFIGS:
+            raise ValueError(f"unknown instance model size {config!r}; known: {', '.join(INSTANCE_CONFIGS)}")
+        config = INSTANCE_CONFIGS[config]
+    if num_classes < 1 or in_channels < 1:
+        raise ValueError(f"build_instance_model: num_classes {num_classes} and in_channels {in_channels} must be >= 1")
+    return InstanceSegmenter(num_classes, in_channels, mean, std, config)
+
+
+def count_macs(model: nn.Module, height: int = 256, width: int = 1600, channels: int = 1) -> int:
+    """Multiply-accumulates of one forward pass on one [channels, height, width] frame: every Conv2d
+    (kernel x in/groups x out x output positions); pools, adds and activations are left out."""
+    total = 0
+
+    def hook(mod: nn.Conv2d, _inp, out) -> None:
+        nonlocal total
+        kh, kw = mod.kernel_size
+        total += int(out.numel() // out.shape[0]) * kh * kw * (mod.in_channels // mod.groups)
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, nn.Conv2d)]
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(torch.zeros(1, channels, height, width, dtype=torch.uint8))
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was)
+    return total
+
+
+def receptive_field(model: InstanceSegmenter) -> int:
+    """Theoretical receptive field (input px) of one output cell through the deepest path
+    (stem, stages, context), summed over the convolutions in forward order."""
+    rf, jump = 1, 1
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d) and m not in (model.lat16, model.lat8, model.lat4, model.probs,
+                                                  model.heatmap, model.size, model.offset):
+            k = m.kernel_size[0]
+            rf += (k - 1) * m.dilation[0] * jump
+            jump *= m.stride[0]
+    return rf

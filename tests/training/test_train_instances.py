@@ -1,0 +1,114 @@
+"""training/train_instances.py on tiny data: targets, losses that fall, checkpoints, resume, decode."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from training.datasets import STEEL_CLASSES, Box, Sample  # noqa: E402
+from training.strip import RealisticStripGenerator  # noqa: E402
+from training.train_instances import (  # noqa: E402
+    CanvasSource, InstanceTrainConfig, InstanceTrainError, batch_targets, decode, focal_loss, instance_loss,
+    instance_targets, train_instances,
+)
+
+
+def _samples(n: int, seed: int, h: int = 128, w: int = 160) -> list[Sample]:
+    gen = RealisticStripGenerator(w, h, seed=seed, small_rate=0.0, stains_per_frame=0.5)
+    out = []
+    for i in range(n):
+        f = gen.frame(i, defective=True)
+        out.append(Sample(f.image, None, f.boxes, f.masks.any(axis=(1, 2)).astype(np.float32), STEEL_CLASSES,
+                          f"strip_{seed}_{i}.png"))
+    return out
+
+
+def test_targets_put_one_peak_with_size_and_offset_at_each_centre():
+    boxes = [Box(1, 10, 20, 50, 36), Box(0, 100, 4, 104, 8)]
+    t = instance_targets(boxes, 64, 128, 2)
+    assert t["heatmap"].shape == (2, 16, 32) and t["size"].shape == t["offset"].shape == (2, 16, 32)
+    # box 1: centre (30, 28) px -> cell (i=7, j=7), offset (0.5, 0.0)
+    assert t["heatmap"][1, 7, 7] == 1.0 and (t["heatmap"][1] == 1.0).sum() == 1
+    assert tuple(t["size"][:, 7, 7]) == (40.0, 16.0)
+    assert np.allclose(t["offset"][:, 7, 7], (0.5, 0.0))
+    assert t["heatmap"][1, 7, 9] < 1.0 and t["heatmap"][1, 7, 9] > t["heatmap"][1, 7, 12], "a Gaussian around it"
+    assert t["heatmap"][0, 1, 25] == 1.0 and t["heatmap"][0, 7, 7] < 1e-3, "classes do not mix"
+    assert t["weight"].sum() == 2
+    # decoding the targets themselves gives the boxes back
+    got = decode(t["heatmap"], t["size"], t["offset"], 0.5, 10, 4, (64, 128))
+    assert sorted((b.cls, b.x0, b.y0, b.x1, b.y1) for b, _ in got) == [(0, 100, 4, 104, 8), (1, 10, 20, 50, 36)]
+
+
+def test_focal_loss_is_low_for_the_target_and_high_for_its_opposite():
+    t = torch.from_numpy(instance_targets([Box(0, 8, 8, 24, 24)], 32, 32, 1)["heatmap"])[None]
+    good = torch.logit(t.clamp(1e-4, 1 - 1e-4))
+    assert float(focal_loss(good, t)) < 0.05 and float(focal_loss(-good, t)) > 1.0
+
+
+def test_canvases_hold_whole_images_and_never_cut_a_box():
+    samples = _samples(6, 0)
+    src = CanvasSource(samples, STEEL_CLASSES, (256, 512), 0.5, (0.8, 1.25), 4, 0)
+    rng = np.random.default_rng(0)
+    for _ in range(10):
+        img, boxes = src.draw(rng)
+        assert img.shape == (256, 512) and img.dtype == np.float32
+        for b in boxes:
+            assert 0 <= b.x0 < b.x1 <= 512 and 0 <= b.y0 < b.y1 <= 256
+    xs, tg = batch_targets([src.draw(rng) for _ in range(3)], len(STEEL_CLASSES))
+    assert xs.shape == (3, 1, 256, 512) and tg["probs"].shape == (3, 6, 64, 128) and tg["heatmap"].shape == (3, 6, 64, 128)
+
+
+def test_a_few_steps_reduce_the_loss():
+    from training.nets import build_instance_model
+
+    torch.manual_seed(0)
+    src = CanvasSource(_samples(4, 1), STEEL_CLASSES, (128, 256), 0.0, (1.0, 1.0), 0, 0)
+    xs, tg = batch_targets([src.draw(np.random.default_rng(i)) for i in range(2)], len(STEEL_CLASSES))
+    tg = {k: torch.from_numpy(v) for k, v in tg.items()}
+    model = build_instance_model(len(STEEL_CLASSES), config="test")
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(15):
+        loss = instance_loss(model.raw(torch.from_numpy(xs)), tg)
+        opt.zero_grad()
+        loss["total"].backward()
+        opt.step()
+        losses.append({k: float(v.detach()) for k, v in loss.items()})
+    assert losses[-1]["total"] < 0.5 * losses[0]["total"]
+    assert losses[-1]["heatmap"] < losses[0]["heatmap"] and losses[-1]["size"] < losses[0]["size"]
+
+
+def _cfg(tmp_path, **kw):
+    base = dict(profile="steel", data_root=tmp_path, out=tmp_path / "run", model_size="test", steps_per_epoch=2,
+                batch=2, canvas=(128, 256), strip_frames=2, progress=False, max_minutes=30.0)
+    return InstanceTrainConfig(**{**base, **kw})
+
+
+def test_training_writes_checkpoints_chooses_by_val_map_and_resumes(tmp_path):
+    data = {"train": _samples(4, 2), "val": _samples(2, 3)}
+    meta = train_instances(_cfg(tmp_path, epochs=2), data_loader=lambda split: data[split])
+    run = tmp_path / "run"
+    for name in ("last.pt", "best.pt", "meta.json"):
+        assert (run / name).is_file()
+    assert [r["epoch"] for r in meta["history"]] == [1, 2]
+    assert all(r["val_map50"] is not None for r in meta["history"])
+    best = max(meta["history"], key=lambda r: r["val_map50"])
+    assert meta["best"]["val_map50"] == best["val_map50"], "best.pt is the epoch of the best val mAP"
+    assert json.loads((run / "meta.json").read_text())["kind"] == "instances"
+    meta = train_instances(_cfg(tmp_path, epochs=3), data_loader=lambda split: data[split])
+    assert [r["epoch"] for r in meta["history"]] == [1, 2, 3], "the second run resumes at epoch 3"
+    with pytest.raises(InstanceTrainError, match="checkpoint is for profile 'steel' size 'test', not 'steel' 'edge'"):
+        train_instances(_cfg(tmp_path, epochs=4, model_size="edge"), data_loader=lambda split: data[split])
+
+
+def test_bad_runs_are_refused(tmp_path):
+    data = {"train": _samples(2, 2), "val": []}
+    with pytest.raises(InstanceTrainError, match="splits must both hold images"):
+        train_instances(_cfg(tmp_path, epochs=1), data_loader=lambda split: data[split])
+    with pytest.raises(InstanceTrainError, match="must be multiples of 16"):
+        train_instances(_cfg(tmp_path, canvas=(100, 256)), data_loader=lambda split: data[split])
+    with pytest.raises(InstanceTrainError, match="unknown instance model size"):
+        train_instances(_cfg(tmp_path, model_size="huge"), data_loader=lambda split: data[split])

@@ -42,6 +42,8 @@ class ModelEntry:
     output: str  # output tensor name
     output_stride: int = 1  # seg: input px per output px
     input_pool: int = 1  # the model takes frames area-averaged over input_pool x input_pool px (uint8)
+    cam_output: str | None = None  # gate of a classification profile: class activation maps [N, K, h, w]
+    cam_stride: int = 1  # input px per CAM cell
 
     @property
     def short_hash(self) -> str:
@@ -179,6 +181,8 @@ def load_model_pack(directory: str | Path, *, verify_hashes: bool = True) -> Mod
             output=_require(entry, "output", w, str),
             output_stride=int(entry.get("output_stride", 1)),
             input_pool=pool,
+            cam_output=entry.get("cam_output"),
+            cam_stride=int(entry.get("cam_stride", 1)),
         )
     if "gate" not in models:
         raise ModelPackError(f"{where}: a model pack needs a 'gate' model")

@@ -28,7 +28,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--folder", type=Path, help="send the images of this folder instead of synthetic strips")
     p.add_argument("--compose-from", metavar="DATA_ROOT", type=Path,
                    help="compose line frames from real crops of the profile's dataset under DATA_ROOT")
-    p.add_argument("--profile", default="steel", help="dataset profile for --compose-from (default steel)")
+    p.add_argument("--profile", default="steel",
+                   help="dataset profile for --compose-from (default steel); wafer, chip or parts: that line's "
+                        "generated frames (agent/tools/line_sim.py)")
     p.add_argument("--split", default="val", choices=("train", "val", "test"), help="split for --compose-from")
     p.add_argument("--encoding", choices=("raw", "png", "jpeg"), default="raw")
     p.add_argument("--gt-dir", type=Path, help="write frames and Severstal-style ground truth here")
@@ -56,6 +58,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--defect-fraction", type=float, default=0.2)
     p.add_argument("--rate", type=float, default=0.0)
     p.add_argument("--json", action="store_true", help="print the summary as JSON instead of a table")
+    p.add_argument("--profile", choices=("steel", "wafer", "chip", "parts"),
+                   help="run this profile's config (configs/<profile>.toml) with its generated frames and print "
+                        "found vs truth (wafer, chip, parts); default: --config with synthetic steel strips")
+    p.add_argument("--seed", type=int, default=0, help="generator seed (wafer, chip, parts)")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("bench", help="time the real agent on simulated coils (see docs/performance.md)")
@@ -132,11 +138,16 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 def cmd_camera_sim(args: argparse.Namespace) -> int:
     from agent.tools.camera_sim import CameraSim, composed_frames, folder_frames, synthetic_frames
+    from agent.tools.line_sim import LINE_PROFILES, line_classes, line_frames
     from training.synth import STEEL_CLASSES
 
     _setup_logging()
+    classes = STEEL_CLASSES
     if args.folder:
         frames = folder_frames(args.folder)
+    elif args.profile in LINE_PROFILES:
+        frames, classes = line_frames(args.profile, args.frames, args.defect_fraction, seed=args.seed), \
+            line_classes(args.profile)
     elif args.compose_from:
         frames = composed_frames(args.frames, args.defect_fraction, profile=args.profile, data_root=args.compose_from,
                                  split=args.split, seed=args.seed)
@@ -144,7 +155,7 @@ def cmd_camera_sim(args: argparse.Namespace) -> int:
         frames = synthetic_frames(args.frames, args.defect_fraction, seed=args.seed)
     cam = CameraSim(args.endpoint, camera=args.camera)
     sent = cam.send_coil(args.coil, frames, rate_hz=args.rate, encoding=args.encoding, gt_dir=args.gt_dir,
-                         classes=STEEL_CLASSES)
+                         classes=classes)
     cam.close()
     print(json.dumps({"coil": sent.coil, "camera": sent.camera, "sent": sent.sent,
                       "defective": len(sent.defective), "not_sent": len(sent.dropped)}))
@@ -192,6 +203,11 @@ def cmd_status(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from agent.tools.demo import run_demo
 
+    if args.profile and args.profile != "steel":
+        from agent.tools.line_sim import run_line_demo
+
+        return run_line_demo(args.profile, frames=args.frames, defect_fraction=args.defect_fraction, rate=args.rate,
+                             as_json=args.json, seed=args.seed)
     return run_demo(args.config, frames=args.frames, defect_fraction=args.defect_fraction, rate=args.rate,
                     as_json=args.json)
 

@@ -7,11 +7,12 @@ the handlers, so `coilsight --help` stays fast and the runtime install can still
 from __future__ import annotations
 
 import argparse
+import json
 import shlex
 import sys
 from pathlib import Path
 
-from engines.packs import PROFILES, shipped_pack_dir
+from engines.packs import GENERATED_PROFILES, PROFILES, shipped_pack_dir
 
 
 def register(subparsers) -> None:
@@ -53,6 +54,8 @@ def _register_train(subparsers) -> None:
 
 
 def _run_train(args: argparse.Namespace) -> int:
+    if args.profile in GENERATED_PROFILES:
+        return _line_train(args)
     from training.datasets import DatasetError
     from training.train import TrainConfig, TrainError, train
 
@@ -73,6 +76,8 @@ def _run_train(args: argparse.Namespace) -> int:
 
 
 def _run_export(args: argparse.Namespace) -> int:
+    if args.profile in GENERATED_PROFILES:
+        return _line_call("export", args.profile, "export", args.checkpoint, args.out)
     from training.export import ExportError, export_pack
     from engines.modelpack import ModelPackError
 
@@ -140,6 +145,8 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     from engines.modelpack import ModelPackError
 
     models = args.models or shipped_pack_dir(args.profile)
+    if args.profile in GENERATED_PROFILES:
+        return _line_evaluate(args, models)
     data = args.data or default_data_root()
     if data is None:
         print("evaluate: no data root found (/work/shared/data or ../shared/data); pass --data ROOT", file=sys.stderr)
@@ -187,10 +194,13 @@ def _register_calibrate(subparsers) -> None:
     )
     th.add_argument("--profile", required=True, help="profile name, e.g. steel")
     th.add_argument("--models", type=Path, help="model pack folder (default: engines/models/<profile>)")
-    src = th.add_mutually_exclusive_group(required=True)
+    src = th.add_mutually_exclusive_group(required=False)
     src.add_argument("--data", type=Path, help="folder in Severstal layout (train.csv + train_images/, or "
                      "ground_truth.csv + frames/ as the camera simulator writes)")
     src.add_argument("--dataset-root", type=Path, help="root of the profile datasets (e.g. /work/shared/data)")
+    src.add_argument("--generated", action="store_true",
+                     help="wafer, chip, parts: the line's generated val maps/dies/parts (its val seed); the default "
+                     "and only source for those profiles")
     th.add_argument("--split", default="val", choices=("val", "train"),
                     help="split of --dataset-root to use (the test split is never used for calibration)")
     th.add_argument("--recall-target", type=float, default=0.99, help="frame-level gate recall (default 0.99)")
@@ -228,6 +238,59 @@ def _register_calibrate(subparsers) -> None:
     sp.set_defaults(func=_run_spatial)
 
 
+def _line_train(args: argparse.Namespace) -> int:
+    from training.lines import LineError, line
+
+    command = "coilsight " + shlex.join(sys.argv[1:])
+    try:
+        meta = line(args.profile).train(args.out, seed=args.seed, minutes=args.max_minutes, threads=args.threads,
+                                        steps=args.epochs * args.steps_per_epoch, command=command)
+    except LineError as exc:
+        print(f"coilsight train: error: {exc}", file=sys.stderr)
+        return 2
+    print(f"trained {args.profile} on generated data: {meta['steps']} steps in {meta['minutes']:.1f} min; best "
+          f"{json.dumps(meta['best'])}; run folder {args.out}")
+    return 0
+
+
+def _line_call(what: str, profile: str, fn: str, *a, **kw) -> int:
+    from engines.modelpack import ModelPackError
+    from training.lines import LineError, line
+
+    try:
+        doc = getattr(line(profile), fn)(*a, **kw)
+    except (LineError, ModelPackError, OSError) as exc:
+        print(f"coilsight {what}: error: {exc}", file=sys.stderr)
+        return 2
+    if fn == "export":
+        print(f"exported {profile} to {a[1]}: " + ", ".join(f"{r} {m['sha256'][:12]}" for r, m in doc["models"].items())
+              + f"; torch vs ONNX Runtime max abs diff {json.dumps(doc['max_abs_diff'])}")
+    else:
+        print(f"wrote {Path(a[0]) / 'calibration.json'}: gate threshold {doc['gate']['threshold']}; classes "
+              + ", ".join(f"{k} {v['pixel_threshold']}" for k, v in doc["classes"].items()))
+    return 0
+
+
+def _line_evaluate(args: argparse.Namespace, models: Path) -> int:
+    from engines.modelpack import ModelPackError
+    from training.evaluate import write_report
+    from training.lines import LineError, line
+
+    mod = line(args.profile)
+    out = args.out or Path("evaluation") / args.profile
+    try:
+        report = mod.evaluate(models, split=args.split, threads=max(1, args.threads), data_root=args.data,
+                              **({"n": args.limit} if args.limit else {}))
+    except (LineError, ModelPackError, OSError) as exc:
+        print(f"evaluate: {exc}", file=sys.stderr)
+        return 2
+    json_path, md_path = write_report(report, out)
+    md_path.write_text(mod.render(report))  # the line's own figures, not the steel-style table
+    sys.stdout.write(mod.render(report))
+    print(f"\nWrote {json_path} and {md_path}")
+    return 0
+
+
 def _fail(what: str, message: str) -> int:
     print(f"coilsight calibrate {what}: error: {message}", file=sys.stderr)
     return 2
@@ -243,6 +306,11 @@ def _grid(text: str | None, kind: type, flag: str):
 
 
 def _run_thresholds(args: argparse.Namespace) -> int:
+    if args.profile in GENERATED_PROFILES:
+        if args.split != "val":
+            return _fail("thresholds", f"{args.profile}: generated lines calibrate on their val seed only")
+        return _line_call("calibrate thresholds", args.profile, "calibrate", args.models or shipped_pack_dir(args.profile),
+                          threads=max(1, args.threads))
     from calibration import CalibrationError
     from training.calibrate import run_threshold_calibration
     from engines.backends import BackendError

@@ -23,7 +23,8 @@ import numpy as np
 import structlog
 
 from engines.modelpack import MODEL_PACK_FORMAT, load_calibration, load_model_pack
-from training.lines import LineError, gate_figures, gate_threshold_for_recall, model_entry, now_iso, write_json
+from training.lines import (LineError, cached, gate_figures, gate_threshold_for_recall, learning_rate, model_entry,
+                            now_iso, write_json)
 
 log = structlog.get_logger(__name__)
 
@@ -91,7 +92,12 @@ def train(line: SegLine, out: Path, *, seed: int = 0, minutes: float = 12.0, thr
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     t0 = time.monotonic()
-    train_set = [line.view("train", i)[:2] for i in range(pool)]
+    def draw():
+        views = [line.view("train", i)[:2] for i in range(pool)]
+        return [np.stack([v[0] for v in views]), np.stack([v[1] for v in views])]
+
+    images, masks = cached(out / f"pool_{pool}.npz", draw)
+    train_set = list(zip(images, masks))
     val_rng = np.random.default_rng(12345)
     val_set = [_crop(*line.view("val", i)[:2], line.crop, val_rng) for i in range(val)]
     mean, std = stats(line, [s[0] for s in train_set[:64]])
@@ -99,7 +105,6 @@ def train(line: SegLine, out: Path, *, seed: int = 0, minutes: float = 12.0, thr
     net = DefectSegNet(line.channels, len(line.classes), width=line.width_net,
                        mean=mean, std=std)
     opt = torch.optim.AdamW(net.parameters(), lr=3e-3, weight_decay=1e-4)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-3, total_steps=max(steps, 30), pct_start=0.1)
     vx = torch.from_numpy(np.stack([np.ascontiguousarray(c[0].transpose(2, 0, 1)) for c in val_set]))
     vy = torch.from_numpy(_targets(np.stack([c[1] for c in val_set])))
     best = {"val_loss": float("inf"), "step": 0}
@@ -110,12 +115,13 @@ def train(line: SegLine, out: Path, *, seed: int = 0, minutes: float = 12.0, thr
         crops = [_crop(*train_set[int(rng.integers(pool))], line.crop, rng) for _ in range(batch)]
         x = torch.from_numpy(np.stack([np.ascontiguousarray(c[0].transpose(2, 0, 1)) for c in crops]))
         y = torch.from_numpy(_targets(np.stack([np.ascontiguousarray(c[1]) for c in crops])))
+        for g in opt.param_groups:
+            g["lr"] = learning_rate(3e-3, step - 1, steps, (time.monotonic() - t_train) / 60.0, minutes)
         net.train()
         loss = _loss(net(x), y)
         opt.zero_grad()
         loss.backward()
         opt.step()
-        sched.step()
         over = (time.monotonic() - t_train) / 60.0 >= minutes
         if step % 100 == 0 or step == steps or over:
             net.eval()

@@ -23,8 +23,8 @@ import structlog
 
 from engines.modelpack import MODEL_PACK_FORMAT, load_calibration, load_model_pack
 from training.gen_wafer import LABEL_SETS, SEEDS, SIZE, WAFER_PATTERNS, WaferGenerator
-from training.lines import (LineError, best_f1_threshold, f1_scores, fmt, gate_figures, model_entry, now_iso,
-                            write_json)
+from training.lines import (LineError, best_f1_threshold, cached, f1_scores, fmt, gate_figures, learning_rate,
+                            model_entry, now_iso, write_json)
 
 log = structlog.get_logger(__name__)
 
@@ -61,12 +61,10 @@ def train(out: Path, *, seed: int = 0, minutes: float = 8.0, threads: int = 2, s
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     t0 = time.monotonic()
-    xs, ys = maps("train", pool)
-    vx, vy = maps("val", val)
+    xs, ys, vx, vy = cached(out / f"pool_{pool}_{val}.npz", lambda: [*maps("train", pool), *maps("val", val)])
     log.info("wafer_maps_generated", train=len(xs), val=len(vx), seconds=round(time.monotonic() - t0, 1))
     net = WaferNet(len(WAFER_PATTERNS), width=width, deformable=deformable, mean=MEAN, std=STD)
     opt = torch.optim.AdamW(net.parameters(), lr=3e-3, weight_decay=1e-4)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-3, total_steps=max(steps, 30), pct_start=0.1)
     loss_fn = torch.nn.BCEWithLogitsLoss()
     best = {"exact_match": -1.0, "step": 0}
     history = []
@@ -75,13 +73,14 @@ def train(out: Path, *, seed: int = 0, minutes: float = 8.0, threads: int = 2, s
     for step in range(1, steps + 1):
         idx = rng.integers(0, len(xs), BATCH)
         batch = np.stack([dihedral(xs[i], int(rng.integers(8))) for i in idx])[:, None]
+        for g in opt.param_groups:
+            g["lr"] = learning_rate(3e-3, step - 1, steps, (time.monotonic() - t_train) / 60.0, minutes)
         net.train()
         logits = net(torch.from_numpy(np.ascontiguousarray(batch)))
         loss = loss_fn(logits, torch.from_numpy(ys[idx].astype(np.float32)))
         opt.zero_grad()
         loss.backward()
         opt.step()
-        sched.step()
         over = (time.monotonic() - t_train) / 60.0 >= minutes
         if step % 250 == 0 or step == steps or over:
             em, f1 = _val(net, vx, vy)

@@ -95,6 +95,28 @@ def gate_threshold_for_recall(defective: np.ndarray, score: np.ndarray, target: 
     return float(pos[k])
 
 
+def learning_rate(peak: float, step: int, steps: int, elapsed_min: float, minutes: float, warmup: float = 0.05) -> float:
+    """Warm-up then cosine, driven by the larger of steps done and minutes spent: a run the clock cuts
+    short still anneals (training/train.py does the same for steel)."""
+    progress = min(1.0, max(step / max(steps, 1), elapsed_min / max(minutes, 1e-9)))
+    if progress < warmup:
+        return peak * max(progress / warmup, 0.05)
+    return peak * 0.5 * (1.0 + np.cos(np.pi * (progress - warmup) / (1.0 - warmup)))
+
+
+def cached(path: Path, make):
+    """A generated training pool, kept in the run folder so a restarted run does not draw it again."""
+    path = Path(path)
+    if path.is_file():
+        with np.load(path) as z:
+            return [z[k] for k in sorted(z.files)]
+    arrays = make()
+    tmp = path.with_suffix(".tmp.npz")
+    np.savez(tmp, **{f"a{i}": a for i, a in enumerate(arrays)})
+    tmp.replace(path)
+    return arrays
+
+
 def fmt(v: Any, digits: int = 3) -> str:
     if v is None:
         return "-"

@@ -88,3 +88,20 @@ def test_rgb_part_frames_through_ingest_with_input_pool(running_agent, tmp_path)
     part[64:80, 32:48] = (255, 255, 255)
     _, events, _ = _run(agent, [part])
     assert [(e["class"], e["bbox_px"]) for e in events] == [("bright", [32, 64, 48, 80])]
+
+
+def test_wafer_keys_are_the_ones_docs_protocol_lists(running_agent, tmp_path):
+    """docs/protocol.md 2.5 is the contract for wafer subscribers: its examples carry every key the agent
+    publishes for a wafer, and the agent publishes every key they show."""
+    from test_protocol_doc import examples
+
+    ex = examples()
+    pack = make_wafer_pack(tmp_path / "wafer")
+    agent = running_agent(models={"dir": str(pack)}, ingest={"max_width": 52, "max_height": 52})
+    _, events, summary = _run(agent, [wafer_map([(16, 36, 16, 36)])])
+    (event,) = events
+    assert set(event) == set(ex["wafer_defect"])
+    assert set(event["patterns"][0]) == set(ex["wafer_defect"]["patterns"][0])
+    assert set(event["dies"]) == set(ex["wafer_defect"]["dies"])
+    assert set(summary["lot"]) == set(ex["wafer_lot"])
+    assert set(summary["lot"]["patterns"]) == set(ex["wafer_lot"]["patterns"])

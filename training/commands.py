@@ -273,8 +273,7 @@ def _line_call(what: str, profile: str, fn: str, *a, **kw) -> int:
 
 def _line_evaluate(args: argparse.Namespace, models: Path) -> int:
     from engines.modelpack import ModelPackError
-    from training.evaluate import write_report
-    from training.lines import LineError, line
+    from training.lines import LineError, line, write_report
 
     mod = line(args.profile)
     out = args.out or Path("evaluation") / args.profile
@@ -284,8 +283,7 @@ def _line_evaluate(args: argparse.Namespace, models: Path) -> int:
     except (LineError, ModelPackError, OSError) as exc:
         print(f"evaluate: {exc}", file=sys.stderr)
         return 2
-    json_path, md_path = write_report(report, out)
-    md_path.write_text(mod.render(report))  # the line's own figures, not the steel-style table
+    json_path, md_path = write_report(report, out, mod.render)  # the line's own figures, not the steel table
     sys.stdout.write(mod.render(report))
     print(f"\nWrote {json_path} and {md_path}")
     return 0

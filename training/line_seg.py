@@ -92,6 +92,7 @@ def train(line: SegLine, out: Path, *, seed: int = 0, minutes: float = 12.0, thr
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     t0 = time.monotonic()
+    pool, val = min(pool, steps * batch), min(val, max(8, steps))  # never draw more than the run can use
     def draw():
         views = [line.view("train", i)[:2] for i in range(pool)]
         return [np.stack([v[0] for v in views]), np.stack([v[1] for v in views])]

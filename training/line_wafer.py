@@ -61,6 +61,7 @@ def train(out: Path, *, seed: int = 0, minutes: float = 8.0, threads: int = 2, s
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     t0 = time.monotonic()
+    pool, val = min(pool, steps * BATCH), min(val, max(256, steps * 4))  # never draw more than the run can use
     xs, ys, vx, vy = cached(out / f"pool_{pool}_{val}.npz", lambda: [*maps("train", pool), *maps("val", val)])
     log.info("wafer_maps_generated", train=len(xs), val=len(vx), seconds=round(time.monotonic() - t0, 1))
     net = WaferNet(len(WAFER_PATTERNS), width=width, deformable=deformable, mean=MEAN, std=STD)
@@ -84,8 +85,8 @@ def train(out: Path, *, seed: int = 0, minutes: float = 8.0, threads: int = 2, s
         over = (time.monotonic() - t_train) / 60.0 >= minutes
         if step % 250 == 0 or step == steps or over:
             em, f1 = _val(net, vx, vy)
-            history.append({"step": step, "loss": round(float(loss), 5), "val_exact_match": em, "val_macro_f1": f1})
-            log.info("wafer_val", step=step, loss=round(float(loss), 4), exact_match=em, macro_f1=f1)
+            history.append({"step": step, "loss": round(float(loss.detach()), 5), "val_exact_match": em, "val_macro_f1": f1})
+            log.info("wafer_val", step=step, loss=round(float(loss.detach()), 4), exact_match=em, macro_f1=f1)
             if em > best["exact_match"]:
                 best = {"exact_match": em, "macro_f1": f1, "step": step}
                 torch.save(net.state_dict(), out / "best.pt")

@@ -117,6 +117,18 @@ def cached(path: Path, make):
     return arrays
 
 
+def write_report(report: dict[str, Any], out_dir: Path, render) -> tuple[Path, Path]:
+    """evaluation_<split>.json and .md (the line's own markdown) in out_dir, as `coilsight card` reads them."""
+    from training.evaluate import _json_safe
+
+    out_dir = Path(out_dir)
+    split = report["split"]
+    json_path, md_path = out_dir / f"evaluation_{split}.json", out_dir / f"evaluation_{split}.md"
+    write_atomic(json_path, json.dumps(_json_safe(report), indent=2, allow_nan=False) + "\n")
+    write_atomic(md_path, render(report))
+    return json_path, md_path
+
+
 def fmt(v: Any, digits: int = 3) -> str:
     if v is None:
         return "-"

@@ -34,7 +34,8 @@ def _register_train(subparsers) -> None:
     t.add_argument("--max-minutes", type=float, default=9.0, help="stop after the epoch that crosses this")
     t.add_argument("--synthetic-fraction", type=float, default=None,
                    help="share of synthetic strip windows per batch (default 0.25 for steel, 0 elsewhere)")
-    t.add_argument("--model-size", default="small", help="training.nets.CONFIGS key (tiny, small, medium, large, sepgate, ...)")
+    t.add_argument("--model-size", default="small", help="training.nets.CONFIGS key (tiny, small, medium, large, sepgate, "
+                   "...); wafer: `standard-conv` trains the fallback without the deformable convolution")
     t.add_argument("--steps-only-schedule", action="store_true",
                    help="learning rate by steps only (bit-reproducible); default also anneals by --max-minutes")
     t.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
@@ -243,8 +244,9 @@ def _line_train(args: argparse.Namespace) -> int:
 
     command = "coilsight " + shlex.join(sys.argv[1:])
     try:
+        extra = {"deformable": False} if args.profile == "wafer" and args.model_size == "standard-conv" else {}
         meta = line(args.profile).train(args.out, seed=args.seed, minutes=args.max_minutes, threads=args.threads,
-                                        steps=args.epochs * args.steps_per_epoch, command=command)
+                                        steps=args.epochs * args.steps_per_epoch, command=command, **extra)
     except LineError as exc:
         print(f"coilsight train: error: {exc}", file=sys.stderr)
         return 2

@@ -8,7 +8,7 @@ sets define them (Wu et al. 2015, WM-811K; Wang et al. 2020, MixedWM38):
 - Donut: a ring of failing dies around the centre, the centre itself good.
 - Edge-Loc: failing dies along part of the rim (an arc), not all around.
 - Edge-Ring: a band of failing dies all around the rim.
-- Loc: a local cluster somewhere between centre and rim.
+- Loc: a local cluster between centre and rim, touching neither.
 - Near-full: almost every die fails.
 - Scratch: a thin, long, slightly curved line of failing dies.
 - Random: failing dies scattered over the whole wafer well above the background rate.
@@ -145,10 +145,12 @@ def _edge_loc(rng, r, theta, xx, yy, c, radius):
 
 
 def _loc(rng, r, theta, xx, yy, c, radius):
+    # between centre and rim: never reaching the centre's cluster nor the rim's band
+    ry, rx = rng.uniform(2.5, 5.5, 2)
+    size = max(ry, rx)
+    d = rng.uniform(max(0.3 * radius + size, 0.45 * radius), 0.82 * radius - size)
     a = rng.uniform(-np.pi, np.pi)
-    d = rng.uniform(0.4, 0.68) * radius
     cy, cx = c + d * np.sin(a), c + d * np.cos(a)
-    ry, rx = rng.uniform(2.5, 6.5, 2)
     rot = rng.uniform(0, np.pi)
     u = (xx - cx) * np.cos(rot) + (yy - cy) * np.sin(rot)
     v = -(xx - cx) * np.sin(rot) + (yy - cy) * np.cos(rot)

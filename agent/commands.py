@@ -54,7 +54,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("demo", help="camera-sim + agent + subscriber on loopback; prints the coil summary")
     p.add_argument("--config", type=Path, default=Path(__file__).resolve().parent.parent / "configs" / "steel.toml")
-    p.add_argument("--frames", type=int, default=300)
+    p.add_argument("--frames", type=int, default=None,
+                   help="frames to stream (default 300; --profile wafer 100, chip 40, parts 3: a 4608x3072 part "
+                        "takes seconds to draw)")
     p.add_argument("--defect-fraction", type=float, default=0.2)
     p.add_argument("--rate", type=float, default=0.0)
     p.add_argument("--json", action="store_true", help="print the summary as JSON instead of a table")
@@ -206,9 +208,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if args.profile and args.profile != "steel":
         from agent.tools.line_sim import run_line_demo
 
-        return run_line_demo(args.profile, frames=args.frames, defect_fraction=args.defect_fraction, rate=args.rate,
+        frames = args.frames or {"wafer": 100, "chip": 40, "parts": 3}[args.profile]
+        return run_line_demo(args.profile, frames=frames, defect_fraction=args.defect_fraction, rate=args.rate,
                              as_json=args.json, seed=args.seed)
-    return run_demo(args.config, frames=args.frames, defect_fraction=args.defect_fraction, rate=args.rate,
+    return run_demo(args.config, frames=args.frames or 300, defect_fraction=args.defect_fraction, rate=args.rate,
                     as_json=args.json)
 
 

@@ -285,6 +285,8 @@ def _line_evaluate(args: argparse.Namespace, models: Path) -> int:
     except (LineError, ModelPackError, OSError) as exc:
         print(f"evaluate: {exc}", file=sys.stderr)
         return 2
+    if hasattr(mod, "write_figures"):  # wafer: the CAMs drawn over test maps, linked from the markdown
+        report["figures"] = [mod.write_figures(models, out).name]
     json_path, md_path = write_report(report, out, mod.render)  # the line's own figures, not the steel table
     sys.stdout.write(mod.render(report))
     print(f"\nWrote {json_path} and {md_path}")

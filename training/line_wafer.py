@@ -189,7 +189,7 @@ def _run_pack(pack_dir: Path, x: np.ndarray, threads: int = 2) -> tuple[np.ndarr
     return np.concatenate(scores), np.concatenate(cams)
 
 
-def calibrate(pack_dir: Path, *, n: int = 4000, threads: int = 2) -> dict[str, Any]:
+def calibrate(pack_dir: Path, *, n: int = 2000, threads: int = 2) -> dict[str, Any]:
     """Per-pattern score thresholds (best F1 on val maps); the gate threshold is the lowest of them, so a
     wafer with any pattern over its threshold gets an event and every other wafer is gated out."""
     pack = load_model_pack(pack_dir)
@@ -221,7 +221,7 @@ def cam_peak_box(cam: np.ndarray, stride: int, size: int, level: float = 0.5) ->
     return list(peak_region(cam, stride, (size, size), level))
 
 
-def evaluate(pack_dir: Path, *, split: str = "test", n: int = 4000, threads: int = 2, **_: Any) -> dict[str, Any]:
+def evaluate(pack_dir: Path, *, split: str = "test", n: int = 3000, threads: int = 2, **_: Any) -> dict[str, Any]:
     if split not in ("val", "test"):
         raise LineError(f"wafer maps are generated: evaluate --split val or test, not {split!r}")
     pack = load_model_pack(pack_dir)
@@ -285,4 +285,50 @@ def render(report: dict[str, Any]) -> str:
     lines += ["", "Hardest MixedWM38 label sets (exact-match accuracy): "
               + ", ".join(f"{k} {fmt(v)}" for k, v in worst) + ".", "",
               f"Took {r['timing']['seconds']} s for {r['timing']['items']} maps."]
+    if r.get("figures"):
+        lines += ["", "CAMs of the patterns found on mixed-pattern test maps, peak regions boxed: "
+                  + ", ".join(f"`{f}`" for f in r["figures"]) + " (beside this report)."]
     return "\n".join(lines) + "\n"
+
+
+def write_figures(pack_dir: Path, out_dir: Path, *, split: str = "test", n: int = 6) -> Path:
+    """cam_examples.png: the first n mixed-pattern maps of the split, each beside the CAM of every pattern the
+    pack found on it, the peak region boxed (what the agent publishes per wafer)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Rectangle
+
+    from engines.wafer import patterns as wafer_patterns
+
+    pack = load_model_pack(pack_dir)
+    cal = load_calibration(pack)
+    gen = WaferGenerator(SEEDS[split])
+    samples = [s for s in (gen.sample(i) for i in range(200)) if len(s.patterns) >= 2][:n]
+    x = np.stack([s.wafer for s in samples])
+    scores, cams = _run_pack(pack_dir, x, 1)
+    thr = [cal.classes[c].pixel_threshold for c in pack.classes]
+    cols = 1 + max(1, max(int((scores[i] >= thr).sum()) for i in range(len(samples))))
+    fig, axes = plt.subplots(len(samples), cols, figsize=(2.2 * cols, 2.3 * len(samples)), squeeze=False)
+    for i, s in enumerate(samples):
+        axes[i, 0].imshow(s.wafer, cmap="viridis", vmin=0, vmax=2)
+        axes[i, 0].set_title("truth: " + "+".join(s.patterns), fontsize=7)
+        found = wafer_patterns(scores[i], cams[i], pack.classes, thr, pack.gate.cam_stride, (SIZE, SIZE))
+        for j in range(1, cols):
+            ax = axes[i, j]
+            if j - 1 < len(found):
+                p = found[j - 1]
+                ax.imshow(np.kron(np.array(p["cam"]), np.ones((pack.gate.cam_stride,) * 2)), cmap="magma", vmin=0,
+                          vmax=100)
+                x0, y0, x1, y1 = p["peak_die"]
+                ax.add_patch(Rectangle((x0 - 0.5, y0 - 0.5), x1 - x0, y1 - y0, fill=False, color="cyan", lw=1))
+                ax.set_title(f"{p['class']} {p['score']:.2f}", fontsize=7)
+            ax.axis("off")
+        axes[i, 0].axis("off")
+    fig.tight_layout()
+    out = Path(out_dir) / "cam_examples.png"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=90)
+    plt.close(fig)
+    return out

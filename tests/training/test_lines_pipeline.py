@@ -46,7 +46,11 @@ def test_wafer_train_export_calibrate_evaluate_card(tmp_path):
     report = line_wafer.evaluate(pack_dir, split="test", n=48, threads=1)
     assert report["data"]["seed"] == 3811 and 0.0 <= report["exact_match"] <= 1.0
     assert set(report["per_class"]) == set(pack.classes)
+    fig = line_wafer.write_figures(pack_dir, tmp_path / "eval", n=2)
+    assert fig.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    report["figures"] = [fig.name]
     write_report(report, tmp_path / "eval", line_wafer.render)
+    assert "cam_examples.png" in (tmp_path / "eval" / "evaluation_test.md").read_text()
     card = write_card(pack_dir, tmp_path / "eval", measure=False).read_text()
     assert "Exact-match accuracy" in card and "generated wafer maps" in card and "3811" in card
     with pytest.raises(Exception, match="evaluate --split val or test"):

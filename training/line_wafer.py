@@ -50,7 +50,7 @@ def maps(split: str, n: int, start: int = 0) -> tuple[np.ndarray, np.ndarray]:
 
 def train(out: Path, *, seed: int = 0, minutes: float = 8.0, threads: int = 2, steps: int = 3000,
           deformable: bool = True, command: str = "", pool: int = TRAIN_POOL, val: int = VAL_MAPS,
-          width: int = 16) -> dict[str, Any]:
+          width: int = 16, init_from: Path | None = None, lr: float = 3e-3) -> dict[str, Any]:
     import torch
 
     from training.nets_lines import WaferNet
@@ -65,6 +65,8 @@ def train(out: Path, *, seed: int = 0, minutes: float = 8.0, threads: int = 2, s
     xs, ys, vx, vy = cached(out / f"pool_{pool}_{val}.npz", lambda: [*maps("train", pool), *maps("val", val)])
     log.info("wafer_maps_generated", train=len(xs), val=len(vx), seconds=round(time.monotonic() - t0, 1))
     net = WaferNet(len(WAFER_PATTERNS), width=width, deformable=deformable, mean=MEAN, std=STD)
+    if init_from is not None:  # continue an earlier run's best weights with a fresh schedule
+        net.load_state_dict(torch.load(Path(init_from) / "best.pt", map_location="cpu", weights_only=True))
     opt = torch.optim.AdamW(net.parameters(), lr=3e-3, weight_decay=1e-4)
     loss_fn = torch.nn.BCEWithLogitsLoss()
     best = {"exact_match": -1.0, "step": 0}
@@ -75,7 +77,7 @@ def train(out: Path, *, seed: int = 0, minutes: float = 8.0, threads: int = 2, s
         idx = rng.integers(0, len(xs), BATCH)
         batch = np.stack([dihedral(xs[i], int(rng.integers(8))) for i in idx])[:, None]
         for g in opt.param_groups:
-            g["lr"] = learning_rate(3e-3, step - 1, steps, (time.monotonic() - t_train) / 60.0, minutes)
+            g["lr"] = learning_rate(lr, step - 1, steps, (time.monotonic() - t_train) / 60.0, minutes)
         net.train()
         logits = net(torch.from_numpy(np.ascontiguousarray(batch)))
         loss = loss_fn(logits, torch.from_numpy(ys[idx].astype(np.float32)))
@@ -95,7 +97,7 @@ def train(out: Path, *, seed: int = 0, minutes: float = 8.0, threads: int = 2, s
     meta = {"profile": PROFILE, "classes": list(WAFER_PATTERNS), "mean": MEAN, "std": STD, "seed": seed,
             "deformable": deformable, "width": width, "seeds": SEEDS, "train_maps": pool, "val_maps": val, "steps": step,
             "batch": BATCH, "minutes": round((time.monotonic() - t0) / 60.0, 2), "best": best, "history": history,
-            "command": command, "threads": threads}
+            "command": command, "threads": threads, "init_from": str(init_from) if init_from else None, "lr": lr}
     write_json(out / "meta.json", meta)
     return meta
 

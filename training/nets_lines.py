@@ -54,16 +54,16 @@ def deform_conv2d_reference(x: torch.Tensor, weight: torch.Tensor, offset: torch
     ``offset[:, 2k]`` is dy and ``offset[:, 2k + 1]`` dx of kernel tap ``k = 3i + j``; samples outside
     the image read zeros (each bilinear corner outside counts as zero)."""
     n, c, h, w = x.shape
-    ys = torch.arange(h, dtype=x.dtype, device=x.device).view(1, h, 1)
-    xs = torch.arange(w, dtype=x.dtype, device=x.device).view(1, 1, w)
-    cols = []
-    for k in range(9):
-        i, j = divmod(k, 3)
-        py = ys + (i - 1) + offset[:, 2 * k]
-        px = xs + (j - 1) + offset[:, 2 * k + 1]
-        grid = torch.stack((2.0 * px / max(w - 1, 1) - 1.0, 2.0 * py / max(h - 1, 1) - 1.0), dim=-1)
-        cols.append(F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=True))
-    col = torch.stack(cols, dim=2)  # [N, C, 9, H, W]
+    taps = torch.arange(9, device=x.device)
+    ky = (taps // 3 - 1).to(x.dtype).view(1, 9, 1, 1)
+    kx = (taps % 3 - 1).to(x.dtype).view(1, 9, 1, 1)
+    off = offset.view(n, 9, 2, h, w)
+    py = torch.arange(h, dtype=x.dtype, device=x.device).view(1, 1, h, 1) + ky + off[:, :, 0]
+    px = torch.arange(w, dtype=x.dtype, device=x.device).view(1, 1, 1, w) + kx + off[:, :, 1]
+    grid = torch.stack((2.0 * px / max(w - 1, 1) - 1.0, 2.0 * py / max(h - 1, 1) - 1.0), dim=-1)
+    # all 9 taps in one sampling call: [N, 9*H, W, 2] -> [N, C, 9*H, W]
+    col = F.grid_sample(x, grid.view(n, 9 * h, w, 2), mode="bilinear", padding_mode="zeros", align_corners=True)
+    col = col.view(n, c, 9, h, w)
     out = torch.einsum("nckhw,ock->nohw", col, weight.reshape(weight.shape[0], c, 9))
     if bias is not None:
         out = out + bias.view(1, -1, 1, 1)

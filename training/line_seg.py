@@ -60,7 +60,9 @@ def _targets(masks: np.ndarray) -> np.ndarray:
 def _crop(img: np.ndarray, masks: np.ndarray, size: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     h, w = img.shape[:2]
     if masks.any() and rng.random() < 0.5:
-        _, ys, xs = np.nonzero(masks)
+        # centred on a class drawn evenly among those present, so small defects (dots) are seen as often as large
+        present = np.flatnonzero(masks.reshape(len(masks), -1).any(axis=1))
+        ys, xs = np.nonzero(masks[int(rng.choice(present))])
         j = int(rng.integers(len(ys)))
         y0 = int(np.clip(ys[j] - rng.integers(16, size - 16), 0, h - size))
         x0 = int(np.clip(xs[j] - rng.integers(16, size - 16), 0, w - size))
@@ -81,7 +83,8 @@ def stats(line: SegLine, images: list[np.ndarray]) -> tuple[list[float], list[fl
 
 
 def train(line: SegLine, out: Path, *, seed: int = 0, minutes: float = 12.0, threads: int = 2, steps: int = 2000,
-          command: str = "", pool: int = 400, val: int = 48, batch: int = 12) -> dict[str, Any]:
+          command: str = "", pool: int = 400, val: int = 48, batch: int = 12, init_from: Path | None = None,
+          lr: float = 3e-3) -> dict[str, Any]:
     import torch
 
     from training.nets_lines import DefectSegNet
@@ -105,7 +108,12 @@ def train(line: SegLine, out: Path, *, seed: int = 0, minutes: float = 12.0, thr
     log.info("line_samples_generated", profile=line.profile, train=pool, val=val, seconds=round(time.monotonic() - t0, 1))
     net = DefectSegNet(line.channels, len(line.classes), width=line.width_net,
                        mean=mean, std=std)
-    opt = torch.optim.AdamW(net.parameters(), lr=3e-3, weight_decay=1e-4)
+    if init_from is not None:  # continue an earlier run's best weights (same line, width, normalisation)
+        prev = json.loads((Path(init_from) / "meta.json").read_text())
+        mean, std = prev["mean"], prev["std"]
+        net = DefectSegNet(line.channels, len(line.classes), width=line.width_net, mean=mean, std=std)
+        net.load_state_dict(torch.load(Path(init_from) / "best.pt", map_location="cpu", weights_only=True))
+    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
     vx = torch.from_numpy(np.stack([np.ascontiguousarray(c[0].transpose(2, 0, 1)) for c in val_set]))
     vy = torch.from_numpy(_targets(np.stack([c[1] for c in val_set])))
     best = {"val_loss": float("inf"), "step": 0}
@@ -117,7 +125,7 @@ def train(line: SegLine, out: Path, *, seed: int = 0, minutes: float = 12.0, thr
         x = torch.from_numpy(np.stack([np.ascontiguousarray(c[0].transpose(2, 0, 1)) for c in crops]))
         y = torch.from_numpy(_targets(np.stack([np.ascontiguousarray(c[1]) for c in crops])))
         for g in opt.param_groups:
-            g["lr"] = learning_rate(3e-3, step - 1, steps, (time.monotonic() - t_train) / 60.0, minutes)
+            g["lr"] = learning_rate(lr, step - 1, steps, (time.monotonic() - t_train) / 60.0, minutes)
         net.train()
         loss = _loss(net(x), y)
         opt.zero_grad()
@@ -139,7 +147,8 @@ def train(line: SegLine, out: Path, *, seed: int = 0, minutes: float = 12.0, thr
     meta = {"profile": line.profile, "classes": list(line.classes), "mean": mean, "std": std, "seed": seed,
             "seeds": line.seeds, "train_samples": pool, "val_crops": val, "crop": line.crop, "steps": step,
             "batch": batch, "width": line.width_net, "minutes": round((time.monotonic() - t0) / 60.0, 2),
-            "best": best, "history": history, "command": command, "threads": threads}
+            "best": best, "history": history, "command": command, "threads": threads,
+            "init_from": str(init_from) if init_from else None, "lr": lr}
     write_json(out / "meta.json", meta)
     return meta
 
@@ -148,7 +157,13 @@ def _loss(logits, y):
     import torch
     from torch.nn import functional as F
 
-    bce = F.binary_cross_entropy_with_logits(logits, y, pos_weight=torch.tensor(4.0))
+    bce = F.binary_cross_entropy_with_logits(logits, y, pos_weight=torch.tensor(4.0), reduction="none")
+    # per class, the mean over its positive and its negative cells apart: a class of a few pixels (dots)
+    # weighs as much as one of many
+    pos = y > 0.5
+    per = (bce * pos).sum(dim=(0, 2, 3)) / pos.sum(dim=(0, 2, 3)).clamp(min=1) \
+        + (bce * ~pos).sum(dim=(0, 2, 3)) / (~pos).sum(dim=(0, 2, 3)).clamp(min=1)
+    bce = per.mean()
     p = torch.sigmoid(logits)
     inter = (p * y).sum(dim=(0, 2, 3))
     dice = 1 - (2 * inter + 1) / (p.sum(dim=(0, 2, 3)) + y.sum(dim=(0, 2, 3)) + 1)

@@ -313,6 +313,9 @@ def _run_thresholds(args: argparse.Namespace) -> int:
             return _fail("thresholds", f"{args.profile}: generated lines calibrate on their val seed only")
         return _line_call("calibrate thresholds", args.profile, "calibrate", args.models or shipped_pack_dir(args.profile),
                           threads=max(1, args.threads))
+    if args.generated:
+        return _fail("thresholds", f"--generated is for the generated lines ({', '.join(GENERATED_PROFILES)}), "
+                                   f"not {args.profile!r}: give --data or --dataset-root")
     from calibration import CalibrationError
     from training.calibrate import run_threshold_calibration
     from engines.backends import BackendError

@@ -65,6 +65,7 @@ class Coil:
     end_reason: str | None = None
     length_mm: float | None = None
     restored: bool = False  # rebuilt from a checkpoint after a crash, and no frame since
+    lot: dict = field(default_factory=dict)  # wafer profile: dies and patterns summed over the lot (engines/wafer.py)
     # The summary's `models`, `profile` and `backend`: those of the models that took this coil's
     # latest frame, so that a hot swap after (or during) the coil does not relabel it. None until
     # a frame has been through the models; the summary then names the models running at the time.
@@ -236,9 +237,10 @@ class CoilRegistry:
 
     # -- inference side ------------------------------------------------------------------
     def finish(self, camera: str, coil: str, index: int, state: str, events: list[dict] = (),
-               models: dict | None = None) -> list[dict]:
+               models: dict | None = None, lot_update=None) -> list[dict]:
         """A pending frame reached a terminal state; returns summaries that became due. ``models``:
-        the summary fields of the models that took the frame (Models.summary_fields)."""
+        the summary fields of the models that took the frame (Models.summary_fields). ``lot_update``:
+        called with the coil's ``lot`` dict under the registry's lock (the wafer profile's yield)."""
         if state not in TERMINAL:
             raise ValueError(f"unknown terminal state {state!r}")
         now = self.clock()
@@ -256,6 +258,8 @@ class CoilRegistry:
             c.pending -= 1
             if models is not None:
                 c.models = models
+            if lot_update is not None:
+                lot_update(c.lot)
             wall = time.time_ns()
             for ev in events:
                 self._add_defect(c, ev)

@@ -50,7 +50,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data-root", dest="data_root", type=Path,
                    help="compose line frames from real crops of the profile's dataset under this data root")
     deprecated_alias(p, "--compose-from", "--data-root", "data_root", type=Path)
-    p.add_argument("--profile", default="steel", help="dataset profile for --data-root")
+    p.add_argument("--profile", default="steel",
+                   help="dataset profile for --data-root; wafer, chip or parts: that line's generated frames "
+                        "(agent/tools/line_sim.py)")
     p.add_argument("--split", default="val", choices=("train", "val", "test"), help="split for --data-root")
     p.add_argument("--encoding", choices=("raw", "png", "jpeg"), default="raw", help="pixel encoding on the wire")
     p.add_argument("--gt-dir", type=Path, help="write frames and Severstal-style ground truth here")
@@ -89,11 +91,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--config", type=Path, default=DEFAULT_CONFIG,
                    help="profile config (default: configs/steel.toml); steel, magnetic_tile and kolektorsdd ship "
                         "a model pack")
-    p.add_argument("--profile", help="shorthand for --config configs/PROFILE.toml")
-    p.add_argument("--frames", type=int, default=300, help="frames in the simulated coil")
+    p.add_argument("--profile", help="shorthand for --config configs/PROFILE.toml; wafer, chip and parts stream "
+                   "their line's generated frames and print found vs truth")
+    p.add_argument("--frames", type=int, default=None,
+                   help="frames in the simulated coil (default 300; --profile wafer 100, chip 40, parts 3: a "
+                        "4608x3072 part takes seconds to draw)")
     p.add_argument("--defect-fraction", type=float, default=0.2, help="share of frames with painted defects")
     p.add_argument("--rate", type=float, default=0.0, help="frames per second; 0 = as fast as the agent takes them")
     p.add_argument("--json", action="store_true", help="print the summary as JSON instead of a table")
+    p.add_argument("--seed", type=int, default=0, help="generator seed (wafer, chip, parts)")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("bench", help="time the real agent on simulated coils (see docs/performance.md)")
@@ -257,7 +263,14 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from agent.tools.demo import run_demo
+    from agent.tools.line_sim import LINE_PROFILES
 
+    if args.profile in LINE_PROFILES:
+        from agent.tools.line_sim import run_line_demo
+
+        frames = args.frames or {"wafer": 100, "chip": 40, "parts": 3}[args.profile]
+        return run_line_demo(args.profile, frames=frames, defect_fraction=args.defect_fraction, rate=args.rate,
+                             as_json=args.json, seed=args.seed)
     config = args.config
     if args.profile:
         config = DEFAULT_CONFIG.parent / f"{args.profile}.toml"
@@ -265,7 +278,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
             known = ", ".join(sorted(p.stem for p in DEFAULT_CONFIG.parent.glob("*.toml")))
             print(f"coilsight demo: no profile {args.profile!r} (configs/ has {known})", file=sys.stderr)
             return 2
-    return run_demo(config, frames=args.frames, defect_fraction=args.defect_fraction, rate=args.rate,
+    return run_demo(config, frames=args.frames or 300, defect_fraction=args.defect_fraction, rate=args.rate,
                     as_json=args.json)
 
 

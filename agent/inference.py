@@ -15,7 +15,8 @@ from agent.coil import CoilRegistry
 from agent.config import CameraSection, Config
 from agent.guard import LoopGuard, isolate_failed_batch
 from agent.metrics import RateLimiter
-from engines.postprocess import extract_defects, extract_instances
+from engines import wafer
+from engines.postprocess import Defect, extract_defects, extract_instances
 from agent.threadnames import name_this_thread
 from engines.geometry import CameraGeometry
 from engines.backends import Backend
@@ -263,7 +264,7 @@ class Inference:
         return self._stack(images, buf)
 
     def _run_model(self, backend: Backend, entry: ModelEntry, images: list[np.ndarray], per_call: int,
-                   buf: list, every_output: bool = False) -> list:
+                   buf: list, every_output: bool = False, cams: list | None = None) -> list:
         """The model over these frames, `per_call` frames per call (Models.batch); one output per frame
         (views, no copies). At one frame per call the frames go to the runtime as views on their
         ZeroMQ buffers: on the CPU that skips a copy of every frame, which cost more than the extra
@@ -275,6 +276,8 @@ class Inference:
                 out.extend({name: v[j] for name, v in res.items()} for j in range(len(res[entry.output])))
             else:
                 out.extend(res[entry.output])
+            if cams is not None:  # a classification gate's class activation maps (the wafer profile)
+                cams.extend(res[entry.cam_output])
         with self._lock:
             self.model_calls += -(-len(images) // per_call)
         return out
@@ -284,7 +287,9 @@ class Inference:
         buf = buf if buf is not None else [None]
         images = [f.image for f in batch]
         t0 = time.perf_counter()
-        scores = np.stack(self._run_model(m.gate, m.pack.models["gate"], images, m.batch, buf))
+        gate_entry = m.pack.models["gate"]
+        cams: list | None = [] if gate_entry.cam_output and m.seg is None else None
+        scores = np.stack(self._run_model(m.gate, gate_entry, images, m.batch, buf, cams=cams))
         t1 = time.perf_counter()
         self.on_stage("gate", t1 - t0)
         top = scores.max(axis=1)
@@ -309,6 +314,9 @@ class Inference:
                     defects = extract_defects(probs[j], m.pack.classes, m.calibration.classes, stride,
                                               f.image.shape[1:], self.cfg.coil.max_events_per_frame)
                 events_by_frame[int(i)] = [self._event(m, f, d, float(top[i])) for d in defects]
+        elif passed.size and cams is not None:  # wafer maps: one event per wafer, its patterns and CAM peaks
+            for i in passed:
+                events_by_frame[int(i)] = self._wafer_events(m, batch[i], scores[i], cams[i])
         elif passed.size:  # classification-only profile: one event per class over its threshold
             for i in passed:
                 events_by_frame[int(i)] = self._class_events(m, batch[i], scores[i])
@@ -322,8 +330,10 @@ class Inference:
             for ev in events:
                 self.submit("defect", ev)
             state = "inspected" if i in passed_set else "gated_out"
+            lot = self._lot_update(m, f, events)
             # finish() puts this batch's models in the summary itself: nothing to decorate
-            for summary in self.coils.finish(h.camera, h.coil, h.index, state, events, models=fields):
+            for summary in self.coils.finish(h.camera, h.coil, h.index, state, events, models=fields,
+                                             lot_update=lot):
                 self.submit("summary", summary)
         self.on_stage("publish", time.perf_counter() - t3)
         with self._lock:
@@ -348,6 +358,37 @@ class Inference:
             "frame_ts_ns": h.ts_ns, "recv_ts_ns": f.recv_ns, "models": m.pack.versions(),
             **({"instance": d.instance} if d.instance is not None else {}),
         }
+
+    def _wafer_events(self, m: Models, f: Frame, scores: np.ndarray, cams: np.ndarray) -> list[dict]:
+        """One event per wafer with a pattern over its threshold: the top pattern as the event's class and
+        region (its CAM peak, in dies), every pattern found under ``patterns`` (engines/wafer.py)."""
+        h = f.header
+        H, W = f.image.shape[1:]
+        names = m.pack.classes
+        found = wafer.patterns(scores, cams, names, [m.calibration.classes[c].pixel_threshold for c in names],
+                               m.pack.models["gate"].cam_stride, (H, W))
+        if not found:
+            return []
+        top = found[0]
+        x0, y0, x1, y1 = top["peak_die"]
+        d = Defect(top["class_id"], top["class"], top["score"], (x0, y0, x1, y1), (x1 - x0) * (y1 - y0))
+        cam = self._cameras.get(h.camera, self._default_cam)
+        dies = wafer.die_counts(f.image, m.pack.meta["die_map"]) if m.pack.meta.get("die_map") else None
+        return [{"coil": h.coil, "camera": h.camera, "index": h.index, "class": d.class_name, "class_id": d.class_id,
+                 "confidence": d.confidence, "gate_score": round(float(scores.max()), 4), "bbox_px": list(d.bbox_px),
+                 "area_px": d.area_px, **d.to_strip(cam, h.pos_mm, W), "patterns": found,
+                 **({"dies": dies} if dies else {}),
+                 "frame_ts_ns": h.ts_ns, "recv_ts_ns": f.recv_ns, "models": m.pack.versions()}]
+
+    @staticmethod
+    def _lot_update(m: Models, f: Frame, events: list[dict]) -> Callable[[dict], None] | None:
+        """Wafer profile (model.json has a die_map): this wafer's dies and patterns, added to its lot."""
+        die_map = m.pack.meta.get("die_map")
+        if not die_map:
+            return None
+        dies = wafer.die_counts(f.image, die_map)
+        found = events[0]["patterns"] if events else []
+        return lambda lot: wafer.lot_add(lot, dies, found)
 
     def _class_events(self, m: Models, f: Frame, scores: np.ndarray) -> list[dict]:
         h = f.header

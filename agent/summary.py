@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from engines.wafer import lot_summary
+
 if TYPE_CHECKING:
     from agent.coil import Coil
 
@@ -87,8 +89,10 @@ def build_summary(c: Coil, now: float, *, final: bool, reason: str | None, class
     wall_s = now - c.started_mono
     density = {k: round(n / metres, 3) for k, n in c.defects_by_class.items()} if metres > 0 else {}
     worst = [ev for _, _, ev in sorted(c.worst, key=lambda t: (-t[0], t[1]))]
+    lot = {"lot": lot_summary(c.lot, classes)} if c.lot else {}  # wafer lots only (docs/protocol.md 2.2)
     return {
         **(c.models or {}),
+        **lot,
         "type": "summary",
         "coil": c.coil,
         "final": final,

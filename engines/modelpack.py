@@ -53,6 +53,8 @@ class ModelEntry:
     output_stride: int = 1  # seg: input px per output px
     input_pool: int = 1  # the model takes frames area-averaged over input_pool x input_pool px (uint8)
     instances: InstanceSpec | None = None  # seg: the instance head's outputs (format 3), else None
+    cam_output: str | None = None  # gate of a classification profile: class activation maps [N, K, h, w]
+    cam_stride: int = 1  # input px per CAM cell
 
     @property
     def short_hash(self) -> str:
@@ -232,6 +234,8 @@ def load_model_pack(directory: str | Path, *, verify_hashes: bool = True) -> Mod
             output_stride=int(entry.get("output_stride", 1)),
             input_pool=pool,
             instances=instances,
+            cam_output=entry.get("cam_output"),
+            cam_stride=int(entry.get("cam_stride", 1)),
         )
     if "gate" not in models:
         raise ModelPackError(f"{where}: a model pack needs a 'gate' model")

@@ -11,8 +11,10 @@ from pathlib import Path
 
 SHIPPED_PACKS = Path(__file__).resolve().parent / "models"
 
-# Profiles that have a trained, shipped model pack (engines/models/<profile>/).
-PROFILES: tuple[str, ...] = ("steel", "magnetic_tile", "kolektorsdd")
+# Profiles that have a trained, shipped model pack (engines/models/<profile>/). wafer, chip and parts
+# are trained and evaluated on generated data (training/lines.py: their real data is not reachable).
+PROFILES: tuple[str, ...] = ("steel", "magnetic_tile", "kolektorsdd", "wafer", "chip", "parts")
+GENERATED_PROFILES: tuple[str, ...] = ("wafer", "chip", "parts")
 
 
 def shipped_pack_dir(profile: str) -> Path:

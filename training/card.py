@@ -47,6 +47,8 @@ def measure_speed(pack_dir: Path, batches: tuple[int, ...] = (1, 8), frames: int
     from engines.runner import PackRunner
 
     pack = load_model_pack(pack_dir)
+    if pack.channels * pack.height * pack.width > 8 << 20:  # 4608x3072 RGB parts: 42 MB a frame
+        batches, frames, repeats = (1,), 3, 2
     rng = np.random.default_rng(0)
     x_all = rng.integers(0, 256, (frames, pack.channels, pack.height, pack.width), dtype=np.uint8)
     out: dict = {"backend": f"onnxruntime {ort.__version__} CPU, 1 intra-op thread, spinning off",
@@ -169,9 +171,15 @@ def render(pack_dir: Path, evaluation_dir: Path | None, speed: dict | None, spli
         if sm:
             lines.append(f"Size-matched view: recall {sm['recall']} on {sm['n_defect_crops']} defect crops, pass rate "
                          f"{sm['pass_rate_clean_crops']} on clean crops.")
-        lines += ["", "| class | pixel threshold | min area px | Dice (val) | Dice on positive images | "
-                      "Dice never-predict | positive images | calibrated |", "|---|---|---|---|---|---|---|---|"]
-        for name, c in calib["classes"].items():
+        line_f1 = [c.get("f1", c.get("defect_f1")) for c in calib["classes"].values()]
+        if all(v is not None for v in line_f1):  # generated lines (training/lines.py): thresholds chosen by F1
+            lines += ["", "| class | threshold | min area px | F1 (val) | positive images |", "|---|---|---|---|---|"]
+            lines += [f"| {name} | {c['pixel_threshold']} | {c['min_area_px']} | {_f(f1)} | {c.get('n_positive_images')} |"
+                      for (name, c), f1 in zip(calib["classes"].items(), line_f1)]
+        lines += [] if all(v is not None for v in line_f1) else [
+            "", "| class | pixel threshold | min area px | Dice (val) | Dice on positive images | "
+                "Dice never-predict | positive images | calibrated |", "|---|---|---|---|---|---|---|---|"]
+        for name, c in ({} if all(v is not None for v in line_f1) else calib["classes"]).items():
             lines.append(f"| {name} | {c['pixel_threshold']} | {c['min_area_px']} | {_f(c.get('dice'))} | "
                          f"{_f(c.get('dice_on_positive_images'))} | {_f(c.get('dice_if_never_predicted'))} | "
                          f"{c.get('n_positive_images', '-')} | {c.get('calibrated')} |")

@@ -7,17 +7,19 @@ the handlers, so `coilsight --help` stays fast and the runtime install can still
 from __future__ import annotations
 
 import argparse
+import json
 import shlex
 import sys
 from pathlib import Path
 
 from engines.backends import BACKENDS
 from engines.cliargs import deprecated_alias
-from engines.packs import PROFILES, shipped_pack_dir
+from engines.packs import GENERATED_PROFILES, PROFILES, shipped_pack_dir
 
 BACKEND_CHOICES = tuple(sorted(BACKENDS))
 # training/nets.py CONFIGS keys; listed here so `--help` needs no torch (a test keeps them equal)
-MODEL_SIZES = ("tiny", "small", "wide", "medium", "large", "patchgate", "sepgate", "sepgate3", "sepgate4")
+MODEL_SIZES = ("tiny", "small", "wide", "medium", "large", "patchgate", "sepgate", "sepgate3", "sepgate4",
+               "standard-conv")
 DATA_ROOT_HELP = ("data root holding neu_det/, magnetic_tile/, kolektorsdd/ (default: $COILSIGHT_DATA_ROOT, else the "
                   "shared data folder found beside the checkout)")
 
@@ -62,7 +64,9 @@ def _register_train(subparsers) -> None:
     t.add_argument("--max-minutes", type=float, default=9.0, help="stop after the epoch that crosses this")
     t.add_argument("--synthetic-fraction", type=float, default=None,
                    help="share of synthetic strip windows per batch (default 0.25 for steel, 0 elsewhere)")
-    t.add_argument("--model-size", default="small", choices=MODEL_SIZES, help="network size (training/nets.py)")
+    t.add_argument("--model-size", default="small", choices=MODEL_SIZES,
+                   help="network size (training/nets.py); wafer: `standard-conv` trains the fallback without the "
+                        "deformable convolution")
     t.add_argument("--steps-only-schedule", action="store_true",
                    help="learning rate by steps only (bit-reproducible); default also anneals by --max-minutes")
     t.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
@@ -104,6 +108,8 @@ def _register_train(subparsers) -> None:
 
 
 def _run_train(args: argparse.Namespace) -> int:
+    if args.profile in GENERATED_PROFILES:
+        return _line_train(args)
     if (code := missing_extra("train", "train", "torch")) is not None:
         return code
     from training.datasets import default_data_root
@@ -180,6 +186,8 @@ def _run_export_instances(args: argparse.Namespace) -> int:
 def _run_export(args: argparse.Namespace) -> int:
     if (code := missing_extra("export", "train", "torch", "onnx")) is not None:
         return code
+    if args.profile in GENERATED_PROFILES:
+        return _line_call("export", args.profile, "export", args.checkpoint, args.out)
     from training.export import ExportError, export_pack
     from engines.modelpack import ModelPackError
 
@@ -256,6 +264,8 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     from engines.modelpack import ModelPackError
 
     models = args.models or shipped_pack_dir(args.profile)
+    if args.profile in GENERATED_PROFILES:
+        return _line_evaluate(args, models)
     data = args.data_root or default_data_root()
     if data is None:
         print("evaluate: no data root found; pass --data-root ROOT or set COILSIGHT_DATA_ROOT", file=sys.stderr)
@@ -305,12 +315,15 @@ def _register_calibrate(subparsers) -> None:
     )
     th.add_argument("--profile", required=True, help="profile name, e.g. steel")
     th.add_argument("--models", type=Path, help="model pack folder (default: engines/models/<profile>)")
-    src = th.add_mutually_exclusive_group(required=True)
+    src = th.add_mutually_exclusive_group(required=False)
     src.add_argument("--gt-dir", dest="data", type=Path, help="labelled folder in Severstal layout (train.csv + "
                      "train_images/, or ground_truth.csv + frames/ as `camera-sim --gt-dir` writes)")
     src.add_argument("--data-root", dest="dataset_root", type=Path, help=DATA_ROOT_HELP.split(" (default")[0])
     deprecated_alias(src, "--data", "--gt-dir", "data", type=Path)
     deprecated_alias(src, "--dataset-root", "--data-root", "dataset_root", type=Path)
+    src.add_argument("--generated", action="store_true",
+                     help="wafer, chip, parts: the line's generated val maps/dies/parts (its val seed); the default "
+                     "and only source for those profiles")
     th.add_argument("--split", default="val", choices=("val", "train"),
                     help="split of --data-root to use (the test split is never used for calibration)")
     th.add_argument("--recall-target", type=float, default=0.99, help="frame-level gate recall (default 0.99)")
@@ -349,6 +362,60 @@ def _register_calibrate(subparsers) -> None:
     sp.set_defaults(func=_run_spatial)
 
 
+def _line_train(args: argparse.Namespace) -> int:
+    from training.lines import LineError, line
+
+    command = "coilsight " + shlex.join(sys.argv[1:])
+    try:
+        extra = {"deformable": False} if args.profile == "wafer" and args.model_size == "standard-conv" else {}
+        meta = line(args.profile).train(args.out, seed=args.seed, minutes=args.max_minutes, threads=args.threads,
+                                        steps=args.epochs * args.steps_per_epoch, command=command, **extra)
+    except LineError as exc:
+        print(f"coilsight train: error: {exc}", file=sys.stderr)
+        return 2
+    print(f"trained {args.profile} on generated data: {meta['steps']} steps in {meta['minutes']:.1f} min; best "
+          f"{json.dumps(meta['best'])}; run folder {args.out}")
+    return 0
+
+
+def _line_call(what: str, profile: str, fn: str, *a, **kw) -> int:
+    from engines.modelpack import ModelPackError
+    from training.lines import LineError, line
+
+    try:
+        doc = getattr(line(profile), fn)(*a, **kw)
+    except (LineError, ModelPackError, OSError) as exc:
+        print(f"coilsight {what}: error: {exc}", file=sys.stderr)
+        return 2
+    if fn == "export":
+        print(f"exported {profile} to {a[1]}: " + ", ".join(f"{r} {m['sha256'][:12]}" for r, m in doc["models"].items())
+              + f"; torch vs ONNX Runtime max abs diff {json.dumps(doc['max_abs_diff'])}")
+    else:
+        print(f"wrote {Path(a[0]) / 'calibration.json'}: gate threshold {doc['gate']['threshold']}; classes "
+              + ", ".join(f"{k} {v['pixel_threshold']}" for k, v in doc["classes"].items()))
+    return 0
+
+
+def _line_evaluate(args: argparse.Namespace, models: Path) -> int:
+    from engines.modelpack import ModelPackError
+    from training.lines import LineError, line, write_report
+
+    mod = line(args.profile)
+    out = args.out or Path("evaluation") / args.profile
+    try:
+        report = mod.evaluate(models, split=args.split, threads=max(1, args.threads), data_root=args.data,
+                              **({"n": args.limit} if args.limit else {}))
+    except (LineError, ModelPackError, OSError) as exc:
+        print(f"evaluate: {exc}", file=sys.stderr)
+        return 2
+    if hasattr(mod, "write_figures"):  # wafer: the CAMs drawn over test maps, linked from the markdown
+        report["figures"] = [mod.write_figures(models, out).name]
+    json_path, md_path = write_report(report, out, mod.render)  # the line's own figures, not the steel table
+    sys.stdout.write(mod.render(report))
+    print(f"\nWrote {json_path} and {md_path}")
+    return 0
+
+
 def _fail(what: str, message: str) -> int:
     print(f"coilsight calibrate {what}: error: {message}", file=sys.stderr)
     return 2
@@ -366,6 +433,14 @@ def _grid(text: str | None, kind: type, flag: str):
 def _run_thresholds(args: argparse.Namespace) -> int:
     if args.report and (code := missing_extra("calibrate thresholds --report", "train", "matplotlib")) is not None:
         return code
+    if args.profile in GENERATED_PROFILES:
+        if args.split != "val":
+            return _fail("thresholds", f"{args.profile}: generated lines calibrate on their val seed only")
+        return _line_call("calibrate thresholds", args.profile, "calibrate", args.models or shipped_pack_dir(args.profile),
+                          threads=max(1, args.threads))
+    if args.generated:
+        return _fail("thresholds", f"--generated is for the generated lines ({', '.join(GENERATED_PROFILES)}), "
+                                   f"not {args.profile!r}: give --data or --dataset-root")
     from calibration import CalibrationError
     from training.calibrate import run_threshold_calibration
     from engines.backends import BackendError

@@ -256,10 +256,13 @@ def _reasons(by_reason: dict[str, int]) -> str:
 def frames_from_args(args):
     """The frame source camera-sim's options ask for, and the class names of its ground truth."""
     from agent.tools.camera_sim import composed_frames, folder_frames, synthetic_frames
+    from agent.tools.line_sim import LINE_PROFILES, line_classes, line_frames
     from training.synth import STEEL_CLASSES
 
     if args.folder:
         return folder_frames(args.folder), STEEL_CLASSES
+    if args.profile in LINE_PROFILES:  # wafer, chip, parts: that line's generator, with its ground truth
+        return line_frames(args.profile, args.frames, args.defect_fraction, seed=args.seed), line_classes(args.profile)
     if args.data_root:
         return composed_frames(args.frames, args.defect_fraction, profile=args.profile, data_root=Path(args.data_root),
                                split=args.split, seed=args.seed, with_instances=True), STEEL_CLASSES

@@ -219,7 +219,11 @@ class CameraSim:
             pos_mm += img.shape[0] * mm_per_px_y
             if gt_dir is not None:
                 name = f"{coil}_{index:06d}.png"
-                cv2.imwrite(str(gt_dir / "frames" / name), img)
+                if img.ndim == 3 and img.shape[2] > 4:  # PNG holds at most 4 channels: chip dies go as .npy
+                    name = name[:-4] + ".npy"
+                    np.save(gt_dir / "frames" / name, img)
+                else:  # frames on the wire are RGB, OpenCV writes BGR
+                    cv2.imwrite(str(gt_dir / "frames" / name), img[..., ::-1] if img.ndim == 3 else img)
                 if masks is not None:
                     for k in range(len(masks)):
                         if masks[k].any():

@@ -69,7 +69,7 @@ def test_card_command_exits_2_with_the_reason(tiny_pack, tmp_path, capsys):
     assert "run `coilsight evaluate" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("profile", ["steel", "magnetic_tile", "kolektorsdd"])
+@pytest.mark.parametrize("profile", ["steel", "magnetic_tile", "kolektorsdd", "wafer", "chip", "parts"])
 def test_shipped_cards_describe_the_shipped_models(profile):
     """A retrain that forgets `coilsight card` leaves a card naming other hashes: caught here."""
     pack = ROOT / "engines" / "models" / profile

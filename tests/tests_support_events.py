@@ -97,3 +97,22 @@ def record_ends(journal_dir: Path) -> dict[int, tuple[str, int]]:
             pos += 12 + length
             out[seq] = (os.path.realpath(seg), pos)
     return out
+
+
+def collect(agent, stop_when, timeout: float = 30.0):
+    """A plain subscriber on a thread from seq 1 (defects and summaries) until ``stop_when(topic, msg)``:
+    returns (messages, the thread, the subscriber); join the thread, then close the subscriber."""
+    cfg = agent.cfg
+    sub = Subscriber(cfg.publish.endpoint, cfg.publish.replay_endpoint, topics=("defect", "summary"), from_seq=1)
+    out: list = []
+
+    def run() -> None:
+        for topic, msg in sub.messages(timeout_s=timeout):
+            out.append((topic, msg))
+            if stop_when(topic, msg):
+                return
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    time.sleep(0.3)
+    return out, t, sub

@@ -92,18 +92,19 @@ def _register_train(subparsers) -> None:
                                description="Strip-shaped mosaics of whole train images plus realistic strips; keeps "
                                "the EMA weights of the best val mAP@0.5 (best.pt); never reads the test split. "
                                "Resumes from <out>/last.pt.")
-    ti.add_argument("--profile", required=True, choices=PROFILES)
-    ti.add_argument("--data-root", type=Path, default=Path("/work/shared/data"), help="shared data root")
+    ti.add_argument("--profile", required=True, choices=PROFILES, help="the profile whose data the instance model learns")
+    ti.add_argument("--data-root", type=Path, default=None, help=DATA_ROOT_HELP)
     ti.add_argument("--out", type=Path, required=True, help="run folder (checkpoints, meta.json)")
-    ti.add_argument("--model-size", default="edge", help="training.nets.INSTANCE_CONFIGS key (edge, line, ...)")
-    ti.add_argument("--epochs", type=int, default=200)
-    ti.add_argument("--steps-per-epoch", type=int, default=40)
+    ti.add_argument("--model-size", default="edge", choices=("edge", "edge_sep", "line", "test"),
+                    help="instance model size (training/nets.py INSTANCE_CONFIGS): edge for the CPU, line for GPU boxes")
+    ti.add_argument("--epochs", type=int, default=200, help="most epochs to run")
+    ti.add_argument("--steps-per-epoch", type=int, default=40, help="optimiser steps per epoch")
     ti.add_argument("--batch", type=int, default=4, help="canvases (256x512) per step")
-    ti.add_argument("--lr", type=float, default=3e-3)
+    ti.add_argument("--lr", type=float, default=3e-3, help="AdamW peak learning rate (cosine schedule)")
     ti.add_argument("--synthetic-fraction", type=float, default=0.15, help="share of realistic strip canvases")
     ti.add_argument("--max-minutes", type=float, default=100.0, help="stop after the epoch that crosses this")
     ti.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
-    ti.add_argument("--seed", type=int, default=0)
+    ti.add_argument("--seed", type=int, default=0, help="random seed")
     ti.set_defaults(func=_run_train_instances)
 
 
@@ -138,9 +139,16 @@ def _run_train(args: argparse.Namespace) -> int:
 
 
 def _run_train_instances(args: argparse.Namespace) -> int:
-    from training.datasets import DatasetError
+    if (code := missing_extra("train-instances", "train", "torch")) is not None:
+        return code
+    from training.datasets import DatasetError, default_data_root
     from training.train_instances import InstanceTrainConfig, InstanceTrainError, train_instances
 
+    args.data_root = args.data_root or default_data_root()
+    if args.data_root is None:
+        print("coilsight train-instances: no data root found; pass --data-root ROOT or set COILSIGHT_DATA_ROOT",
+              file=sys.stderr)
+        return 2
     cfg = InstanceTrainConfig(profile=args.profile, data_root=args.data_root, out=args.out, model_size=args.model_size,
                               epochs=args.epochs, steps_per_epoch=args.steps_per_epoch, batch=args.batch, lr=args.lr,
                               synthetic_fraction=args.synthetic_fraction, max_minutes=args.max_minutes,
@@ -403,7 +411,7 @@ def _line_evaluate(args: argparse.Namespace, models: Path) -> int:
     mod = line(args.profile)
     out = args.out or Path("evaluation") / args.profile
     try:
-        report = mod.evaluate(models, split=args.split, threads=max(1, args.threads), data_root=args.data,
+        report = mod.evaluate(models, split=args.split, threads=max(1, args.threads), data_root=args.data_root,
                               **({"n": args.limit} if args.limit else {}))
     except (LineError, ModelPackError, OSError) as exc:
         print(f"evaluate: {exc}", file=sys.stderr)

@@ -119,7 +119,7 @@ def cached(path: Path, make):
 
 def write_report(report: dict[str, Any], out_dir: Path, render) -> tuple[Path, Path]:
     """evaluation_<split>.json and .md (the line's own markdown) in out_dir, as `coilsight card` reads them."""
-    from training.evaluate import _json_safe
+    from training.evaluation_report import _json_safe
 
     out_dir = Path(out_dir)
     split = report["split"]

@@ -126,7 +126,7 @@ def _check_profile(config: Path):
         pack = load_model_pack(cfg.models_dir())
     except ModelPackError as exc:
         raise DemoError(f"profile {cfg.agent.profile} has no model pack to demo ({exc}); the shipped packs are "
-                        f"steel, magnetic_tile and kolektorsdd; train one with `coilsight train --profile "
+                        f"steel, magnetic_tile, kolektorsdd, wafer, chip and parts; train one with `coilsight train --profile "
                         f"{cfg.agent.profile}` or set [models] dir in {config}") from None
     if pack.channels != 1:
         raise DemoError(f"profile {cfg.agent.profile}: the demo paints grey frames; its pack takes "

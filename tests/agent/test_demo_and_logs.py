@@ -50,12 +50,16 @@ def test_demo_table_compares_with_its_ground_truth_and_percentages_agree(tmp_pat
     assert "{'" not in r.stdout  # no Python dict reprs
 
 
-@pytest.mark.parametrize("profile", ["chip", "parts", "wafer"])
-def test_demo_refuses_a_profile_without_a_pack(profile):
-    r = _demo("--profile", profile, timeout=60)
+def test_demo_refuses_a_profile_without_a_pack(tmp_path, agent_config):
+    cfg = tmp_path / "nopack.toml"
+    data = config_dict(agent_config())
+    data["models"]["dir"] = str(tmp_path / "empty")  # a profile whose pack is not there
+    (tmp_path / "empty").mkdir()
+    cfg.write_text(dump_toml(data))
+    r = _demo("--config", str(cfg), timeout=60)
     assert r.returncode == 2 and r.stdout == ""
-    assert re.search(rf"coilsight demo: profile {profile} has no model pack to demo \(no model\.json in .*"
-                     rf"{profile}\); the shipped packs are steel, magnetic_tile and kolektorsdd", r.stderr), r.stderr
+    assert re.search(r"coilsight demo: profile tiny has no model pack to demo \(no model\.json in .*empty\); "
+                     r"the shipped packs are steel, magnetic_tile, kolektorsdd, wafer, chip and parts", r.stderr), r.stderr
 
 
 def test_demo_keeps_the_agent_log_when_the_run_fails(tmp_path, agent_config):

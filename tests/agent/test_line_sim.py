@@ -6,7 +6,7 @@ import csv
 import numpy as np
 import pytest
 from tinypack import make_pack
-from test_end_to_end import collect
+from tests_support_events import collect
 
 from agent.tools.camera_sim import CameraSim
 from agent.tools.line_sim import found_vs_truth, line_classes, line_frames, render_found_vs_truth

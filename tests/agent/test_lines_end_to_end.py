@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from lines_tinypacks import make_wafer_pack, wafer_map
 from tinypack import make_pack
-from test_end_to_end import collect
+from tests_support_events import collect
 
 from agent.tools.camera_sim import CameraSim
 from training.gen_wafer import WAFER_PATTERNS

@@ -199,6 +199,29 @@ def format_ground_truth(gt: dict) -> str:
          if gt.get("profile") not in (None, "steel") else []))
 
 
+def listen_for_coil(cfg) -> tuple[dict, threading.Thread, object]:
+    """Subscribe to the agent of ``cfg`` from now on, on a thread: defect events into
+    ``got["events"]``, the first final summary into ``got["summary"]`` (then the thread ends).
+    Returns (got, thread, subscriber): join the thread, then close the subscriber."""
+    from agent.subscriber import Subscriber
+
+    sub = Subscriber(cfg.publish.endpoint, cfg.publish.replay_endpoint, from_seq=None)
+    got: dict = {"events": [], "summary": None}
+
+    def listen() -> None:
+        for topic, msg in sub.messages(timeout_s=600):
+            if topic == "defect":
+                got["events"].append(msg)
+            elif topic == "summary" and msg["final"]:
+                got["summary"] = msg
+                return
+
+    t = threading.Thread(target=listen, daemon=True)
+    t.start()
+    time.sleep(0.3)  # let the SUB connect before the coil starts
+    return got, t, sub
+
+
 def _say(text: str) -> None:
     """Progress notes: stderr, so that stdout carries only the result (`demo --json | jq`)."""
     print(text, file=sys.stderr, flush=True)
@@ -210,7 +233,6 @@ def run_demo(config: Path, *, frames: int, defect_fraction: float, rate: float, 
     (its path is printed); 2 when the profile cannot be demonstrated here."""
     from agent.tools.camera_sim import CameraSim, score_events, synthetic_frames
     from training.synth import STEEL_CLASSES
-    from agent.subscriber import Subscriber
 
     try:
         _, pack = _check_profile(config)
@@ -231,20 +253,7 @@ def run_demo(config: Path, *, frames: int, defect_fraction: float, rate: float, 
             except (RuntimeError, TimeoutError) as exc:
                 print(f"coilsight demo: {exc}; agent log kept: {log_path}", file=sys.stderr)
                 return 1
-            sub = Subscriber(cfg.publish.endpoint, cfg.publish.replay_endpoint, from_seq=None)
-            got: dict = {"events": [], "summary": None}
-
-            def listen() -> None:
-                for topic, msg in sub.messages(timeout_s=600):
-                    if topic == "defect":
-                        got["events"].append(msg)
-                    elif topic == "summary" and msg["final"]:
-                        got["summary"] = msg
-                        return
-
-            t = threading.Thread(target=listen, daemon=True)
-            t.start()
-            time.sleep(0.3)  # let the SUB connect before the coil starts
+            got, t, sub = listen_for_coil(cfg)
             _say(f"streaming {frames} frames of {pack.width}x{pack.height} ({defect_fraction:.0%} with painted "
                  "defects) ...")
             t0 = time.monotonic()

@@ -13,7 +13,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Iterator
@@ -76,9 +75,8 @@ def run_line_demo(profile: str, *, frames: int, defect_fraction: float, rate: fl
                   seed: int = 0, config: Path | None = None) -> int:
     """A generated lot through a real agent: the coil summary, then found vs truth per class and frame."""
     from agent.config import load_config
-    from agent.subscriber import Subscriber
     from agent.tools.camera_sim import CameraSim
-    from agent.tools.demo import format_summary, isolated_config, start_agent, wait_ready
+    from agent.tools.demo import format_summary, isolated_config, listen_for_coil, start_agent, wait_ready
 
     classes = line_classes(profile)
     with tempfile.TemporaryDirectory(prefix=f"coilsight-demo-{profile}-") as tmp:
@@ -90,21 +88,8 @@ def run_line_demo(profile: str, *, frames: int, defect_fraction: float, rate: fl
         proc = start_agent(cfg_path, log_path)
         try:
             wait_ready(proc, cfg.control.endpoint)
-            sub = Subscriber(cfg.publish.endpoint, cfg.publish.replay_endpoint, from_seq=None)
-            events: list[dict] = []
-            got: dict = {"summary": None}
-
-            def listen() -> None:
-                for topic, msg in sub.messages(timeout_s=600):
-                    if topic == "defect":
-                        events.append(msg)
-                    elif topic == "summary" and msg["final"]:
-                        got["summary"] = msg
-                        return
-
-            t = threading.Thread(target=listen, daemon=True)
-            t.start()
-            time.sleep(0.3)  # let the SUB connect before the coil starts
+            got, t, sub = listen_for_coil(cfg)
+            events = got["events"]
             print(f"streaming {frames} generated {profile} frames ({defect_fraction:.0%} with defects) ...", flush=True)
             cam = CameraSim(cfg.ingest.endpoint, camera=cfg.cameras[0].id if cfg.cameras else "cam0")
             sent = cam.send_coil(f"demo-{profile}-{int(time.time())}", line_frames(profile, frames, defect_fraction,

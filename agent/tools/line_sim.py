@@ -76,7 +76,7 @@ def run_line_demo(profile: str, *, frames: int, defect_fraction: float, rate: fl
     """A generated lot through a real agent: the coil summary, then found vs truth per class and frame."""
     from agent.config import load_config
     from agent.tools.camera_sim import CameraSim
-    from agent.tools.demo import format_summary, isolated_config, listen_for_coil, start_agent, wait_ready
+    from agent.tools.demo import _say, format_summary, isolated_config, listen_for_coil, start_agent, wait_ready
 
     classes = line_classes(profile)
     with tempfile.TemporaryDirectory(prefix=f"coilsight-demo-{profile}-") as tmp:
@@ -84,13 +84,13 @@ def run_line_demo(profile: str, *, frames: int, defect_fraction: float, rate: fl
         cfg_path = isolated_config(config or CONFIGS / f"{profile}.toml", work)
         cfg = load_config(cfg_path)
         log_path = work / "agent.log"
-        print(f"starting agent ({cfg.agent.profile} profile, log {log_path}) ...", flush=True)
+        _say(f"starting agent ({cfg.agent.profile} profile, log {log_path}) ...")
         proc = start_agent(cfg_path, log_path)
         try:
             wait_ready(proc, cfg.control.endpoint)
             got, t, sub = listen_for_coil(cfg)
             events = got["events"]
-            print(f"streaming {frames} generated {profile} frames ({defect_fraction:.0%} with defects) ...", flush=True)
+            _say(f"streaming {frames} generated {profile} frames ({defect_fraction:.0%} with defects) ...")
             cam = CameraSim(cfg.ingest.endpoint, camera=cfg.cameras[0].id if cfg.cameras else "cam0")
             sent = cam.send_coil(f"demo-{profile}-{int(time.time())}", line_frames(profile, frames, defect_fraction,
                                                                                     seed=seed),

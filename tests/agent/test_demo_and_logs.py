@@ -207,3 +207,13 @@ def test_coils_restored_is_a_warning_only_when_something_was_restored(tmp_path, 
         assert line["log_level"] == "warning" and "open-coil" in line["coils"]
     finally:
         journal.close()
+
+
+def test_line_demo_json_is_the_only_thing_on_stdout():
+    """The generated lines' demo keeps its progress notes on stderr too (`demo --profile wafer --json | jq`)."""
+    pytest.importorskip("onnxruntime")
+    r = _demo("--profile", "wafer", "--frames", "6", "--json", timeout=240)
+    assert r.returncode == 0, r.stderr[-2000:]
+    doc = json.loads(r.stdout)
+    assert doc["summary"]["type"] == "summary" and "found_vs_truth" in doc
+    assert "starting agent" in r.stderr

@@ -4,7 +4,7 @@ Packages, top to bottom: agent > training > calibration > engines > metrics. A m
 its own package and the packages below it, function-local imports included. Inside agent/, the
 service (everything but the CLI and agent/tools) never imports the tools or the CLI, and imports
 no package above engines. torch, pycocotools and matplotlib are imported only under training/ and
-in calibration/reports.py. No import cycle between modules (module-level imports).
+in calibration/reports.py (matplotlib also in agent/tools/report.py, the offline coil report). No import cycle between modules (module-level imports).
 """
 from __future__ import annotations
 
@@ -61,7 +61,8 @@ def violations(root: Path) -> list[str]:
             rel = path.relative_to(root)
             for target, line, _ in imports_of(path, root):
                 top = target.split(".")[0]
-                if top in HEAVY and not (pkg == "training" or me == "calibration.reports"):
+                if top in HEAVY and not (pkg == "training" or me == "calibration.reports"
+                                         or (top == "matplotlib" and me == "agent.tools.report")):
                     found.append(f"{rel}:{line}: {me} imports {target} (only training/ and calibration.reports may)")
                 if top not in RANK or top == pkg:
                     if pkg == "agent" and top == "agent" and not me.startswith(AGENT_FRONT) \

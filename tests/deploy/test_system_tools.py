@@ -25,7 +25,7 @@ def bin_without_systemd_analyze(tmp_path: Path, apt_get: str | None) -> Path:
 
 
 @pytest.mark.parametrize(("apt_get", "said"), [
-    ('echo "E: Could not resolve host" >&2; exit 100', "could not install systemd (no network or no package source?)"),
+    ('echo "E: Could not resolve host" >&2; exit 100', "(no network or no package source?)"),
     (None, "cannot be installed here (needs root and apt-get)"),
 ])
 def test_a_tool_that_cannot_be_installed_is_reported_and_the_script_succeeds(tmp_path, apt_get, said):
@@ -35,4 +35,6 @@ def test_a_tool_that_cannot_be_installed_is_reported_and_the_script_succeeds(tmp
     r = subprocess.run([shutil.which("bash"), str(SCRIPT)], env={"PATH": str(path)}, capture_output=True, text=True,
                        timeout=60)
     assert r.returncode == 0, r.stderr
-    assert said in r.stderr and "the unit checks will be skipped" in r.stderr
+    assert said in r.stderr and "will be skipped" in r.stderr
+    # every tool it lacks is named, so the reader knows which tests will skip
+    assert "systemd" in r.stderr and "chromium" in r.stderr

@@ -30,6 +30,27 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true", help="print the run's report as JSON instead of the table")
     p.set_defaults(func=cmd_inspect)
 
+    p = sub.add_parser("report", help="one coil from the agent's journal as an HTML page (or JSON), offline",
+                       description="Reads the agent's journal read-only (a copy from a line box works) and writes "
+                       "one HTML page for the coil: strip map, defects per 100 m, periodic series, worst defects, "
+                       "grade and timing (PNG plots embedded and beside it). Exit 0 done, 1 when the journal or the "
+                       "coil is not there, 2 on a usage error.")
+    p.add_argument("coil", metavar="COIL", help="coil id, or 'latest' for the last coil with a summary")
+    p.add_argument("--journal", type=Path, help="the journal directory (<state_dir>/journal/<agent name>)")
+    p.add_argument("--config", type=Path, help="the agent's config: its journal is read from its state_dir")
+    p.add_argument("--crops", type=Path, help="defect crops folder (default: <state_dir>/crops when present)")
+    p.add_argument("--out", type=Path, help="output folder (default ./report-COIL)")
+    p.add_argument("--format", choices=("html", "json"), default="html",
+                   help="html: the page (default); json: the report's numbers on stdout")
+    p.add_argument("--worst", type=int, default=8, help="worst defects shown as thumbnails (default 8)")
+    p.set_defaults(func=cmd_report)
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from agent.tools.report import cmd_report as run
+
+    return run(args)
+
 
 def cmd_inspect(args: argparse.Namespace) -> int:
     from engines.backends import BackendError

@@ -118,6 +118,11 @@ def coil_report(rec: CoilRecords, *, crops: Path | None = None, worst_n: int = 8
                      "dropped with an old segment): counts are from the journal's defect events")
     elif not s.get("final"):
         notes.append("only a provisional summary (final: false): the coil had not closed when the journal was copied")
+    if s is not None:  # a journal without the track / periodic messages: the summary's own lists, if any
+        if not rec.tracks and isinstance(s.get("tracks"), list):
+            rec.tracks = [t for t in s["tracks"] if isinstance(t, dict)]
+        if not rec.periodic and isinstance(s.get("periodic"), list):
+            rec.periodic = [p for p in s["periodic"] if isinstance(p, dict)]
     items_kind = "tracks" if rec.tracks else "defects"
     items = rec.tracks if rec.tracks else rec.defects
     classes = list((s or {}).get("defects", {})) or sorted({i.get("class", "?") for i in items})

@@ -201,3 +201,35 @@ def test_shipped_steel_pack_on_shared_data(tmp_path, capsys):
             res = inspect_image(insp, decode_image_bytes(Path(s.source).read_bytes()), Path(s.source).name)
             assert np.array_equal(res.masks, s.masks)
             assert s.masks.any() == bool(res.events)
+
+
+def test_instance_pack_events_and_masks(tmp_path):
+    """An instance pack (format 3): one event per instance, with `instance`, its box the model's, and
+    its mask the class's probs inside that box."""
+    from tinyinstances import frame_with_squares, make_instance_pack
+
+    pack = make_instance_pack(tmp_path / "inst")
+    img = frame_with_squares([("bright", 40, 20), ("dark", 160, 28)])
+    with Inspector(pack, threads=1) as insp:
+        res = inspect_image(insp, img, "sq")
+    assert sorted((e["class"], e["bbox_px"]) for e in res.events) == [
+        ("bright", [40, 20, 60, 40]), ("dark", [160, 28, 180, 48])]
+    assert all(e["instance"] == e["confidence"] for e in res.events)
+    truth = np.zeros((2, 64, 256), bool)
+    truth[0, 20:40, 40:60] = True
+    truth[1, 28:48, 160:180] = True
+    assert np.array_equal(res.masks, truth)
+
+
+def test_progress_only_where_asked(tmp_path, pack):
+    import io
+
+    from agent.tools.inspect_run import run_inspect
+
+    write(tmp_path / "in" / "a.png", frame_with("bright", 64, 8))
+    err, out = io.StringIO(), io.StringIO()
+    assert run_inspect([tmp_path / "in"], tmp_path / "o", pack_dir=pack, stream=out, err=err, progress=True) == 0
+    assert "\rinspect: 1/1 frames" in err.getvalue()
+    err = io.StringIO()
+    assert run_inspect([tmp_path / "in"], tmp_path / "o", pack_dir=pack, stream=out, err=err) == 0
+    assert err.getvalue() == ""  # a StringIO is no TTY

@@ -214,3 +214,23 @@ def test_the_reader_changes_nothing_and_reports_a_torn_tail(tmp_path):
     assert [d.kind for d in damage] == ["torn_tail"]
     assert seg.read_bytes() == before and not list(journal.glob("*.damaged"))
     assert [r[0] for r in recs] == list(range(1, len(recs) + 1))
+
+
+def test_periodic_and_tracks_from_the_summary_alone(tmp_path, capsys):
+    """An agent that puts its tracks and periodic series only in the summary: the report uses them."""
+    j = Journal(tmp_path / "j", fsync=False)
+    track = {"track_id": "t0", "class": "dark", "class_id": 1, "across_mm": 50.0, "along_mm": 2_000.0,
+             "width_mm": 10.0, "length_mm": 30.0, "area_mm2": 300.0, "confidence": 0.7}
+    periodic = {"class": "dark", "across_mm": 50.0, "pitch_mm": 900.0, "roll_diameter_mm": 286.5, "count": 4,
+                "first_along_mm": 2_000.0, "last_along_mm": 4_700.0, "confidence": 0.9, "track_ids": []}
+    j.append_many([envelope("summary", {"coil": "S1", "final": True, "defects": {"bright": 0, "dark": 1},
+                                        "defect_count": 0, "length_mm": 5_000.0, "tracks": [track],
+                                        "periodic": [periodic]}, 1)])
+    j.close()
+    out = tmp_path / "o"
+    assert main(["report", "S1", "--journal", str(tmp_path / "j"), "--out", str(out)]) == 0
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["items"] == "tracks" and rep["counts"] == {"bright": 0, "dark": 1}
+    assert rep["periodic"][0]["pitch_mm"] == 900.0 and rep["grade"] is None
+    check_plots(out)
+    capsys.readouterr()

@@ -15,6 +15,7 @@ import base64
 import html
 import io
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -207,7 +208,7 @@ def make_report(journal: Path, coil: str, out: Path | None, *, crops: Path | Non
     items = rec.tracks or rec.defects
     plots = {"strip_map.png": strip_map(rep, items, plt), "histogram.png": histogram(rep, plt),
              "timing.png": timing_plot(rep, plt)}
-    out = out if out is not None else Path(f"report-{rec.coil}")
+    out = out if out is not None else Path("report-" + re.sub(r"[^A-Za-z0-9._-]", "_", rec.coil).lstrip("."))
     out.mkdir(parents=True, exist_ok=True)
     for name, data in plots.items():
         (out / name).write_bytes(data)

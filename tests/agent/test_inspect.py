@@ -233,3 +233,23 @@ def test_progress_only_where_asked(tmp_path, pack):
     err = io.StringIO()
     assert run_inspect([tmp_path / "in"], tmp_path / "o", pack_dir=pack, stream=out, err=err) == 0
     assert err.getvalue() == ""  # a StringIO is no TTY
+
+
+def test_shipped_steel_pack_on_a_generated_strip(tmp_path, capsys):
+    """Without the shared data: the shipped steel pack over a generated strip writes its overlay, JSON
+    and a masks.csv the Severstal reader takes back, equal to the masks inspect_image returns."""
+    from agent.tools.camera_sim import synthetic_frames
+
+    folder = tmp_path / "in"
+    imgs = {f"strip{i}.png": img for i, (img, _) in enumerate(synthetic_frames(2, 1.0, seed=5))}
+    for name, img in imgs.items():
+        write(folder / name, img)
+    out = tmp_path / "out"
+    assert main(["inspect", str(folder), "--out", str(out), "--threads", "1"]) == 0, capsys.readouterr().err
+    assert (out / "strip0.overlay.png").is_file() and (out / "strip1.events.json").is_file()
+    classes = json.loads((shipped_pack_dir("steel") / "model.json").read_text())["classes"]
+    ds = read_severstal(out / "masks.csv", folder, classes)
+    with Inspector(shipped_pack_dir("steel"), threads=1) as insp:
+        for s in ds:
+            res = inspect_image(insp, imgs[Path(s.source).name], Path(s.source).name)
+            assert res.masks.shape == (6, 256, 1600) and np.array_equal(res.masks, s.masks)

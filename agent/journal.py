@@ -30,6 +30,7 @@ import struct
 import threading
 import time
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -435,3 +436,46 @@ class Journal:
                         log.error("journal_fsync_failed_at_close", error=exc.strerror)
                 self._fh.close()
                 self._fh = None
+
+
+def read_journal(directory: str | Path, damage: list[Damage] | None = None) -> Iterator[tuple[int, bytes, bytes]]:
+    """Every good record ``(seq, topic, body)`` of a journal directory, segment by segment (oldest
+    first), WITHOUT changing anything: for offline readers (``coilsight report``) of a journal a
+    running agent may be writing, or one copied from a line box. What was damaged is appended to
+    ``damage``: a torn tail (maybe a record being written) is reported, not truncated; a damaged
+    record is skipped and the scan resynchronises on the next magic, as ``Journal`` does."""
+    damage = damage if damage is not None else []
+    for path in sorted(Path(directory).glob("segment-*.log")):
+        try:
+            if not path.is_file() or path.stat().st_size > MAX_SEGMENT_FILE:
+                damage.append(Damage(path.name, 0, "moved_aside", "not a regular segment file; not read"))
+                continue
+            data = path.read_bytes()
+        except OSError as exc:
+            damage.append(Damage(path.name, 0, "unreadable", str(exc.strerror or exc)))
+            continue
+        pos = 0
+        while pos < len(data):
+            bad = None
+            if data[pos:pos + 4] != MAGIC:
+                bad = "bad_magic"
+            elif pos + _HEAD.size > len(data):
+                bad = "torn_tail"
+            else:
+                _, length, crc = _HEAD.unpack_from(data, pos)
+                end = pos + _HEAD.size + length
+                if length < _SEQ.size or length > MAX_RECORD or end > len(data):
+                    bad = "bad_length" if end <= len(data) or data.find(MAGIC, pos + 1) >= 0 else "torn_tail"
+                elif zlib.crc32(data[pos + _HEAD.size:end]) != crc:
+                    bad = "crc_mismatch"
+            if bad is not None:
+                nxt = data.find(MAGIC, pos + 1)
+                damage.append(Damage(path.name, pos, bad, f"{(nxt if nxt >= 0 else len(data)) - pos} bytes skipped"))
+                if nxt < 0:
+                    break
+                pos = nxt
+                continue
+            payload = data[pos + _HEAD.size:end]
+            seq, tlen = _SEQ.unpack_from(payload, 0)
+            yield seq, payload[_SEQ.size:_SEQ.size + tlen], payload[_SEQ.size + tlen:]
+            pos = end

@@ -85,6 +85,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--count", type=int, help="stop after this many messages")
     p.add_argument("--heartbeat-timeout", type=float, default=5.0,
                    help="seconds without a heartbeat before saying the agent is silent")
+    p.add_argument("--key", type=Path, help="this subscriber's CURVE secret key file (NAME.key_secret; its public "
+                   "half on the agent's subscriber allow-list) for an agent with auth on (default: none, plain ZeroMQ)")
+    p.add_argument("--server-key", type=Path, help="the agent's CURVE public key file (server.key) (default: with "
+                   "--config, found next to the agent's secret key on this box)")
     p.set_defaults(func=cmd_subscribe)
 
     p = sub.add_parser("status", help="ask a running agent for its state, models, queue and coils")
@@ -92,7 +96,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--endpoint", help=f"the agent's control endpoint (default: from --config, else {CONTROL})")
     p.add_argument("--json", action="store_true", help="the full status reply as JSON (health, metrics, coils)")
     p.add_argument("--key", type=Path, help="operator secret key file (NAME.key_secret) for a CURVE control socket")
-    p.add_argument("--server-key", type=Path, help="the agent's public key file (server.key) for a CURVE control socket")
+    p.add_argument("--server-key", type=Path, help="the agent's public key file (server.key) for a CURVE control socket "
+                   "(default: with --config, found next to the agent's secret key on this box)")
     p.set_defaults(func=cmd_status)
 
     p = sub.add_parser("demo", help="camera-sim + agent + subscriber on loopback; prints the coil summary")
@@ -240,9 +245,16 @@ def cmd_camera_sim(args: argparse.Namespace) -> int:
 def cmd_subscribe(args: argparse.Namespace) -> int:
     from agent.tools.views import run_subscribe
 
+    from agent.tools.curve_client import CurveSetupError, client_keys
+
     cfg = _agent_config(args)
     args.endpoint = args.endpoint or (cfg.publish.endpoint if cfg else EVENTS)
     args.replay = args.replay or (cfg.publish.replay_endpoint if cfg else REPLAY)
+    try:
+        args.client_keys = client_keys(cfg, args.config, "subscriber", key=args.key, server_key=args.server_key)
+    except CurveSetupError as exc:
+        print(f"coilsight subscribe: {exc}", file=sys.stderr)
+        return 2
     return run_subscribe(args)
 
 
@@ -257,6 +269,10 @@ def cmd_status(args: argparse.Namespace) -> int:
               f"OPERATOR.key_secret and --server-key server.key, or put control.endpoint on ipc://",
               file=sys.stderr)
         return 2
+    if args.key and not args.server_key and cfg is not None and cfg.auth.enabled:
+        from agent.tools.curve_client import server_public_key
+
+        args.server_key = server_public_key(cfg)
     if bool(args.key) != bool(args.server_key):
         print("coilsight status: --key and --server-key go together", file=sys.stderr)
         return 2

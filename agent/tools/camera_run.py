@@ -49,10 +49,12 @@ class ConnectWatch:
         self.succeeded = False
 
     def __call__(self, sock: zmq.Socket) -> None:  # CameraSim's socket_setup: before connect
-        if self.immediate:
-            sock.setsockopt(zmq.IMMEDIATE, 1)  # queue nothing until the agent has taken the connection
         if self.keys is not None:
             self.keys.setup(sock)
+        if self.monitor is not None:  # a later socket (a Subscriber's replay REQ): the keys only
+            return
+        if self.immediate:
+            sock.setsockopt(zmq.IMMEDIATE, 1)  # queue nothing until the agent has taken the connection
         self.monitor = sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED | FAILED)
 
     def _take(self, timeout_ms: int) -> bool:

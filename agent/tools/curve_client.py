@@ -66,10 +66,14 @@ def server_public_key(cfg) -> Path | None:
     return next((p for p in candidates if p.is_file()), None)
 
 
-def resolve_keys(cfg, config_path, *, key: Path | None, server_key: Path | None, events_key: Path | None
-                 ) -> tuple[ClientKeys, ClientKeys]:
-    """The camera's (ingest) and the verdict listener's (events) keys, from the options and the
-    agent's config (``cfg`` None: options only). CurveSetupError when they cannot work."""
+def _dir_hint(dirs: dict[str, str], role: str) -> str:
+    return ROLE_DIR_KEY[role] + (f", {dirs[role]}" if dirs.get(role) else "")
+
+
+def client_keys(cfg, config_path, role: str, *, key: Path | None, server_key: Path | None,
+                extra_hint: str = "") -> ClientKeys:
+    """One client's keys for ``role`` from the options and the agent's config (``cfg`` None: options
+    only); CurveSetupError when they cannot work."""
     uses_curve = bool(cfg is not None and cfg.auth.enabled)
     dirs = cfg.auth.role_dirs() if uses_curve else {}
     if uses_curve and server_key is None:
@@ -80,24 +84,34 @@ def resolve_keys(cfg, config_path, *, key: Path | None, server_key: Path | None,
                 f"next to its secret key on this box: pass --server-key server.key")
     if uses_curve and key is None:
         raise CurveSetupError(
-            f"the agent uses CURVE (auth.enabled in {config_path}): pass --key CAMERA.key_secret (a camera key "
-            f"whose public half is in {ROLE_DIR_KEY['camera']}"
-            + (f", {dirs['camera']}" if dirs.get("camera") else "") + ") and, for the verdict, --events-key "
-            "SUBSCRIBER.key_secret (in " + ROLE_DIR_KEY["subscriber"]
-            + (f", {dirs['subscriber']}" if dirs.get("subscriber") else "") + ") or --no-verdict; the agent's "
-            "config holds only public keys, the secret ones stay with each client")
-    if (key is None) != (server_key is None) and not uses_curve:
+            f"the agent uses CURVE (auth.enabled in {config_path}): pass --key {role.upper()}.key_secret (a {role} "
+            f"key whose public half is in {_dir_hint(dirs, role)}){extra_hint}; the agent's config holds only "
+            "public keys, the secret ones stay with each client")
+    if (key is None) != (server_key is None):
         raise CurveSetupError("--key and --server-key go together (a CURVE client needs its own secret key "
                               "and the agent's public key)")
-    if events_key is not None and key is None:
-        raise CurveSetupError("--events-key needs --key and --server-key (the agent uses CURVE on every socket)")
-    for flag, path in (("--key", key), ("--events-key", events_key), ("--server-key", server_key)):
+    for flag, path in (("--key", key), ("--server-key", server_key)):
         if path is not None and not Path(path).is_file():
             raise CurveSetupError(f"{flag} {path}: no such file")
-    camera = ClientKeys("camera", key, server_key, dirs.get("camera", ""))
-    events = ClientKeys("subscriber", events_key or key, server_key, dirs.get("subscriber", ""))
-    for keys in (camera, events):
-        _check_files(keys)
+    keys = ClientKeys(role, key, server_key, dirs.get(role, ""))
+    _check_files(keys)
+    return keys
+
+
+def resolve_keys(cfg, config_path, *, key: Path | None, server_key: Path | None, events_key: Path | None
+                 ) -> tuple[ClientKeys, ClientKeys]:
+    """camera-sim's keys: the camera's (ingest) and the verdict listener's (events, a subscriber key;
+    default the camera's, for a key on both allow-lists). CurveSetupError when they cannot work."""
+    dirs = cfg.auth.role_dirs() if cfg is not None and cfg.auth.enabled else {}
+    camera = client_keys(cfg, config_path, "camera", key=key, server_key=server_key,
+                         extra_hint=" and, for the verdict, --events-key SUBSCRIBER.key_secret (in "
+                                    f"{_dir_hint(dirs, 'subscriber')}) or --no-verdict")
+    if events_key is not None and not camera.curve:
+        raise CurveSetupError("--events-key needs --key and --server-key (the agent uses CURVE on every socket)")
+    if events_key is not None and not Path(events_key).is_file():
+        raise CurveSetupError(f"--events-key {events_key}: no such file")
+    events = ClientKeys("subscriber", events_key or camera.key, camera.server_key, dirs.get("subscriber", ""))
+    _check_files(events)
     return camera, events
 
 

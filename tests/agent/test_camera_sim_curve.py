@@ -1,6 +1,7 @@
-"""camera-sim against a real CURVE agent on loopback (issue 20 item 13): it takes the endpoints and the
-agent's public key from the agent's config, its own keys from --key / --events-key, and when the agent
-refuses it in the handshake it says why (exit 3), never "no agent"."""
+"""camera-sim, subscribe and status against a real CURVE agent on loopback (issue 20 item 13): they take
+the endpoints and the agent's public key from the agent's config, their own keys from --key (camera-sim's
+verdict: --events-key), and when the agent refuses them in the handshake they say why (exit 3), never
+"no agent"."""
 from __future__ import annotations
 
 import shutil
@@ -105,3 +106,31 @@ def test_bad_key_options_are_usage_errors(tmp_path, roles, capsys):  # noqa: F81
     loose.chmod(0o644)
     code, _, err = camera_sim(capsys, "--key", str(loose), "--server-key", str(roles["server"]), "--folder", str(folder))
     assert code == 2 and f"CURVE secret key file {loose} is readable by others" in err
+
+
+# --- the other clients of a CURVE agent: subscribe (item 13) and status take the same keys -----------
+
+
+def test_subscribe_and_status_with_keys_and_the_agents_config(curve_agent, roles, capsys):  # noqa: F811
+    from agent.cli import main
+
+    agent, cfg, _ = curve_agent
+    assert main(["subscribe", "--config", str(cfg), "--key", str(roles["secret"]["sub0"]), "--topic", "health",
+                 "--count", "1", "--timeout", "10"]) == 0
+    out, err = capsys.readouterr()
+    assert '"topic": "health"' in out and '"state": "ready"' in out, err
+
+    # a camera key on the subscriber socket: refused, and said so at once
+    assert main(["subscribe", "--config", str(cfg), "--key", str(roles["secret"]["cam0"]), "--timeout", "10"]) == 3
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert (f"coilsight subscribe: the agent at {agent.cfg.publish.endpoint} refused this subscriber's CURVE key "
+            f"{roles['secret']['cam0']} (ZAP status 400)") in err
+
+    assert main(["subscribe", "--config", str(cfg), "--timeout", "1"]) == 2
+    assert "pass --key SUBSCRIBER.key_secret (a subscriber key whose public half is in auth.subscribers_dir" in \
+        capsys.readouterr().err
+
+    # status: the operator key, the agent's public key found from the config
+    assert main(["status", "--config", str(cfg), "--key", str(roles["secret"]["op0"])]) == 0
+    assert "ready" in capsys.readouterr().out

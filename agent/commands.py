@@ -284,7 +284,9 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"coilsight status: {exc}", file=sys.stderr)
         return 2
     except TimeoutError:
-        print(f"coilsight status: no agent at {endpoint} (no answer within 3 s)", file=sys.stderr)
+        hint = ("; with CURVE, no answer also means the agent refused the key: is it on auth.operators_dir?"
+                if args.key else "")
+        print(f"coilsight status: no agent at {endpoint} (no answer within 3 s){hint}", file=sys.stderr)
         return 1
     if args.json:
         print(json.dumps(reply, indent=2, default=str))

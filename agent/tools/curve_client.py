@@ -84,7 +84,8 @@ def client_keys(cfg, config_path, role: str, *, key: Path | None, server_key: Pa
                 f"next to its secret key on this box: pass --server-key server.key")
     if uses_curve and key is None:
         raise CurveSetupError(
-            f"the agent uses CURVE (auth.enabled in {config_path}): pass --key {role.upper()}.key_secret (a {role} "
+            f"the agent uses CURVE (auth.enabled in {config_path}): pass --key {role.upper()}.key_secret "
+            f"({'an' if role[0] in 'aeiou' else 'a'} {role} "
             f"key whose public half is in {_dir_hint(dirs, role)}){extra_hint}; the agent's config holds only "
             "public keys, the secret ones stay with each client")
     if (key is None) != (server_key is None):

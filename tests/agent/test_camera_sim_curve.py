@@ -134,3 +134,17 @@ def test_subscribe_and_status_with_keys_and_the_agents_config(curve_agent, roles
     # status: the operator key, the agent's public key found from the config
     assert main(["status", "--config", str(cfg), "--key", str(roles["secret"]["op0"])]) == 0
     assert "ready" in capsys.readouterr().out
+
+
+def test_engines_reload_with_the_operator_key(curve_agent, roles, capsys):  # noqa: F811
+    from agent.cli import main
+
+    agent, cfg, _ = curve_agent
+    assert main(["engines", "reload", "--config", str(cfg)]) == 2  # CURVE on a tcp:// control socket: a key
+    assert "pass --key OPERATOR.key_secret (an operator key whose public half is in auth.operators_dir" in \
+        capsys.readouterr().err
+    assert main(["engines", "reload", "--config", str(cfg), "--key", str(roles["secret"]["op0"])]) == 0, \
+        capsys.readouterr().err
+    # a subscriber key on the control socket gets no answer, and the message says why that may be
+    assert main(["engines", "reload", "--config", str(cfg), "--key", str(roles["secret"]["sub0"])]) == 1
+    assert "no answer also means the agent refused the key: is it on auth.operators_dir?" in capsys.readouterr().err

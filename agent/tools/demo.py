@@ -194,15 +194,8 @@ class GroundTruth:
         flagged_defective = sum(1 for i in self.boxes if i in by_frame)
         flagged_clean = sum(1 for i in by_frame if i not in self.boxes)
         inspected = summary["frames"]["inspected"]
-        ranges = summary.get("inspected_ranges")
-        if ranges is None:
-            decisions, passed_painted, passed_clean = "unknown", None, None
-        else:
-            passed = {i for a, b in ranges.get(camera, []) for i in range(a, b + 1)}
-            cam_inspected = (summary.get("cameras", {}).get(camera) or {}).get("inspected", 0)
-            decisions = "all" if len(passed) == cam_inspected else "partial"
-            passed_painted = sum(1 for i in passed if i in self.boxes)
-            passed_clean = len(passed) - passed_painted
+        gate = gate_vs_truth(summary, set(self.boxes), camera)
+        decisions, passed_painted, passed_clean = gate["decisions"], gate["passed_defective"], gate["passed_clean"]
         return {"frames": self.frames, "painted_frames": len(self.boxes), "clean_frames": self.frames - len(self.boxes),
                 "painted_defects": painted, "painted_defects_found": found,
                 "painted_frames_with_events": flagged_defective, "clean_frames_with_events": flagged_clean,
@@ -210,6 +203,32 @@ class GroundTruth:
                 "gate_passed_painted": passed_painted, "gate_passed_clean": passed_clean,
                 "defect_events": len(events), "summary_defects": summary.get("defect_count"),
                 "profile": summary.get("profile")}
+
+
+def gate_vs_truth(summary: dict, defective: set[int], camera: str = "cam0") -> dict:
+    """Which frames the gate passed (the final summary's ``inspected_ranges``, docs/protocol.md 2.2)
+    joined with the frames known to carry defects: ``passed_defective``, ``passed_clean`` (None when
+    the summary does not say), and ``decisions``: ``all`` listed, ``partial`` (the first ranges only:
+    the counts are lower bounds) or ``unknown`` (an agent that does not send the key)."""
+    ranges = summary.get("inspected_ranges")
+    if ranges is None:
+        return {"decisions": "unknown", "passed_defective": None, "passed_clean": None}
+    passed = {i for a, b in ranges.get(camera, []) for i in range(a, b + 1)}
+    cam_inspected = (summary.get("cameras", {}).get(camera) or {}).get("inspected", 0)
+    on_defective = len(passed & defective)
+    return {"decisions": "all" if len(passed) == cam_inspected else "partial", "passed_defective": on_defective,
+            "passed_clean": len(passed) - on_defective}
+
+
+def keep_only_log(work: Path, log_path: Path) -> None:
+    """After a good run: the agent's log stays (a few lines), its journal and state go."""
+    for path in work.iterdir():
+        if path == log_path:
+            continue
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
 
 
 def _pct(a: int, b: int) -> str:
@@ -349,11 +368,6 @@ def run_demo(config: Path, *, frames: int, defect_fraction: float, rate: float, 
                 proc.kill()
                 proc.wait(timeout=5)
     finally:
-        if ok:  # keep the agent's log (a few lines), drop its journal and state
-            for path in work.iterdir():
-                if path != log_path:
-                    if path.is_dir():
-                        shutil.rmtree(path, ignore_errors=True)
-                    else:
-                        path.unlink(missing_ok=True)
+        if ok:
+            keep_only_log(work, log_path)
             _say(f"agent log: {log_path}")

@@ -262,11 +262,18 @@ def test_coils_restored_is_a_warning_only_when_something_was_restored(tmp_path, 
         journal.close()
 
 
-def test_line_demo_json_is_the_only_thing_on_stdout():
-    """The generated lines' demo keeps its progress notes on stderr too (`demo --profile wafer --json | jq`)."""
+def test_line_demo_json_is_the_only_thing_on_stdout(tmp_path):
+    """The generated lines' demo keeps its progress notes on stderr too (`demo --profile wafer --json | jq`),
+    says which frames with defects its gate passed, and keeps the agent's log."""
     pytest.importorskip("onnxruntime")
-    r = _demo("--profile", "wafer", "--frames", "6", "--json", timeout=240)
+    r = _demo("--profile", "wafer", "--frames", "6", "--defect-fraction", "0.5", "--json", timeout=240, tmp=tmp_path)
     assert r.returncode == 0, r.stderr[-2000:]
     doc = json.loads(r.stdout)
-    assert doc["summary"]["type"] == "summary" and "found_vs_truth" in doc
-    assert "starting agent" in r.stderr
+    s, table = doc["summary"], doc["found_vs_truth"]
+    assert s["type"] == "summary" and "starting agent" in r.stderr
+    gate = table["gate"]
+    assert gate["decisions"] == "all" and gate["defective"] + gate["clean"] == 6 and gate["defective"] > 0
+    assert gate["passed_defective"] + gate["passed_clean"] == gate["inspected"] == s["frames"]["inspected"]
+    assert gate["passed_defective"] <= gate["defective"] and gate["passed_clean"] <= gate["clean"]
+    m = re.search(r"agent log: (\S+)", r.stderr)
+    assert m and Path(m[1]).is_file() and Path(m[1]).parent.parent == tmp_path

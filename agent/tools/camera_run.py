@@ -232,6 +232,14 @@ def run_camera_sim(args, frames: Iterable, classes: tuple[str, ...]) -> int:
             print(json.dumps({**result, "verdict": "not_checked"}))
             return EXIT_NOT_INSPECTED if sent.dropped else EXIT_OK
         verdict, problem = _verdict(listener, args.camera, coil, end_seq, before, args.wait, progress, sent.sent)
+        summary = listener.summaries.get(coil)
+        if summary is not None and not args.folder:  # the gate's decisions against the painted frames
+            from agent.tools.demo import gate_vs_truth
+
+            gate = gate_vs_truth(summary, set(sent.defective), args.camera)
+            if gate["decisions"] != "unknown":
+                verdict["gate"] = {**gate, "defective": len(sent.defective),
+                                   "clean": sent.sent - len(sent.defective)}
         progress.close()
         print(json.dumps({**result, **verdict}))
         if sent.dropped:

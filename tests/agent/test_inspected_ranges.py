@@ -116,3 +116,26 @@ def test_a_real_agent_publishes_which_frames_its_gate_passed(running_agent):
     assert s["frames"]["inspected"] == 3 and s["frames"]["gated_out"] == 3
     assert s["inspected_ranges"] == {"cam0": [[1, 2], [4, 4]]}
     assert {d["index"] for d in col.defects("gate-coil")} <= ranges_to_set(s["inspected_ranges"]["cam0"])
+
+
+def test_camera_sim_reports_the_gates_decisions_on_the_frames_it_painted(running_agent, tmp_path, capsys):
+    """camera-sim joins the summary's inspected_ranges with the frames it painted (its verdict's `gate`)."""
+    import sys
+    from pathlib import Path
+
+    from test_first_hour import camera_sim, write_config
+
+    from agent.logs import configure_logging
+
+    steel = Path(__file__).resolve().parents[2] / "engines" / "models" / "steel"
+    agent = running_agent(agent={"profile": "steel"}, models={"dir": str(steel)},
+                          ingest={"max_width": 1600, "max_height": 256})
+    cfg = write_config(agent, tmp_path / "agent.toml")
+    configure_logging(stream=sys.stderr)  # stdout: the verdict only
+    code, result, err = camera_sim(capsys, "--config", str(cfg), "--frames", "16", "--defect-fraction", "0.5")
+    assert code == 0, err
+    gate = result["gate"]
+    assert gate["decisions"] == "all" and gate["defective"] == result["defective"] > 0
+    assert gate["defective"] + gate["clean"] == result["sent"] == 16
+    assert gate["passed_defective"] + gate["passed_clean"] == result["inspected"]
+    assert gate["passed_defective"] <= gate["defective"] and gate["passed_clean"] <= gate["clean"]

@@ -37,8 +37,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("camera-sim", help="stream a simulated coil to an agent and report what the agent made of it",
                        description="Streams one coil to a running agent, then listens to the agent's event stream "
                        "for its verdict: exit 0 when the coil was summarised complete with nothing rejected, 1 when "
-                       "frames were rejected, missing or not summarised, 2 when no agent answers.")
-    p.add_argument("--config", type=Path, help="the agent's config: ingest and event endpoints are read from it")
+                       "frames were rejected, missing or not summarised, 2 when no agent answers, 3 when the agent "
+                       "refuses the connection (CURVE keys).")
+    p.add_argument("--config", type=Path, help="the agent's config: ingest and event endpoints are read from it, "
+                   "and with auth.enabled that CURVE is needed and where the agent's public key is")
     p.add_argument("--endpoint", help=f"the agent's ingest endpoint (default: from --config, else {INGEST})")
     p.add_argument("--events", help=f"the agent's event (PUB) endpoint (default: from --config, else {EVENTS})")
     p.add_argument("--camera", default="cam0", help="camera id")
@@ -62,6 +64,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--wait", type=float, default=60.0, help="seconds to wait for the coil's summary after its end")
     p.add_argument("--no-verdict", action="store_true",
                    help="send without listening to the agent (no event endpoint needed; rejections go unseen)")
+    p.add_argument("--key", type=Path, help="this camera's CURVE secret key file (NAME.key_secret; its public half "
+                   "on the agent's camera allow-list) for an agent with auth on (default: none, plain ZeroMQ)")
+    p.add_argument("--server-key", type=Path, help="the agent's CURVE public key file (server.key) (default: with "
+                   "--config, found next to the agent's secret key on this box)")
+    p.add_argument("--events-key", type=Path, help="CURVE secret key for the verdict on the event stream, a "
+                   "subscriber key (default: --key, for a key on both allow-lists)")
     p.set_defaults(func=cmd_camera_sim)
 
     p = sub.add_parser("subscribe", help="print the event stream (JSON lines or a table), with gap repair")
@@ -77,6 +85,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--count", type=int, help="stop after this many messages")
     p.add_argument("--heartbeat-timeout", type=float, default=5.0,
                    help="seconds without a heartbeat before saying the agent is silent")
+    p.add_argument("--key", type=Path, help="this subscriber's CURVE secret key file (NAME.key_secret; its public "
+                   "half on the agent's subscriber allow-list) for an agent with auth on (default: none, plain ZeroMQ)")
+    p.add_argument("--server-key", type=Path, help="the agent's CURVE public key file (server.key) (default: with "
+                   "--config, found next to the agent's secret key on this box)")
     p.set_defaults(func=cmd_subscribe)
 
     p = sub.add_parser("status", help="ask a running agent for its state, models, queue and coils")
@@ -84,7 +96,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--endpoint", help=f"the agent's control endpoint (default: from --config, else {CONTROL})")
     p.add_argument("--json", action="store_true", help="the full status reply as JSON (health, metrics, coils)")
     p.add_argument("--key", type=Path, help="operator secret key file (NAME.key_secret) for a CURVE control socket")
-    p.add_argument("--server-key", type=Path, help="the agent's public key file (server.key) for a CURVE control socket")
+    p.add_argument("--server-key", type=Path, help="the agent's public key file (server.key) for a CURVE control socket "
+                   "(default: with --config, found next to the agent's secret key on this box)")
     p.set_defaults(func=cmd_status)
 
     p = sub.add_parser("demo", help="camera-sim + agent + subscriber on loopback; prints the coil summary")
@@ -210,9 +223,17 @@ def _agent_config(args: argparse.Namespace):
 def cmd_camera_sim(args: argparse.Namespace) -> int:
     from agent.tools.camera_run import frames_from_args, run_camera_sim
 
+    from agent.tools.curve_client import CurveSetupError, resolve_keys
+
     cfg = _agent_config(args)
     args.endpoint = args.endpoint or (cfg.ingest.endpoint if cfg else INGEST)
     args.events = args.events or (cfg.publish.endpoint if cfg else EVENTS)
+    try:
+        args.camera_keys, args.events_keys = resolve_keys(cfg, args.config, key=args.key, server_key=args.server_key,
+                                                          events_key=args.events_key)
+    except CurveSetupError as exc:
+        print(f"coilsight camera-sim: {exc}", file=sys.stderr)
+        return 2
     try:
         frames, classes = frames_from_args(args)
     except (OSError, ValueError) as exc:
@@ -224,9 +245,16 @@ def cmd_camera_sim(args: argparse.Namespace) -> int:
 def cmd_subscribe(args: argparse.Namespace) -> int:
     from agent.tools.views import run_subscribe
 
+    from agent.tools.curve_client import CurveSetupError, client_keys
+
     cfg = _agent_config(args)
     args.endpoint = args.endpoint or (cfg.publish.endpoint if cfg else EVENTS)
     args.replay = args.replay or (cfg.publish.replay_endpoint if cfg else REPLAY)
+    try:
+        args.client_keys = client_keys(cfg, args.config, "subscriber", key=args.key, server_key=args.server_key)
+    except CurveSetupError as exc:
+        print(f"coilsight subscribe: {exc}", file=sys.stderr)
+        return 2
     return run_subscribe(args)
 
 
@@ -241,6 +269,10 @@ def cmd_status(args: argparse.Namespace) -> int:
               f"OPERATOR.key_secret and --server-key server.key, or put control.endpoint on ipc://",
               file=sys.stderr)
         return 2
+    if args.key and not args.server_key and cfg is not None and cfg.auth.enabled:
+        from agent.tools.curve_client import server_public_key
+
+        args.server_key = server_public_key(cfg)
     if bool(args.key) != bool(args.server_key):
         print("coilsight status: --key and --server-key go together", file=sys.stderr)
         return 2
@@ -252,7 +284,9 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"coilsight status: {exc}", file=sys.stderr)
         return 2
     except TimeoutError:
-        print(f"coilsight status: no agent at {endpoint} (no answer within 3 s)", file=sys.stderr)
+        hint = ("; with CURVE, no answer also means the agent refused the key: is it on auth.operators_dir?"
+                if args.key else "")
+        print(f"coilsight status: no agent at {endpoint} (no answer within 3 s){hint}", file=sys.stderr)
         return 1
     if args.json:
         print(json.dumps(reply, indent=2, default=str))

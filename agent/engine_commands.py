@@ -51,23 +51,39 @@ def register(sub) -> None:
     where = reload.add_mutually_exclusive_group()
     where.add_argument("--config", type=Path, help="read the agent's control endpoint from this config")
     where.add_argument("--endpoint", default="tcp://127.0.0.1:5558", help="the agent's control endpoint")
+    reload.add_argument("--key", type=Path, help="operator CURVE secret key file (NAME.key_secret) for a CURVE "
+                        "control socket on tcp:// (default: none)")
+    reload.add_argument("--server-key", type=Path, help="the agent's CURVE public key file (server.key) (default: "
+                        "with --config, found next to the agent's secret key on this box)")
     reload.set_defaults(func=cmd_reload)
 
 
 def cmd_reload(args: argparse.Namespace) -> int:
     from agent.service import status_request
+    from agent.tools.curve_client import CurveSetupError, client_keys
 
-    endpoint = args.endpoint
+    endpoint, cfg = args.endpoint, None
     if args.config:
         from agent.config import load_config
 
-        endpoint = load_config(args.config).control.endpoint
+        cfg = load_config(args.config)
+        endpoint = cfg.control.endpoint
+    curve = None
+    # CURVE guards a tcp:// control socket only (an ipc:// one is guarded by its file mode)
+    if args.key or (cfg is not None and cfg.auth.enabled and endpoint.startswith("tcp://")):
+        try:
+            keys = client_keys(cfg, args.config, "operator", key=args.key, server_key=args.server_key)
+        except CurveSetupError as exc:
+            return _fail("reload", str(exc), EXIT_USAGE)
+        curve = (keys.key, keys.server_key)
     try:  # is anyone there? The same 3 s `coilsight status` waits; only a live agent gets the long wait
-        status_request(endpoint, "status", timeout_ms=3000)
+        status_request(endpoint, "status", timeout_ms=3000, curve=curve)
     except TimeoutError:
-        return _fail("reload", f"no agent at {endpoint} (no answer within 3 s)", EXIT_FAILED)
+        hint = "; with CURVE, no answer also means the agent refused the key: is it on auth.operators_dir?" \
+            if curve else ""
+        return _fail("reload", f"no agent at {endpoint} (no answer within 3 s){hint}", EXIT_FAILED)
     try:  # loading and warming up new engines takes a while on a busy box
-        reply = status_request(endpoint, "reload", timeout_ms=120_000)
+        reply = status_request(endpoint, "reload", timeout_ms=120_000, curve=curve)
     except TimeoutError as exc:
         return _fail("reload", str(exc), EXIT_FAILED)
     print(reply.get("detail", reply))

@@ -73,6 +73,7 @@ class Ingest(threading.Thread):
         self.rejected = Counter()  # reason -> count (all rejections, attributed or not)
         self.seq_gaps = Counter()  # camera -> messages missing by sequence number
         self._last_seq: dict[str, int] = {}
+        self._seq_lock = threading.Lock()  # _last_seq and seq_gaps: written here, read by the heartbeat
         # one token bucket per kind of warning, so a flood of one kind cannot hide another
         self._limiters: dict[str, RateLimiter] = {}
 
@@ -227,15 +228,23 @@ class Ingest(threading.Thread):
         for s in summaries:
             self.emit_summary(s)
 
+    def camera_seqs(self) -> tuple[dict[str, int], dict[str, int]]:
+        """Copies of (camera -> the last ``seq`` taken from it, camera -> messages missing by ``seq``
+        since start), consistent with each other: the heartbeat's ``cameras`` map (docs/protocol.md 2.3)."""
+        with self._seq_lock:
+            return dict(self._last_seq), dict(self.seq_gaps)
+
     def _check_seq(self, camera: str, seq: int) -> None:
-        last = self._last_seq.get(camera)
-        if last is None and len(self._last_seq) >= 10_000:  # bounded: a peer can invent camera names
-            self._last_seq.pop(next(iter(self._last_seq)))
-        self._last_seq[camera] = seq
+        with self._seq_lock:
+            last = self._last_seq.get(camera)
+            if last is None and len(self._last_seq) >= 10_000:  # bounded: a peer can invent camera names
+                self._last_seq.pop(next(iter(self._last_seq)))
+            self._last_seq[camera] = seq
+            if last is not None and seq > last + 1:
+                self.seq_gaps[camera] += seq - last - 1
         if last is None:
             return
         if seq > last + 1:
-            self.seq_gaps[camera] += seq - last - 1
             if self._limit("gap").allow():
                 log.warning("camera_sequence_gap", camera=camera, expected=last + 1, got=seq,
                             missing=seq - last - 1)

@@ -336,7 +336,7 @@ class Agent:
             "reloads": self.reloads,
             "loop_errors": self._loop_errors(),
             "state_files_moved_aside": list(self.state_report.moved_aside),
-            "cameras": self.camera_stats.snapshot(dict(self.ingest._last_seq), dict(self.ingest.seq_gaps))
+            "cameras": self.camera_stats.snapshot(*self.ingest.camera_seqs())
             if self.ingest else {},
         }
 

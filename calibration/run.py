@@ -35,6 +35,7 @@ from calibration.instances import OBJECTIVE as INSTANCE_OBJECTIVE
 from engines.instances import decode_instances
 from engines.atomic import write_json_atomic
 from engines.modelpack import CALIBRATION_FORMAT, ModelPack
+from engines.portable import portable_tree
 from metrics import box_masks
 
 @dataclass
@@ -331,7 +332,7 @@ def calibrate(
             "min_gate_positives": min_positives_for(recall_target) if min_gate_positives is None else min_gate_positives,
             "missing_class_default": MISSING_CLASS_DEFAULT,
         },
-        "data": info,
+        "data": portable_tree(info),  # the data set, not this machine's folders (engines/portable.py)
         "backend": backend_name,
         "created": _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat(),
         "tool": {"name": "coilsight calibrate thresholds", "version": _tool_version()},

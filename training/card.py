@@ -10,7 +10,6 @@ decisions) that no file can produce. Nothing in the card is typed in by hand exc
 from __future__ import annotations
 
 import json
-import re
 import platform
 import time
 from pathlib import Path
@@ -18,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from engines.atomic import write_atomic
+from engines.portable import portable  # machine paths out of the card (also in model.json)
 
 NOTES_FILE = "CARD_NOTES.md"
 
@@ -101,13 +101,6 @@ DATASETS: dict[str, str] = {
                    "stated in that copy, the original dataset's terms not checked: check them before any "
                    "commercial use",
 }
-
-
-def portable(text: str) -> str:
-    """A path of the machine that trained the pack, written so any reader can follow it: the data
-    root as $COILSIGHT_DATA_ROOT, run folders as runs/NAME."""
-    text = re.sub(r"(?<![\w.])/[\w./-]*/shared/data\b", "$COILSIGHT_DATA_ROOT", text)
-    return re.sub(r"(?<![\w.])/tmp/runs/", "runs/", text)
 
 
 def render(pack_dir: Path, evaluation_dir: Path | None, speed: dict | None, split: str = "test") -> str:

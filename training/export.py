@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from engines.modelpack import MODEL_PACK_FORMAT, load_model_pack, pack_format, sha256_file
+from engines.portable import portable_tree
 
 OPSET = 17
 MAX_ABS_DIFF = 1e-4
@@ -193,6 +194,7 @@ def export_pack(checkpoint: str | Path, out: str | Path, profile: str | None = N
         for role in ("gate", "seg"):
             shutil.move(str(tmp / f"{role}.onnx"), out / f"{role}.onnx")
     doc = model_json(meta, out / "gate.onnx", out / "seg.onnx", height, width, gate_input_pool=pool)
+    doc["training"] = portable_tree(doc["training"])  # no paths of this machine in a shipped file
     (out / "model.json").write_text(json.dumps(doc, indent=1) + "\n")
     load_model_pack(out)
     return {**doc, "max_abs_diff": diffs, **extra}
@@ -375,6 +377,7 @@ def export_instance_pack(checkpoint: str | Path, out: str | Path, height: int | 
     doc = instance_model_json(meta, out / "seg.onnx", height, width, gate_entry)
     if gate_entry is not None:
         doc["training"]["gate_from"] = str(gate_from)
+    doc["training"] = portable_tree(doc["training"])  # no paths of this machine in a shipped file
     (out / "model.json").write_text(json.dumps(doc, indent=1) + "\n")
     load_pack(out)
     return {**doc, "max_abs_diff": diffs}

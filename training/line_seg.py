@@ -23,6 +23,7 @@ import numpy as np
 import structlog
 
 from engines.modelpack import MODEL_PACK_FORMAT, load_calibration, load_model_pack
+from engines.portable import portable_tree
 from training.lines import (LineError, cached, gate_figures, gate_threshold_for_recall, learning_rate, model_entry,
                             now_iso, write_json)
 
@@ -237,6 +238,7 @@ def export(line: SegLine, run: Path, out: Path) -> dict[str, Any]:
         },
         "max_abs_diff": diffs,
     }
+    doc["training"] = portable_tree(doc["training"])  # no paths of this machine in a shipped file
     write_json(out / "model.json", doc)
     load_model_pack(out)
     return doc

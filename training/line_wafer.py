@@ -22,6 +22,7 @@ import numpy as np
 import structlog
 
 from engines.modelpack import MODEL_PACK_FORMAT, load_calibration, load_model_pack
+from engines.portable import portable_tree
 from training.gen_wafer import LABEL_SETS, SEEDS, SIZE, WAFER_PATTERNS, WaferGenerator
 from training.lines import (LineError, best_f1_threshold, cached, f1_scores, fmt, gate_figures, learning_rate,
                             model_entry, now_iso, write_json)
@@ -172,6 +173,7 @@ def export(run: Path, out: Path) -> dict[str, Any]:
         },
         "max_abs_diff": {"gate": diff},
     }
+    doc["training"] = portable_tree(doc["training"])  # no paths of this machine in a shipped file
     write_json(out / "model.json", doc)
     load_model_pack(out)
     return doc

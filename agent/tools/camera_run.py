@@ -4,7 +4,9 @@ A camera cannot see rejections on its PUSH socket, so the simulator also listens
 event stream (docs/protocol.md 2.3): the heartbeat says the agent is there, which ``seq`` it last
 took from this camera and what it rejected from it; the coil summary says what was inspected.
 Exit codes: 0 the coil was summarised complete with nothing rejected; 1 frames were not sent,
-rejected, missing, or no verdict came in time; 2 no agent at the ingest or event endpoint.
+rejected, missing, or no verdict came in time; 2 no agent at the ingest or event endpoint; 3 the
+agent refused the connection in its handshake (CURVE: a key not on its allow-list, CURVE on one
+side only, or another server's key; agent/tools/curve_client.py says which).
 """
 from __future__ import annotations
 
@@ -20,11 +22,12 @@ import structlog
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
+from agent.tools.curve_client import FAILED, ClientKeys, explain_failure, failure_rank
 from agent.tools.progress import ProgressLine
 
 log = structlog.get_logger(__name__)
 
-EXIT_OK, EXIT_NOT_INSPECTED, EXIT_NO_AGENT = 0, 1, 2
+EXIT_OK, EXIT_NOT_INSPECTED, EXIT_NO_AGENT, EXIT_REFUSED = 0, 1, 2, 3
 
 
 def unique_coil_id(prefix: str = "sim") -> str:
@@ -34,27 +37,62 @@ def unique_coil_id(prefix: str = "sim") -> str:
 
 class ConnectWatch:
     """Watches a socket's handshakes (a ZeroMQ monitor), so a camera knows it reached an agent:
-    ZeroMQ's connect succeeds, and sends are queued, even when nothing listens."""
+    ZeroMQ's connect succeeds, and sends are queued, even when nothing listens. A handshake that
+    failed (CURVE refused, one side without CURVE, another server's key) is kept in ``failure``
+    as (event, value), so the caller can say why instead of "no agent"."""
 
-    def __init__(self) -> None:
+    def __init__(self, keys: ClientKeys | None = None, immediate: bool = True) -> None:
         self.monitor: zmq.Socket | None = None
+        self.keys = keys
+        self.immediate = immediate
+        self.failure: tuple[int, int] | None = None
+        self.succeeded = False
 
     def __call__(self, sock: zmq.Socket) -> None:  # CameraSim's socket_setup: before connect
-        sock.setsockopt(zmq.IMMEDIATE, 1)  # queue nothing until the agent has taken the connection
-        self.monitor = sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED)
+        if self.keys is not None:
+            self.keys.setup(sock)
+        if self.monitor is not None:  # a later socket (a Subscriber's replay REQ): the keys only
+            return
+        if self.immediate:
+            sock.setsockopt(zmq.IMMEDIATE, 1)  # queue nothing until the agent has taken the connection
+        self.monitor = sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED | FAILED)
+
+    def _take(self, timeout_ms: int) -> bool:
+        """Read one monitor event within ``timeout_ms``; True when there was one."""
+        if self.monitor is None or not self.monitor.poll(timeout_ms, zmq.POLLIN):
+            return False
+        msg = recv_monitor_message(self.monitor)
+        if msg["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+            self.succeeded = True
+        elif self.failure is None or failure_rank(msg["event"], msg["value"]) >= failure_rank(*self.failure):
+            self.failure = (msg["event"], msg["value"])  # the most telling of the retries
+        return True
 
     def wait(self, timeout_s: float) -> bool:
         if self.monitor is None:
             raise RuntimeError("ConnectWatch.wait before the socket was set up")
-        poller = zmq.Poller()
-        poller.register(self.monitor, zmq.POLLIN)
         deadline = time.monotonic() + timeout_s
-        while (left := deadline - time.monotonic()) > 0:
-            if not poller.poll(max(1, int(left * 1000))):
+        # A definite refusal ends the wait at once: libzmq would only retry it and fail again. A peer
+        # that just closed the connection may be either of two things: retries may tell which.
+        while (not self.succeeded and not (self.failure and failure_rank(*self.failure) > 1)
+               and (left := deadline - time.monotonic()) > 0):
+            if not self._take(max(1, int(left * 1000))):
                 break
-            if recv_monitor_message(self.monitor)["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED:
-                return True
-        return False
+        return self.succeeded
+
+    def failed(self) -> bool:
+        """A handshake failed and none succeeded yet (reads the events waiting now; never blocks)."""
+        while self._take(0):
+            pass
+        return self.failure is not None and not self.succeeded
+
+    def refused(self, endpoint: str) -> str | None:
+        """Why the handshake failed, in words (after the events waiting now), or None."""
+        while self._take(0):
+            pass
+        if self.succeeded or self.failure is None:
+            return None
+        return explain_failure(*self.failure, endpoint, self.keys or ClientKeys("camera"))
 
     def close(self) -> None:
         if self.monitor is not None:
@@ -65,12 +103,15 @@ class ConnectWatch:
 class AgentListener(threading.Thread):
     """Keeps the agent's latest heartbeat and the final summaries of the coils we ask about."""
 
-    def __init__(self, endpoint: str, ctx: zmq.Context | None = None):
+    def __init__(self, endpoint: str, ctx: zmq.Context | None = None, keys: ClientKeys | None = None):
         super().__init__(name="camera-sim-listener", daemon=True)
         self.endpoint = endpoint
         self.ctx = ctx or zmq.Context.instance()
         self.sock = self.ctx.socket(zmq.SUB)
         self.sock.setsockopt(zmq.LINGER, 0)
+        # its handshakes, read by the caller's thread (only the monitor socket: never self.sock)
+        self.watch = ConnectWatch(keys or ClientKeys("subscriber"), immediate=False)
+        self.watch(self.sock)
         for topic in (b"health", b"summary"):
             self.sock.setsockopt(zmq.SUBSCRIBE, topic)
         self.sock.connect(endpoint)
@@ -117,6 +158,7 @@ class AgentListener(threading.Thread):
     def stop(self) -> None:
         self._halt.set()
         self.join(2.0)
+        self.watch.close()
 
 
 def _rejected(listener: AgentListener, camera: str) -> dict[str, int]:
@@ -145,21 +187,30 @@ def run_camera_sim(args, frames: Iterable, classes: tuple[str, ...]) -> int:
     from agent.tools.camera_sim import CameraSim
 
     ingest_endpoint, events_endpoint = args.endpoint, args.events  # resolved from --config by the command
+    # CURVE keys (agent/tools/curve_client.py), resolved by the command; plain sockets without them
+    camera_keys = getattr(args, "camera_keys", None) or ClientKeys("camera")
+    events_keys = getattr(args, "events_keys", None) or ClientKeys("subscriber")
     coil = args.coil or unique_coil_id()
     listener = None
     if not args.no_verdict:
-        listener = AgentListener(events_endpoint)
+        listener = AgentListener(events_endpoint, keys=events_keys)
         listener.start()
-    watch = ConnectWatch()
+    watch = ConnectWatch(camera_keys)
     try:
         cam = CameraSim(ingest_endpoint, camera=args.camera, socket_setup=watch)
         try:
             # Both waits run at once (the listener is already connecting): the ingest first, as the
             # agent binds it only when ready; then its heartbeat, for the verdict.
             if not watch.wait(args.connect_timeout):
+                if why := watch.refused(ingest_endpoint):
+                    return _refused(why)
                 return _no_agent(f"no agent at {ingest_endpoint}: nothing took the connection within "
                                  f"{args.connect_timeout:g} s (is `coilsight run` up? give its --config or --endpoint)")
-            if listener is not None and not listener.wait_for(lambda: listener.health, args.connect_timeout):
+            if listener is not None:  # a refused handshake ends the wait too (checked every 0.5 s)
+                listener.wait_for(lambda: listener.health or listener.watch.failed(), args.connect_timeout)
+            if listener is not None and listener.health is None:
+                if why := listener.watch.refused(events_endpoint):
+                    return _refused(why + " (the verdict comes from the event stream; --no-verdict sends without it)")
                 return _no_agent(f"no heartbeat from {events_endpoint} within {args.connect_timeout:g} s: cannot "
                                  "learn what the agent does with the coil (give the agent's --config or --events; "
                                  "--no-verdict sends without checking)")
@@ -181,6 +232,14 @@ def run_camera_sim(args, frames: Iterable, classes: tuple[str, ...]) -> int:
             print(json.dumps({**result, "verdict": "not_checked"}))
             return EXIT_NOT_INSPECTED if sent.dropped else EXIT_OK
         verdict, problem = _verdict(listener, args.camera, coil, end_seq, before, args.wait, progress, sent.sent)
+        summary = listener.summaries.get(coil)
+        if summary is not None and not args.folder:  # the gate's decisions against the painted frames
+            from agent.tools.demo import gate_vs_truth
+
+            gate = gate_vs_truth(summary, set(sent.defective), args.camera)
+            if gate["decisions"] != "unknown":
+                verdict["gate"] = {**gate, "defective": len(sent.defective),
+                                   "clean": sent.sent - len(sent.defective)}
         progress.close()
         print(json.dumps({**result, **verdict}))
         if sent.dropped:
@@ -198,6 +257,11 @@ def run_camera_sim(args, frames: Iterable, classes: tuple[str, ...]) -> int:
 def _no_agent(message: str) -> int:
     print(f"coilsight camera-sim: {message}", file=sys.stderr)
     return EXIT_NO_AGENT
+
+
+def _refused(message: str) -> int:
+    print(f"coilsight camera-sim: {message}", file=sys.stderr)
+    return EXIT_REFUSED
 
 
 def _verdict(listener: AgentListener, camera: str, coil: str, end_seq: int, before: dict[str, int],

@@ -4,7 +4,8 @@ Starts `coilsight run` as a child process with the profile's config (IPC endpoin
 temporary folder, so nothing collides with a running agent), subscribes to its stream, streams
 a coil from the camera simulator (frames of the profile's shape, with painted defects it keeps as
 ground truth), prints the coil summary and how it compares with that ground truth, then stops the
-agent with SIGTERM. A failed run keeps its folder and the agent's log, and says where.
+agent with SIGTERM. It keeps the agent's log and says where (stderr); a failed run keeps its whole
+folder (journal and state too).
 """
 from __future__ import annotations
 
@@ -108,6 +109,16 @@ def _per(value) -> str:
     return "-" if value is None else f"{value:.2f}"
 
 
+def format_box_score(score: dict) -> str:
+    """camera_sim.score_events as one line of the ground-truth block: the same painted defects,
+    matched by box (IoU), not by overlap."""
+    t = score["true_defects"]
+    return (f"  {score['matched']} of {t} painted defects matched one-to-one at IoU >= 0.5 "
+            f"({_pct(score['matched'], t)}), {score['split']} split, {score['merged']} merged; "
+            f"{_per(score['events_per_defect'])} events per painted defect; median best IoU "
+            f"{_per(score['median_best_iou'])}")
+
+
 class DemoError(RuntimeError):
     """The demo cannot run this profile; the message says what is missing."""
 
@@ -135,8 +146,10 @@ def _check_profile(config: Path):
 
 
 class GroundTruth:
-    """What the demo painted, per frame: one box per painted defect (the extent of its class's mask;
-    the generator paints one to three defects per frame, two of a class on one frame count once)."""
+    """What the demo painted, per frame: one box per painted defect. With a source that gives
+    instances (``(image, masks, instances)``: the generator's own record of each defect it painted)
+    those are the truth, the same ``score_events`` matches events against, so both count the same
+    painted defects; else one box per class present in the frame's masks."""
 
     def __init__(self) -> None:
         self.boxes: dict[int, list[tuple[int, int, int, int]]] = {}
@@ -148,18 +161,26 @@ class GroundTruth:
         for index, item in enumerate(frames):  # (img, masks) or (img, masks, instances)
             masks = item[1]
             self.frames += 1
-            if masks is not None and masks.any():
+            if len(item) > 2 and item[2] is not None:
+                boxes = [(int(x0), int(y0), int(x1), int(y1)) for _, x0, y0, x1, y1 in item[2]]
+            elif masks is not None:
                 boxes = []
                 for m in masks:
                     if m.any():
                         ys, xs = np.nonzero(m)
                         boxes.append((int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1))
+            else:
+                boxes = []
+            if boxes:
                 self.boxes[index] = boxes
             yield item
 
-    def compare(self, events: list[dict], summary: dict) -> dict:
+    def compare(self, events: list[dict], summary: dict, camera: str = "cam0") -> dict:
         """The agent's findings against what was painted (class-agnostic: a painted defect is found when
-        a defect event on its frame overlaps its box)."""
+        a defect event on its frame overlaps its box). Which frames the gate passed comes from the final
+        summary's ``inspected_ranges`` (docs/protocol.md 2.2); ``gate_decisions`` says whether it listed
+        them all (``all``), only the first ranges (``partial``: the counts are then lower bounds), or
+        none (``unknown``: an agent that does not send the key)."""
         by_frame: dict[int, list[list[int]]] = {}
         for ev in events:
             by_frame.setdefault(int(ev["index"]), []).append(ev["bbox_px"])
@@ -172,11 +193,42 @@ class GroundTruth:
                     if any(overlaps(box, e) for e in by_frame.get(i, [])))
         flagged_defective = sum(1 for i in self.boxes if i in by_frame)
         flagged_clean = sum(1 for i in by_frame if i not in self.boxes)
+        inspected = summary["frames"]["inspected"]
+        gate = gate_vs_truth(summary, set(self.boxes), camera)
+        decisions, passed_painted, passed_clean = gate["decisions"], gate["passed_defective"], gate["passed_clean"]
         return {"frames": self.frames, "painted_frames": len(self.boxes), "clean_frames": self.frames - len(self.boxes),
                 "painted_defects": painted, "painted_defects_found": found,
                 "painted_frames_with_events": flagged_defective, "clean_frames_with_events": flagged_clean,
-                "gate_passed": summary["frames"]["inspected"], "defect_events": len(events),
+                "gate_passed": inspected, "gate_decisions": decisions,
+                "gate_passed_painted": passed_painted, "gate_passed_clean": passed_clean,
+                "defect_events": len(events), "summary_defects": summary.get("defect_count"),
                 "profile": summary.get("profile")}
+
+
+def gate_vs_truth(summary: dict, defective: set[int], camera: str = "cam0") -> dict:
+    """Which frames the gate passed (the final summary's ``inspected_ranges``, docs/protocol.md 2.2)
+    joined with the frames known to carry defects: ``passed_defective``, ``passed_clean`` (None when
+    the summary does not say), and ``decisions``: ``all`` listed, ``partial`` (the first ranges only:
+    the counts are lower bounds) or ``unknown`` (an agent that does not send the key)."""
+    ranges = summary.get("inspected_ranges")
+    if ranges is None:
+        return {"decisions": "unknown", "passed_defective": None, "passed_clean": None}
+    passed = {i for a, b in ranges.get(camera, []) for i in range(a, b + 1)}
+    cam_inspected = (summary.get("cameras", {}).get(camera) or {}).get("inspected", 0)
+    on_defective = len(passed & defective)
+    return {"decisions": "all" if len(passed) == cam_inspected else "partial", "passed_defective": on_defective,
+            "passed_clean": len(passed) - on_defective}
+
+
+def keep_only_log(work: Path, log_path: Path) -> None:
+    """After a good run: the agent's log stays (a few lines), its journal and state go."""
+    for path in work.iterdir():
+        if path == log_path:
+            continue
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
 
 
 def _pct(a: int, b: int) -> str:
@@ -184,19 +236,34 @@ def _pct(a: int, b: int) -> str:
 
 
 def format_ground_truth(gt: dict) -> str:
-    return "\n".join([
+    pf, cf = gt["painted_frames"], gt["clean_frames"]
+    if gt.get("gate_decisions") in ("all", "partial"):
+        pp, pc = gt["gate_passed_painted"], gt["gate_passed_clean"]
+        gate = (f"  gate passed {pp} of {pf} painted frames ({_pct(pp, pf)}) and {pc} of {cf} clean frames "
+                f"({_pct(pc, cf)}): {gt['gate_passed']} frames to segmentation")
+        if gt["gate_decisions"] == "partial":
+            gate += (f" (the summary lists the gate's decisions for {pp + pc} of them only: the painted and "
+                     "clean counts are lower bounds)")
+    else:
+        gate = (f"  gate passed {gt['gate_passed']} of {gt['frames']} frames to segmentation (this agent's "
+                "summary does not say which: no inspected_ranges)")
+    lines = [
         "Against the demo's own ground truth",
-        f"  painted: {gt['painted_frames']} of {gt['frames']} frames carry {gt['painted_defects']} defects; "
-        f"{gt['clean_frames']} frames are clean",
-        f"  gate passed {gt['gate_passed']} of {gt['frames']} frames to segmentation",
-        f"  defect events on {gt['painted_frames_with_events']} of {gt['painted_frames']} painted frames "
-        f"({_pct(gt['painted_frames_with_events'], gt['painted_frames'])}) and on {gt['clean_frames_with_events']} of "
-        f"{gt['clean_frames']} clean frames ({_pct(gt['clean_frames_with_events'], gt['clean_frames'])})",
+        f"  painted: {pf} of {gt['frames']} frames carry {gt['painted_defects']} defects; {cf} frames are clean",
+        gate,
+        f"  defect events on {gt['painted_frames_with_events']} of {pf} painted frames "
+        f"({_pct(gt['painted_frames_with_events'], pf)}) and on {gt['clean_frames_with_events']} of "
+        f"{cf} clean frames ({_pct(gt['clean_frames_with_events'], cf)})",
         f"  {gt['painted_defects_found']} of {gt['painted_defects']} painted defects found "
         f"({_pct(gt['painted_defects_found'], gt['painted_defects'])}; found = an event's box overlaps it)",
-    ] + ([f"  note: the painted defects are synthetic steel-strip shapes; the {gt['profile']} models were "
-          "trained on real images of their own line, so expect them to miss most of these"]
-         if gt.get("profile") not in (None, "steel") else []))
+    ]
+    if gt.get("summary_defects") is not None and gt["summary_defects"] != gt["defect_events"]:
+        lines.append(f"  note: the subscriber received {gt['defect_events']} defect events, the summary counts "
+                     f"{gt['summary_defects']}: the figures above use the events received")
+    if gt.get("profile") not in (None, "steel"):
+        lines.append(f"  note: the painted defects are synthetic steel-strip shapes; the {gt['profile']} models were "
+                     "trained on real images of their own line, so expect them to miss most of these")
+    return "\n".join(lines)
 
 
 def listen_for_coil(cfg) -> tuple[dict, threading.Thread, object]:
@@ -271,19 +338,17 @@ def run_demo(config: Path, *, frames: int, defect_fraction: float, rate: float, 
                 print(f"coilsight demo: no coil summary arrived; agent log kept: {log_path}", file=sys.stderr)
                 return 1
             gt = truth.compare(got["events"], s)
+            score = score_events(sent, got["events"], len(STEEL_CLASSES))
             f = s["frames"]
             if as_json:
-                print(json.dumps({"summary": s, "ground_truth": gt}, indent=2, default=str))
+                print(json.dumps({"summary": s, "ground_truth": gt, "box_score": score}, indent=2, default=str))
             else:
                 print(format_summary(s))
                 print()
                 print(format_ground_truth(gt))
+                print(format_box_score(score))
                 print(f"\n{len(got['events'])} defect events received by the subscriber; camera sent {sent.sent} "
                       f"frames in {time.monotonic() - t0:.1f} s")
-                score = score_events(sent, got["events"], len(STEEL_CLASSES))
-                print(f"{score['true_defects']} defects painted: {_per(score['events_per_defect'])} events per "
-                      f"defect, {score['matched']} matched one-to-one at IoU >= 0.5, {score['split']} split, "
-                      f"{score['merged']} merged; median best IoU {_per(score['median_best_iou'])}")
             if f["inspected"] + f["gated_out"] == 0:
                 print(f"coilsight demo: the agent inspected none of the {sent.sent} frames "
                       f"(rejected: {s['rejected_by_reason'] or f['rejected']}); agent log kept: {log_path}",
@@ -304,4 +369,5 @@ def run_demo(config: Path, *, frames: int, defect_fraction: float, rate: float, 
                 proc.wait(timeout=5)
     finally:
         if ok:
-            shutil.rmtree(work, ignore_errors=True)
+            keep_only_log(work, log_path)
+            _say(f"agent log: {log_path}")

@@ -73,25 +73,33 @@ def line_frames(profile: str, n: int, defect_fraction: float, *, seed: int = 0
 
 def run_line_demo(profile: str, *, frames: int, defect_fraction: float, rate: float, as_json: bool,
                   seed: int = 0, config: Path | None = None) -> int:
-    """A generated lot through a real agent: the coil summary, then found vs truth per class and frame."""
+    """A generated lot through a real agent: the coil summary, then found vs truth per class and frame.
+    Keeps the agent's log (a failed run: its whole folder) and says where."""
     from agent.config import load_config
     from agent.tools.camera_sim import CameraSim
-    from agent.tools.demo import _say, format_summary, isolated_config, listen_for_coil, start_agent, wait_ready
+    from agent.tools.demo import (_say, format_summary, gate_vs_truth, isolated_config, keep_only_log, listen_for_coil,
+                                  start_agent, wait_ready)
 
     classes = line_classes(profile)
-    with tempfile.TemporaryDirectory(prefix=f"coilsight-demo-{profile}-") as tmp:
-        work = Path(tmp)
+    work = Path(tempfile.mkdtemp(prefix=f"coilsight-demo-{profile}-"))
+    log_path = work / "agent.log"
+    ok = False
+    try:
         cfg_path = isolated_config(config or CONFIGS / f"{profile}.toml", work)
         cfg = load_config(cfg_path)
-        log_path = work / "agent.log"
         _say(f"starting agent ({cfg.agent.profile} profile, log {log_path}) ...")
         proc = start_agent(cfg_path, log_path)
         try:
-            wait_ready(proc, cfg.control.endpoint)
+            try:
+                wait_ready(proc, cfg.control.endpoint)
+            except (RuntimeError, TimeoutError) as exc:
+                print(f"coilsight demo: {exc}; agent log kept: {log_path}", file=sys.stderr)
+                return 1
             got, t, sub = listen_for_coil(cfg)
             events = got["events"]
             _say(f"streaming {frames} generated {profile} frames ({defect_fraction:.0%} with defects) ...")
-            cam = CameraSim(cfg.ingest.endpoint, camera=cfg.cameras[0].id if cfg.cameras else "cam0")
+            camera = cfg.cameras[0].id if cfg.cameras else "cam0"
+            cam = CameraSim(cfg.ingest.endpoint, camera=camera)
             sent = cam.send_coil(f"demo-{profile}-{int(time.time())}", line_frames(profile, frames, defect_fraction,
                                                                                     seed=seed),
                                  rate_hz=rate, classes=classes)
@@ -100,9 +108,11 @@ def run_line_demo(profile: str, *, frames: int, defect_fraction: float, rate: fl
             sub.close()
             s = got["summary"]
             if s is None:
-                print("no coil summary arrived; see the agent log", file=sys.stderr)
+                print(f"coilsight demo: no coil summary arrived; agent log kept: {log_path}", file=sys.stderr)
                 return 1
             table = found_vs_truth(profile, classes, sent.sent, sent.classes, events)
+            table["gate"] = {**gate_vs_truth(s, set(sent.defective), camera), "inspected": s["frames"]["inspected"],
+                             "defective": len(sent.defective), "clean": sent.sent - len(sent.defective)}
             if as_json:
                 print(json.dumps({"summary": s, "found_vs_truth": table}, indent=2, default=str))
             else:
@@ -113,6 +123,7 @@ def run_line_demo(profile: str, *, frames: int, defect_fraction: float, rate: fl
                           f"{lot['dies']} dies), {lot['wafers_with_patterns']} with patterns, {lot['wafers_mixed']} "
                           "mixed; wafers per pattern: " + ", ".join(f"{k} {v}" for k, v in lot["patterns"].items()))
                 print(render_found_vs_truth(table))
+            ok = True
             return 0
         finally:
             proc.send_signal(signal.SIGTERM)
@@ -120,6 +131,11 @@ def run_line_demo(profile: str, *, frames: int, defect_fraction: float, rate: fl
                 proc.wait(timeout=20)
             except subprocess.TimeoutExpired:
                 proc.kill()
+                proc.wait(timeout=5)
+    finally:
+        if ok:
+            keep_only_log(work, log_path)
+            _say(f"agent log: {log_path}")
 
 
 def found_vs_truth(profile: str, classes: tuple[str, ...], n_frames: int, truth: dict[int, set[str]],
@@ -148,6 +164,13 @@ def render_found_vs_truth(t: dict) -> str:
            f"{'class':<12} {'truth':>6} {'found':>6} {'both':>6}"]
     for c, v in t["per_class"].items():
         out.append(f"{c:<12} {v['truth']:>6} {v['found']:>6} {v['both']:>6}")
+    g = t.get("gate")
+    if g and g["decisions"] != "unknown":
+        pct = lambda a, b: f"{100.0 * a / b:.1f} %" if b else "n/a"  # noqa: E731
+        out.append(f"gate passed {g['passed_defective']} of {g['defective']} frames with defects "
+                   f"({pct(g['passed_defective'], g['defective'])}) and {g['passed_clean']} of {g['clean']} clean "
+                   f"frames ({pct(g['passed_clean'], g['clean'])}): {g['inspected']} frames to the models"
+                   + (" (the summary lists only the first of them: lower bounds)" if g["decisions"] == "partial" else ""))
     for d in t["differ"][:10]:
         out.append(f"  frame {d['index']:>4}: truth {', '.join(d['truth']) or '-'}; found {', '.join(d['found']) or '-'}")
     if len(t["differ"]) > 10:

@@ -99,8 +99,14 @@ def run_subscribe(args) -> int:
     """Print events until --count, --timeout or Ctrl-C; say so on stderr when the agent is silent."""
     from agent.subscriber import Subscriber
 
+    from agent.tools.camera_run import EXIT_REFUSED, ConnectWatch
+
     topics = tuple(args.topic or ("defect", "summary"))
-    sub = Subscriber(args.endpoint, args.replay, topics=topics, from_seq=args.from_seq, include_health=True)
+    # the event socket's handshakes (CURVE keys, when given: agent/tools/curve_client.py); the replay
+    # socket gets the same keys
+    watch = ConnectWatch(getattr(args, "client_keys", None), immediate=False)
+    sub = Subscriber(args.endpoint, args.replay, topics=topics, from_seq=args.from_seq, include_health=True,
+                     socket_setup=watch)
     n, last_beat, silent, heard = 0, time.monotonic(), False, False
     deadline = None if args.timeout is None else time.monotonic() + args.timeout
     try:
@@ -121,6 +127,9 @@ def run_subscribe(args) -> int:
                 n += 1
                 if args.count and n >= args.count:
                     return 0
+            if not heard and watch.failed():  # refused in the handshake: retrying will not help
+                print(f"coilsight subscribe: {watch.refused(args.endpoint)}", file=sys.stderr)
+                return EXIT_REFUSED
             if not silent and time.monotonic() - last_beat > args.heartbeat_timeout:
                 print(f"coilsight subscribe: no heartbeat from {args.endpoint} for {args.heartbeat_timeout:g} s "
                       "(is the agent running? give its --config or --endpoint)", file=sys.stderr)
@@ -129,4 +138,5 @@ def run_subscribe(args) -> int:
         pass
     finally:
         sub.close()
+        watch.close()
     return 0 if heard else 1  # never heard the agent: nothing here proves the stream was empty

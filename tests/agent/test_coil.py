@@ -30,6 +30,11 @@ def invariants(s: dict) -> None:
     f = s["frames"]
     assert f["sent"] == f["received"] + f["missing"]
     assert f["missing"] == sum(b - a + 1 for r in s["missing_ranges"].values() for a, b in r)
+    if s["final"]:  # the gate's decision per frame (docs/protocol.md 2.2): as many as counted
+        for cam, c in s["cameras"].items():
+            assert sum(b - a + 1 for a, b in s["inspected_ranges"].get(cam, [])) == c["inspected"]
+    else:
+        assert "inspected_ranges" not in s
 
 
 def ev(index: int, cls: str = "bright", area: float = 10.0, conf: float = 0.9) -> dict:

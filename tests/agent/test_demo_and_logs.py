@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import re
 import subprocess
 import sys
@@ -17,37 +18,89 @@ from agent.config import config_dict, dump_toml
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _demo(*argv: str, timeout: float = 240) -> subprocess.CompletedProcess:
+def _demo(*argv: str, timeout: float = 240, tmp: Path | None = None) -> subprocess.CompletedProcess:
+    """`coilsight demo` as a process; with ``tmp`` its folder (and the log it keeps) goes there."""
+    env = {**os.environ, "TMPDIR": str(tmp)} if tmp is not None else None
     return subprocess.run([sys.executable, "-m", "agent.cli", "demo", *argv], capture_output=True, text=True,
-                          timeout=timeout, cwd=ROOT)
+                          timeout=timeout, cwd=ROOT, env=env)
+
+
+def _ranges_set(ranges) -> set[int]:
+    return {i for a, b in ranges for i in range(a, b + 1)}
 
 
 def test_demo_json_is_the_only_thing_on_stdout(tmp_path, agent_config):
     cfg = tmp_path / "tiny.toml"
     cfg.write_text(dump_toml(config_dict(agent_config())))
-    r = _demo("--config", str(cfg), "--frames", "12", "--defect-fraction", "0.5", "--json")
+    r = _demo("--config", str(cfg), "--frames", "24", "--defect-fraction", "0.5", "--json", tmp=tmp_path)
     assert r.returncode == 0, r.stderr
     doc = json.loads(r.stdout)  # `demo --json | jq` works: progress and logs went to stderr
     s, gt = doc["summary"], doc["ground_truth"]
-    assert s["final"] and s["complete"] and s["frames"]["received"] == 12
-    assert s["frames"]["inspected"] + s["frames"]["gated_out"] == 12
-    assert gt["frames"] == 12 and gt["painted_frames"] + gt["clean_frames"] == 12
+    assert s["final"] and s["complete"] and s["frames"]["received"] == 24
+    assert s["frames"]["inspected"] + s["frames"]["gated_out"] == 24
+    assert gt["frames"] == 24 and gt["painted_frames"] + gt["clean_frames"] == 24
     assert 0 <= gt["painted_defects_found"] <= gt["painted_defects"] and gt["gate_passed"] == s["frames"]["inspected"]
     assert gt["defect_events"] == s["defect_count"]
+    # the gate's decision per frame (summary inspected_ranges) joined with what the demo painted
+    passed = _ranges_set(s["inspected_ranges"].get("cam0", []))
+    assert gt["gate_decisions"] == "all" and len(passed) == s["frames"]["inspected"]
+    assert gt["gate_passed_painted"] + gt["gate_passed_clean"] == gt["gate_passed"]
+    assert 0 < gt["gate_passed_painted"] <= gt["painted_frames"] and gt["gate_passed_clean"] <= gt["clean_frames"]
+    assert gt["painted_frames_with_events"] <= gt["gate_passed_painted"]  # events come only from inspected frames
+    assert gt["clean_frames_with_events"] <= gt["gate_passed_clean"]
+    assert doc["box_score"]["true_defects"] == gt["painted_defects"]  # one truth for both comparisons
     assert "starting agent (tiny profile" in r.stderr
+    # a good run keeps the agent's log (only that) and says where
+    m = re.search(r"agent log: (\S+)", r.stderr)
+    assert m, r.stderr
+    log = Path(m[1])
+    assert log.parent.parent == tmp_path and "agent_ready" in log.read_text()
+    assert [p.name for p in log.parent.iterdir()] == ["agent.log"]
 
 
 def test_demo_table_compares_with_its_ground_truth_and_percentages_agree(tmp_path, agent_config):
     cfg = tmp_path / "tiny.toml"
     cfg.write_text(dump_toml(config_dict(agent_config())))
-    r = _demo("--config", str(cfg), "--frames", "12", "--defect-fraction", "0.5")
+    r = _demo("--config", str(cfg), "--frames", "24", "--defect-fraction", "0.5", tmp=tmp_path)
     assert r.returncode == 0, r.stderr
-    assert "Coil summary" in r.stdout and "Against the demo's own ground truth" in r.stdout
-    m = re.search(r"(\d+) of (\d+) painted defects found \((\d+\.\d) %", r.stdout)
-    assert m and f"{100 * int(m[1]) / int(m[2]):.1f}" == m[3]
-    m = re.search(r"defect events on (\d+) of (\d+) painted frames \((\d+\.\d) %\)", r.stdout)
-    assert m and f"{100 * int(m[1]) / int(m[2]):.1f}" == m[3]
-    assert "{'" not in r.stdout  # no Python dict reprs
+    out = r.stdout
+    assert "Coil summary" in out and "Against the demo's own ground truth" in out
+    assert "{'" not in out  # no Python dict reprs
+
+    def grab(pattern: str) -> list[int]:
+        m = re.search(pattern, out)
+        assert m, f"{pattern!r} not in:\n{out}"
+        return [int(g) for g in m.groups()]
+
+    def agree(pattern: str) -> list[int]:
+        """A line "A of B (P %)" repeated: each P is A / B."""
+        m = re.search(pattern, out)
+        assert m, f"{pattern!r} not in:\n{out}"
+        nums = m.groups()
+        for a, b, pct in zip(nums[::3], nums[1::3], nums[2::3]):
+            assert f"{100 * int(a) / int(b):.1f}" == pct, m[0]
+        return [int(n) for i, n in enumerate(nums) if i % 3 != 2]
+
+    # the summary table
+    (sent,) = grab(r"frames sent +(\d+)")
+    (inspected,) = grab(r"inspected \(gate passed\) +(\d+)")
+    (gated_out,) = grab(r"gated out +(\d+)")
+    (defects,) = grab(r"\ndefects +(\d+)")
+    # the ground-truth block: every number agrees with the others and with the table
+    painted_frames, frames, painted_defects, clean_frames = grab(
+        r"painted: (\d+) of (\d+) frames carry (\d+) defects; (\d+) frames are clean")
+    assert frames == sent == 24 and painted_frames + clean_frames == frames and inspected + gated_out == frames
+    pp, pf, pc, cf = agree(r"gate passed (\d+) of (\d+) painted frames \((\d+\.\d) %\) and (\d+) of (\d+) clean "
+                           r"frames \((\d+\.\d) %\)")
+    assert (pf, cf) == (painted_frames, clean_frames) and pp + pc == inspected
+    assert grab(r"clean frames \(\d+\.\d %\): (\d+) frames to segmentation") == [inspected]
+    ep, pf2, ec, cf2 = agree(r"defect events on (\d+) of (\d+) painted frames \((\d+\.\d) %\) and on (\d+) of "
+                             r"(\d+) clean frames \((\d+\.\d) %\)")
+    assert (pf2, cf2) == (painted_frames, clean_frames) and ep <= pp and ec <= pc
+    found, painted2 = agree(r"(\d+) of (\d+) painted defects found \((\d+\.\d) %")
+    matched, painted3 = agree(r"(\d+) of (\d+) painted defects matched one-to-one at IoU >= 0.5 \((\d+\.\d) %\)")
+    assert painted2 == painted3 == painted_defects and found <= painted_defects and matched <= painted_defects
+    assert grab(r"(\d+) defect events received by the subscriber; camera sent (\d+) frames") == [defects, sent]
 
 
 def test_demo_refuses_a_profile_without_a_pack(tmp_path, agent_config):
@@ -73,7 +126,7 @@ def test_demo_keeps_the_agent_log_when_the_run_fails(tmp_path, agent_config):
         pytest.skip("TensorRT is installed here")
     except ImportError:
         pass
-    r = _demo("--config", str(cfg), "--frames", "4")
+    r = _demo("--config", str(cfg), "--frames", "4", tmp=tmp_path)
     assert r.returncode == 1
     m = re.search(r"agent exited with code 1 before it was ready; agent log kept: (\S+)", r.stderr)
     assert m, r.stderr
@@ -209,11 +262,18 @@ def test_coils_restored_is_a_warning_only_when_something_was_restored(tmp_path, 
         journal.close()
 
 
-def test_line_demo_json_is_the_only_thing_on_stdout():
-    """The generated lines' demo keeps its progress notes on stderr too (`demo --profile wafer --json | jq`)."""
+def test_line_demo_json_is_the_only_thing_on_stdout(tmp_path):
+    """The generated lines' demo keeps its progress notes on stderr too (`demo --profile wafer --json | jq`),
+    says which frames with defects its gate passed, and keeps the agent's log."""
     pytest.importorskip("onnxruntime")
-    r = _demo("--profile", "wafer", "--frames", "6", "--json", timeout=240)
+    r = _demo("--profile", "wafer", "--frames", "6", "--defect-fraction", "0.5", "--json", timeout=240, tmp=tmp_path)
     assert r.returncode == 0, r.stderr[-2000:]
     doc = json.loads(r.stdout)
-    assert doc["summary"]["type"] == "summary" and "found_vs_truth" in doc
-    assert "starting agent" in r.stderr
+    s, table = doc["summary"], doc["found_vs_truth"]
+    assert s["type"] == "summary" and "starting agent" in r.stderr
+    gate = table["gate"]
+    assert gate["decisions"] == "all" and gate["defective"] + gate["clean"] == 6 and gate["defective"] > 0
+    assert gate["passed_defective"] + gate["passed_clean"] == gate["inspected"] == s["frames"]["inspected"]
+    assert gate["passed_defective"] <= gate["defective"] and gate["passed_clean"] <= gate["clean"]
+    m = re.search(r"agent log: (\S+)", r.stderr)
+    assert m and Path(m[1]).is_file() and Path(m[1]).parent.parent == tmp_path

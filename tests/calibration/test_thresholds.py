@@ -384,6 +384,11 @@ def test_cli_on_a_simulator_folder(pack_dir, tmp_path, capsys):
     assert doc["data"]["n_images"] == 90 and doc["data"]["split"] == "all"
     assert load_calibration(load_model_pack(pack_dir), out).gate_threshold == doc["gate"]["threshold"]
     assert (report / "report.html").is_file() and (report / "gate_curve.png").is_file()
+    # the data are named without this machine's folders (tmp_path here): the file ships with a pack
+    from engines.portable import machine_paths
+
+    assert doc["data"]["what"] == "Severstal-layout folder sim" and doc["data"]["source"] == "ground_truth.csv"
+    assert machine_paths(out.read_text()) == [] and machine_paths((report / "report.html").read_text()) == []
 
 
 def test_cli_errors_are_one_clear_line(pack_dir, tmp_path, capsys):

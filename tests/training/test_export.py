@@ -100,3 +100,23 @@ def test_a_graph_that_differs_from_torch_is_refused(tmp_path):
         gate.head.bias += 1.0  # torch now disagrees with the exported graph
     with pytest.raises(ExportError, match="differs from torch by"):
         verify_onnx(gate, path, "scores")
+
+
+def test_model_json_names_no_path_of_the_training_machine(tmp_path):
+    """meta.json keeps the paths the run really used; the shipped model.json says them portably
+    (engines/portable.py): the data root as $COILSIGHT_DATA_ROOT, run folders as runs/NAME."""
+    from engines.portable import machine_paths
+
+    run = _fake_run(tmp_path / "run")
+    meta = json.loads((run / "meta.json").read_text())
+    meta.update(data="/work/shared/data", seg_from={"run": "/tmp/runs/steel_medium2", "command": "coilsight train "
+                "--data-root /work/shared/data --out /tmp/runs/steel_medium2"},
+                command="coilsight train --profile steel --data-root /work/shared/data --out /home/ana/runs/gate1")
+    (run / "meta.json").write_text(json.dumps(meta))
+    export_pack(run, tmp_path / "pack", "steel")
+    text = (tmp_path / "pack" / "model.json").read_text()
+    assert machine_paths(text) == [] and "/work/" not in text
+    training = json.loads(text)["training"]
+    assert training["command"] == "coilsight train --profile steel --data-root $COILSIGHT_DATA_ROOT --out runs/gate1"
+    assert training["data"].endswith("under $COILSIGHT_DATA_ROOT")
+    assert training["seg_from"]["run"] == "runs/steel_medium2"

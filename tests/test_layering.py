@@ -14,7 +14,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 RANK = {"metrics": 0, "engines": 1, "calibration": 2, "training": 3, "agent": 4}
 HEAVY = ("torch", "pycocotools", "matplotlib")
-AGENT_FRONT = ("agent.cli", "agent.commands", "agent.engine_commands", "agent.tools")  # may import any package
+# may import any package; agent.web (`coilsight web`) is its own process, a front like the tools
+AGENT_FRONT = ("agent.cli", "agent.commands", "agent.engine_commands", "agent.tools", "agent.web")
 
 
 def module_name(path: Path, root: Path) -> str:

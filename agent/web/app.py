@@ -1,0 +1,352 @@
+"""The page's HTTP side: a Starlette application over the live feed, the journal and the inspector.
+
+Routes (docs/deployment.md, "The web page"):
+  GET  /                 the page (agent/web/static/index.html)
+  GET  /static/{name}    app.js, style.css: a fixed set read at start, never a path on disk
+  GET  /events           Server-Sent Events: a snapshot of the current coil, then each change
+  GET  /api/live         the same snapshot as JSON
+  GET  /api/coils        past coils (final summaries from the journal), newest first
+  GET  /api/coils/{coil} one past coil's summary
+  GET  /crops/{coil}/{id}.png  a defect crop the agent named in an event
+  POST /api/inspect      body: one PNG or JPEG -> events and overlay (403 when web.upload is false)
+  GET  /healthz /readyz /version
+  GET|POST /login        the token form, when the page has a token
+Every request body is bounded (``web.max_upload_bytes`` for /api/inspect, 4 KiB elsewhere).
+"""
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import hashlib
+import hmac
+import json
+import time
+from pathlib import Path
+from typing import Any, Callable
+from urllib.parse import parse_qs
+
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from agent.web.history import CropStore, JournalHistory
+from agent.web.live import Hub, LiveFeed, LiveState
+from agent.web.settings import WebSettings
+from agent.web.upload import Inspector, UploadRejected, decode_upload
+
+STATIC = Path(__file__).resolve().parent / "static"
+STATIC_FILES = {"app.js": "text/javascript; charset=utf-8", "style.css": "text/css; charset=utf-8"}
+SMALL_BODY = 4096
+COOKIE = "coilsight_page"
+OPEN_PATHS = ("/healthz", "/readyz", "/login", "/static/style.css")
+SECURITY_HEADERS = [
+    (b"content-security-policy", b"default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+                                 b"connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'"),
+    (b"x-content-type-options", b"nosniff"),
+    (b"x-frame-options", b"DENY"),
+    (b"referrer-policy", b"no-referrer"),
+    (b"cache-control", b"no-store"),
+]
+LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "[::1]", "::1"}
+
+
+def _version() -> str:
+    from agent.cli import _version as v
+
+    return v()
+
+
+def session_value(token: str) -> str:
+    """The cookie a browser holds after the token form: derived from the token, not the token."""
+    return hmac.new(token.encode(), b"coilsight-web-session-v1", hashlib.sha256).hexdigest()
+
+
+class Guard:
+    """ASGI middleware: body limits, the Host check on loopback, the token, security headers."""
+
+    def __init__(self, app: Any, settings: WebSettings):
+        self.app = app
+        self.s = settings
+        self.session = session_value(settings.token) if settings.token else None
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path = scope["path"]
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+
+        async def send_secure(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", []), *SECURITY_HEADERS]}
+            await send(message)
+
+        problem = self._refuse(scope, path, headers)
+        if problem is not None:
+            await problem(scope, receive, send_secure)
+            return
+        limit = self.s.max_upload_bytes if path == "/api/inspect" else SMALL_BODY
+        declared = headers.get("content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > limit):
+            await _error(413, f"request body over {limit} bytes" if declared.isdigit() else "bad Content-Length")(
+                scope, receive, send_secure)
+            return
+        # The whole body is read here, counted, before the app sees a byte of it (chunked bodies too).
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                return  # the client went away
+            size += len(message.get("body", b""))
+            if size > limit:
+                await _error(413, f"request body over {limit} bytes")(scope, receive, send_secure)
+                return
+            chunks.append(message.get("body", b""))
+            if not message.get("more_body", False):
+                break
+        replayed = False
+
+        async def buffered_receive() -> dict:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+            return await receive()
+
+        await self.app(scope, buffered_receive, send_secure)
+
+    def _refuse(self, scope: dict, path: str, headers: dict) -> Response | None:
+        host = headers.get("host", "")
+        name = host.rsplit(":", 1)[0] if not host.endswith("]") else host
+        if self.s.loopback and name not in LOOPBACK_HOSTS:
+            # a page on loopback answers only to loopback names: no DNS rebinding from a web site
+            return _error(421, f"this page answers on localhost only, not {host!r}")
+        if scope["method"] == "POST" and "origin" in headers:
+            origin = headers["origin"].split("://", 1)[-1]
+            if origin != host:
+                return _error(403, "cross-origin POST refused")
+        if self.session is None or path in OPEN_PATHS:
+            return None
+        cookies = {}
+        for part in headers.get("cookie", "").split(";"):
+            k, _, v = part.strip().partition("=")
+            cookies[k] = v
+        bearer = headers.get("authorization", "")
+        if hmac.compare_digest(cookies.get(COOKIE, ""), self.session) or (
+                bearer.startswith("Bearer ") and hmac.compare_digest(bearer[7:], self.s.token or "")):
+            return None
+        if path == "/" and scope["method"] == "GET":
+            return RedirectResponse("/login", status_code=303)
+        return _error(401, "this page needs its access token: open /login")
+
+
+def _error(status: int, message: str) -> JSONResponse:
+    return JSONResponse({"ok": False, "error": message}, status_code=status)
+
+
+class WebApp:
+    """The state behind the routes: settings, live state, feed, journal history, inspector."""
+
+    def __init__(self, settings: WebSettings, *, status: Callable[[], dict] | None = None,
+                 socket_setup: Callable[[Any], None] | None = None, start_feed: bool = True,
+                 inspector: Inspector | None = None):
+        self.s = settings
+        cfg = settings.cfg
+        self.crops = CropStore(settings.crops_dir)
+        self.state = LiveState(cfg.coil.budget_s, self.crops)
+        self.hub = Hub()
+        self.history = JournalHistory(settings.journal_dir)
+        self.history_at = 0.0
+        self.status = status
+        self.feed = LiveFeed(events_endpoint=cfg.publish.endpoint, replay_endpoint=cfg.publish.replay_endpoint,
+                             state=self.state, hub=self.hub, status=status, socket_setup=socket_setup)
+        self.start_feed = start_feed
+        self.inspector = inspector
+        self.classes = self._classes()
+        self.static = {name: (STATIC / name).read_bytes() for name in (*STATIC_FILES, "index.html", "login.html")}
+
+    def _classes(self) -> list[str]:
+        try:
+            from engines.modelpack import load_model_pack
+
+            return list(load_model_pack(self.s.cfg.models_dir(), verify_hashes=False).classes)
+        except Exception:  # the page still shows events (their class names) without the pack
+            return []
+
+    def inspector_or_none(self) -> Inspector | None:
+        if self.inspector is None and self.s.upload:
+            self.inspector = Inspector(self.s.cfg.models_dir(), self.s.cfg.models.calibration or None,
+                                       max_events=self.s.cfg.coil.max_events_per_frame)
+        return self.inspector
+
+    # -- routes -------------------------------------------------------------------------------
+    async def index(self, request: Request) -> Response:
+        return HTMLResponse(self.static["index.html"])
+
+    async def static_file(self, request: Request) -> Response:
+        name = request.path_params["name"]
+        if name not in STATIC_FILES:
+            return _error(404, "no such file")
+        return Response(self.static[name], media_type=STATIC_FILES[name])
+
+    async def login(self, request: Request) -> Response:
+        if self.s.token is None:
+            return RedirectResponse("/", status_code=303)
+        if request.method == "GET":
+            return HTMLResponse(self.static["login.html"])
+        body = await request.body()
+        given = (parse_qs(body.decode("utf-8", "replace")).get("token") or [""])[0]
+        if not hmac.compare_digest(given.strip(), self.s.token):
+            await asyncio.sleep(0.5)  # slows guessing
+            return _error(401, "wrong token")
+        resp = RedirectResponse("/", status_code=303)
+        resp.set_cookie(COOKIE, session_value(self.s.token), httponly=True, samesite="strict", path="/")
+        return resp
+
+    def config_view(self) -> dict:
+        cfg = self.s.cfg
+        return {"agent": cfg.agent.name, "profile": cfg.agent.profile, "classes": self.classes,
+                "budget_s": cfg.coil.budget_s, "upload": self.s.upload, "max_upload_bytes": self.s.max_upload_bytes,
+                "cameras": [{"id": c.id, "offset_x_mm": c.offset_x_mm, "mm_per_px_x": c.mm_per_px_x}
+                            for c in cfg.cameras]}
+
+    async def live(self, request: Request) -> Response:
+        return JSONResponse({**self.state.snapshot(), "config": self.config_view()})
+
+    async def events(self, request: Request) -> Response:
+        q = self.hub.add()
+        first = json.dumps({**self.state.snapshot(), "config": self.config_view()}, default=str)
+
+        async def stream():
+            try:
+                yield f"event: snapshot\ndata: {first}\n\n"
+                while not self.hub.is_cut(q):
+                    try:
+                        yield await asyncio.wait_for(q.get(), timeout=15.0)
+                    except asyncio.TimeoutError:
+                        yield ": keep-alive\n\n"
+            finally:
+                self.hub.remove(q)
+
+        return StreamingResponse(stream(), media_type="text/event-stream",
+                                 headers={"x-accel-buffering": "no"})
+
+    async def coils(self, request: Request) -> Response:
+        await self._refresh_history()
+        from agent.web.live import page_summary
+
+        return JSONResponse({"coils": [page_summary(s) for s in self.history.coils()],
+                             "damaged_records": self.history.damaged})
+
+    async def coil(self, request: Request) -> Response:
+        await self._refresh_history()
+        s = self.history.coil(request.path_params["coil"])
+        if s is None:
+            return _error(404, "no final summary of that coil in the journal")
+        from agent.web.live import page_summary
+
+        worst = []
+        for w in s.get("worst") or []:
+            if isinstance(w, dict):
+                item = {k: w.get(k) for k in ("class", "confidence", "across_mm", "along_mm", "width_mm",
+                                              "length_mm", "index", "camera")}
+                cid = self.crops.note(s.get("coil"), w["crop"]) if "crop" in w else None
+                if cid:
+                    item["crop"] = cid
+                worst.append(item)
+        return JSONResponse({**page_summary(s), "worst": worst, "density_per_m": s.get("density_per_m")})
+
+    async def _refresh_history(self) -> None:
+        if time.monotonic() - self.history_at > 1.0:
+            await run_in_threadpool(self.history.refresh)
+            self.history_at = time.monotonic()
+
+    async def crop(self, request: Request) -> Response:
+        data = await run_in_threadpool(self.crops.read, request.path_params["coil"], request.path_params["crop"])
+        if data is None:
+            return _error(404, "no such crop")
+        return Response(data, media_type="image/png")
+
+    async def inspect(self, request: Request) -> Response:
+        if not self.s.upload:
+            return _error(403, "uploads are off on this page (web.upload = false)")
+        body = await request.body()
+        if not body:
+            return _error(400, "empty body: POST the image's bytes (PNG or JPEG)")
+        try:
+            image = await run_in_threadpool(decode_upload, body, self.s.max_upload_pixels)
+        except UploadRejected as exc:
+            return _error(exc.status, str(exc))
+        insp = await run_in_threadpool(self.inspector_or_none)
+        if not insp.lock.acquire(blocking=False):
+            return _error(503, "another image is being inspected; try again in a moment")
+        try:
+            name = request.headers.get("x-file-name", "upload")[:128]
+            result = await run_in_threadpool(insp.inspect, image, name)
+        finally:
+            insp.lock.release()
+        return JSONResponse({"ok": True, "name": name, "shape": list(result.shape), "gate_score": result.gate_score,
+                             "passed": result.passed, "events": result.events, "profile": insp.pack.profile,
+                             "overlay_png": base64.b64encode(result.overlay_png).decode("ascii")})
+
+    async def healthz(self, request: Request) -> Response:
+        snap = self.state.snapshot()
+        return JSONResponse({"ok": True, "page_clients": self.hub.clients,
+                             "heartbeat_age_s": snap["heartbeat_age_s"], "feed_errors": self.feed.errors})
+
+    async def readyz(self, request: Request) -> Response:
+        if self.status is None:
+            return _error(503, "no way to ask the agent: its control socket needs web.operator_key (CURVE)")
+        try:
+            reply = await run_in_threadpool(self.status)
+        except Exception as exc:
+            return _error(503, f"agent not reachable at {self.s.cfg.control.endpoint}: {exc}")
+        h = reply.get("health") or {}
+        checks = {"agent_reachable": bool(reply.get("ok")), "models_loaded": bool(h.get("models")),
+                  "ingest_bound": h.get("state") == "ready"}
+        ok = all(checks.values())
+        return JSONResponse({"ok": ok, "checks": checks, "state": h.get("state"), "profile": h.get("profile")},
+                            status_code=200 if ok else 503)
+
+    async def version(self, request: Request) -> Response:
+        return JSONResponse({"coilsight": _version(), "protocol": 1, "agent": self.s.cfg.agent.name,
+                             "profile": self.s.cfg.agent.profile})
+
+    # -- lifecycle ----------------------------------------------------------------------------
+    async def startup(self) -> None:
+        self.hub.attach(asyncio.get_running_loop())
+        if self.start_feed:
+            self.feed.start()
+
+    async def shutdown(self) -> None:
+        self.feed.stop()
+        if self.inspector is not None:
+            self.inspector.close()
+
+    def routes(self) -> list[Route]:
+        return [
+            Route("/", self.index), Route("/static/{name}", self.static_file),
+            Route("/login", self.login, methods=["GET", "POST"]), Route("/events", self.events),
+            Route("/api/live", self.live), Route("/api/coils", self.coils), Route("/api/coils/{coil}", self.coil),
+            Route("/crops/{coil}/{crop}.png", self.crop), Route("/api/inspect", self.inspect, methods=["POST"]),
+            Route("/healthz", self.healthz), Route("/readyz", self.readyz), Route("/version", self.version),
+        ]
+
+
+def create_app(settings: WebSettings, **kwargs: Any) -> tuple[Any, WebApp]:
+    """The ASGI app (Guard around Starlette) and the WebApp behind it."""
+    web = WebApp(settings, **kwargs)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette):
+        await web.startup()
+        try:
+            yield
+        finally:
+            await web.shutdown()
+
+    app = Starlette(routes=web.routes(), lifespan=lifespan)
+    return Guard(app, settings), web

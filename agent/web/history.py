@@ -1,0 +1,187 @@
+"""Past coils from the agent's journal, and defect crops, read-only.
+
+The journal belongs to the agent: the page never opens it with agent.journal.Journal (which
+creates, truncates and appends); it reads the segment files as they are, record by record, with
+the layout and CRC check of agent/journal.py, and keeps each coil's final summary. Each refresh
+reads only what was appended since the last one; a segment that shrank (the agent cut a torn tail
+at start-up) is read again from its start, a segment that is gone (rotated away) is forgotten.
+
+Crops: ``<state_dir>/crops/<coil>/<crop id>.png``. A crop is served only for a (coil, id) pair the
+page saw in an event or a summary from the agent, each part matching a strict pattern, and only
+when the file found there is a regular file inside the crops directory. Nothing a request carries
+is ever joined into a path unchecked.
+"""
+from __future__ import annotations
+
+import os
+import re
+import stat
+import threading
+import zlib
+from collections import OrderedDict
+from pathlib import Path
+
+import structlog
+
+from agent.journal import _HEAD, _SEQ, MAGIC, MAX_RECORD
+from agent.protocol import unpack_body
+
+log = structlog.get_logger(__name__)
+
+SEGMENT_RE = re.compile(r"segment-(\d{16})\.log")
+COIL_RE = re.compile(r"[A-Za-z0-9_:-][A-Za-z0-9_.:-]{0,63}")  # the protocol's names, not starting with '.'
+CROP_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
+READ_CHUNK = 8 << 20
+
+
+def crop_id(value: object) -> str | None:
+    """An event's ``crop`` value as a file stem, or None when it is not a plain id."""
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        return None
+    text = str(value)
+    return text if CROP_RE.fullmatch(text) else None
+
+
+class CropStore:
+    """Crops the page may serve: (coil, id) pairs seen in the agent's messages, newest kept."""
+
+    def __init__(self, crops_dir: Path, keep: int = 20_000):
+        self.dir = crops_dir
+        self.keep = keep
+        self._known: OrderedDict[tuple[str, str], None] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def note(self, coil: object, crop: object) -> str | None:
+        """Remember a crop named by an event; returns its id when it is one the page can serve."""
+        cid = crop_id(crop)
+        if cid is None or not isinstance(coil, str) or not COIL_RE.fullmatch(coil):
+            return None
+        with self._lock:
+            self._known[(coil, cid)] = None
+            self._known.move_to_end((coil, cid))
+            while len(self._known) > self.keep:
+                self._known.popitem(last=False)
+        return cid
+
+    def read(self, coil: str, cid: str) -> bytes | None:
+        """The PNG bytes of a known crop, or None (unknown pair, no such file, not a regular file)."""
+        if not (COIL_RE.fullmatch(coil) and CROP_RE.fullmatch(cid)):
+            return None
+        with self._lock:
+            if (coil, cid) not in self._known:
+                return None
+        root = self.dir.resolve()
+        path = (root / coil / f"{cid}.png").resolve()
+        if path.parent.parent != root:
+            return None
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        except OSError:
+            return None
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode) or st.st_size > 16 << 20:
+                return None
+            with os.fdopen(fd, "rb", closefd=False) as f:
+                data = f.read()
+        finally:
+            os.close(fd)
+        return data if data.startswith(b"\x89PNG\r\n\x1a\n") else None
+
+
+class JournalHistory:
+    """Final coil summaries found in the journal's segment files, newest ``keep`` coils."""
+
+    def __init__(self, journal_dir: Path, keep: int = 500):
+        self.dir = journal_dir
+        self.keep = keep
+        self._offsets: dict[str, int] = {}  # segment name -> bytes read through (a record boundary)
+        self._coils: OrderedDict[str, dict] = OrderedDict()  # coil -> final summary, oldest first
+        self._lock = threading.Lock()
+        self.damaged = 0  # records skipped because their CRC or length did not check out
+
+    def refresh(self) -> None:
+        with self._lock:
+            try:
+                names = sorted(p.name for p in self.dir.iterdir() if SEGMENT_RE.fullmatch(p.name))
+            except OSError:
+                return  # no journal yet (the agent never ran here) or not readable: no past coils
+            for gone in set(self._offsets) - set(names):
+                del self._offsets[gone]
+            for name in names:
+                self._read_segment(self.dir / name)
+
+    def _read_segment(self, path: Path) -> None:
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        except OSError:
+            return
+        with os.fdopen(fd, "rb") as f:
+            st = os.fstat(f.fileno())
+            if not stat.S_ISREG(st.st_mode):
+                return
+            pos = self._offsets.get(path.name, 0)
+            if st.st_size < pos:
+                pos = 0  # cut back by the agent (torn tail at start-up): read it again
+            f.seek(pos)
+            buf = b""
+            while True:
+                chunk = f.read(READ_CHUNK)
+                if not chunk:
+                    break
+                buf += chunk
+                used = self._records(buf)
+                pos += used
+                buf = buf[used:]
+            self._offsets[path.name] = pos
+
+    def _records(self, data: bytes) -> int:
+        """Parse whole records in ``data``; returns the bytes consumed (a partial tail is left)."""
+        pos = 0
+        while pos + _HEAD.size <= len(data):
+            if data[pos:pos + 4] != MAGIC:
+                nxt = data.find(MAGIC, pos + 1)
+                if nxt < 0:
+                    return max(pos, len(data) - 3)  # a magic may start in the last 3 bytes
+                self.damaged += 1
+                pos = nxt
+                continue
+            _, length, crc = _HEAD.unpack_from(data, pos)
+            if length < _SEQ.size or length > MAX_RECORD:
+                self.damaged += 1
+                pos += 4
+                continue
+            end = pos + _HEAD.size + length
+            if end > len(data):
+                return pos  # not written yet: the next refresh reads it
+            payload = data[pos + _HEAD.size:end]
+            if zlib.crc32(payload) == crc:
+                _, tlen = _SEQ.unpack_from(payload, 0)
+                if payload[_SEQ.size:_SEQ.size + tlen] == b"summary":
+                    self._summary(payload[_SEQ.size + tlen:])
+            else:
+                self.damaged += 1
+            pos = end
+        return pos
+
+    def _summary(self, body: bytes) -> None:
+        try:
+            msg = unpack_body(body)
+        except ValueError:
+            return
+        coil = msg.get("coil")
+        if not msg.get("final") or not isinstance(coil, str):
+            return
+        self._coils.pop(coil, None)
+        self._coils[coil] = msg
+        while len(self._coils) > self.keep:
+            self._coils.popitem(last=False)
+
+    def coils(self) -> list[dict]:
+        """Final summaries, newest first."""
+        with self._lock:
+            return list(reversed(self._coils.values()))
+
+    def coil(self, name: str) -> dict | None:
+        with self._lock:
+            return self._coils.get(name)

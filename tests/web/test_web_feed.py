@@ -1,0 +1,107 @@
+"""The page's data from a real agent: the live feed (event stream + replay + control socket) and
+past coils read from the journal files, read-only."""
+from __future__ import annotations
+
+import shutil
+import time
+
+from tinypack import clean_frame, frame_with
+
+from agent.service import status_request
+from agent.tools.camera_sim import CameraSim
+from agent.web.history import JournalHistory
+from agent.web.live import Hub, LiveFeed, LiveState
+
+
+def send_coil(agent, coil: str, squares: int) -> None:
+    frames = [(frame_with("bright", x=16 + 16 * i, y=16), None) if i % 3 == 0 else (clean_frame(), None)
+              for i in range(3 * squares)]
+    cam = CameraSim(agent.cfg.ingest.endpoint, camera="cam0")
+    try:
+        cam.send_coil(coil, frames, mm_per_px_y=2.0)
+    finally:
+        cam.close()
+
+
+def wait_for(pred, timeout: float = 30.0) -> bool:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if pred():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def feed_for(agent) -> tuple[LiveState, LiveFeed]:
+    cfg = agent.cfg
+    state = LiveState(cfg.coil.budget_s)
+    feed = LiveFeed(events_endpoint=cfg.publish.endpoint, replay_endpoint=cfg.publish.replay_endpoint, state=state,
+                    hub=Hub(), status=lambda: status_request(cfg.control.endpoint, timeout_ms=1000), progress_s=0.2)
+    feed.start()
+    return state, feed
+
+
+def test_live_state_follows_the_coil_and_late_pages_get_it_by_replay(running_agent):
+    agent = running_agent()
+    state, feed = feed_for(agent)
+    try:
+        assert wait_for(lambda: state.health is not None), "no heartbeat reached the page's feed"
+        send_coil(agent, "web-A", squares=4)
+        assert wait_for(lambda: state.summary is not None and state.summary.get("final")), state.snapshot()
+        snap = state.snapshot()
+        assert snap["coil"] == "web-A" and len(snap["defects"]) == 4
+        assert snap["summary"]["defect_count"] == 4 and snap["summary"]["complete"]
+        assert [d["class"] for d in snap["defects"]] == ["bright"] * 4
+        assert sorted(d["index"] for d in snap["defects"]) == [0, 3, 6, 9]
+        seqs = [d["seq"] for d in snap["defects"]]
+        assert seqs == sorted(set(seqs))
+    finally:
+        feed.stop()
+    # A page started after the coil: its feed reaches back through the replay socket.
+    late, late_feed = feed_for(agent)
+    try:
+        assert wait_for(lambda: late.summary is not None and late.summary.get("final")), late.snapshot()
+        assert late.snapshot()["coil"] == "web-A" and len(late.snapshot()["defects"]) == 4
+        # and follows the next coil live; the control socket's progress names it while it is open
+        send_coil(agent, "web-B", squares=2)
+        assert wait_for(lambda: late.coil == "web-B" and late.summary is not None and late.summary.get("final"))
+        assert len(late.snapshot()["defects"]) == 2
+    finally:
+        late_feed.stop()
+    assert feed.errors == 0 and late_feed.errors == 0
+
+
+def test_past_coils_from_the_journal_files(running_agent, tmp_path):
+    agent = running_agent()
+    journal = agent.cfg.state_path() / "journal" / agent.cfg.agent.name
+    history = JournalHistory(journal)
+    history.refresh()
+    assert history.coils() == []
+    state, feed = feed_for(agent)
+    try:
+        send_coil(agent, "hist-A", squares=2)
+        assert wait_for(lambda: state.summary is not None and state.summary.get("final"))
+        history.refresh()
+        assert [s["coil"] for s in history.coils()] == ["hist-A"]
+        assert history.coil("hist-A")["defect_count"] == 2
+        send_coil(agent, "hist-B", squares=1)
+        assert wait_for(lambda: state.coil == "hist-B" and state.summary is not None and state.summary.get("final"))
+    finally:
+        feed.stop()
+    history.refresh()  # reads only what was appended
+    assert [s["coil"] for s in history.coils()] == ["hist-B", "hist-A"]
+    before = {p.name: p.read_bytes() for p in journal.iterdir()}
+    # the reader never writes: the agent's files are byte for byte what they were
+    assert {p.name: p.read_bytes() for p in journal.iterdir()} == before
+
+    # a copy with a flipped byte in a record and a torn tail: the rest is still read, damage counted
+    copy = tmp_path / "journal-copy"
+    shutil.copytree(journal, copy)
+    seg = sorted(copy.glob("segment-*.log"))[0]
+    data = bytearray(seg.read_bytes())
+    data[40] ^= 0xFF  # inside the first record
+    seg.write_bytes(bytes(data) + data[:30])  # and half a record at the end
+    damaged = JournalHistory(copy)
+    damaged.refresh()
+    assert [s["coil"] for s in damaged.coils()] == ["hist-B", "hist-A"]
+    assert damaged.damaged == 1

@@ -21,6 +21,7 @@ import contextlib
 import hashlib
 import hmac
 import json
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -165,6 +166,7 @@ class WebApp:
                              state=self.state, hub=self.hub, status=status, socket_setup=socket_setup)
         self.start_feed = start_feed
         self.inspector = inspector
+        self._inspector_lock = threading.Lock()
         self.classes = self._classes()
         self.static = {name: (STATIC / name).read_bytes() for name in (*STATIC_FILES, "index.html", "login.html")}
 
@@ -177,9 +179,11 @@ class WebApp:
             return []
 
     def inspector_or_none(self) -> Inspector | None:
-        if self.inspector is None and self.s.upload:
-            self.inspector = Inspector(self.s.cfg.models_dir(), self.s.cfg.models.calibration or None,
-                                       max_events=self.s.cfg.coil.max_events_per_frame)
+        """The pack, opened at the first upload (a read-only page never opens it)."""
+        with self._inspector_lock:
+            if self.inspector is None and self.s.upload:
+                self.inspector = Inspector(self.s.cfg.models_dir(), self.s.cfg.models.calibration or None,
+                                           max_events=self.s.cfg.coil.max_events_per_frame)
         return self.inspector
 
     # -- routes -------------------------------------------------------------------------------

@@ -105,3 +105,48 @@ def test_past_coils_from_the_journal_files(running_agent, tmp_path):
     damaged.refresh()
     assert [s["coil"] for s in damaged.coils()] == ["hist-B", "hist-A"]
     assert damaged.damaged == 1
+
+
+def test_with_curve_the_page_uses_its_own_subscriber_and_operator_keys(running_agent, tmp_path):
+    from agent import auth
+    from agent.config import with_overrides
+    from agent.web.commands import _socket_setup, _status_fn
+    from agent.web.settings import web_settings
+
+    creds = tmp_path / "creds"
+    dirs = {role: tmp_path / role for role in ("cameras", "subscribers", "operators")}
+    for d in (creds, *dirs.values()):
+        d.mkdir()
+    auth.generate_keys(creds, "curve-server")
+    keys = {}
+    for role, d in (("camera", dirs["cameras"]), ("subscriber", dirs["subscribers"]),
+                    ("operator", dirs["operators"])):
+        pub, keys[role] = auth.generate_keys(tmp_path, f"web-{role}", role=role)
+        (d / pub.name).write_bytes(pub.read_bytes())
+    agent = running_agent(auth={"enabled": True, "credentials_dir": str(creds),
+                                **{f"{k}_dir": str(v) for k, v in dirs.items()}})
+    server = str(creds / "curve-server.key")
+    settings = web_settings(with_overrides(agent.cfg, web={
+        "subscriber_key": str(keys["subscriber"]), "operator_key": str(keys["operator"]), "server_key": server}))
+    status = _status_fn(settings)
+    assert status()["health"]["state"] == "ready"  # the operator key opens the CURVE control socket
+    state = LiveState(agent.cfg.coil.budget_s)
+    feed = LiveFeed(events_endpoint=agent.cfg.publish.endpoint, replay_endpoint=agent.cfg.publish.replay_endpoint,
+                    state=state, hub=Hub(), status=status, socket_setup=_socket_setup(settings), progress_s=0.2)
+    feed.start()
+    try:
+        assert wait_for(lambda: state.health is not None), "the page's subscriber key was not admitted"
+        cam = CameraSim(agent.cfg.ingest.endpoint, camera="cam0",
+                        socket_setup=lambda s: auth.make_curve_client(s, keys["camera"], server))
+        try:
+            cam.send_coil("curve-coil", [(frame_with("bright", x=16, y=16), None)] * 3, mm_per_px_y=2.0)
+        finally:
+            cam.close()
+        assert wait_for(lambda: state.summary is not None and state.summary.get("final"))
+        assert state.coil == "curve-coil" and len(state.snapshot()["defects"]) == 3
+    finally:
+        feed.stop()
+    # without an operator key the page cannot ask the control socket: it says so instead of hanging
+    no_op = web_settings(with_overrides(agent.cfg, web={"subscriber_key": str(keys["subscriber"]),
+                                                        "server_key": server}))
+    assert _status_fn(no_op) is None

@@ -33,6 +33,8 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+import structlog
+
 from agent.web.history import CropStore, JournalHistory
 from agent.web.live import Hub, LiveFeed, LiveState
 from agent.web.settings import WebSettings
@@ -52,6 +54,8 @@ SECURITY_HEADERS = [
     (b"cache-control", b"no-store"),
 ]
 LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "[::1]", "::1"}
+
+log = structlog.get_logger(__name__)
 
 
 def _version() -> str:
@@ -284,12 +288,18 @@ class WebApp:
             image = await run_in_threadpool(decode_upload, body, self.s.max_upload_pixels)
         except UploadRejected as exc:
             return _error(exc.status, str(exc))
-        insp = await run_in_threadpool(self.inspector_or_none)
+        try:
+            insp = await run_in_threadpool(self.inspector_or_none)
+        except Exception as exc:  # the pack does not load: say so, the rest of the page works
+            log.error("web_pack_not_loaded", error=str(exc))
+            return _error(503, f"the model pack could not be opened: {exc}")
         if not insp.lock.acquire(blocking=False):
             return _error(503, "another image is being inspected; try again in a moment")
+        name = request.headers.get("x-file-name", "upload")[:128]
         try:
-            name = request.headers.get("x-file-name", "upload")[:128]
             result = await run_in_threadpool(insp.inspect, image, name)
+        except ValueError as exc:  # RunnerError: this image breaks the pack's contract (size, channels)
+            return _error(422, f"the pack cannot inspect this image: {exc}")
         finally:
             insp.lock.release()
         return JSONResponse({"ok": True, "name": name, "shape": list(result.shape), "gate_score": result.gate_score,

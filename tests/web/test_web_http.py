@@ -230,3 +230,18 @@ def test_live_snapshot_is_json_without_64_bit_times(client):
     assert snap["coil"] == "C1" and d["time_ms"] == 1763771523041 and "crop" not in d
     assert not any(k.endswith("_ns") for k in d)
     json.dumps(snap)
+
+
+def test_an_image_the_pack_cannot_take_is_a_clear_422(client, agent_config, tmp_path):
+    from tinypack import make_pack
+
+    fixed = make_pack(tmp_path / "fixed", gate_input_pool=2)  # its gate takes 32x128 pooled frames only
+    c, _ = client(with_overrides(agent_config(), models={"dir": str(fixed)}))
+    r = c.post("/api/inspect", content=png(frame_with("bright", x=16, y=16, height=32, width=128)))
+    assert r.status_code == 422 and "fixed" in r.json()["error"]
+    assert c.post("/api/inspect", content=png(frame_with("bright", x=16, y=16))).status_code == 200
+    broken = with_overrides(agent_config(), models={"dir": str(tmp_path / "no-pack")})
+    c2, _ = client(broken)
+    r = c2.post("/api/inspect", content=png(frame_with("bright", x=16, y=16)))
+    assert r.status_code == 503 and "could not be opened" in r.json()["error"]
+    assert c2.get("/healthz").status_code == 200

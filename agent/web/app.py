@@ -22,7 +22,6 @@ import hashlib
 import hmac
 import json
 import threading
-import time
 from pathlib import Path
 from typing import Any, Callable
 from urllib.parse import parse_qs
@@ -164,7 +163,6 @@ class WebApp:
         self.state = LiveState(cfg.coil.budget_s, self.crops)
         self.hub = Hub()
         self.history = JournalHistory(settings.journal_dir)
-        self.history_at = 0.0
         self.status = status
         self.feed = LiveFeed(events_endpoint=cfg.publish.endpoint, replay_endpoint=cfg.publish.replay_endpoint,
                              state=self.state, hub=self.hub, status=status, socket_setup=socket_setup)
@@ -268,9 +266,8 @@ class WebApp:
         return JSONResponse({**page_summary(s), "worst": worst, "density_per_m": s.get("density_per_m")})
 
     async def _refresh_history(self) -> None:
-        if time.monotonic() - self.history_at > 1.0:
-            await run_in_threadpool(self.history.refresh)
-            self.history_at = time.monotonic()
+        """Read what the journal gained since the last request (a stat per segment when nothing did)."""
+        await run_in_threadpool(self.history.refresh)
 
     async def crop(self, request: Request) -> Response:
         data = await run_in_threadpool(self.crops.read, request.path_params["coil"], request.path_params["crop"])

@@ -83,24 +83,50 @@ class InspectResult:
 
 class Inspector:
     """The configured pack opened once (ONNX Runtime, one thread: the agent keeps the cores), one
-    image at a time; ``busy`` tells a second request to come back later instead of queueing."""
+    image at a time; ``lock`` tells a second request to come back later instead of queueing.
+
+    When agent/tools/inspect.py (`coilsight inspect`) is installed, its Inspector and inspect_image
+    do the work, so the page and the command give the same events and overlay; the fallback below
+    follows the same rules through the same runner."""
 
     def __init__(self, models_dir: Path, calibration: str | None = None, *, max_events: int = 50):
         from engines.modelpack import load_calibration, load_model_pack
+
+        self.lock = threading.Lock()
+        self.max_events = max_events
+        self._shared_mod = _shared_inspect()
+        self._shared = None
+        if self._shared_mod is not None:
+            self._shared = self._shared_mod.Inspector(models_dir, threads=1, max_events=max_events)
+            self.pack = self._shared.pack
+            if calibration:  # the agent's models.calibration, not the pack's own file
+                self._shared.calibration = load_calibration(self.pack, calibration)
+            self.calibration = self._shared.calibration
+            return
         from engines.runner import PackRunner
 
         self.pack = load_model_pack(models_dir)
         self.calibration = load_calibration(self.pack, calibration or None)
         self.runner = PackRunner(self.pack, backend="onnxruntime", threads=1, max_batch=1)
-        self.max_events = max_events
-        self.lock = threading.Lock()
 
     def close(self) -> None:
-        self.runner.close()
+        (self._shared or self.runner).close()
 
     def inspect(self, image: np.ndarray, name: str = "upload") -> InspectResult:
-        """One image through the pack. When agent/tools/inspect.py lands, this is the line to switch."""
+        """One image through the pack; an image the pack cannot take raises ValueError (a one-line reason)."""
+        if self._shared is not None:
+            r = self._shared_mod.inspect_image(self._shared, image, name)
+            return InspectResult(r.events, r.overlay_png, r.gate_score, r.passed, tuple(r.shape))
         return _inspect_with_runner(self, image, name)
+
+
+def _shared_inspect():
+    """agent.tools.inspect when it provides Inspector and inspect_image, else None."""
+    try:
+        from agent.tools import inspect as shared
+    except ImportError:
+        return None
+    return shared if hasattr(shared, "Inspector") and hasattr(shared, "inspect_image") else None
 
 
 def _inspect_with_runner(insp: Inspector, image: np.ndarray, name: str) -> InspectResult:

@@ -88,7 +88,7 @@ def test_live_map_upload_and_past_coils_in_chromium(running_agent, tmp_path):
         wait = WebDriverWait(driver, 30, poll_frequency=0.1)
         driver.get(url)
         stream = driver.find_element(By.ID, "stream-state")
-        wait.until(lambda d: stream.get_attribute("data-state") == "live")
+        wait.until(lambda d: stream.get_attribute("data-state") == "live", "the event stream did not open")
 
         # A short coil: 3 bright squares and 2 dark ones, the rest clean; sent at a line rate so the
         # map grows while the page watches.
@@ -100,8 +100,9 @@ def test_live_map_upload_and_past_coils_in_chromium(running_agent, tmp_path):
                                                                 mm_per_px_y=2.0), cam.close()), daemon=True)
         sender.start()
         svg = driver.find_element(By.ID, "strip-map")
-        wait.until(lambda d: int(svg.get_attribute("data-count")) >= 1)  # growing while the coil runs
-        wait.until(lambda d: driver.find_element(By.ID, "coil-state").get_attribute("data-state") == "complete")
+        wait.until(lambda d: int(svg.get_attribute("data-count")) >= 1, "no defect on the map")  # while the coil runs
+        wait.until(lambda d: driver.find_element(By.ID, "coil-state").get_attribute("data-state") == "complete",
+                   "the coil never showed as complete")
         sender.join(10)
         assert svg.get_attribute("data-coil") == "web-coil-1"
         rects = svg.find_elements(By.CSS_SELECTOR, "rect.defect")
@@ -122,7 +123,8 @@ def test_live_map_upload_and_past_coils_in_chromium(running_agent, tmp_path):
         save_screenshot(driver, tmp_path, "live-coil.png")
 
         # the coil is in the past coils table (read from the journal)
-        wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, '#coils tr[data-coil="web-coil-1"]'))
+        wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, '#coils tr[data-coil="web-coil-1"]'),
+                   "the coil is not in the past coils")
 
         # Upload an image: the overlay and the events come back.
         image = tmp_path / "square.png"
@@ -130,16 +132,22 @@ def test_live_map_upload_and_past_coils_in_chromium(running_agent, tmp_path):
         driver.find_element(By.ID, "upload-file").send_keys(str(image))
         driver.find_element(By.ID, "upload-go").click()
         status = driver.find_element(By.ID, "upload-status")
-        wait.until(lambda d: status.get_attribute("data-events") is not None or "refused" in status.text)
+        wait.until(lambda d: status.get_attribute("data-events") is not None or "refused" in status.text,
+                   "no answer to the upload")
         assert status.get_attribute("data-events") == "1", status.text
         overlay = driver.find_element(By.ID, "overlay")
-        wait.until(lambda d: d.execute_script("return arguments[0].complete && arguments[0].naturalWidth", overlay))
+        wait.until(lambda d: d.execute_script("return arguments[0].complete && arguments[0].naturalWidth", overlay),
+                   "the overlay did not load")
         assert driver.execute_script("return [arguments[0].naturalWidth, arguments[0].naturalHeight]",
                                      overlay) == [256, 64]
         assert '"bright"' in driver.find_element(By.ID, "upload-json").text
         save_screenshot(driver, tmp_path, "upload-overlay.png")
         errors = [e for e in driver.get_log("browser") if e.get("level") == "SEVERE"]
         assert errors == [], errors
+    except Exception:
+        if driver is not None:  # what the page showed when it failed
+            save_screenshot(driver, tmp_path, "failure.png")
+        raise
     finally:
         if driver is not None:
             driver.quit()

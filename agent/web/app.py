@@ -8,6 +8,7 @@ Routes (docs/deployment.md, "The web page"):
   GET  /api/coils        past coils (final summaries from the journal), newest first
   GET  /api/coils/{coil} one past coil's summary
   GET  /crops/{coil}/{id}.png  a defect crop the agent named in an event
+  GET  /report/{coil}    the coil report (agent/tools/report.py, when installed)
   POST /api/inspect      body: one PNG or JPEG -> events and overlay (403 when web.upload is false)
   GET  /healthz /readyz /version
   GET|POST /login        the token form, when the page has a token
@@ -20,6 +21,7 @@ import base64
 import contextlib
 import hashlib
 import hmac
+import importlib.util
 import json
 import threading
 from pathlib import Path
@@ -52,6 +54,8 @@ SECURITY_HEADERS = [
     (b"referrer-policy", b"no-referrer"),
     (b"cache-control", b"no-store"),
 ]
+# the coil report is one self-contained page: embedded PNGs and an inline style sheet, no script
+REPORT_CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'; frame-ancestors 'none'; base-uri 'none'"
 LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "[::1]", "::1"}
 
 log = structlog.get_logger(__name__)
@@ -85,7 +89,9 @@ class Guard:
 
         async def send_secure(message: dict) -> None:
             if message["type"] == "http.response.start":
-                message = {**message, "headers": [*message.get("headers", []), *SECURITY_HEADERS]}
+                have = {k.lower() for k, _ in message.get("headers", [])}
+                extra = [(k, v) for k, v in SECURITY_HEADERS if k not in have]
+                message = {**message, "headers": [*message.get("headers", []), *extra]}
             await send(message)
 
         problem = self._refuse(scope, path, headers)
@@ -170,6 +176,8 @@ class WebApp:
         self.inspector = inspector
         self._inspector_lock = threading.Lock()
         self.classes = self._classes()
+        self.reports = importlib.util.find_spec("agent.tools.report") is not None  # `coilsight report`
+        self._report_lock = threading.Lock()
         self.static = {name: (STATIC / name).read_bytes() for name in (*STATIC_FILES, "index.html", "login.html")}
 
     def _classes(self) -> list[str]:
@@ -216,6 +224,7 @@ class WebApp:
         cfg = self.s.cfg
         return {"agent": cfg.agent.name, "profile": cfg.agent.profile, "classes": self.classes,
                 "budget_s": cfg.coil.budget_s, "upload": self.s.upload, "max_upload_bytes": self.s.max_upload_bytes,
+                "reports": self.reports,
                 "cameras": [{"id": c.id, "offset_x_mm": c.offset_x_mm, "mm_per_px_x": c.mm_per_px_x}
                             for c in cfg.cameras]}
 
@@ -268,6 +277,30 @@ class WebApp:
     async def _refresh_history(self) -> None:
         """Read what the journal gained since the last request (a stat per segment when nothing did)."""
         await run_in_threadpool(self.history.refresh)
+
+    async def report(self, request: Request) -> Response:
+        """The coil report of `coilsight report` (agent/tools/report.py), for a coil the journal holds."""
+        if not self.reports:
+            return _error(404, "coil reports are not installed here (agent/tools/report.py)")
+        await self._refresh_history()
+        s = self.history.coil(request.path_params["coil"])
+        if s is None:  # the name used below is the journal's, never the request's
+            return _error(404, "no final summary of that coil in the journal")
+        try:
+            page = await run_in_threadpool(self._render_report, s["coil"])
+        except Exception as exc:  # matplotlib missing (report extra), a damaged journal: one line
+            log.warning("web_report_failed", coil=s["coil"], error=str(exc))
+            return _error(503, f"the report of {s['coil']} could not be made: {exc}")
+        return HTMLResponse(page, headers={"content-security-policy": REPORT_CSP})
+
+    def _render_report(self, coil: str) -> str:
+        import tempfile
+
+        from agent.tools.report import make_report
+
+        with self._report_lock, tempfile.TemporaryDirectory(prefix="coilsight-web-report-") as tmp:
+            _, page = make_report(self.s.journal_dir, coil, Path(tmp) / "report", crops=self.s.crops_dir)
+            return page.read_text(encoding="utf-8")
 
     async def crop(self, request: Request) -> Response:
         data = await run_in_threadpool(self.crops.read, request.path_params["coil"], request.path_params["crop"])
@@ -342,7 +375,7 @@ class WebApp:
             Route("/", self.index), Route("/static/{name}", self.static_file),
             Route("/login", self.login, methods=["GET", "POST"]), Route("/events", self.events),
             Route("/api/live", self.live), Route("/api/coils", self.coils), Route("/api/coils/{coil}", self.coil),
-            Route("/crops/{coil}/{crop}.png", self.crop), Route("/api/inspect", self.inspect, methods=["POST"]),
+            Route("/crops/{coil}/{crop}.png", self.crop), Route("/report/{coil}", self.report), Route("/api/inspect", self.inspect, methods=["POST"]),
             Route("/healthz", self.healthz), Route("/readyz", self.readyz), Route("/version", self.version),
         ]
 

@@ -6,6 +6,7 @@ Skipped, with the reason, only where chromium or chromedriver is absent (CI inst
 scripts/ensure-system-tools.sh)."""
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 import shutil
@@ -144,6 +145,19 @@ def test_live_map_upload_and_past_coils_in_chromium(running_agent, tmp_path):
         save_screenshot(driver, tmp_path, "upload-overlay.png")
         errors = [e for e in driver.get_log("browser") if e.get("level") == "SEVERE"]
         assert errors == [], errors
+
+        # the past coil's report, where `coilsight report` is installed (agent/tools/report.py)
+        links = driver.find_elements(By.CSS_SELECTOR, '#coils tr[data-coil="web-coil-1"] a.report-link')
+        if importlib.util.find_spec("agent.tools.report") is not None:
+            assert len(links) == 1
+            driver.get(links[0].get_attribute("href"))
+            wait.until(lambda d: "web-coil-1" in d.find_element(By.TAG_NAME, "h1").text, "no coil report")
+            assert driver.execute_script("return [...document.images].every(i => i.complete && i.naturalWidth > 0)")
+            save_screenshot(driver, tmp_path, "coil-report.png")
+            errors = [e for e in driver.get_log("browser") if e.get("level") == "SEVERE"]
+            assert errors == [], errors  # the report's own CSP lets its inline style and images through
+        else:
+            assert links == []
     except Exception:
         if driver is not None:  # what the page showed when it failed
             save_screenshot(driver, tmp_path, "failure.png")

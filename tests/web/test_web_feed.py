@@ -150,3 +150,35 @@ def test_with_curve_the_page_uses_its_own_subscriber_and_operator_keys(running_a
     no_op = web_settings(with_overrides(agent.cfg, web={"subscriber_key": str(keys["subscriber"]),
                                                         "server_key": server}))
     assert _status_fn(no_op) is None
+
+
+def test_past_coil_report_page(running_agent):
+    """/report/COIL renders `coilsight report` (agent/tools/report.py) for a coil the journal holds;
+    where that tool is not installed the page says so."""
+    import importlib.util
+
+    from starlette.testclient import TestClient
+
+    from agent.web.app import REPORT_CSP, create_app
+    from agent.web.settings import web_settings
+
+    agent = running_agent()
+    state, feed = feed_for(agent)
+    try:
+        send_coil(agent, "rep-A", squares=2)
+        assert wait_for(lambda: state.summary is not None and state.summary.get("final"))
+    finally:
+        feed.stop()
+    app, web = create_app(web_settings(agent.cfg), start_feed=False)
+    with TestClient(app, base_url="http://127.0.0.1:8470") as c:
+        assert c.get("/api/coils").json()["coils"][0]["coil"] == "rep-A"
+        for bad in ("/report/unknown-coil", "/report/..%2F..%2Fetc%2Fpasswd", "/report/latest"):
+            assert c.get(bad).status_code == 404, bad
+        r = c.get("/report/rep-A")
+        if importlib.util.find_spec("agent.tools.report") is None:
+            assert r.status_code == 404 and "not installed" in r.json()["error"]
+            assert c.get("/api/live").json()["config"]["reports"] is False
+        else:
+            assert r.status_code == 200, r.text
+            assert "rep-A" in r.text and r.headers["content-security-policy"] == REPORT_CSP
+            assert c.get("/api/live").json()["config"]["reports"] is True

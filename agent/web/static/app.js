@@ -58,6 +58,7 @@ function onSnapshot(s) {
   if (s.health) onHealth(s.health);
   $("upload-off").hidden = !!(s.config && s.config.upload);
   $("upload-form").hidden = !(s.config && s.config.upload);
+  loadCoils();  // with the config known: the report links
   scheduleDraw();
 }
 
@@ -226,6 +227,12 @@ async function loadCoils() {
     tr.append(el("td", s.coil), el("td", s.complete ? "complete" : "INCOMPLETE"), el("td", s.end_reason),
               el("td", s.defect_count, { class: "num" }), el("td", fmt((s.length_mm || 0) / 1000, 2), { class: "num" }),
               el("td", `${fmt(t.wall_s, 1)} / ${fmt(t.budget_s, 0)}`, { class: "num" }));
+    if (live.config && live.config.reports) {
+      const td = el("td");
+      td.append(el("a", "report", { href: `/report/${encodeURIComponent(s.coil)}`, target: "_blank",
+                                    rel: "noopener", class: "report-link" }));
+      tr.append(td);
+    }
     tr.addEventListener("click", () => showCoil(s.coil));
     tbody.append(tr);
   }
@@ -273,5 +280,4 @@ document.addEventListener("DOMContentLoaded", () => {
   $("upload-form").addEventListener("submit", upload);
   $("coils-refresh").addEventListener("click", loadCoils);
   connect();
-  loadCoils();
 });

@@ -25,6 +25,12 @@ def require_web_extra() -> None:
     """Raise WebExtraMissing with one clear line when the web extra is not installed."""
     import importlib.util
 
-    missing = [m for m in ("starlette", "uvicorn", "multipart") if importlib.util.find_spec(m) is None]
+    def absent(name: str) -> bool:
+        try:
+            return importlib.util.find_spec(name) is None
+        except (ImportError, ValueError):  # a broken or blocked install counts as absent
+            return True
+
+    missing = [m for m in ("starlette", "uvicorn", "multipart") if absent(m)]
     if missing:
         raise WebExtraMissing(f"{WEB_EXTRA_HINT}; missing: {', '.join(missing)}")

@@ -181,12 +181,16 @@ class WebApp:
         self.static = {name: (STATIC / name).read_bytes() for name in (*STATIC_FILES, "index.html", "login.html")}
 
     def _classes(self) -> list[str]:
+        """The pack's classes (legend, colours) and frame width (the strip's width on the map)."""
+        self.frame_width_px = None
         try:
             from engines.modelpack import load_model_pack
 
-            return list(load_model_pack(self.s.cfg.models_dir(), verify_hashes=False).classes)
+            pack = load_model_pack(self.s.cfg.models_dir(), verify_hashes=False)
         except Exception:  # the page still shows events (their class names) without the pack
             return []
+        self.frame_width_px = pack.width
+        return list(pack.classes)
 
     def inspector_or_none(self) -> Inspector | None:
         """The pack, opened at the first upload (a read-only page never opens it)."""
@@ -225,6 +229,7 @@ class WebApp:
         return {"agent": cfg.agent.name, "profile": cfg.agent.profile, "classes": self.classes,
                 "budget_s": cfg.coil.budget_s, "upload": self.s.upload, "max_upload_bytes": self.s.max_upload_bytes,
                 "reports": self.reports,
+                "frame_width_px": self.frame_width_px,
                 "cameras": [{"id": c.id, "offset_x_mm": c.offset_x_mm, "mm_per_px_x": c.mm_per_px_x}
                             for c in cfg.cameras]}
 

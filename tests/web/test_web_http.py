@@ -244,3 +244,14 @@ def test_an_image_the_pack_cannot_take_is_a_clear_422(client, agent_config, tmp_
     r = c2.post("/api/inspect", content=png(frame_with("bright", x=16, y=16)))
     assert r.status_code == 503 and "could not be opened" in r.json()["error"]
     assert c2.get("/healthz").status_code == 200
+
+
+def test_without_the_web_extra_the_command_says_what_to_install(monkeypatch, capsys):
+    import sys
+
+    from agent.cli import main
+
+    monkeypatch.setitem(sys.modules, "uvicorn", None)  # as on a box installed without the web extra
+    assert main(["web"]) == 2
+    err = capsys.readouterr().err
+    assert "install the web extra" in err and "missing: uvicorn" in err

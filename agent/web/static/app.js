@@ -92,6 +92,10 @@ function scheduleDraw() {
 
 function stripWidthMm() {
   let w = 0;
+  const c = live.config;
+  if (c && c.frame_width_px) {  // the cameras' frames side by side, from the agent's config
+    for (const cam of c.cameras || []) w = Math.max(w, cam.offset_x_mm + c.frame_width_px * cam.mm_per_px_x);
+  }
   for (const d of live.defects) w = Math.max(w, (d.across_mm || 0) + (d.width_mm || 0) / 2);
   return Math.max(w * 1.05, 100);
 }

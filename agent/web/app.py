@@ -67,6 +67,11 @@ def _version() -> str:
     return v()
 
 
+def same(given: str, expected: str) -> bool:
+    """Constant-time comparison of what a request carries (any characters) with a secret."""
+    return hmac.compare_digest(given.encode("utf-8", "surrogateescape"), expected.encode("utf-8"))
+
+
 def session_value(token: str) -> str:
     """The cookie a browser holds after the token form: derived from the token, not the token."""
     return hmac.new(token.encode(), b"coilsight-web-session-v1", hashlib.sha256).hexdigest()
@@ -145,8 +150,8 @@ class Guard:
             k, _, v = part.strip().partition("=")
             cookies[k] = v
         bearer = headers.get("authorization", "")
-        if hmac.compare_digest(cookies.get(COOKIE, ""), self.session) or (
-                bearer.startswith("Bearer ") and hmac.compare_digest(bearer[7:], self.s.token or "")):
+        if same(cookies.get(COOKIE, ""), self.session) or (
+                bearer.startswith("Bearer ") and same(bearer[7:], self.s.token or "")):
             return None
         if path == "/" and scope["method"] == "GET":
             return RedirectResponse("/login", status_code=303)
@@ -217,7 +222,7 @@ class WebApp:
             return HTMLResponse(self.static["login.html"])
         body = await request.body()
         given = (parse_qs(body.decode("utf-8", "replace")).get("token") or [""])[0]
-        if not hmac.compare_digest(given.strip(), self.s.token):
+        if not same(given.strip(), self.s.token):
             await asyncio.sleep(0.5)  # slows guessing
             return _error(401, "wrong token")
         resp = RedirectResponse("/", status_code=303)

@@ -166,6 +166,9 @@ def test_token_guards_every_page_but_the_probes(client, agent_config, tmp_path):
         assert c.get(path).status_code == 401, path
     assert c.post("/api/inspect", content=png(frame_with("bright", x=64, y=16))).status_code == 401
     assert c.post("/login", data={"token": "wrong-token-0123456789"}).status_code == 401
+    assert c.post("/login", data={"token": "wrong-tökén-0123456789"}).status_code == 401  # not a 500
+    assert c.get("/api/live", headers={"Authorization": "Bearer t\xf6k\xe9n".encode("latin-1")}).status_code == 401
+    assert c.get("/api/live", headers={"Cookie": f"{COOKIE}=\xe9\xe9".encode("latin-1")}).status_code == 401
     r = c.post("/login", data={"token": "s3cret-token-0123456789"}, follow_redirects=False)
     assert r.status_code == 303
     assert r.cookies[COOKIE] == session_value("s3cret-token-0123456789") != "s3cret-token-0123456789"

@@ -22,6 +22,7 @@ from typing import Any, Callable
 
 import structlog
 
+from agent.metrics import RateLimiter
 from agent.subscriber import ReplayError, Subscriber
 from agent.web.history import CropStore, crop_id
 
@@ -199,6 +200,7 @@ class LiveFeed:
         self._threads: list[threading.Thread] = []
         self.errors = 0
         self.gaps = 0
+        self._log_limit = RateLimiter(per_s=1 / 60, burst=5)  # a feed that keeps failing: 5 lines, then 1 a minute
 
     def start(self) -> None:
         targets = [("web-events", self._run_events)]
@@ -220,13 +222,15 @@ class LiveFeed:
                              socket_setup=self.socket_setup, replay_timeout_ms=2000)
             try:
                 self._pump(sub)
-            except ReplayError as exc:  # the agent went away mid-replay: start over, log once per try
+            except ReplayError as exc:  # the agent went away mid-replay: start over
                 self.errors += 1
-                log.warning("web_replay_failed", error=str(exc))
+                if self._log_limit.allow():
+                    log.warning("web_replay_failed", error=str(exc), suppressed=self._log_limit.suppressed)
                 self._stop.wait(1.0)
             except Exception:  # a bug must not end the page's feed silently: logged, counted, retried
                 self.errors += 1
-                log.exception("web_feed_failed")
+                if self._log_limit.allow():
+                    log.exception("web_feed_failed", suppressed=self._log_limit.suppressed)
                 self._stop.wait(1.0)
             finally:
                 self.gaps += sub.gaps

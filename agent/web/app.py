@@ -248,7 +248,9 @@ class WebApp:
         async def stream():
             try:
                 yield f"event: snapshot\ndata: {first}\n\n"
-                while not self.hub.is_cut(q):
+                # a page cut off for being slow gets what was queued for it, then the stream ends
+                # and its EventSource reconnects to a fresh snapshot
+                while not (self.hub.is_cut(q) and q.empty()):
                     try:
                         yield await asyncio.wait_for(q.get(), timeout=15.0)
                     except asyncio.TimeoutError:

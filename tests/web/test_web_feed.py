@@ -182,3 +182,27 @@ def test_past_coil_report_page(running_agent):
             assert r.status_code == 200, r.text
             assert "rep-A" in r.text and r.headers["content-security-policy"] == REPORT_CSP
             assert c.get("/api/live").json()["config"]["reports"] is True
+
+
+def test_a_page_that_cannot_keep_up_is_cut_off_not_waited_for():
+    import asyncio
+
+    from agent.web.live import CLIENT_QUEUE
+
+    async def scenario():
+        hub = Hub()
+        hub.attach(asyncio.get_running_loop())
+        slow, fast = hub.add(), hub.add()
+        for i in range(CLIENT_QUEUE + 5):
+            hub.publish({"type": "defect", "defect": {"seq": i}})
+            if i % 100 == 0:
+                await asyncio.sleep(0)  # the loop delivers
+                while not fast.empty():
+                    fast.get_nowait()  # this page reads
+        await asyncio.sleep(0.05)
+        return hub, slow, fast
+
+    hub, slow, fast = asyncio.run(scenario())
+    assert hub.is_cut(slow) and not hub.is_cut(fast)
+    assert slow.qsize() == CLIENT_QUEUE and hub.clients == 1
+    assert slow.get_nowait().startswith("event: defect\ndata: ")

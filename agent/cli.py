@@ -10,8 +10,8 @@ COMMAND_MODULES = (
     "agent.commands",
     "training.commands",
     "agent.engine_commands",
-    "agent.auth",
     "agent.web.commands",
+    "agent.auth",
 )
 
 

@@ -81,9 +81,9 @@ fi
 step "units -> $unit_dir"
 install -D -m 0644 "$src/systemd/coilsight.service" "$unit_dir/coilsight.service"
 install -D -m 0644 "$src/systemd/coilsight-engines.service" "$unit_dir/coilsight-engines.service"
+install -D -m 0644 "$src/docs/deployment.md" "$prefix/share/docs/deployment.md"
 # The operator page (`coilsight web`): installed, not enabled (docs/deployment.md, "The web page").
 install -D -m 0644 "$src/systemd/coilsight-web.service" "$unit_dir/coilsight-web.service"
-install -D -m 0644 "$src/docs/deployment.md" "$prefix/share/docs/deployment.md"
 if [ "$profile" != steel ]; then
     install -d -m 0755 "$unit_dir/coilsight.service.d" "$unit_dir/coilsight-engines.service.d" \
         "$unit_dir/coilsight-web.service.d"

@@ -14,8 +14,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 RANK = {"metrics": 0, "engines": 1, "calibration": 2, "training": 3, "agent": 4}
 HEAVY = ("torch", "pycocotools", "matplotlib")
-# may import any package; agent.web (`coilsight web`) is its own process, a front like the tools
-AGENT_FRONT = ("agent.cli", "agent.commands", "agent.engine_commands", "agent.tools", "agent.web")
+# Front ends: their own processes beside the service (CLI, tools, the plant bridge, the web page); they
+# may import any package, and the service imports none of them.
+AGENT_FRONT = ("agent.cli", "agent.commands", "agent.engine_commands", "agent.tools", "agent.bridge", "agent.web")
 
 
 def module_name(path: Path, root: Path) -> str:

@@ -57,7 +57,7 @@ def edit(path: Path, old: str, new: str) -> None:
 def test_shipped_units_pass():
     result = run_check(UNITS)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "verify: ok (3 units)" in result.stdout
+    assert f"verify: ok ({len(list(UNITS.glob('*.service')))} units)" in result.stdout
     # every unit is scored, the agent's and the web page's against the same budget (issue 23)
     for unit in ("coilsight.service", "coilsight-engines.service", "coilsight-web.service"):
         assert f"security: {unit} exposure" in result.stdout and "<= 2.0" in result.stdout

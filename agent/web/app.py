@@ -166,11 +166,12 @@ class WebApp:
     """The state behind the routes: settings, live state, feed, journal history, inspector."""
 
     def __init__(self, settings: WebSettings, *, status: Callable[[], dict] | None = None,
+                 crop: Callable[[str, int], bytes | None] | None = None,
                  socket_setup: Callable[[Any], None] | None = None, start_feed: bool = True,
                  inspector: Inspector | None = None):
         self.s = settings
         cfg = settings.cfg
-        self.crops = CropStore(settings.crops_dir)
+        self.crops = CropStore(settings.crops_dir, fetch=crop)
         self.state = LiveState(cfg.coil.budget_s, self.crops)
         self.hub = Hub()
         self.history = JournalHistory(settings.journal_dir)
@@ -280,9 +281,9 @@ class WebApp:
             if isinstance(w, dict):
                 item = {k: w.get(k) for k in ("class", "confidence", "across_mm", "along_mm", "width_mm",
                                               "length_mm", "index", "camera")}
-                cid = self.crops.note(s.get("coil"), w["crop"]) if "crop" in w else None
-                if cid:
-                    item["crop"] = cid
+                url = self.crops.note(s.get("coil"), w["crop"]) if "crop" in w else None
+                if url:
+                    item["crop_url"] = url
                 worst.append(item)
         return JSONResponse({**page_summary(s), "worst": worst, "density_per_m": s.get("density_per_m")})
 

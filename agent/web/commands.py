@@ -23,20 +23,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_web)
 
 
-def _status_fn(settings):
-    from agent.service import status_request
-
-    cfg = settings.cfg
-    if cfg.auth.enabled and cfg.control.endpoint.startswith("tcp://") and settings.operator_curve is None:
-        return None  # a CURVE control socket admits operator keys only
-    curve = settings.operator_curve
-
-    def status() -> dict:
-        return status_request(cfg.control.endpoint, timeout_ms=1000, curve=curve)
-
-    return status
-
-
 def _socket_setup(settings):
     if settings.subscriber_curve is None:
         return None
@@ -104,7 +90,10 @@ def cmd_web(args: argparse.Namespace) -> int:
         return 1
     sock.listen(64)
     port = sock.getsockname()[1]
-    app, _ = create_app(settings, status=_status_fn(settings), socket_setup=_socket_setup(settings))
+    from agent.web.control import control_functions
+
+    status, crop = control_functions(settings)
+    app, _ = create_app(settings, status=status, crop=crop, socket_setup=_socket_setup(settings))
     host = f"[{settings.host.strip('[]')}]" if family == socket.AF_INET6 else settings.host
     print(f"coilsight web: serving http://{host}:{port}/ for agent {cfg.agent.name} "
           f"(events {cfg.publish.endpoint}, upload {'on' if settings.upload else 'off'}, "

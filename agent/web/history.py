@@ -6,10 +6,11 @@ the layout and CRC check of agent/journal.py, and keeps each coil's final summar
 reads only what was appended since the last one; a segment that shrank (the agent cut a torn tail
 at start-up) is read again from its start, a segment that is gone (rotated away) is forgotten.
 
-Crops: ``<state_dir>/crops/<coil>/<crop id>.png``. A crop is served only for a (coil, id) pair the
-page saw in an event or a summary from the agent, each part matching a strict pattern, and only
-when the file found there is a regular file inside the crops directory. Nothing a request carries
-is ever joined into a path unchecked.
+Crops: a crop is served only for a (coil, id) pair the page saw in a message from the agent (a
+track's or event's ``crop``), each part matching a strict pattern; the page asks the agent for it
+over the control socket (the agent finds its own file), and reads ``<state_dir>/crops/<coil>/<id>.png``
+itself only when the agent has no ``crop`` request, and only a regular file inside the crops
+directory. Nothing a request carries is ever joined into a path unchecked.
 """
 from __future__ import annotations
 
@@ -20,6 +21,8 @@ import threading
 import zlib
 from collections import OrderedDict
 from pathlib import Path
+from typing import Callable
+from urllib.parse import quote
 
 import structlog
 
@@ -32,44 +35,70 @@ SEGMENT_RE = re.compile(r"segment-(\d{16})\.log")
 COIL_RE = re.compile(r"[A-Za-z0-9_:-][A-Za-z0-9_.:-]{0,63}")  # the protocol's names, not starting with '.'
 CROP_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
 READ_CHUNK = 8 << 20
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-def crop_id(value: object) -> str | None:
-    """An event's ``crop`` value as a file stem, or None when it is not a plain id."""
+def parse_crop(coil: object, value: object) -> tuple[str, str] | None:
+    """An agent message's ``crop`` -> (coil, crop id), or None when it is not one the page serves.
+
+    The coil layer (docs/protocol.md 2.6) names a crop ``COIL/TRACK_ID``; a bare id (int or str)
+    belongs to the message's own coil. Both parts must match strict patterns."""
     if isinstance(value, bool) or not isinstance(value, (int, str)):
         return None
     text = str(value)
-    return text if CROP_RE.fullmatch(text) else None
+    owner, sep, cid = text.rpartition("/")
+    if not sep:
+        owner, cid = coil, text
+    if not isinstance(owner, str) or not COIL_RE.fullmatch(owner) or not CROP_RE.fullmatch(cid):
+        return None
+    return owner, cid
 
 
 class CropStore:
-    """Crops the page may serve: (coil, id) pairs seen in the agent's messages, newest kept."""
+    """Crops the page may serve: (coil, id) pairs named in the agent's messages, newest kept.
 
-    def __init__(self, crops_dir: Path, keep: int = 20_000):
+    ``fetch(coil, track_id)`` asks the agent for the PNG over its control socket (`crop`, docs/
+    protocol.md 3); without it, or when the agent has none, the file ``<crops dir>/<coil>/<id>.png``
+    is read, if it is a regular file inside the crops directory."""
+
+    def __init__(self, crops_dir: Path, keep: int = 20_000,
+                 fetch: Callable[[str, int], bytes | None] | None = None):
         self.dir = crops_dir
         self.keep = keep
+        self.fetch = fetch
         self._known: OrderedDict[tuple[str, str], None] = OrderedDict()
         self._lock = threading.Lock()
 
     def note(self, coil: object, crop: object) -> str | None:
-        """Remember a crop named by an event; returns its id when it is one the page can serve."""
-        cid = crop_id(crop)
-        if cid is None or not isinstance(coil, str) or not COIL_RE.fullmatch(coil):
+        """Remember a crop an agent message names; returns the page's URL for it, or None."""
+        parsed = parse_crop(coil, crop)
+        if parsed is None:
             return None
         with self._lock:
-            self._known[(coil, cid)] = None
-            self._known.move_to_end((coil, cid))
+            self._known[parsed] = None
+            self._known.move_to_end(parsed)
             while len(self._known) > self.keep:
                 self._known.popitem(last=False)
-        return cid
+        return f"/crops/{quote(parsed[0], safe='')}/{parsed[1]}.png"
 
     def read(self, coil: str, cid: str) -> bytes | None:
-        """The PNG bytes of a known crop, or None (unknown pair, no such file, not a regular file)."""
+        """The PNG bytes of a known crop, or None (unknown pair, the agent has none, no such file)."""
         if not (COIL_RE.fullmatch(coil) and CROP_RE.fullmatch(cid)):
             return None
         with self._lock:
             if (coil, cid) not in self._known:
                 return None
+        if self.fetch is not None and cid.isdigit():
+            try:
+                data = self.fetch(coil, int(cid))
+            except (TimeoutError, ValueError, OSError) as exc:
+                log.debug("web_crop_not_fetched", coil=coil, crop=cid, error=str(exc))
+                data = None
+            if data is not None:
+                return data if data.startswith(PNG_MAGIC) else None
+        return self._read_file(coil, cid)
+
+    def _read_file(self, coil: str, cid: str) -> bytes | None:
         root = self.dir.resolve()
         path = (root / coil / f"{cid}.png").resolve()
         if path.parent.parent != root:
@@ -86,7 +115,7 @@ class CropStore:
                 data = f.read()
         finally:
             os.close(fd)
-        return data if data.startswith(b"\x89PNG\r\n\x1a\n") else None
+        return data if data.startswith(PNG_MAGIC) else None
 
 
 class JournalHistory:

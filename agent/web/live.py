@@ -24,7 +24,7 @@ import structlog
 
 from agent.metrics import RateLimiter
 from agent.subscriber import ReplayError, Subscriber
-from agent.web.history import CropStore, crop_id
+from agent.web.history import CropStore
 
 log = structlog.get_logger(__name__)
 
@@ -41,11 +41,17 @@ def page_defect(msg: dict, crops: CropStore | None = None) -> dict:
     """What the page needs of a defect: positions and sizes, no 64-bit times (JSON numbers are doubles)."""
     out = {k: msg[k] for k in DEFECT_KEYS if k in msg}
     out["time_ms"] = int(msg.get("ts_ns", 0)) // 1_000_000
-    if "crop" in msg:
-        cid = crops.note(msg.get("coil"), msg["crop"]) if crops is not None else crop_id(msg["crop"])
-        if cid is not None:
-            out["crop"] = cid
+    if "crop" in msg and crops is not None:
+        url = crops.note(msg.get("coil"), msg["crop"])
+        if url is not None:
+            out["crop_url"] = url
     return out
+
+
+TRACK_KEYS = ("seq", "coil", "track_id", "class", "class_id", "cameras", "event_count", "across_mm", "along_mm",
+              "width_mm", "length_mm", "confidence")
+PERIODIC_KEYS = ("seq", "coil", "class", "class_id", "across_mm", "pitch_mm", "roll_diameter_mm", "count",
+                 "first_along_mm", "last_along_mm", "confidence")
 
 
 def page_summary(msg: dict) -> dict:
@@ -69,6 +75,7 @@ class LiveState:
         self.counts: dict[str, int] = {}
         self.summary: dict | None = None  # the current coil's latest summary (final or provisional)
         self.progress: dict | None = None  # the open coil's counts from the control socket
+        self.periodic: list[dict] = []  # the current coil's periodic series (coil layer, protocol 2.6)
         self.health: dict | None = None
         self.last_heartbeat = 0.0  # monotonic
 
@@ -79,6 +86,7 @@ class LiveState:
             self.counts = {}
             self.summary = None
             self.progress = None
+            self.periodic = []
 
     def on_defect(self, msg: dict) -> dict:
         d = page_defect(msg, self.crops)
@@ -88,6 +96,32 @@ class LiveState:
             self.defects.append(d)
             self.counts[d.get("class", "?")] = self.counts.get(d.get("class", "?"), 0) + 1
         return {"type": "defect", "defect": d}
+
+    def on_track(self, msg: dict) -> dict:
+        """A track (protocol 2.6): its crop goes to the defects it is made of, by their seqs."""
+        t = {k: msg[k] for k in TRACK_KEYS if k in msg}
+        if "crop" in msg and self.crops is not None:
+            url = self.crops.note(msg.get("coil"), msg["crop"])
+            if url is not None:
+                t["crop_url"] = url
+        seqs = msg.get("event_seqs")
+        t["event_seqs"] = [s for s in seqs if isinstance(s, int)] if isinstance(seqs, list) else []
+        wanted = set(t["event_seqs"])
+        with self._lock:
+            if t.get("coil") == self.coil and wanted:
+                for d in self.defects:
+                    if d.get("seq") in wanted:
+                        d["track_id"] = t.get("track_id")
+                        if "crop_url" in t:
+                            d["crop_url"] = t["crop_url"]
+        return {"type": "track", "track": t}
+
+    def on_periodic(self, msg: dict) -> dict:
+        p = {k: msg[k] for k in PERIODIC_KEYS if k in msg}
+        with self._lock:
+            if p.get("coil") == self.coil:
+                self.periodic.append(p)
+        return {"type": "periodic", "periodic": p}
 
     def on_summary(self, msg: dict) -> dict:
         s = page_summary(msg)
@@ -132,7 +166,8 @@ class LiveState:
         with self._lock:
             return {"type": "snapshot", "coil": self.coil, "defects": list(self.defects),
                     "latest": list(self.defects)[-LATEST:], "counts": dict(self.counts), "summary": self.summary,
-                    "progress": self.progress, "health": self.health, "budget_s": self.budget_s,
+                    "progress": self.progress, "periodic": list(self.periodic), "health": self.health,
+                    "budget_s": self.budget_s,
                     "heartbeat_age_s": round(time.monotonic() - self.last_heartbeat, 1) if self.last_heartbeat
                     else None}
 
@@ -219,6 +254,7 @@ class LiveFeed:
     def _run_events(self) -> None:
         while not self._stop.is_set():
             sub = Subscriber(self.events_endpoint, self.replay_endpoint, include_health=True,
+                             topics=("defect", "summary", "track", "periodic"),
                              socket_setup=self.socket_setup, replay_timeout_ms=2000)
             try:
                 self._pump(sub)
@@ -252,6 +288,10 @@ class LiveFeed:
                     self.hub.publish(self.state.on_defect(msg))
                 elif topic == "summary":
                     self.hub.publish(self.state.on_summary(msg))
+                elif topic == "track":
+                    self.hub.publish(self.state.on_track(msg))
+                elif topic == "periodic":
+                    self.hub.publish(self.state.on_periodic(msg))
                 if self._stop.is_set():
                     return
 

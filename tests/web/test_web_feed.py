@@ -5,6 +5,8 @@ from __future__ import annotations
 import shutil
 import time
 
+import pytest
+
 from tinypack import clean_frame, frame_with
 
 from agent.service import status_request
@@ -110,7 +112,8 @@ def test_past_coils_from_the_journal_files(running_agent, tmp_path):
 def test_with_curve_the_page_uses_its_own_subscriber_and_operator_keys(running_agent, tmp_path):
     from agent import auth
     from agent.config import with_overrides
-    from agent.web.commands import _socket_setup, _status_fn
+    from agent.web.commands import _socket_setup
+    from agent.web.control import control_functions
     from agent.web.settings import web_settings
 
     creds = tmp_path / "creds"
@@ -128,7 +131,7 @@ def test_with_curve_the_page_uses_its_own_subscriber_and_operator_keys(running_a
     server = str(creds / "curve-server.key")
     settings = web_settings(with_overrides(agent.cfg, web={
         "subscriber_key": str(keys["subscriber"]), "operator_key": str(keys["operator"]), "server_key": server}))
-    status = _status_fn(settings)
+    status, _ = control_functions(settings)
     assert status()["health"]["state"] == "ready"  # the operator key opens the CURVE control socket
     state = LiveState(agent.cfg.coil.budget_s)
     feed = LiveFeed(events_endpoint=agent.cfg.publish.endpoint, replay_endpoint=agent.cfg.publish.replay_endpoint,
@@ -149,7 +152,7 @@ def test_with_curve_the_page_uses_its_own_subscriber_and_operator_keys(running_a
     # without an operator key the page cannot ask the control socket: it says so instead of hanging
     no_op = web_settings(with_overrides(agent.cfg, web={"subscriber_key": str(keys["subscriber"]),
                                                         "server_key": server}))
-    assert _status_fn(no_op) is None
+    assert control_functions(no_op) == (None, None)
 
 
 def test_past_coil_report_page(running_agent):
@@ -206,3 +209,35 @@ def test_a_page_that_cannot_keep_up_is_cut_off_not_waited_for():
     assert hub.is_cut(slow) and not hub.is_cut(fast)
     assert slow.qsize() == CLIENT_QUEUE and hub.clients == 1
     assert slow.get_nowait().startswith("event: defect\ndata: ")
+
+
+def test_crops_of_tracks_reach_the_page_through_the_control_socket(running_agent):
+    """With the coil layer (issue 19: tracks, crops), a track's crop is fetched from the agent by its
+    id and shown with the track's defects; no file path is built by the page."""
+    pytest.importorskip("agent.crops", reason="the agent on this branch keeps no crops (issue 19's coil layer)")
+    from starlette.testclient import TestClient
+
+    from agent.web.app import create_app
+    from agent.web.control import control_functions
+    from agent.web.settings import web_settings
+
+    agent = running_agent()
+    settings = web_settings(agent.cfg)
+    status, crop = control_functions(settings)
+    app, web = create_app(settings, status=status, crop=crop, start_feed=False)
+    feed = LiveFeed(events_endpoint=agent.cfg.publish.endpoint, replay_endpoint=agent.cfg.publish.replay_endpoint,
+                    state=web.state, hub=Hub(), status=status, progress_s=0.2)
+    feed.start()
+    try:
+        send_coil(agent, "crop-A", squares=2)
+        assert wait_for(lambda: web.state.summary is not None and web.state.summary.get("final"))
+        assert wait_for(lambda: all("crop_url" in d for d in web.state.snapshot()["defects"]))
+    finally:
+        feed.stop()
+    urls = {d["crop_url"] for d in web.state.snapshot()["defects"]}
+    assert len(urls) == 2 and all(u.startswith("/crops/crop-A/") for u in urls)
+    with TestClient(app, base_url="http://127.0.0.1:8470") as c:
+        for url in urls:
+            r = c.get(url)
+            assert r.status_code == 200 and r.content.startswith(b"\x89PNG") and r.headers["content-type"] == "image/png"
+        assert c.get("/crops/crop-A/999.png").status_code == 404  # a track the agent never named

@@ -141,11 +141,14 @@ def test_no_request_path_reaches_the_filesystem(client, agent_config, tmp_path):
     (tmp_path / "secret.png").write_bytes(png(np.ones((8, 8), np.uint8)))
     # a crop the agent never named is not served, even though the file exists
     assert c.get("/crops/coil-A/7.png").status_code == 404
-    web.crops.note("coil-A", 7)
-    assert c.get("/crops/coil-A/7.png").status_code == 200
+    assert web.crops.note("coil-B", "coil-A/7") == "/crops/coil-A/7.png"  # the coil layer's COIL/TRACK_ID
+    r = c.get("/crops/coil-A/7.png")
+    assert r.status_code == 200 and r.content.startswith(b"\x89PNG")  # no agent: the file
     web.crops.note("coil-A", 8)
     assert c.get("/crops/coil-A/8.png").status_code == 404  # a symlink is never followed
-    assert web.crops.note("..", 7) is None and web.crops.note("coil-A", "../x") is None
+    for coil, crop in (("..", 7), ("coil-A", "../x"), ("coil-A", "a/../../x"), ("coil-A", "x.png"),
+                       ("coil-A", True), ("coil-A", 1.5), (None, 3), ("coil-A", "/7")):
+        assert web.crops.note(coil, crop) is None, (coil, crop)
     for path in ("/crops/../../etc/passwd.png", "/crops/%2e%2e/%2e%2e/etc/passwd.png", "/crops/coil-A/..%2F7.png",
                  "/crops/..%2F..%2Fetc/passwd.png", "/static/../settings.py", "/static/..%2Fapp.py",
                  "/static/index.html", "/static/login.html", "/api/coils/..%2F..%2Fetc%2Fpasswd", "/etc/passwd"):
@@ -230,7 +233,7 @@ def test_live_snapshot_is_json_without_64_bit_times(client):
                          "bbox_px": [0, 0, 16, 16], "frame_ts_ns": 1763771523000000000, "crop": "../../etc"})
     snap = c.get("/api/live").json()
     d = snap["defects"][0]
-    assert snap["coil"] == "C1" and d["time_ms"] == 1763771523041 and "crop" not in d
+    assert snap["coil"] == "C1" and d["time_ms"] == 1763771523041 and "crop_url" not in d
     assert not any(k.endswith("_ns") for k in d)
     json.dumps(snap)
 

@@ -9,7 +9,7 @@ const SVG_NS = "http://www.w3.org/2000/svg";
 const MAP_W = 1000, MAP_H = 220, LATEST = 50;
 
 const live = { config: null, coil: null, defects: [], seqs: new Set(), summary: null, progress: null,
-               classes: [] };
+               periodic: [], classes: [] };
 let drawPending = false;
 
 const $ = (id) => document.getElementById(id);
@@ -38,6 +38,7 @@ function reset(coil) {
   live.seqs = new Set();
   live.summary = null;
   live.progress = null;
+  live.periodic = [];
 }
 
 function addDefect(d) {
@@ -55,6 +56,7 @@ function onSnapshot(s) {
   for (const d of s.defects || []) addDefect(d);
   live.summary = s.summary;
   live.progress = s.progress;
+  live.periodic = s.periodic || [];
   if (s.health) onHealth(s.health);
   $("upload-off").hidden = !!(s.config && s.config.upload);
   $("upload-form").hidden = !(s.config && s.config.upload);
@@ -70,6 +72,24 @@ function onSummary(s) {
   }
   live.summary = s;
   if (s.final) loadCoils();
+  scheduleDraw();
+}
+
+function onTrack(t) {
+  if (t.coil !== live.coil) return;
+  const seqs = new Set(t.event_seqs || []);
+  for (const d of live.defects) {
+    if (seqs.has(d.seq)) {
+      d.track_id = t.track_id;
+      if (t.crop_url) d.crop_url = t.crop_url;
+    }
+  }
+  scheduleDraw();
+}
+
+function onPeriodic(p) {
+  if (p.coil !== live.coil) return;
+  live.periodic.push(p);
   scheduleDraw();
 }
 
@@ -184,15 +204,21 @@ function draw() {
     sw.style.background = colour(d);
     cls.append(sw, document.createTextNode(d.class));
     const crop = el("td");
-    if (d.crop) {
-      crop.append(el("img", null, { alt: `crop ${d.crop}`,
-        src: `/crops/${encodeURIComponent(d.coil)}/${encodeURIComponent(d.crop)}.png` }));
+    if (d.crop_url && d.crop_url.startsWith("/crops/")) {  // a URL the page's server made
+      crop.append(el("img", null, { alt: `crop of track ${d.track_id ?? ""}`, src: d.crop_url, class: "crop" }));
     }
     tr.append(el("td", d.seq, { class: "num" }), cls, el("td", fmt(d.confidence, 2), { class: "num" }),
               el("td", fmt(d.along_mm / 1000, 2), { class: "num" }), el("td", fmt(d.across_mm, 0), { class: "num" }),
               el("td", `${fmt(d.width_mm, 0)} × ${fmt(d.length_mm, 0)}`), el("td", `${d.camera} / ${d.index}`), crop);
     lt.append(tr);
   }
+  const per = $("periodic");
+  per.replaceChildren();
+  for (const p of live.periodic) {
+    per.append(el("li", `${p.class}: ${p.count} marks ${fmt(p.pitch_mm, 0)} mm apart at ${fmt(p.across_mm, 0)} mm ` +
+                        `across (roll Ø ${fmt(p.roll_diameter_mm, 0)} mm)`));
+  }
+  $("periodic-box").hidden = live.periodic.length === 0;
   const legend = $("legend");
   legend.replaceChildren();
   for (const name of names) {
@@ -215,6 +241,8 @@ function connect() {
   src.addEventListener("defect", (e) => { addDefect(JSON.parse(e.data).defect); scheduleDraw(); });
   src.addEventListener("summary", (e) => onSummary(JSON.parse(e.data).summary));
   src.addEventListener("progress", (e) => onProgress(JSON.parse(e.data).progress));
+  src.addEventListener("track", (e) => onTrack(JSON.parse(e.data).track));
+  src.addEventListener("periodic", (e) => onPeriodic(JSON.parse(e.data).periodic));
   src.addEventListener("health", (e) => onHealth(JSON.parse(e.data).health));
 }
 

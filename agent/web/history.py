@@ -18,6 +18,7 @@ import os
 import re
 import stat
 import threading
+import time
 import zlib
 from collections import OrderedDict
 from pathlib import Path
@@ -66,7 +67,8 @@ class CropStore:
         self.dir = crops_dir
         self.keep = keep
         self.fetch = fetch
-        self._known: OrderedDict[tuple[str, str], None] = OrderedDict()
+        self.fresh_s = 3.0  # how long after it was named a missing crop is asked for again
+        self._known: OrderedDict[tuple[str, str], float] = OrderedDict()  # -> when named (monotonic)
         self._lock = threading.Lock()
 
     def note(self, coil: object, crop: object) -> str | None:
@@ -75,7 +77,7 @@ class CropStore:
         if parsed is None:
             return None
         with self._lock:
-            self._known[parsed] = None
+            self._known.setdefault(parsed, time.monotonic())
             self._known.move_to_end(parsed)
             while len(self._known) > self.keep:
                 self._known.popitem(last=False)
@@ -86,16 +88,23 @@ class CropStore:
         if not (COIL_RE.fullmatch(coil) and CROP_RE.fullmatch(cid)):
             return None
         with self._lock:
-            if (coil, cid) not in self._known:
-                return None
+            named = self._known.get((coil, cid))
+        if named is None:
+            return None
         if self.fetch is not None and cid.isdigit():
-            try:
-                data = self.fetch(coil, int(cid))
-            except (TimeoutError, ValueError, OSError) as exc:
-                log.debug("web_crop_not_fetched", coil=coil, crop=cid, error=str(exc))
-                data = None
-            if data is not None:
-                return data if data.startswith(PNG_MAGIC) else None
+            # The agent writes a crop on its crop thread just after it names it: a page asking at
+            # once may be a moment early, so a crop named in the last seconds is asked for again.
+            while True:
+                try:
+                    data = self.fetch(coil, int(cid))
+                except (TimeoutError, ValueError, OSError) as exc:
+                    log.debug("web_crop_not_fetched", coil=coil, crop=cid, error=str(exc))
+                    break
+                if data is not None:
+                    return data if data.startswith(PNG_MAGIC) else None
+                if time.monotonic() - named > self.fresh_s:
+                    break
+                time.sleep(0.1)
         return self._read_file(coil, cid)
 
     def _read_file(self, coil: str, cid: str) -> bytes | None:

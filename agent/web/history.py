@@ -67,7 +67,7 @@ class CropStore:
         self.dir = crops_dir
         self.keep = keep
         self.fetch = fetch
-        self.fresh_s = 3.0  # how long after it was named a missing crop is asked for again
+        self.fresh_s = 10.0  # how long after it was named a missing crop is asked for again (a busy box)
         self._known: OrderedDict[tuple[str, str], float] = OrderedDict()  # -> when named (monotonic)
         self._lock = threading.Lock()
 
@@ -93,7 +93,7 @@ class CropStore:
             return None
         if self.fetch is not None and cid.isdigit():
             # The agent writes a crop on its crop thread just after it names it: a page asking at
-            # once may be a moment early, so a crop named in the last seconds is asked for again.
+            # once may be a moment early, so a crop named in the last 10 s is asked for again.
             while True:
                 try:
                     data = self.fetch(coil, int(cid))

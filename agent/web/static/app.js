@@ -205,7 +205,9 @@ function draw() {
     cls.append(sw, document.createTextNode(d.class));
     const crop = el("td");
     if (d.crop_url && d.crop_url.startsWith("/crops/")) {  // a URL the page's server made
-      crop.append(el("img", null, { alt: `crop of track ${d.track_id ?? ""}`, src: d.crop_url, class: "crop" }));
+      const img = el("img", null, { alt: `crop of track ${d.track_id ?? ""}`, src: d.crop_url, class: "crop" });
+      img.addEventListener("error", () => img.remove());  // deleted by the agent's retention: no broken icon
+      crop.append(img);
     }
     tr.append(el("td", d.seq, { class: "num" }), cls, el("td", fmt(d.confidence, 2), { class: "num" }),
               el("td", fmt(d.along_mm / 1000, 2), { class: "num" }), el("td", fmt(d.across_mm, 0), { class: "num" }),

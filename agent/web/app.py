@@ -319,7 +319,8 @@ class WebApp:
         data = await run_in_threadpool(self.crops.read, request.path_params["coil"], request.path_params["crop"])
         if data is None:
             return _error(404, "no such crop")
-        return Response(data, media_type="image/png")
+        # a crop never changes: the page redraws its table without asking again
+        return Response(data, media_type="image/png", headers={"cache-control": "private, max-age=86400, immutable"})
 
     async def inspect(self, request: Request) -> Response:
         if not self.s.upload:

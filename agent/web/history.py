@@ -67,6 +67,8 @@ class CropStore:
         self.dir = crops_dir
         self.keep = keep
         self.fetch = fetch
+        self._cache: OrderedDict[tuple[str, str], bytes] = OrderedDict()  # crops served lately
+        self.cache_bytes = 32 << 20
         self.fresh_s = 10.0  # how long after it was named a missing crop is asked for again (a busy box)
         self._known: OrderedDict[tuple[str, str], float] = OrderedDict()  # -> when named (monotonic)
         self._lock = threading.Lock()
@@ -89,8 +91,21 @@ class CropStore:
             return None
         with self._lock:
             named = self._known.get((coil, cid))
+            cached = self._cache.get((coil, cid))
         if named is None:
             return None
+        if cached is not None:  # a crop never changes: every open page asks for it, the agent once
+            return cached
+        data = self._fetch_or_read(coil, cid, named)
+        if data is not None:
+            with self._lock:
+                self._cache[(coil, cid)] = data
+                size = sum(len(v) for v in self._cache.values())
+                while size > self.cache_bytes and self._cache:
+                    size -= len(self._cache.popitem(last=False)[1])
+        return data
+
+    def _fetch_or_read(self, coil: str, cid: str, named: float) -> bytes | None:
         if self.fetch is not None and cid.isdigit():
             # The agent writes a crop on its crop thread just after it names it: a page asking at
             # once may be a moment early, so a crop named in the last 10 s is asked for again.

@@ -144,6 +144,7 @@ def test_no_request_path_reaches_the_filesystem(client, agent_config, tmp_path):
     assert web.crops.note("coil-B", "coil-A/7") == "/crops/coil-A/7.png"  # the coil layer's COIL/TRACK_ID
     r = c.get("/crops/coil-A/7.png")
     assert r.status_code == 200 and r.content.startswith(b"\x89PNG")  # no agent: the file
+    assert "immutable" in r.headers["cache-control"]  # a page redrawing its table does not ask again
     web.crops.note("coil-A", 8)
     assert c.get("/crops/coil-A/8.png").status_code == 404  # a symlink is never followed
     for coil, crop in (("..", 7), ("coil-A", "../x"), ("coil-A", "a/../../x"), ("coil-A", "x.png"),

@@ -34,7 +34,7 @@ CLIENT_QUEUE = 2000
 DEFECT_KEYS = ("seq", "coil", "camera", "index", "class", "class_id", "confidence", "across_mm", "along_mm",
                "width_mm", "length_mm", "area_mm2", "bbox_px", "instance")
 SUMMARY_KEYS = ("seq", "coil", "final", "complete", "end_reason", "frames", "defects", "defect_count", "length_mm",
-                "timing", "profile", "missing_ranges", "rejected_by_reason")
+                "timing", "profile", "missing_ranges", "rejected_by_reason", "grade", "track_count")
 
 
 def page_defect(msg: dict, crops: CropStore | None = None) -> dict:

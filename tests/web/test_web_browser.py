@@ -121,7 +121,9 @@ def test_live_map_upload_and_past_coils_in_chromium(running_agent, tmp_path):
         assert counts == {"bright": "3", "dark": "2"}
         assert len(driver.find_elements(By.CSS_SELECTOR, "#latest tbody tr")) == 5
         assert "coil budget" in driver.find_element(By.ID, "budget-time").text
-        if importlib.util.find_spec("agent.crops") is not None:  # the coil layer keeps a crop per track
+        if importlib.util.find_spec("agent.crops") is not None:  # the coil layer: a grade, a crop per track
+            grade = driver.find_element(By.ID, "coil-grade")
+            wait.until(lambda d: grade.get_attribute("data-grade") in ("pass", "downgrade", "fail"), "no grade shown")
             wait.until(lambda d: d.execute_script(
                 "const i = [...document.querySelectorAll('#latest img.crop')];"
                 "return i.length === 5 && i.every(x => x.complete && x.naturalWidth > 0)"), "the crops did not show")

@@ -135,6 +135,10 @@ function draw() {
   const badge = $("coil-state");
   badge.textContent = state;
   badge.dataset.state = state;
+  const g = s && s.grade;  // the coil layer's grade (issue 19), when the agent grades
+  const gradeEl = $("coil-grade");
+  gradeEl.textContent = g && g.grade ? `grade ${g.grade}: ${g.reason || ""}` : "";
+  gradeEl.dataset.grade = (g && g.grade) || "";
 
   // strip map: along the coil left to right, across top to bottom
   const svg = $("strip-map");
@@ -258,7 +262,8 @@ async function loadCoils() {
   for (const s of data.coils) {
     const t = s.timing || {};
     const tr = el("tr", null, { "data-coil": s.coil });
-    tr.append(el("td", s.coil), el("td", s.complete ? "complete" : "INCOMPLETE"), el("td", s.end_reason),
+    const result = (s.complete ? "complete" : "INCOMPLETE") + (s.grade && s.grade.grade ? `, ${s.grade.grade}` : "");
+    tr.append(el("td", s.coil), el("td", result), el("td", s.end_reason),
               el("td", s.defect_count, { class: "num" }), el("td", fmt((s.length_mm || 0) / 1000, 2), { class: "num" }),
               el("td", `${fmt(t.wall_s, 1)} / ${fmt(t.budget_s, 0)}`, { class: "num" }));
     if (live.config && live.config.reports) {

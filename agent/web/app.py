@@ -12,15 +12,13 @@ Routes (docs/deployment.md, "The web page"):
   POST /api/inspect      body: one PNG or JPEG -> events and overlay (403 when web.upload is false)
   GET  /healthz /readyz /version
   GET|POST /login        the token form, when the page has a token
-Every request body is bounded (``web.max_upload_bytes`` for /api/inspect, 4 KiB elsewhere).
+Every request passes agent/web/guard.py first: body limits, the loopback Host check, the token.
 """
 from __future__ import annotations
 
 import asyncio
 import base64
 import contextlib
-import hashlib
-import hmac
 import importlib.util
 import json
 import threading
@@ -28,14 +26,14 @@ from pathlib import Path
 from typing import Any, Callable
 from urllib.parse import parse_qs
 
+import structlog
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-import structlog
-
+from agent.web.guard import COOKIE, Guard, error_response, same, session_value
 from agent.web.history import CropStore, JournalHistory
 from agent.web.live import Hub, LiveFeed, LiveState
 from agent.web.settings import WebSettings
@@ -43,21 +41,8 @@ from agent.web.upload import Inspector, UploadRejected, decode_upload
 
 STATIC = Path(__file__).resolve().parent / "static"
 STATIC_FILES = {"app.js": "text/javascript; charset=utf-8", "style.css": "text/css; charset=utf-8"}
-SMALL_BODY = 4096
-COOKIE = "coilsight_page"
-OPEN_PATHS = ("/healthz", "/readyz", "/login", "/static/style.css")
-SECURITY_HEADERS = [
-    (b"content-security-policy", b"default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
-                                 b"connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'"),
-    (b"x-content-type-options", b"nosniff"),
-    (b"x-frame-options", b"DENY"),
-    (b"referrer-policy", b"no-referrer"),
-    (b"cache-control", b"no-store"),
-]
 # the coil report is one self-contained page: embedded PNGs and an inline style sheet, no script
 REPORT_CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'; frame-ancestors 'none'; base-uri 'none'"
-LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "[::1]", "::1"}
-
 log = structlog.get_logger(__name__)
 
 
@@ -65,101 +50,6 @@ def _version() -> str:
     from agent.cli import _version as v
 
     return v()
-
-
-def same(given: str, expected: str) -> bool:
-    """Constant-time comparison of what a request carries (any characters) with a secret."""
-    return hmac.compare_digest(given.encode("utf-8", "surrogateescape"), expected.encode("utf-8"))
-
-
-def session_value(token: str) -> str:
-    """The cookie a browser holds after the token form: derived from the token, not the token."""
-    return hmac.new(token.encode(), b"coilsight-web-session-v1", hashlib.sha256).hexdigest()
-
-
-class Guard:
-    """ASGI middleware: body limits, the Host check on loopback, the token, security headers."""
-
-    def __init__(self, app: Any, settings: WebSettings):
-        self.app = app
-        self.s = settings
-        self.session = session_value(settings.token) if settings.token else None
-
-    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        path = scope["path"]
-        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
-
-        async def send_secure(message: dict) -> None:
-            if message["type"] == "http.response.start":
-                have = {k.lower() for k, _ in message.get("headers", [])}
-                extra = [(k, v) for k, v in SECURITY_HEADERS if k not in have]
-                message = {**message, "headers": [*message.get("headers", []), *extra]}
-            await send(message)
-
-        problem = self._refuse(scope, path, headers)
-        if problem is not None:
-            await problem(scope, receive, send_secure)
-            return
-        limit = self.s.max_upload_bytes if path == "/api/inspect" else SMALL_BODY
-        declared = headers.get("content-length")
-        if declared is not None and (not declared.isdigit() or int(declared) > limit):
-            await _error(413, f"request body over {limit} bytes" if declared.isdigit() else "bad Content-Length")(
-                scope, receive, send_secure)
-            return
-        # The whole body is read here, counted, before the app sees a byte of it (chunked bodies too).
-        chunks, size = [], 0
-        while True:
-            message = await receive()
-            if message["type"] != "http.request":
-                return  # the client went away
-            size += len(message.get("body", b""))
-            if size > limit:
-                await _error(413, f"request body over {limit} bytes")(scope, receive, send_secure)
-                return
-            chunks.append(message.get("body", b""))
-            if not message.get("more_body", False):
-                break
-        replayed = False
-
-        async def buffered_receive() -> dict:
-            nonlocal replayed
-            if not replayed:
-                replayed = True
-                return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
-            return await receive()
-
-        await self.app(scope, buffered_receive, send_secure)
-
-    def _refuse(self, scope: dict, path: str, headers: dict) -> Response | None:
-        host = headers.get("host", "")
-        name = host.rsplit(":", 1)[0] if not host.endswith("]") else host
-        if self.s.loopback and name not in LOOPBACK_HOSTS:
-            # a page on loopback answers only to loopback names: no DNS rebinding from a web site
-            return _error(421, f"this page answers on localhost only, not {host!r}")
-        if scope["method"] == "POST" and "origin" in headers:
-            origin = headers["origin"].split("://", 1)[-1]
-            if origin != host:
-                return _error(403, "cross-origin POST refused")
-        if self.session is None or path in OPEN_PATHS:
-            return None
-        cookies = {}
-        for part in headers.get("cookie", "").split(";"):
-            k, _, v = part.strip().partition("=")
-            cookies[k] = v
-        bearer = headers.get("authorization", "")
-        if same(cookies.get(COOKIE, ""), self.session) or (
-                bearer.startswith("Bearer ") and same(bearer[7:], self.s.token or "")):
-            return None
-        if path == "/" and scope["method"] == "GET":
-            return RedirectResponse("/login", status_code=303)
-        return _error(401, "this page needs its access token: open /login")
-
-
-def _error(status: int, message: str) -> JSONResponse:
-    return JSONResponse({"ok": False, "error": message}, status_code=status)
 
 
 class WebApp:
@@ -213,7 +103,7 @@ class WebApp:
     async def static_file(self, request: Request) -> Response:
         name = request.path_params["name"]
         if name not in STATIC_FILES:
-            return _error(404, "no such file")
+            return error_response(404, "no such file")
         return Response(self.static[name], media_type=STATIC_FILES[name])
 
     async def login(self, request: Request) -> Response:
@@ -225,7 +115,7 @@ class WebApp:
         given = (parse_qs(body.decode("utf-8", "replace")).get("token") or [""])[0]
         if not same(given.strip(), self.s.token):
             await asyncio.sleep(0.5)  # slows guessing
-            return _error(401, "wrong token")
+            return error_response(401, "wrong token")
         resp = RedirectResponse("/", status_code=303)
         resp.set_cookie(COOKIE, session_value(self.s.token), httponly=True, samesite="strict", path="/")
         return resp
@@ -273,7 +163,7 @@ class WebApp:
         await self._refresh_history()
         s = self.history.coil(request.path_params["coil"])
         if s is None:
-            return _error(404, "no final summary of that coil in the journal")
+            return error_response(404, "no final summary of that coil in the journal")
         from agent.web.live import page_summary
 
         worst = []
@@ -294,16 +184,16 @@ class WebApp:
     async def report(self, request: Request) -> Response:
         """The coil report of `coilsight report` (agent/tools/report.py), for a coil the journal holds."""
         if not self.reports:
-            return _error(404, "coil reports are not installed here (agent/tools/report.py)")
+            return error_response(404, "coil reports are not installed here (agent/tools/report.py)")
         await self._refresh_history()
         s = self.history.coil(request.path_params["coil"])
         if s is None:  # the name used below is the journal's, never the request's
-            return _error(404, "no final summary of that coil in the journal")
+            return error_response(404, "no final summary of that coil in the journal")
         try:
             page = await run_in_threadpool(self._render_report, s["coil"])
         except Exception as exc:  # matplotlib missing (report extra), a damaged journal: one line
             log.warning("web_report_failed", coil=s["coil"], error=str(exc))
-            return _error(503, f"the report of {s['coil']} could not be made: {exc}")
+            return error_response(503, f"the report of {s['coil']} could not be made: {exc}")
         return HTMLResponse(page, headers={"content-security-policy": REPORT_CSP})
 
     def _render_report(self, coil: str) -> str:
@@ -318,32 +208,32 @@ class WebApp:
     async def crop(self, request: Request) -> Response:
         data = await run_in_threadpool(self.crops.read, request.path_params["coil"], request.path_params["crop"])
         if data is None:
-            return _error(404, "no such crop")
+            return error_response(404, "no such crop")
         # a crop never changes: the page redraws its table without asking again
         return Response(data, media_type="image/png", headers={"cache-control": "private, max-age=86400, immutable"})
 
     async def inspect(self, request: Request) -> Response:
         if not self.s.upload:
-            return _error(403, "uploads are off on this page (web.upload = false)")
+            return error_response(403, "uploads are off on this page (web.upload = false)")
         body = await request.body()
         if not body:
-            return _error(400, "empty body: POST the image's bytes (PNG or JPEG)")
+            return error_response(400, "empty body: POST the image's bytes (PNG or JPEG)")
         try:
             image = await run_in_threadpool(decode_upload, body, self.s.max_upload_pixels)
         except UploadRejected as exc:
-            return _error(exc.status, str(exc))
+            return error_response(exc.status, str(exc))
         try:
             insp = await run_in_threadpool(self.inspector_or_none)
         except Exception as exc:  # the pack does not load: say so, the rest of the page works
             log.error("web_pack_not_loaded", error=str(exc))
-            return _error(503, f"the model pack could not be opened: {exc}")
+            return error_response(503, f"the model pack could not be opened: {exc}")
         if not insp.lock.acquire(blocking=False):
-            return _error(503, "another image is being inspected; try again in a moment")
+            return error_response(503, "another image is being inspected; try again in a moment")
         name = request.headers.get("x-file-name", "upload")[:128]
         try:
             result = await run_in_threadpool(insp.inspect, image, name)
         except ValueError as exc:  # RunnerError: this image breaks the pack's contract (size, channels)
-            return _error(422, f"the pack cannot inspect this image: {exc}")
+            return error_response(422, f"the pack cannot inspect this image: {exc}")
         finally:
             insp.lock.release()
         return JSONResponse({"ok": True, "name": name, "shape": list(result.shape), "gate_score": result.gate_score,
@@ -357,11 +247,11 @@ class WebApp:
 
     async def readyz(self, request: Request) -> Response:
         if self.status is None:
-            return _error(503, "no way to ask the agent: its control socket needs web.operator_key (CURVE)")
+            return error_response(503, "no way to ask the agent: its control socket needs web.operator_key (CURVE)")
         try:
             reply = await run_in_threadpool(self.status)
         except Exception as exc:
-            return _error(503, f"agent not reachable at {self.s.cfg.control.endpoint}: {exc}")
+            return error_response(503, f"agent not reachable at {self.s.cfg.control.endpoint}: {exc}")
         h = reply.get("health") or {}
         checks = {"agent_reachable": bool(reply.get("ok")), "models_loaded": bool(h.get("models")),
                   "ingest_bound": h.get("state") == "ready"}

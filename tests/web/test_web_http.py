@@ -16,7 +16,8 @@ pytest.importorskip("httpx")
 from starlette.testclient import TestClient  # noqa: E402
 
 from agent.config import with_overrides  # noqa: E402
-from agent.web.app import COOKIE, create_app, session_value  # noqa: E402
+from agent.web.app import create_app  # noqa: E402
+from agent.web.guard import COOKIE, session_value  # noqa: E402
 from agent.web.settings import WebSettingsError, web_settings  # noqa: E402
 
 BASE = "http://127.0.0.1:8470"

@@ -10,6 +10,7 @@ COMMAND_MODULES = (
     "agent.commands",
     "training.commands",
     "agent.engine_commands",
+    "agent.web.commands",
     "agent.auth",
     "agent.tools.commands",
 )

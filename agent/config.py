@@ -162,6 +162,26 @@ class CameraSection:
 
 
 @dataclass(frozen=True)
+class WebSection:
+    """`coilsight web`, the operator page: its own process (agent/web/), never part of the agent."""
+
+    host: str = F("127.0.0.1", doc="address the page listens on; loopback by default")
+    port: int = F(8470, lo=1, hi=65_535, doc="HTTP port of the page")
+    upload: bool = F(True, doc="allow uploading an image to inspect it (runs the pack in the web process); "
+                               "false = the page only reads")
+    max_upload_bytes: int = F(8 << 20, lo=1024, hi=64 << 20, doc="largest request body the page accepts")
+    max_upload_pixels: int = F(4096 * 4096, lo=64, hi=1 << 28, doc="largest uploaded image (height x width), "
+                                                                  "checked from its header before decoding")
+    token_file: str = F("", doc="file holding the page's access token; required when auth.enabled and the page "
+                                "is not on loopback; when set the page always asks for it")
+    subscriber_key: str = F("", doc="with auth.enabled: the page's CURVE secret key (subscriber role) for the "
+                                    "publish and replay sockets")
+    operator_key: str = F("", doc="with auth.enabled and a tcp:// control socket: a CURVE secret key of the "
+                                  "operator role, for /readyz")
+    server_key: str = F("", doc="with auth.enabled: the agent's public key file (server.key)")
+
+
+@dataclass(frozen=True)
 class Config:
     agent: AgentSection = F(factory=AgentSection)
     ingest: IngestSection = F(factory=IngestSection)
@@ -172,6 +192,7 @@ class Config:
     models: ModelsSection = F(factory=ModelsSection)
     coil: CoilSection = F(factory=CoilSection)
     cameras: tuple[CameraSection, ...] = F(factory=tuple)
+    web: WebSection = F(factory=WebSection)
     source: str = field(default="<defaults>", compare=False)
 
     def models_dir(self) -> Path:

@@ -82,9 +82,12 @@ step "units -> $unit_dir"
 install -D -m 0644 "$src/systemd/coilsight.service" "$unit_dir/coilsight.service"
 install -D -m 0644 "$src/systemd/coilsight-engines.service" "$unit_dir/coilsight-engines.service"
 install -D -m 0644 "$src/docs/deployment.md" "$prefix/share/docs/deployment.md"
+# The operator page (`coilsight web`): installed, not enabled (docs/deployment.md, "The web page").
+install -D -m 0644 "$src/systemd/coilsight-web.service" "$unit_dir/coilsight-web.service"
 if [ "$profile" != steel ]; then
-    install -d -m 0755 "$unit_dir/coilsight.service.d" "$unit_dir/coilsight-engines.service.d"
-    for d in coilsight coilsight-engines; do
+    install -d -m 0755 "$unit_dir/coilsight.service.d" "$unit_dir/coilsight-engines.service.d" \
+        "$unit_dir/coilsight-web.service.d"
+    for d in coilsight coilsight-engines coilsight-web; do
         printf '[Service]\nEnvironment=COILSIGHT_CONFIG=/etc/coilsight/%s.toml\n' "$profile" \
             >"$unit_dir/$d.service.d/profile.conf"
     done

@@ -48,6 +48,7 @@ def test_staged_install_lays_out_the_box(source, tmp_path):
     units = root / "etc/systemd/system"
     assert (units / "coilsight.service").read_text() == (ROOT / "systemd/coilsight.service").read_text()
     assert (units / "coilsight-engines.service").is_file()
+    assert (units / "coilsight-web.service").read_text() == (ROOT / "systemd/coilsight-web.service").read_text()
     assert not (units / "coilsight.service.d").exists()  # steel is the unit's default
     passwd = (root / "etc/passwd").read_text()
     uid = int(next(line for line in passwd.splitlines() if line.startswith("coilsight:")).split(":")[2])
@@ -75,7 +76,7 @@ def test_other_profile_gets_a_drop_in(source, tmp_path):
     root = tmp_path / "root"
     result = install(source, "--profile", "chip", "--root", str(root))
     assert result.returncode == 0, result.stderr
-    for unit in ("coilsight", "coilsight-engines"):
+    for unit in ("coilsight", "coilsight-engines", "coilsight-web"):
         drop_in = root / f"etc/systemd/system/{unit}.service.d/profile.conf"
         assert "Environment=COILSIGHT_CONFIG=/etc/coilsight/chip.toml" in drop_in.read_text()
     assert (root / "etc/coilsight/chip.toml").is_file()

@@ -6,6 +6,7 @@ the broken copies prove the script does fail when it should.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -57,7 +58,7 @@ def edit(path: Path, old: str, new: str) -> None:
 def test_shipped_units_pass():
     result = run_check(UNITS)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "verify: ok (2 units)" in result.stdout
+    assert f"verify: ok ({len(list(UNITS.glob('*.service')))} units)" in result.stdout
     assert "security: coilsight.service exposure" in result.stdout
     assert "security: coilsight-engines.service exposure" in result.stdout
 
@@ -78,6 +79,38 @@ def test_agent_unit_contract():
     assert engines["Type"] == ["oneshot"]
     assert engines["Before"] == ["coilsight.service"]
     assert "coilsight-engines.service" in unit["After"][0]
+
+
+def test_web_unit_contract():
+    """The page runs apart from the agent, as its user, and can write nothing (docs/deployment.md)."""
+    web = parse_unit(UNITS / "coilsight-web.service")
+    assert web["ExecStart"][0].startswith("/opt/coilsight/venv/bin/coilsight web --config ")
+    assert web["User"] == ["coilsight"] and web["ProtectSystem"] == ["strict"]
+    assert "ReadWritePaths" not in web and "StateDirectory" not in web  # read-only: journal and crops
+    assert web["PrivateDevices"] == ["yes"] and web["CapabilityBoundingSet"] == [""]
+    assert web["NoNewPrivileges"] == ["yes"] and web["MemoryDenyWriteExecute"] == ["yes"]
+    assert "coilsight.service" in web["After"][0]
+    agent = parse_unit(UNITS / "coilsight.service")
+    assert "web" not in agent["ExecStart"][0]  # no HTTP in the agent's process
+    result = run_check(UNITS)  # both units scored against the same budget (issue 23)
+    assert result.returncode == 0, result.stdout + result.stderr
+    for name in ("coilsight.service", "coilsight-web.service"):
+        score = re.search(rf"security: {re.escape(name)} exposure ([0-9.]+) <= 2.0", result.stdout)
+        assert score and float(score.group(1)) <= 2.0, result.stdout
+
+
+def test_weakened_web_unit_fails_exposure_budget(tmp_path):
+    units = copy_units(tmp_path)
+    unit = units / "coilsight-web.service"
+    edit(unit, "CapabilityBoundingSet=\n", "CapabilityBoundingSet=CAP_NET_ADMIN CAP_SYS_ADMIN\n")
+    edit(unit, "NoNewPrivileges=yes", "NoNewPrivileges=no")
+    edit(unit, "PrivateDevices=yes", "PrivateDevices=no")
+    edit(unit, "ProtectSystem=strict", "ProtectSystem=no")
+    edit(unit, "PrivateTmp=yes", "PrivateTmp=no")
+    result = run_check(units)
+    assert result.returncode != 0
+    assert "coilsight-web.service exposure" in result.stderr and "> 2.0" in result.stderr
+    assert "coilsight.service exposure" not in result.stderr  # the agent's unit still passes
 
 
 def test_unknown_key_fails_verify(tmp_path):

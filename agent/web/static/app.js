@@ -2,9 +2,9 @@
 // Plain DOM, no build step; every text goes in through textContent (never innerHTML).
 "use strict";
 
-// Same order as agent/web/upload.py PALETTE (there in BGR).
-const PALETTE = ["#d62728", "#1f77b4", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
-                 "#bcbd22", "#17becf"];
+// Same colours, same order as the overlays of `coilsight inspect` (agent/tools/inspect.py PALETTE).
+const PALETTE = ["#e6194b", "#3cb44b", "#ffe119", "#0082c8", "#f58230", "#911eb4", "#46f0f0", "#f032e6",
+                 "#d2f53c", "#fabed4"];
 const SVG_NS = "http://www.w3.org/2000/svg";
 const MAP_W = 1000, MAP_H = 220, LATEST = 50;
 

@@ -11,6 +11,7 @@ COMMAND_MODULES = (
     "training.commands",
     "agent.engine_commands",
     "agent.auth",
+    "agent.bridge.commands",
 )
 
 

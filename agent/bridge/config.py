@@ -166,13 +166,21 @@ def load_bridge_config(path: str | Path) -> BridgeConfig:
     return bridge_config_from_dict(data, str(path))
 
 
-def read_secret(path: str) -> str:
-    """The first line of a secret file; a relative name is looked up in $CREDENTIALS_DIRECTORY (systemd's
-    LoadCredential=) first. Raises ConfigError naming the file."""
+def credential_path(path: str) -> str:
+    """A file the config names: a relative name is looked up in $CREDENTIALS_DIRECTORY (systemd's
+    LoadCredential=, coilsight-bridge.service) first, then taken as it is."""
+    if not path:
+        return path
     p = Path(path)
     cred = os.environ.get("CREDENTIALS_DIRECTORY", "")
     if not p.is_absolute() and cred and (Path(cred) / p).exists():
-        p = Path(cred) / p
+        return str(Path(cred) / p)
+    return path
+
+
+def read_secret(path: str) -> str:
+    """The first line of a secret file (credential_path). Raises ConfigError naming the file."""
+    p = Path(credential_path(path))
     try:
         text = p.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:

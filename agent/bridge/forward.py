@@ -32,7 +32,7 @@ from typing import Iterator
 import structlog
 import zmq
 
-from agent.bridge.config import BridgeConfig, SourceSection
+from agent.bridge.config import BridgeConfig, SourceSection, credential_path
 from agent.bridge.mqtt import MqttLink, client_id, encode_payload, topics_for
 from agent.bridge.state import AckState
 from agent.metrics import RateLimitedLog
@@ -51,7 +51,7 @@ def curve_setup(src: SourceSection):
     from agent.auth import make_curve_client
 
     def setup(sock: zmq.Socket) -> None:
-        make_curve_client(sock, src.client_key, src.server_key)
+        make_curve_client(sock, credential_path(src.client_key), credential_path(src.server_key))
 
     return setup
 

@@ -25,7 +25,7 @@ from typing import Any
 import msgpack
 import structlog
 
-from agent.bridge.config import NAME_RE, BridgeConfig, MqttSection, read_secret
+from agent.bridge.config import NAME_RE, BridgeConfig, MqttSection, credential_path, read_secret
 
 log = structlog.get_logger(__name__)
 
@@ -85,9 +85,9 @@ class MqttLink:
             c.username_pw_set(m.username, read_secret(m.password_file) if m.password_file else None)
         if m.tls:
             try:
-                ctx = ssl.create_default_context(cafile=m.ca_file or None)
+                ctx = ssl.create_default_context(cafile=credential_path(m.ca_file) or None)
                 if m.cert_file:
-                    ctx.load_cert_chain(m.cert_file, m.key_file)
+                    ctx.load_cert_chain(credential_path(m.cert_file), credential_path(m.key_file))
             except (OSError, ssl.SSLError) as exc:
                 raise MqttSetupError(f"mqtt TLS files (ca_file={m.ca_file!r}, cert_file={m.cert_file!r}, "
                                      f"key_file={m.key_file!r}): {exc}") from None

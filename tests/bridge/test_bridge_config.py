@@ -83,3 +83,15 @@ def test_state_file_roundtrip_bad_file_and_lock(tmp_path):
         assert fresh.load() is None
         assert fresh.moved_aside is not None and fresh.moved_aside.exists() and not st.path.exists()
         fresh.moved_aside.unlink()
+
+
+def test_relative_secret_names_come_from_the_credentials_directory(tmp_path, monkeypatch):
+    from agent.bridge.config import credential_path, read_secret
+
+    (tmp_path / "mqtt.password").write_text("from-systemd\n")
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(tmp_path))
+    assert read_secret("mqtt.password") == "from-systemd"
+    assert credential_path("other.key") == "other.key"  # not there: taken as it is
+    (tmp_path / "empty").write_text("")
+    with pytest.raises(ConfigError, match="mqtt.password_file: .*empty is empty"):
+        read_secret("empty")

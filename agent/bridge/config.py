@@ -83,7 +83,7 @@ class AggregateSection:
 @dataclass(frozen=True)
 class BridgeConfig:
     bridge: BridgeSection = F(factory=lambda: BridgeSection(line=""))
-    agent: SourceSection = F(factory=SourceSection, doc="the agent the bridge forwards")
+    stream: SourceSection = F(factory=SourceSection, doc="the agent (its event stream) the bridge forwards")
     mqtt: MqttSection = F(factory=MqttSection)
     aggregate: AggregateSection = F(factory=AggregateSection)
     boxes: tuple[SourceSection, ...] = F(factory=tuple, doc="the aggregator's agents, one per camera group")
@@ -129,7 +129,7 @@ def _cross_checks(cfg: BridgeConfig, errors: list[str]) -> None:
         errors.append("mqtt.tls: must be true when mqtt.ca_file or mqtt.cert_file is set")
     if m.password_file and not m.username:
         errors.append("mqtt.username: required with mqtt.password_file")
-    _check_source("agent", cfg.agent, errors)
+    _check_source("stream", cfg.stream, errors)
     names = []
     for i, box in enumerate(cfg.boxes):
         _check_source(f"boxes[{i}]", box, errors)

@@ -136,8 +136,8 @@ class Bridge:
         self.cfg = cfg
         self.stop = stop or threading.Event()
         b = cfg.bridge
-        name = cfg.agent.name or cfg.agent.endpoint.rpartition(":")[2].replace("/", "_")
-        self.state = AckState(cfg.state_path(), f"bridge-{b.line}-{name}", endpoint=cfg.agent.endpoint)
+        name = cfg.stream.name or cfg.stream.endpoint.rpartition(":")[2].replace("/", "_")
+        self.state = AckState(cfg.state_path(), f"bridge-{b.line}-{name}", endpoint=cfg.stream.endpoint)
         self.pending: collections.OrderedDict[int, int] = collections.OrderedDict()  # seq -> copies unacked
         self.mids: dict[int, int] = {}  # paho message id -> seq
         self.acked: int | None = None
@@ -207,11 +207,11 @@ class Bridge:
             saved = self.state.load()
             self.acked = saved
             from_seq = saved + 1 if saved is not None else (1 if cfg.bridge.start == "journal" else None)
-            log.info("bridge_starting", line=cfg.bridge.line, agent=cfg.agent.endpoint, broker=cfg.mqtt.host,
+            log.info("bridge_starting", line=cfg.bridge.line, agent=cfg.stream.endpoint, broker=cfg.mqtt.host,
                      port=cfg.mqtt.port, state=str(self.state.path), resume_from=from_seq)
             self.link = MqttLink(cfg.mqtt, client_id=client_id(cfg, "bridge"), status_topic=self.status_topic())
             self.link.start()
-            sub = StreamSubscriber(cfg.agent, from_seq=from_seq, clamp_to_journal=saved is None)
+            sub = StreamSubscriber(cfg.stream, from_seq=from_seq, clamp_to_journal=saved is None)
             try:
                 self._loop(sub)
             finally:

@@ -147,5 +147,5 @@ class MqttLink:
 def client_id(cfg: BridgeConfig, role: str) -> str:
     if cfg.mqtt.client_id:
         return cfg.mqtt.client_id
-    port = cfg.agent.endpoint.rpartition(":")[2] if role == "bridge" else "agg"
-    return f"coilsight-{role}-{cfg.bridge.line}-{cfg.agent.name or port}"[:128]
+    port = cfg.stream.endpoint.rpartition(":")[2] if role == "bridge" else "agg"
+    return f"coilsight-{role}-{cfg.bridge.line}-{cfg.stream.name or port}"[:128]

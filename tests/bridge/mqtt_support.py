@@ -193,7 +193,7 @@ def write_bridge_config(path: Path, *, line: str = "L1", agent_cfg=None, port: i
                              "log_format": "json"},
                   "mqtt": {"host": "127.0.0.1", "port": port, "reconnect_max_s": 0.5, **(mqtt or {})}}
     if agent_cfg is not None:
-        data["agent"] = {"endpoint": agent_cfg.publish.endpoint, "replay_endpoint": agent_cfg.publish.replay_endpoint}
+        data["stream"] = {"endpoint": agent_cfg.publish.endpoint, "replay_endpoint": agent_cfg.publish.replay_endpoint}
     if boxes:
         data["boxes"] = [{"name": n, "endpoint": c.publish.endpoint, "replay_endpoint": c.publish.replay_endpoint}
                          for n, c in boxes]

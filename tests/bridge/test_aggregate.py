@@ -4,6 +4,7 @@ accounting that adds up; a box that does not report by the deadline shows as mis
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 from mqtt_support import Consumer, broker, needs_mosquitto, procs, write_bridge_config  # noqa: F401
@@ -12,6 +13,7 @@ from tinypack import clean_frame, frame_with
 
 from agent.bridge.aggregate import FRAME_KEYS, merge_coil
 from agent.config import with_overrides
+from agent.protocol import encode_control
 from agent.tools.camera_sim import CameraSim
 
 pytestmark = needs_mosquitto
@@ -41,11 +43,20 @@ def two_agents(agent_config, tmp_path):
 
 
 def send(cfg, coil: str, cams: list[str], n: int) -> None:
+    """Every camera's frames first, then every camera's coil_end, all on one PUSH socket so they
+    arrive in that order: the box closes the coil only once all of its cameras ended it (a camera
+    whose frames had not arrived yet would not be waited for). Each camera keeps its own seq."""
+    sim = CameraSim(cfg.ingest.endpoint)
+    seqs = dict.fromkeys(cams, 0)
     for cam_id in cams:
-        cam = CameraSim(cfg.ingest.endpoint, camera=cam_id)
-        cam.send_coil(coil, [(frame_with("bright", 8, 8) if i % 3 == 0 else clean_frame(), None) for i in range(n)],
-                      mm_per_px_y=2.0)
-        cam.close()
+        sim.camera, sim.seq = cam_id, seqs[cam_id]
+        sim.send_coil(coil, [(frame_with("bright", 8, 8) if i % 3 == 0 else clean_frame(), None) for i in range(n)],
+                      mm_per_px_y=2.0, send_end=False)
+        seqs[cam_id] = sim.seq
+    for cam_id in cams:
+        sim.camera, sim.seq = cam_id, seqs[cam_id]
+        sim._send(encode_control("coil_end", cam_id, coil, sim.seq, ts_ns=time.time_ns(), frames=n))
+    sim.close()
 
 
 def test_two_boxes_one_coil_merged_and_missing_box_by_deadline(two_agents, broker, procs, tmp_path):

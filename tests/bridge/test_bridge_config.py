@@ -29,8 +29,8 @@ def test_defaults_need_only_the_line():
     ({"bridge": {"line": "L"}, "mqtt": {"password_file": "p"}}, r"mqtt\.username: required"),
     ({"bridge": {"line": "L"}, "mqtt": {"payload": "xml"}}, r"mqtt\.payload: must be one of json, msgpack"),
     ({"bridge": {"line": "L"}, "mqtt": {"topic_prefix": "a/#"}}, r"mqtt\.topic_prefix"),
-    ({"bridge": {"line": "L"}, "agent": {"endpoint": "tcp://host"}}, r"agent\.endpoint: must be tcp://HOST:PORT"),
-    ({"bridge": {"line": "L"}, "agent": {"server_key": "s.key"}}, r"CURVE needs both"),
+    ({"bridge": {"line": "L"}, "stream": {"endpoint": "tcp://host"}}, r"stream\.endpoint: must be tcp://HOST:PORT"),
+    ({"bridge": {"line": "L"}, "stream": {"server_key": "s.key"}}, r"CURVE needs both"),
     ({"bridge": {"line": "L"}, "boxes": [{"endpoint": "tcp://a:1"}]}, r"boxes\[0\]\.name: required"),
     ({"bridge": {"line": "L"}, "boxes": [{"name": "a"}, {"name": "a"}]}, r"boxes\[1\]\.name: duplicate"),
 ])

@@ -35,10 +35,10 @@ def test_bridge_needs_a_subscriber_key(tmp_path, running_agent, broker, procs):
     assert consumer.connected.wait(10)
     server = str(creds / "curve-server.key")
     good = write_bridge_config(tmp_path / "good.toml", line="good", agent_cfg=cfg, port=b.port,
-                               state_dir=tmp_path / "s1", agent={"server_key": server,
+                               state_dir=tmp_path / "s1", stream={"server_key": server,
                                                                  "client_key": str(secret["bridge"])})
     wrong = write_bridge_config(tmp_path / "wrong.toml", line="wrong", agent_cfg=cfg, port=b.port,
-                                state_dir=tmp_path / "s2", agent={"server_key": server,
+                                state_dir=tmp_path / "s2", stream={"server_key": server,
                                                                   "client_key": str(secret["cam0"])})
     procs("bridge", good, tmp_path / "good.log")
     intruder = procs("bridge", wrong, tmp_path / "wrong.log")

@@ -95,3 +95,27 @@ def test_relative_secret_names_come_from_the_credentials_directory(tmp_path, mon
     (tmp_path / "empty").write_text("")
     with pytest.raises(ConfigError, match="mqtt.password_file: .*empty is empty"):
         read_secret("empty")
+
+
+def test_protocol_doc_coil_summary_example_matches_the_aggregator():
+    """docs/protocol.md section 5: the example has exactly the keys merge_coil writes, per box too, and adds up."""
+    import re
+    from pathlib import Path
+
+    from tests_support_events import check_accounting
+
+    from agent.bridge.aggregate import merge_coil
+
+    text = (Path(__file__).resolve().parents[2] / "docs" / "protocol.md").read_text()
+    example = json.loads(re.search(r"```json example:coil_summary\n(.*?)```", text, re.S).group(1))
+    box_a = {"agent": "coilsight-a", "seq": 412, "complete": True, "end_reason": "coil_end", "coil": "C",
+             "final": True, "frames": example["frames"], "defect_count": 2, "defects": {"scratches": 2},
+             "cameras": {"cam0": {k: v for k, v in example["cameras"]["cam0"].items() if k != "box"}},
+             "length_mm": 25600.0, "end_reasons": ["coil_end"], "rejected_by_reason": {}, "missing_ranges": {}}
+    merged = merge_coil("C240117-0042", {"box-a": box_a, "box-b": None}, line="L1", deadline_s=60.0,
+                        merged_by="deadline", now_ns=example["ts_ns"])
+    assert merged == example
+    check_accounting(example)
+    section = text.split("## 5. MQTT mapping", 1)[1].split("\n## ", 1)[0]
+    for topic in ("P/<line>/<camera>/defect", "P/<line>/<camera>/summary", "P/<line>/all/summary", "P/<line>/status"):
+        assert f"`{topic}`" in section

@@ -182,23 +182,17 @@ class Aggregator:
         try:
             while not self.stop.is_set():
                 for name, sub in subs.items():
-                    try:
-                        item = next(its[name])
-                    except Exception as exc:  # noqa: BLE001 - a box away or garbled: retry, never end
-                        _err_log.warning("aggregate_read_failed", box=name, error=str(exc)[:300])
-                        its[name] = sub.polled(poll_ms=20)
-                        continue
-                    while item is not None:
-                        if item[0] == "summary":
-                            self.on_summary(name, item[1], time.monotonic())
+                    for _ in range(500):  # then the next box's turn: one busy box starves none
                         try:
                             item = next(its[name])
-                        except Exception as exc:  # noqa: BLE001
+                        except Exception as exc:  # noqa: BLE001 - a box away or garbled: retry, never end
                             _err_log.warning("aggregate_read_failed", box=name, error=str(exc)[:300])
                             its[name] = sub.polled(poll_ms=20)
-                            item = None
-                        if self.stop.is_set():
                             break
+                        if item is None or self.stop.is_set():
+                            break
+                        if item[0] == "summary":
+                            self.on_summary(name, item[1], time.monotonic())
                 self.tick(time.monotonic())
                 while not self.link.acks.empty():
                     self.link.acks.get_nowait()

@@ -68,6 +68,7 @@ class StreamSubscriber(Subscriber):
         self.clamp_to_journal = clamp_to_journal  # no state file: begin at the journal's first seq
         self.health: dict | None = None
         self.bad = 0
+        self.seen_max: int | None = None  # the highest seq seen: a failed repair is retried up to it
 
     def _emit(self, items: list[tuple[str, dict]]) -> Iterator[tuple[str, dict]]:
         for topic, msg in items:
@@ -81,6 +82,11 @@ class StreamSubscriber(Subscriber):
             yield from self._fill(max(a, self.next_seq or a), min(last, a + REPLAY_CHUNK - 1))
 
     def polled(self, poll_ms: int = 100) -> Iterator[tuple[str, dict] | None]:
+        """(topic, body) in seq order without gaps, or None after poll_ms idle. After a failure (a
+        replay without answer) call again: it first repairs the gap it knows of, without waiting
+        for the next message or heartbeat to show it."""
+        if self.seen_max is not None and self.next_seq is not None and self.seen_max >= self.next_seq:
+            yield from self._chunked_fill(self.next_seq, self.seen_max)
         poller = zmq.Poller()
         poller.register(self.sub, zmq.POLLIN)
         while True:
@@ -100,6 +106,8 @@ class StreamSubscriber(Subscriber):
                 self.bad += 1
                 _err_log.warning("bridge_bad_message", error=str(exc)[:200], bad=self.bad)
                 continue
+            if topic != "health" or self.next_seq is not None:
+                self.seen_max = seq if self.seen_max is None else max(self.seen_max, seq)
             if topic == "health":
                 self._on_health(msg)
                 if self.next_seq is not None and seq >= self.next_seq:

@@ -79,3 +79,40 @@ def test_garbage_on_the_stream_is_counted_and_the_rest_forwarded(broker, tmp_pat
     consumer.close()
     pub.close()
     ctx.term()
+
+
+def test_start_now_and_start_at_the_journals_first_seq(broker, tmp_path):
+    """With no state file: `bridge.start = "now"` begins after the heartbeat's seq; "journal" begins at
+    the heartbeat's first_seq (what the journal still holds), without asking for what it rotated away."""
+    b = broker()
+    ctx = zmq.Context()
+    consumer = Consumer(b.port)
+    assert consumer.connected.wait(10)
+    for line, start, health, sent, want in (("N", "now", {"seq": 10, "first_seq": 1}, [11, 12], {11, 12}),
+                                            ("J", "journal", {"seq": 2, "first_seq": 3}, [3, 4], {3, 4})):
+        pub = ctx.socket(zmq.PUB)
+        pub.linger = 0
+        port = free_port()
+        pub.bind(f"tcp://127.0.0.1:{port}")
+        cfg = bridge_config_from_dict({
+            "bridge": {"line": line, "state_dir": str(tmp_path / line), "start": start},
+            "stream": {"endpoint": f"tcp://127.0.0.1:{port}", "replay_endpoint": f"tcp://127.0.0.1:{free_port()}",
+                       "replay_timeout_s": 0.2},
+            "mqtt": {"port": b.port, "reconnect_max_s": 0.5, "status_topic": f"coilsight/{line}/status"}})
+        bridge = Bridge(cfg)
+        t = threading.Thread(target=bridge.run, daemon=True)
+        t.start()
+        assert consumer.wait(lambda c, line=line: any(tp == f"coilsight/{line}/status" for tp, _, _ in c.arrivals), 10)
+        time.sleep(0.3)
+        pub.send_multipart([b"health", msgpack.packb({"v": 1, "type": "health", **health})])
+        time.sleep(0.2)
+        for seq in sent:
+            pub.send_multipart([b"defect", body(seq)])
+        assert consumer.wait(lambda c, line=line, want=want: {m["seq"] for tp, m in c.messages()
+                                                              if tp.startswith(f"coilsight/{line}/")} == want, 10)
+        assert bridge.stats["loop_errors"] == 0  # nothing asked of the (absent) replay socket
+        bridge.stop.set()
+        t.join(10)
+        pub.close()
+    consumer.close()
+    ctx.term()

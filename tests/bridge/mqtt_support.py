@@ -172,7 +172,9 @@ class Consumer:
             assert s > last.get(cam, 0), f"camera {cam}: seq {s} arrived first after seq {last[cam]}"
             seen[cam].add(s)
             last[cam] = s
-        return {"arrivals": len(msgs), "unique": len(got), "duplicates": len(msgs) - len(got)}
+        # A summary goes once to each of its cameras' topics: a duplicate is the same seq again on one topic.
+        copies = {(t, b["seq"]) for t, b in msgs}
+        return {"arrivals": len(msgs), "unique": len(got), "duplicates": len(msgs) - len(copies)}
 
     def wait(self, pred, timeout_s: float = 60.0) -> bool:
         deadline = time.monotonic() + timeout_s

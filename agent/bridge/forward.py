@@ -113,6 +113,8 @@ class StreamSubscriber(Subscriber):
                 if self.next_seq is not None and seq >= self.next_seq:
                     yield from self._chunked_fill(self.next_seq, seq)
                 continue
+            if self.clamp_to_journal and self.health is None:
+                continue  # first start: the heartbeat says where the journal begins; the gap is filled then
             if self.next_seq is None:
                 self.next_seq = seq
             if seq < self.next_seq:

@@ -52,10 +52,10 @@ def test_garbage_on_the_stream_is_counted_and_the_rest_forwarded(broker, tmp_pat
         [b"\xff\xfe", body(1)],                                   # topic not UTF-8
         [b"defect", body(1), b"third part"],                      # three parts
     ]
+    pub.send_multipart([b"health", msgpack.packb({"v": 1, "type": "health", "seq": 0, "first_seq": 1})])
     for parts in garbage:
         pub.send_multipart(parts)
     pub.send_multipart([b"defect", body(1)])
-    pub.send_multipart([b"health", msgpack.packb({"v": 1, "type": "health", "seq": 0, "first_seq": 1})])
     pub.send_multipart([b"defect", body(2, extra=b"\x00\x01")])  # a bin value: hex in JSON
     pub.send_multipart([b"track", msgpack.packb({"v": 1, "type": "track", "seq": 3, "camera": "cam0"})])
     assert consumer.wait(lambda c: c.seqs() >= {1, 2, 3}, 10)

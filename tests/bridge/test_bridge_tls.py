@@ -117,6 +117,11 @@ def test_bridge_over_tls_with_client_cert_and_password(broker, procs, running_ag
     plain = never_connects(b.port, None, "bridge", "s3cret", "plain")
     assert any("Not authorized" in s or "user name or password" in s for s in no_password + wrong_password), \
         (no_password, wrong_password)
+    # The broker's own reasons, one per refused client.
+    log = b.log()
+    for reason in ("peer did not return a certificate", "certificate verify failed", "not authorised",
+                   "wrong version number"):
+        assert reason in log, (reason, log[-3000:])
     print(f"\n[figures] refusals: no_cert={no_cert} rogue={rogue} no_password={no_password} "
           f"wrong_password={wrong_password} plain={plain}")
 

@@ -13,6 +13,7 @@ COMMAND_MODULES = (
     "agent.web.commands",
     "agent.auth",
     "agent.tools.commands",
+    "agent.bridge.commands",
 )
 
 

@@ -59,8 +59,8 @@ if [ "$venv" -eq 1 ]; then
     python3 -c 'import sys; sys.exit(sys.version_info < (3, 11))' \
         || die "python3 >= 3.11 needed (found $(python3 --version 2>&1))"
     python3 -m venv "$venv_dir" || die "python3 -m venv failed; install the python3-venv package"
-    extra=""
-    [ "$gpu" -eq 1 ] && extra="[gpu]"
+    extra="[mqtt]"  # paho-mqtt for coilsight-bridge.service (small, pure Python)
+    [ "$gpu" -eq 1 ] && extra="[gpu,mqtt]"
     "$venv_dir/bin/pip" install --quiet --upgrade pip
     "$venv_dir/bin/pip" install --quiet "$src$extra"
 fi
@@ -81,6 +81,9 @@ fi
 step "units -> $unit_dir"
 install -D -m 0644 "$src/systemd/coilsight.service" "$unit_dir/coilsight.service"
 install -D -m 0644 "$src/systemd/coilsight-engines.service" "$unit_dir/coilsight-engines.service"
+# Installed, not enabled: the bridge needs /etc/coilsight/bridge.toml first (docs/deployment.md).
+install -D -m 0644 "$src/systemd/coilsight-bridge.service" "$unit_dir/coilsight-bridge.service"
+install -D -m 0644 "$src/systemd/coilsight-aggregate.service" "$unit_dir/coilsight-aggregate.service"
 install -D -m 0644 "$src/docs/deployment.md" "$prefix/share/docs/deployment.md"
 # The operator page (`coilsight web`): installed, not enabled (docs/deployment.md, "The web page").
 install -D -m 0644 "$src/systemd/coilsight-web.service" "$unit_dir/coilsight-web.service"

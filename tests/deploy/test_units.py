@@ -58,9 +58,12 @@ def edit(path: Path, old: str, new: str) -> None:
 def test_shipped_units_pass():
     result = run_check(UNITS)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert f"verify: ok ({len(list(UNITS.glob('*.service')))} units)" in result.stdout
+    assert "verify: ok (5 units)" in result.stdout  # agent, engines, web, bridge, aggregate
     assert "security: coilsight.service exposure" in result.stdout
     assert "security: coilsight-engines.service exposure" in result.stdout
+    assert "security: coilsight-bridge.service exposure" in result.stdout
+    assert "security: coilsight-aggregate.service exposure" in result.stdout
+    assert "security: coilsight-web.service exposure" in result.stdout
 
 
 def test_agent_unit_contract():
@@ -111,6 +114,35 @@ def test_weakened_web_unit_fails_exposure_budget(tmp_path):
     assert result.returncode != 0
     assert "coilsight-web.service exposure" in result.stderr and "> 2.0" in result.stderr
     assert "coilsight.service exposure" not in result.stderr  # the agent's unit still passes
+@pytest.mark.parametrize("name, command", [("coilsight-bridge", "bridge"), ("coilsight-aggregate", "aggregate")])
+def test_bridge_units_contract(name, command):
+    """The bridge and the aggregator: their own command, state dir and throw-away user, secrets only
+    through credentials, and the agent's hardening (exposure checked by test_shipped_units_pass)."""
+    unit = parse_unit(UNITS / f"{name}.service")
+    assert unit["ExecStart"][0].startswith(f"/opt/coilsight/venv/bin/coilsight {command} --config ")
+    assert unit["ExecStartPre"][0].startswith(f"/opt/coilsight/venv/bin/coilsight {command} --check --config ")
+    assert unit["StateDirectory"] == [name]
+    assert unit["DynamicUser"] == ["yes"] and unit["CapabilityBoundingSet"] == [""]
+    assert unit["Restart"] == ["always"] and unit["KillSignal"] == ["SIGTERM"]
+    assert {v.split(":")[0] for v in unit["LoadCredential"]} == {"mqtt.password", "mqtt-client.key",
+                                                                 "curve-bridge.key_secret"}
+    agent = parse_unit(UNITS / "coilsight.service")
+    for key in ("NoNewPrivileges", "ProtectSystem", "ProtectHome", "PrivateTmp", "MemoryDenyWriteExecute",
+                "RestrictAddressFamilies", "SystemCallArchitectures", "RestrictNamespaces", "LockPersonality"):
+        assert unit[key] == agent[key], key
+
+
+def test_weakened_bridge_unit_fails_exposure_budget(tmp_path):
+    units = copy_units(tmp_path)
+    unit = units / "coilsight-bridge.service"
+    edit(unit, "DynamicUser=yes\n", "")
+    edit(unit, "CapabilityBoundingSet=\n", "CapabilityBoundingSet=CAP_SYS_ADMIN CAP_NET_ADMIN\n")
+    edit(unit, "NoNewPrivileges=yes", "NoNewPrivileges=no")
+    edit(unit, "PrivateDevices=yes", "PrivateDevices=no")
+    edit(unit, "ProtectSystem=strict", "ProtectSystem=no")
+    result = run_check(units)
+    assert result.returncode != 0
+    assert "coilsight-bridge.service exposure" in result.stderr and "> 2.0" in result.stderr
 
 
 def test_unknown_key_fails_verify(tmp_path):

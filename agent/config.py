@@ -436,17 +436,21 @@ def config_from_dict(data: dict, source: str = "<dict>") -> Config:
     return dataclasses.replace(cfg, source=source)
 
 
-def load_config(path: str | Path) -> Config:
+def read_toml(path: str | Path) -> dict:
+    """A config file's TOML as a dict; an unreadable or malformed file is a ConfigError naming it."""
     path = Path(path)
     try:
         raw = path.read_bytes()
     except OSError as exc:
         raise ConfigError([f"{path}: cannot read: {exc.strerror}"]) from exc
     try:
-        data = tomllib.loads(raw.decode("utf-8"))
+        return tomllib.loads(raw.decode("utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError([f"{path}: not valid TOML: {exc}"]) from exc
-    return config_from_dict(data, str(path))
+
+
+def load_config(path: str | Path) -> Config:
+    return config_from_dict(read_toml(path), str(path))
 
 
 def with_overrides(cfg: Config, **sections: dict) -> Config:

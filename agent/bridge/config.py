@@ -10,11 +10,10 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from agent.config import F, ConfigError, _build, endpoint_problem
+from agent.config import F, ConfigError, _build, endpoint_problem, read_toml
 
 NAME_RE = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
 # MQTT topic levels: no wildcards, no '/', no NUL (the protocol's name rule already keeps them out).
@@ -154,16 +153,7 @@ def bridge_config_from_dict(data: dict, source: str = "<dict>") -> BridgeConfig:
 
 
 def load_bridge_config(path: str | Path) -> BridgeConfig:
-    path = Path(path)
-    try:
-        raw = path.read_bytes()
-    except OSError as exc:
-        raise ConfigError([f"{path}: cannot read: {exc.strerror}"]) from exc
-    try:
-        data = tomllib.loads(raw.decode("utf-8"))
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise ConfigError([f"{path}: not valid TOML: {exc}"]) from exc
-    return bridge_config_from_dict(data, str(path))
+    return bridge_config_from_dict(read_toml(path), str(path))
 
 
 def credential_path(path: str) -> str:

@@ -4,7 +4,7 @@ The publisher thread owns it (agent/publish.py): it sees every `defect` with the
 the notes of frames that are through the models (the inference workers send one per batch, after
 that batch's events), and each coil's summary before it goes out. It answers with the `track` and
 `periodic` messages to publish (journaled, with seqs, like defects) and the summary with its
-optional keys (docs/protocol.md 2.5):
+optional keys (docs/protocol.md 2.6):
 
 - a `defect` is stitched into a track (agent/tracks.py); a track closes when its next frame came
   without a part, or at the coil's summary, and is published then, its crop requested;

@@ -1,4 +1,4 @@
-"""Stitching: per-frame `defect` events -> one `track` per physical defect (docs/protocol.md 2.5).
+"""Stitching: per-frame `defect` events -> one `track` per physical defect (docs/protocol.md 2.6).
 
 A scratch that crosses a frame boundary, or a defect two cameras both see where their views overlap
 across the width, arrives as several `defect` events. Events of the same coil and class whose
@@ -85,7 +85,7 @@ class Track:
         self.order = min(self.order, other.order)
 
     def body(self) -> dict:
-        """The `track` message body (docs/protocol.md 2.5), without the common keys."""
+        """The `track` message body (docs/protocol.md 2.6), without the common keys."""
         x0, y0, x1, y1 = self.box
         return {"coil": self.coil, "track_id": self.track_id, "class": self.class_name, "class_id": self.class_id,
                 "cameras": sorted(self.frames), "frames": {c: list(r) for c, r in sorted(self.frames.items())},

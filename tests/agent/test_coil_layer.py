@@ -264,3 +264,19 @@ def test_a_full_crop_queue_drops_frames_and_never_waits(tmp_path):
     assert not store.offer(img, [ev(index=2)])
     assert store.dropped == 1
     assert store.request("C1", 1, ("C1", "cam0", 9, (0, 0, 10, 10), 5)) is None  # its frame never offered
+
+
+def test_subscribe_table_reads_the_new_topics():
+    import json
+    import re
+    from pathlib import Path
+
+    from agent.tools.views import format_event
+
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "protocol.md").read_text()
+    ex = {n: json.loads(b) for n, b in re.findall(r"```json example:(\w+)\n(.*?)```", doc, re.S)}
+    line = format_event("track", ex["track"])
+    assert "C240117-0042 track 7: scratches conf 0.91 at 79.96 m along, 428 mm across, 36x608 mm, 3 events " \
+           "(frames cam0 311-313)" in line
+    line = format_event("periodic", ex["periodic"])
+    assert "pitted_surface every 2513 mm at 612 mm across, 9 repeats (roll diameter 800 mm)" in line

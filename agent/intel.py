@@ -62,9 +62,9 @@ class CoilIntel:
         if self.cfg.periodic.enabled and kept:
             marks = [Mark(t["track_id"], t["class_id"], t["class"], t["across_mm"], t["along_mm"], t["confidence"])
                      for t in kept]
-            series = find_series(marks, self.params)
+            series = [{"coil": coil, **s} for s in find_series(marks, self.params)]
             for s in series:
-                out.append(("periodic", {"coil": coil, **s}))
+                out.append(("periodic", s))
                 self.periodic_published += 1
         if self.crops is not None:
             self.crops.coil_done(coil)

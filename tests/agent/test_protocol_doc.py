@@ -150,7 +150,7 @@ def test_documented_coil_layer_examples_list_every_documented_key():
     assert abs(p["roll_diameter_mm"] - p["pitch_mm"] / 3.141592653589793) < 0.1 and p["count"] == len(p["track_ids"])
     layer = ex["summary_coil_layer"]
     assert layer["track_count"] == sum(layer["tracks"].values())
-    assert layer["periodic"][0] == {k: v for k, v in p.items() if k not in common | {"coil"}}
+    assert layer["periodic"][0] == {k: v for k, v in p.items() if k not in common}
     for name in ("track", "periodic", "summary_coil_layer"):
         assert msgpack.unpackb(msgpack.packb(ex[name])) == ex[name]
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from agent.config import ConfigError, config_dict, config_from_dict, dump_toml
-from agent.crops import CropError, CropStore, coil_dir_name
+from agent.crops import CropError, CropStore, coil_dir_name, read_crop
 from agent.grade import grade_coil
 from agent.periodic import Mark, PeriodicParams, find_series
 from agent.tracks import Stitcher, boxes_touch
@@ -236,7 +236,11 @@ def test_crops_are_written_read_and_bounded_by_coils_and_bytes(tmp_path):
         img = cv2.imdecode(np.frombuffer(png, np.uint8), cv2.IMREAD_UNCHANGED)
         assert img.shape == (24, 24) and img.max() == 255 and img.min() == 100  # 16 px + 4 px margin each side
         d = coil_dir_name("C/../1")
-        assert "/" not in d and ".." not in d and (tmp_path / "crops" / d / "1.png").is_file()
+        assert "/" not in d and ".." not in d and (tmp_path / "crops" / d / "crops.pack").is_file()
+        assert read_crop(tmp_path / "crops", "C/../1", 1) == png  # offline, from the folder alone
+        _crop_job(store, "C/../1", 2, value=0)
+        _drain(store)
+        assert store.read("C/../1", 2) != png and store.read("C/../1", 1) == png
         for i in range(2, 6):
             _crop_job(store, f"C{i}", 1)
             _drain(store)
@@ -252,7 +256,8 @@ def test_crops_are_written_read_and_bounded_by_coils_and_bytes(tmp_path):
     # the byte bound: each crop is some 100 bytes; a 300-byte bound keeps the newest coils only
     small = CropStore(tmp_path / "crops", size_px=32, max_coils=100, max_bytes=1 << 16)
     assert small.stats()["coils"] == 3  # found again on disk at start
-    small.max_bytes = sum(f.stat().st_size for f in (tmp_path / "crops").rglob("*.png")) - 1
+    assert read_crop(tmp_path / "crops", "C5", 1)[:8] == b"\x89PNG\r\n\x1a\n"
+    small.max_bytes = sum(f.stat().st_size for f in (tmp_path / "crops").rglob("*") if f.is_file()) - 1
     small._enforce(keep=None)
     assert small.stats()["coils"] == 2 and small.stats()["bytes"] <= small.max_bytes
 

@@ -17,9 +17,13 @@ layer and publishes the message as it came.
 """
 from __future__ import annotations
 
+import structlog
+
 from agent.grade import grade_coil
-from agent.periodic import Mark, PeriodicParams, find_series
+from agent.periodic import MAX_LOOKUPS, Mark, PeriodicParams, find_series
 from agent.tracks import Stitcher, Track
+
+log = structlog.get_logger(__name__)
 
 
 class CoilIntel:
@@ -38,6 +42,7 @@ class CoilIntel:
         self.tracks_published = 0
         self.tracks_not_kept = 0  # closed tracks past max_tracks_per_coil: published, not searched/graded
         self.periodic_published = 0
+        self.periodic_cut_short = 0  # coils whose periodic search spent its budget (periodic.MAX_LOOKUPS)
 
     # -- what the publisher feeds --------------------------------------------------------------
     def defect(self, body: dict, seq: int) -> list[tuple[str, dict]]:
@@ -62,7 +67,11 @@ class CoilIntel:
         if self.cfg.periodic.enabled and kept:
             marks = [Mark(t["track_id"], t["class_id"], t["class"], t["across_mm"], t["along_mm"], t["confidence"])
                      for t in kept]
-            series = [{"coil": coil, **s} for s in find_series(marks, self.params)]
+            budget = [MAX_LOOKUPS]
+            series = [{"coil": coil, **s} for s in find_series(marks, self.params, budget=budget)]
+            if budget[0] <= 0:  # a coil of very many tracks: what was found in the budget is published
+                self.periodic_cut_short += 1
+                log.warning("periodic_search_cut_short", coil=coil, tracks=len(kept), series=len(series))
             for s in series:
                 out.append(("periodic", s))
                 self.periodic_published += 1
@@ -103,4 +112,4 @@ class CoilIntel:
     def stats(self) -> dict:
         return {"open_tracks": self.stitcher.open_count, "overflow": self.stitcher.overflow,
                 "tracks_published": self.tracks_published, "periodic_published": self.periodic_published,
-                "tracks_not_kept": self.tracks_not_kept}
+                "tracks_not_kept": self.tracks_not_kept, "periodic_cut_short": self.periodic_cut_short}

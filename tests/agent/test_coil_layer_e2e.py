@@ -234,3 +234,28 @@ def test_the_layer_switched_off_publishes_what_it_did_before(running_agent):
     assert [t for t, _ in col.msgs] == ["defect", "summary"]
     assert not {"grade", "tracks", "track_count", "periodic"} & set(s)
     assert agent.intel is None and agent.crops is None
+
+
+def test_clean_and_random_defect_coils_raise_no_periodic_alarm(running_agent):
+    agent = running_agent(ingest={"overload": "backpressure"})
+    cfg = agent.cfg
+    col = _collector(cfg)
+    rng = np.random.default_rng(7)
+    try:
+        randoms = []
+        for _ in range(60):
+            img = clean_frame()
+            for _ in range(int(rng.integers(0, 3))):
+                kind = "bright" if rng.random() < 0.5 else "dark"
+                x, y = int(rng.integers(0, 60)) * 4, int(rng.integers(0, 14)) * 4
+                img[y:y + 8, x:x + 8] = 255 if kind == "bright" else 0
+            randoms.append(img)
+        _send(cfg, "cam0", "c-random", randoms)
+        _send(cfg, "cam0", "c-clean", [clean_frame() for _ in range(30)])
+        for coil in ("c-random", "c-clean"):
+            s = _wait_summary(col, coil)
+            assert s["periodic"] == [] and s["grade"]["grade"] == "pass", (coil, s["periodic"])
+        assert not [m for t, m in col.msgs if t == "periodic"]
+        assert _wait_summary(col, "c-random")["track_count"] > 20
+    finally:
+        col.close()

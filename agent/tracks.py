@@ -7,7 +7,9 @@ touches two open tracks joins them. Geometry only: a box is ``[across0, along0, 
 from the event's centre and size.
 
 A track closes when no new part came in the next frame: once frame ``last + 1`` of each of its
-cameras is through the models (``frames_done``; a frame's events always come before its note) and
+cameras is through the models (``frames_done``; a frame's events always come before its note), and
+frame ``first - 1`` too (two workers finish frames out of order: a defect over frames 7 and 8 whose
+frame 8 is through first must wait for frame 7's part), and
 every other camera of the line got that far too (the cameras that sent frames in the last
 ``ACTIVE_S``: a camera whose frames of the coil come late must not find the track closed); or at
 the coil's summary. Memory is bounded: only
@@ -182,7 +184,8 @@ class Stitcher:
         closed = []
         for t in list(tracks):
             top = max(r[1] for r in t.frames.values())
-            ok = all(c in cams and r[1] + 1 in cams[c][0] for c, r in t.frames.items())
+            ok = all(c in cams and r[1] + 1 in cams[c][0] and self._before_done(cams[c], r[0])
+                     for c, r in t.frames.items())
             # cameras of the coil without a part here: each must have got past the track too, or a
             # lagging camera's part of the same defect would open a second track
             ok = ok and all(c in cams and cams[c][1][0] > top for c in line if c not in t.frames)
@@ -191,6 +194,12 @@ class Stitcher:
                 tracks.remove(t)
                 self._n_open -= 1
         return closed
+
+    @staticmethod
+    def _before_done(cam: tuple[set[int], list[int]], first: int) -> bool:
+        """Frame first - 1 is through (or is none, or older than the frames remembered)."""
+        done, hi = cam
+        return first == 0 or first - 1 in done or hi[0] - (first - 1) > DONE_WINDOW
 
     def close_coil(self, coil: str) -> list[Track]:
         """The coil's summary: every open track of it closes; its frame notes are forgotten."""

@@ -285,3 +285,14 @@ def test_subscribe_table_reads_the_new_topics():
            "(frames cam0 311-313)" in line
     line = format_event("periodic", ex["periodic"])
     assert "pitted_surface every 2513 mm at 612 mm across, 9 repeats (roll diameter 800 mm)" in line
+
+
+def test_frames_through_out_of_order_still_make_one_track():
+    """Two workers: frame 8 (the defect's second half) is through before frame 7 (its first half)."""
+    st = Stitcher(gap_mm=0.0)
+    st.add(ev(index=8, along=8 * 256 + 20.0, h=40.0), seq=1)  # 2048..2088
+    assert st.frames_done("C1", "cam0", [8, 9, 10]) == []  # frame 7 not through: its part may touch
+    st.add(ev(index=7, along=7 * 256 + 236.0, h=40.0), seq=2)  # 2028..2048
+    assert st.frames_done("C1", "cam0", [7]) == []  # and frame 6 may hold a part too
+    (t,) = st.frames_done("C1", "cam0", [6])
+    assert t.frames == {"cam0": [7, 8]} and t.event_seqs == [1, 2]

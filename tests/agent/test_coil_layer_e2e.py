@@ -98,17 +98,25 @@ def test_a_defect_in_the_overlap_of_two_cameras_is_one_track(running_agent):
     col = _collector(cfg)
     try:
         # both cameras are the line's: each sent a coil lately (a track waits for the line's cameras)
-        _send(cfg, "cam0", "c-warm", [clean_frame()])
-        _send(cfg, "cam1", "c-warm", [clean_frame()])
-        _wait_summary(col, "c-warm")
+        for cam in ("cam0", "cam1"):
+            _send(cfg, cam, f"c-warm-{cam}", [clean_frame()])
+            _wait_summary(col, f"c-warm-{cam}")
         # cam0 sees across 100..228 mm, cam1 228..356 mm: a defect at its right edge and at cam1's
         # left edge in the same frame is one defect
         cam0 = [_both(("bright", 240, 16, 16, 16)), clean_frame(), clean_frame()]
         cam1 = [_both(("bright", 0, 16, 16, 16), ("bright", 200, 16, 16, 16)), clean_frame(), clean_frame()]
-        t0 = threading.Thread(target=_send, args=(cfg, "cam0", "c-cams", cam0))
+        # both cameras open the coil first: else one could end it before the other's first frame
+        cams = {name: CameraSim(cfg.ingest.endpoint, camera=name) for name in ("cam0", "cam1")}
+        for cam in cams.values():
+            cam.send_coil("c-cams", [], send_end=False, mm_per_px_y=MM_Y)
+        time.sleep(0.3)
+        t0 = threading.Thread(target=cams["cam0"].send_coil, args=("c-cams", [(f, None) for f in cam0]),
+                              kwargs={"mm_per_px_y": MM_Y})
         t0.start()
-        _send(cfg, "cam1", "c-cams", cam1)
+        cams["cam1"].send_coil("c-cams", [(f, None) for f in cam1], mm_per_px_y=MM_Y)
         t0.join()
+        for cam in cams.values():
+            cam.close()
         s = _wait_summary(col, "c-cams")
         tracks = _tracks(col, "c-cams")
         joint = [t for t in tracks if t["cameras"] == ["cam0", "cam1"]]

@@ -159,7 +159,8 @@ class StitchSection:
 class PeriodicSection:
     enabled: bool = F(True, doc="look for periodic series (roll marks) at each coil's end")
     min_repeats: int = F(5, lo=3, hi=10_000, doc="marks a series needs")
-    across_tol_mm: float = F(10.0, lo=0.1, hi=10_000.0, doc="marks of a series lie this close across")
+    across_tol_mm: float = F(25.0, lo=0.1, hi=10_000.0, doc="marks of a series lie this close across (a model may "
+                             "split a mark into parts whose centres differ by tens of mm)")
     pitch_tol: float = F(0.02, lo=0.001, hi=0.2, doc="each mark within this fraction of the pitch of its place")
     max_missed: int = F(2, lo=0, hi=20, doc="repeats in a row a series may miss while it is found")
     min_pitch_mm: float = F(500.0, lo=1.0, hi=1e6)

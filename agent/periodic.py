@@ -37,7 +37,7 @@ class Mark:
 @dataclass(frozen=True)
 class PeriodicParams:
     min_repeats: int = 5
-    across_tol_mm: float = 10.0
+    across_tol_mm: float = 25.0
     pitch_tol: float = 0.02
     max_missed: int = 2
     min_pitch_mm: float = 500.0

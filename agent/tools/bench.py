@@ -317,7 +317,9 @@ def run_scenario(cfg_path: Path, cfg, n: int, fraction: float, clean: list, bad:
         from agent.tools.progress import ProgressLine
 
         progress = ProgressLine(f"bench {fraction:.0%} defective", n)
-        sent = cam.send_coil(coil, _with_progress(coil_frames(n, fraction, clean, bad, truth=truth), progress), rate_hz=rate)
+        geom = cfg.camera("cam0")  # frames follow each other along the strip at the camera's own scale
+        sent = cam.send_coil(coil, _with_progress(coil_frames(n, fraction, clean, bad, truth=truth), progress), rate_hz=rate,
+                             mm_per_px_y=geom.mm_per_px_y if geom else 0.5)
         progress.close()
         cam.close()
         t.join(timeout=max(120.0, n / 5.0))

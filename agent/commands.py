@@ -76,8 +76,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--config", type=Path, help="the agent's config: event and replay endpoints are read from it")
     p.add_argument("--endpoint", help=f"the agent's event (PUB) endpoint (default: from --config, else {EVENTS})")
     p.add_argument("--replay", help=f"the agent's replay endpoint (default: from --config, else {REPLAY})")
-    p.add_argument("--topic", action="append", choices=("defect", "summary", "health"),
-                   help="topics to print (repeatable; default: defect and summary)")
+    p.add_argument("--topic", action="append", choices=("defect", "summary", "health", "track", "periodic"),
+                   help="topics to print (repeatable; default: defect and summary; track and periodic: the "
+                        "coil layer, docs/protocol.md 2.6)")
     p.add_argument("--format", choices=("json", "table"), default="json",
                    help="json: one JSON object per line; table: one readable line per event")
     p.add_argument("--from-seq", type=int, help="replay from this sequence number first (late join)")

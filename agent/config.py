@@ -145,11 +145,65 @@ class ModelsSection:
 
 
 @dataclass(frozen=True)
+class StitchSection:
+    enabled: bool = F(True, doc="the coil layer (agent/intel.py): tracks, periodic series, grade, crops; "
+                                "false = per-frame defects and summaries only, as before")
+    gap_mm: float = F(5.0, lo=0.0, hi=10_000.0, doc="parts of one class whose strip boxes are this close (mm) "
+                                                     "are one track: across frames and across cameras")
+    max_open: int = F(4096, lo=1, hi=1_000_000, doc="open tracks kept; past it the oldest closes early (counted)")
+    max_tracks_per_coil: int = F(100_000, lo=1, hi=10_000_000, doc="closed tracks a coil keeps for its "
+                                                                   "periodic search and grade")
+
+
+@dataclass(frozen=True)
+class PeriodicSection:
+    enabled: bool = F(True, doc="look for periodic series (roll marks) at each coil's end")
+    min_repeats: int = F(5, lo=3, hi=10_000, doc="marks a series needs")
+    across_tol_mm: float = F(25.0, lo=0.1, hi=10_000.0, doc="marks of a series lie this close across (a model may "
+                             "split a mark into parts whose centres differ by tens of mm)")
+    pitch_tol: float = F(0.02, lo=0.001, hi=0.2, doc="each mark within this fraction of the pitch of its place")
+    max_missed: int = F(2, lo=0, hi=20, doc="repeats in a row a series may miss while it is found")
+    min_pitch_mm: float = F(500.0, lo=1.0, hi=1e6)
+    max_pitch_mm: float = F(10_000.0, lo=1.0, hi=1e6)
+    min_fill: float = F(0.6, lo=0.0, hi=1.0, doc="share of the series' expected places that hold a mark")
+
+
+@dataclass(frozen=True)
+class GradeRuleSection:
+    class_name: str = F("*", doc="a class of the profile, or * for every class")
+    max_per_100m: float = F(0.0, lo=0.0, hi=1e9, doc="most tracks per 100 m of coil; 0 = no limit")
+    max_length_mm: float = F(0.0, lo=0.0, hi=1e9, doc="longest track allowed; 0 = no limit")
+    grade: str = F("downgrade", doc="the grade a coil breaking this rule gets (one of coil.grade.grades)")
+
+
+@dataclass(frozen=True)
+class GradeSection:
+    grades: tuple[str, ...] = F(("pass", "downgrade", "fail"), factory=None, doc="best first")
+    periodic: str = F("fail", doc="grade of a coil with a periodic series; empty = no such rule")
+    rules: tuple[GradeRuleSection, ...] = F(factory=tuple)
+
+
+@dataclass(frozen=True)
+class CropsSection:
+    enabled: bool = F(True, doc="keep a PNG crop of each track under <state_dir>/crops")
+    size_px: int = F(96, lo=8, hi=1024, doc="a crop's longer side")
+    margin_px: int = F(8, lo=0, hi=1024, doc="context kept around the part")
+    max_coils: int = F(200, lo=1, hi=1_000_000, doc="coils whose crops are kept (oldest deleted first)")
+    max_bytes: int = F(256 << 20, lo=1 << 16, hi=1 << 40, doc="bytes of crops kept, all coils")
+    queue: int = F(64, lo=1, hi=10_000, doc="frames waiting for the crop thread; past it frames are not "
+                                            "cropped (counted), inference never waits")
+
+
+@dataclass(frozen=True)
 class CoilSection:
     budget_s: float = F(300.0, lo=1.0, hi=86_400.0, doc="coil start to summary")
     provisional_at: float = F(0.9, lo=0.1, hi=1.0, doc="fraction of the budget at which an unfinished coil gets a provisional summary")
     worst_defects: int = F(10, lo=0, hi=1000)
     max_events_per_frame: int = F(50, lo=1, hi=10_000)
+    stitch: StitchSection = F(factory=StitchSection)
+    periodic: PeriodicSection = F(factory=PeriodicSection)
+    grade: GradeSection = F(factory=GradeSection)
+    crops: CropsSection = F(factory=CropsSection)
 
 
 @dataclass(frozen=True)
@@ -424,6 +478,20 @@ def _cross_checks(cfg: Config, errors: list[str], raw: dict | None = None) -> No
     if not bad:
         _check_control(cfg, errors)
     _check_auth(cfg, (raw or {}).get("auth") or {}, errors)
+    _check_coil_layer(cfg, errors)
+
+
+def _check_coil_layer(cfg: Config, errors: list[str]) -> None:
+    g, p = cfg.coil.grade, cfg.coil.periodic
+    if not g.grades:
+        errors.append("coil.grade.grades: must name at least one grade (best first)")
+    if g.periodic and g.periodic not in g.grades:
+        errors.append(f"coil.grade.periodic: {g.periodic!r} is not one of coil.grade.grades {list(g.grades)}")
+    for i, r in enumerate(g.rules):
+        if r.grade not in g.grades:
+            errors.append(f"coil.grade.rules[{i}].grade: {r.grade!r} is not one of coil.grade.grades {list(g.grades)}")
+    if p.min_pitch_mm >= p.max_pitch_mm:
+        errors.append("coil.periodic.min_pitch_mm: must be < coil.periodic.max_pitch_mm")
 
 
 def config_from_dict(data: dict, source: str = "<dict>") -> Config:
@@ -487,17 +555,27 @@ def dump_toml(data: dict) -> str:
             return "[" + ", ".join(scalar(x) for x in v) + "]"
         raise TypeError(f"cannot write {type(v).__name__} to TOML")
 
+    def tables(v: Any) -> bool:
+        return isinstance(v, (list, tuple)) and bool(v) and isinstance(v[0], dict)
+
+    def table(header: str, name: str, body: dict) -> None:  # nested tables ([coil.grade]) after the scalars
+        lines.append(f"{header[0]}{name}{header[1]}")
+        lines.extend(f"{k} = {scalar(v)}" for k, v in body.items() if not isinstance(v, dict) and not tables(v))
+        lines.append("")
+        for k, v in body.items():
+            if isinstance(v, dict):
+                table("[]", f"{name}.{k}", v)
+            elif tables(v):
+                for item in v:
+                    table(("[[", "]]"), f"{name}.{k}", item)
+
     lines: list[str] = []
     for key, value in data.items():
         if isinstance(value, dict):
-            lines.append(f"[{key}]")
-            lines += [f"{k} = {scalar(v)}" for k, v in value.items()]
-            lines.append("")
-        elif isinstance(value, (list, tuple)) and value and isinstance(value[0], dict):
+            table("[]", key, value)
+        elif tables(value):
             for item in value:
-                lines.append(f"[[{key}]]")
-                lines += [f"{k} = {scalar(v)}" for k, v in item.items()]
-                lines.append("")
+                table(("[[", "]]"), key, item)
     return "\n".join(lines)
 
 

@@ -123,8 +123,13 @@ class Inference:
                  submit: Callable[[str, dict], None], on_stage: Callable[[str, float], None] | None = None,
                  on_alive: Callable[[], None] | None = None,
                  on_reject: Callable[[str, str | None], None] | None = None,
-                 on_loop_error: Callable[[str, str], None] | None = None):
+                 on_loop_error: Callable[[str, str], None] | None = None,
+                 on_frames: Callable[[dict], None] | None = None, crops=None):
         self.cfg = cfg
+        # The coil layer (agent/intel.py): which frames are through (after their events), and the
+        # crop thread's bounded queue (agent/crops.py; a put that never waits). None = off.
+        self.on_frames = on_frames
+        self.crops = crops
         self.frames = frames
         self.coils = coils
         self.models = models
@@ -329,12 +334,19 @@ class Inference:
             events = events_by_frame.get(i, [])
             for ev in events:
                 self.submit("defect", ev)
+            if events and self.crops is not None:
+                self.crops.offer(f.image, events, f.keepalive)
             state = "inspected" if i in passed_set else "gated_out"
             lot = self._lot_update(m, f, events)
             # finish() puts this batch's models in the summary itself: nothing to decorate
             for summary in self.coils.finish(h.camera, h.coil, h.index, state, events, models=fields,
                                              lot_update=lot):
                 self.submit("summary", summary)
+        if self.on_frames is not None:
+            done: dict[tuple[str, str], list[int]] = {}
+            for f in batch:
+                done.setdefault((f.header.coil, f.header.camera), []).append(f.header.index)
+            self.on_frames(done)
         self.on_stage("publish", time.perf_counter() - t3)
         with self._lock:
             self.inspected += len(passed_set)

@@ -23,7 +23,8 @@ MAX_HEADER_BYTES = 4096
 NAME_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
 DTYPES = {"uint8": np.dtype(np.uint8), "uint16": np.dtype(np.uint16)}
 ENCODINGS = ("raw", "png", "jpeg")
-TOPICS = {"defect": b"defect", "summary": b"summary", "health": b"health"}
+TOPICS = {"defect": b"defect", "summary": b"summary", "health": b"health",
+          "track": b"track", "periodic": b"periodic"}  # track, periodic: the coil layer (agent/intel.py)
 
 REJECT_REASONS = (
     "malformed",        # not a msgpack map / wrong number of ZeroMQ frames

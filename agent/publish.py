@@ -44,7 +44,7 @@ class Publisher(threading.Thread):
                  health: Callable[[], dict] | None = None, on_published: Callable[[str, dict], None] | None = None,
                  socket_setup: Callable[[zmq.Socket, str], Any] | None = None, queue_size: int = 10_000,
                  on_loop_error: Callable[[str, str], None] | None = None,
-                 on_reply_dropped: Callable[[str], None] | None = None):
+                 on_reply_dropped: Callable[[str], None] | None = None, layer: Any = None):
         super().__init__(name="publisher", daemon=True)
         self.ctx = ctx
         self.endpoint = endpoint
@@ -81,6 +81,11 @@ class Publisher(threading.Thread):
         # Messages taken from the queue that the journal could not take (JournalFull: the disk is
         # full and its in-memory bound reached): retried before anything newer, never dropped.
         self._stalled: list[tuple[str, dict, int]] = []
+        # The coil layer (agent/intel.CoilIntel): tracks, periodic series and the summary's grade,
+        # computed here, where each defect's seq is known; None = off (coil.stitch.enabled false).
+        self.layer = layer
+        self.layer_errors = 0
+        self._layer_log = RateLimiter(per_s=1.0, burst=10)
 
     # -- producer side ----------------------------------------------------------------------
     def submit(self, topic: str, body: dict, timeout: float = 5.0) -> None:
@@ -88,6 +93,15 @@ class Publisher(threading.Thread):
         event is never dropped here; the caller's own bounded queues apply back-pressure."""
         if topic not in ("defect", "summary"):
             raise ValueError(f"topic {topic!r} is not durable; use defect or summary")
+        self._put(topic, body, timeout)
+
+    def note_frames(self, frames: dict, timeout: float = 5.0) -> None:
+        """Frames through the models, {(coil, camera): [index, ...]}, after their events: the coil
+        layer closes tracks that got no part in their next frame. Not published, not journaled."""
+        if self.layer is not None:
+            self._put("_frames", {"frames": frames}, timeout)
+
+    def _put(self, topic: str, body: dict, timeout: float) -> None:
         deadline = time.monotonic() + timeout
         while True:
             try:
@@ -165,7 +179,7 @@ class Publisher(threading.Thread):
             self._republish = []
             halt_seen = None
             while True:
-                items = self._stalled or self._take(wait=0.02)
+                items = self._stalled or self._expand(self._take(wait=0.02))
                 if items:
                     self._publish(pub, items)
                 else:
@@ -219,6 +233,36 @@ class Publisher(threading.Thread):
             except queue.Empty:
                 break
         return items
+
+    def _expand(self, items: list[tuple[str, dict, int]]) -> list[tuple[str, dict, int]]:
+        """The durable messages of a group: frame notes go to the coil layer only, and the layer's
+        `track` and `periodic` messages join the group (before the summary that closes their coil);
+        each defect reaches the layer with the seq _publish will give it."""
+        out: list[tuple[str, dict, int]] = []
+        first = self.journal.last_seq + 1
+        for topic, body, ts in items:
+            if self.layer is None:
+                if topic != "_frames":
+                    out.append((topic, body, ts))
+                continue
+            try:
+                if topic == "_frames":
+                    out += [(t, b, ts) for t, b in self.layer.frames_done(body)]
+                    continue
+                if topic == "summary":
+                    extra, body = self.layer.summary(body)
+                    out += [(t, b, ts) for t, b in extra]
+                out.append((topic, body, ts))
+                if topic == "defect":
+                    out += [(t, b, ts) for t, b in self.layer.defect(body, first + len(out) - 1)]
+            except Exception as exc:  # the layer must never cost an event: counted, logged, published as is
+                self.layer_errors += 1
+                if self._layer_log.allow():
+                    log.error("coil_layer_failed", topic=topic, error=str(exc)[:300], total=self.layer_errors,
+                              suppressed=self._layer_log.suppressed, exc_info=exc)
+                if topic != "_frames" and (not out or out[-1][1] is not body):
+                    out.append((topic, body, ts))
+        return out
 
     def _publish(self, pub: zmq.Socket, items: list[tuple[str, dict, int]]) -> None:
         first = self.journal.last_seq + 1

@@ -53,6 +53,8 @@ class Agent:
         self._stop = threading.Event()
         self._reload = threading.Event()
         self.models: Models | None = None
+        self.intel = None  # agent.intel.CoilIntel: tracks, periodic series, grade; None = off
+        self.crops = None  # agent.crops.CropStore, its thread
         self.journal: Journal | None = None
         self.publisher: Publisher | None = None
         self.ingest: Ingest | None = None
@@ -99,13 +101,15 @@ class Agent:
             log.error("journal_damage_reported", damage=[d.as_dict() for d in self.journal.damage[:10]])
         self.coils = CoilRegistry.for_config(cfg, pack.classes)
         self.frames = FrameQueue(cfg.ingest.max_queue_frames)
+        self.intel, self.crops = self._coil_layer(pack, state)
         socket_setup = self._setup_auth()
         self.publisher = Publisher(
             self.ctx, endpoint=cfg.publish.endpoint, replay_endpoint=cfg.publish.replay_endpoint,
             journal=self.journal, agent=cfg.agent.name, heartbeat_s=cfg.publish.heartbeat_s,
             sndhwm=cfg.publish.sndhwm, linger_ms=cfg.publish.linger_ms, max_replay=cfg.publish.max_replay,
             health=self.health, on_published=self._on_published, socket_setup=socket_setup,
-            on_loop_error=self.metrics.count_loop_error, on_reply_dropped=self.metrics.count_reply_dropped)
+            on_loop_error=self.metrics.count_loop_error, on_reply_dropped=self.metrics.count_reply_dropped,
+            layer=self.intel)
         watermark = statefiles.read_watermark(self._watermark_path(), self.journal.last_seq, self.state_report)
         # A journal cut at a record boundary looks clean; the watermark proves those seqs were used.
         self.journal.reserve_through(watermark, "published.seq")
@@ -117,7 +121,8 @@ class Agent:
         self.inference = Inference(cfg=cfg, frames=self.frames, coils=self.coils, models=self.models,
                                    submit=self.publisher.submit, on_stage=self.metrics.observe_stage,
                                    on_alive=self.watchdog.mark_alive, on_reject=self._on_reject,
-                                   on_loop_error=self.metrics.count_loop_error)
+                                   on_loop_error=self.metrics.count_loop_error,
+                                   on_frames=self.publisher.note_frames if self.intel else None, crops=self.crops)
         self.inference.start()
         # Crash recovery (agent/recovery.py): open coils continue, in-flight frames are lost, and
         # what never reached the journal is sent again. Before ingest, so no frame beats it.
@@ -154,6 +159,25 @@ class Agent:
         log.info("agent_ready", ingest=self.ingest.bound_endpoint, publish=self.publisher.pub_endpoint_bound,
                  replay=self.publisher.replay_endpoint_bound, control=self.control_endpoint,
                  metrics_port=self.metrics_port, journal_last_seq=self.journal.last_seq)
+
+    def _coil_layer(self, pack, state: Path):
+        """Tracks, periodic series, grade (agent/intel.py) and crops (agent/crops.py), where the pack
+        finds defects in the strip (a segmentation model) and coil.stitch.enabled; else (None, None)."""
+        c = self.cfg.coil
+        if not c.stitch.enabled or "seg" not in pack.models:
+            log.info("coil_layer_off", reason="coil.stitch.enabled is false" if not c.stitch.enabled
+                     else "the pack has no segmentation model (no defect geometry to stitch)")
+            return None, None
+        from agent.intel import CoilIntel
+
+        crops = None
+        if c.crops.enabled:
+            from agent.crops import CropStore
+
+            crops = CropStore(state / "crops", size_px=c.crops.size_px, margin_px=c.crops.margin_px,
+                              max_coils=c.crops.max_coils, max_bytes=c.crops.max_bytes, queue_size=c.crops.queue)
+            crops.start()
+        return CoilIntel(self.cfg, pack.classes, crops), crops
 
     def _setup_auth(self):
         """CURVE on every socket that faces the plant network: keys from files, allow-list via ZAP."""
@@ -376,15 +400,32 @@ class Agent:
             reply = {"ok": True, "health": self.health(), "metrics": self.metrics.snapshot(),
                      "coils": self.coils.snapshot(), "late_frames": self.coils.late_frames(),
                      "last_seq": self.journal.last_seq, "recent_summaries": list(self.recent_summaries),
-                     "journal_bytes": self.journal.size_bytes()}
+                     "journal_bytes": self.journal.size_bytes(),
+                     "coil_layer": ({**self.intel.stats(), "errors": self.publisher.layer_errors,
+                                     **({"crops": self.crops.stats()} if self.crops else {})} if self.intel else None)}
         elif cmd == "reload":
             ok, detail = self.reload_models()
             reply = {"ok": ok, "detail": detail}
+        elif cmd == "crop":
+            reply = self._crop_reply(req)
         else:
-            reply = {"ok": False, "error": error or "expected {cmd: status | reload}"}
+            reply = {"ok": False, "error": error or "expected {cmd: status | reload | crop}"}
         if not send_reply(self.control, envelope, [msgpack.packb(reply, default=str)]):
             self.control_dropped += 1
             self.metrics.count_reply_dropped("control")
+
+    def _crop_reply(self, req: dict) -> dict:
+        """{cmd: crop, coil, track_id} -> the track's PNG (agent/crops.py), or why not."""
+        if self.crops is None:
+            return {"ok": False, "error": "crops are off on this agent (coil.crops.enabled, coil.stitch.enabled, "
+                                          "or a pack without a segmentation model)"}
+        from agent.crops import CropError
+
+        try:
+            png = self.crops.read(req.get("coil"), req.get("track_id"))
+        except CropError as exc:
+            return {"ok": False, "error": str(exc)}
+        return {"ok": True, "coil": req["coil"], "track_id": req["track_id"], "png": png}
 
     def reload_models(self) -> tuple[bool, str]:
         """Hot swap: load the new models beside the old ones; switch between batches. A failed
@@ -432,6 +473,8 @@ class Agent:
         for s in self.coils.close_all("shutdown"):  # 3. partial summaries for what is owed
             self._emit_summary(s)
         self.publisher.stop(5.0)  # 4. publish and journal everything queued
+        if self.crops is not None:
+            self.crops.stop(5.0)  # crops of the tracks just closed
         self._write_watermark()
         if self.publisher.error is None and not self.publisher.is_alive():
             self.recovery.clear(self.coils, self.journal.last_seq)  # nothing owed; seq floor and closed coils stay
@@ -447,6 +490,8 @@ class Agent:
         for t in (self.ingest, self.inference, self.publisher):
             if t is not None and t.is_alive():
                 t.stop(2.0)
+        if self.crops is not None and self.crops.is_alive():
+            self.crops.stop(2.0)
         if self.control is not None:
             self.control.close(linger=0)
         if self.journal is not None:

@@ -34,7 +34,7 @@ class Subscriber:
         if socket_setup:
             socket_setup(self.sub)
         # Durable topics are needed for sequence tracking even when not printed; health carries the last seq.
-        for t in {"defect", "summary", "health"}:
+        for t in {"defect", "summary", "health", "track", "periodic"}:
             self.sub.setsockopt(zmq.SUBSCRIBE, t.encode())
         self.sub.connect(endpoint)
         self.replay_endpoint = replay_endpoint

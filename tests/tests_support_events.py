@@ -12,7 +12,8 @@ from agent.subscriber import Subscriber
 
 
 class Collector:
-    """A gap-repairing subscriber on a thread: everything durable, in order, exactly once."""
+    """A gap-repairing subscriber on a thread: everything durable, in order, exactly once (defect,
+    summary, track, periodic)."""
 
     def __init__(self, cfg, *, from_seq: int | None = 1, slow_s: float = 0.0, timeout_s: float = 120.0,
                  rcvhwm: int | None = None, stall_s: float = 0.0):
@@ -23,8 +24,10 @@ class Collector:
             def setup(sock):
                 sock.setsockopt(zmq.RCVHWM, rcvhwm)
                 sock.setsockopt(zmq.RCVBUF, 4096)
+        # every durable topic (the coil layer's track and periodic too): msgs is the journal's sequence
         self.sub = Subscriber(cfg.publish.endpoint, cfg.publish.replay_endpoint, from_seq=from_seq,
-                              include_health=True, socket_setup=setup)
+                              topics=("defect", "summary", "track", "periodic"), include_health=True,
+                              socket_setup=setup)
         self.msgs: list[tuple[str, dict]] = []
         self.health: dict | None = None
         self.slow_s = slow_s

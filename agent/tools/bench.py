@@ -11,6 +11,10 @@ frames/s / bare frames/s, and the ungated baseline (segmentation on every frame)
 scenario it also runs the agent's inference stage alone in this process on the scenario's frames
 (no sockets, ingest or simulator), which splits the loss between the agent's own code and the frame
 path in front of it.
+The coil layer (tracks, periodic series, grade, crops: agent/intel.py) is measured on the heavy coil:
+the same coil with the layer off (`coil.stitch.enabled = false`) in the same run, in the order on (the
+scenario itself), off, off, on, the faster of each pair compared (a shared machine only ever slows a
+run down): wall time, frames/s and agent CPU (``coil_layer`` in the results; the target: within 5 %).
 A latency scenario streams at a fixed line rate (default 20 frames/s) and reports p50/p99.
 Each scenario also scores the agent's events against the defects the camera painted (camera-sim's
 ground-truth instances, metrics.instances): events per true defect, the median best IoU of each
@@ -313,7 +317,9 @@ def run_scenario(cfg_path: Path, cfg, n: int, fraction: float, clean: list, bad:
         from agent.tools.progress import ProgressLine
 
         progress = ProgressLine(f"bench {fraction:.0%} defective", n)
-        sent = cam.send_coil(coil, _with_progress(coil_frames(n, fraction, clean, bad, truth=truth), progress), rate_hz=rate)
+        geom = cfg.camera("cam0")  # frames follow each other along the strip at the camera's own scale
+        sent = cam.send_coil(coil, _with_progress(coil_frames(n, fraction, clean, bad, truth=truth), progress), rate_hz=rate,
+                             mm_per_px_y=geom.mm_per_px_y if geom else 0.5)
         progress.close()
         cam.close()
         t.join(timeout=max(120.0, n / 5.0))
@@ -408,6 +414,21 @@ def run_bench(args) -> int:
             raw[name] = run_scenario(cfg_path, cfg, n, fraction, clean, bad, log_path=work / f"{name}.log",
                                      truth=truth, n_classes=k)
             raw[name]["pipeline"] = pipeline
+        if "heavy" in raw:
+            _say("bench: the heavy coil again with the coil layer off ...")
+            off_dir = work / "layer-off"
+            off_dir.mkdir()
+            off_path = isolated_config(args.config, off_dir, **overrides, coil={"stitch": {"enabled": False}})
+            off_cfg = load_config(off_path)
+            offs = [run_scenario(off_path, off_cfg, n, SCENARIOS["heavy"], clean, bad,
+                                 log_path=work / f"heavy-layer-off-{i}.log", truth=truth, n_classes=k) for i in range(2)]
+            _say("bench: the heavy coil once more with the coil layer on ...")
+            on2 = run_scenario(cfg_path, cfg, n, SCENARIOS["heavy"], clean, bad, log_path=work / "heavy-again.log",
+                               truth=truth, n_classes=k)
+            results["coil_layer"] = coil_layer_cost(min(raw["heavy"], on2, key=lambda r: r["wall_s"]),
+                                                    min(offs, key=lambda r: r["wall_s"]))
+            results["coil_layer"]["wall_s_runs"] = {"on": [raw["heavy"]["wall_s"], on2["wall_s"]],
+                                                    "off": [r["wall_s"] for r in offs]}
         _say("bench: bare model throughput again, after the scenarios ...")
         bare = best_bare(bare_before, bare_throughput(cfg, clean + bad, passes=passes))
         results["bare"] = {k: (round(v, 1) if isinstance(v, float) else v) for k, v in bare.items()}
@@ -434,6 +455,22 @@ def run_bench(args) -> int:
         _say(f"bench: results written to {out}")
     ok = all(r["accounted"] for r in results["scenarios"].values())
     return 0 if ok else 1
+
+
+def coil_layer_cost(on: dict, off: dict) -> dict:
+    """The heavy coil with the coil layer on against off: wall time and agent CPU ratios (on / off),
+    and the CPU of the threads the layer adds work to (publisher: stitching and the rest; crops)."""
+    def ratio(a, b):
+        return round(a / b, 4) if a and b else None
+
+    threads = ("publisher", "crops")
+    return {"scenario": "heavy", "on_wall_s": on["wall_s"], "off_wall_s": off["wall_s"],
+            "wall_ratio": ratio(on["wall_s"], off["wall_s"]), "on_fps": on["fps"], "off_fps": off["fps"],
+            "on_agent_cpu_s": on.get("agent_cpu_s"), "off_agent_cpu_s": off.get("agent_cpu_s"),
+            "cpu_ratio": ratio(on.get("agent_cpu_s"), off.get("agent_cpu_s")),
+            "on_thread_cpu_s": {t: on.get("agent_thread_cpu_s", {}).get(t, 0.0) for t in threads},
+            "off_thread_cpu_s": {t: off.get("agent_thread_cpu_s", {}).get(t, 0.0) for t in threads},
+            "events": on["events"], "within_5_percent": bool(on["wall_s"] <= 1.05 * off["wall_s"])}
 
 
 def format_table(res: dict) -> str:
@@ -471,6 +508,13 @@ def format_table(res: dict) -> str:
         + (f" (+{r['agent_cpu_overhead']:.1%})" if r.get("agent_cpu_overhead") is not None else "") for name, r in items))
     lines.append("agent CPU seconds by thread: " + "; ".join(
         f"{name}: " + ", ".join(f"{k} {v}" for k, v in r.get("agent_thread_cpu_s", {}).items()) for name, r in items))
+    if "coil_layer" in res:
+        c = res["coil_layer"]
+        lines.append(f"coil layer (tracks, periodic, grade, crops) on the heavy coil: on {c['on_wall_s']} s / off "
+                     f"{c['off_wall_s']} s = x{c['wall_ratio']} wall ({c['on_fps']} vs {c['off_fps']} frames/s), "
+                     f"x{c['cpu_ratio']} agent CPU; publisher CPU {c['on_thread_cpu_s']['publisher']} vs "
+                     f"{c['off_thread_cpu_s']['publisher']} s, crops {c['on_thread_cpu_s']['crops']} s; "
+                     + ("within 5 %" if c["within_5_percent"] else "MORE THAN 5 % slower"))
     lines.append("per-stage seconds (agent metrics): " + "; ".join(
         f"{name}: " + ", ".join(f"{k} {v}" for k, v in r["stage_s"].items()) for name, r in items))
     return "\n".join(lines)

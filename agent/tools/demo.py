@@ -93,6 +93,9 @@ def format_summary(s: dict) -> str:
     rows += [("wall time", f"{t['wall_s']:.1f} s of {t['budget_s']:.0f} s budget (slack {t['slack_s']:.1f} s)"),
              ("models", " ".join(f"{k}={v}" for k, v in s.get("models", {}).items())),
              ("backend", " ".join(f"{k}={v}" for k, v in s.get("backend", {}).items()))]
+    if "grade" in s:  # the coil layer (docs/protocol.md 2.6)
+        rows += [("tracks (stitched defects)", s["track_count"]),
+                 ("grade", f"{s['grade']['grade']} ({s['grade']['rule']}: {s['grade']['reason']})")]
     width = max(len(r[0]) for r in rows)
     out = ["", "Coil summary", "=" * (width + 40)]
     out += [f"{k.ljust(width)}  {v}" for k, v in rows]
@@ -102,7 +105,14 @@ def format_summary(s: dict) -> str:
             out.append(f"  {d['class']:<16} conf {d['confidence']:.2f}  frame {d['index']:>5}  "
                        f"along {d['along_mm'] / 1000:7.2f} m  across {d['across_mm']:7.1f} mm  "
                        f"{d['area_mm2']:.0f} mm2")
+    out += [format_periodic(p) for p in s.get("periodic") or ()]
     return "\n".join(out)
+
+
+def format_periodic(p: dict) -> str:
+    return (f"periodic: {p['class']} every {p['pitch_mm']:.0f} mm at {p['across_mm']:.0f} mm, {p['count']} repeats "
+            f"(roll diameter {p['roll_diameter_mm']:.0f} mm, along {p['first_along_mm'] / 1000:.2f}-"
+            f"{p['last_along_mm'] / 1000:.2f} m, confidence {p['confidence']:.2f})")
 
 
 def _per(value) -> str:
@@ -299,6 +309,7 @@ def run_demo(config: Path, *, frames: int, defect_fraction: float, rate: float, 
     """0 when the coil was summarised and frames were inspected; 1 otherwise, keeping the agent's log
     (its path is printed); 2 when the profile cannot be demonstrated here."""
     from agent.tools.camera_sim import CameraSim, score_events, synthetic_frames
+    from agent.tools.rollmarks import RollMarks, with_roll_marks
     from training.synth import STEEL_CLASSES
 
     try:
@@ -326,10 +337,16 @@ def run_demo(config: Path, *, frames: int, defect_fraction: float, rate: float, 
             t0 = time.monotonic()
             truth = GroundTruth()
             source = synthetic_frames(frames, defect_fraction, width=pack.width, height=pack.height, with_instances=True)
+            geom = cfg.camera("cam0")
+            mm_y = geom.mm_per_px_y if geom else 0.5
+            # one roll mark series (agent/tools/rollmarks.py): the coil layer should report it as periodic
+            marks = RollMarks(across_px=min(1100, pack.width - 60)) if pack.width >= 200 and pack.height >= 128 else None
+            if marks is not None:
+                source = with_roll_marks(source, marks, mm_per_px_y=mm_y)
             cam = CameraSim(cfg.ingest.endpoint, camera="cam0")
             # the painted defects are the synthetic strip's (steel) classes, whatever the pack's
             sent = cam.send_coil(f"demo-{time.strftime('%Y%m%d-%H%M%S')}", truth.record(source), rate_hz=rate,
-                                 classes=STEEL_CLASSES)
+                                 classes=STEEL_CLASSES, mm_per_px_y=mm_y)
             cam.close()
             t.join(timeout=300)
             sub.close()
@@ -339,6 +356,10 @@ def run_demo(config: Path, *, frames: int, defect_fraction: float, rate: float, 
                 return 1
             gt = truth.compare(got["events"], s)
             score = score_events(sent, got["events"], len(STEEL_CLASSES))
+            if marks is not None:
+                gt["roll_marks"] = {"painted": marks.describe(STEEL_CLASSES, geom.mm_per_px_x if geom else 1.0,
+                                                              geom.offset_x_mm if geom else 0.0),
+                                    "pitch_mm": marks.pitch_mm, "positions_mm": marks.positions}
             f = s["frames"]
             if as_json:
                 print(json.dumps({"summary": s, "ground_truth": gt, "box_score": score}, indent=2, default=str))
@@ -347,6 +368,11 @@ def run_demo(config: Path, *, frames: int, defect_fraction: float, rate: float, 
                 print()
                 print(format_ground_truth(gt))
                 print(format_box_score(score))
+                if marks is not None:
+                    found = s.get("periodic")
+                    print(f"  roll marks painted: {gt['roll_marks']['painted']}; "
+                          + (f"the agent found {len(found)} periodic series" if found is not None
+                             else "the coil layer is off (coil.stitch.enabled)"))
                 print(f"\n{len(got['events'])} defect events received by the subscriber; camera sent {sent.sent} "
                       f"frames in {time.monotonic() - t0:.1f} s")
             if f["inspected"] + f["gated_out"] == 0:

@@ -88,7 +88,16 @@ def format_event(topic: str, msg: dict) -> str:
                 f"across, {msg['width_mm']:.0f}x{msg['length_mm']:.0f} mm")
     if topic == "summary":
         kind = "final" if msg.get("final") else "provisional"
-        return f"{head} {kind}: {_coil_line(msg)}"
+        grade = f"; grade {msg['grade']['grade']} ({msg['grade']['reason']})" if msg.get("grade") else ""
+        return f"{head} {kind}: {_coil_line(msg)}{grade}"
+    if topic == "track":
+        cams = ", ".join(f"{c} {a}-{b}" for c, (a, b) in msg["frames"].items())
+        return (f"{head} {msg['coil']} track {msg['track_id']}: {msg['class']} conf {msg['confidence']:.2f} at "
+                f"{msg['along_mm'] / 1000:.2f} m along, {msg['across_mm']:.0f} mm across, "
+                f"{msg['width_mm']:.0f}x{msg['length_mm']:.0f} mm, {msg['event_count']} events (frames {cams})")
+    if topic == "periodic":
+        return (f"{head} {msg['coil']}: {msg['class']} every {msg['pitch_mm']:.0f} mm at {msg['across_mm']:.0f} mm "
+                f"across, {msg['count']} repeats (roll diameter {msg['roll_diameter_mm']:.0f} mm)")
     if topic == "health":
         return (f"{head} {msg.get('state')}: {msg.get('inferred')} inferred, queue {msg.get('queue_depth')}, "
                 f"open coils {', '.join(msg.get('coils_open') or []) or 'none'}, rejected {_by_reason(msg.get('rejected'))}")

@@ -50,6 +50,10 @@ def test_bench_fast_mode_accounts_for_every_frame(tmp_path, agent_config):
     assert len(bare["gate_fps_passes"]) == 2 and bare["gate_fps"] == max(bare["gate_fps_passes"])  # before, after
     assert "bare model throughput" in r.stdout and "x gate" in r.stdout and "x limit" in r.stdout and "in-proc" in r.stdout
     assert "events per defect" in r.stdout
+    # the coil layer's cost: the heavy coil again with the layer off, in the same run
+    c = res["coil_layer"]
+    assert c["scenario"] == "heavy" and c["wall_ratio"] == pytest.approx(c["on_wall_s"] / c["off_wall_s"], rel=1e-3)
+    assert c["events"] == res["scenarios"]["heavy"]["events"] and "coil layer (tracks, periodic" in r.stdout
     import onnxruntime
 
     assert res["machine"]["onnxruntime"] == onnxruntime.__version__

@@ -34,7 +34,7 @@ def table_keys(section_title: str) -> set[str]:
 
 def test_doc_has_every_example():
     assert set(examples()) >= {"frame", "coil_start", "coil_end", "defect", "summary", "health",
-                               "replay_request", "replay_reply"}
+                               "replay_request", "replay_reply", "track", "periodic", "summary_coil_layer"}
 
 
 def test_documented_frame_example_decodes():
@@ -131,3 +131,51 @@ def test_an_instance_pack_publishes_the_documented_instance_keys(running_agent, 
     common = {"v", "type", "agent", "seq", "ts_ns"}
     assert table_keys("### 2.1 `defect`") | common | table_keys("#### Instance events") <= set(event)
     assert set(event) == set(examples()["defect_instance"])
+
+
+def test_documented_coil_layer_examples_list_every_documented_key():
+    """docs/protocol.md 2.6: the `track` and `periodic` examples carry every key of their tables, the
+    summary's coil-layer keys are in their example, and they survive MessagePack unchanged."""
+    ex = examples()
+    common = {"v", "type", "agent", "seq", "ts_ns"}
+    assert table_keys("#### `track`") | common <= set(ex["track"]) and ex["track"]["type"] == "track"
+    assert table_keys("#### `periodic`") | common <= set(ex["periodic"]) and ex["periodic"]["type"] == "periodic"
+    assert table_keys("#### The summary's coil-layer keys") == set(ex["summary_coil_layer"])
+    t = ex["track"]
+    x0, y0, x1, y1 = t["bbox_mm"]
+    assert (t["across_mm"], t["along_mm"], t["width_mm"], t["length_mm"]) == ((x0 + x1) / 2, (y0 + y1) / 2,
+                                                                              x1 - x0, y1 - y0)
+    assert t["event_count"] == len(t["event_seqs"]) and t["crop"] == f"{t['coil']}/{t['track_id']}"
+    p = ex["periodic"]
+    assert abs(p["roll_diameter_mm"] - p["pitch_mm"] / 3.141592653589793) < 0.1 and p["count"] == len(p["track_ids"])
+    layer = ex["summary_coil_layer"]
+    assert layer["track_count"] == sum(layer["tracks"].values())
+    assert layer["periodic"][0] == {k: v for k, v in p.items() if k not in common}
+    for name in ("track", "periodic", "summary_coil_layer"):
+        assert msgpack.unpackb(msgpack.packb(ex[name])) == ex[name]
+
+
+def test_published_tracks_carry_every_documented_key(running_agent):
+    from tinypack import clean_frame, frame_with
+
+    from tests_support_events import Collector
+
+    from agent.tools.camera_sim import CameraSim
+
+    agent = running_agent()
+    cfg = agent.cfg
+    col = Collector(cfg, timeout_s=60.0)
+    col.sub.topics |= {"track"}
+    cam = CameraSim(cfg.ingest.endpoint)
+    cam.send_coil("doc-track", [(frame_with("bright", 8, 8), None), (clean_frame(), None)])
+    cam.close()
+    try:
+        assert col.wait(lambda c: c.summaries("doc-track"), 20), "no summary"
+    finally:
+        col.close()
+    track = next(m for t, m in col.msgs if t == "track")
+    common = {"v", "type", "agent", "seq", "ts_ns"}
+    assert table_keys("#### `track`") | common <= set(track)
+    assert set(track) == set(examples()["track"])
+    summary = col.summaries("doc-track")[0]
+    assert table_keys("#### The summary's coil-layer keys") <= set(summary)

@@ -32,8 +32,11 @@ def stop(agent, timeout_s: float = 20.0) -> None:
     assert agent.state == "stopped"
 
 
+NO_LAYER = {"stitch": {"enabled": False}}  # defects and summaries only: the seqs below are theirs
+
+
 def test_the_published_watermark_alone_keeps_seqs_from_being_reused(running_agent):
-    first = running_agent()
+    first = running_agent(coil=NO_LAYER)
     assert run_coil(first, "A", 5, from_seq=1) == [1, 2, 3, 4, 5, 6]  # 5 defects, 1 summary
     stop(first)
     jdir = first.journal.dir
@@ -45,7 +48,7 @@ def test_the_published_watermark_alone_keeps_seqs_from_being_reused(running_agen
         f.truncate(end)
     (jdir / CHECKPOINT_NAME).write_text("{not json")
 
-    second = running_agent()
+    second = running_agent(coil=NO_LAYER)
     assert second.journal.last_seq == 6
     assert [(d.kind, d.segment) for d in second.journal.damage] == [("missing_records", "published.seq")]
     assert run_coil(second, "B", 2, from_seq=7) == [7, 8, 9]

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import msgpack
 
+from agent.crops import CropError, crop_id, read_crop
 from agent.journal import Damage, read_journal
 from agent.protocol import unpack_body
 
@@ -94,23 +95,28 @@ def _score(item: dict) -> float:
     return float(item.get("area_mm2") or 0.0) * float(item.get("confidence") or 0.0)
 
 
-def find_crop(crops: Path | None, coil: str, item: dict) -> Path | None:
-    """<crops>/<coil>/<track_id>.png, or the track's own ``crop`` name there; only plain names."""
+def find_crop(crops: Path | None, coil: str, item: dict) -> bytes | None:
+    """A track's crop PNG from a crops folder (``<state_dir>/crops``, e.g. copied from a line box): the
+    agent's crop file (agent/crops.py ``read_crop``), else a plain ``<crops>/<coil>/<track_id>.png``
+    (only plain names); None when there is none."""
     if crops is None or "track_id" not in item:
         return None
-    names = [f"{item['track_id']}.png"]
-    if isinstance(item.get("crop"), str):
-        names.insert(0, Path(item["crop"]).name)
+    try:
+        return read_crop(crops, coil, int(item["track_id"]))
+    except (CropError, OSError, ValueError, TypeError):
+        pass
     if "/" in coil or coil.startswith("."):
         return None
-    for name in names:
-        if name and not name.startswith(".") and (crops / coil / name).is_file():
-            return crops / coil / name
+    name = f"{item['track_id']}.png"
+    if not name.startswith(".") and "/" not in name and (crops / coil / name).is_file():
+        return (crops / coil / name).read_bytes()
     return None
 
 
-def coil_report(rec: CoilRecords, *, crops: Path | None = None, worst_n: int = 8) -> dict:
-    """The report's numbers for one coil (the JSON of `coilsight report --format json`)."""
+def coil_report(rec: CoilRecords, *, crops: Path | None = None, worst_n: int = 8,
+                crop_pngs: dict[int, bytes] | None = None) -> dict:
+    """The report's numbers for one coil (the JSON of `coilsight report --format json`); the worst
+    defects' crop PNGs go into ``crop_pngs`` (position in ``worst`` -> bytes) when given."""
     s = rec.summary
     notes: list[str] = []
     if s is None:
@@ -144,12 +150,15 @@ def coil_report(rec: CoilRecords, *, crops: Path | None = None, worst_n: int = 8
         b = min(n_bins - 1, max(0, int(float(i.get("along_mm", 0.0)) // (BIN_M * 1000.0))))
         bins[b]["counts"][i.get("class", "?")] += 1
     worst = []
+    crop_pngs = {} if crop_pngs is None else crop_pngs
     for i in sorted(items, key=_score, reverse=True)[:worst_n]:
-        crop = find_crop(crops, rec.coil, i)
+        png = find_crop(crops, rec.coil, i)
+        if png is not None:
+            crop_pngs[len(worst)] = png
         keep = ("track_id", "index", "camera", "class", "class_id", "confidence", "across_mm", "along_mm", "width_mm",
                 "length_mm", "area_mm2", "event_count", "frames")
         worst.append({**{k: i[k] for k in keep if k in i}, "score": round(_score(i), 3),
-                      "crop": str(crop) if crop else None})
+                      "crop": crop_id(rec.coil, i["track_id"]) if png is not None else None})
     timing = dict((s or {}).get("timing") or {})
     if timing.get("budget_s") is not None and timing.get("wall_s") is not None:
         slack = float(timing["budget_s"]) - float(timing["wall_s"])

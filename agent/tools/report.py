@@ -139,7 +139,8 @@ def _img(name: str, data: bytes, alt: str) -> str:
             f'data-file="{html.escape(name)}">')
 
 
-def render_html(rep: dict, plots: dict[str, bytes]) -> str:
+def render_html(rep: dict, plots: dict[str, bytes], crop_pngs: dict[int, bytes] | None = None) -> str:
+    crop_pngs = crop_pngs or {}
     e = html.escape
     g = rep["grade"]
     grade = (f'<p class="grade g-{e(str(g.get("grade", "")))}"><b>Grade {e(str(g.get("grade", "?")))}</b>: '
@@ -155,12 +156,12 @@ def render_html(rep: dict, plots: dict[str, bytes]) -> str:
         f"<td>{p.get('count')}</td><td>{float(p.get('first_along_mm', 0)) / 1000:.2f}-"
         f"{float(p.get('last_along_mm', 0)) / 1000:.2f}</td><td>{p.get('confidence')}</td></tr>" for p in rep["periodic"])
     thumbs = []
-    for w in rep["worst"]:
+    for n, w in enumerate(rep["worst"]):
         where = f"{float(w.get('along_mm', 0)) / 1000:.2f} m, {float(w.get('across_mm', 0)):.0f} mm across"
         label = (f"{e(str(w.get('class')))} {float(w.get('confidence', 0)):.2f}<br>{e(where)}<br>"
                  f"{float(w.get('width_mm', 0)):.0f} x {float(w.get('length_mm', 0)):.0f} mm")
-        if w["crop"]:
-            pic = _img(Path(w["crop"]).name, Path(w["crop"]).read_bytes(), f"crop of {w.get('track_id')}")
+        if n in crop_pngs:
+            pic = _img(f"crop-{n}.png", crop_pngs[n], f"crop of {w.get('track_id')}")
         else:
             pic = '<div class="ph">no crop</div>'
         thumbs.append(f'<figure class="thumb">{pic}<figcaption>{label}</figcaption></figure>')
@@ -198,7 +199,8 @@ def make_report(journal: Path, coil: str, out: Path | None, *, crops: Path | Non
                 worst_n: int = 8) -> tuple[dict, Path | None]:
     """Load the coil and write its report; returns (the JSON numbers, the HTML page or None)."""
     rec = load_coil(journal, coil)
-    rep = coil_report(rec, crops=crops, worst_n=worst_n)
+    crop_pngs: dict[int, bytes] = {}
+    rep = coil_report(rec, crops=crops, worst_n=worst_n, crop_pngs=crop_pngs)
     if fmt == "json":
         if out is not None:
             out.mkdir(parents=True, exist_ok=True)
@@ -213,7 +215,7 @@ def make_report(journal: Path, coil: str, out: Path | None, *, crops: Path | Non
     for name, data in plots.items():
         (out / name).write_bytes(data)
     page = out / "index.html"
-    page.write_text(render_html(rep, plots))
+    page.write_text(render_html(rep, plots, crop_pngs))
     (out / "report.json").write_text(json.dumps(rep, indent=1) + "\n")
     return rep, page
 

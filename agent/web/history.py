@@ -8,9 +8,9 @@ at start-up) is read again from its start, a segment that is gone (rotated away)
 
 Crops: a crop is served only for a (coil, id) pair the page saw in a message from the agent (a
 track's or event's ``crop``), each part matching a strict pattern; the page asks the agent for it
-over the control socket (the agent finds its own file), and reads ``<state_dir>/crops/<coil>/<id>.png``
-itself only when the agent has no ``crop`` request, and only a regular file inside the crops
-directory. Nothing a request carries is ever joined into a path unchecked.
+over the control socket (the agent finds its own file), and reads the agent's crop file itself
+(agent/crops.py ``read_crop``, the directory named by the agent's rule from the coil) only when the
+agent does not answer. Nothing a request carries is ever joined into a path.
 """
 from __future__ import annotations
 
@@ -27,6 +27,7 @@ from urllib.parse import quote
 
 import structlog
 
+from agent.crops import CropError, read_crop
 from agent.journal import _HEAD, _SEQ, MAGIC, MAX_RECORD
 from agent.protocol import unpack_body
 
@@ -123,22 +124,14 @@ class CropStore:
         return self._read_file(coil, cid)
 
     def _read_file(self, coil: str, cid: str) -> bytes | None:
-        root = self.dir.resolve()
-        path = (root / coil / f"{cid}.png").resolve()
-        if path.parent.parent != root:
+        """The agent's own crop file, read-only (agent/crops.py ``read_crop``: the directory name is
+        derived from the coil by the agent's rule, never taken from the request)."""
+        if not cid.isdigit():
             return None
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
-        except OSError:
+            data = read_crop(self.dir, coil, int(cid))
+        except (CropError, OSError, ValueError):
             return None
-        try:
-            st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode) or st.st_size > 16 << 20:
-                return None
-            with os.fdopen(fd, "rb", closefd=False) as f:
-                data = f.read()
-        finally:
-            os.close(fd)
         return data if data.startswith(PNG_MAGIC) else None
 
 

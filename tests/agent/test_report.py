@@ -15,8 +15,10 @@ import numpy as np
 from tinypack import clean_frame, frame_with
 
 from agent.cli import main
+from agent.crops import CropStore
 from agent.journal import Journal, read_journal
 from agent.protocol import pack_body
+from agent.tracks import part_key
 
 COIL = "C-REPORT-1"
 CLASSES = ["bright", "dark"]
@@ -72,19 +74,21 @@ def test_report_from_the_real_agent_journal(running_agent, tmp_path, capsys):
     rc = main(["report", COIL, "--journal", str(copy), "--out", str(out)])
     text = capsys.readouterr()
     assert rc == 0, text.err
-    assert f"coil {COIL}: 4 defects" in text.out and "grade none" in text.out
+    # four separate marks (frames 0, 3, 6, 9): the coil layer stitches none together; the default rules pass it
+    assert f"coil {COIL}: 4 tracks, 0 periodic, grade pass" in text.out
     page = parse(out / "index.html")
     imgs = [a for t, a in page.tags if t == "img"]
     assert len(imgs) == 3 and all(a["src"].startswith("data:image/png;base64,") for a in imgs)
     body = " ".join(page.text)
-    assert f"Coil {COIL}" in body and "Not graded" in body and "within budget" in body
+    assert f"Coil {COIL}" in body and "Grade pass" in body and "within budget" in body
     check_plots(out)
     # JSON: the journal's summary is the one the agent published
     rc = main(["report", "latest", "--journal", str(copy), "--format", "json"])
     rep = json.loads(capsys.readouterr().out)
     assert rc == 0 and rep["coil"] == COIL
     assert rep["summary"] == published and rep["counts"] == {"bright": 4, "dark": 0}
-    assert rep["defect_events"] == 4 and rep["items"] == "defects" and rep["final"] and rep["complete"]
+    assert rep["defect_events"] == 4 and rep["items"] == "tracks" and rep["track_count"] == 4
+    assert rep["final"] and rep["complete"] and rep["grade"]["grade"] == "pass"
     assert rep["timing"]["verdict"].startswith("within budget")
     # the same through the agent's config (its state dir)
     cfg_file = tmp_path / "agent.toml"
@@ -108,12 +112,12 @@ def write_coil_journal(directory: Path) -> dict:
     places = [(12_000.0, 300.0, "bright"), (13_000.0, 300.0, "bright"), (14_000.0, 300.0, "bright"),
               (120_000.0, 900.0, "dark"), (180_500.0, 150.0, "bright"), (240_000.0, 700.0, "dark")]
     for n, (along, across, cls) in enumerate(places):
-        t = {"coil": COIL, "track_id": f"{COIL}-t{n}", "class": cls, "class_id": CLASSES.index(cls),
+        t = {"coil": COIL, "track_id": n + 1, "class": cls, "class_id": CLASSES.index(cls),
              "cameras": ["cam0"], "frames": {"cam0": [n * 10, n * 10 + 1]}, "event_seqs": [], "event_count": 2,
              "bbox_mm": [across - 10, along - 40, across + 10, along + 40], "across_mm": across, "along_mm": along,
              "width_mm": 20.0, "length_mm": 80.0 + 100 * n, "area_mm2": 1600.0 * (n + 1), "confidence": 0.9}
         if n == 5:
-            t["crop"] = f"{COIL}-t5.png"
+            t["crop"] = f"{COIL}/6"
         tracks.append(t)
         for part in range(2):
             recs.append(("defect", {"coil": COIL, "camera": "cam0", "index": n * 10 + part, "class": cls,
@@ -123,7 +127,7 @@ def write_coil_journal(directory: Path) -> dict:
         recs.append(("track", t))
     periodic = {"coil": COIL, "class": "bright", "class_id": 0, "across_mm": 300.0, "pitch_mm": 1000.0,
                 "roll_diameter_mm": 318.3, "count": 3, "first_along_mm": 12_000.0, "last_along_mm": 14_000.0,
-                "confidence": 0.8, "track_ids": [f"{COIL}-t0", f"{COIL}-t1", f"{COIL}-t2"]}
+                "confidence": 0.8, "track_ids": [1, 2, 3]}
     recs.append(("periodic", periodic))
     base = {"coil": COIL, "complete": True, "end_reason": "coil_end", "defects": {"bright": 4, "dark": 2},
             "defect_count": 12, "length_mm": 250_000.0, "profile": "tiny",
@@ -142,10 +146,17 @@ def write_coil_journal(directory: Path) -> dict:
 def test_report_with_tracks_periodic_grade_and_crops(tmp_path, capsys):
     state = tmp_path / "state"
     truth = write_coil_journal(state / "journal" / "line-7")
-    crops = state / "crops" / COIL
-    crops.mkdir(parents=True)
-    crop = np.random.default_rng(0).integers(0, 255, (40, 60, 3), np.uint8)
-    assert cv2.imwrite(str(crops / f"{COIL}-t5.png"), crop) and cv2.imwrite(str(crops / f"{COIL}-t3.png"), crop)
+    # the crops as the agent keeps them: its own crop thread writes tracks 6 and 4 (agent/crops.py)
+    store = CropStore(state / "crops")
+    store.start()
+    frame = np.random.default_rng(0).integers(0, 255, (256, 400), np.uint8)
+    parts = {6: {"coil": COIL, "camera": "cam0", "index": 50, "bbox_px": [10, 10, 70, 50], "class_id": 1},
+             4: {"coil": COIL, "camera": "cam0", "index": 30, "bbox_px": [100, 20, 160, 90], "class_id": 1}}
+    assert store.offer(frame, list(parts.values()))
+    assert all(store.request(COIL, tid, part_key(ev)) == f"{COIL}/{tid}" for tid, ev in parts.items())
+    store.coil_done(COIL)
+    store.stop()
+    assert store.written == 2
     out = tmp_path / "out"
     rc = main(["report", COIL, "--journal", str(state / "journal" / "line-7"), "--out", str(out), "--worst", "4"])
     text = capsys.readouterr()
@@ -160,8 +171,8 @@ def test_report_with_tracks_periodic_grade_and_crops(tmp_path, capsys):
     assert [b["from_m"] for b in rep["per_100m"]] == [0.0, 100.0, 200.0]
     assert [sum(b["counts"].values()) for b in rep["per_100m"]] == [3, 2, 1]
     assert rep["periodic"][0]["pitch_mm"] == 1000.0
-    assert [w["track_id"] for w in rep["worst"]] == [f"{COIL}-t{n}" for n in (5, 4, 3, 2)]
-    assert [bool(w["crop"]) for w in rep["worst"]] == [True, False, True, False]
+    assert [w["track_id"] for w in rep["worst"]] == [6, 5, 4, 3]
+    assert [w["crop"] for w in rep["worst"]] == [f"{COIL}/6", None, f"{COIL}/4", None]
     assert rep["timing"]["verdict"] == "over budget by 11.5 s (71.5 s of 60.0 s)"
     page = parse(out / "index.html")
     body = " ".join(page.text)
@@ -169,7 +180,7 @@ def test_report_with_tracks_periodic_grade_and_crops(tmp_path, capsys):
     assert "no crop" in body and "1000.0" in body  # placeholders for tracks without crops; the periodic table
     imgs = [a for t, a in page.tags if t == "img"]
     assert len(imgs) == 3 + 2  # three plots, two crops
-    thumb = next(a for a in imgs if a["alt"] == f"crop of {COIL}-t5")
+    thumb = next(a for a in imgs if a["alt"] == "crop of 6")
     assert thumb["src"].startswith("data:image/png;base64,")
     check_plots(out)
 

@@ -16,6 +16,8 @@ pytest.importorskip("httpx")
 from starlette.testclient import TestClient  # noqa: E402
 
 from agent.config import with_overrides  # noqa: E402
+from agent.crops import CropStore  # noqa: E402
+from agent.tracks import part_key  # noqa: E402
 from agent.web.app import create_app  # noqa: E402
 from agent.web.guard import COOKIE, session_value  # noqa: E402
 from agent.web.settings import WebSettingsError, web_settings  # noqa: E402
@@ -135,11 +137,14 @@ def test_upload_can_be_turned_off(client, agent_config):
 def test_no_request_path_reaches_the_filesystem(client, agent_config, tmp_path):
     cfg = agent_config()
     c, web = client(cfg)
-    crops = web.s.crops_dir
-    (crops / "coil-A").mkdir(parents=True)
-    (crops / "coil-A" / "7.png").write_bytes(png(np.zeros((8, 8), np.uint8)))
-    (crops / "coil-A" / "8.png").symlink_to(tmp_path / "secret.png")
-    (tmp_path / "secret.png").write_bytes(png(np.ones((8, 8), np.uint8)))
+    # track 7's crop, written by the agent's own crop thread into its crop file (agent/crops.py)
+    store = CropStore(web.s.crops_dir)
+    store.start()
+    part = {"coil": "coil-A", "camera": "cam0", "index": 3, "bbox_px": [2, 2, 20, 20], "class_id": 0}
+    assert store.offer(np.zeros((64, 64), np.uint8), [part])
+    assert store.request("coil-A", 7, part_key(part)) == "coil-A/7"
+    store.stop()
+    assert store.written == 1
     # a crop the agent never named is not served, even though the file exists
     assert c.get("/crops/coil-A/7.png").status_code == 404
     assert web.crops.note("coil-B", "coil-A/7") == "/crops/coil-A/7.png"  # the coil layer's COIL/TRACK_ID
@@ -147,7 +152,7 @@ def test_no_request_path_reaches_the_filesystem(client, agent_config, tmp_path):
     assert r.status_code == 200 and r.content.startswith(b"\x89PNG")  # no agent: the file
     assert "immutable" in r.headers["cache-control"]  # a page redrawing its table does not ask again
     web.crops.note("coil-A", 8)
-    assert c.get("/crops/coil-A/8.png").status_code == 404  # a symlink is never followed
+    assert c.get("/crops/coil-A/8.png").status_code == 404  # named, but the agent wrote none
     for coil, crop in (("..", 7), ("coil-A", "../x"), ("coil-A", "a/../../x"), ("coil-A", "x.png"),
                        ("coil-A", True), ("coil-A", 1.5), (None, 3), ("coil-A", "/7")):
         assert web.crops.note(coil, crop) is None, (coil, crop)

@@ -49,7 +49,8 @@ def test_bridge_needs_a_subscriber_key(tmp_path, running_agent, broker, procs):
     cam.send_coil("curve-coil", [(frame_with("bright", 8, 8), None)] * 3, mm_per_px_y=2.0)
     cam.close()
     assert consumer.wait(lambda c: any(t == "coilsight/good/cam0/summary" for t, _ in c.messages()), 30)
-    assert consumer.check(4)["unique"] == 4  # 3 defects + the summary, seqs 1..4
+    # 3 defects, 3 tracks (the three marks do not touch: the coil layer stitches none) and the summary
+    assert consumer.check(7)["unique"] == 7
     assert not [t for t, _ in consumer.messages() if t.startswith("coilsight/wrong/")]
     assert intruder.proc.poll() is None  # refused, not dead: it keeps trying, as a subscriber should
     consumer.close()

@@ -35,8 +35,15 @@ def load_from_onnx(net, onnx_path: Path, sample, wrapper, prefix: str = "net.") 
     from onnx import numpy_helper
     from torch import nn
 
+    onnx_path = Path(onnx_path)
     model = onnx.load(str(onnx_path))
     inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    for node in model.graph.node:  # folded weights used more than once may come as Constant nodes
+        if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
+            inits.setdefault(node.output[0], numpy_helper.to_array(node.attribute[0].t))
+    for node in model.graph.node:  # ... or through Identity nodes
+        if node.op_type == "Identity" and node.input[0] in inits:
+            inits.setdefault(node.output[0], inits[node.input[0]])
     state = net.state_dict()
     with torch.no_grad():
         for name, value in inits.items():  # tensors that kept their names (unfolded layers, heads, deform conv)
@@ -51,6 +58,14 @@ def load_from_onnx(net, onnx_path: Path, sample, wrapper, prefix: str = "net.") 
         modules = dict(net.named_modules())
         convs = [(n, m) for n, m in net.named_modules() if isinstance(m, nn.Conv2d)]
         nodes = _conv_nodes(model.graph)
+        def same(a, b) -> bool:
+            return len(a.input) == len(b.input) and all(
+                x == y or (x in inits and y in inits and np.array_equal(inits[x], inits[y]))
+                for x, y in zip(a.input[1:], b.input[1:]))
+
+        if len(convs) and len(nodes) > len(convs) and len(nodes) % len(convs) == 0 and all(
+                same(nodes[i], nodes[i % len(convs)]) for i in range(len(nodes))):
+            nodes = nodes[:len(convs)]  # the same net run several times in one graph (wafer's symmetries)
         if len(nodes) != len(convs):
             raise WeightRecoveryError(f"{onnx_path.name}: {len(nodes)} Conv nodes, the net has {len(convs)} Conv2d")
         folded = []

@@ -121,20 +121,43 @@ def composite(frame: np.ndarray, patches: list[tuple[int, np.ndarray]], rng: np.
     return np.clip(np.rint(img), 0, 255).astype(np.uint8), labels, boxes
 
 
-def frames(split: str, n_clean: int, n_pos: int, patches, k: int, seed: int = 0, start: int = 0
-           ) -> tuple[np.ndarray, np.ndarray]:
+def frames(split: str, n_clean: int, n_pos: int, patches, k: int, seed: int = 0, start: int = 0,
+           with_boxes: bool = False):
     """n_clean clean frames then n_pos composited ones (frame indices start.. of the split): uint8
-    [N, 256, 1600] and labels [N, k]. The positives use other frame indices than the negatives."""
+    [N, 256, 1600] and labels [N, k] (and, with_boxes, each frame's pasted boxes). The positives use
+    other frame indices than the negatives."""
     rng = np.random.default_rng([seed, SEEDS[split]])
-    imgs, labels = [], []
+    imgs, labels, boxes = [], [], []
     for i in range(n_clean):
         imgs.append(clean_frame(split, start + i))
         labels.append(np.zeros(k, np.float32))
+        boxes.append([])
     for i in range(n_pos):
-        img, lab, _ = composite(clean_frame(split, start + n_clean + i), patches, rng, k)
+        img, lab, b = composite(clean_frame(split, start + n_clean + i), patches, rng, k)
         imgs.append(img)
         labels.append(lab)
+        boxes.append(b)
+    if with_boxes:
+        return np.stack(imgs), np.stack(labels), boxes
     return np.stack(imgs), np.stack(labels)
+
+
+def cell_targets(boxes: list[list[tuple]], shape: tuple[int, int], cell: int) -> np.ndarray:
+    """Dense targets of the gate's logit map (cells of ``cell`` frame px): 1 where a pasted defect
+    covers at least a quarter of the cell, 255 (ignored) where it touches the cell less, else 0.
+    uint8 [N, h, w]."""
+    h, w = shape
+    out = np.zeros((len(boxes), h, w), np.uint8)
+    for n, frame_boxes in enumerate(boxes):
+        for _, x0, y0, x1, y1 in frame_boxes:
+            for r in range(max(0, y0 // cell), min(h, -(-y1 // cell))):
+                for c in range(max(0, x0 // cell), min(w, -(-x1 // cell))):
+                    ov = (min(y1, (r + 1) * cell) - max(y0, r * cell)) * (min(x1, (c + 1) * cell) - max(x0, c * cell))
+                    if ov >= 0.25 * cell * cell:
+                        out[n, r, c] = 1
+                    elif out[n, r, c] == 0:
+                        out[n, r, c] = 255
+    return out
 
 
 def pooled(x: np.ndarray, pool: int) -> np.ndarray:
@@ -193,7 +216,7 @@ def threshold_and_pass_rate(pos_scores: np.ndarray, clean_scores: np.ndarray, ta
 
 def train(out: Path, pack_dir: Path, data_root: Path, *, minutes: float = 20.0, steps: int = 4000,
           threads: int = 1, n_clean: int = 600, n_pos: int = 600, n_val: int = 200, batch: int = 8,
-          lr: float = 1e-3, seed: int = 0, command: str = "") -> dict[str, Any]:
+          lr: float = 1e-3, seed: int = 0, dense: float = 1.0, command: str = "") -> dict[str, Any]:
     """Fine-tune the pack's gate on whole textured frames (see the module doc); keeps best.pt, the
     weights with the lowest clean pass rate on val at the recall-target threshold."""
     import torch
@@ -215,12 +238,15 @@ def train(out: Path, pack_dir: Path, data_root: Path, *, minutes: float = 20.0, 
     def draw(split, nc, npos):
         ds = load_profile_dataset("steel", data_root, split)
         patches = defect_patches([ds[i] for i in range(len(ds))])
-        x, y = frames(split, nc, npos, patches, k, seed=seed)
-        return [pooled(x, pool), y]
+        x, y, b = frames(split, nc, npos, patches, k, seed=seed, with_boxes=True)
+        return [pooled(x, pool), y, cell_targets(b, (HEIGHT // cell, WIDTH // cell), cell)]
 
-    xs, ys = cached(out / f"train_{n_clean}_{n_pos}.npz", lambda: draw("train", n_clean, n_pos))
-    vx, vy = cached(out / f"val_{n_val}.npz", lambda: draw("val", n_val, n_val))
-    log.info("gate_strip_frames", train=len(xs), val=len(vx), seconds=round(time.monotonic() - t0, 1))
+    probe, _, _ = load_gate(pack_dir, pooled(clean_frame("val", 0)[None], pool))
+    with torch.no_grad():
+        cell = HEIGHT // int(probe.pooled_logit_map(torch.zeros(1, 1, HEIGHT // pool, WIDTH // pool)).shape[2])
+    xs, ys, cs = cached(out / f"train_{n_clean}_{n_pos}_cells.npz", lambda: draw("train", n_clean, n_pos))
+    vx, vy, _ = cached(out / f"val_{n_val}_cells.npz", lambda: draw("val", n_val, n_val))
+    log.info("gate_strip_frames", train=len(xs), val=len(vx), cell=cell, seconds=round(time.monotonic() - t0, 1))
     gate, _, diff = load_gate(pack_dir, vx[:16])
     log.info("gate_strip_weights_from_pack", max_abs_diff=diff)
     vpos = vy.max(axis=1) > 0
@@ -240,18 +266,27 @@ def train(out: Path, pack_dir: Path, data_root: Path, *, minutes: float = 20.0, 
     step = 0
     for step in range(1, steps + 1):
         idx = np.concatenate([rng.choice(pos_idx, batch // 2), rng.choice(neg_idx, batch - batch // 2)])
-        xb = xs[idx]
+        xb, cb = xs[idx], cs[idx]
         if rng.random() < 0.5:
-            xb = xb[..., ::-1]
+            xb, cb = xb[..., ::-1], cb[..., ::-1]
         if rng.random() < 0.5:
-            xb = xb[..., ::-1, :]
+            xb, cb = xb[..., ::-1, :], cb[..., ::-1, :]
         for g in opt.param_groups:
             g["lr"] = learning_rate(lr, step - 1, steps, (time.monotonic() - t_train) / 60.0, minutes)
         gate.train()
-        logits = gate.pooled_logit_map(torch.from_numpy(np.ascontiguousarray(xb))).amax(dim=(2, 3))  # [B, K]
+        lmap = gate.pooled_logit_map(torch.from_numpy(np.ascontiguousarray(xb)))  # [B, K, h, w]
+        logits = lmap.amax(dim=(2, 3))
         yb = torch.from_numpy(ys[idx])
         loss = F.binary_cross_entropy_with_logits(logits, yb) + F.binary_cross_entropy_with_logits(
             logits.amax(dim=1), yb.amax(dim=1))  # per class, and the frame's score the gate is read by
+        # dense: every cell of the any-defect map, positives and negatives weighed apart (a gradient for
+        # every cell, not only the frame's maximum)
+        if dense > 0:
+            t = torch.from_numpy(np.ascontiguousarray(cb))
+            cell_bce = F.binary_cross_entropy_with_logits(lmap.amax(dim=1), (t == 1).float(), reduction="none")
+            pos_c, neg_c = t == 1, t == 0
+            loss = loss + dense * ((cell_bce * pos_c).sum() / pos_c.sum().clamp(min=1)
+                                   + (cell_bce * neg_c).sum() / neg_c.sum().clamp(min=1))
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -270,7 +305,7 @@ def train(out: Path, pack_dir: Path, data_root: Path, *, minutes: float = 20.0, 
             "mean": doc["input"]["mean"], "std": doc["input"]["std"], "seeds": SEEDS,
             "frames_per_coil": FRAMES_PER_COIL, "stains_per_frame": STAINS_PER_FRAME,
             "train_frames": {"clean": n_clean, "composited": n_pos}, "val_frames": {"clean": n_val, "composited": n_val},
-            "steps": step, "batch": batch, "lr": lr, "seed": seed, "threads": threads,
+            "steps": step, "batch": batch, "lr": lr, "seed": seed, "threads": threads, "dense": dense,
             "minutes": round((time.monotonic() - t0) / 60.0, 2), "start": start, "best": best, "history": history,
             "command": command}
     write_json(out / "meta.json", meta)
@@ -394,7 +429,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--n", type=int, default=400, help="val (and test) frames of each kind for measure/ship")
     a = p.parse_args(argv)
-    command = "python -m training.gate_strip " + " ".join(argv if argv is not None else sys.argv[1:])
+    args = list(argv if argv is not None else sys.argv[1:])
+    # no machine paths in what the pack records: the run folder as RUN, the data root as $COILSIGHT_DATA_ROOT
+    named = {str(a.run): "RUN", str(a.data_root): "$COILSIGHT_DATA_ROOT"}
+    command = "python -m training.gate_strip " + " ".join(named.get(x, x) for x in args)
     try:
         if a.what == "train":
             m = train(a.run, a.pack, a.data_root, minutes=a.minutes, steps=a.steps, threads=a.threads, command=command)
@@ -409,7 +447,10 @@ def main(argv: list[str] | None = None) -> int:
             if figures["pass_rate_clean"] > 0.2 or test["pass_rate_clean"] > 0.2 or figures["recall"] < RECALL_TARGET:
                 print("not shipped: the targets (val recall >= 0.99, clean pass rate <= 0.2) are not met", file=sys.stderr)
                 return 1
-            ship(a.run, a.pack, figures, candidate, command)
+            trained = json.loads((a.run / "meta.json").read_text())["command"]
+            for path, name in named.items():
+                trained = trained.replace(path, name)
+            ship(a.run, a.pack, figures, candidate, trained)
             print(f"shipped {a.pack / 'gate.onnx'}")
         return 0
     except (GateStripError, OSError, ValueError) as exc:

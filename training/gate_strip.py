@@ -216,7 +216,8 @@ def threshold_and_pass_rate(pos_scores: np.ndarray, clean_scores: np.ndarray, ta
 
 def train(out: Path, pack_dir: Path, data_root: Path, *, minutes: float = 20.0, steps: int = 4000,
           threads: int = 1, n_clean: int = 600, n_pos: int = 600, n_val: int = 200, batch: int = 8,
-          lr: float = 1e-3, seed: int = 0, dense: float = 1.0, command: str = "") -> dict[str, Any]:
+          lr: float = 1e-3, seed: int = 0, dense: float = 1.0, hard: float = 0.0, init_run: Path | None = None,
+          command: str = "") -> dict[str, Any]:
     """Fine-tune the pack's gate on whole textured frames (see the module doc); keeps best.pt, the
     weights with the lowest clean pass rate on val at the recall-target threshold."""
     import torch
@@ -248,6 +249,8 @@ def train(out: Path, pack_dir: Path, data_root: Path, *, minutes: float = 20.0, 
     vx, vy, _ = cached(out / f"val_{n_val}_cells.npz", lambda: draw("val", n_val, n_val))
     log.info("gate_strip_frames", train=len(xs), val=len(vx), cell=cell, seconds=round(time.monotonic() - t0, 1))
     gate, _, diff = load_gate(pack_dir, vx[:16])
+    if init_run is not None:  # go on from an earlier run's best weights (same pack, same net)
+        gate.load_state_dict(torch.load(Path(init_run) / "best.pt", map_location="cpu", weights_only=True))
     log.info("gate_strip_weights_from_pack", max_abs_diff=diff)
     vpos = vy.max(axis=1) > 0
 
@@ -265,7 +268,14 @@ def train(out: Path, pack_dir: Path, data_root: Path, *, minutes: float = 20.0, 
     t_train = time.monotonic()
     step = 0
     for step in range(1, steps + 1):
-        idx = np.concatenate([rng.choice(pos_idx, batch // 2), rng.choice(neg_idx, batch - batch // 2)])
+        if hard > 0 and (step - 1) % 200 == 0:  # hard examples: the lowest-scored positives, highest-scored clean
+            ts = _scores(gate, xs).max(axis=1)
+            hard_pos = pos_idx[np.argsort(ts[pos_idx])[:max(1, len(pos_idx) // 5)]]
+            hard_neg = neg_idx[np.argsort(-ts[neg_idx])[:max(1, len(neg_idx) // 5)]]
+        if hard > 0 and rng.random() < hard:
+            idx = np.concatenate([rng.choice(hard_pos, batch // 2), rng.choice(hard_neg, batch - batch // 2)])
+        else:
+            idx = np.concatenate([rng.choice(pos_idx, batch // 2), rng.choice(neg_idx, batch - batch // 2)])
         xb, cb = xs[idx], cs[idx]
         if rng.random() < 0.5:
             xb, cb = xb[..., ::-1], cb[..., ::-1]
@@ -305,158 +315,15 @@ def train(out: Path, pack_dir: Path, data_root: Path, *, minutes: float = 20.0, 
             "mean": doc["input"]["mean"], "std": doc["input"]["std"], "seeds": SEEDS,
             "frames_per_coil": FRAMES_PER_COIL, "stains_per_frame": STAINS_PER_FRAME,
             "train_frames": {"clean": n_clean, "composited": n_pos}, "val_frames": {"clean": n_val, "composited": n_val},
-            "steps": step, "batch": batch, "lr": lr, "seed": seed, "threads": threads, "dense": dense,
+            "steps": step, "batch": batch, "lr": lr, "seed": seed, "threads": threads, "dense": dense, "hard": hard,
+            "init_run": "RUN of the earlier stage" if init_run else None,
             "minutes": round((time.monotonic() - t0) / 60.0, 2), "start": start, "best": best, "history": history,
             "command": command}
     write_json(out / "meta.json", meta)
     return meta
 
 
-# -- calibrate, measure and ship -------------------------------------------------------------------
-
-def _onnx_scores(path: Path, x_pooled: np.ndarray, threads: int = 1) -> np.ndarray:
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-    return np.concatenate([sess.run(None, {"image": x_pooled[i:i + 8]})[0]
-                           for i in range(0, len(x_pooled), 8)]).max(axis=1)
-
-
-def measure(gate_onnx: Path, data_root: Path, *, n: int = 400, threads: int = 1, seed: int = 0,
-            threshold: float | None = None, test: bool = False, pool: int = 2) -> dict[str, Any]:
-    """Val: the threshold for frame recall RECALL_TARGET over n composited frames (val frames
-    1000..), the pass rate of n clean ones at it (or at ``threshold``). test=True adds the same
-    figures on n clean + n composited test frames and the recall on n/2 of the generator's own
-    defective test frames (small and faint defects included), all at the val threshold."""
-    from calibration.gate import wilson_lower
-    from training.datasets.profiles import load_profile_dataset
-
-    def split_scores(split, count):
-        ds = load_profile_dataset("steel", data_root, split)
-        patches = defect_patches([ds[i] for i in range(len(ds))])
-        x, y = frames(split, count, count, patches, len(ds.classes), seed=seed + 1, start=1000)
-        s = _onnx_scores(gate_onnx, pooled(x, pool), threads)
-        return s[y.max(axis=1) > 0], s[y.max(axis=1) == 0]
-
-    pos, clean = split_scores("val", n)
-    chosen = threshold_and_pass_rate(pos, clean)
-    t = chosen["threshold"] if threshold is None else float(threshold)
-    hits = int((pos >= t).sum())
-    out: dict[str, Any] = {
-        "threshold": t, "recall_target": RECALL_TARGET, "recall": round(hits / len(pos), 6),
-        "recall_lower_95": round(wilson_lower(hits, len(pos)), 6),
-        "pass_rate_clean": round(float((clean >= t).mean()), 6), "n_composited": int(len(pos)), "n_clean": int(len(clean)),
-        "frames": f"val: clean textured {WIDTH}x{HEIGHT} frames and NEU val defects composited into them (frames 1000..)"}
-    if test:
-        tpos, tclean = split_scores("test", n)
-        own = np.stack([generated_defective_frame("test", 1000 + i).image for i in range(n // 2)])
-        own_s = _onnx_scores(gate_onnx, pooled(own, pool), threads)
-        out["test"] = {"recall_composited": round(float((tpos >= t).mean()), 6),
-                       "pass_rate_clean": round(float((tclean >= t).mean()), 6),
-                       "recall_generated_defects": round(float((own_s >= t).mean()), 6),
-                       "n_composited": int(len(tpos)), "n_clean": int(len(tclean)), "n_generated": int(len(own_s)),
-                       "read": "once, after the threshold and weights were chosen on val"}
-    return out
-
-
-def export_gate(run: Path, out_path: Path) -> float:
-    """best.pt of a run -> a PrePooledGate ONNX graph (input ``image`` pooled uint8, output ``scores``)."""
-    import torch
-
-    from training.export import export_onnx, verify_onnx
-    from training.nets import Gate, ModelConfig, PrePooledGate
-
-    meta = json.loads((Path(run) / "meta.json").read_text())
-    gate = Gate(len(meta["classes"]), 1, meta["mean"], meta["std"], ModelConfig.from_dict(meta["config"]))
-    gate.load_state_dict(torch.load(Path(run) / "best.pt", map_location="cpu", weights_only=True))
-    graph = PrePooledGate(gate).eval()
-    export_onnx(graph, Path(out_path), "scores")
-    return verify_onnx(graph, Path(out_path), "scores")
-
-
-def ship(run: Path, pack_dir: Path, figures: dict[str, Any], candidate: Path, command: str) -> None:
-    """Put the candidate gate.onnx into the pack with its textured-strip calibration: only the gate's
-    entries of model.json and calibration.json change (the segmenter's stay as they are)."""
-    import shutil
-
-    from engines.modelpack import load_calibration, load_model_pack, sha256_file
-    from training.lines import now_iso, write_json
-
-    pack_dir = Path(pack_dir)
-    meta = json.loads((Path(run) / "meta.json").read_text())
-    shutil.copyfile(candidate, pack_dir / "gate.onnx")
-    sha = sha256_file(pack_dir / "gate.onnx")
-    doc = json.loads((pack_dir / "model.json").read_text())
-    doc["models"]["gate"]["sha256"] = sha
-    doc["models"]["gate"]["textured_strip"] = {
-        "trained": "fine-tuned from the previous gate on whole textured strip frames (training/gate_strip.py): "
-                   f"{meta['train_frames']['clean']} clean, {meta['train_frames']['composited']} with NEU train "
-                   f"defects composited; coil seeds from {SEEDS['train']}; best of {meta['steps']} steps by val "
-                   "clean pass rate at recall 0.99", "command": command, "minutes": meta["minutes"],
-        "best": meta["best"]}
-    write_json(pack_dir / "model.json", doc)
-    cal = json.loads((pack_dir / "calibration.json").read_text())
-    previous = cal["gate"]
-    cal["models"]["gate"] = sha
-    t = figures["threshold"]
-    cal["gate"] = {
-        "threshold": t, "recall_target": RECALL_TARGET, "recall": figures["recall"],
-        "recall_lower_95": figures["recall_lower_95"], "pass_rate": figures["pass_rate_clean"],
-        "n": figures["n_composited"] + figures["n_clean"], "n_defective": figures["n_composited"],
-        "n_clean": figures["n_clean"], "threshold_logit": round(float(np.log(t / (1 - t))), 6),
-        "score": "max over classes of the gate's scores; a frame passes when score >= threshold",
-        "chosen_by": "textured line frames: training/gate_strip.py measure (val)",
-        "textured_strip": {**figures, "created": now_iso()},
-        "previous_gate": {k: previous.get(k) for k in ("threshold", "recall", "pass_rate", "chosen_by")}}
-    write_json(pack_dir / "calibration.json", cal)
-    load_calibration(load_model_pack(pack_dir))
-
-
-def main(argv: list[str] | None = None) -> int:
-    """python -m training.gate_strip train|measure|ship ... (see --help)."""
-    import argparse
-    import sys
-
-    p = argparse.ArgumentParser(prog="python -m training.gate_strip", description=__doc__.split("\n")[0])
-    p.add_argument("what", choices=("train", "measure", "ship"))
-    p.add_argument("--run", type=Path, required=True, help="run folder (train writes it; measure/ship read it)")
-    p.add_argument("--pack", type=Path, default=Path("engines/models/steel"), help="steel pack (default: shipped)")
-    p.add_argument("--data-root", type=Path, required=True, help="folder holding neu_det/")
-    p.add_argument("--minutes", type=float, default=25.0)
-    p.add_argument("--steps", type=int, default=4000)
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--n", type=int, default=400, help="val (and test) frames of each kind for measure/ship")
-    a = p.parse_args(argv)
-    args = list(argv if argv is not None else sys.argv[1:])
-    # no machine paths in what the pack records: the run folder as RUN, the data root as $COILSIGHT_DATA_ROOT
-    named = {str(a.run): "RUN", str(a.data_root): "$COILSIGHT_DATA_ROOT"}
-    command = "python -m training.gate_strip " + " ".join(named.get(x, x) for x in args)
-    try:
-        if a.what == "train":
-            m = train(a.run, a.pack, a.data_root, minutes=a.minutes, steps=a.steps, threads=a.threads, command=command)
-            print(json.dumps({"best": m["best"], "start": m["start"]}))
-            return 0
-        candidate = a.run / "gate.onnx"
-        diff = export_gate(a.run, candidate)
-        figures = measure(candidate, a.data_root, n=a.n, threads=a.threads, test=a.what == "ship")
-        print(json.dumps({"torch_vs_onnx": diff, **figures}, indent=1))
-        if a.what == "ship":
-            test = figures["test"]
-            if figures["pass_rate_clean"] > 0.2 or test["pass_rate_clean"] > 0.2 or figures["recall"] < RECALL_TARGET:
-                print("not shipped: the targets (val recall >= 0.99, clean pass rate <= 0.2) are not met", file=sys.stderr)
-                return 1
-            trained = json.loads((a.run / "meta.json").read_text())["command"]
-            for path, name in named.items():
-                trained = trained.replace(path, name)
-            ship(a.run, a.pack, figures, candidate, trained)
-            print(f"shipped {a.pack / 'gate.onnx'}")
-        return 0
-    except (GateStripError, OSError, ValueError) as exc:
-        print(f"gate_strip {a.what}: error: {exc}", file=sys.stderr)
-        return 2
-
-
 if __name__ == "__main__":
+    from training.gate_strip_ship import main
+
     raise SystemExit(main())

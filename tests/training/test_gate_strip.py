@@ -70,7 +70,9 @@ def test_ship_changes_only_the_gate_entries(tmp_path):
     shutil.copyfile(pack / "gate.onnx", candidate)
     figures = {"threshold": 0.8, "recall": 0.99, "recall_lower_95": 0.97, "pass_rate_clean": 0.1, "n_composited": 100,
                "n_clean": 100}
-    gate_strip.ship(run, pack, figures, candidate, "cmd")
+    from training.gate_strip_ship import ship
+
+    ship(run, pack, figures, candidate, "cmd")
     model, cal = (json.loads((pack / f).read_text()) for f in ("model.json", "calibration.json"))
     assert model["models"]["seg"] == before_model["models"]["seg"] and model["training"] == before_model["training"]
     assert model["models"]["gate"]["textured_strip"]["command"] == "cmd"

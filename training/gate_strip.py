@@ -121,25 +121,44 @@ def composite(frame: np.ndarray, patches: list[tuple[int, np.ndarray]], rng: np.
     return np.clip(np.rint(img), 0, 255).astype(np.uint8), labels, boxes
 
 
+def visibility(clean: np.ndarray, pasted: np.ndarray, boxes) -> float:
+    """How visible the most visible pasted defect of a frame is: over each box, the 95th percentile of
+    the change the paste made, over the std of the clean frame's fine texture there (the frame minus
+    its Gaussian blur, sigma 4 px). Under ~1 the defect hides in the texture; 0 for a clean frame."""
+    if not boxes:
+        return 0.0
+    c = clean.astype(np.float32)
+    fine = c - cv2.GaussianBlur(c, (0, 0), 4.0)
+    delta = np.abs(pasted.astype(np.float32) - c)
+    return float(max(np.percentile(delta[y0:y1, x0:x1], 95) / max(float(fine[y0:y1, x0:x1].std()), 0.5)
+                     for _, x0, y0, x1, y1 in boxes))
+
+
 def frames(split: str, n_clean: int, n_pos: int, patches, k: int, seed: int = 0, start: int = 0,
-           with_boxes: bool = False):
+           with_boxes: bool = False, with_visibility: bool = False):
     """n_clean clean frames then n_pos composited ones (frame indices start.. of the split): uint8
-    [N, 256, 1600] and labels [N, k] (and, with_boxes, each frame's pasted boxes). The positives use
-    other frame indices than the negatives."""
+    [N, 256, 1600] and labels [N, k] (and, with_boxes, each frame's pasted boxes; with_visibility,
+    each frame's ``visibility``). The positives use other frame indices than the negatives."""
     rng = np.random.default_rng([seed, SEEDS[split]])
-    imgs, labels, boxes = [], [], []
+    imgs, labels, boxes, vis = [], [], [], []
     for i in range(n_clean):
         imgs.append(clean_frame(split, start + i))
         labels.append(np.zeros(k, np.float32))
         boxes.append([])
+        vis.append(0.0)
     for i in range(n_pos):
-        img, lab, b = composite(clean_frame(split, start + n_clean + i), patches, rng, k)
+        clean = clean_frame(split, start + n_clean + i)
+        img, lab, b = composite(clean, patches, rng, k)
         imgs.append(img)
         labels.append(lab)
         boxes.append(b)
+        vis.append(visibility(clean, img, b) if with_visibility else 0.0)
+    out = [np.stack(imgs), np.stack(labels)]
     if with_boxes:
-        return np.stack(imgs), np.stack(labels), boxes
-    return np.stack(imgs), np.stack(labels)
+        out.append(boxes)
+    if with_visibility:
+        out.append(np.array(vis, np.float32))
+    return tuple(out)
 
 
 def cell_targets(boxes: list[list[tuple]], shape: tuple[int, int], cell: int) -> np.ndarray:

@@ -30,23 +30,45 @@ def _onnx_scores(path: Path, x_pooled: np.ndarray, threads: int = 1) -> np.ndarr
                            for i in range(0, len(x_pooled), 8)]).max(axis=1)
 
 
+def _by_visibility(pos: np.ndarray, clean: np.ndarray, vis: np.ndarray) -> list[dict[str, Any]]:
+    """The recall-target threshold and clean pass rate over the positives at least this visible
+    (training.gate_strip.visibility): how much of the pass rate the faintest pastes cost."""
+    rows = []
+    for floor in (0.0, 1.0, 1.5, 2.0, 3.0):
+        keep = vis >= floor
+        if keep.sum() >= 20:
+            rows.append({"visibility_at_least": floor, "positives": int(keep.sum()),
+                         **{k: v for k, v in threshold_and_pass_rate(pos[keep], clean).items()
+                            if k in ("threshold", "pass_rate_clean")}})
+    return rows
+
+
 def measure(gate_onnx: Path, data_root: Path, *, n: int = 400, threads: int = 1, seed: int = 0,
-            threshold: float | None = None, test: bool = False, pool: int = 2) -> dict[str, Any]:
+            threshold: float | None = None, test: bool = False, pool: int = 2, cache: Path | None = None
+            ) -> dict[str, Any]:
     """Val: the threshold for frame recall RECALL_TARGET over n composited frames (val frames
     1000..), the pass rate of n clean ones at it (or at ``threshold``). test=True adds the same
     figures on n clean + n composited test frames and the recall on n/2 of the generator's own
-    defective test frames (small and faint defects included), all at the val threshold."""
+    defective test frames (small and faint defects included), all at the val threshold. ``cache``:
+    a folder keeping the pooled frames, so two gates are measured on the very same frames."""
     from calibration.gate import wilson_lower
     from training.datasets.profiles import load_profile_dataset
+    from training.lines import cached
 
     def split_scores(split, count):
-        ds = load_profile_dataset("steel", data_root, split)
-        patches = defect_patches([ds[i] for i in range(len(ds))])
-        x, y = frames(split, count, count, patches, len(ds.classes), seed=seed + 1, start=1000)
-        s = _onnx_scores(gate_onnx, pooled(x, pool), threads)
-        return s[y.max(axis=1) > 0], s[y.max(axis=1) == 0]
+        def draw():
+            ds = load_profile_dataset("steel", data_root, split)
+            patches = defect_patches([ds[i] for i in range(len(ds))])
+            x, y, vis = frames(split, count, count, patches, len(ds.classes), seed=seed + 1, start=1000,
+                               with_visibility=True)
+            return [pooled(x, pool), y, vis]
 
-    pos, clean = split_scores("val", n)
+        x, y, vis = cached(Path(cache) / f"measure_{split}_{count}_{seed}.npz", draw) if cache else draw()
+        s = _onnx_scores(gate_onnx, x, threads)
+        pos = y.max(axis=1) > 0
+        return s[pos], s[~pos], vis[pos]
+
+    pos, clean, vis = split_scores("val", n)
     chosen = threshold_and_pass_rate(pos, clean)
     t = chosen["threshold"] if threshold is None else float(threshold)
     hits = int((pos >= t).sum())
@@ -54,11 +76,15 @@ def measure(gate_onnx: Path, data_root: Path, *, n: int = 400, threads: int = 1,
         "threshold": t, "recall_target": RECALL_TARGET, "recall": round(hits / len(pos), 6),
         "recall_lower_95": round(wilson_lower(hits, len(pos)), 6),
         "pass_rate_clean": round(float((clean >= t).mean()), 6), "n_composited": int(len(pos)), "n_clean": int(len(clean)),
-        "frames": f"val: clean textured {WIDTH}x{HEIGHT} frames and NEU val defects composited into them (frames 1000..)"}
+        "frames": f"val: clean textured {WIDTH}x{HEIGHT} frames and NEU val defects composited into them (frames 1000..)",
+        "positives_by_visibility": _by_visibility(pos, clean, vis)}
     if test:
-        tpos, tclean = split_scores("test", n)
-        own = np.stack([generated_defective_frame("test", 1000 + i).image for i in range(n // 2)])
-        own_s = _onnx_scores(gate_onnx, pooled(own, pool), threads)
+        tpos, tclean, _ = split_scores("test", n)
+        def draw_own():
+            return [pooled(np.stack([generated_defective_frame("test", 1000 + i).image for i in range(n // 2)]), pool)]
+
+        own, = cached(Path(cache) / f"measure_own_{n // 2}.npz", draw_own) if cache else draw_own()
+        own_s = _onnx_scores(gate_onnx, own, threads)
         out["test"] = {"recall_composited": round(float((tpos >= t).mean()), 6),
                        "pass_rate_clean": round(float((tclean >= t).mean()), 6),
                        "recall_generated_defects": round(float((own_s >= t).mean()), 6),
@@ -153,7 +179,11 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         candidate = a.run / "gate.onnx"
         diff = export_gate(a.run, candidate)
-        figures = measure(candidate, a.data_root, n=a.n, threads=a.threads, test=a.what == "ship")
+        figures = measure(candidate, a.data_root, n=a.n, threads=a.threads, test=a.what == "ship", cache=a.run)
+        before = measure(a.pack / "gate.onnx", a.data_root, n=a.n, threads=a.threads, test=a.what == "ship", cache=a.run)
+        figures["pack_gate_before"] = {k: before[k] for k in ("threshold", "recall", "pass_rate_clean")}
+        if "test" in before:
+            figures["pack_gate_before"]["test"] = before["test"]
         print(json.dumps({"torch_vs_onnx": diff, **figures}, indent=1))
         if a.what == "ship":
             test = figures["test"]

@@ -79,3 +79,14 @@ def test_ship_changes_only_the_gate_entries(tmp_path):
     assert cal["classes"] == before_cal["classes"] and cal["models"]["seg"] == before_cal["models"]["seg"]
     assert cal["gate"]["threshold"] == 0.8 and cal["gate"]["pass_rate"] == 0.1
     assert cal["gate"]["previous_gate"]["threshold"] == before_cal["gate"]["threshold"]
+
+
+def test_visibility_grows_with_the_pasted_contrast():
+    frame = gate_strip.clean_frame("val", 5)
+    assert gate_strip.visibility(frame, frame, []) == 0.0
+    patches = gate_strip.defect_patches([_sample()])
+    out, _, boxes = gate_strip.composite(frame, patches, np.random.default_rng(1), 6, n=1)
+    faint = [(0, [(c, p * 0.1) for c, p in patches][0][1])]
+    out_faint, _, boxes_faint = gate_strip.composite(frame, [(2, faint[0][1])], np.random.default_rng(1), 6, n=1)
+    assert boxes == boxes_faint  # same draws, a tenth of the contrast
+    assert gate_strip.visibility(frame, out, boxes) > 3 * gate_strip.visibility(frame, out_faint, boxes_faint)

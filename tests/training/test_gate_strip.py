@@ -90,3 +90,12 @@ def test_visibility_grows_with_the_pasted_contrast():
     out_faint, _, boxes_faint = gate_strip.composite(frame, [(2, faint[0][1])], np.random.default_rng(1), 6, n=1)
     assert boxes == boxes_faint  # same draws, a tenth of the contrast
     assert gate_strip.visibility(frame, out, boxes) > 3 * gate_strip.visibility(frame, out_faint, boxes_faint)
+
+
+def test_recall_curve_pass_rate_falls_with_the_recall_target():
+    from training.gate_strip_ship import _recall_curve
+
+    rows = _recall_curve(np.linspace(0.0, 1.0, 200), np.linspace(0.0, 0.5, 100))
+    assert [r["recall_target"] for r in rows] == [0.9, 0.95, 0.97, 0.98, 0.99]
+    rates = [r["pass_rate_clean"] for r in rows]
+    assert rates == sorted(rates) and rates[0] == 0.0 and rates[-1] > 0.9

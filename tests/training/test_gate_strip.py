@@ -95,7 +95,7 @@ def test_visibility_grows_with_the_pasted_contrast():
 def test_recall_curve_pass_rate_falls_with_the_recall_target():
     from training.gate_strip_ship import _recall_curve
 
-    rows = _recall_curve(np.linspace(0.0, 1.0, 200), np.linspace(0.0, 0.5, 100))
+    rows = _recall_curve(np.linspace(0.0, 1.0, 200), np.linspace(0.0, 0.05, 100))
     assert [r["recall_target"] for r in rows] == [0.9, 0.95, 0.97, 0.98, 0.99]
     rates = [r["pass_rate_clean"] for r in rows]
-    assert rates == sorted(rates) and rates[0] == 0.0 and rates[-1] > 0.9
+    assert rates == sorted(rates) and rates[0] == 0.0 and rates[-1] > 0.5

@@ -302,9 +302,15 @@ def _f1(tp, fp, fn):
 
 
 def calibrate(line: SegLine, pack_dir: Path, *, n: int = 120, threads: int = 2,
-              pixel_grid=(0.3, 0.4, 0.5, 0.6, 0.7, 0.8), area_grid=(0, 8, 16, 32, 64)) -> dict[str, Any]:
+              pixel_grid=(0.3, 0.4, 0.5, 0.6, 0.7, 0.8), area_grid=(0, 8, 16, 32, 64),
+              gate_below_classes: bool = False) -> dict[str, Any]:
     """Gate threshold for frame recall RECALL_TARGET, per class the (pixel threshold, min area) with the best
-    defect-level F1 on the val seed's frames."""
+    defect-level F1 on the val seed's frames.
+
+    ``gate_below_classes``: the class thresholds are chosen without the gate, and the gate threshold is
+    then the lower of the recall threshold and the lowest class pixel threshold, so the gate never hides
+    a defect the segmenter reports (the gate is the segmenter's per-class maximum, so a frame with a
+    component over its class's threshold always passes)."""
     from engines.modelpack import ClassThreshold
 
     pack = load_model_pack(pack_dir)
@@ -314,7 +320,8 @@ def calibrate(line: SegLine, pack_dir: Path, *, n: int = 120, threads: int = 2,
     scores, probs = run_pack(pack_dir, frames, threads)
     stride = pack.seg.output_stride
     defective = np.array([bool(t) for t in truth])
-    gate_t = gate_threshold_for_recall(defective, scores.max(axis=1), RECALL_TARGET)
+    gate_recall_t = gate_threshold_for_recall(defective, scores.max(axis=1), RECALL_TARGET)
+    gate_t = 0.0 if gate_below_classes else gate_recall_t
     k = len(pack.classes)
     classes = {}
     for c, name in enumerate(pack.classes):
@@ -337,11 +344,16 @@ def calibrate(line: SegLine, pack_dir: Path, *, n: int = 120, threads: int = 2,
         classes[name] = {"pixel_threshold": t, "min_area_px": a, "defect_f1": round(f1, 6), "tp": tp, "fp": fp,
                          "fn": fn, "n_positive_images": int(sum(any(cl == c for cl, _ in tr) for tr in truth)),
                          "n_images": n, "calibrated": True}
+    chosen_by = "frames"
+    if gate_below_classes:
+        gate_t = min(gate_recall_t, min(c["pixel_threshold"] for c in classes.values()))
+        chosen_by = (f"frames, capped at the lowest class pixel threshold (recall threshold {gate_recall_t:.6g}), so "
+                     "the gate never hides a reported defect")
     doc = {"format": 1, "profile": line.profile, "models": {r: m.sha256 for r, m in pack.models.items()},
            "gate": {"threshold": gate_t, "recall_target": RECALL_TARGET,
                     **gate_figures(defective, scores.max(axis=1), gate_t),
                     "score": "max over classes of the gate's scores; a frame passes when score >= threshold",
-                    "chosen_by": "frames"},
+                    "chosen_by": chosen_by},
            "classes": classes,
            "data": {"generator": line.data, "split": "val", "seed": line.seeds["val"], "frames": n,
                     "match": f"defect boxes at IoU >= {line.iou}"},

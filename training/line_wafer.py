@@ -66,7 +66,13 @@ def train(out: Path, *, seed: int = 0, minutes: float = 8.0, threads: int = 2, s
     xs, ys, vx, vy = cached(out / f"pool_{pool}_{val}.npz", lambda: [*maps("train", pool), *maps("val", val)])
     log.info("wafer_maps_generated", train=len(xs), val=len(vx), seconds=round(time.monotonic() - t0, 1))
     net = WaferNet(len(WAFER_PATTERNS), width=width, deformable=deformable, mean=MEAN, std=STD)
-    if init_from is not None:  # continue an earlier run's best weights with a fresh schedule
+    if init_from is not None and (Path(init_from) / "gate.onnx").is_file():  # a shipped pack: its ONNX weights
+        from training.nets_lines import WaferExport
+        from training.onnx_weights import load_from_onnx
+
+        diff = load_from_onnx(net, Path(init_from) / "gate.onnx", vx[:512, None], WaferExport(net))
+        log.info("wafer_weights_from_pack", pack=str(init_from), max_abs_diff=diff)
+    elif init_from is not None:  # continue an earlier run's best weights with a fresh schedule
         net.load_state_dict(torch.load(Path(init_from) / "best.pt", map_location="cpu", weights_only=True))
     opt = torch.optim.AdamW(net.parameters(), lr=3e-3, weight_decay=1e-4)
     loss_fn = torch.nn.BCEWithLogitsLoss()
@@ -114,8 +120,9 @@ def _val(net, vx: np.ndarray, vy: np.ndarray) -> tuple[float, float]:
     return round(em, 4), round(float(f1_scores(vy, pred)["f1"].mean()), 4)
 
 
-def export(run: Path, out: Path) -> dict[str, Any]:
-    """gate.onnx (scores + cam) and model.json, checked against torch on generated maps."""
+def export(run: Path, out: Path, symmetries: int = 8) -> dict[str, Any]:
+    """gate.onnx (scores + cam) and model.json, checked against torch on generated maps. ``symmetries=8``:
+    the graph's scores are the mean over the 8 symmetries of the square (training/nets_lines.WaferExport)."""
     import warnings
 
     import onnx
@@ -134,7 +141,7 @@ def export(run: Path, out: Path) -> dict[str, Any]:
     net = WaferNet(len(meta["classes"]), width=meta.get("width", 32), deformable=meta["deformable"], mean=meta["mean"],
                    std=meta["std"])
     net.load_state_dict(torch.load(run / "best.pt", map_location="cpu", weights_only=True))
-    model = WaferExport(net).eval()
+    model = WaferExport(net, symmetries).eval()
     out.mkdir(parents=True, exist_ok=True)
     path = out / "gate.onnx"
     x, _ = maps("val", 4)
@@ -169,7 +176,9 @@ def export(run: Path, out: Path) -> dict[str, Any]:
             "epochs_run": f"{meta['steps']} steps of {meta['batch']}", "best": meta["best"],
             "model_size": "WaferNet deformable" if meta["deformable"] else "WaferNet standard-conv fallback",
             "model_config": {"deformable": meta["deformable"], "width": meta.get("width", 32), "onnx_opset": ONNX_OPSET,
-                             "onnx_ops": ops},
+                             "onnx_ops": ops, "symmetries": symmetries,
+                             "scores": "mean of the 8 symmetries' scores; CAM of the map as sent" if symmetries == 8
+                             else "one pass"},
         },
         "max_abs_diff": {"gate": diff},
     }
@@ -193,17 +202,40 @@ def _run_pack(pack_dir: Path, x: np.ndarray, threads: int = 2) -> tuple[np.ndarr
     return np.concatenate(scores), np.concatenate(cams)
 
 
-def calibrate(pack_dir: Path, *, n: int = 2000, threads: int = 2) -> dict[str, Any]:
-    """Per-pattern score thresholds (best F1 on val maps); the gate threshold is the lowest of them, so a
-    wafer with any pattern over its threshold gets an event and every other wafer is gated out."""
+def exact_match_thresholds(truth: np.ndarray, scores: np.ndarray, start: np.ndarray, rounds: int = 3,
+                           grid: np.ndarray | None = None) -> tuple[np.ndarray, float]:
+    """Per-pattern thresholds with the best exact-match accuracy (all labels of a map right), by
+    coordinate ascent from ``start``: each round sets each pattern's threshold to the best on ``grid``
+    with the others held (ties: the middle of the tied run). Returns the thresholds and their accuracy."""
+    grid = np.round(np.arange(0.05, 0.951, 0.01), 2) if grid is None else grid
+    t = np.array(start, dtype=float)
+    for _ in range(rounds):
+        for k in range(scores.shape[1]):
+            right = (scores >= t) == truth
+            right[:, k] = True
+            others = right.all(axis=1)
+            em = np.array([(others & ((scores[:, k] >= g) == truth[:, k])).mean() for g in grid])
+            best = np.flatnonzero(em >= em.max() - 1e-12)
+            t[k] = float(grid[best[len(best) // 2]])
+    return t, float(((scores >= t) == truth).all(axis=1).mean())
+
+
+def calibrate(pack_dir: Path, *, n: int = 4000, threads: int = 2) -> dict[str, Any]:
+    """Per-pattern score thresholds with the best exact-match accuracy on val maps (coordinate ascent from
+    each pattern's best-F1 threshold: the target is exact match, and F1-best thresholds are each right
+    alone but not together); the gate threshold is the lowest of them, so a wafer with any pattern over
+    its threshold gets an event and every other wafer is gated out."""
     pack = load_model_pack(pack_dir)
     x, y = maps("val", n)
     scores, _ = _run_pack(pack_dir, x, threads)
+    f1_best = [best_f1_threshold(y[:, k], scores[:, k]) for k in range(len(pack.classes))]
+    thr, em = exact_match_thresholds(y, scores, np.array([t for t, _ in f1_best]))
+    f = f1_scores(y, scores >= thr)
     classes = {}
     for k, name in enumerate(pack.classes):
-        t, f1 = best_f1_threshold(y[:, k], scores[:, k])
-        classes[name] = {"pixel_threshold": t, "min_area_px": 0, "f1": round(f1, 6),
-                         "n_positive_images": int(y[:, k].sum()), "n_images": n, "calibrated": True,
+        classes[name] = {"pixel_threshold": float(thr[k]), "min_area_px": 0, "f1": round(float(f["f1"][k]), 6),
+                         "best_f1_threshold": f1_best[k][0], "n_positive_images": int(y[:, k].sum()), "n_images": n,
+                         "calibrated": True,
                          "meaning": "score threshold of the pattern (a classification profile has no pixels)"}
     gate_t = min(c["pixel_threshold"] for c in classes.values())
     doc = {"format": 1, "profile": PROFILE, "models": {r: m.sha256 for r, m in pack.models.items()},
@@ -211,7 +243,8 @@ def calibrate(pack_dir: Path, *, n: int = 2000, threads: int = 2) -> dict[str, A
                     **gate_figures(y.any(axis=1), scores.max(axis=1), gate_t),
                     "score": "max over patterns; the lowest pattern threshold, so the gate passes every wafer with "
                              "a pattern over its own threshold", "chosen_by": "min of the class thresholds"},
-           "classes": classes,
+           "classes": classes, "exact_match": round(em, 6),
+           "chosen_by": "exact-match accuracy on the val maps (coordinate ascent from the best-F1 thresholds)",
            "data": {"generator": "training.gen_wafer", "split": "val", "seed": SEEDS["val"], "maps": n},
            "created": now_iso()}
     write_json(Path(pack_dir) / "calibration.json", doc)

@@ -132,16 +132,40 @@ class WaferNet(nn.Module):
         return self.class_maps(image).mean(dim=(2, 3))  # logits [N, K]
 
 
-class WaferExport(nn.Module):
-    """The exported graph: uint8 map -> (scores = sigmoid(logits), cam = each class's map in [0, 1])."""
+def dihedral_views(image: torch.Tensor) -> list[torch.Tensor]:
+    """The 8 symmetries of the square on the last two axes (identity first): transpose or not, times a
+    flip of either axis or not. Works on any H x W (a transposed view is W x H)."""
+    views = []
+    for t in (False, True):
+        x = image.transpose(2, 3) if t else image
+        for fh in (False, True):
+            for fw in (False, True):
+                dims = [d for d, on in ((2, fh), (3, fw)) if on]
+                views.append(torch.flip(x, dims) if dims else x)
+    return views
 
-    def __init__(self, net: WaferNet):
+
+class WaferExport(nn.Module):
+    """The exported graph: uint8 map -> (scores = sigmoid(logits), cam = each class's map in [0, 1]).
+
+    ``symmetries=8``: the scores are the mean of the 8 symmetries' sigmoid scores (every pattern's label
+    is invariant to them; test-time augmentation inside the graph, 8 passes of the net); the CAM is the
+    identity view's."""
+
+    def __init__(self, net: WaferNet, symmetries: int = 1):
         super().__init__()
+        if symmetries not in (1, 8):
+            raise ValueError(f"symmetries must be 1 or 8, got {symmetries}")
         self.net = net
+        self.symmetries = symmetries
 
     def forward(self, image: torch.Tensor):
         maps = self.net.class_maps(image)
         scores = torch.sigmoid(maps.mean(dim=(2, 3)))
+        if self.symmetries == 8:
+            for view in dihedral_views(image)[1:]:
+                scores = scores + torch.sigmoid(self.net(view))
+            scores = scores / 8.0
         pos = torch.relu(maps)
         peak = pos.amax(dim=(2, 3), keepdim=True)
         cam = pos / (peak + 1e-6)

@@ -73,6 +73,8 @@ def test_chip_train_export_calibrate_evaluate(tmp_path):
     assert pack.channels == 6 and pack.seg.output_stride == 2 and pack.classes == ("bump", "dent", "dot")
     cal = line_chip.calibrate(pack_dir, n=6, threads=1)
     assert cal["gate"]["recall"] >= 0.99 and cal["data"]["seed"] == 2224
+    # the gate never hides a defect the segmenter reports: at or under every class's pixel threshold
+    assert cal["gate"]["threshold"] <= min(c["pixel_threshold"] for c in cal["classes"].values())
     report = line_chip.evaluate(pack_dir, n=6, threads=1)
     assert set(report["per_class"]) == {"bump", "dent", "dot"} and report["data"]["seed"] == 3224
     assert "Defect-level F1" in line_chip.render(report)

@@ -78,3 +78,15 @@ def test_a_record_with_an_impossible_length_is_skipped_and_the_next_one_read(tmp
     recs, damage = read(tmp_path)
     assert [b for _, _, b in recs] == [b"first body", b"second body", b"third body"]
     assert [(d.kind, d.offset) for d in damage] == [("bad_magic", second)]
+
+
+def test_records_of_several_segments_come_back_oldest_segment_first(tmp_path):
+    j = Journal(tmp_path, fsync=False, segment_bytes=100)
+    for n in range(12):
+        j.append_many([(b"defect", b"body %02d" % n)])
+    j.close()
+    assert len(list(tmp_path.glob("segment-*.log"))) >= 3
+    recs, damage = read(tmp_path)
+    assert damage == []
+    assert [b for _, _, b in recs] == [b"body %02d" % n for n in range(12)]
+    assert [s for s, _, _ in recs] == list(range(1, 13))

@@ -162,3 +162,20 @@ def test_the_page_decodes_an_upload_as_coilsight_inspect_does():
         page = decode_upload(data, 1 << 20)
         np.testing.assert_array_equal(page, decode_image_bytes(data), err_msg=name)
     np.testing.assert_array_equal(decode_upload(png(cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)), 1 << 20), rgb)
+
+
+def test_the_upload_uses_the_agents_calibration_file_not_the_packs(client, agent_config, tmp_path):
+    import json
+
+    cfg = agent_config()
+    image = png(frame_with("bright", x=64, y=16))
+    c, _ = client(cfg)  # the pack's own calibration: the frame passes
+    score = c.post("/api/inspect", content=image).json()["gate_score"]
+    strict = json.loads((cfg.models_dir() / "calibration.json").read_text())
+    assert strict["gate"]["threshold"] < score < 1.0
+    strict["gate"]["threshold"] = float(np.nextafter(score, 2.0))  # just above this frame's score
+    (tmp_path / "strict.json").write_text(json.dumps(strict))
+    c2, _ = client(with_overrides(cfg, models={"calibration": str(tmp_path / "strict.json")}))
+    r = c2.post("/api/inspect", content=image)
+    assert r.status_code == 200, r.text
+    assert r.json()["passed"] is False and r.json()["events"] == []

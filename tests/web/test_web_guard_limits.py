@@ -179,3 +179,16 @@ def test_the_upload_uses_the_agents_calibration_file_not_the_packs(client, agent
     r = c2.post("/api/inspect", content=image)
     assert r.status_code == 200, r.text
     assert r.json()["passed"] is False and r.json()["events"] == []
+
+
+
+def test_a_crop_that_is_not_a_regular_file_is_a_404(agent_config):
+    app, web = create_app(web_settings(agent_config()), start_feed=False)
+    (web.s.crops_dir / "coil-A" / "9.png").mkdir(parents=True)  # a folder where a crop would be
+    os.mkfifo(web.s.crops_dir / "coil-A" / "10.png")  # a pipe: opening it must not wait for a writer
+    for crop in (9, 10):
+        assert web.crops.note("coil-A", crop) == f"/crops/coil-A/{crop}.png"
+    with TestClient(app, base_url=BASE) as c:
+        for crop in (9, 10):
+            r = c.get(f"/crops/coil-A/{crop}.png")
+            assert r.status_code == 404, (crop, r.status_code)

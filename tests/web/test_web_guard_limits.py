@@ -192,3 +192,32 @@ def test_a_crop_that_is_not_a_regular_file_is_a_404(agent_config):
         for crop in (9, 10):
             r = c.get(f"/crops/coil-A/{crop}.png")
             assert r.status_code == 404, (crop, r.status_code)
+
+
+def test_token_file_rules_at_their_edges(agent_config, tmp_path):
+    from agent.web.settings import MIN_TOKEN_CHARS, WebSettingsError
+
+    token_file = tmp_path / "web.token"
+    token_file.write_text("t" * MIN_TOKEN_CHARS + "\n")
+    os.chmod(token_file, 0o600)
+    assert web_settings(agent_config(), token_file=str(token_file)).token == "t" * MIN_TOKEN_CHARS
+    token_file.write_text("t" * (MIN_TOKEN_CHARS - 1))
+    with pytest.raises(WebSettingsError, match="at least"):
+        web_settings(agent_config(), token_file=str(token_file))
+    token_file.write_text("two words-0123456789abcdef")  # a pasted line, not one token
+    with pytest.raises(WebSettingsError, match="without spaces"):
+        web_settings(agent_config(), token_file=str(token_file))
+
+
+@pytest.mark.parametrize("host", ["10.0.0.5", "192.168.1.20", "::", "[::]", "example.internal"])
+def test_a_curve_page_on_any_non_loopback_address_needs_a_token(agent_config, tmp_path, host):
+    from agent.web.settings import WebSettingsError
+
+    curve = {"enabled": True, "cameras_dir": str(tmp_path), "subscribers_dir": str(tmp_path),
+             "operators_dir": str(tmp_path)}
+    web_keys = {"subscriber_key": str(tmp_path / "web.key_secret"), "server_key": str(tmp_path / "server.key")}
+    cfg = with_overrides(agent_config(), auth=curve, web=web_keys)
+    with pytest.raises(WebSettingsError, match="needs an access token"):
+        web_settings(cfg, host=host)
+    for loopback in ("127.0.0.1", "::1", "[::1]", "localhost", "127.0.0.2"):
+        assert web_settings(cfg, host=loopback).token is None

@@ -457,8 +457,8 @@ def read_journal(directory: str | Path, damage: list[Damage] | None = None) -> I
         pos = 0
         while pos < len(data):
             bad = None
-            if data[pos:pos + 4] != MAGIC:
-                bad = "bad_magic"
+            if data[pos:pos + 4] != MAGIC:  # no magic after it: a tail being written (as Journal's scan says)
+                bad = "bad_magic" if data.find(MAGIC, pos + 1) >= 0 else "torn_tail"
             elif pos + _HEAD.size > len(data):
                 bad = "torn_tail"
             else:

@@ -66,3 +66,20 @@ def test_the_command_rewrites_files_in_place_and_says_so(tmp_path):
     assert f.read_text() == '{"training": {"command": "train --out runs/x --data-root $COILSIGHT_DATA_ROOT"}}\n'
     r = subprocess.run([sys.executable, "-m", "engines.portable", str(f)], capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 0 and f"{f}: unchanged" in r.stdout
+
+
+@pytest.mark.parametrize("root", ["work", "home", "root", "tmp", "mnt", "scratch", "Users"])
+def test_every_machine_root_is_found_and_rewritten(root):
+    text = f"made from /{root}/ana/frames/a.png"
+    assert machine_paths(text) == [f"/{root}/a"]
+    assert portable(text) == "made from a.png" and machine_paths(portable(text)) == []
+
+
+def test_the_command_fails_on_a_file_it_cannot_read(tmp_path):
+    good = tmp_path / "card.md"
+    good.write_text("clean\n")
+    r = subprocess.run([sys.executable, "-m", "engines.portable", str(good), str(tmp_path / "none.json")],
+                       capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 1 and f"{good}: unchanged" in r.stdout and "none.json" in r.stderr
+    r = subprocess.run([sys.executable, "-m", "engines.portable"], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 2 and "usage" in r.stderr

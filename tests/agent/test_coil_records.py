@@ -6,9 +6,13 @@ from __future__ import annotations
 
 import time
 
+import numpy as np
+
+from agent.crops import CropStore
 from agent.journal import Journal
 from agent.protocol import pack_body
 from agent.tools.coil_records import coil_report, find_crop, load_coil
+from agent.tracks import part_key
 
 
 def envelope(topic: str, body: dict, seq: int) -> tuple[bytes, bytes]:
@@ -60,12 +64,23 @@ def test_the_rotated_away_note_only_when_events_are_missing(tmp_path):
 
 def test_a_crop_is_looked_up_only_inside_the_crops_folder(tmp_path):
     crops = tmp_path / "crops"
-    (crops / "A").mkdir(parents=True)
-    (crops / "A" / "t1.png").write_bytes(b"\x89PNG")
-    (tmp_path / "secret.png").write_bytes(b"\x89PNG")
-    assert find_crop(crops, "A", {"track_id": "t1"}) == crops / "A" / "t1.png"
-    assert find_crop(crops, "..", {"track_id": "secret"}) is None  # a coil name from a copied journal
-    assert find_crop(crops, "A/..", {"track_id": "t1"}) is None
-    assert find_crop(crops, "A", {"track_id": "x", "crop": "../../secret.png"}) is None
-    assert find_crop(crops, "A", {"track_id": "x", "crop": str(tmp_path / "secret.png")}) is None  # absolute
-    assert find_crop(crops, "A", {"track_id": "t1", "crop": "../t1.png"}) == crops / "A" / "t1.png"  # its name only
+    # the agent's own crop file (agent/crops.py), written by its crop thread
+    store = CropStore(crops)
+    store.start()
+    part = {"coil": "A", "camera": "cam0", "index": 0, "bbox_px": [1, 1, 9, 9], "class_id": 0}
+    assert store.offer(np.zeros((16, 16), np.uint8), [part])
+    assert store.request("A", 2, part_key(part)) == "A/2"
+    store.stop()
+    png = find_crop(crops, "A", {"track_id": 2})
+    assert png is not None and png.startswith(b"\x89PNG")
+    assert find_crop(crops, "A", {"track_id": 3}) is None  # never written
+    # a plain <crops>/<coil>/<track_id>.png, plain names only
+    (crops / "B").mkdir(parents=True)
+    (crops / "B" / "1.png").write_bytes(b"\x89PNG-B1")
+    (tmp_path / "1.png").write_bytes(b"\x89PNG-secret")
+    assert find_crop(crops, "B", {"track_id": 1}) == b"\x89PNG-B1"
+    assert find_crop(crops, "..", {"track_id": 1}) is None  # a coil name from a copied journal
+    assert find_crop(crops, "B/..", {"track_id": 1}) is None
+    assert find_crop(crops, ".hidden", {"track_id": 1}) is None
+    assert find_crop(crops, "B", {"track_id": "../1"}) is None
+    assert find_crop(None, "B", {"track_id": 1}) is None and find_crop(crops, "B", {}) is None

@@ -317,7 +317,11 @@ def instance_model_json(meta: dict[str, Any], seg_path: Path, height: int, width
         "models": models,
         "training": {
             "data": DATA_DESCRIPTIONS.get(meta["profile"], meta["profile"]) + f" under {meta.get('data', '?')}; "
-                    f"strip mosaics on realistic strip background (training.strip), realistic strips as "
+                    + (f"whole train images ({cfg.get('whole_batch')} a step, resized to "
+                       f"{min(cfg.get('whole_sides') or [0])}-{max(cfg.get('whole_sides') or [0])} px) in "
+                       f"{cfg['whole_fraction']:.0%} of steps, "
+                       if cfg.get("whole_fraction") else "")
+                    + f"strip mosaics on realistic strip background (training.strip), realistic strips as "
                     f"{cfg.get('synthetic_fraction', 0):.0%} of canvases",
             "split": "training.datasets.assign_split: sha1(file stem)[0] < 51 test (never used), < 82 val "
                      "(checkpoint choice by val mAP@0.5, calibration), else train",

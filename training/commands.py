@@ -109,6 +109,9 @@ def _register_train(subparsers) -> None:
     ti.add_argument("--gaussian-alpha", type=float, default=1.0,
                     help="heatmap target sigma = alpha x box side / 6 (TTFNet: 0.54)")
     ti.add_argument("--seg-weight", type=float, default=1.0, help="weight of the probs (seg) loss beside the head's")
+    ti.add_argument("--synth-frames", type=int, default=0,
+                    help="plain synthetic strip frames (training.synth, as camera-sim paints them; own seeds) added to "
+                         "the realistic strip pools, half defective")
     ti.add_argument("--max-minutes", type=float, default=100.0, help="stop after the epoch that crosses this")
     ti.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     ti.add_argument("--seed", type=int, default=0, help="random seed")
@@ -161,7 +164,7 @@ def _run_train_instances(args: argparse.Namespace) -> int:
                               synthetic_fraction=args.synthetic_fraction, max_minutes=args.max_minutes,
                               threads=args.threads, seed=args.seed, whole_fraction=args.whole_fraction,
                               whole_batch=args.whole_batch, gaussian_alpha=args.gaussian_alpha,
-                              seg_weight=args.seg_weight, command="coilsight " + shlex.join(sys.argv[1:]))
+                              seg_weight=args.seg_weight, synth_frames=args.synth_frames, command="coilsight " + shlex.join(sys.argv[1:]))
     try:
         meta = train_instances(cfg)
     except (InstanceTrainError, DatasetError) as exc:

@@ -81,6 +81,9 @@ class InstanceTrainConfig:
     threads: int = 2
     limit_images: int | None = None
     strip_frames: int = STRIP_FRAMES
+    # frames of the plain synthetic strip (training.synth, what camera-sim paints; seeds 5000 + seed,
+    # never the bench's or the demo's) added to the strip pools, half defective
+    synth_frames: int = 0
     command: str = ""
     progress: bool = True
     extra: dict[str, Any] = field(default_factory=dict)
@@ -188,11 +191,21 @@ def _flip(img: np.ndarray, boxes: list[Box], horizontal: bool, vertical: bool) -
     return img, boxes
 
 
+SYNTH_SEED = 5000
+
+
+@dataclass
+class _StripFrame:
+    image: np.ndarray
+    boxes: list[Box]
+
+
 class CanvasSource:
     """Draws training canvases: NEU mosaics on strip background, and realistic strip windows."""
 
     def __init__(self, samples: Sequence[Sample], classes: Sequence[str], canvas: tuple[int, int],
-                 synthetic_fraction: float, scale_jitter: tuple[float, float], strip_frames: int, seed: int):
+                 synthetic_fraction: float, scale_jitter: tuple[float, float], strip_frames: int, seed: int,
+                 synth_frames: int = 0):
         self.samples = [s for s in samples if s.boxes]
         self.classes = tuple(classes)
         self.canvas = canvas
@@ -204,6 +217,14 @@ class CanvasSource:
         if gen is not None and strip_frames > 0:
             for i in range(strip_frames):
                 f = gen.frame(i, defective=i % 2 == 1)
+                (self.defective if f.boxes else self.clean).append(f)
+        if gen is not None and synth_frames > 0:
+            from training.synth import StripGenerator
+
+            plain = StripGenerator(width=max(1600, canvas[1]), height=canvas[0], classes=self.classes, seed=SYNTH_SEED + seed)
+            for i in range(synth_frames):
+                img, _, painted = plain.frame_with_instances(i, defective=i % 2 == 1)
+                f = _StripFrame(img, [Box(c, float(x0), float(y0), float(x1), float(y1)) for c, x0, y0, x1, y1 in painted])
                 (self.defective if f.boxes else self.clean).append(f)
 
     def draw(self, rng: np.random.Generator) -> tuple[np.ndarray, list[Box]]:
@@ -404,7 +425,7 @@ def train_instances(cfg: InstanceTrainConfig, *, data_loader: Callable[[str], li
     pixels = np.concatenate([s.image.ravel()[::97] for s in train_samples]).astype(np.float64)
     mean, std = round(float(pixels.mean() / 255.0), 4), round(max(0.05, float(pixels.std() / 255.0)), 4)
     source = CanvasSource(train_samples, classes, cfg.canvas, cfg.synthetic_fraction, cfg.scale_jitter,
-                          cfg.strip_frames, cfg.seed)
+                          cfg.strip_frames, cfg.seed, cfg.synth_frames)
     model = build_instance_model(len(classes), 1, mean, std, cfg.model_size)
     ema = Ema(model, cfg.ema_decay)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -512,6 +533,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--whole-batch", type=int, default=16)
     p.add_argument("--gaussian-alpha", type=float, default=1.0)
     p.add_argument("--seg-weight", type=float, default=1.0)
+    p.add_argument("--synth-frames", type=int, default=0)
     a = p.parse_args(argv)
     import sys
 
@@ -520,7 +542,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                               synthetic_fraction=a.synthetic_fraction, max_minutes=a.max_minutes,
                               threads=a.threads, seed=a.seed, limit_images=a.limit_images,
                               whole_fraction=a.whole_fraction, whole_batch=a.whole_batch,
-                              gaussian_alpha=a.gaussian_alpha, seg_weight=a.seg_weight,
+                              gaussian_alpha=a.gaussian_alpha, seg_weight=a.seg_weight, synth_frames=a.synth_frames,
                               command=" ".join(["python -m training.train_instances", *sys.argv[1:]]))
     meta = train_instances(cfg)
     print(json.dumps({"best": meta["best"], "stopped": meta["stopped"], "minutes": meta["minutes"]}))

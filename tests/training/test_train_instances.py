@@ -165,3 +165,22 @@ def test_a_run_on_whole_batches_trains_and_records_its_settings(tmp_path):
         train_instances(_cfg(tmp_path, whole_sides=(100,)), data_loader=lambda split: data[split])
     with pytest.raises(InstanceTrainError, match="gaussian alpha"):
         train_instances(_cfg(tmp_path, gaussian_alpha=0.0), data_loader=lambda split: data[split])
+
+
+def test_synth_frames_join_the_strip_pools_with_their_painted_boxes():
+    from training.synth import StripGenerator
+    from training.train_instances import SYNTH_SEED
+
+    base = CanvasSource(_samples(2, 8), STEEL_CLASSES, (128, 256), 1.0, (1.0, 1.0), 0, 3)
+    src = CanvasSource(_samples(2, 8), STEEL_CLASSES, (128, 256), 1.0, (1.0, 1.0), 0, 3, synth_frames=4)
+    assert (len(base.clean), len(base.defective)) == (0, 0)
+    assert len(src.clean) == 2 and len(src.defective) == 2
+    _, _, painted = StripGenerator(width=1600, height=128, seed=SYNTH_SEED + 3).frame_with_instances(1, True)
+    assert [(b.cls, b.x0, b.y0, b.x1, b.y1) for b in src.defective[0].boxes] == [tuple(map(float, p)) for p in painted]
+    assert painted and src.defective[0].image.shape == (128, 1600)
+    rng = np.random.default_rng(0)
+    for _ in range(6):  # synthetic fraction 1: windows of those frames, no box cut
+        img, boxes = src.draw(rng)
+        assert img.shape == (128, 256)
+        for b in boxes:
+            assert 0 <= b.x0 < b.x1 <= 256 and 0 <= b.y0 < b.y1 <= 128

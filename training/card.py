@@ -107,7 +107,7 @@ def portable(text: str) -> str:
     """A path of the machine that trained the pack, written so any reader can follow it: the data
     root as $COILSIGHT_DATA_ROOT, run folders as runs/NAME."""
     text = re.sub(r"(?<![\w.])/[\w./-]*/shared/data\b", "$COILSIGHT_DATA_ROOT", text)
-    return re.sub(r"(?<![\w.])/tmp/runs/", "runs/", text)
+    return re.sub(r"(?<![\w.])/(?:[\w.-]+/)*runs/", "runs/", text)
 
 
 def render(pack_dir: Path, evaluation_dir: Path | None, speed: dict | None, split: str = "test") -> str:

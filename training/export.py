@@ -307,6 +307,8 @@ def instance_model_json(meta: dict[str, Any], seg_path: Path, height: int, width
         models["gate"] = gate
     models["seg"] = {"file": seg_path.name, "sha256": sha256_file(seg_path), "output": "probs",
                      "output_stride": OUTPUT_STRIDE, "instances": InstanceSpec(stride=OUTPUT_STRIDE).to_dict()}
+    from training.card import portable
+
     cfg = meta.get("config", {})
     return {
         "format": INSTANCE_PACK_FORMAT,
@@ -316,7 +318,7 @@ def instance_model_json(meta: dict[str, Any], seg_path: Path, height: int, width
                   "mean": meta["mean"], "std": meta["std"]},
         "models": models,
         "training": {
-            "data": DATA_DESCRIPTIONS.get(meta["profile"], meta["profile"]) + f" under {meta.get('data', '?')}; "
+            "data": DATA_DESCRIPTIONS.get(meta["profile"], meta["profile"]) + f" under {portable(str(meta.get('data', '?')))}; "
                     + (f"whole train images ({cfg.get('whole_batch')} a step, resized to "
                        f"{min(cfg.get('whole_sides') or [0])}-{max(cfg.get('whole_sides') or [0])} px) in "
                        f"{cfg['whole_fraction']:.0%} of steps, "
@@ -325,7 +327,7 @@ def instance_model_json(meta: dict[str, Any], seg_path: Path, height: int, width
                     f"{cfg.get('synthetic_fraction', 0):.0%} of canvases",
             "split": "training.datasets.assign_split: sha1(file stem)[0] < 51 test (never used), < 82 val "
                      "(checkpoint choice by val mAP@0.5, calibration), else train",
-            "command": meta.get("command", ""),
+            "command": portable(meta.get("command", "")),
             "seed": meta.get("seed", 0),
             "minutes": meta.get("minutes"),
             "epochs_run": len(meta.get("history", [])),

@@ -95,6 +95,7 @@ def test_portable_paths():
     assert portable("train --data-root /work/shared/data --out /tmp/runs/steel") == \
         "train --data-root $COILSIGHT_DATA_ROOT --out runs/steel"
     assert portable("NEU-DET under /work/shared/data; plus synthetic") == "NEU-DET under $COILSIGHT_DATA_ROOT; plus synthetic"
+    assert portable("--out /work/runs/h17-steel-edge --x a/runs/b") == "--out runs/h17-steel-edge --x a/runs/b"
 
 
 def test_an_instance_pack_card_names_its_tier_and_puts_map_and_events_per_defect_first(tiny_pack, tmp_path):

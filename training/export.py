@@ -324,7 +324,9 @@ def instance_model_json(meta: dict[str, Any], seg_path: Path, height: int, width
                        f"{cfg['whole_fraction']:.0%} of steps, "
                        if cfg.get("whole_fraction") else "")
                     + f"strip mosaics on realistic strip background (training.strip), realistic strips as "
-                    f"{cfg.get('synthetic_fraction', 0):.0%} of canvases",
+                    f"{cfg.get('synthetic_fraction', 0):.0%} of canvases"
+                    + (f"; the strip pools also hold {cfg['synth_frames']} plain synthetic strip frames (training.synth, "
+                       f"half defective, own seeds)" if cfg.get("synth_frames") else ""),
             "split": "training.datasets.assign_split: sha1(file stem)[0] < 51 test (never used), < 82 val "
                      "(checkpoint choice by val mAP@0.5, calibration), else train",
             "command": portable(meta.get("command", "")),

@@ -231,7 +231,9 @@ def compare(reference: Backend, candidate: Backend, batches: Iterable[np.ndarray
                     if len(report.decision_flips) < 20:
                         report.decision_flips.append(report.frames + int(i))
                 report.decisions_agree += int(same.sum())
-            if role == "seg" and pixel_thresholds is not None and r.ndim == 4:
+            # masks: the class probabilities only; an instance head's outputs are judged by their boxes
+            if role == "seg" and pixel_thresholds is not None and r.ndim == 4 and \
+                    (instances is None or name not in instances.outputs):
                 t = _thresholds(pixel_thresholds, r.shape[1])[None, :, None, None]
                 report.pixel_thresholds = [float(x) for x in t.reshape(-1)]
                 dice = dice_pairs(np.nan_to_num(c, nan=-1.0) >= t, r >= t)

@@ -101,9 +101,22 @@ def _register_train(subparsers) -> None:
     ti.add_argument("--steps-per-epoch", type=int, default=40, help="optimiser steps per epoch")
     ti.add_argument("--batch", type=int, default=4, help="canvases (256x512) per step")
     ti.add_argument("--lr", type=float, default=3e-3, help="AdamW peak learning rate (cosine schedule)")
-    ti.add_argument("--synthetic-fraction", type=float, default=0.15, help="share of realistic strip canvases")
+    ti.add_argument("--synthetic-fraction", type=float, default=0.6,
+                    help="share of canvases that are strip windows (realistic and --synth-frames strips; default 0.6)")
+    ti.add_argument("--whole-fraction", type=float, default=0.6,
+                    help="share of steps whose batch is --whole-batch whole train images (no canvas), resized to "
+                         "176-240 px; the rest are canvas steps (default 0.6)")
+    ti.add_argument("--whole-batch", type=int, default=16, help="images per whole-image step")
+    ti.add_argument("--gaussian-alpha", type=float, default=0.54,
+                    help="heatmap target sigma = alpha x box side / 6 (default 0.54, TTFNet's)")
+    ti.add_argument("--seg-weight", type=float, default=0.5,
+                    help="weight of the probs (seg) loss beside the head's (default 0.5)")
+    ti.add_argument("--synth-frames", type=int, default=160,
+                    help="plain synthetic strip frames (training.synth, as camera-sim paints them; own seeds) added to "
+                         "the realistic strip pools, half defective (default 160)")
     ti.add_argument("--max-minutes", type=float, default=100.0, help="stop after the epoch that crosses this")
-    ti.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    ti.add_argument("--threads", type=int, default=2,
+                    help="torch threads (default 2; on a shared or loaded box use 1: two threads mostly wait for each other)")
     ti.add_argument("--seed", type=int, default=0, help="random seed")
     ti.set_defaults(func=_run_train_instances)
 
@@ -152,7 +165,9 @@ def _run_train_instances(args: argparse.Namespace) -> int:
     cfg = InstanceTrainConfig(profile=args.profile, data_root=args.data_root, out=args.out, model_size=args.model_size,
                               epochs=args.epochs, steps_per_epoch=args.steps_per_epoch, batch=args.batch, lr=args.lr,
                               synthetic_fraction=args.synthetic_fraction, max_minutes=args.max_minutes,
-                              threads=args.threads, seed=args.seed, command="coilsight " + shlex.join(sys.argv[1:]))
+                              threads=args.threads, seed=args.seed, whole_fraction=args.whole_fraction,
+                              whole_batch=args.whole_batch, gaussian_alpha=args.gaussian_alpha,
+                              seg_weight=args.seg_weight, synth_frames=args.synth_frames, command="coilsight " + shlex.join(sys.argv[1:]))
     try:
         meta = train_instances(cfg)
     except (InstanceTrainError, DatasetError) as exc:

@@ -309,6 +309,8 @@ def instance_model_json(meta: dict[str, Any], seg_path: Path, height: int, width
         models["gate"] = gate
     models["seg"] = {"file": seg_path.name, "sha256": sha256_file(seg_path), "output": "probs",
                      "output_stride": OUTPUT_STRIDE, "instances": InstanceSpec(stride=OUTPUT_STRIDE).to_dict()}
+    from training.card import portable
+
     cfg = meta.get("config", {})
     return {
         "format": INSTANCE_PACK_FORMAT,
@@ -318,12 +320,18 @@ def instance_model_json(meta: dict[str, Any], seg_path: Path, height: int, width
                   "mean": meta["mean"], "std": meta["std"]},
         "models": models,
         "training": {
-            "data": DATA_DESCRIPTIONS.get(meta["profile"], meta["profile"]) + f" under {meta.get('data', '?')}; "
-                    f"strip mosaics on realistic strip background (training.strip), realistic strips as "
-                    f"{cfg.get('synthetic_fraction', 0):.0%} of canvases",
+            "data": DATA_DESCRIPTIONS.get(meta["profile"], meta["profile"]) + f" under {portable(str(meta.get('data', '?')))}; "
+                    + (f"whole train images ({cfg.get('whole_batch')} a step, resized to "
+                       f"{min(cfg.get('whole_sides') or [0])}-{max(cfg.get('whole_sides') or [0])} px) in "
+                       f"{cfg['whole_fraction']:.0%} of steps, "
+                       if cfg.get("whole_fraction") else "")
+                    + f"strip mosaics on realistic strip background (training.strip), realistic strips as "
+                    f"{cfg.get('synthetic_fraction', 0):.0%} of canvases"
+                    + (f"; the strip pools also hold {cfg['synth_frames']} plain synthetic strip frames (training.synth, "
+                       f"half defective, own seeds)" if cfg.get("synth_frames") else ""),
             "split": "training.datasets.assign_split: sha1(file stem)[0] < 51 test (never used), < 82 val "
                      "(checkpoint choice by val mAP@0.5, calibration), else train",
-            "command": meta.get("command", ""),
+            "command": portable(meta.get("command", "")),
             "seed": meta.get("seed", 0),
             "minutes": meta.get("minutes"),
             "epochs_run": len(meta.get("history", [])),

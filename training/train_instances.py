@@ -7,6 +7,10 @@ What one step sees (whole images, never a crop through a box):
 - realistic strips (`synthetic_fraction` of the canvases): windows of generated defective or clean
   frames whose left edge is chosen so that no defect box is cut (the whole frame when none fits);
 - augmentation on the whole canvas: horizontal and vertical flips, gain, offset, a ramp across it.
+- whole-image steps (`whole_fraction` of the steps): `whole_batch` whole dataset images resized to
+  one side from `whole_sides`, no canvas: most pixels of such a step are labelled (the command-line
+  default recipe, the one the shipped steel pack was trained with: 0.6 of the steps, 16 images);
+- `synth_frames` plain synthetic strip frames (training.synth, what camera-sim paints) join the pools.
 
 Targets at output stride 4 (contract in docs/architecture.md, model.json format 3): per-class
 Gaussian centre heatmaps (elliptical, sigma = box side / 6 in cells, peak 1 at the centre cell),
@@ -69,11 +73,21 @@ class InstanceTrainConfig:
     ema_decay: float = 0.999
     synthetic_fraction: float = 0.15
     scale_jitter: tuple[float, float] = (0.8, 1.25)
+    # share of steps whose batch is `whole_batch` whole dataset images resized to one side drawn
+    # from `whole_sides` (no canvas, no background): most of each step's pixels hold a labelled image
+    whole_fraction: float = 0.0
+    whole_batch: int = 16
+    whole_sides: tuple[int, ...] = (176, 192, 208, 224, 240)
+    gaussian_alpha: float = 1.0  # heatmap sigma = alpha * box side / 6 (cells); TTFNet uses 0.54
+    seg_weight: float = 1.0
     max_minutes: float = 100.0
     seed: int = 0
     threads: int = 2
     limit_images: int | None = None
     strip_frames: int = STRIP_FRAMES
+    # frames of the plain synthetic strip (training.synth, what camera-sim paints; seeds 5000 + seed,
+    # never the bench's or the demo's) added to the strip pools, half defective
+    synth_frames: int = 0
     command: str = ""
     progress: bool = True
     extra: dict[str, Any] = field(default_factory=dict)
@@ -97,9 +111,11 @@ def decode(heatmap: np.ndarray, size: np.ndarray, offset: np.ndarray, threshold:
 # -- targets --------------------------------------------------------------------------------------
 
 
-def instance_targets(boxes: Sequence[Box], height: int, width: int, k: int, stride: int = STRIDE) -> dict[str, np.ndarray]:
-    """Targets of one image: heatmap [K,h,w] (max of elliptical Gaussians, 1 at each centre cell),
-    size [2,h,w] (w, h px), offset [2,h,w] (dx, dy cells), weight [h,w] (1 at centre cells)."""
+def instance_targets(boxes: Sequence[Box], height: int, width: int, k: int, stride: int = STRIDE,
+                     alpha: float = 1.0) -> dict[str, np.ndarray]:
+    """Targets of one image: heatmap [K,h,w] (max of elliptical Gaussians of sigma alpha * side / 6
+    cells, at least 0.5, 1 at each centre cell), size [2,h,w] (w, h px), offset [2,h,w] (dx, dy
+    cells), weight [h,w] (1 at centre cells)."""
     h, w = height // stride, width // stride
     heat = np.zeros((k, h, w), np.float32)
     size = np.zeros((2, h, w), np.float32)
@@ -113,7 +129,7 @@ def instance_targets(boxes: Sequence[Box], height: int, width: int, k: int, stri
             continue
         cx, cy = (b.x0 + b.x1) / 2 / stride, (b.y0 + b.y1) / 2 / stride
         j, i = min(int(cx), w - 1), min(int(cy), h - 1)
-        sx, sy = max(0.5, bw / stride / 6.0), max(0.5, bh / stride / 6.0)
+        sx, sy = max(0.5, alpha * bw / stride / 6.0), max(0.5, alpha * bh / stride / 6.0)
         g = np.exp(-0.5 * (((xx - j) / sx) ** 2 + ((yy - i) / sy) ** 2))
         np.maximum(heat[b.cls], g, out=heat[b.cls])
         heat[b.cls, i, j] = 1.0
@@ -138,8 +154,9 @@ def focal_loss(logits, target):
     return -(pos_loss + neg_loss) / pos.sum().clamp(min=1.0)
 
 
-def instance_loss(raw: dict, targets: dict) -> dict:
-    """Loss terms from the model's raw outputs and batched targets (torch tensors)."""
+def instance_loss(raw: dict, targets: dict, seg_weight: float = 1.0) -> dict:
+    """Loss terms from the model's raw outputs and batched targets (torch tensors); the total is
+    heatmap + size + offset + seg_weight * seg."""
     import torch
 
     from training.nets import SIZE_LOG_CLAMP, SIZE_SCALE
@@ -152,7 +169,7 @@ def instance_loss(raw: dict, targets: dict) -> dict:
     size = (torch.abs(raw["size"] - log_size) * w).sum() / n
     offset = (torch.abs(torch.sigmoid(raw["offset"]) - targets["offset"]) * w).sum() / n
     seg = seg_loss(raw["probs"], targets["probs"])
-    total = heat + size + offset + seg
+    total = heat + size + offset + seg_weight * seg
     return {"total": total, "heatmap": heat, "size": size, "offset": offset, "seg": seg}
 
 
@@ -178,11 +195,21 @@ def _flip(img: np.ndarray, boxes: list[Box], horizontal: bool, vertical: bool) -
     return img, boxes
 
 
+SYNTH_SEED = 5000
+
+
+@dataclass
+class _StripFrame:
+    image: np.ndarray
+    boxes: list[Box]
+
+
 class CanvasSource:
     """Draws training canvases: NEU mosaics on strip background, and realistic strip windows."""
 
     def __init__(self, samples: Sequence[Sample], classes: Sequence[str], canvas: tuple[int, int],
-                 synthetic_fraction: float, scale_jitter: tuple[float, float], strip_frames: int, seed: int):
+                 synthetic_fraction: float, scale_jitter: tuple[float, float], strip_frames: int, seed: int,
+                 synth_frames: int = 0):
         self.samples = [s for s in samples if s.boxes]
         self.classes = tuple(classes)
         self.canvas = canvas
@@ -195,6 +222,14 @@ class CanvasSource:
             for i in range(strip_frames):
                 f = gen.frame(i, defective=i % 2 == 1)
                 (self.defective if f.boxes else self.clean).append(f)
+        if gen is not None and synth_frames > 0:
+            from training.synth import StripGenerator
+
+            plain = StripGenerator(width=max(1600, canvas[1]), height=canvas[0], classes=self.classes, seed=SYNTH_SEED + seed)
+            for i in range(synth_frames):
+                img, _, painted = plain.frame_with_instances(i, defective=i % 2 == 1)
+                f = _StripFrame(img, [Box(c, float(x0), float(y0), float(x1), float(y1)) for c, x0, y0, x1, y1 in painted])
+                (self.defective if f.boxes else self.clean).append(f)
 
     def draw(self, rng: np.random.Generator) -> tuple[np.ndarray, list[Box]]:
         if self.defective and (rng.random() < self.synthetic_fraction or not self.samples):
@@ -204,6 +239,21 @@ class CanvasSource:
         img, boxes = _flip(img, boxes, rng.random() < 0.5, rng.random() < 0.5)
         img = np.clip(_augment_image(img, rng), 0, 255)
         return np.ascontiguousarray(img, dtype=np.float32), boxes
+
+    def whole(self, rng: np.random.Generator, n: int, side: int) -> list[tuple[np.ndarray, list[Box]]]:
+        """`n` whole dataset images, each resized to side x side (its boxes scaled with it),
+        flipped and drift-augmented: nothing cut, no background."""
+        items = []
+        for _ in range(n):
+            s = self.samples[int(rng.integers(len(self.samples)))]
+            sh, sw = s.image.shape[:2]
+            img = cv2.resize(s.image, (side, side), interpolation=cv2.INTER_AREA if side < sw else cv2.INTER_LINEAR)
+            fx, fy = side / sw, side / sh
+            bx = [Box(b.cls, b.x0 * fx, b.y0 * fy, b.x1 * fx, b.y1 * fy) for b in s.boxes]
+            img, bx = _flip(img, bx, rng.random() < 0.5, rng.random() < 0.5)
+            img = np.clip(_augment_image(img, rng), 0, 255)
+            items.append((np.ascontiguousarray(img, dtype=np.float32), bx))
+        return items
 
     def _background(self, rng: np.random.Generator, level: float) -> np.ndarray:
         ch, cw = self.canvas
@@ -260,11 +310,12 @@ class CanvasSource:
         return self._mosaic(rng)
 
 
-def batch_targets(items: list[tuple[np.ndarray, list[Box]]], k: int) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+def batch_targets(items: list[tuple[np.ndarray, list[Box]]], k: int,
+                  alpha: float = 1.0) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     from metrics import box_masks
 
     xs = np.stack([img for img, _ in items])[:, None]
-    tg = [instance_targets(bx, img.shape[0], img.shape[1], k) for img, bx in items]
+    tg = [instance_targets(bx, img.shape[0], img.shape[1], k, alpha=alpha) for img, bx in items]
     probs = []
     for img, bx in items:
         m = box_masks(img.shape, k, bx).astype(np.float32)
@@ -354,6 +405,11 @@ def train_instances(cfg: InstanceTrainConfig, *, data_loader: Callable[[str], li
                                  f"must be >= 1 and max minutes {cfg.max_minutes} > 0")
     if cfg.canvas[0] % 16 or cfg.canvas[1] % 16:
         raise InstanceTrainError(f"canvas {cfg.canvas} must be multiples of 16")
+    if not 0.0 <= cfg.whole_fraction <= 1.0 or cfg.whole_batch < 1 or cfg.gaussian_alpha <= 0 or cfg.seg_weight < 0:
+        raise InstanceTrainError(f"whole fraction {cfg.whole_fraction} must be in [0, 1], whole batch {cfg.whole_batch} "
+                                 f">= 1, gaussian alpha {cfg.gaussian_alpha} > 0 and seg weight {cfg.seg_weight} >= 0")
+    if any(side % 16 or side < 16 for side in cfg.whole_sides):
+        raise InstanceTrainError(f"whole sides {cfg.whole_sides} must be multiples of 16")
     if not 0.0 <= cfg.synthetic_fraction <= 1.0:
         raise InstanceTrainError(f"synthetic fraction must be in [0, 1], got {cfg.synthetic_fraction}")
     torch.set_num_threads(cfg.threads)
@@ -373,7 +429,7 @@ def train_instances(cfg: InstanceTrainConfig, *, data_loader: Callable[[str], li
     pixels = np.concatenate([s.image.ravel()[::97] for s in train_samples]).astype(np.float64)
     mean, std = round(float(pixels.mean() / 255.0), 4), round(max(0.05, float(pixels.std() / 255.0)), 4)
     source = CanvasSource(train_samples, classes, cfg.canvas, cfg.synthetic_fraction, cfg.scale_jitter,
-                          cfg.strip_frames, cfg.seed)
+                          cfg.strip_frames, cfg.seed, cfg.synth_frames)
     model = build_instance_model(len(classes), 1, mean, std, cfg.model_size)
     ema = Ema(model, cfg.ema_decay)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -414,9 +470,14 @@ def train_instances(cfg: InstanceTrainConfig, *, data_loader: Callable[[str], li
             elapsed = (spent_before + (time.monotonic() - started) / 60.0) / cfg.max_minutes
             for group in opt.param_groups:
                 group["lr"] = learning_rate(cfg.lr, max(done, elapsed))
-            xs, tg = batch_targets([source.draw(rng) for _ in range(cfg.batch)], k)
+            if rng.random() < cfg.whole_fraction:
+                side = int(cfg.whole_sides[int(rng.integers(len(cfg.whole_sides)))])
+                items = source.whole(rng, cfg.whole_batch, side)
+            else:
+                items = [source.draw(rng) for _ in range(cfg.batch)]
+            xs, tg = batch_targets(items, k, cfg.gaussian_alpha)
             raw = model.raw(torch.from_numpy(xs))
-            losses = instance_loss(raw, {key: torch.from_numpy(v) for key, v in tg.items()})
+            losses = instance_loss(raw, {key: torch.from_numpy(v) for key, v in tg.items()}, cfg.seg_weight)
             opt.zero_grad()
             losses["total"].backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 10.0)
@@ -467,11 +528,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--steps-per-epoch", type=int, default=40)
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--synthetic-fraction", type=float, default=0.15)
+    p.add_argument("--synthetic-fraction", type=float, default=0.6)
     p.add_argument("--max-minutes", type=float, default=100.0)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--limit-images", type=int, default=None)
+    p.add_argument("--whole-fraction", type=float, default=0.6)
+    p.add_argument("--whole-batch", type=int, default=16)
+    p.add_argument("--gaussian-alpha", type=float, default=0.54)
+    p.add_argument("--seg-weight", type=float, default=0.5)
+    p.add_argument("--synth-frames", type=int, default=160)
     a = p.parse_args(argv)
     import sys
 
@@ -479,6 +545,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                               epochs=a.epochs, steps_per_epoch=a.steps_per_epoch, batch=a.batch, lr=a.lr,
                               synthetic_fraction=a.synthetic_fraction, max_minutes=a.max_minutes,
                               threads=a.threads, seed=a.seed, limit_images=a.limit_images,
+                              whole_fraction=a.whole_fraction, whole_batch=a.whole_batch,
+                              gaussian_alpha=a.gaussian_alpha, seg_weight=a.seg_weight, synth_frames=a.synth_frames,
                               command=" ".join(["python -m training.train_instances", *sys.argv[1:]]))
     meta = train_instances(cfg)
     print(json.dumps({"best": meta["best"], "stopped": meta["stopped"], "minutes": meta["minutes"]}))

@@ -121,5 +121,7 @@ def test_shipped_packs_convert_load_and_keep_their_decisions(tmp_path, profile):
         with OnnxRuntimeBackend(entry.path, max_batch=4, threads=1) as ref, \
                 OnnxRuntimeBackend(result.path, max_batch=4, threads=1) as cand:
             report = compare(ref, cand, [x], role=role, gate_threshold=cal.gate_threshold,
-                             pixel_thresholds=[cal.classes[c].pixel_threshold for c in pack.classes])
+                             pixel_thresholds=[cal.classes[c].pixel_threshold for c in pack.classes],
+                             instances=entry.instances,  # a format-3 seg model: its boxes are judged too
+                             instance_thresholds=[cal.classes[c].instance_threshold for c in pack.classes])
         report.check(ParityBar())  # raises ParityError naming what differs

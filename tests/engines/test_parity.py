@@ -172,3 +172,19 @@ def test_a_perturbed_size_head_fails_the_box_gate(instance_models):
         report.check(ParityBar())
     assert not any(f.startswith("size:") for f in info.value.failures)
     assert report.outputs["size"].max_abs_diff == pytest.approx(10.0, abs=0.1)
+
+
+def test_masks_are_compared_on_probs_only_with_per_class_thresholds(instance_models):
+    """`coilsight engines build` passes one pixel threshold per class; the instance head's heatmap,
+    size and offset ([N, 2, h, w] like probs here) are judged by their boxes, never as masks."""
+    from engines.instances import InstanceSpec
+
+    ref_path, fp16_path, _ = instance_models
+    frames = _instance_frames()
+    with OnnxRuntimeBackend(ref_path, max_batch=4, threads=1) as ref, \
+            OnnxRuntimeBackend(fp16_path, max_batch=4, threads=1) as cand:
+        report = compare(ref, cand, [frames], role="seg", pixel_thresholds=[0.4, 0.6],
+                         instances=InstanceSpec(), instance_thresholds=[0.5, 0.5])
+    assert report.pixel_thresholds == [0.4, 0.6]
+    assert report.dice_count == len(frames) * 2, "one Dice pair per (frame, class) of probs, nothing else"
+    report.check(ParityBar())

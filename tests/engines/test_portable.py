@@ -13,9 +13,9 @@ from engines.portable import machine_paths, portable, portable_tree
 ROOT = Path(__file__).resolve().parents[2]
 PACKS = ROOT / "engines" / "models"
 SHIPPED = ("model.json", "MODEL_CARD.md", "CARD_NOTES.md", "calibration.json", "calibration_report/report.html")
-# Steel's calibration files are being replaced with its new segmenter (another branch); they still
-# name the old data root. Strict: when they are clean this marker must go (python -m engines.portable FILE).
-PENDING = {"steel/calibration.json", "steel/calibration_report/report.html"}
+# Files known to hold a machine path (none now). Strict: a listed file that is clean fails, so the
+# marker goes as soon as `python -m engines.portable FILE` has cleaned it.
+PENDING: set[str] = set()
 
 
 def shipped_files() -> list:

@@ -95,3 +95,48 @@ def test_portable_paths():
     assert portable("train --data-root /work/shared/data --out /tmp/runs/steel") == \
         "train --data-root $COILSIGHT_DATA_ROOT --out runs/steel"
     assert portable("NEU-DET under /work/shared/data; plus synthetic") == "NEU-DET under $COILSIGHT_DATA_ROOT; plus synthetic"
+    assert portable("--out /work/runs/h17-steel-edge --x a/runs/b") == "--out runs/h17-steel-edge --x a/runs/b"
+
+
+def test_an_instance_pack_card_names_its_tier_and_puts_map_and_events_per_defect_first(tiny_pack, tmp_path):
+    meta = json.loads((tiny_pack / "model.json").read_text())
+    meta["models"]["seg"]["instances"] = {"heatmap": "heatmap", "size": "size", "offset": "offset", "stride": 4}
+    meta["training"] = {"kind": "instances", "model_size": "edge", "command": "coilsight train-instances --profile tiny",
+                        "best": {"epoch": 7, "val_map50": 0.4321, "val_map50_95": 0.2}, "epochs_run": 9, "minutes": 3.0}
+    (tiny_pack / "model.json").write_text(json.dumps(meta))
+    calib = json.loads((tiny_pack / "calibration.json").read_text())
+    for c in calib["classes"].values():
+        c.update(instance_threshold=0.35, instance_f1=0.61, instance_precision=0.7, instance_recall=0.55,
+                 instance_calibrated=True)
+    (tiny_pack / "calibration.json").write_text(json.dumps(calib))
+    ev = _evaluation(tmp_path / "eval", tiny_pack)
+    doc = json.loads((ev / "evaluation_test.json").read_text())
+    doc.update(images=40, detection={"map50": 0.5678, "map50_95": 0.3012,
+                                     "by_area": {"all": {"map50": 0.5678}, "0-40": {"map50": 0.25}}},
+               instances={"events_per_defect": 1.0834, "median_matched_iou": 0.7712, "recall": 0.8, "precision": 0.74,
+                          "true_defects": 60, "events": 65, "split": 3, "merged": 1})
+    (ev / "evaluation_test.json").write_text(json.dumps(doc))
+    text = render(tiny_pack, ev, None)
+    head = text[:text.index("## Models")]
+    assert "## Headline: edge tier (the CPU default)" in head and "**edge tier**" in head
+    row = re.search(r"^\| 40 images \| 0\.568 \| 0\.301 \| 1\.083 \| 0\.771 \| 0\.800 \| 0\.740 \| 60 \| 65 \| 3 \| 1 \|$",
+                    head, re.M)
+    assert row, head
+    assert "0-40 0.250" in head and "mAP@0.5 0.432 (@0.5:0.95 0.200) at epoch 7" in head
+    assert "instance head `heatmap`" in text
+    assert "| 0.35 | 0.610 | 0.700 | 0.550 | True |" in text, "the calibrated instance thresholds are listed"
+    assert "best val mAP@0.5" in text and "by val loss" not in text
+    # a component pack keeps its old card: no headline
+    assert "## Headline" not in render(_plain(tiny_pack, tmp_path), None, None)
+
+
+def _plain(pack: Path, tmp_path: Path) -> Path:
+    import shutil
+
+    out = tmp_path / "plain"
+    shutil.copytree(pack, out)
+    meta = json.loads((out / "model.json").read_text())
+    meta["training"] = {"model_size": "small"}
+    meta["models"]["seg"].pop("instances", None)
+    (out / "model.json").write_text(json.dumps(meta))
+    return out

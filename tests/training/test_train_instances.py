@@ -112,3 +112,75 @@ def test_bad_runs_are_refused(tmp_path):
         train_instances(_cfg(tmp_path, canvas=(100, 256)), data_loader=lambda split: data[split])
     with pytest.raises(InstanceTrainError, match="unknown instance model size"):
         train_instances(_cfg(tmp_path, model_size="huge"), data_loader=lambda split: data[split])
+
+
+def test_whole_batches_are_whole_images_resized_with_their_boxes():
+    samples = _samples(3, 4, h=100, w=120)
+    src = CanvasSource(samples, STEEL_CLASSES, (128, 256), 0.0, (1.0, 1.0), 0, 0)
+    items = src.whole(np.random.default_rng(0), 5, 64)
+    assert len(items) == 5
+    n_boxes = sorted(len(s.boxes) for s in samples)
+    for img, boxes in items:
+        assert img.shape == (64, 64) and img.dtype == np.float32
+        assert len(boxes) in n_boxes, "every box of the image comes along, none cut"
+        for b in boxes:
+            assert 0 <= b.x0 < b.x1 <= 64 and 0 <= b.y0 < b.y1 <= 64
+    # boxes scale with the image: a box covering the whole source image covers the whole item
+    whole = Sample(samples[0].image, None, [Box(2, 0, 0, 120, 100)], samples[0].labels, STEEL_CLASSES, "w.png")
+    img, boxes = CanvasSource([whole], STEEL_CLASSES, (128, 256), 0.0, (1.0, 1.0), 0, 0).whole(
+        np.random.default_rng(1), 1, 48)[0]
+    assert [(b.cls, b.x0, b.y0, b.x1, b.y1) for b in boxes] == [(2, 0.0, 0.0, 48.0, 48.0)]
+
+
+def test_gaussian_alpha_narrows_the_heatmap_but_keeps_the_peak():
+    boxes = [Box(0, 0, 0, 96, 96)]
+    wide = instance_targets(boxes, 128, 128, 1, alpha=1.0)["heatmap"][0]
+    narrow = instance_targets(boxes, 128, 128, 1, alpha=0.5)["heatmap"][0]
+    assert wide[12, 12] == narrow[12, 12] == 1.0
+    assert narrow[12, 18] < wide[12, 18] * 0.6, "half the sigma: the tail falls much faster"
+    assert (narrow > 0.5).sum() < (wide > 0.5).sum() / 3
+
+
+def test_seg_weight_scales_only_the_seg_term():
+    src = CanvasSource(_samples(2, 5), STEEL_CLASSES, (128, 256), 0.0, (1.0, 1.0), 0, 0)
+    xs, tg = batch_targets([src.draw(np.random.default_rng(0))], len(STEEL_CLASSES))
+    tg = {k: torch.from_numpy(v) for k, v in tg.items()}
+    from training.nets import build_instance_model
+
+    torch.manual_seed(0)
+    with torch.no_grad():
+        raw = build_instance_model(len(STEEL_CLASSES), config="test").raw(torch.from_numpy(xs))
+    full, none = instance_loss(raw, tg, 1.0), instance_loss(raw, tg, 0.0)
+    assert float(none["total"]) == pytest.approx(float(none["heatmap"] + none["size"] + none["offset"]))
+    assert float(full["total"] - none["total"]) == pytest.approx(float(full["seg"]), rel=1e-5)
+
+
+def test_a_run_on_whole_batches_trains_and_records_its_settings(tmp_path):
+    data = {"train": _samples(4, 6), "val": _samples(2, 7)}
+    meta = train_instances(_cfg(tmp_path, epochs=1, whole_fraction=1.0, whole_batch=3, whole_sides=(64,),
+                                gaussian_alpha=0.54, seg_weight=0.5), data_loader=lambda split: data[split])
+    assert meta["config"]["whole_fraction"] == 1.0 and meta["config"]["gaussian_alpha"] == 0.54
+    assert meta["history"][0]["train_total"] > 0
+    with pytest.raises(InstanceTrainError, match="whole sides"):
+        train_instances(_cfg(tmp_path, whole_sides=(100,)), data_loader=lambda split: data[split])
+    with pytest.raises(InstanceTrainError, match="gaussian alpha"):
+        train_instances(_cfg(tmp_path, gaussian_alpha=0.0), data_loader=lambda split: data[split])
+
+
+def test_synth_frames_join_the_strip_pools_with_their_painted_boxes():
+    from training.synth import StripGenerator
+    from training.train_instances import SYNTH_SEED
+
+    base = CanvasSource(_samples(2, 8), STEEL_CLASSES, (128, 256), 1.0, (1.0, 1.0), 0, 3)
+    src = CanvasSource(_samples(2, 8), STEEL_CLASSES, (128, 256), 1.0, (1.0, 1.0), 0, 3, synth_frames=4)
+    assert (len(base.clean), len(base.defective)) == (0, 0)
+    assert len(src.clean) == 2 and len(src.defective) == 2
+    _, _, painted = StripGenerator(width=1600, height=128, seed=SYNTH_SEED + 3).frame_with_instances(1, True)
+    assert [(b.cls, b.x0, b.y0, b.x1, b.y1) for b in src.defective[0].boxes] == [tuple(map(float, p)) for p in painted]
+    assert painted and src.defective[0].image.shape == (128, 1600)
+    rng = np.random.default_rng(0)
+    for _ in range(6):  # synthetic fraction 1: windows of those frames, no box cut
+        img, boxes = src.draw(rng)
+        assert img.shape == (128, 256)
+        for b in boxes:
+            assert 0 <= b.x0 < b.x1 <= 256 and 0 <= b.y0 < b.y1 <= 128

@@ -23,6 +23,8 @@ frames (small and low-contrast defects included), for the record.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import time
 from pathlib import Path
@@ -197,8 +199,13 @@ def load_gate(pack_dir: Path, sample_pooled: np.ndarray):
     doc = json.loads((Path(pack_dir) / "model.json").read_text())
     entry = doc["models"]["gate"]
     pool = int(entry.get("input_pool", 1))
-    mc = doc["training"].get("model_config")
-    config = ModelConfig.from_dict(mc) if isinstance(mc, dict) else CONFIGS[doc["training"]["model_size"]]
+    # an instance pack that kept its earlier gate (export --gate-from) records that gate's config apart
+    mc = doc["training"].get("gate_model_config", doc["training"].get("model_config"))
+    if isinstance(mc, dict):  # an instance pack's model_config also holds its segmenter's keys: the gate's only
+        known = {f.name for f in dataclasses.fields(ModelConfig)}
+        config = ModelConfig.from_dict({k: v for k, v in mc.items() if k.startswith("gate_") and k in known})
+    else:
+        config = CONFIGS[doc["training"]["model_size"]]
     if pool < 2 or config.gate_pool != pool:
         raise GateStripError(f"{pack_dir}: expected a gate exported without its {config.gate_pool}x pool "
                              f"(input_pool {pool})")

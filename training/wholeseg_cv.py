@@ -113,16 +113,25 @@ def run_fixed(a) -> dict[str, Any]:
     tr, classes = load_images(a.profile, a.data_root, "train")
     va, _ = load_images(a.profile, a.data_root, "val")
     mean, std = norm_stats(tr)
-    s = TrainSettings(crop=a.crop, batch=a.batch, minutes=a.minutes, eval_every=a.eval_every, seed=a.seed)
-    model, info = train(tr, va, classes, mean, std, s, out, WholeSegConfig(), log=lambda m: print(m, flush=True))
+    init = None
+    if a.init:  # continue a run: its weights (and so its normalisation), a fresh schedule
+        init = torch.load(Path(a.init) / "final.pt", map_location="cpu", weights_only=True)
+        prev = json.loads((Path(a.init) / "result.json").read_text())
+        mean, std = prev.get("mean", mean), prev.get("std", std)  # older runs: the same norm_stats(train)
+    s = TrainSettings(crop=a.crop, batch=a.batch, minutes=a.minutes, eval_every=a.eval_every, seed=a.seed,
+                      lr=a.lr)
+    model, info = train(tr, va, classes, mean, std, s, out, WholeSegConfig(), log=lambda m: print(m, flush=True),
+                        init=init)
     preds = predict(model, va)
     thr = best_threshold(va, preds)
-    result = {"profile": a.profile, "settings": vars(s), "threshold": thr,
+    result = {"profile": a.profile, "settings": vars(s), "threshold": thr, "mean": mean, "std": std,
+              "continued_from": a.init and Path(a.init).name,
               "val": metrics(va, preds, thr, classes), **info}
     torch.save(model.state_dict(), out / "final.pt")
     h, w = NOMINAL[a.profile]
     cmd = (f"python -m training.wholeseg_cv fixed --profile {a.profile} --data-root $COILSIGHT_DATA_ROOT --out RUN "
-           f"--minutes {a.minutes} --crop {a.crop} --batch {a.batch} --seed {a.seed}")
+           f"--minutes {a.minutes} --crop {a.crop} --batch {a.batch} --seed {a.seed}"
+           + (f" --lr {a.lr} --init RUN0" if a.init else ""))
     training = {"data": f"{DATA[a.profile]} under $COILSIGHT_DATA_ROOT",
                 "split": "training.datasets.assign_split: sha1(file stem)[0] < 51 test (never used), < 82 val "
                          "(checkpoint choice, calibration), else train",
@@ -187,6 +196,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--eval-every", type=int, default=100)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--init", help="fixed: continue from this earlier fixed run's folder (final.pt, result.json)")
     a = p.parse_args(argv)
     if a.crop % 8 or a.crop < 32:
         p.error(f"--crop {a.crop}: expected a multiple of 8, >= 32")

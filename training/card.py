@@ -177,11 +177,11 @@ def render(pack_dir: Path, evaluation_dir: Path | None, speed: dict | None, spli
             lines += [f"| {name} | {c['pixel_threshold']} | {c['min_area_px']} | {_f(f1)} | {c.get('n_positive_images')} |"
                       for (name, c), f1 in zip(calib["classes"].items(), line_f1)]
         lines += [] if all(v is not None for v in line_f1) else [
-            "", "| class | pixel threshold | min area px | Dice (val) | Dice on positive images | "
-                "Dice never-predict | positive images | calibrated |", "|---|---|---|---|---|---|---|---|"]
+            "", "| class | pixel threshold | min area px | Dice on positive images (val) | Dice (val, empty/empty "
+                "counts 1) | Dice never-predict | positive images | calibrated |", "|---|---|---|---|---|---|---|---|"]
         for name, c in ({} if all(v is not None for v in line_f1) else calib["classes"]).items():
-            lines.append(f"| {name} | {c['pixel_threshold']} | {c['min_area_px']} | {_f(c.get('dice'))} | "
-                         f"{_f(c.get('dice_on_positive_images'))} | {_f(c.get('dice_if_never_predicted'))} | "
+            lines.append(f"| {name} | {c['pixel_threshold']} | {c['min_area_px']} | "
+                         f"{_f(c.get('dice_on_positive_images'))} | {_f(c.get('dice'))} | {_f(c.get('dice_if_never_predicted'))} | "
                          f"{c.get('n_positive_images', '-')} | {c.get('calibrated')} |")
         if any("instance_threshold" in c for c in calib["classes"].values()):
             lines += ["", "Instance thresholds (an event is a heatmap peak >= the class's threshold; chosen per class by "

@@ -130,6 +130,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", type=Path, help="also write the results as JSON to this file")
     p.add_argument("--fast", action="store_true", help="a few frames: checks the bench runs, not its speed")
     p.add_argument("--rate", type=float, default=0.0, help="line rate for the latency scenario (0 = off)")
+    p.add_argument("--bridge", action="store_true",
+                   help="also run the heavy coil with a real mosquitto and `coilsight bridge` attached, against "
+                        "without (skipped when mosquitto is not installed)")
     p.add_argument("--data-root", dest="data_root", type=Path,
                    help="frames composed from the profile's real validation crops under this data root instead of "
                         "synthetic strips")

@@ -282,7 +282,10 @@ def machine_facts() -> dict:
 
 
 def run_scenario(cfg_path: Path, cfg, n: int, fraction: float, clean: list, bad: list, *, rate: float = 0.0,
-                 log_path: Path, truth: tuple | None = None, n_classes: int = 1) -> dict:
+                 log_path: Path, truth: tuple | None = None, n_classes: int = 1, attach=None) -> dict:
+    """One coil through a fresh agent process. ``attach`` (bench_bridge.BridgeAttach): a process started on
+    the agent once it is ready (``attach.start(cfg)``) and finished after the final summary, outside the
+    timed span (``attach.finish(last_seq)``: its report goes under "bridge")."""
     from agent.tools.camera_sim import CameraSim, score_events
     from agent.tools.demo import start_agent, wait_ready
     from agent.service import status_request
@@ -291,6 +294,8 @@ def run_scenario(cfg_path: Path, cfg, n: int, fraction: float, clean: list, bad:
     proc = start_agent(cfg_path, log_path)
     try:
         wait_ready(proc, cfg.control.endpoint, timeout_s=120)
+        if attach is not None:
+            attach.start(cfg)
         sub = Subscriber(cfg.publish.endpoint, cfg.publish.replay_endpoint, from_seq=None)
         got = {"latency": [], "events": 0, "summary": None, "t_summary": None, "boxes": []}
 
@@ -332,6 +337,7 @@ def run_scenario(cfg_path: Path, cfg, n: int, fraction: float, clean: list, bad:
         threads = {k: round(v - threads0.get(k, 0.0), 2) for k, v in _thread_cpu_s(proc.pid).items()}
         status = status_request(cfg.control.endpoint)
         rss = _rss_peak_mb(proc.pid)
+        attached = attach.finish(status["last_seq"]) if attach is not None else None
         stages = {k: round(v.get("sum_s", 0.0), 4) for k, v in status["metrics"]["stages"].items()}
         stage_counts = {k: int(v.get("count", 0)) for k, v in status["metrics"]["stages"].items()}
         p50, p99 = latency_percentiles(got["latency"])
@@ -353,8 +359,11 @@ def run_scenario(cfg_path: Path, cfg, n: int, fraction: float, clean: list, bad:
             "agent_minor_faults_per_frame": round((faults - faults0) / n, 1) if faults is not None else None,
             # the events against the defects the camera painted (None: the frames carry no truth)
             "instances": score_events(sent, got["boxes"], n_classes) if sent.instances else None,
+            **({"bridge": attached} if attached is not None else {}),
         }
     finally:
+        if attach is not None:
+            attach.abort()
         proc.send_signal(signal.SIGTERM)
         try:
             proc.wait(timeout=30)
@@ -429,6 +438,11 @@ def run_bench(args) -> int:
                                                     min(offs, key=lambda r: r["wall_s"]))
             results["coil_layer"]["wall_s_runs"] = {"on": [raw["heavy"]["wall_s"], on2["wall_s"]],
                                                     "off": [r["wall_s"] for r in offs]}
+        if getattr(args, "bridge", False):
+            from agent.tools.bench_bridge import measure_bridge
+
+            results["bridge"] = measure_bridge(args.config, work, overrides, n, clean, bad, truth=truth, n_classes=k,
+                                               say=_say)
         _say("bench: bare model throughput again, after the scenarios ...")
         bare = best_bare(bare_before, bare_throughput(cfg, clean + bad, passes=passes))
         results["bare"] = {k: (round(v, 1) if isinstance(v, float) else v) for k, v in bare.items()}
@@ -454,6 +468,9 @@ def run_bench(args) -> int:
         Path(out).write_text(json.dumps(results, indent=2, default=str))
         _say(f"bench: results written to {out}")
     ok = all(r["accounted"] for r in results["scenarios"].values())
+    if results.get("bridge", {}).get("all_forwarded") is False:
+        _say("bench: the bridge did not forward every message the agent journaled; see its log")
+        ok = False
     return 0 if ok else 1
 
 
@@ -515,6 +532,10 @@ def format_table(res: dict) -> str:
                      f"x{c['cpu_ratio']} agent CPU; publisher CPU {c['on_thread_cpu_s']['publisher']} vs "
                      f"{c['off_thread_cpu_s']['publisher']} s, crops {c['on_thread_cpu_s']['crops']} s; "
                      + ("within 5 %" if c["within_5_percent"] else "MORE THAN 5 % slower"))
+    if "bridge" in res:
+        from agent.tools.bench_bridge import format_line
+
+        lines.append(format_line(res["bridge"]))
     lines.append("per-stage seconds (agent metrics): " + "; ".join(
         f"{name}: " + ", ".join(f"{k} {v}" for k, v in r["stage_s"].items()) for name, r in items))
     return "\n".join(lines)

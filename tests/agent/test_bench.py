@@ -16,7 +16,7 @@ def test_bench_fast_mode_accounts_for_every_frame(tmp_path, agent_config):
     cfg_path.write_text(dump_toml(config_dict(agent_config())))
     out = tmp_path / "bench.json"
     r = subprocess.run([sys.executable, "-m", "agent.cli", "bench", "--fast", "--config", str(cfg_path),
-                        "--out", str(out), "--rate", "20"], capture_output=True, text=True, timeout=240)
+                        "--out", str(out), "--rate", "20", "--bridge"], capture_output=True, text=True, timeout=400)
     assert r.returncode == 0, r.stdout + r.stderr
     def no_nan(const):
         raise AssertionError(f"{const} in the bench JSON: not JSON, other languages cannot read it")
@@ -58,6 +58,20 @@ def test_bench_fast_mode_accounts_for_every_frame(tmp_path, agent_config):
     c = res["coil_layer"]
     assert c["scenario"] == "heavy" and c["wall_ratio"] == pytest.approx(c["on_wall_s"] / c["off_wall_s"], rel=1e-3)
     assert c["events"] == res["scenarios"]["heavy"]["events"] and "coil layer (tracks, periodic" in r.stdout
+    # the plant bridge's cost: the heavy coil again with mosquitto and `coilsight bridge` attached
+    from agent.tools.bench_bridge import find_mosquitto
+
+    b = res["bridge"]
+    if find_mosquitto() is None:
+        assert "skipped" in b and "plant bridge: skipped" in r.stdout
+    else:
+        # every durable message of the coil reached the broker: the bridge's acked seq is the agent's last seq
+        assert b["all_forwarded"] and b["forwarded"] == b["agent_last_seq"] > 0, b
+        assert b["scenario"] == "heavy" and b["wall_ratio"] == pytest.approx(b["on_wall_s"] / b["off_wall_s"], rel=1e-3)
+        assert b["within_2_percent"] == (b["on_wall_s"] <= 1.02 * b["off_wall_s"])
+        assert len(b["wall_s_runs"]["on"]) == len(b["wall_s_runs"]["off"]) == 2
+        assert min(b["wall_s_runs"]["on"]) == b["on_wall_s"] and min(b["wall_s_runs"]["off"]) == b["off_wall_s"]
+        assert "plant bridge (mosquitto + coilsight bridge attached)" in r.stdout
     import onnxruntime
 
     assert res["machine"]["onnxruntime"] == onnxruntime.__version__

@@ -17,6 +17,17 @@ INGEST, EVENTS, REPLAY, CONTROL = ("tcp://127.0.0.1:5555", "tcp://127.0.0.1:5556
                                    "tcp://127.0.0.1:5558")
 
 
+
+def _rounds(text: str) -> int:
+    """argparse type of --bridge-rounds: 1..10 rounds of four coils each."""
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if not 1 <= n <= 10:
+        raise argparse.ArgumentTypeError(f"{n} rounds: use 1 to 10 (each round is four heavy coils)")
+    return n
+
 def register(sub: argparse._SubParsersAction) -> None:
     from engines.cliargs import deprecated_alias
 
@@ -133,6 +144,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--bridge", action="store_true",
                    help="also run the heavy coil with a real mosquitto and `coilsight bridge` attached, against "
                         "without (skipped when mosquitto is not installed)")
+    p.add_argument("--bridge-rounds", dest="bridge_rounds", type=_rounds, default=1, metavar="N",
+                   help="with --bridge: rounds of on, off, off, on (more rounds: a figure less moved by one "
+                        "disturbed run) (default: 1)")
     p.add_argument("--data-root", dest="data_root", type=Path,
                    help="frames composed from the profile's real validation crops under this data root instead of "
                         "synthetic strips")

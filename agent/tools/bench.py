@@ -442,7 +442,7 @@ def run_bench(args) -> int:
             from agent.tools.bench_bridge import measure_bridge
 
             results["bridge"] = measure_bridge(args.config, work, overrides, n, clean, bad, truth=truth, n_classes=k,
-                                               say=_say)
+                                               say=_say, rounds=getattr(args, "bridge_rounds", 1))
         _say("bench: bare model throughput again, after the scenarios ...")
         bare = best_bare(bare_before, bare_throughput(cfg, clean + bad, passes=passes))
         results["bare"] = {k: (round(v, 1) if isinstance(v, float) else v) for k, v in bare.items()}

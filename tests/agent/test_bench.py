@@ -70,6 +70,12 @@ def test_bench_fast_mode_accounts_for_every_frame(tmp_path, agent_config):
         assert len(b["wall_s_runs"]["on"]) == len(b["wall_s_runs"]["off"]) == 2
         assert min(b["wall_s_runs"]["on"]) == b["on_wall_s"] and min(b["wall_s_runs"]["off"]) == b["off_wall_s"]
         assert "plant bridge (mosquitto + coilsight bridge attached)" in r.stdout
+        # the bridge ran at its unit's niceness (below the agent), as the bench says it does
+        from agent.tools.bench_bridge import BRIDGE_NICE
+
+        assert b["bridge_nice_seen"] == [BRIDGE_NICE] and b["order"] == ["on", "off", "off", "on"]
+        assert b["pair_ratios"] == [round(b["wall_s_runs"]["on"][0] / b["wall_s_runs"]["off"][0], 4),
+                                    round(b["wall_s_runs"]["on"][1] / b["wall_s_runs"]["off"][1], 4)]
     import onnxruntime
 
     assert res["machine"]["onnxruntime"] == onnxruntime.__version__
@@ -132,3 +138,13 @@ def test_threads_are_named_for_the_os():
     t.join()
     if sys.platform.startswith("linux"):
         assert seen["set"] and seen["comm"] == "inference-7-wit"  # the kernel keeps 15 bytes
+
+
+def test_bridge_pair_ratios_pair_each_on_with_its_neighbouring_off():
+    from agent.tools.bench_bridge import pair_ratios
+
+    order = ["on", "off", "off", "on", "on", "off", "off", "on"]
+    walls = [11.0, 10.0, 10.0, 10.5, 20.0, 20.0, 9.0, 9.9]
+    assert pair_ratios(order, walls) == [1.1, 1.05, 1.0, 1.1]
+    with pytest.raises(ValueError, match="not one on and one off"):
+        pair_ratios(["on", "on"], [1.0, 1.0])

@@ -127,6 +127,11 @@ def test_bridge_units_contract(name, command):
     assert {v.split(":")[0] for v in unit["LoadCredential"]} == {"mqtt.password", "mqtt-client.key",
                                                                  "curve-bridge.key_secret"}
     agent = parse_unit(UNITS / "coilsight.service")
+    # below the agent for the CPU, at the niceness `coilsight bench --bridge` measures it with
+    from agent.tools.bench_bridge import BRIDGE_NICE
+
+    assert int(unit["Nice"][0]) == BRIDGE_NICE > int(agent.get("Nice", ["0"])[0])
+    assert int(unit["CPUWeight"][0]) < int(agent.get("CPUWeight", ["100"])[0])
     for key in ("NoNewPrivileges", "ProtectSystem", "ProtectHome", "PrivateTmp", "MemoryDenyWriteExecute",
                 "RestrictAddressFamilies", "SystemCallArchitectures", "RestrictNamespaces", "LockPersonality"):
         assert unit[key] == agent[key], key

@@ -34,6 +34,13 @@ def shipped_pack_dir(profile: str, tier: str = DEFAULT_TIER) -> Path:
     return SHIPPED_PACKS / profile if tier == "edge" else SHIPPED_PACKS / LINE_TIER_DIR / profile
 
 
+def tier_of_model_size(model_size: str | None) -> str | None:
+    """The tier an instance model size belongs to (training.nets INSTANCE_CONFIGS: edge, edge_sep -> edge;
+    line* -> line), None for another size (test nets, component models)."""
+    size = model_size or ""
+    return next((t for t in TIERS if size == t or size.startswith(t + "_")), None)
+
+
 def training_command(profile: str, tier: str) -> str:
     """How a tier's pack is made (docs/models.md, "Tiers"): train, then export beside the shipped gate."""
     out = f"engines/models/{profile}" if tier == "edge" else f"engines/models/{LINE_TIER_DIR}/{profile}"

@@ -42,12 +42,14 @@ def tier_of_model_size(model_size: str | None) -> str | None:
 
 
 def training_command(profile: str, tier: str) -> str:
-    """How a tier's pack is made (docs/models.md, "Tiers"): train, then export beside the shipped gate."""
+    """How a tier's pack is made (docs/models.md, "Tiers"): train, export (a line pack keeps the edge pack's
+    gate), calibrate."""
     out = f"engines/models/{profile}" if tier == "edge" else f"engines/models/{LINE_TIER_DIR}/{profile}"
     return (f"coilsight train-instances --profile {profile} --data-root $COILSIGHT_DATA_ROOT --out runs/{profile}-{tier} "
             f"--model-size {tier} --threads 1 --max-minutes 100, then coilsight export --checkpoint runs/{profile}-{tier} "
-            f"--profile {profile} --out {out} --gate-from engines/models/{profile}, then coilsight calibrate thresholds "
-            f"--profile {profile} --models {out}")
+            f"--profile {profile} --out {out}" + (f" --gate-from engines/models/{profile}" if tier != "edge" else "")
+            + ", then coilsight calibrate thresholds "
+            f"--profile {profile} --data-root $COILSIGHT_DATA_ROOT --models {out}")
 
 
 def missing_tier_pack(profile: str, tier: str) -> str | None:

@@ -40,7 +40,9 @@ def test_a_tier_that_is_not_shipped_is_a_config_problem_naming_the_folder_and_th
     assert "docs/models.md" in problem and "coilsight train-instances --profile steel" in problem
     assert "--model-size line" in problem and "--out engines/models/line/steel" in problem
     # a profile without an edge pack is named the same way; an explicit models.dir is the loader's to check
-    assert "no model.json in" in models_problem(config_from_dict({"agent": {"profile": "nosuch"}}))
+    assert "--gate-from engines/models/steel" in problem  # a line pack keeps the edge pack's gate
+    edge = models_problem(config_from_dict({"agent": {"profile": "nosuch"}}))
+    assert f"no model.json in {SHIPPED_PACKS / 'nosuch'}" in edge and "--gate-from" not in edge
     assert models_problem(config_from_dict({"agent": {"profile": "nosuch"}, "models": {"dir": "/x"}})) is None
 
 

@@ -161,7 +161,7 @@ def _setup_logging(cfg=None) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from agent.config import ConfigError, load_config, with_overrides
+    from agent.config import ConfigError, load_config, models_problem, models_warnings, with_overrides
     from agent.service import Agent
 
     try:
@@ -171,6 +171,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         for e in exc.errors:
             print(f"config error: {e}", file=sys.stderr)
+        return 2
+    if (problem := models_problem(cfg)) is not None:
+        print(f"config error: {args.config}: {problem}", file=sys.stderr)
         return 2
     _setup_logging(cfg)
     import structlog
@@ -182,6 +185,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     capture_native_stderr()  # libpng/libjpeg lines through the log's rate limit
     faulthandler.enable(file=sys.stderr)  # WatchdogSignal=SIGABRT then prints every thread's stack to the journal
     log = structlog.get_logger("agent")
+    for warning in models_warnings(cfg):
+        log.warning("models_tier_mismatch", warning=warning)
     agent = Agent(cfg)
     try:
         return agent.run()
@@ -196,7 +201,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
-    from agent.config import ConfigError, config_dict, config_warnings, dump_toml, load_config
+    from agent.config import (ConfigError, config_dict, config_warnings, dump_toml, load_config, models_problem,
+                              models_warnings)
 
     try:
         cfg = load_config(args.config)
@@ -205,7 +211,11 @@ def cmd_check_config(args: argparse.Namespace) -> int:
             print(e)
         print(f"{len(exc.errors)} error(s)")
         return 1
-    for w in config_warnings(cfg):
+    if (problem := models_problem(cfg)) is not None:
+        print(f"{args.config}: {problem}")
+        print("1 error(s)")
+        return 1
+    for w in config_warnings(cfg) + models_warnings(cfg):
         print(f"{args.config}: warning: {w}", file=sys.stderr)
     if args.load_models:
         from engines.modelpack import ModelPackError, load_calibration, load_model_pack

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from engines.packs import shipped_pack_dir
+from engines.packs import DEFAULT_TIER, TIERS, missing_tier_pack, shipped_pack_dir
 
 
 class ConfigError(ValueError):
@@ -126,7 +126,11 @@ class JournalSection:
 
 @dataclass(frozen=True)
 class ModelsSection:
-    dir: str = F("", doc="model pack dir; empty = the shipped engines/models/<profile>")
+    dir: str = F("", doc="model pack dir; empty = the shipped pack of models.tier: engines/models/<profile> (edge) "
+                         "or engines/models/line/<profile> (line)")
+    tier: str = F(DEFAULT_TIER, choices=TIERS, doc="edge = the CPU default pack; line = the larger pack for GPU line "
+                                                  "boxes (docs/models.md, Tiers); chooses the shipped pack when "
+                                                  "models.dir is empty")
     calibration: str = F("", doc="calibration.json; empty = <dir>/calibration.json")
     backends: tuple[str, ...] = F(("onnxruntime",), factory=None, doc="fallback chain, best first")
     strict: bool = F(False, doc="refuse to start when the first backend cannot load (else fall back)")
@@ -250,7 +254,7 @@ class Config:
     source: str = field(default="<defaults>", compare=False)
 
     def models_dir(self) -> Path:
-        return Path(self.models.dir) if self.models.dir else shipped_pack_dir(self.agent.profile)
+        return Path(self.models.dir) if self.models.dir else shipped_pack_dir(self.agent.profile, self.models.tier)
 
     def state_path(self) -> Path:
         if self.agent.state_dir:
@@ -438,6 +442,34 @@ def config_warnings(cfg: Config) -> list[str]:
                    f"subscribe and replay, control); split them into auth.cameras_dir, auth.subscribers_dir and "
                    f"auth.operators_dir (docs/deployment.md, Roles)")
     return out
+
+
+def models_problem(cfg: Config) -> str | None:
+    """A config error about where the models are, or None: with models.dir empty, the configured tier's
+    pack must be shipped. Checked by `coilsight check-config` and at start, not by load_config (tools that
+    read a config for its endpoints or keys need no models)."""
+    if cfg.models.dir:
+        return None
+    try:
+        problem = missing_tier_pack(cfg.agent.profile, cfg.models.tier)
+    except ValueError as exc:
+        return f"agent.profile: {exc}"
+    return f"models.tier: {problem}" if problem else None
+
+
+def models_warnings(cfg: Config) -> list[str]:
+    """The pack's model.json says it was trained as another tier than models.tier (training.tier)."""
+    import json
+
+    try:
+        path = cfg.models_dir() / "model.json"
+        trained = (json.loads(path.read_text()).get("training") or {}).get("tier")
+    except (OSError, ValueError, AttributeError):
+        return []  # a missing or broken pack is models_problem's or the loader's to report
+    if trained is None or trained == cfg.models.tier:
+        return []
+    return [f"models.tier: {cfg.models.tier!r} is configured, but {path} was trained as the {trained!r} tier "
+            f"(its training.tier); set models.tier = {json.dumps(str(trained))} or use the {cfg.models.tier} pack"]
 
 
 def _cross_checks(cfg: Config, errors: list[str], raw: dict | None = None) -> None:

@@ -16,12 +16,19 @@ What is measured (thresholds from the pack's calibration.json):
   the image. Severstal Dice (metrics.dice_severstal) per class and mean, IoU pooled
   per class. Box-only data (NEU) is scored against its boxes rasterised as masks. Reported both
   for the seg model alone and for the pipeline (frames the gate stops predict nothing).
-- detection view: the events the agent would publish, as boxes: for a pack with an instance head
-  (model.json format 3) its decoded instances (engines.instances, score = the peak), else each
-  kept component (its extent in image px, score = the highest probability inside it). Scored with
-  pycocotools COCOeval against the annotated boxes: mAP@0.5 and mAP@0.5:0.95, overall, per class
-  and by true box area (AREA_RANGES: 0-40^2, 40-70^2, 70-96^2, 96^2+ px).
-- instances (metrics.instances): true defects, events, matched one-to-one at IoU >= 0.5, split
+- detection, two views, each scored with pycocotools COCOeval (bbox, maxDets 100) against the
+  annotated boxes: mAP@0.5 and mAP@0.5:0.95, overall, per class and by true box area (AREA_RANGES:
+  0-40^2, 40-70^2, 70-96^2, 96^2+ px), for the seg model alone and through the gate (frames the
+  gate stops predict nothing).
+  * COCO view ("detection_coco"; packs with an instance head, model.json format 3): every
+    heatmap peak >= COCO_SCORE_FLOOR (0.05, training's VAL_DECODE_THRESHOLD), at most
+    COCO_MAX_DETS per image, score = the peak. This is how published detector figures (and the
+    val mAP training chooses its checkpoint by) are read: the whole precision-recall curve.
+  * operating point ("detection"): the events the agent would publish, as boxes: for a pack with
+    an instance head its instances at the calibrated per-class instance thresholds, else each kept
+    component (its extent in image px, score = the highest probability inside it). Its mAP is of a
+    precision-recall curve cut at the thresholds, so it is below the COCO view's.
+- instances (metrics.instances, the operating point): true defects, events, matched one-to-one at IoU >= 0.5, split
   (one defect, several events), merged (one event, several defects), missed, false, the median
   best and matched IoU, and a class confusion matrix of the matched pairs (plus missed / false).
 - defect type: on images that carry exactly one class, argmax of the gate scores vs that class.
@@ -67,6 +74,10 @@ AREA_RANGES: dict[str, tuple[float, float]] = {
     "70-96": (70.0 ** 2, 96.0 ** 2), "96+": (96.0 ** 2, 1e10),
 }
 MATCH_IOU = 0.5  # instance counts: one-to-one matches at this IoU
+# the COCO view of an instance pack: every peak at or above the floor, at most COCO_MAX_DETS per image
+# (training.train_instances.VAL_DECODE_THRESHOLD and MAX_INSTANCES, so val reads as training's val)
+COCO_SCORE_FLOOR = 0.05
+COCO_MAX_DETS = 100
 
 
 from training.evaluation_report import render_markdown, write_report  # noqa: E402,F401 (the CLI's names)
@@ -210,7 +221,10 @@ class _Accumulator:
     dice_rows_gated: list = field(default_factory=list)  # [K], empty prediction where the gate stops
     present: list = field(default_factory=list)  # [K] bool: truth non-empty
     gt_boxes: list = field(default_factory=list)
-    dt_boxes: list = field(default_factory=list)
+    dt_boxes: list = field(default_factory=list)  # the operating point's events, seg model alone
+    dt_boxes_gated: list = field(default_factory=list)  # ... none where the gate stops the frame
+    dt_coco: list = field(default_factory=list)  # an instance head's peaks >= COCO_SCORE_FLOOR
+    dt_coco_gated: list = field(default_factory=list)
     sizes: list = field(default_factory=list)
     type_truth: list = field(default_factory=list)
     type_pred: list = field(default_factory=list)
@@ -248,6 +262,7 @@ def evaluate_samples(
     k = len(pack.classes)
     seg_entry = pack.seg
     thresholds, min_areas = _thresholds(pack, cal)
+    instance_thresholds = [cal.classes[c].instance_threshold for c in pack.classes]
     acc = _Accumulator(k)
     t0 = time.perf_counter()
 
@@ -273,12 +288,13 @@ def evaluate_samples(
             except runner.RunnerError as exc:
                 raise EvaluationError(str(exc)) from None
             for j, (sample, crop) in enumerate(batch):
-                inst = None
+                inst = inst_coco = None
                 if outs is not None and not crop and seg_entry.instances is not None:
-                    inst = _instances(outs, j, seg_entry, cal, pack, sample.shape)
+                    inst = _instances(outs, j, seg_entry, instance_thresholds, sample.shape)
+                    inst_coco = _instances(outs, j, seg_entry, [COCO_SCORE_FLOOR] * k, sample.shape)
                 _account(acc, sample, crop, scores[j], None if probs is None or crop else probs[j],
                          thresholds, min_areas, seg_entry.output_stride if seg_entry else 1, cal.gate_threshold,
-                         inst)
+                         inst, inst_coco)
 
         for item in tagged():
             key = tuple(item[0].image.shape)
@@ -299,22 +315,24 @@ def evaluate_samples(
     return _summarise(pack, cal, acc, seconds, backend_name=backend_name, has_seg=has_seg)
 
 
-def _instances(outs: dict[str, np.ndarray], j: int, entry, cal: Calibration, pack: ModelPack,
+def _instances(outs: dict[str, np.ndarray], j: int, entry, thresholds: Sequence[float],
                image_hw: tuple[int, int]) -> list[tuple[Box, float]]:
-    """Image j's decoded instances as scored boxes, clipped to the image (its padding cut off)."""
+    """Image j's instances decoded at per-class ``thresholds`` as scored boxes, clipped to the image
+    (its padding cut off), at most COCO_MAX_DETS (COCOeval's maxDets)."""
     spec = entry.instances
     insts = decode_instances(
         outs[spec.heatmap][j], outs[spec.size][j], outs[spec.offset][j], stride=spec.stride,
-        thresholds=[cal.classes[c].instance_threshold for c in pack.classes], frame_hw=image_hw,
-        max_instances=100)  # COCOeval's maxDets
+        thresholds=thresholds, frame_hw=image_hw, max_instances=COCO_MAX_DETS)
     return [(Box(i.class_id, *(float(v) for v in i.box)), i.score) for i in insts]
 
 
 def _account(acc: _Accumulator, sample: Sample, crop: bool, scores: np.ndarray, probs: np.ndarray | None,
              thresholds, min_areas, stride: int, gate_threshold: float,
-             instances: list[tuple[Box, float]] | None = None) -> None:
-    """One image into the accumulator; ``instances``: the pack's decoded instances (an instance head),
-    else the components are the events."""
+             instances: list[tuple[Box, float]] | None = None,
+             coco_instances: list[tuple[Box, float]] | None = None) -> None:
+    """One image into the accumulator; ``instances``: the pack's instances at the operating point (an
+    instance head), else the components are the events; ``coco_instances``: the head's instances down to
+    COCO_SCORE_FLOOR (the COCO view; None without an instance head)."""
     labels = np.asarray(sample.labels) > 0
     frame = float(scores.max())
     acc.frame_scores.append(frame)
@@ -336,7 +354,8 @@ def _account(acc: _Accumulator, sample: Sample, crop: bool, scores: np.ndarray, 
     row = dice_pairs(masks[None], truth[None])[0]
     acc.dice_rows.append(row)
     acc.present.append(truth.any(axis=(1, 2)))
-    if frame >= gate_threshold:
+    passed = frame >= gate_threshold
+    if passed:
         acc.dice_rows_gated.append(row)
     else:  # the agent never segments this frame: empty prediction
         acc.dice_rows_gated.append(np.where(truth.any(axis=(1, 2)), 0.0, 1.0))
@@ -346,10 +365,22 @@ def _account(acc: _Accumulator, sample: Sample, crop: bool, scores: np.ndarray, 
         boxes = instances
     acc.gt_boxes.append(list(sample.boxes))
     acc.dt_boxes.append(boxes)
+    acc.dt_boxes_gated.append(boxes if passed else [])  # the agent never segments a stopped frame
+    if coco_instances is not None:
+        acc.dt_coco.append(coco_instances)
+        acc.dt_coco_gated.append(coco_instances if passed else [])
     acc.sizes.append(sample.shape)
     acc.counts.add(count_instances([(b.x0, b.y0, b.x1, b.y1) for b in sample.boxes], [b.cls for b in sample.boxes],
                                    [(b.x0, b.y0, b.x1, b.y1) for b, _ in boxes], [b.cls for b, _ in boxes], acc.k,
                                    min_iou=MATCH_IOU))
+
+
+def _named_map(gt_boxes, dt_boxes, sizes, names: Sequence[str]) -> dict[str, Any]:
+    """coco_map with its per-class lists as {class name: value}."""
+    det = coco_map(gt_boxes, dt_boxes, sizes, len(names))
+    for key in ("ap50_per_class", "ap50_95_per_class", "gt_boxes_per_class"):
+        det[key] = dict(zip(names, det[key]))
+    return det
 
 
 def _nan_to_none(value: float | None) -> float | None:
@@ -416,17 +447,31 @@ def _summarise(pack: ModelPack, cal: Calibration, acc: _Accumulator, seconds: fl
                                "min_area_px": cal.classes[n].min_area_px} for n in names},
             "output_stride": pack.seg.output_stride,
         }
-        det = coco_map(acc.gt_boxes, acc.dt_boxes, acc.sizes, len(names))
-        det["ap50_per_class"] = dict(zip(names, det["ap50_per_class"]))
-        det["ap50_95_per_class"] = dict(zip(names, det["ap50_95_per_class"]))
-        det["gt_boxes_per_class"] = dict(zip(names, det["gt_boxes_per_class"]))
-        det["events_from"] = "instances" if pack.seg.instances is not None else "components"
+        events_from = "instances" if pack.seg.instances is not None else "components"
+        # the operating point: the events the agent publishes (keys as before the COCO view was added)
+        det = _named_map(acc.gt_boxes, acc.dt_boxes, acc.sizes, names)
+        det["events_from"] = events_from
+        det["view"] = "operating_point"
+        det["decode"] = (f"instances >= the calibrated per-class instance thresholds, at most {COCO_MAX_DETS} per "
+                         "image" if events_from == "instances" else
+                         "components at the calibrated pixel thresholds and minimum areas")
+        det["after_gate"] = _named_map(acc.gt_boxes, acc.dt_boxes_gated, acc.sizes, names)
         report["detection"] = det
+        if acc.dt_coco:
+            coco = _named_map(acc.gt_boxes, acc.dt_coco, acc.sizes, names)
+            report["detection_coco"] = {
+                "view": "coco", "events_from": events_from, "score_floor": COCO_SCORE_FLOOR,
+                "max_per_image": COCO_MAX_DETS,
+                "decode": f"every instance-head peak >= {COCO_SCORE_FLOOR}, at most {COCO_MAX_DETS} per image",
+                **coco, "after_gate": _named_map(acc.gt_boxes, acc.dt_coco_gated, acc.sizes, names)}
+        else:  # components have no score floor to lower: their only view is the operating point
+            report["detection_coco"] = None
         report["instances"] = {"match_iou": MATCH_IOU, "events_from": det["events_from"],
                                **acc.counts.to_dict(names)}
     else:
         report["segmentation"] = None
         report["detection"] = None
+        report["detection_coco"] = None
         report["instances"] = None
     if acc.type_truth:
         truth, pred = np.asarray(acc.type_truth), np.asarray(acc.type_pred)

@@ -28,6 +28,9 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"Images: {report['images']} ({report['defective_images']} defective)"
         + (f", plus {g['negative_crops']} defect-free crops for the gate" if g["negative_crops"] else "")
         + f"; backend {report['backend']}",
+    ]
+    lines += _detection_lines(report)
+    lines += [
         "",
         "## Gate (frame score = max over class scores)",
         "",
@@ -58,10 +61,11 @@ def render_markdown(report: dict[str, Any]) -> str:
             f"Severstal Dice mean {_fmt(seg['dice_mean'])}, which counts empty/empty pairs as 1 "
             f"(after the gate: {_fmt(seg['dice_mean_after_gate'])}; a model that never predicts scores "
             f"{_fmt(seg['dice_never_predict'])}); IoU mean {_fmt(seg['iou_mean'])}; "
-            f"detection view ({det.get('events_from', 'components')}) mAP@0.5 {_fmt(det['map50'])}, "
+            f"operating-point detection view ({det.get('events_from', 'components')}) mAP@0.5 {_fmt(det['map50'])}, "
             f"mAP@0.5:0.95 {_fmt(det['map50_95'])} ({det['predicted_boxes']} predicted, {det['gt_boxes']} true boxes)",
             "",
-            "| class | Dice on positives (n) | Dice | Dice never-predict | IoU | AP@0.5 | AP@0.5:0.95 | true boxes "
+            "| class | Dice on positives (n) | Dice | Dice never-predict | IoU | AP@0.5 (operating point) "
+            "| AP@0.5:0.95 (operating point) | true boxes "
             "| pixel threshold | min area px |",
             "|---|---|---|---|---|---|---|---|---|---|",
         ]
@@ -74,11 +78,16 @@ def render_markdown(report: dict[str, Any]) -> str:
                          f"{_fmt(det.get('ap50_95_per_class', {}).get(name))} | {det['gt_boxes_per_class'][name]} | "
                          f"{_fmt(t['pixel_threshold'], 2)} | {t['min_area_px']} |")
         if det.get("by_area"):
-            lines += ["", "### mAP by true box area (px)", "", "| area | true boxes | mAP@0.5 | mAP@0.5:0.95 |",
-                      "|---|---|---|---|"]
+            coco = (report.get("detection_coco") or {}).get("by_area")
+            head = "| area | true boxes | " + ("COCO mAP@0.5 | COCO mAP@0.5:0.95 | " if coco else "")
+            lines += ["", "### mAP by true box area (px)", "",
+                      head + "operating-point mAP@0.5 | operating-point mAP@0.5:0.95 |",
+                      "|---|---|---|---|" + ("---|---|" if coco else "")]
             for label, a in det["by_area"].items():
+                c = (coco or {}).get(label) or {}
                 lines.append(f"| {label}{'' if label == 'all' else ' (sqrt of area)'} | {a['gt_boxes']} | "
-                             f"{_fmt(a['map50'])} | {_fmt(a['map50_95'])} |")
+                             + (f"{_fmt(c.get('map50'))} | {_fmt(c.get('map50_95'))} | " if coco else "")
+                             + f"{_fmt(a['map50'])} | {_fmt(a['map50_95'])} |")
     inst = report.get("instances")
     if inst:
         lines += ["", f"## Instances (events from {inst['events_from']}, one-to-one at IoU >= {inst['match_iou']})",
@@ -102,6 +111,41 @@ def render_markdown(report: dict[str, Any]) -> str:
     t = report["timing"]
     lines += ["", f"Took {t['seconds']} s for {t['items']} frames ({_fmt(t['items_per_s'], 1)} per s)."]
     return "\n".join(lines) + "\n"
+
+
+def _detection_lines(report: dict[str, Any]) -> list[str]:
+    """The detection section, first after the header: the COCO view (what published detector figures
+    mean) and the operating point (what the agent publishes), each for the seg model alone and
+    through the gate."""
+    det, coco = report.get("detection"), report.get("detection_coco")
+    if not det:
+        return []
+    lines = ["", "## Detection (boxes against the annotated boxes; pycocotools COCOeval, maxDets 100)", ""]
+
+    def views(d: dict[str, Any]) -> str:
+        g = d.get("after_gate") or {}
+        return (f"mAP@0.5 **{_fmt(d['map50'])}**, mAP@0.5:0.95 {_fmt(d['map50_95'])} ({d['predicted_boxes']} "
+                f"predicted, {d['gt_boxes']} true boxes); through the gate (frames it stops predict nothing): "
+                f"mAP@0.5 {_fmt(g.get('map50'))}, mAP@0.5:0.95 {_fmt(g.get('map50_95'))}")
+
+    if coco:
+        lines += [f"- COCO view ({coco['decode']}; the whole precision-recall curve, as published detector figures "
+                  f"are read): {views(coco)}.",
+                  f"- Operating point ({det.get('decode', det.get('events_from', 'components'))}; the events the agent "
+                  f"publishes, the curve cut at the thresholds): {views(det)}.",
+                  "", "| class | true boxes | COCO AP@0.5 | COCO AP@0.5:0.95 | COCO AP@0.5 through the gate "
+                  "| operating-point AP@0.5 | operating-point AP@0.5:0.95 |", "|---|---|---|---|---|---|---|"]
+        for name, n in coco["gt_boxes_per_class"].items():
+            lines.append(f"| {name} | {n} | {_fmt(coco['ap50_per_class'][name])} | "
+                         f"{_fmt(coco['ap50_95_per_class'][name])} | "
+                         f"{_fmt(coco['after_gate']['ap50_per_class'][name])} | {_fmt(det['ap50_per_class'][name])} | "
+                         f"{_fmt(det.get('ap50_95_per_class', {}).get(name))} |")
+    else:
+        lines += [f"- Operating point ({det.get('decode', det.get('events_from', 'components'))}): "
+                  + (views(det) if det.get("after_gate") else
+                     f"mAP@0.5 **{_fmt(det['map50'])}**, mAP@0.5:0.95 {_fmt(det['map50_95'])}") + ".",
+                  "- No COCO view: the pack has no instance head, and components have no score floor to lower."]
+    return lines
 
 
 def _json_safe(value: Any) -> Any:

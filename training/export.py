@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from engines.modelpack import MODEL_PACK_FORMAT, load_model_pack, pack_format, sha256_file
+from engines.packs import tier_of_model_size
 from engines.portable import portable_tree
 
 OPSET = 17
@@ -339,8 +340,25 @@ def instance_model_json(meta: dict[str, Any], seg_path: Path, height: int, width
             "model_size": meta.get("model_size"),
             "model_config": meta.get("model_config"),
             "kind": "instances",
+            **({"tier": tier} if (tier := tier_of_model_size(meta.get("model_size"))) else {}),
         },
     }
+
+
+def kept_gate_config(gate_from: str | Path) -> dict[str, Any]:
+    """What an instance pack that keeps another pack's gate must record of that gate's net, so that
+    training.gate_strip can rebuild it: ``gate_model_size`` and ``gate_model_config``. From a component
+    pack's training block its ``model_size`` / ``model_config`` (they describe its gate and segmenter);
+    from an instance pack that itself kept a gate, its ``gate_model_*`` (its model_config is its
+    segmenter's). Empty when the source records neither."""
+    train = json.loads((Path(gate_from) / "model.json").read_text()).get("training") or {}
+    if "gate_model_config" in train:
+        size, config = train.get("gate_model_size"), train["gate_model_config"]
+    elif train.get("kind") != "instances" and train.get("model_config") is not None:
+        size, config = train.get("model_size"), train["model_config"]
+    else:
+        return {}
+    return {"gate_model_size": size, "gate_model_config": config}
 
 
 def export_instance_pack(checkpoint: str | Path, out: str | Path, height: int | None = None, width: int | None = None,
@@ -385,6 +403,7 @@ def export_instance_pack(checkpoint: str | Path, out: str | Path, height: int | 
     doc = instance_model_json(meta, out / "seg.onnx", height, width, gate_entry)
     if gate_entry is not None:
         doc["training"]["gate_from"] = str(gate_from)
+        doc["training"].update(kept_gate_config(gate_from))  # the kept gate's net, for training.gate_strip
     doc["training"] = portable_tree(doc["training"])  # no paths of this machine in a shipped file
     (out / "model.json").write_text(json.dumps(doc, indent=1) + "\n")
     load_pack(out)

@@ -81,3 +81,55 @@ def test_component_packs_get_the_same_figures_from_their_components(tmp_path):
     assert report["detection"]["by_area"]["0-40"]["gt_boxes"] == 5
     seg = report["segmentation"]
     assert list(seg)[:2] == ["truth", "dice_positive_mean"]  # Dice on positives comes first
+
+
+def test_coco_view_scores_peaks_below_the_calibrated_threshold_and_the_gate_view_drops_stopped_frames(tmp_path):
+    """Three true squares of class bright, the instance threshold 0.7, the gate threshold 0.9:
+    - a 20 px white square: peak 0.961, gate score ~1 (an event everywhere);
+    - a 16 px white square: peak 0.579 (a 2x2 plateau), below 0.7: in the COCO view only;
+    - a 20 px square at grey 160: peak 0.961 but gate score ~0.69: the gate stops its frame."""
+    pack = load_model_pack(make_instance_pack(tmp_path / "inst", instance_threshold=0.7, gate_threshold=0.9))
+    img_b = frame_with_squares([("bright", 60, 20)], size=16)
+    img_c = frame_with_squares([("bright", 100, 20)])
+    img_c[20:40, 100:120] = 160
+    samples = [_sample([("bright", 40, 20)], [_box(0, 40, 20)], "a.png"),
+               Sample(img_b, None, [_box(0, 60, 20, 16)], np.array([1, 0], np.float32), CLASSES, "b.png"),
+               Sample(img_c, None, [_box(0, 100, 20)], np.array([1, 0], np.float32), CLASSES, "c.png")]
+    report = evaluate_samples(pack, load_calibration(pack), samples, threads=1, max_batch=1)
+    assert report["gate"]["tp"] == 2 and report["gate"]["fn"] == 1  # c is stopped
+    op, coco = report["detection"], report["detection_coco"]
+    assert op["view"] == "operating_point" and coco["view"] == "coco"
+    assert coco["score_floor"] == 0.05 and coco["max_per_image"] == 100
+    # COCOeval's 101-point interpolation: precision 1 up to recall r scores (floor(100 r) + 1) / 101
+    two_of_three, one_of_three = 67 / 101, 34 / 101
+    assert coco["predicted_boxes"] == 3 and coco["map50"] == pytest.approx(1.0)  # b counts here
+    assert op["predicted_boxes"] == 2 and op["map50"] == pytest.approx(two_of_three)  # ... and not here
+    assert coco["ap50_per_class"]["bright"] == pytest.approx(1.0) and coco["ap50_per_class"]["dark"] is None
+    assert coco["after_gate"]["predicted_boxes"] == 2 and coco["after_gate"]["map50"] == pytest.approx(two_of_three)
+    assert op["after_gate"]["predicted_boxes"] == 1 and op["after_gate"]["map50"] == pytest.approx(one_of_three)
+    # b's box is 2 px off (the plateau's cell centre): right at IoU 0.5, short of 0.95
+    assert 0.0 < coco["map50_95"] < coco["map50"]
+    assert coco["by_area"]["0-40"]["gt_boxes"] == 3 and coco["by_area"]["0-40"]["map50"] == pytest.approx(1.0)
+    inst = report["instances"]  # the counts are the operating point's events
+    assert (inst["true_defects"], inst["events"], inst["matched"], inst["missed"]) == (3, 2, 2, 1)
+    md = render_markdown({**report, "profile": "tiny", "split": "test", "models": {}})
+    assert md.index("- COCO view (every instance-head peak >= 0.05") < md.index("- Operating point (") \
+        < md.index("## Gate")
+    assert "mAP@0.5 **1.000**" in md and f"mAP@0.5 **{two_of_three:.3f}**" in md
+    assert "| bright | 3 | 1.000 |" in md and "| 0-40 (sqrt of area) | 3 | 1.000 |" in md
+
+
+def test_component_packs_have_no_coco_view_and_say_so(tmp_path):
+    pack = load_model_pack(make_pack(tmp_path / "comp", min_area_px=16))
+    report = evaluate_samples(pack, load_calibration(pack), _samples(), threads=1, max_batch=2)
+    assert report["detection_coco"] is None and report["detection"]["view"] == "operating_point"
+    assert report["detection"]["after_gate"]["gt_boxes"] == report["detection"]["gt_boxes"] == 5
+    md = render_markdown({**report, "profile": "tiny", "split": "test", "models": {}})
+    assert "No COCO view: the pack has no instance head" in md
+
+
+def test_the_coco_view_decodes_as_training_validates():
+    from training import evaluate, train_instances
+
+    assert evaluate.COCO_SCORE_FLOOR == train_instances.VAL_DECODE_THRESHOLD
+    assert evaluate.COCO_MAX_DETS == train_instances.MAX_INSTANCES

@@ -24,16 +24,16 @@ from training.strip import RealisticStripGenerator  # noqa: E402
 STEEL_PACK = Path(__file__).resolve().parents[2] / "engines" / "models" / "steel"
 
 
-def _fake_run(folder: Path, size: str = "test", classes=STEEL_CLASSES) -> Path:
+def _fake_run(folder: Path, size: str = "test", classes=STEEL_CLASSES, mean: float = 0.45, std: float = 0.2) -> Path:
     """An instance training folder as training.train_instances leaves it, with random weights and a
     heatmap bias raised so that random frames give peaks."""
     folder.mkdir(parents=True)
     torch.manual_seed(0)
-    model = build_instance_model(len(classes), 1, 0.45, 0.2, size)
+    model = build_instance_model(len(classes), 1, mean, std, size)
     with torch.no_grad():
         model.heatmap.bias.fill_(0.0)
     torch.save(model.state_dict(), folder / "best.pt")
-    meta = {"kind": "instances", "profile": "steel", "classes": list(classes), "mean": 0.45, "std": 0.2,
+    meta = {"kind": "instances", "profile": "steel", "classes": list(classes), "mean": mean, "std": std,
             "model_size": size, "model_config": INSTANCE_CONFIGS[size].to_dict(), "seed": 0,
             "command": "python -m training.train_instances --profile steel", "data": "/data", "minutes": 1.0,
             "history": [{"epoch": 1}], "best": {"epoch": 1, "val_map50": 0.1}, "config": {"synthetic_fraction": 0.15}}
@@ -122,3 +122,51 @@ def test_cli_trains_and_exports_an_instance_run(tmp_path):
     assert load_model_pack(tmp_path / "pack").seg.instances is not None
     bad = subprocess.run(cmd[:-2] + ["--profile", "kolektorsdd"], capture_output=True, text=True, timeout=300, env=env)
     assert bad.returncode == 2 and "not 'kolektorsdd'" in bad.stderr
+
+
+def _gate_strip_roundtrip(pack: Path) -> float:
+    """training.gate_strip rebuilds the pack's gate from model.json alone; its largest difference from ONNX Runtime."""
+    from training import gate_strip
+
+    x = gate_strip.pooled(np.stack([gate_strip.clean_frame("val", i) for i in range(2)]), 2)
+    _, pool, diff = gate_strip.load_gate(pack, x)
+    assert pool == 2
+    return diff
+
+
+def test_gate_from_records_the_kept_gates_net_so_gate_strip_can_rebuild_it(tmp_path):
+    """--gate-from writes gate_model_size / gate_model_config into the new model.json: from an instance
+    pack that kept a gate (the shipped steel pack: its gate_model_*), and from a component pack (its
+    model_size / model_config, which describe its gate). Without them gate_strip cannot rebuild the gate."""
+    import shutil
+
+    from training.export import kept_gate_config
+
+    shipped = json.loads((STEEL_PACK / "model.json").read_text())
+    steel, norm = shipped["training"], {k: shipped["input"][k] for k in ("mean", "std")}
+    run = _fake_run(tmp_path / "run", **norm)  # gate_strip rebuilds the gate with model.json's normalisation
+    export_instance_pack(run, tmp_path / "from_instances", gate_from=STEEL_PACK)
+    got = json.loads((tmp_path / "from_instances" / "model.json").read_text())["training"]
+    assert got["gate_model_config"] == steel["gate_model_config"] and got["gate_model_size"] == "sepgate"
+    assert got["model_config"] == INSTANCE_CONFIGS["test"].to_dict()  # the segmenter's, as before
+    assert "tier" not in got  # a "test" net belongs to no tier
+    assert _gate_strip_roundtrip(tmp_path / "from_instances") < 1e-4
+    # a component pack as the gate's source (the steel pack as it was before the instance model)
+    comp = tmp_path / "components"
+    shutil.copytree(STEEL_PACK, comp)
+    doc = json.loads((comp / "model.json").read_text())
+    doc["format"] = 2
+    doc["models"]["seg"].pop("instances")
+    doc["training"] = {"model_size": "sepgate", "model_config": steel["gate_model_config"], "command": "coilsight train"}
+    (comp / "model.json").write_text(json.dumps(doc))
+    assert kept_gate_config(comp) == {"gate_model_size": "sepgate", "gate_model_config": steel["gate_model_config"]}
+    export_instance_pack(_fake_run(tmp_path / "run_edge", size="edge", **norm), tmp_path / "from_components", gate_from=comp)
+    got = json.loads((tmp_path / "from_components" / "model.json").read_text())["training"]
+    assert got["gate_model_config"] == steel["gate_model_config"] and got["gate_from"].endswith("components")
+    assert got["model_size"] == "edge" and got["tier"] == "edge"  # the tier the config's models.tier names
+    assert _gate_strip_roundtrip(tmp_path / "from_components") < 1e-4
+    # an instance pack that does not say what its gate is: nothing to copy, nothing invented
+    del doc["training"]["model_config"]
+    doc["training"]["kind"] = "instances"
+    (comp / "model.json").write_text(json.dumps(doc))
+    assert kept_gate_config(comp) == {}

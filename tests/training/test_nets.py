@@ -63,11 +63,10 @@ def test_gate_pools_before_normalising_with_the_same_numbers():
 def test_configs_without_the_newer_keys_load_as_before():
     """model.json of packs exported before gate_stem/seg_context existed still rebuild the same
     modules, so their checkpoints load."""
-    import json
-    from pathlib import Path
-
-    shipped = json.loads((Path(__file__).parents[2] / "engines/models/kolektorsdd/model.json").read_text())
-    cfg = ModelConfig.from_dict(shipped["training"]["model_config"])
+    # the kolektorsdd pack's training.model_config as shipped until 2026-12-02 (size `small`)
+    old = {"gate_widths": [16, 32, 48], "gate_pool": 2, "seg_widths": [8, 16, 32], "seg_decoder": 16,
+           "seg_fuse_kernel": 1}
+    cfg = ModelConfig.from_dict(old)
     assert cfg.gate_stem == 0 and cfg.seg_context == (2,)
     gate, seg = build_models(2, config=cfg)
     ref_gate, ref_seg = build_models(2, config="small")

@@ -1,7 +1,8 @@
 """Test support shared by the bridge and reliability suites: a real `coilsight` process with its
 stderr (structlog JSON, one event per line) appended to a log file, stopped gently (SIGTERM) then
 firmly (SIGKILL), and its log events read back. One wrapper instead of a copy in each suite
-(tests/bridge/mqtt_support.py Proc, tests/reliability/harness.py AgentProcess)."""
+(tests/bridge/mqtt_support.py Proc, tests/reliability/harness.py AgentProcess); stopping is the
+tools' own ``agent.tools.demo.stop_process``."""
 from __future__ import annotations
 
 import json
@@ -10,17 +11,7 @@ import signal
 import subprocess
 from pathlib import Path
 
-
-def stop_process(proc: subprocess.Popen | None, grace_s: float, kill_wait_s: float = 5.0) -> None:
-    """SIGTERM, up to ``grace_s`` for a clean exit, then SIGKILL; nothing when it already exited."""
-    if proc is None or proc.poll() is not None:
-        return
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(grace_s)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(kill_wait_s)
+from agent.tools.demo import stop_process
 
 
 class LoggedProcess:

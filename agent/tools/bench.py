@@ -25,7 +25,6 @@ from __future__ import annotations
 import json
 import os
 import platform
-import signal
 import sys
 import tempfile
 import threading
@@ -299,7 +298,7 @@ def run_scenario(cfg_path: Path, cfg, n: int, fraction: float, clean: list, bad:
     the agent once it is ready (``attach.start(cfg)``) and finished after the final summary, outside the
     timed span (``attach.finish(last_seq)``: its report goes under "bridge")."""
     from agent.tools.camera_sim import CameraSim, score_events
-    from agent.tools.demo import start_agent, wait_ready
+    from agent.tools.demo import start_agent, stop_process, wait_ready
     from agent.service import status_request
     from agent.subscriber import Subscriber
 
@@ -380,11 +379,7 @@ def run_scenario(cfg_path: Path, cfg, n: int, fraction: float, clean: list, bad:
     finally:
         if attach is not None:
             attach.abort()
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except Exception:
-            proc.kill()
+        stop_process(proc, grace_s=30.0)
 
 
 def _with_progress(frames, progress):

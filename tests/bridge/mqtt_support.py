@@ -17,9 +17,10 @@ from pathlib import Path
 
 import pytest
 from conftest import free_port
-from tests_support_procs import LoggedProcess, stop_process
+from tests_support_procs import LoggedProcess
 
 from agent.config import dump_toml
+from agent.tools.demo import stop_process
 
 MOSQUITTO = shutil.which("mosquitto") or next((p for p in ("/usr/sbin/mosquitto",) if os.path.exists(p)), None)
 needs_mosquitto = pytest.mark.skipif(MOSQUITTO is None, reason="mosquitto not installed (Debian package "

@@ -30,6 +30,20 @@ def agent_cmd(cfg_path: Path, slow_fsync_s: float = 0.0) -> list[str]:
     return [sys.executable, "-m", "agent.cli", "run", "--config", str(cfg_path)]
 
 
+def send_coil_collected(ap: AgentProcess, coil: str, frames) -> Collector:
+    """One whole coil (coil_end included) from cam0 to the running agent; the Collector (from seq 1),
+    closed once the coil's summary came, holding everything the agent published."""
+    from agent.tools.camera_sim import CameraSim
+
+    cam = CameraSim(ap.cfg.ingest.endpoint, camera="cam0")
+    cam.send_coil(coil, frames)
+    cam.close()
+    c = Collector(ap.cfg)
+    assert c.wait(lambda c: c.summaries(coil), 20)
+    c.close()
+    return c
+
+
 class AgentProcess(LoggedProcess):
     """A real agent process on a fixed config (its ports survive restarts)."""
 

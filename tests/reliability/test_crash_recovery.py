@@ -6,7 +6,13 @@ import threading
 import time
 
 import pytest
-from harness import Collector, agent_process, check_accounting, figures  # noqa: F401 (agent_process: a fixture)
+from harness import (  # noqa: F401 (agent_process: a fixture)
+    Collector,
+    agent_process,
+    check_accounting,
+    figures,
+    send_coil_collected,
+)
 from tinypack import clean_frame, frame_with
 
 from agent.tools.camera_sim import CameraSim
@@ -175,12 +181,7 @@ def test_sigterm_mid_coil_publishes_a_partial_summary_and_exits_0(agent_process)
 def test_journal_damaged_between_runs_is_reported(agent_process, damage):
     ap = agent_process()
     ap.start()
-    cam = CameraSim(ap.cfg.ingest.endpoint, camera="cam0")
-    cam.send_coil("J1", coil_frames(40))
-    cam.close()
-    c = Collector(ap.cfg)
-    assert c.wait(lambda c: c.summaries("J1"), 20)
-    c.close()
+    send_coil_collected(ap, "J1", coil_frames(40))
     assert ap.terminate() == 0
     jdir = ap.cfg.state_path() / "journal" / ap.cfg.agent.name
     seg = sorted(jdir.glob("segment-*.log"))[-1]

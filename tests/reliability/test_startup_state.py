@@ -9,7 +9,14 @@ import time
 from datetime import datetime
 
 import pytest
-from harness import AgentProcess, Collector, agent_cmd, agent_process, figures  # noqa: F401 (agent_process: a fixture)
+from harness import (  # noqa: F401 (agent_process: a fixture)
+    AgentProcess,
+    Collector,
+    agent_cmd,
+    agent_process,
+    figures,
+    send_coil_collected,
+)
 from tinypack import clean_frame, frame_with
 
 from agent.tools.camera_sim import CameraSim
@@ -91,12 +98,7 @@ def test_a_damaged_state_file_is_moved_aside_reported_and_never_fatal(agent_proc
     name, content = BAD_FILES[case]
     ap = agent_process()
     ap.start()
-    cam = CameraSim(ap.cfg.ingest.endpoint, camera="cam0")
-    cam.send_coil("S1", frames(8))
-    cam.close()
-    c = Collector(ap.cfg)
-    assert c.wait(lambda c: c.summaries("S1"), 20)
-    c.close()
+    c = send_coil_collected(ap, "S1", frames(8))
     last_seq = max(m["seq"] for _, m in c.msgs)
     assert ap.terminate() == 0
     path = ap.cfg.state_path() / "journal" / ap.cfg.agent.name / name

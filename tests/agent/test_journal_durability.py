@@ -15,10 +15,9 @@ from pathlib import Path
 import msgpack
 import pytest
 import zmq
-from tests_support_events import Collector, record_ends
+from tests_support_events import record_ends, send_coil_collected
 from tinypack import clean_frame, frame_with
 
-from agent.tools.camera_sim import CameraSim
 from agent.journal import Journal
 from agent.publish import Publisher
 
@@ -119,15 +118,8 @@ def test_without_fsync_nothing_is_made_durable_and_the_check_says_so(tmp_path, m
 def test_agent_with_fsync_on_journals_durably_before_publishing(running_agent, monkeypatch):
     rec = Durability(monkeypatch)
     agent = running_agent(publish={"fsync": True})
-    col = Collector(agent.cfg, timeout_s=60.0)
-    try:
-        cam = CameraSim(agent.cfg.ingest.endpoint, camera="cam0")
-        cam.send_coil("durable", [(frame_with("bright", 8 * (i % 20), 16) if i % 3 == 0 else clean_frame(), None)
-                                  for i in range(30)])
-        cam.close()
-        assert col.wait(lambda c: c.summaries("durable"), 30), "no final summary"
-    finally:
-        col.close()
+    col = send_coil_collected(agent.cfg, "durable", [(frame_with("bright", 8 * (i % 20), 16) if i % 3 == 0
+                                                      else clean_frame(), None) for i in range(30)])
     assert len(col.defects("durable")) == 10
     sent = rec.sent()
     # 10 defects, their tracks (the coil layer, docs/protocol.md 2.6) and the summary, each once, in seq order

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 from conftest import address_in_use
-from tests_support_events import Collector, check_accounting  # noqa: F401  (re-exported for the suite)
+from tests_support_events import Collector, check_accounting, send_coil_collected  # noqa: F401  (re-exported for the suite)
 from tests_support_procs import LoggedProcess
 
 from agent.config import config_dict, dump_toml
@@ -28,20 +28,6 @@ def agent_cmd(cfg_path: Path, slow_fsync_s: float = 0.0) -> list[str]:
         return [sys.executable, str(Path(__file__).with_name("slow_disk.py")), str(slow_fsync_s), "run", "--config",
                 str(cfg_path)]
     return [sys.executable, "-m", "agent.cli", "run", "--config", str(cfg_path)]
-
-
-def send_coil_collected(ap: AgentProcess, coil: str, frames) -> Collector:
-    """One whole coil (coil_end included) from cam0 to the running agent; the Collector (from seq 1),
-    closed once the coil's summary came, holding everything the agent published."""
-    from agent.tools.camera_sim import CameraSim
-
-    cam = CameraSim(ap.cfg.ingest.endpoint, camera="cam0")
-    cam.send_coil(coil, frames)
-    cam.close()
-    c = Collector(ap.cfg)
-    assert c.wait(lambda c: c.summaries(coil), 20)
-    c.close()
-    return c
 
 
 class AgentProcess(LoggedProcess):

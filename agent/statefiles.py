@@ -53,6 +53,51 @@ class StateFileInvalid(ValueError):
 
 
 # -- one agent per state directory ------------------------------------------------------------------
+class LockFailed(Exception):
+    """``flock_exclusive`` could not take the lock (``strerror``: why)."""
+
+    def __init__(self, path: Path, strerror: str | None):
+        super().__init__(f"cannot lock {path}: {strerror}")
+        self.path, self.strerror = path, strerror
+
+
+class LockHeld(LockFailed):
+    """``flock_exclusive``: another open file holds the lock (``holder``: the pid it recorded, if any)."""
+
+    def __init__(self, path: Path, holder: int | None):
+        super().__init__(path, "held by " + (f"pid {holder}" if holder else "another process"))
+        self.holder = holder
+
+
+def flock_exclusive(path: Path, *, record_pid: bool = False) -> int:
+    """Open ``path`` (creating it and its directory) and take an exclusive, non-blocking flock on it;
+    returns the descriptor, which holds the lock until it is closed (the file itself stays).
+
+    Used for one agent per state directory (``StateLock``) and one bridge per state file
+    (agent/bridge/state.py). LockHeld when another open file holds it (with the pid it recorded, when
+    its holder passed ``record_pid``); LockFailed when flock fails otherwise; creating or opening the
+    file raises its OSError as it is. ``record_pid``: write this process's pid into the file once
+    locked, for the message a second process prints (a failed write is logged, never fatal: the lock
+    itself is held)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        holder = _read_pid(fd)
+        os.close(fd)
+        if exc.errno in (errno.EWOULDBLOCK, errno.EACCES, errno.EAGAIN):
+            raise LockHeld(path, holder) from None
+        raise LockFailed(path, exc.strerror) from None
+    if record_pid:
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        except OSError as exc:  # a full disk must not stop the agent: the lock itself is held
+            log.warning("state_lock_pid_not_written", path=str(path), error=exc.strerror)
+    return fd
+
+
 class StateLock:
     """An exclusive flock on ``<state_dir>/coilsight.lock``, held for the agent's lifetime.
 
@@ -64,26 +109,16 @@ class StateLock:
         self._fd: int | None = None
 
     def acquire(self) -> StateLock:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            holder = _read_pid(fd)
-            os.close(fd)
-            if exc.errno in (errno.EWOULDBLOCK, errno.EACCES, errno.EAGAIN):
-                who = f"pid {holder}" if holder else "another process"
-                raise StateDirLocked(
-                    f"state directory {self.path.parent} is in use by another agent ({who} holds {self.path}); "
-                    "two agents must not share one state directory: give each its own agent.state_dir") from None
+            self._fd = flock_exclusive(self.path, record_pid=True)
+        except LockHeld as held:
+            who = f"pid {held.holder}" if held.holder else "another process"
+            raise StateDirLocked(
+                f"state directory {self.path.parent} is in use by another agent ({who} holds {self.path}); "
+                "two agents must not share one state directory: give each its own agent.state_dir") from None
+        except LockFailed as exc:
             raise StateDirLocked(f"cannot lock state directory {self.path.parent} ({self.path}): "
                                  f"{exc.strerror}") from None
-        try:  # the holder's pid, for the message a second agent prints; informational only
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        except OSError as exc:  # a full disk must not stop the agent: the lock itself is held
-            log.warning("state_lock_pid_not_written", path=str(self.path), error=exc.strerror)
-        self._fd = fd
         return self
 
     def release(self) -> None:

@@ -1,5 +1,6 @@
-"""Test support shared by the agent and reliability suites: one subscriber collector and one
-accounting check (docs/protocol.md 2.2), instead of a copy in every test file."""
+"""Test support shared by the agent and reliability suites: one subscriber collector, one coil sent
+and collected to its summary, and one accounting check (docs/protocol.md 2.2), instead of a copy in
+every test file."""
 from __future__ import annotations
 
 import os
@@ -75,6 +76,29 @@ class Collector:
         self._stop.set()
         self.t.join(2)
         self.sub.close()
+
+
+def send_coil_collected(cfg, coil: str, frames, *, camera: str = "cam0", from_seq: int | None = 1,
+                        wait_s: float = 30.0, **send_kw) -> Collector:
+    """One whole coil (coil_end included) from ``camera`` to the agent at ``cfg``, through a Collector
+    started first (``from_seq`` None: live only, given 0.3 s to subscribe); returns it closed, once the
+    coil's final summary came, holding everything published (an AssertionError when no summary came
+    within ``wait_s``). ``send_kw``: CameraSim.send_coil's (rate_hz, mm_per_px_y, ...)."""
+    from agent.tools.camera_sim import CameraSim
+
+    col = Collector(cfg, from_seq=from_seq, timeout_s=60.0)
+    try:
+        if from_seq is None:
+            time.sleep(0.3)
+        cam = CameraSim(cfg.ingest.endpoint, camera=camera)
+        try:
+            cam.send_coil(coil, frames, **send_kw)
+        finally:
+            cam.close()
+        assert col.wait(lambda c: c.summaries(coil), wait_s), f"no final summary of {coil}"
+    finally:
+        col.close()
+    return col
 
 
 def check_accounting(s: dict) -> None:

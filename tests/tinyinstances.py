@@ -23,7 +23,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from tinypack import BACKGROUND, CLASSES, clean_frame, write_pack_files
+from tinypack import BACKGROUND, CLASSES, cell_nodes, clean_frame, write_pack_files
 
 __all__ = ["BACKGROUND", "CLASSES", "SQUARE", "clean_frame", "frame_with_squares", "make_instance_pack",
            "instance_graph"]
@@ -48,19 +48,7 @@ def instance_graph(role: str, channels: int = 1, size_gain: float = 1.0) -> onnx
         _f("off_w", np.zeros((2, 2, 1, 1))), _f("off_b", np.full(2, 0.5)),
         _f("heat_mid", 0.6), _f("heat_gain", 8.0),
     ]
-    nodes = [
-        helper.make_node("Cast", ["image"], ["xf"], to=TensorProto.FLOAT),
-        helper.make_node("Mul", ["xf", "scale"], ["xc"]),
-        helper.make_node("ReduceMean", ["xc"], ["x"], axes=[1], keepdims=1),
-        helper.make_node("AveragePool", ["x"], ["pooled"], kernel_shape=[4, 4], strides=[4, 4]),
-        helper.make_node("Sub", ["pooled", "hi"], ["b0"]),
-        helper.make_node("Mul", ["b0", "gain"], ["b1"]),
-        helper.make_node("Sigmoid", ["b1"], ["bright"]),
-        helper.make_node("Sub", ["lo", "pooled"], ["d0"]),
-        helper.make_node("Mul", ["d0", "gain"], ["d1"]),
-        helper.make_node("Sigmoid", ["d1"], ["dark"]),
-        helper.make_node("Concat", ["bright", "dark"], ["probs"], axis=1),
-    ]
+    nodes = cell_nodes(4)  # the tiny pack's cells: probs, and b0 / d0 for the head below
     if role == "gate":
         nodes.append(helper.make_node("ReduceMax", ["probs"], ["scores"], axes=[2, 3], keepdims=0))
         outs = [helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["N", 2])]

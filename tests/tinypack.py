@@ -29,6 +29,26 @@ PIXEL_THRESHOLD = 0.4
 MID_LEVELS = {135: 0.11, 147: 0.33, 150: 0.41, 152: 0.47, 155: 0.56, 158: 0.64, 170: 0.88}
 
 
+def cell_nodes(k: int = 4) -> list[onnx.NodeProto]:
+    """The tiny models' cells: ``image`` (uint8, any channels) -> ``probs`` [N, 2, h, w], bright and
+    dark per k x k cell (sigmoids around the initializers ``hi`` and ``lo``, steepness ``gain``, after
+    ``scale``); ``b0`` (pooled - hi) and ``d0`` (lo - pooled) are left for heads that read them
+    (tests/tinyinstances.py)."""
+    return [
+        helper.make_node("Cast", ["image"], ["xf"], to=TensorProto.FLOAT),
+        helper.make_node("Mul", ["xf", "scale"], ["xc"]),
+        helper.make_node("ReduceMean", ["xc"], ["x"], axes=[1], keepdims=1),  # channels -> one grey plane
+        helper.make_node("AveragePool", ["x"], ["pooled"], kernel_shape=[k, k], strides=[k, k]),
+        helper.make_node("Sub", ["pooled", "hi"], ["b0"]),
+        helper.make_node("Mul", ["b0", "gain"], ["b1"]),
+        helper.make_node("Sigmoid", ["b1"], ["bright"]),
+        helper.make_node("Sub", ["lo", "pooled"], ["d0"]),
+        helper.make_node("Mul", ["d0", "gain"], ["d1"]),
+        helper.make_node("Sigmoid", ["d1"], ["dark"]),
+        helper.make_node("Concat", ["bright", "dark"], ["probs"], axis=1),
+    ]
+
+
 def _graph(output: str, channels: int = 1, input_pool: int = 1, hw: tuple[int, int] | None = None) -> onnx.ModelProto:
     """The 4x4-cell model; with input_pool k it takes frames already pooled k x k and pools the rest.
     ``hw`` fixes the input's H and W (else dynamic), so a runner that feeds another size fails loudly."""
@@ -42,19 +62,7 @@ def _graph(output: str, channels: int = 1, input_pool: int = 1, hw: tuple[int, i
         helper.make_tensor("lo", TensorProto.FLOAT, [], [0.15]),
         helper.make_tensor("gain", TensorProto.FLOAT, [], [30.0]),
     ]
-    nodes = [
-        helper.make_node("Cast", ["image"], ["xf"], to=TensorProto.FLOAT),
-        helper.make_node("Mul", ["xf", "scale"], ["xc"]),
-        helper.make_node("ReduceMean", ["xc"], ["x"], axes=[1], keepdims=1),  # channels -> one grey plane
-        helper.make_node("AveragePool", ["x"], ["pooled"], kernel_shape=[k, k], strides=[k, k]),
-        helper.make_node("Sub", ["pooled", "hi"], ["b0"]),
-        helper.make_node("Mul", ["b0", "gain"], ["b1"]),
-        helper.make_node("Sigmoid", ["b1"], ["bright"]),
-        helper.make_node("Sub", ["lo", "pooled"], ["d0"]),
-        helper.make_node("Mul", ["d0", "gain"], ["d1"]),
-        helper.make_node("Sigmoid", ["d1"], ["dark"]),
-        helper.make_node("Concat", ["bright", "dark"], ["probs"], axis=1),
-    ]
+    nodes = cell_nodes(k)
     if output == "scores":
         nodes.append(helper.make_node("ReduceMax", ["probs"], ["scores"], axes=[2, 3], keepdims=0))
         out = helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["N", 2])

@@ -9,8 +9,6 @@ with their original seq), never fewer. A state file that fails validation is mov
 """
 from __future__ import annotations
 
-import errno
-import fcntl
 import json
 import os
 import time
@@ -19,6 +17,8 @@ from pathlib import Path
 import structlog
 
 from engines.atomic import write_atomic
+
+from agent.statefiles import LockFailed, LockHeld, flock_exclusive
 
 log = structlog.get_logger(__name__)
 
@@ -41,17 +41,13 @@ class AckState:
 
     # -- one bridge per state file ------------------------------------------------------------
     def lock(self) -> AckState:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            os.close(fd)
-            if exc.errno in (errno.EWOULDBLOCK, errno.EACCES, errno.EAGAIN):
-                raise StateBusy(f"{self.lock_path} is held by another bridge; two bridges must not share one "
-                                f"state file (give each its own bridge.state_dir or bridge.line)") from None
+            self._fd = flock_exclusive(self.lock_path)
+        except LockHeld:
+            raise StateBusy(f"{self.lock_path} is held by another bridge; two bridges must not share one "
+                            f"state file (give each its own bridge.state_dir or bridge.line)") from None
+        except LockFailed as exc:
             raise StateBusy(f"cannot lock {self.lock_path}: {exc.strerror}") from None
-        self._fd = fd
         return self
 
     def unlock(self) -> None:

@@ -25,7 +25,6 @@ from __future__ import annotations
 import json
 import os
 import platform
-import signal
 import sys
 import tempfile
 import threading
@@ -98,20 +97,32 @@ def _cpu_s(pid: int) -> float | None:
     return None if f is None else _stat_cpu_s(f)
 
 
+def _task_cpu_s(task: Path) -> float | None:
+    """CPU seconds one thread (/proc/PID/task/TID) has used since it started: the scheduler's run
+    time in nanoseconds (schedstat, first field) where the kernel keeps it, else user + system from
+    stat, which counts whole clock ticks (10 ms: a thread that ran 7 ms in all reads 0.0)."""
+    try:
+        return int((task / "schedstat").read_text().split()[0]) / 1e9
+    except (OSError, IndexError, ValueError):
+        f = _stat(task)
+        return None if f is None else _stat_cpu_s(f)
+
+
 def _thread_cpu_s(pid: int) -> dict[str, float]:
     """CPU seconds by OS thread name (agent.threadnames names them), workers of one kind summed:
-    "inference-0" and "inference-1" count as "inference"; libzmq's I/O threads as "ZMQbg"."""
+    "inference-0" and "inference-1" count as "inference"; libzmq's I/O threads as "ZMQbg". Each
+    thread's absolute total since it started (``_task_cpu_s``), read now."""
     out: dict[str, float] = {}
     for task in Path(f"/proc/{pid}/task").glob("*"):
         try:
             name = (task / "comm").read_text().strip()
         except OSError:
             continue  # the thread ended between listing and reading
-        f = _stat(task)
-        if f is None:
+        cpu = _task_cpu_s(task)
+        if cpu is None:
             continue
         key = name.split("-")[0] if name.startswith("inference-") else name.split("/")[0]
-        out[key] = out.get(key, 0.0) + _stat_cpu_s(f)
+        out[key] = out.get(key, 0.0) + cpu
     return out
 
 
@@ -287,7 +298,7 @@ def run_scenario(cfg_path: Path, cfg, n: int, fraction: float, clean: list, bad:
     the agent once it is ready (``attach.start(cfg)``) and finished after the final summary, outside the
     timed span (``attach.finish(last_seq)``: its report goes under "bridge")."""
     from agent.tools.camera_sim import CameraSim, score_events
-    from agent.tools.demo import start_agent, wait_ready
+    from agent.tools.demo import start_agent, stop_process, wait_ready
     from agent.service import status_request
     from agent.subscriber import Subscriber
 
@@ -334,7 +345,8 @@ def run_scenario(cfg_path: Path, cfg, n: int, fraction: float, clean: list, bad:
             raise RuntimeError(f"no summary for the scenario; see {log_path}")
         wall = got["t_summary"] - t0
         agent_cpu, bench_cpu, faults = _cpu_s(proc.pid), time.process_time() - bench_cpu0, _minor_faults(proc.pid)
-        threads = {k: round(v - threads0.get(k, 0.0), 2) for k, v in _thread_cpu_s(proc.pid).items()}
+        threads_end = _thread_cpu_s(proc.pid)  # absolute, at the end: what each thread used in all
+        threads = {k: round(v - threads0.get(k, 0.0), 2) for k, v in threads_end.items()}
         status = status_request(cfg.control.endpoint)
         rss = _rss_peak_mb(proc.pid)
         attached = attach.finish(status["last_seq"]) if attach is not None else None
@@ -356,6 +368,9 @@ def run_scenario(cfg_path: Path, cfg, n: int, fraction: float, clean: list, bad:
             "simulator_cpu_s": round(bench_cpu, 2),
             # where the agent's CPU went, by thread: the part outside "inference" is the pipeline's cost
             "agent_thread_cpu_s": dict(sorted(threads.items(), key=lambda kv: -kv[1])),
+            # the same threads' absolute CPU since the agent started (start-up included), read at the end:
+            # never a difference of two readings, so a thread that ran at all reads above 0
+            "agent_thread_cpu_total_s": {k: round(v, 4) for k, v in sorted(threads_end.items(), key=lambda kv: -kv[1])},
             "agent_minor_faults_per_frame": round((faults - faults0) / n, 1) if faults is not None else None,
             # the events against the defects the camera painted (None: the frames carry no truth)
             "instances": score_events(sent, got["boxes"], n_classes) if sent.instances else None,
@@ -364,11 +379,7 @@ def run_scenario(cfg_path: Path, cfg, n: int, fraction: float, clean: list, bad:
     finally:
         if attach is not None:
             attach.abort()
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except Exception:
-            proc.kill()
+        stop_process(proc, grace_s=30.0)
 
 
 def _with_progress(frames, progress):
@@ -525,6 +536,9 @@ def format_table(res: dict) -> str:
         + (f" (+{r['agent_cpu_overhead']:.1%})" if r.get("agent_cpu_overhead") is not None else "") for name, r in items))
     lines.append("agent CPU seconds by thread: " + "; ".join(
         f"{name}: " + ", ".join(f"{k} {v}" for k, v in r.get("agent_thread_cpu_s", {}).items()) for name, r in items))
+    lines.append("agent CPU seconds by thread since the agent started: " + "; ".join(
+        f"{name}: " + ", ".join(f"{k} {v}" for k, v in r["agent_thread_cpu_total_s"].items())
+        for name, r in items if r.get("agent_thread_cpu_total_s")))
     if "coil_layer" in res:
         c = res["coil_layer"]
         lines.append(f"coil layer (tracks, periodic, grade, crops) on the heavy coil: on {c['on_wall_s']} s / off "

@@ -23,7 +23,6 @@ import getpass
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -82,14 +81,9 @@ class Mosquitto:
 
 
 def _stop(proc: subprocess.Popen, timeout_s: float = 15.0) -> int | None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout_s)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
-    return proc.returncode
+    from agent.tools.demo import stop_process
+
+    return stop_process(proc, grace_s=timeout_s)
 
 
 class BridgeAttach:

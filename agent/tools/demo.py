@@ -56,6 +56,21 @@ def start_agent(config: Path, log_path: Path, env: dict | None = None) -> subpro
                                 preexec_fn=_die_with_parent if sys.platform == "linux" else None)
 
 
+def stop_process(proc: subprocess.Popen | None, grace_s: float = 20.0, kill_wait_s: float = 5.0) -> int | None:
+    """SIGTERM, up to ``grace_s`` for a clean exit (an agent drains its queue and writes its
+    checkpoint), then SIGKILL; nothing to send when it already exited. Its exit status (None: none)."""
+    if proc is None:
+        return None
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(grace_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(kill_wait_s)
+    return proc.returncode
+
+
 def wait_ready(proc: subprocess.Popen, control_endpoint: str, timeout_s: float = 60.0) -> dict:
     from agent.service import status_request
 
@@ -387,12 +402,7 @@ def run_demo(config: Path, *, frames: int, defect_fraction: float, rate: float, 
             ok = True
             return 0
         finally:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=5)
+            stop_process(proc)
     finally:
         if ok:
             keep_only_log(work, log_path)

@@ -9,8 +9,6 @@ what it found against that truth, frame by frame.
 from __future__ import annotations
 
 import json
-import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -78,7 +76,7 @@ def run_line_demo(profile: str, *, frames: int, defect_fraction: float, rate: fl
     from agent.config import load_config
     from agent.tools.camera_sim import CameraSim
     from agent.tools.demo import (_say, format_summary, gate_vs_truth, isolated_config, keep_only_log, listen_for_coil,
-                                  start_agent, wait_ready)
+                                  start_agent, stop_process, wait_ready)
 
     classes = line_classes(profile)
     work = Path(tempfile.mkdtemp(prefix=f"coilsight-demo-{profile}-"))
@@ -126,12 +124,7 @@ def run_line_demo(profile: str, *, frames: int, defect_fraction: float, rate: fl
             ok = True
             return 0
         finally:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=5)
+            stop_process(proc)
     finally:
         if ok:
             keep_only_log(work, log_path)

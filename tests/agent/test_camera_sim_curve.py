@@ -5,25 +5,17 @@ verdict: --events-key), and when the agent refuses them in the handshake they sa
 from __future__ import annotations
 
 import shutil
-import sys
 
 import pytest
 from test_agent_auth import roles  # noqa: F401  (the fixture: server key, role keys, allow-lists)
-from test_first_hour import camera_sim, frames_folder, write_config
+from test_first_hour import (  # noqa: F401  (logs_on_stderr: the autouse fixture, logs off stdout here too)
+    camera_sim,
+    frames_folder,
+    logs_on_stderr,
+    write_config,
+)
 
 from agent import auth
-
-
-@pytest.fixture(autouse=True)
-def logs_on_stderr():
-    import structlog
-
-    from agent.logs import configure_logging
-
-    saved = structlog.get_config()
-    configure_logging(stream=sys.stderr)
-    yield
-    structlog.configure(**saved)
 
 
 @pytest.fixture

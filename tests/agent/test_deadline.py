@@ -1,24 +1,16 @@
 """Deadline policy: a coil about to overrun its budget gets a provisional summary, then the final one."""
 from __future__ import annotations
 
-from tests_support_events import Collector, check_accounting
+from tests_support_events import check_accounting, send_coil_collected
 from tinypack import clean_frame, frame_with
 
-from agent.tools.camera_sim import CameraSim
 
 
 def test_provisional_summary_at_deadline_then_final(running_agent):
     agent = running_agent(coil={"budget_s": 1.0, "provisional_at": 0.5})
     cfg = agent.cfg
-    col = Collector(cfg, timeout_s=60.0)
     frames = [(frame_with("dark", 16, 16), None) if i % 4 == 0 else (clean_frame(), None) for i in range(40)]
-    cam = CameraSim(cfg.ingest.endpoint)
-    cam.send_coil("slow-coil", frames, rate_hz=25.0)  # 1.6 s of frames against a 1 s budget
-    cam.close()
-    try:
-        assert col.wait(lambda c: c.summaries("slow-coil"), 20), "no final summary"
-    finally:
-        col.close()
+    col = send_coil_collected(cfg, "slow-coil", frames, rate_hz=25.0, wait_s=20)  # 1.6 s of frames, a 1 s budget
     summaries = col.summaries("slow-coil", final=None)
     provisional, final = summaries[0], summaries[-1]
     assert len(summaries) == 2

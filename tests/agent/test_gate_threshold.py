@@ -7,23 +7,15 @@ how many frames a coil summary reports inspected."""
 from __future__ import annotations
 
 import pytest
-from tests_support_events import Collector, check_accounting
+from tests_support_events import check_accounting, send_coil_collected
 from tinypack import MID_LEVELS, clean_frame, frame_with, gate_scores, make_pack
 
-from agent.tools.camera_sim import CameraSim
 
 
 def run_coil(running_agent, pack, images):
     # One worker, one frame per model call: the agent runs the gate as gate_scores() does.
     agent = running_agent(models={"dir": str(pack), "workers": 1, "cpu_max_batch": 1})
-    col = Collector(agent.cfg, timeout_s=60.0)
-    try:
-        cam = CameraSim(agent.cfg.ingest.endpoint, camera="cam0")
-        cam.send_coil("gate-coil", [(img, None) for img in images])
-        cam.close()
-        assert col.wait(lambda c: c.summaries("gate-coil"), 30), "no final summary"
-    finally:
-        col.close()
+    col = send_coil_collected(agent.cfg, "gate-coil", [(img, None) for img in images])
     s = col.summaries("gate-coil")[0]
     check_accounting(s)
     return s, col.defects("gate-coil")

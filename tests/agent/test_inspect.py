@@ -150,21 +150,13 @@ def test_npy_and_channels_first_decode(tmp_path):
 
 def test_same_events_as_the_running_agent(running_agent, pack, tmp_path):
     """The agent's events for frames over loopback equal inspect's for the same images, less the stream keys."""
-    from tests_support_events import Collector
+    from tests_support_events import send_coil_collected
 
-    from agent.tools.camera_sim import CameraSim
     from engines.geometry import CameraGeometry
 
     agent = running_agent()
     imgs = list(generated_folder(tmp_path / "in").values())
-    col = Collector(agent.cfg, timeout_s=60.0)
-    try:
-        cam = CameraSim(agent.cfg.ingest.endpoint, camera="cam0")
-        cam.send_coil("coil-I", [(im, None) for im in imgs], mm_per_px_y=2.0)
-        cam.close()
-        assert col.wait(lambda c: c.summaries("coil-I"), 30)
-    finally:
-        col.close()
+    col = send_coil_collected(agent.cfg, "coil-I", [(im, None) for im in imgs], mm_per_px_y=2.0)
     got = col.defects("coil-I")
     mine = []
     cam0 = agent.cfg.cameras[0]

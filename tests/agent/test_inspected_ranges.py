@@ -97,21 +97,12 @@ def test_the_documented_example_is_a_summary_whose_ranges_agree_with_its_counts(
 
 
 def test_a_real_agent_publishes_which_frames_its_gate_passed(running_agent):
-    from tests_support_events import Collector
-
-    from agent.tools.camera_sim import CameraSim
+    from tests_support_events import send_coil_collected
 
     agent = running_agent()
-    col = Collector(agent.cfg, timeout_s=60.0)
     bright = frame_with("bright", 8, 8)
     frames = [clean_frame(), bright, bright, clean_frame(), bright, clean_frame()]
-    cam = CameraSim(agent.cfg.ingest.endpoint)
-    cam.send_coil("gate-coil", [(f, None) for f in frames])
-    cam.close()
-    try:
-        assert col.wait(lambda c: c.summaries("gate-coil"), 30), "no summary"
-    finally:
-        col.close()
+    col = send_coil_collected(agent.cfg, "gate-coil", [(f, None) for f in frames])
     (s,) = col.summaries("gate-coil")
     assert s["frames"]["inspected"] == 3 and s["frames"]["gated_out"] == 3
     assert s["inspected_ranges"] == {"cam0": [[1, 2], [4, 4]]}

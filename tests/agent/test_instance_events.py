@@ -6,22 +6,14 @@ instance whose box is the square. Real sockets on loopback, real ONNX Runtime se
 from __future__ import annotations
 
 import pytest
-from tests_support_events import Collector
+from tests_support_events import send_coil_collected
 from tinyinstances import SQUARE, clean_frame, frame_with_squares, make_instance_pack
 from tinypack import frame_with
 
-from agent.tools.camera_sim import CameraSim
 
 
 def _run_coil(agent, coil, frames):
-    got = Collector(agent.cfg)
-    cam = CameraSim(agent.cfg.ingest.endpoint, camera="cam0")
-    cam.send_coil(coil, [(f, None) for f in frames], mm_per_px_y=2.0)
-    cam.close()
-    try:
-        assert got.wait(lambda c: c.summaries(coil), 30), "no coil summary arrived"
-    finally:
-        got.close()
+    got = send_coil_collected(agent.cfg, coil, [(f, None) for f in frames], mm_per_px_y=2.0)
     return got.defects(coil), got.summaries(coil)[-1]
 
 

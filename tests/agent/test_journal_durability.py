@@ -15,10 +15,9 @@ from pathlib import Path
 import msgpack
 import pytest
 import zmq
-from tests_support_events import Collector, record_ends
+from tests_support_events import record_ends, send_coil_collected
 from tinypack import clean_frame, frame_with
 
-from agent.tools.camera_sim import CameraSim
 from agent.journal import Journal
 from agent.publish import Publisher
 
@@ -76,21 +75,29 @@ class Durability:
         return checked
 
 
-def test_publisher_makes_each_record_durable_before_sending_it(tmp_path, monkeypatch):
-    rec = Durability(monkeypatch)
-    journal = Journal(tmp_path / "journal", fsync=True, segment_bytes=4096)  # rotates: several segments
+def publish_all(journal: Journal, messages: list[tuple[str, dict]]) -> Publisher:
+    """A real Publisher on loopback TCP over ``journal`` submits ``messages`` and is stopped (its
+    queue drained); the journal is closed after it. Returns the stopped publisher."""
     ctx = zmq.Context()
     pub = Publisher(ctx, endpoint="tcp://127.0.0.1:*", replay_endpoint="tcp://127.0.0.1:*", journal=journal,
                     agent="t", heartbeat_s=0.2, sndhwm=10_000, linger_ms=0, max_replay=100)
     pub.start()
     try:
         assert pub.bound.wait(5)
-        for i in range(200):
-            pub.submit("defect" if i % 4 else "summary", {"coil": "C", "index": i, "pad": "x" * 40})
+        for topic, body in messages:
+            pub.submit(topic, body)
     finally:
         pub.stop(10)
         journal.close()
         ctx.term()
+    return pub
+
+
+def test_publisher_makes_each_record_durable_before_sending_it(tmp_path, monkeypatch):
+    rec = Durability(monkeypatch)
+    journal = Journal(tmp_path / "journal", fsync=True, segment_bytes=4096)  # rotates: several segments
+    pub = publish_all(journal, [("defect" if i % 4 else "summary", {"coil": "C", "index": i, "pad": "x" * 40})
+                                for i in range(200)])
     assert pub.error is None
     assert rec.sent() == list(range(1, 201))
     assert len(list((tmp_path / "journal").glob("segment-*.log"))) > 1
@@ -101,17 +108,7 @@ def test_without_fsync_nothing_is_made_durable_and_the_check_says_so(tmp_path, m
     """The check itself can fail: fsync off, the same run trips it at the first event."""
     rec = Durability(monkeypatch)
     journal = Journal(tmp_path / "journal", fsync=False)
-    ctx = zmq.Context()
-    pub = Publisher(ctx, endpoint="tcp://127.0.0.1:*", replay_endpoint="tcp://127.0.0.1:*", journal=journal,
-                    agent="t", heartbeat_s=0.2, sndhwm=10_000, linger_ms=0, max_replay=100)
-    pub.start()
-    try:
-        assert pub.bound.wait(5)
-        pub.submit("defect", {"coil": "C", "index": 0})
-    finally:
-        pub.stop(10)
-        journal.close()
-        ctx.term()
+    publish_all(journal, [("defect", {"coil": "C", "index": 0})])
     with pytest.raises(AssertionError, match=r"seq 1 was sent before its record .* was made durable"):
         rec.check(tmp_path / "journal")
 
@@ -119,15 +116,8 @@ def test_without_fsync_nothing_is_made_durable_and_the_check_says_so(tmp_path, m
 def test_agent_with_fsync_on_journals_durably_before_publishing(running_agent, monkeypatch):
     rec = Durability(monkeypatch)
     agent = running_agent(publish={"fsync": True})
-    col = Collector(agent.cfg, timeout_s=60.0)
-    try:
-        cam = CameraSim(agent.cfg.ingest.endpoint, camera="cam0")
-        cam.send_coil("durable", [(frame_with("bright", 8 * (i % 20), 16) if i % 3 == 0 else clean_frame(), None)
-                                  for i in range(30)])
-        cam.close()
-        assert col.wait(lambda c: c.summaries("durable"), 30), "no final summary"
-    finally:
-        col.close()
+    col = send_coil_collected(agent.cfg, "durable", [(frame_with("bright", 8 * (i % 20), 16) if i % 3 == 0
+                                                      else clean_frame(), None) for i in range(30)])
     assert len(col.defects("durable")) == 10
     sent = rec.sent()
     # 10 defects, their tracks (the coil layer, docs/protocol.md 2.6) and the summary, each once, in seq order

@@ -2,23 +2,15 @@
 from __future__ import annotations
 
 import numpy as np
-from tests_support_events import Collector, check_accounting
+from tests_support_events import check_accounting, send_coil_collected
 from tinypack import make_pack
 
-from agent.tools.camera_sim import CameraSim
 
 
 def run_coil(running_agent, pack, frames, *, width, height):
     agent = running_agent(models={"dir": str(pack)}, ingest={"max_width": width, "max_height": height})
     cfg = agent.cfg
-    col = Collector(cfg, timeout_s=60.0)
-    try:
-        cam = CameraSim(cfg.ingest.endpoint)
-        cam.send_coil("lot-1", [(f, None) for f in frames])
-        cam.close()
-        assert col.wait(lambda c: c.summaries("lot-1"), 20), "no final summary"
-    finally:
-        col.close()
+    col = send_coil_collected(cfg, "lot-1", [(f, None) for f in frames], wait_s=20)
     summary = col.summaries("lot-1")[0]
     check_accounting(summary)
     return col.defects("lot-1"), summary

@@ -52,20 +52,11 @@ def check_plots(out: Path) -> None:
 
 
 def test_report_from_the_real_agent_journal(running_agent, tmp_path, capsys):
-    from tests_support_events import Collector
-
-    from agent.tools.camera_sim import CameraSim
+    from tests_support_events import send_coil_collected
 
     agent = running_agent()
     frames = [(frame_with("bright", 32 + 8 * i, 16) if i % 3 == 0 else clean_frame(), None) for i in range(12)]
-    col = Collector(agent.cfg, timeout_s=60.0)
-    try:
-        cam = CameraSim(agent.cfg.ingest.endpoint, camera="cam0")
-        cam.send_coil(COIL, frames, mm_per_px_y=2.0)
-        cam.close()
-        assert col.wait(lambda c: c.summaries(COIL), 30)
-    finally:
-        col.close()
+    col = send_coil_collected(agent.cfg, COIL, frames, mm_per_px_y=2.0)
     published = col.summaries(COIL)[-1]
     # the journal as copied off a line box, while the agent still runs
     copy = tmp_path / "box" / "journal" / agent.cfg.agent.name

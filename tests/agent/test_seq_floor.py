@@ -4,22 +4,15 @@ from __future__ import annotations
 
 import time
 
-from tests_support_events import Collector, record_ends
+from tests_support_events import record_ends, send_coil_collected
 from tinypack import frame_with
 
-from agent.tools.camera_sim import CameraSim
 from agent.recovery import CHECKPOINT_NAME
 
 
 def run_coil(agent, coil: str, n: int, from_seq: int) -> list[int]:
-    col = Collector(agent.cfg, from_seq=from_seq, timeout_s=60.0)
-    try:
-        cam = CameraSim(agent.cfg.ingest.endpoint, camera="cam0")
-        cam.send_coil(coil, [(frame_with("bright", 8 * i, 16), None) for i in range(n)])
-        cam.close()
-        assert col.wait(lambda c: c.summaries(coil), 30), "no final summary"
-    finally:
-        col.close()
+    col = send_coil_collected(agent.cfg, coil, [(frame_with("bright", 8 * i, 16), None) for i in range(n)],
+                              from_seq=from_seq)
     assert col.error is None
     return [m["seq"] for _, m in col.msgs]
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -13,10 +14,12 @@ from agent.coil import CoilRegistry
 from agent.journal import Journal
 from agent.recovery import CHECKPOINT_NAME, FORMAT, Recovery
 from agent.statefiles import (
+    LockHeld,
     StateDirLocked,
     StateFileInvalid,
     StateLock,
     StateReport,
+    flock_exclusive,
     validate_checkpoint,
 )
 
@@ -31,6 +34,32 @@ def test_second_lock_on_a_state_dir_is_refused_with_the_holder_named(tmp_path):
         StateLock(tmp_path).acquire()  # the same process: flock belongs to the open file, so this is refused too
     first.release()
     StateLock(tmp_path).acquire().release()  # released: the next agent takes it
+
+
+def test_the_shared_flock_names_the_recorded_holder_only(tmp_path):
+    """flock_exclusive, under StateLock and the bridge's AckState: the directory is made, a second
+    open is refused (LockHeld), with the holder's pid only when the holder recorded it."""
+    path = tmp_path / "new" / "dir" / "x.lock"
+    fd = flock_exclusive(path, record_pid=True)
+    try:
+        with pytest.raises(LockHeld) as held:
+            flock_exclusive(path)
+        assert held.value.holder == os.getpid() and path.read_text() == f"{os.getpid()}\n"
+    finally:
+        os.close(fd)
+    plain = tmp_path / "plain.lock"
+    fd = flock_exclusive(plain)  # the bridge's way: nothing written into the file
+    try:
+        with pytest.raises(LockHeld) as held:
+            flock_exclusive(plain, record_pid=True)
+        assert held.value.holder is None and plain.read_text() == ""
+        # the agent's message for a holder that left no pid
+        with pytest.raises(StateDirLocked, match=r"in use by another agent \(another process holds"):
+            os.replace(plain, tmp_path / "coilsight.lock")
+            StateLock(tmp_path).acquire()
+    finally:
+        os.close(fd)
+    os.close(flock_exclusive(path))  # closed: free again
 
 
 def test_lock_of_a_killed_process_is_free_at_once(tmp_path):

@@ -9,7 +9,6 @@ import getpass
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import threading
@@ -18,8 +17,10 @@ from pathlib import Path
 
 import pytest
 from conftest import free_port
+from tests_support_procs import LoggedProcess
 
 from agent.config import dump_toml
+from agent.tools.demo import stop_process
 
 MOSQUITTO = shutil.which("mosquitto") or next((p for p in ("/usr/sbin/mosquitto",) if os.path.exists(p)), None)
 needs_mosquitto = pytest.mark.skipif(MOSQUITTO is None, reason="mosquitto not installed (Debian package "
@@ -73,13 +74,7 @@ class Broker:
 
     def stop(self) -> None:
         """Graceful (SIGTERM): mosquitto saves its persistence file, as at a service restart."""
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+        stop_process(self.proc, grace_s=10.0)
 
     def restart(self, down_s: float = 0.5) -> None:
         self.stop()
@@ -205,49 +200,17 @@ def write_bridge_config(path: Path, *, line: str = "L1", agent_cfg=None, port: i
     return path
 
 
-class Proc:
+class Proc(LoggedProcess):
     """`coilsight bridge` / `coilsight aggregate` as a real process, its log in a file."""
 
     def __init__(self, command: str, config: Path, log_path: Path):
-        self.command, self.config, self.log_path = command, config, log_path
-        self.proc: subprocess.Popen | None = None
+        super().__init__(log_path)
+        self.command, self.config = command, config
 
     def start(self) -> Proc:
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(ROOT)}
-        with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen([sys.executable, "-m", "agent.cli", self.command, "--config",
-                                          str(self.config)], stdout=subprocess.DEVNULL, stderr=log, env=env)
+        self.spawn([sys.executable, "-m", "agent.cli", self.command, "--config", str(self.config)],
+                   env={"PYTHONPATH": str(ROOT)})
         return self
-
-    def kill(self) -> None:
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(10)
-
-    def terminate(self, timeout_s: float = 20.0) -> int:
-        self.proc.send_signal(signal.SIGTERM)
-        return self.proc.wait(timeout_s)
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-
-    def events(self, name: str) -> list[dict]:
-        out = []
-        for line in self.log().splitlines():
-            if f'"{name}"' in line:
-                try:
-                    out.append(json.loads(line))
-                except ValueError:
-                    pass
-        return out
 
 
 @pytest.fixture

@@ -22,25 +22,37 @@ def body(seq: int, **kw) -> bytes:
                           "coil": "c", **kw}, use_bin_type=True)
 
 
-def test_garbage_on_the_stream_is_counted_and_the_rest_forwarded(broker, tmp_path):
-    b = broker()
-    ctx = zmq.Context()
+def fake_agent(ctx: zmq.Context) -> tuple[zmq.Socket, dict]:
+    """A PUB socket on a free port standing in for the agent's event stream, and the bridge's
+    ``stream`` section for it (its replay endpoint: a port nobody answers)."""
     pub = ctx.socket(zmq.PUB)
     pub.linger = 0
     port = free_port()
     pub.bind(f"tcp://127.0.0.1:{port}")
-    cfg = bridge_config_from_dict({
-        "bridge": {"line": "H", "state_dir": str(tmp_path / "s"), "state_interval_s": 0.05},
-        "stream": {"endpoint": f"tcp://127.0.0.1:{port}", "replay_endpoint": f"tcp://127.0.0.1:{free_port()}",
-                   "replay_timeout_s": 0.2},
-        "mqtt": {"port": b.port, "reconnect_max_s": 0.5}})
-    consumer = Consumer(b.port)
-    assert consumer.connected.wait(10)
+    return pub, {"endpoint": f"tcp://127.0.0.1:{port}", "replay_endpoint": f"tcp://127.0.0.1:{free_port()}"}
+
+
+def run_bridge(cfg, consumer: Consumer) -> tuple[Bridge, threading.Thread]:
+    """The bridge on a thread, once the consumer saw it online on its status topic."""
     bridge = Bridge(cfg)
     t = threading.Thread(target=bridge.run, daemon=True)
     t.start()
-    assert consumer.wait(lambda c: any(p == b"online" for _, p, _ in c.arrivals), 10)
+    topic = bridge.status_topic()
+    assert consumer.wait(lambda c: any(tp == topic and p == b"online" for tp, p, _ in c.arrivals), 10)
     time.sleep(0.3)  # the SUB socket's subscription reaches the PUB socket
+    return bridge, t
+
+
+def test_garbage_on_the_stream_is_counted_and_the_rest_forwarded(broker, tmp_path):
+    b = broker()
+    ctx = zmq.Context()
+    pub, stream = fake_agent(ctx)
+    cfg = bridge_config_from_dict({
+        "bridge": {"line": "H", "state_dir": str(tmp_path / "s"), "state_interval_s": 0.05},
+        "stream": {**stream, "replay_timeout_s": 0.2}, "mqtt": {"port": b.port, "reconnect_max_s": 0.5}})
+    consumer = Consumer(b.port)
+    assert consumer.connected.wait(10)
+    bridge, t = run_bridge(cfg, consumer)
 
     garbage = [
         [b"defect"],                                              # one part
@@ -90,20 +102,12 @@ def test_start_now_and_start_at_the_journals_first_seq(broker, tmp_path):
     assert consumer.connected.wait(10)
     for line, start, health, sent, want in (("N", "now", {"seq": 10, "first_seq": 1}, [11, 12], {11, 12}),
                                             ("J", "journal", {"seq": 2, "first_seq": 3}, [3, 4], {3, 4})):
-        pub = ctx.socket(zmq.PUB)
-        pub.linger = 0
-        port = free_port()
-        pub.bind(f"tcp://127.0.0.1:{port}")
+        pub, stream = fake_agent(ctx)
         cfg = bridge_config_from_dict({
             "bridge": {"line": line, "state_dir": str(tmp_path / line), "start": start},
-            "stream": {"endpoint": f"tcp://127.0.0.1:{port}", "replay_endpoint": f"tcp://127.0.0.1:{free_port()}",
-                       "replay_timeout_s": 0.2},
+            "stream": {**stream, "replay_timeout_s": 0.2},
             "mqtt": {"port": b.port, "reconnect_max_s": 0.5, "status_topic": f"coilsight/{line}/status"}})
-        bridge = Bridge(cfg)
-        t = threading.Thread(target=bridge.run, daemon=True)
-        t.start()
-        assert consumer.wait(lambda c, line=line: any(tp == f"coilsight/{line}/status" for tp, _, _ in c.arrivals), 10)
-        time.sleep(0.3)
+        bridge, t = run_bridge(cfg, consumer)
         pub.send_multipart([b"health", msgpack.packb({"v": 1, "type": "health", **health})])
         time.sleep(0.2)
         for seq in sent:
@@ -121,21 +125,13 @@ def test_start_now_and_start_at_the_journals_first_seq(broker, tmp_path):
 def test_msgpack_payload_is_the_v1_map(broker, tmp_path):
     b = broker()
     ctx = zmq.Context()
-    pub = ctx.socket(zmq.PUB)
-    pub.linger = 0
-    port = free_port()
-    pub.bind(f"tcp://127.0.0.1:{port}")
+    pub, stream = fake_agent(ctx)
     cfg = bridge_config_from_dict({
-        "bridge": {"line": "M", "state_dir": str(tmp_path / "s")},
-        "stream": {"endpoint": f"tcp://127.0.0.1:{port}", "replay_endpoint": f"tcp://127.0.0.1:{free_port()}"},
+        "bridge": {"line": "M", "state_dir": str(tmp_path / "s")}, "stream": stream,
         "mqtt": {"port": b.port, "payload": "msgpack", "retain": ["defect"]}})
     consumer = Consumer(b.port)
     assert consumer.connected.wait(10)
-    bridge = Bridge(cfg)
-    t = threading.Thread(target=bridge.run, daemon=True)
-    t.start()
-    assert consumer.wait(lambda c: any(p == b"online" for _, p, _ in c.arrivals), 10)
-    time.sleep(0.3)
+    bridge, t = run_bridge(cfg, consumer)
     pub.send_multipart([b"health", msgpack.packb({"v": 1, "type": "health", "seq": 0, "first_seq": 1})])
     pub.send_multipart([b"defect", body(1, ts_ns=2**62)])
     assert consumer.wait(lambda c: any(t == "coilsight/M/cam0/defect" for t, _, _ in c.arrivals), 10)

@@ -4,16 +4,14 @@ Not a conftest.py: tests/conftest.py is imported as module `conftest` by tests e
 second conftest.py here would shadow it. Test modules import the `agent_process` fixture from here."""
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
 from conftest import address_in_use
-from tests_support_events import Collector, check_accounting  # noqa: F401  (re-exported for the suite)
+from tests_support_events import Collector, check_accounting, send_coil_collected  # noqa: F401  (re-exported for the suite)
+from tests_support_procs import LoggedProcess
 
 from agent.config import config_dict, dump_toml
 from agent.tools.demo import wait_ready
@@ -32,16 +30,17 @@ def agent_cmd(cfg_path: Path, slow_fsync_s: float = 0.0) -> list[str]:
     return [sys.executable, "-m", "agent.cli", "run", "--config", str(cfg_path)]
 
 
-class AgentProcess:
+class AgentProcess(LoggedProcess):
     """A real agent process on a fixed config (its ports survive restarts)."""
 
+    grace_s, kill_wait_s = 20.0, 10.0  # stop(): a draining agent gets longer than the bridge
+
     def __init__(self, tmp_path: Path, make_cfg, slow_fsync_s: float = 0.0):
+        super().__init__(tmp_path / "agent.log")
         self.make_cfg = make_cfg  # a fresh config (fresh ports) each call
         self.cfg_path = tmp_path / "agent.toml"
         self._write(make_cfg())
         self.slow_fsync_s = slow_fsync_s
-        self.log_path = tmp_path / "agent.log"
-        self.proc: subprocess.Popen | None = None
         self.ready_s: list[float] = []
 
     def _write(self, cfg) -> None:
@@ -52,9 +51,7 @@ class AgentProcess:
         for attempt in range(3):
             t0 = time.monotonic()
             logged = self.log_path.stat().st_size if self.log_path.exists() else 0
-            with open(self.log_path, "ab") as log:
-                self.proc = subprocess.Popen(agent_cmd(self.cfg_path, self.slow_fsync_s), stdout=subprocess.DEVNULL,
-                                             stderr=log, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+            self.spawn(agent_cmd(self.cfg_path, self.slow_fsync_s))
             try:
                 reply = wait_ready(self.proc, self.cfg.control.endpoint, timeout_s=timeout_s)
             except RuntimeError:  # exited before ready
@@ -67,33 +64,6 @@ class AgentProcess:
             self.ready_s.append(time.monotonic() - t0)
             return reply
         raise AssertionError("unreachable")
-
-    def kill(self) -> None:
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(10)
-
-    def terminate(self, timeout_s: float = 20.0) -> int:
-        self.proc.send_signal(signal.SIGTERM)
-        return self.proc.wait(timeout_s)
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def events(self, name: str) -> list[dict]:
-        """The agent's JSON log lines for one event (structlog, one event per line)."""
-        import json
-
-        return [json.loads(line) for line in self.log().splitlines() if f'"event": "{name}"' in line
-                or f'"event":"{name}"' in line]
 
 
 @pytest.fixture

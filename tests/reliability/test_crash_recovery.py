@@ -6,7 +6,13 @@ import threading
 import time
 
 import pytest
-from harness import Collector, agent_process, check_accounting, figures  # noqa: F401 (agent_process: a fixture)
+from harness import (  # noqa: F401 (agent_process: a fixture)
+    Collector,
+    agent_process,
+    check_accounting,
+    figures,
+    send_coil_collected,
+)
 from tinypack import clean_frame, frame_with
 
 from agent.tools.camera_sim import CameraSim
@@ -175,12 +181,7 @@ def test_sigterm_mid_coil_publishes_a_partial_summary_and_exits_0(agent_process)
 def test_journal_damaged_between_runs_is_reported(agent_process, damage):
     ap = agent_process()
     ap.start()
-    cam = CameraSim(ap.cfg.ingest.endpoint, camera="cam0")
-    cam.send_coil("J1", coil_frames(40))
-    cam.close()
-    c = Collector(ap.cfg)
-    assert c.wait(lambda c: c.summaries("J1"), 20)
-    c.close()
+    send_coil_collected(ap.cfg, "J1", coil_frames(40), wait_s=20)
     assert ap.terminate() == 0
     jdir = ap.cfg.state_path() / "journal" / ap.cfg.agent.name
     seg = sorted(jdir.glob("segment-*.log"))[-1]
@@ -197,13 +198,7 @@ def test_journal_damaged_between_runs_is_reported(agent_process, damage):
     health = ap.start()["health"]
     assert health["journal_damage"] >= 1
     # The agent runs on: a new coil gets seqs above every seq used before.
-    c = Collector(ap.cfg, from_seq=None)
-    time.sleep(0.3)
-    cam = CameraSim(ap.cfg.ingest.endpoint, camera="cam0")
-    cam.send_coil("J2", coil_frames(8))
-    cam.close()
-    assert c.wait(lambda c: c.summaries("J2"), 20)
-    c.close()
+    c = send_coil_collected(ap.cfg, "J2", coil_frames(8), from_seq=None, wait_s=20)
     first_new = min(m["seq"] for _, m in c.msgs)
     assert first_new > last_before
     figures(f"journal damage {damage}", journal_damage=health["journal_damage"], last_seq_before=last_before,

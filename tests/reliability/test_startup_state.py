@@ -9,10 +9,16 @@ import time
 from datetime import datetime
 
 import pytest
-from harness import AgentProcess, Collector, agent_cmd, agent_process, figures  # noqa: F401 (agent_process: a fixture)
+from harness import (  # noqa: F401 (agent_process: a fixture)
+    AgentProcess,
+    Collector,
+    agent_cmd,
+    agent_process,
+    figures,
+    send_coil_collected,
+)
 from tinypack import clean_frame, frame_with
 
-from agent.tools.camera_sim import CameraSim
 from agent.service import status_request
 
 
@@ -91,12 +97,7 @@ def test_a_damaged_state_file_is_moved_aside_reported_and_never_fatal(agent_proc
     name, content = BAD_FILES[case]
     ap = agent_process()
     ap.start()
-    cam = CameraSim(ap.cfg.ingest.endpoint, camera="cam0")
-    cam.send_coil("S1", frames(8))
-    cam.close()
-    c = Collector(ap.cfg)
-    assert c.wait(lambda c: c.summaries("S1"), 20)
-    c.close()
+    c = send_coil_collected(ap.cfg, "S1", frames(8), wait_s=20)
     last_seq = max(m["seq"] for _, m in c.msgs)
     assert ap.terminate() == 0
     path = ap.cfg.state_path() / "journal" / ap.cfg.agent.name / name
@@ -109,13 +110,7 @@ def test_a_damaged_state_file_is_moved_aside_reported_and_never_fatal(agent_proc
     assert not path.exists() or path.read_bytes() != content  # the agent may have written a fresh one since
     assert reply["last_seq"] == last_seq, "a file moved aside raises no seq floor"
     # The agent inspects as before, and its seqs go on from the journal.
-    c = Collector(ap.cfg, from_seq=None)
-    time.sleep(0.3)
-    cam = CameraSim(ap.cfg.ingest.endpoint, camera="cam0")
-    cam.send_coil("S2", frames(8))
-    cam.close()
-    assert c.wait(lambda c: c.summaries("S2"), 20)
-    c.close()
+    c = send_coil_collected(ap.cfg, "S2", frames(8), from_seq=None, wait_s=20)
     assert min(m["seq"] for _, m in c.msgs) == last_seq + 1
     logged = [json.loads(line) for line in ap.log().splitlines() if '"state_file_moved_aside"' in line]
     assert [e["path"] for e in logged] == [str(path)]

@@ -22,29 +22,7 @@ from agent.web.guard import COOKIE, SMALL_BODY, session_value  # noqa: E402
 from agent.web.settings import web_settings  # noqa: E402
 from agent.web.upload import UploadRejected, decode_upload  # noqa: E402
 
-BASE = "http://127.0.0.1:8470"
-
-
-def png(image: np.ndarray) -> bytes:
-    ok, buf = cv2.imencode(".png", image)
-    assert ok
-    return buf.tobytes()
-
-
-@pytest.fixture
-def client(agent_config):
-    clients = []
-
-    def make(cfg=None, **settings_kw):
-        app, web = create_app(web_settings(cfg or agent_config(), **settings_kw), start_feed=False)
-        c = TestClient(app, base_url=BASE)
-        c.__enter__()
-        clients.append(c)
-        return c, app
-
-    yield make
-    for c in clients:
-        c.__exit__(None, None, None)
+from .conftest import BASE, png  # noqa: E402
 
 
 def drive(app, path: str, pieces: list[bytes], headers: list[tuple[bytes, bytes]] = ()) -> tuple[int, int]:
@@ -83,7 +61,8 @@ def test_the_byte_limits_are_exact(client, agent_config):
 
 
 def test_a_body_in_many_small_pieces_is_counted_as_a_whole(client, agent_config):
-    _, app = client(with_overrides(agent_config(), web={"max_upload_bytes": 2048}))
+    c, _ = client(with_overrides(agent_config(), web={"max_upload_bytes": 2048}))
+    app = c.app  # the guard around the page, as the client drives it
     status, taken = drive(app, "/api/inspect", [b"0" * 500] * 10)
     assert status == 413 and taken == 5  # refused at the piece that crossed 2048, the rest never read
     status, _ = drive(app, "/api/inspect", [b"GIF89a" + b"0" * 506] + [b"0" * 512] * 3)  # exactly 2048

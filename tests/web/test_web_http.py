@@ -13,40 +13,14 @@ from tinypack import frame_with
 
 pytest.importorskip("starlette")
 pytest.importorskip("httpx")
-from starlette.testclient import TestClient  # noqa: E402
 
 from agent.config import with_overrides  # noqa: E402
 from agent.crops import CropStore  # noqa: E402
 from agent.tracks import part_key  # noqa: E402
-from agent.web.app import create_app  # noqa: E402
 from agent.web.guard import COOKIE, session_value  # noqa: E402
 from agent.web.settings import WebSettingsError, web_settings  # noqa: E402
 
-BASE = "http://127.0.0.1:8470"
-
-
-def png(image: np.ndarray) -> bytes:
-    ok, buf = cv2.imencode(".png", image)
-    assert ok
-    return buf.tobytes()
-
-
-@pytest.fixture
-def client(agent_config):
-    """A page for the tiny pack's config (no agent running unless a test starts one)."""
-    clients = []
-
-    def make(cfg=None, *, status=None, **settings_kw):
-        settings = web_settings(cfg or agent_config(), **settings_kw)
-        app, web = create_app(settings, status=status, start_feed=False)
-        c = TestClient(app, base_url=BASE)
-        c.__enter__()
-        clients.append(c)
-        return c, web
-
-    yield make
-    for c in clients:
-        c.__exit__(None, None, None)
+from .conftest import png  # noqa: E402
 
 
 def test_probes_and_version(client, running_agent):

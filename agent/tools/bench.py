@@ -12,9 +12,10 @@ scenario it also runs the agent's inference stage alone in this process on the s
 (no sockets, ingest or simulator), which splits the loss between the agent's own code and the frame
 path in front of it.
 The coil layer (tracks, periodic series, grade, crops: agent/intel.py) is measured on the heavy coil:
-the same coil with the layer off (`coil.stitch.enabled = false`) in the same run, in the order on (the
-scenario itself), off, off, on, the faster of each pair compared (a shared machine only ever slows a
-run down): wall time, frames/s and agent CPU (``coil_layer`` in the results; the target: within 5 %).
+the same coil with the layer on and off (`coil.stitch.enabled = false`) in the same run, in the order
+on, off, off, on, each run a fresh agent with its own state (``ab_rounds``), the fastest of each mode
+compared (a shared machine only ever slows a run down) and each adjacent pair's ratio beside it: wall
+time, frames/s and agent CPU (``coil_layer`` in the results; the target: within 5 %).
 A latency scenario streams at a fixed line rate (default 20 frames/s) and reports p50/p99.
 Each scenario also scores the agent's events against the defects the camera painted (camera-sim's
 ground-truth instances, metrics.instances): events per true defect, the median best IoU of each
@@ -435,20 +436,19 @@ def run_bench(args) -> int:
                                      truth=truth, n_classes=k)
             raw[name]["pipeline"] = pipeline
         if "heavy" in raw:
-            _say("bench: the heavy coil again with the coil layer off ...")
-            off_dir = work / "layer-off"
-            off_dir.mkdir()
-            off_path = isolated_config(args.config, off_dir, **overrides, coil={"stitch": {"enabled": False}})
-            off_cfg = load_config(off_path)
-            offs = [run_scenario(off_path, off_cfg, n, SCENARIOS["heavy"], clean, bad,
-                                 log_path=work / f"heavy-layer-off-{i}.log", truth=truth, n_classes=k) for i in range(2)]
-            _say("bench: the heavy coil once more with the coil layer on ...")
-            on2 = run_scenario(cfg_path, cfg, n, SCENARIOS["heavy"], clean, bad, log_path=work / "heavy-again.log",
-                               truth=truth, n_classes=k)
-            results["coil_layer"] = coil_layer_cost(min(raw["heavy"], on2, key=lambda r: r["wall_s"]),
-                                                    min(offs, key=lambda r: r["wall_s"]))
-            results["coil_layer"]["wall_s_runs"] = {"on": [raw["heavy"]["wall_s"], on2["wall_s"]],
-                                                    "off": [r["wall_s"] for r in offs]}
+            def layer_run(i: int, mode: str) -> dict:
+                _say(f"bench: the heavy coil with the coil layer {mode} ({i + 1} of 4) ...")
+                d = work / f"layer-{i}-{mode}"
+                d.mkdir()
+                layer = {} if mode == "on" else {"coil": {"stitch": {"enabled": False}}}
+                path = isolated_config(args.config, d, **overrides, **layer)
+                return run_scenario(path, load_config(path), n, SCENARIOS["heavy"], clean, bad,
+                                    log_path=d / "agent.log", truth=truth, n_classes=k)
+
+            order, runs, walls = ab_rounds(layer_run)
+            results["coil_layer"] = coil_layer_cost(min(runs["on"], key=lambda r: r["wall_s"]),
+                                                    min(runs["off"], key=lambda r: r["wall_s"]))
+            results["coil_layer"].update(ab_summary(order, runs, walls))
         if getattr(args, "bridge", False):
             from agent.tools.bench_bridge import measure_bridge
 
@@ -483,6 +483,42 @@ def run_bench(args) -> int:
         _say("bench: the bridge did not forward every message the agent journaled; see its log")
         ok = False
     return 0 if ok else 1
+
+
+AB_ROUND = ("on", "off", "off", "on")
+
+
+def ab_rounds(run_one, rounds: int = 1) -> tuple[list[str], dict[str, list[dict]], list[float]]:
+    """An A/B measurement on a shared machine: ``rounds`` rounds of on, off, off, on, each run by
+    ``run_one(index, mode)`` (a fresh agent with its own state). Returns the order, the runs by mode
+    and every run's wall time in order."""
+    order = list(AB_ROUND) * max(1, rounds)
+    runs: dict[str, list[dict]] = {"on": [], "off": []}
+    walls: list[float] = []
+    for i, mode in enumerate(order):
+        r = run_one(i, mode)
+        runs[mode].append(r)
+        walls.append(r["wall_s"])
+    return order, runs, walls
+
+
+def pair_ratios(order: list[str], walls: list[float]) -> list[float]:
+    """on/off wall ratios of the adjacent pairs of the run order (on, off), (off, on), ..."""
+    out = []
+    for i in range(0, len(order) - 1, 2):
+        pair = dict(zip(order[i:i + 2], walls[i:i + 2]))
+        if set(pair) != {"on", "off"}:
+            raise ValueError(f"runs {i} and {i + 1} are not one on and one off: {order[i:i + 2]}")
+        out.append(round(pair["on"] / pair["off"], 4))
+    return out
+
+
+def ab_summary(order: list[str], runs: dict[str, list[dict]], walls: list[float]) -> dict:
+    """Every run's wall time by mode, the order, each adjacent pair's on/off ratio and their median
+    (the figure least moved by one disturbed run; the fastest-of-each ratio is beside it)."""
+    ratios = pair_ratios(order, walls)
+    return {"wall_s_runs": {m: [r["wall_s"] for r in rs] for m, rs in runs.items()}, "order": order,
+            "pair_ratios": ratios, "median_pair_ratio": round(float(np.median(ratios)), 4)}
 
 
 def coil_layer_cost(on: dict, off: dict) -> dict:
@@ -544,7 +580,8 @@ def format_table(res: dict) -> str:
         lines.append(f"coil layer (tracks, periodic, grade, crops) on the heavy coil: on {c['on_wall_s']} s / off "
                      f"{c['off_wall_s']} s = x{c['wall_ratio']} wall ({c['on_fps']} vs {c['off_fps']} frames/s), "
                      f"x{c['cpu_ratio']} agent CPU; publisher CPU {c['on_thread_cpu_s']['publisher']} vs "
-                     f"{c['off_thread_cpu_s']['publisher']} s, crops {c['on_thread_cpu_s']['crops']} s; "
+                     f"{c['off_thread_cpu_s']['publisher']} s, crops {c['on_thread_cpu_s']['crops']} s; on/off pair "
+                     f"ratios {c.get('pair_ratios')} (median x{c.get('median_pair_ratio')}); "
                      + ("within 5 %" if c["within_5_percent"] else "MORE THAN 5 % slower"))
     if "bridge" in res:
         from agent.tools.bench_bridge import format_line

@@ -165,23 +165,12 @@ def bridge_cost(on: dict, off: dict) -> dict:
             "within_2_percent": bool(on["wall_s"] <= 1.02 * off["wall_s"])}
 
 
-def pair_ratios(order: list[str], walls: list[float]) -> list[float]:
-    """on/off wall ratios of the adjacent pairs of the run order (on, off), (off, on), ..."""
-    out = []
-    for i in range(0, len(order) - 1, 2):
-        pair = dict(zip(order[i:i + 2], walls[i:i + 2]))
-        if set(pair) != {"on", "off"}:
-            raise ValueError(f"runs {i} and {i + 1} are not one on and one off: {order[i:i + 2]}")
-        out.append(round(pair["on"] / pair["off"], 4))
-    return out
-
-
 def measure_bridge(config: Path, work: Path, overrides: dict, n: int, clean: list, bad: list, *, truth,
                    n_classes: int, say, rounds: int = 1) -> dict:
     """The heavy coil in ``rounds`` rounds of on, off, off, on (bridge attached or not), each run on a
     fresh agent state."""
     from agent.config import load_config
-    from agent.tools.bench import SCENARIOS, run_scenario
+    from agent.tools.bench import SCENARIOS, ab_rounds, ab_summary, run_scenario
     from agent.tools.demo import isolated_config
 
     binary = find_mosquitto()
@@ -190,31 +179,23 @@ def measure_bridge(config: Path, work: Path, overrides: dict, n: int, clean: lis
         return {"skipped": "mosquitto not installed"}
     root = work / "bridge"
     broker = Mosquitto(binary, root / "broker")
-    order = ["on", "off", "off", "on"] * max(1, rounds)
     try:
-        runs: dict[str, list[dict]] = {"on": [], "off": []}
-        walls: list[float] = []
-        for i, mode in enumerate(order):
-            say(f"bench: the heavy coil {'with' if mode == 'on' else 'without'} the plant bridge "
-                f"({i + 1} of {len(order)}) ...")
+        def bridge_run(i: int, mode: str) -> dict:
+            say(f"bench: the heavy coil {'with' if mode == 'on' else 'without'} the plant bridge ({i + 1} of "
+                f"{4 * max(1, rounds)}) ...")
             d = root / f"run{i}-{mode}"
             d.mkdir(parents=True)
             path = isolated_config(config, d, **overrides)
             attach = BridgeAttach(broker, d / "bridge") if mode == "on" else None
-            r = run_scenario(path, load_config(path), n, SCENARIOS["heavy"], clean, bad,
-                             log_path=d / "agent.log", truth=truth, n_classes=n_classes, attach=attach)
-            runs[mode].append(r)
-            walls.append(r["wall_s"])
+            return run_scenario(path, load_config(path), n, SCENARIOS["heavy"], clean, bad,
+                                log_path=d / "agent.log", truth=truth, n_classes=n_classes, attach=attach)
+
+        order, runs, walls = ab_rounds(bridge_run, rounds)
         on = min(runs["on"], key=lambda r: r["wall_s"])
         out = bridge_cost(on, min(runs["off"], key=lambda r: r["wall_s"]))
         out["all_forwarded"] = all(r["bridge"]["all_forwarded"] for r in runs["on"])
         out["bridge_cpu_s_runs"] = [r["bridge"]["bridge_cpu_s"] for r in runs["on"]]
-        out["wall_s_runs"] = {m: [r["wall_s"] for r in rs] for m, rs in runs.items()}
-        out["order"] = order
-        out["pair_ratios"] = pair_ratios(order, walls)
-        ratios = sorted(out["pair_ratios"])
-        out["median_pair_ratio"] = ratios[len(ratios) // 2] if len(ratios) % 2 else round(
-            (ratios[len(ratios) // 2 - 1] + ratios[len(ratios) // 2]) / 2, 4)
+        out.update(ab_summary(order, runs, walls))
         out["bridge_nice"] = BRIDGE_NICE
         out["bridge_nice_seen"] = sorted({r["bridge"]["bridge_nice_seen"] for r in runs["on"]}, key=str)
         return out

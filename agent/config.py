@@ -230,8 +230,8 @@ class WebSection:
     max_upload_bytes: int = F(8 << 20, lo=1024, hi=64 << 20, doc="largest request body the page accepts")
     max_upload_pixels: int = F(4096 * 4096, lo=64, hi=1 << 28, doc="largest uploaded image (height x width), "
                                                                   "checked from its header before decoding")
-    token_file: str = F("", doc="file holding the page's access token; required when auth.enabled and the page "
-                                "is not on loopback; when set the page always asks for it")
+    token_file: str = F("", doc="file holding the page's access token; required when the page is not on loopback "
+                                "and auth.enabled or upload is on; when set the page always asks for it")
     subscriber_key: str = F("", doc="with auth.enabled: the page's CURVE secret key (subscriber role) for the "
                                     "publish and replay sockets")
     operator_key: str = F("", doc="with auth.enabled and a tcp:// control socket: a CURVE secret key of the "

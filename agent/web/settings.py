@@ -4,6 +4,8 @@ Rules (docs/deployment.md, "The web page"):
 - loopback by default; another address is the operator's choice (``--host`` or ``web.host``);
 - with CURVE on (``auth.enabled``) a page off loopback needs an access token (``web.token_file``):
   whoever may not connect to the agent's sockets must not read its events through the page either;
+- off loopback, uploads (which run the models on this box) need a token too, CURVE or not; a page
+  off loopback without a token only reads (``web.upload = false``, ``--no-upload``);
 - a token file that anyone on the box can read, or that is shorter than 16 characters, is refused;
 - with CURVE on, the page's own sockets need its keys: a subscriber key for the event stream and
   the replay socket, an operator key for a tcp:// control socket (/readyz and coil progress).
@@ -86,6 +88,14 @@ def web_settings(cfg: Config, *, host: str | None = None, port: int | None = Non
         raise WebSettingsError(
             f"the page on {host} with auth.enabled (CURVE) needs an access token: set web.token_file (or "
             f"--token-file) to a file holding one, or keep the page on 127.0.0.1")
+    upload = w.upload if upload is None else upload
+    if upload and not is_loopback(host) and token is None:
+        # without CURVE the page reads nothing the agent's own sockets do not already give away, but
+        # an upload runs the models on this box: not for whoever reaches the address
+        raise WebSettingsError(
+            f"the page on {host} takes uploads (web.upload) without an access token: anyone who reaches "
+            f"{host}:{port} could run the models on this box; set web.token_file (or --token-file), or "
+            f"web.upload = false (or --no-upload), or keep the page on 127.0.0.1")
     sub_curve = op_curve = None
     if cfg.auth.enabled:
         if not (w.subscriber_key and w.server_key):
@@ -94,6 +104,6 @@ def web_settings(cfg: Config, *, host: str | None = None, port: int | None = Non
         sub_curve = (w.subscriber_key, w.server_key)
         if cfg.control.endpoint.startswith("tcp://") and w.operator_key:
             op_curve = (w.operator_key, w.server_key)
-    return WebSettings(cfg=cfg, host=host, port=port, upload=w.upload if upload is None else upload,
+    return WebSettings(cfg=cfg, host=host, port=port, upload=upload,
                        max_upload_bytes=w.max_upload_bytes, max_upload_pixels=w.max_upload_pixels, token=token,
                        subscriber_curve=sub_curve, operator_curve=op_curve, state_dir=cfg.state_path())

@@ -186,6 +186,20 @@ def test_token_rules(agent_config, tmp_path):
         web_settings(cfg, token_file=str(token_file))
 
 
+def test_uploads_off_loopback_need_a_token_even_without_curve(agent_config, tmp_path):
+    cfg = agent_config()
+    assert not cfg.auth.enabled and cfg.web.upload
+    with pytest.raises(WebSettingsError, match=r"takes uploads \(web.upload\) without an access token"):
+        web_settings(cfg, host="0.0.0.0")
+    assert web_settings(cfg, host="0.0.0.0", upload=False).upload is False  # a page that only reads
+    assert web_settings(cfg).upload is True  # on loopback, no token needed
+    token_file = tmp_path / "web.token"
+    token_file.write_text("s3cret-token-0123456789")
+    os.chmod(token_file, 0o600)
+    s = web_settings(cfg, host="0.0.0.0", token_file=str(token_file))
+    assert s.upload is True and s.token == "s3cret-token-0123456789"
+
+
 def test_cli_errors_are_one_line_and_non_zero(agent_config, tmp_path, capsys):
     import socket
 

@@ -115,9 +115,10 @@ def test_bridge_units_contract(name, command):
                                                                  "curve-bridge.key_secret"}
     agent = parse_unit(UNITS / "coilsight.service")
     # below the agent for the CPU, at the niceness `coilsight bench --bridge` measures it with
-    from agent.tools.bench_bridge import BRIDGE_NICE
+    from agent.tools.bench_bridge import BRIDGE_NICE, BRIDGE_POLICY
 
     assert int(unit["Nice"][0]) == BRIDGE_NICE > int(agent.get("Nice", ["0"])[0])
+    assert unit["CPUSchedulingPolicy"] == [BRIDGE_POLICY] and "CPUSchedulingPolicy" not in agent
     assert int(unit["CPUWeight"][0]) < int(agent.get("CPUWeight", ["100"])[0])
     for key in ("NoNewPrivileges", "ProtectSystem", "ProtectHome", "PrivateTmp", "MemoryDenyWriteExecute",
                 "RestrictAddressFamilies", "SystemCallArchitectures", "RestrictNamespaces", "LockPersonality"):

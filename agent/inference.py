@@ -16,7 +16,7 @@ from agent.config import CameraSection, Config
 from agent.guard import LoopGuard, isolate_failed_batch
 from agent.metrics import RateLimiter
 from engines import wafer
-from engines.postprocess import Defect, extract_defects, extract_instances
+from engines.postprocess import Defect, extract_defects, extract_instances, frame_scores
 from agent.threadnames import name_this_thread
 from engines.geometry import CameraGeometry
 from engines.backends import Backend
@@ -293,18 +293,31 @@ class Inference:
         images = [f.image for f in batch]
         t0 = time.perf_counter()
         gate_entry = m.pack.models["gate"]
-        cams: list | None = [] if gate_entry.cam_output and m.seg is None else None
-        scores = np.stack(self._run_model(m.gate, gate_entry, images, m.batch, buf, cams=cams))
-        t1 = time.perf_counter()
-        self.on_stage("gate", t1 - t0)
-        top = scores.max(axis=1)
-        passed = np.flatnonzero(top >= m.calibration.gate_threshold)
-        probs = None
         seg = m.pack.models.get("seg")
         inst = seg.instances if seg is not None else None
-        if passed.size and m.seg is not None:
-            probs = self._run_model(m.seg, seg, [images[i] for i in passed], m.batch, buf, inst is not None)
-            self.on_stage("seg", time.perf_counter() - t1)
+        probs, cams = None, None
+        if gate_entry.scores_from == "seg" and m.seg is not None:
+            # a whole-image inspector: its gate is the segmenter's frame scores, so the segmenter runs
+            # once on every frame and the scores come from its maps (a passing frame: one run, not two)
+            every = self._run_model(m.seg, seg, images, m.batch, buf, inst is not None)
+            t1 = time.perf_counter()
+            self.on_stage("seg", t1 - t0)
+            scores = np.stack([frame_scores(o[seg.output] if inst is not None else o) for o in every])
+            self.on_stage("gate", time.perf_counter() - t1)
+            top = scores.max(axis=1)
+            passed = np.flatnonzero(top >= m.calibration.gate_threshold)
+            probs = [every[i] for i in passed] if passed.size else None
+            t1 = time.perf_counter()
+        else:
+            cams = [] if gate_entry.cam_output and m.seg is None else None
+            scores = np.stack(self._run_model(m.gate, gate_entry, images, m.batch, buf, cams=cams))
+            t1 = time.perf_counter()
+            self.on_stage("gate", t1 - t0)
+            top = scores.max(axis=1)
+            passed = np.flatnonzero(top >= m.calibration.gate_threshold)
+            if passed.size and m.seg is not None:
+                probs = self._run_model(m.seg, seg, [images[i] for i in passed], m.batch, buf, inst is not None)
+                self.on_stage("seg", time.perf_counter() - t1)
         t2 = time.perf_counter()
         events_by_frame: dict[int, list[dict]] = {}
         if probs is not None:

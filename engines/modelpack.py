@@ -55,6 +55,9 @@ class ModelEntry:
     instances: InstanceSpec | None = None  # seg: the instance head's outputs (format 3), else None
     cam_output: str | None = None  # gate of a classification profile: class activation maps [N, K, h, w]
     cam_stride: int = 1  # input px per CAM cell
+    # gate only: "seg" when these scores are the seg model's frame scores (engines.postprocess.frame_scores)
+    # on the same weights, so an agent may run the segmenter once per frame and derive them
+    scores_from: str | None = None
 
     @property
     def short_hash(self) -> str:
@@ -226,6 +229,10 @@ def load_model_pack(directory: str | Path, *, verify_hashes: bool = True) -> Mod
         instances = None
         if "instances" in entry:
             instances = _instance_spec(entry["instances"], w, fmt, role, output)
+        scores_from = entry.get("scores_from")
+        if scores_from is not None and (role != "gate" or scores_from != "seg"):
+            raise ModelPackError(f"{w}: scores_from {scores_from!r}: only a gate may name one, and only \"seg\" "
+                                 f"(its scores are the segmenter's frame scores)")
         models[role] = ModelEntry(
             role=role,
             path=path,
@@ -236,9 +243,12 @@ def load_model_pack(directory: str | Path, *, verify_hashes: bool = True) -> Mod
             instances=instances,
             cam_output=entry.get("cam_output"),
             cam_stride=int(entry.get("cam_stride", 1)),
+            scores_from=scores_from,
         )
     if "gate" not in models:
         raise ModelPackError(f"{where}: a model pack needs a 'gate' model")
+    if models["gate"].scores_from and "seg" not in models:
+        raise ModelPackError(f"{where}: models.gate: scores_from \"seg\" but the pack has no 'seg' model")
     return ModelPack(
         directory=directory,
         profile=_require(meta, "profile", where, str),

@@ -41,6 +41,23 @@ class Defect:
         }
 
 
+def frame_scores(probs: np.ndarray) -> np.ndarray:
+    """A segmenter's frame scores: ``probs`` [K, h, w] -> [K], the max of each class map's 3x3 mean
+    (cells outside the map not counted), as a whole-image inspector's gate computes them in its graph
+    (training/wholeseg.py ``frame_scores``; model.json ``scores_from: "seg"``)."""
+    import cv2
+
+    p = np.ascontiguousarray(probs, dtype=np.float32)
+    k, h, w = p.shape
+    ones = np.ones((h, w), np.float32)
+    count = cv2.boxFilter(ones, -1, (3, 3), normalize=False, borderType=cv2.BORDER_CONSTANT)
+    out = np.empty(k, np.float32)
+    for c in range(k):
+        s = cv2.boxFilter(p[c], -1, (3, 3), normalize=False, borderType=cv2.BORDER_CONSTANT)
+        out[c] = (s / count).max()
+    return out
+
+
 def extract_defects(probs: np.ndarray, classes: tuple[str, ...], thresholds: dict[str, ClassThreshold],
                     stride: int, frame_shape: tuple[int, int], max_defects: int = 50) -> list[Defect]:
     """One frame's per-class probabilities [K, h, w] (output stride ``stride``) -> defects.

@@ -10,8 +10,10 @@ blowholes and cracks, and the gate never sees a whole tile. Here:
   softmax(type)[k]`` (K = 1: just the defect probability), so per-class thresholds, events and
   Dice work unchanged on the pack's ``probs`` [N, K, H/2, W/2] (model.json ``output_stride`` 2).
 - frame decision: ``scores[k] = max over the map of a 3x3 mean of probs[k]`` (`FrameScores`),
-  exported as the pack's gate.onnx (same weights). The agent needs no change: it runs the gate,
-  then the segmenter on the frames that pass; with one model, a passing frame costs two runs of it.
+  exported as the pack's gate.onnx (same weights), and model.json's gate entry says
+  ``scores_from: "seg"``: the agent runs the segmenter once on every frame and computes these scores
+  from its maps (engines/postprocess.py ``frame_scores``); a reader that ignores the key runs gate.onnx,
+  then the segmenter on the frames that pass (a passing frame twice), with the same decisions.
 - data: random windows (edge-padded where the image is smaller) of whole images, every
   defect-free image included, half the windows of defective images placed on a defect pixel;
   flips and a gain/offset jitter. Loss: focal BCE + soft Dice on the binary mask, CE on the type

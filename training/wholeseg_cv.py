@@ -87,7 +87,8 @@ def export_pack(model: WholeSeg, out: Path, profile: str, classes: tuple[str, ..
         export_onnx(graph, out / f"{role}.onnx", output)
         diffs[role] = verify_onnx(graph, out / f"{role}.onnx", output)
     models = {
-        "gate": {"file": "gate.onnx", "sha256": sha256_file(out / "gate.onnx"), "output": "scores"},
+        "gate": {"file": "gate.onnx", "sha256": sha256_file(out / "gate.onnx"), "output": "scores",
+                 "scores_from": "seg"},  # the agent may take these scores from one seg run
         "seg": {"file": "seg.onnx", "sha256": sha256_file(out / "seg.onnx"), "output": "probs",
                 "output_stride": OUTPUT_STRIDE},
     }

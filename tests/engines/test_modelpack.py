@@ -180,3 +180,38 @@ def test_a_model_file_that_is_not_the_one_model_json_names_is_refused(tmp_path):
                                              rf"model\.json says {named[:12]}"):
         load_model_pack(d)
     assert load_model_pack(d, verify_hashes=False).seg.sha256 == named  # only when asked not to check
+
+
+# -- scores_from: a gate that is the segmenter's frame scores ----------------------------------
+
+@pytest.mark.parametrize(("change", "message"), [
+    (lambda d: d["models"]["seg"].update(scores_from="seg"), r"models.seg: scores_from 'seg': only a gate"),
+    (lambda d: d["models"]["gate"].update(scores_from="gate"), r"models.gate: scores_from 'gate': only a gate"),
+    (lambda d: d["models"].pop("seg") and d["models"]["gate"].update(scores_from="seg"),
+     r"scores_from \"seg\" but the pack has no 'seg' model"),
+])
+def test_a_bad_scores_from_is_refused_with_the_reason(tmp_path, change, message):
+    d = make_pack(tmp_path / "p")
+    _edit(d, change)
+    with pytest.raises(ModelPackError, match=message):
+        load_model_pack(d)
+
+
+def test_scores_from_seg_loads_and_is_off_by_default(tmp_path):
+    d = make_pack(tmp_path / "p")
+    assert load_model_pack(d).gate.scores_from is None
+    _edit(d, lambda doc: doc["models"]["gate"].update(scores_from="seg"))
+    assert load_model_pack(d).gate.scores_from == "seg"
+
+
+def test_frame_scores_are_the_max_of_each_maps_3x3_mean_inside_the_map():
+    """engines.postprocess.frame_scores is what a whole-image inspector's gate graph computes
+    (training/wholeseg.py: avg_pool2d 3x3, stride 1, padding 1, count_include_pad False; max)."""
+    from engines.postprocess import frame_scores
+
+    p = np.zeros((3, 6, 9), np.float32)
+    p[0, 0, 0] = 1.0  # a corner: its 3x3 window holds 4 cells of the map, not 9
+    p[1, 3, 4] = 0.9  # inside: 9 cells
+    p[2, 0, 4] = 0.6  # an edge: 6 cells
+    p[2, 2:5, 6:9] = 0.3  # a 3x3 block of 0.3: its centre's mean is 0.3, above the edge peak's 0.1
+    np.testing.assert_allclose(frame_scores(p), [0.25, 0.1, 0.3], rtol=1e-6)

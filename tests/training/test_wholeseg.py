@@ -135,3 +135,8 @@ def test_a_few_steps_train_and_the_pack_exports_with_its_gate_made_of_the_segmen
     probs = seg.run(["probs"], {"image": x})[0]
     assert probs.shape == (2, 2, 32, 40)
     np.testing.assert_allclose(scores, frame_scores(torch.from_numpy(probs)).numpy(), atol=1e-5)
+    # the pack tells the agent it may take the gate's scores from one seg run (the agent's numpy rule)
+    from engines.postprocess import frame_scores as runtime_frame_scores
+
+    assert pack.gate.scores_from == "seg"
+    np.testing.assert_allclose(scores, np.stack([runtime_frame_scores(p) for p in probs]), atol=1e-5)

@@ -158,7 +158,8 @@ def run_cv(a) -> dict[str, Any]:
         test = [im for im, g in zip(images, fold) if g == f]
         tr, va = inner_split([im for im, g in zip(images, fold) if g != f])
         mean, std = norm_stats(tr)
-        s = TrainSettings(crop=a.crop, batch=a.batch, minutes=a.minutes, eval_every=a.eval_every, seed=a.seed + f)
+        s = TrainSettings(crop=a.crop, batch=a.batch, minutes=a.minutes, eval_every=a.eval_every, seed=a.seed + f,
+                          lr=a.lr)
         model, info = train(tr, va, classes, mean, std, s, None, WholeSegConfig(),
                             log=lambda m, f=f: print(f"fold {f}: {m}", flush=True))
         thr = best_threshold(va, predict(model, va))

@@ -534,6 +534,10 @@ def coil_layer_cost(on: dict, off: dict) -> dict:
             "cpu_ratio": ratio(on.get("agent_cpu_s"), off.get("agent_cpu_s")),
             "on_thread_cpu_s": {t: on.get("agent_thread_cpu_s", {}).get(t, 0.0) for t in threads},
             "off_thread_cpu_s": {t: off.get("agent_thread_cpu_s", {}).get(t, 0.0) for t in threads},
+            # every thread's CPU, on - off: where the layer's cost lands (its own threads, or others slowed)
+            "thread_cpu_delta_s": {t: round(on.get("agent_thread_cpu_s", {}).get(t, 0.0)
+                                            - off.get("agent_thread_cpu_s", {}).get(t, 0.0), 3)
+                                   for t in sorted({*on.get("agent_thread_cpu_s", {}), *off.get("agent_thread_cpu_s", {})})},
             "events": on["events"], "within_5_percent": bool(on["wall_s"] <= 1.05 * off["wall_s"])}
 
 
@@ -582,7 +586,9 @@ def format_table(res: dict) -> str:
                      f"x{c['cpu_ratio']} agent CPU; publisher CPU {c['on_thread_cpu_s']['publisher']} vs "
                      f"{c['off_thread_cpu_s']['publisher']} s, crops {c['on_thread_cpu_s']['crops']} s; on/off pair "
                      f"ratios {c.get('pair_ratios')} (median x{c.get('median_pair_ratio')}); "
-                     + ("within 5 %" if c["within_5_percent"] else "MORE THAN 5 % slower"))
+                     + ("within 5 %" if c["within_5_percent"] else "MORE THAN 5 % slower")
+                     + "; agent CPU s by thread, on - off: "
+                     + ", ".join(f"{t} {v:+.2f}" for t, v in c.get("thread_cpu_delta_s", {}).items()))
     if "bridge" in res:
         from agent.tools.bench_bridge import format_line
 

@@ -62,6 +62,10 @@ def test_bench_fast_mode_accounts_for_every_frame(tmp_path, agent_config):
     c = res["coil_layer"]
     assert c["scenario"] == "heavy" and c["wall_ratio"] == pytest.approx(c["on_wall_s"] / c["off_wall_s"], rel=1e-3)
     assert "coil layer (tracks, periodic" in r.stdout
+    # where the layer's CPU lands, thread by thread: the crop thread only runs with the layer on
+    assert c["thread_cpu_delta_s"]["crops"] == pytest.approx(c["on_thread_cpu_s"]["crops"], abs=1e-3)
+    assert c["thread_cpu_delta_s"]["publisher"] == pytest.approx(
+        c["on_thread_cpu_s"]["publisher"] - c["off_thread_cpu_s"]["publisher"], abs=2e-3)
     # four fresh agents, on, off, off, on: each pair's ratio is of its own two runs
     assert c["order"] == ["on", "off", "off", "on"] and min(c["wall_s_runs"]["on"]) == c["on_wall_s"]
     assert c["pair_ratios"] == [round(c["wall_s_runs"]["on"][0] / c["wall_s_runs"]["off"][0], 4),

@@ -49,6 +49,13 @@ def _edit(directory, change) -> None:
     path.write_text(json.dumps(doc))
 
 
+def _refused(directory, change, message) -> None:
+    """The pack at ``directory``, its model.json changed, is refused with ``message``."""
+    _edit(directory, change)
+    with pytest.raises(ModelPackError, match=message):
+        load_model_pack(directory)
+
+
 @pytest.mark.parametrize(("change", "message"), [
     # a format-1 reader would ignore input_pool and feed whole frames: the key needs format 2
     (lambda d: d.update(format=1), r"input_pool needs model.json format 2, this file says format 1"),
@@ -58,10 +65,7 @@ def _edit(directory, change) -> None:
     (lambda d: d.update(format=4), r"format 4 is not one this agent reads \(1, 2, 3\)"),
 ])
 def test_bad_input_pool_is_refused_with_the_reason(tmp_path, change, message):
-    d = make_pack(tmp_path / "p", gate_input_pool=4)
-    _edit(d, change)
-    with pytest.raises(ModelPackError, match=message):
-        load_model_pack(d)
+    _refused(make_pack(tmp_path / "p", gate_input_pool=4), change, message)
 
 
 # -- format 3: the instance head's block --------------------------------------------------------
@@ -103,10 +107,7 @@ def _inst(d, **change):
     (lambda d: d["models"]["gate"].update(instances={}), r"only the seg model may carry instances, not the gate"),
 ])
 def test_a_bad_instances_block_is_refused_with_the_reason(tmp_path, change, message):
-    d = make_instance_pack(tmp_path / "p")
-    _edit(d, change)
-    with pytest.raises(ModelPackError, match=message):
-        load_model_pack(d)
+    _refused(make_instance_pack(tmp_path / "p"), change, message)
 
 
 def test_instance_outputs_the_graph_lacks_are_refused_when_opened(tmp_path):
@@ -191,10 +192,7 @@ def test_a_model_file_that_is_not_the_one_model_json_names_is_refused(tmp_path):
      r"scores_from \"seg\" but the pack has no 'seg' model"),
 ])
 def test_a_bad_scores_from_is_refused_with_the_reason(tmp_path, change, message):
-    d = make_pack(tmp_path / "p")
-    _edit(d, change)
-    with pytest.raises(ModelPackError, match=message):
-        load_model_pack(d)
+    _refused(make_pack(tmp_path / "p"), change, message)
 
 
 def test_scores_from_seg_loads_and_is_off_by_default(tmp_path):

@@ -128,7 +128,11 @@ def render(pack_dir: Path, evaluation_dir: Path | None, speed: dict | None, spli
         params = onnx_params(path)
         lines.append(f"| {role} | `{m['file']}` | `{m['sha256'][:12]}` | {'-' if params is None else f'{params:,}'} | "
                      f"{path.stat().st_size / 1024:.0f} KiB | `{m['output']}` |")
-    if train.get("model_size"):
+    whole = train.get("model_size") == "wholeseg"  # training/wholeseg_cv.py: trains, chooses and exports in one
+    if whole:
+        lines += ["", f"Architecture: {train.get('architecture', 'training/wholeseg.py WholeSeg')} "
+                      f"({json.dumps(train.get('model_config', {}))})."]
+    elif train.get("model_size"):
         lines += ["", f"Architecture: training/nets.py, size `{train['model_size']}` "
                       f"({json.dumps(train.get('model_config', {}))})."]
     if speed:
@@ -146,12 +150,17 @@ def render(pack_dir: Path, evaluation_dir: Path | None, speed: dict | None, spli
                   f"- Data: {portable(train.get('data', '?'))}",
                   f"- Source and licence: {DATASETS.get(profile, 'not recorded for this profile')}",
                   f"- Split: {train.get('split', '?')}. Nothing was tuned on the test split.",
-                  f"- Command: `{portable(train.get('command', '?'))}` then `coilsight export --checkpoint RUN --profile "
-                  f"{profile} --out engines/models/{profile}`",
-                  f"- Seed {train.get('seed')}, {train.get('epochs_run')} epochs, {train.get('minutes')} min on "
-                  f"CPU; " + (f"checkpoint: the EMA weights of the best val mAP@0.5 (decoded at score >= 0.05): "
-                              f"{json.dumps(_best_brief(train.get('best', {})))}" if instances else
-                              f"best checkpoint per model by val loss: {json.dumps(train.get('best', {}))}")]
+                  f"- Command: `{portable(train.get('command', '?'))}` then " + (
+                      f"copy RUN/pack (the command exports it) to engines/models/{profile}" if whole else
+                      f"`coilsight export --checkpoint RUN --profile {profile} --out engines/models/{profile}`"),
+                  f"- Seed {train.get('seed')}, "
+                  + (f"{train.get('steps')} steps" if whole else f"{train.get('epochs_run')} epochs")
+                  + f", {train.get('minutes')} min on CPU; "
+                  + (f"checkpoint: the EMA weights of the best val mAP@0.5 (decoded at score >= 0.05): "
+                     f"{json.dumps(_best_brief(train.get('best', {})))}" if instances else
+                     f"checkpoint: the EMA weights of the best val image ROC AUC + Dice on defective images: "
+                     f"{json.dumps(train.get('best', {}))}" if whole else
+                     f"best checkpoint per model by val loss: {json.dumps(train.get('best', {}))}")]
         src = train.get("seg_from")
         if src:  # a gate-only run: say where the segmenter was trained
             lines.append(f"- The gate alone was trained by that command; the segmenter is the one of an earlier run "

@@ -140,3 +140,15 @@ def _plain(pack: Path, tmp_path: Path) -> Path:
     meta["models"]["seg"].pop("instances", None)
     (out / "model.json").write_text(json.dumps(meta))
     return out
+
+
+@pytest.mark.parametrize("profile", ["magnetic_tile", "kolektorsdd"])
+def test_whole_image_inspector_cards_say_how_they_were_made(profile):
+    """training/wholeseg_cv.py trains by steps, chooses by val AUC + Dice and exports the pack itself:
+    its card says that, not the epoch/val-loss/`coilsight export` lines of the other trainers."""
+    card = (ROOT / "engines" / "models" / profile / "MODEL_CARD.md").read_text()
+    meta = json.loads((ROOT / "engines" / "models" / profile / "model.json").read_text())
+    assert meta["training"]["model_size"] == "wholeseg" and meta["models"]["gate"]["scores_from"] == "seg"
+    assert "Architecture: training/wholeseg.py WholeSeg" in card
+    assert f"{meta['training']['steps']} steps" in card and "None epochs" not in card and "by val loss" not in card
+    assert f"copy RUN/pack (the command exports it) to engines/models/{profile}" in card

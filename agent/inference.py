@@ -295,7 +295,8 @@ class Inference:
         gate_entry = m.pack.models["gate"]
         seg = m.pack.models.get("seg")
         inst = seg.instances if seg is not None else None
-        probs, cams = None, None
+        probs, cams, every = None, None, None
+        t1 = t0
         if gate_entry.scores_from == "seg" and m.seg is not None:
             # a whole-image inspector: its gate is the segmenter's frame scores, so the segmenter runs
             # once on every frame and the scores come from its maps (a passing frame: one run, not two)
@@ -303,21 +304,18 @@ class Inference:
             t1 = time.perf_counter()
             self.on_stage("seg", t1 - t0)
             scores = np.stack([frame_scores(o[seg.output] if inst is not None else o) for o in every])
-            self.on_stage("gate", time.perf_counter() - t1)
-            top = scores.max(axis=1)
-            passed = np.flatnonzero(top >= m.calibration.gate_threshold)
-            probs = [every[i] for i in passed] if passed.size else None
-            t1 = time.perf_counter()
         else:
             cams = [] if gate_entry.cam_output and m.seg is None else None
             scores = np.stack(self._run_model(m.gate, gate_entry, images, m.batch, buf, cams=cams))
-            t1 = time.perf_counter()
-            self.on_stage("gate", t1 - t0)
-            top = scores.max(axis=1)
-            passed = np.flatnonzero(top >= m.calibration.gate_threshold)
-            if passed.size and m.seg is not None:
-                probs = self._run_model(m.seg, seg, [images[i] for i in passed], m.batch, buf, inst is not None)
-                self.on_stage("seg", time.perf_counter() - t1)
+        t_gate = time.perf_counter()
+        self.on_stage("gate", t_gate - t1)
+        top = scores.max(axis=1)
+        passed = np.flatnonzero(top >= m.calibration.gate_threshold)
+        if every is not None:
+            probs = [every[i] for i in passed] if passed.size else None
+        elif passed.size and m.seg is not None:
+            probs = self._run_model(m.seg, seg, [images[i] for i in passed], m.batch, buf, inst is not None)
+            self.on_stage("seg", time.perf_counter() - t_gate)
         t2 = time.perf_counter()
         events_by_frame: dict[int, list[dict]] = {}
         if probs is not None:

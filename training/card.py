@@ -103,6 +103,16 @@ DATASETS: dict[str, str] = {
 }
 
 
+def _selection(train: dict, instances: bool, whole: bool) -> str:
+    """How the run chose its checkpoint, as each trainer does it."""
+    best = train.get("best", {})
+    if instances:
+        return f"checkpoint: the EMA weights of the best val mAP@0.5 (decoded at score >= 0.05): {json.dumps(_best_brief(best))}"
+    if whole:
+        return f"checkpoint: the EMA weights of the best val image ROC AUC + Dice on defective images: {json.dumps(best)}"
+    return f"best checkpoint per model by val loss: {json.dumps(best)}"
+
+
 def render(pack_dir: Path, evaluation_dir: Path | None, speed: dict | None, split: str = "test") -> str:
     pack_dir = Path(pack_dir)
     meta = json.loads((pack_dir / "model.json").read_text())
@@ -155,12 +165,7 @@ def render(pack_dir: Path, evaluation_dir: Path | None, speed: dict | None, spli
                       f"`coilsight export --checkpoint RUN --profile {profile} --out engines/models/{profile}`"),
                   f"- Seed {train.get('seed')}, "
                   + (f"{train.get('steps')} steps" if whole else f"{train.get('epochs_run')} epochs")
-                  + f", {train.get('minutes')} min on CPU; "
-                  + (f"checkpoint: the EMA weights of the best val mAP@0.5 (decoded at score >= 0.05): "
-                     f"{json.dumps(_best_brief(train.get('best', {})))}" if instances else
-                     f"checkpoint: the EMA weights of the best val image ROC AUC + Dice on defective images: "
-                     f"{json.dumps(train.get('best', {}))}" if whole else
-                     f"best checkpoint per model by val loss: {json.dumps(train.get('best', {}))}")]
+                  + f", {train.get('minutes')} min on CPU; " + _selection(train, instances, whole)]
         src = train.get("seg_from")
         if src:  # a gate-only run: say where the segmenter was trained
             lines.append(f"- The gate alone was trained by that command; the segmenter is the one of an earlier run "

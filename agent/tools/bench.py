@@ -528,16 +528,16 @@ def coil_layer_cost(on: dict, off: dict) -> dict:
         return round(a / b, 4) if a and b else None
 
     threads = ("publisher", "crops")
+    on_cpu, off_cpu = on.get("agent_thread_cpu_s", {}), off.get("agent_thread_cpu_s", {})
     return {"scenario": "heavy", "on_wall_s": on["wall_s"], "off_wall_s": off["wall_s"],
             "wall_ratio": ratio(on["wall_s"], off["wall_s"]), "on_fps": on["fps"], "off_fps": off["fps"],
             "on_agent_cpu_s": on.get("agent_cpu_s"), "off_agent_cpu_s": off.get("agent_cpu_s"),
             "cpu_ratio": ratio(on.get("agent_cpu_s"), off.get("agent_cpu_s")),
-            "on_thread_cpu_s": {t: on.get("agent_thread_cpu_s", {}).get(t, 0.0) for t in threads},
-            "off_thread_cpu_s": {t: off.get("agent_thread_cpu_s", {}).get(t, 0.0) for t in threads},
+            "on_thread_cpu_s": {t: on_cpu.get(t, 0.0) for t in threads},
+            "off_thread_cpu_s": {t: off_cpu.get(t, 0.0) for t in threads},
             # every thread's CPU, on - off: where the layer's cost lands (its own threads, or others slowed)
-            "thread_cpu_delta_s": {t: round(on.get("agent_thread_cpu_s", {}).get(t, 0.0)
-                                            - off.get("agent_thread_cpu_s", {}).get(t, 0.0), 3)
-                                   for t in sorted({*on.get("agent_thread_cpu_s", {}), *off.get("agent_thread_cpu_s", {})})},
+            "thread_cpu_delta_s": {t: round(on_cpu.get(t, 0.0) - off_cpu.get(t, 0.0), 3)
+                                   for t in sorted({*on_cpu, *off_cpu})},
             "events": on["events"], "within_5_percent": bool(on["wall_s"] <= 1.05 * off["wall_s"])}
 
 

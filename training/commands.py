@@ -118,6 +118,9 @@ def _register_train(subparsers) -> None:
     ti.add_argument("--threads", type=int, default=2,
                     help="torch threads (default 2; on a shared or loaded box use 1: two threads mostly wait for each other)")
     ti.add_argument("--seed", type=int, default=0, help="random seed")
+    ti.add_argument("--init", type=Path, default=None,
+                    help="start from these weights with a fresh optimiser and schedule: a pack folder (model.json, seg.onnx "
+                         "with instance outputs) or a run folder (best.pt); ignored when --out already holds last.pt")
     ti.set_defaults(func=_run_train_instances)
 
 
@@ -167,7 +170,8 @@ def _run_train_instances(args: argparse.Namespace) -> int:
                               synthetic_fraction=args.synthetic_fraction, max_minutes=args.max_minutes,
                               threads=args.threads, seed=args.seed, whole_fraction=args.whole_fraction,
                               whole_batch=args.whole_batch, gaussian_alpha=args.gaussian_alpha,
-                              seg_weight=args.seg_weight, synth_frames=args.synth_frames, command="coilsight " + shlex.join(sys.argv[1:]))
+                              seg_weight=args.seg_weight, synth_frames=args.synth_frames, init=args.init,
+                              command="coilsight " + shlex.join(sys.argv[1:]))
     try:
         meta = train_instances(cfg)
     except (InstanceTrainError, DatasetError) as exc:

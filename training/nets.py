@@ -293,6 +293,7 @@ class InstanceSegmenter(nn.Module):
         super().__init__()
         w1, w2, w3, w4 = config.widths
         sep = config.separable
+        self.config = config
         self.norm = Normalise(mean, std)
         self.s2 = _cbr(in_channels, w1, 2)
         # the stride-4 stage is a full 3x3 conv in every size: few input channels, and the head's detail

@@ -88,6 +88,9 @@ class InstanceTrainConfig:
     # frames of the plain synthetic strip (training.synth, what camera-sim paints; seeds 5000 + seed,
     # never the bench's or the demo's) added to the strip pools, half defective
     synth_frames: int = 0
+    # start from these weights with a fresh optimiser, EMA and schedule (a shipped pack's folder with
+    # seg.onnx, or a run folder with best.pt); a folder that already holds last.pt resumes instead
+    init: Path | None = None
     command: str = ""
     progress: bool = True
     extra: dict[str, Any] = field(default_factory=dict)
@@ -384,6 +387,58 @@ class Ema:
                     v.copy_(src[name])
 
 
+def init_normalisation(init: Path) -> tuple[float, float]:
+    """The input mean and std the `--init` weights were trained with (the graph's first op): the model
+    that takes them must normalise the same way, whatever this run's data would give."""
+    init = Path(init)
+    for name, keys in (("model.json", ("input",)), ("meta.json", ())):
+        if (init / name).is_file():
+            doc = json.loads((init / name).read_text())
+            for key in keys:
+                doc = doc.get(key, {})
+            try:
+                return float(doc["mean"]), float(doc["std"])
+            except (KeyError, TypeError, ValueError) as exc:
+                raise InstanceTrainError(f"{init / name}: no input mean and std ({exc})") from exc
+    raise InstanceTrainError(f"--init {init}: neither a pack folder (model.json) nor a run folder (meta.json, {BEST_FILE})")
+
+
+def load_init(model, init: Path, classes: Sequence[str], sample: np.ndarray) -> dict[str, Any]:
+    """Put `init`'s weights into `model` (in place): a pack folder (model.json + seg.onnx with instance
+    outputs; the folded weights are taken back by training.onnx_weights) or a run folder (best.pt).
+    Returns what was loaded, for meta.json; InstanceTrainError when it does not fit."""
+    import torch
+
+    init = Path(init)
+    if (init / "model.json").is_file():
+        from training.onnx_weights import WeightRecoveryError, load_from_onnx
+
+        spec = json.loads((init / "model.json").read_text())
+        seg = spec.get("models", {}).get("seg", {})
+        if list(spec.get("classes", [])) != list(classes):
+            raise InstanceTrainError(f"{init}: classes {spec.get('classes')} are not the data's {list(classes)}")
+        if "instances" not in seg:
+            raise InstanceTrainError(f"{init}: its seg model has no instance outputs to start from")
+        config = spec.get("training", {}).get("model_config")
+        if config is not None and config != model.config.to_dict():
+            raise InstanceTrainError(f"{init}: its seg model is {config}, not this run's {model.config.to_dict()}")
+        try:
+            diff = load_from_onnx(model, init / seg["file"], sample, model, prefix="")
+        except WeightRecoveryError as exc:
+            raise InstanceTrainError(f"{init}: {exc}") from exc
+        if not diff < 1e-3:
+            raise InstanceTrainError(f"{init}: weights taken back from {seg['file']} differ from the graph by {diff:.3g}")
+        return {"from": str(init), "kind": "pack", "sha256": seg.get("sha256"), "max_abs_diff": diff}
+    path = init / BEST_FILE
+    if not path.is_file():
+        raise InstanceTrainError(f"--init {init}: neither a pack folder (model.json) nor a run folder ({BEST_FILE})")
+    try:
+        model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    except RuntimeError as exc:
+        raise InstanceTrainError(f"{path}: does not fit this model size: {exc}") from exc
+    return {"from": str(init), "kind": "run"}
+
+
 def _load_split(cfg: InstanceTrainConfig, split: str) -> list[Sample]:
     ds = datasets.load_profile_dataset(cfg.profile, Path(cfg.data_root), split)
     if cfg.limit_images is not None:
@@ -430,7 +485,15 @@ def train_instances(cfg: InstanceTrainConfig, *, data_loader: Callable[[str], li
     mean, std = round(float(pixels.mean() / 255.0), 4), round(max(0.05, float(pixels.std() / 255.0)), 4)
     source = CanvasSource(train_samples, classes, cfg.canvas, cfg.synthetic_fraction, cfg.scale_jitter,
                           cfg.strip_frames, cfg.seed, cfg.synth_frames)
+    starting = cfg.init is not None and not (out / STATE_FILE).is_file()
+    if starting:
+        mean, std = init_normalisation(cfg.init)
     model = build_instance_model(len(classes), 1, mean, std, cfg.model_size)
+    init_meta = None
+    if starting:
+        sample = np.stack([np.asarray(s.image[:192, :192], np.uint8) for s in val_samples[:8]])[:, None]
+        init_meta = load_init(model, cfg.init, classes, sample)
+        log.info("instance_training_init", **init_meta)
     ema = Ema(model, cfg.ema_decay)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     total_steps = cfg.epochs * cfg.steps_per_epoch
@@ -441,7 +504,7 @@ def train_instances(cfg: InstanceTrainConfig, *, data_loader: Callable[[str], li
         "command": cfg.command, "data": str(cfg.data_root), "seed": cfg.seed,
         "train_images": len(train_samples), "val_images": len(val_samples),
         "strip_frames": {"clean": len(source.clean), "defective": len(source.defective)},
-        "history": [], "best": {}, "minutes": 0.0,
+        "history": [], "best": {}, "minutes": 0.0, "init": init_meta,
     }
     state_path = out / STATE_FILE
     start_epoch, best_map, spent_before = 0, -1.0, 0.0
@@ -538,6 +601,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--gaussian-alpha", type=float, default=0.54)
     p.add_argument("--seg-weight", type=float, default=0.5)
     p.add_argument("--synth-frames", type=int, default=160)
+    p.add_argument("--init", type=Path, default=None)
     a = p.parse_args(argv)
     import sys
 
@@ -547,7 +611,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                               threads=a.threads, seed=a.seed, limit_images=a.limit_images,
                               whole_fraction=a.whole_fraction, whole_batch=a.whole_batch,
                               gaussian_alpha=a.gaussian_alpha, seg_weight=a.seg_weight, synth_frames=a.synth_frames,
-                              command=" ".join(["python -m training.train_instances", *sys.argv[1:]]))
+                              init=a.init, command=" ".join(["python -m training.train_instances", *sys.argv[1:]]))
     meta = train_instances(cfg)
     print(json.dumps({"best": meta["best"], "stopped": meta["stopped"], "minutes": meta["minutes"]}))
     return 0

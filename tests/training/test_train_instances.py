@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -184,3 +185,89 @@ def test_synth_frames_join_the_strip_pools_with_their_painted_boxes():
         assert img.shape == (128, 256)
         for b in boxes:
             assert 0 <= b.x0 < b.x1 <= 256 and 0 <= b.y0 < b.y1 <= 128
+
+
+
+STEEL_PACK = Path(__file__).resolve().parents[2] / "engines" / "models" / "steel"
+
+
+def _tiny_pack(tmp_path, data) -> Path:
+    """A real instance pack: a tiny run trained one epoch, exported (and checked against torch) by
+    training.export, with the shipped steel gate beside it."""
+    from training.export import export_instance_pack
+
+    train_instances(_cfg(tmp_path, epochs=1, out=tmp_path / "first"), data_loader=lambda split: data[split])
+    export_instance_pack(tmp_path / "first", tmp_path / "pack", gate_from=STEEL_PACK)
+    return tmp_path / "pack"
+
+
+def test_init_from_a_pack_starts_where_its_graph_is(tmp_path):
+    import onnxruntime as ort
+
+    from training.nets import build_instance_model
+    from training.train_instances import init_normalisation, load_init
+
+    data = {"train": _samples(4, 2), "val": _samples(2, 3)}
+    pack = _tiny_pack(tmp_path, data)
+    mean, std = init_normalisation(pack)
+    spec = json.loads((pack / "model.json").read_text())
+    assert (mean, std) == (spec["input"]["mean"], spec["input"]["std"])
+    torch.manual_seed(7)  # other random weights than the run's
+    model = build_instance_model(len(STEEL_CLASSES), 1, mean, std, "test")
+    x = np.stack([s.image for s in data["val"]])[:, None]
+    sess = ort.InferenceSession(str(pack / "seg.onnx"), providers=["CPUExecutionProvider"])
+    want = sess.run(None, {"image": x})
+    with torch.no_grad():
+        before = [t.numpy() for t in model.eval()(torch.from_numpy(x))]
+    assert np.abs(before[1] - want[1]).max() > 1e-3, "a fresh net differs from the pack"
+    got_meta = load_init(model, pack, STEEL_CLASSES, x)
+    assert got_meta["kind"] == "pack" and got_meta["max_abs_diff"] < 1e-4
+    with torch.no_grad():
+        after = [t.numpy() for t in model.eval()(torch.from_numpy(x))]
+    for name, a, b in zip(("probs", "heatmap", "size", "offset"), after, want):
+        tol = 1e-3 * max(1.0, float(np.abs(b).max()))
+        assert np.abs(a - b).max() < tol, name
+
+    # through a run: it records where it started, and its first val is the pack's, not a fresh net's
+    meta = train_instances(_cfg(tmp_path, epochs=1, out=tmp_path / "cont", init=pack, lr=1e-9),
+                           data_loader=lambda split: data[split])
+    assert meta["init"]["kind"] == "pack" and meta["init"]["sha256"] == spec["models"]["seg"]["sha256"]
+    assert (meta["mean"], meta["std"]) == (mean, std)
+    kept = torch.load(tmp_path / "cont" / "best.pt", weights_only=True)  # lr 1e-9: the weights stay the loaded ones
+    loaded = model.state_dict()
+    convs = [k for k, v in loaded.items() if k.endswith(".weight") and v.ndim == 4]
+    assert convs and all(torch.allclose(kept[k], loaded[k], atol=1e-5) for k in convs)
+    # a folder that holds last.pt resumes; --init no longer applies
+    meta = train_instances(_cfg(tmp_path, epochs=2, out=tmp_path / "cont", init=tmp_path / "nowhere"),
+                           data_loader=lambda split: data[split])
+    assert [r["epoch"] for r in meta["history"]] == [1, 2] and meta["init"] is None
+
+    # from a run folder (best.pt)
+    model2 = build_instance_model(len(STEEL_CLASSES), 1, mean, std, "test")
+    assert load_init(model2, tmp_path / "first", STEEL_CLASSES, x)["kind"] == "run"
+    best = torch.load(tmp_path / "first" / "best.pt", weights_only=True)
+    assert all(torch.equal(v, best[k]) for k, v in model2.state_dict().items())
+
+
+def test_init_refuses_what_does_not_fit(tmp_path):
+    from training.nets import build_instance_model
+    from training.train_instances import load_init
+
+    data = {"train": _samples(4, 2), "val": _samples(2, 3)}
+    pack = _tiny_pack(tmp_path, data)
+    x = np.stack([s.image for s in data["val"]])[:, None]
+    model = build_instance_model(len(STEEL_CLASSES), 1, 0.5, 0.25, "test")
+    with pytest.raises(InstanceTrainError, match="are not the data's"):
+        load_init(model, pack, ["a", "b", "c", "d", "e", "f"], x)
+    with pytest.raises(InstanceTrainError, match="not this run's"):
+        load_init(build_instance_model(len(STEEL_CLASSES), 1, 0.5, 0.25, "edge"), pack, STEEL_CLASSES, x)
+    doc = json.loads((pack / "model.json").read_text())
+    del doc["models"]["seg"]["instances"]
+    (pack / "model.json").write_text(json.dumps(doc))
+    with pytest.raises(InstanceTrainError, match="no instance outputs"):
+        load_init(model, pack, STEEL_CLASSES, x)
+    with pytest.raises(InstanceTrainError, match="neither a pack folder"):
+        load_init(model, tmp_path, STEEL_CLASSES, x)
+    with pytest.raises(InstanceTrainError, match="neither a pack folder"):
+        train_instances(_cfg(tmp_path, epochs=1, out=tmp_path / "x", init=tmp_path / "nowhere"),
+                        data_loader=lambda split: data[split])

@@ -32,6 +32,8 @@ from calibration.classes import (
 from calibration.gate import GateChoice, choose_gate_threshold, gate_at, min_positives_for
 from calibration.instances import INSTANCE_THRESHOLD_GRID, choose_instance_thresholds, true_boxes
 from calibration.instances import OBJECTIVE as INSTANCE_OBJECTIVE
+from calibration.links import LINK_GRID, choose_links
+from calibration.links import OBJECTIVE as LINK_OBJECTIVE
 from engines.instances import decode_instances
 from engines.atomic import write_json_atomic
 from engines.modelpack import CALIBRATION_FORMAT, ModelPack
@@ -258,6 +260,7 @@ def calibrate(
 
     head = pack.seg.instances  # an instance head: its per-class thresholds are chosen too
     decoded: list[tuple[list, Any]] = []
+    linkable: list[tuple[np.ndarray, list, tuple[int, int]]] = []
 
     def probs_and_masks():
         with PackRunner(pack, backend=backend, threads=threads, max_batch=batch, roles=("seg",)) as models:
@@ -273,6 +276,8 @@ def calibrate(
                             outs[head.heatmap][j], outs[head.size][j], outs[head.offset][j], stride=head.stride,
                             thresholds=min(INSTANCE_THRESHOLD_GRID), frame_hw=shapes[i][:2], max_instances=100),
                             true_boxes(frames[i])))
+                    if head is None:  # component events: their linking distance is chosen below
+                        linkable.append((np.array(out[j], np.float32), true_boxes(frames[i]), shapes[i][:2]))
                     yield i, out[j], _sample_masks(frames[i])
 
     order: list[int] = []
@@ -303,6 +308,13 @@ def calibrate(
         c.dice_with_gate = float(d.mean())
 
     instance_docs = choose_instance_thresholds(pack.classes, decoded) if head is not None else {}
+    if head is None:
+        settings = {name: (choices[name].pixel_threshold, choices[name].min_area_px) if choices[name].calibrated else None
+                    for name in pack.classes}
+        link_docs = choose_links(pack.classes, settings, linkable, stride)
+        linkable.clear()
+        for name, doc in link_docs.items():
+            instance_docs[name] = {**instance_docs.get(name, {}), **doc}
 
     info = dict(data_info or {})
     info.setdefault("what", "samples")
@@ -326,7 +338,7 @@ def calibrate(
                          "counts them) removed, masks upsampled nearest to image size",
             "tie_break": "lowest pixel_threshold, then smallest min_area_px",
             **({"instance_thresholds": list(INSTANCE_THRESHOLD_GRID), "instance_objective": INSTANCE_OBJECTIVE}
-               if head is not None else {}),
+               if head is not None else {"link_px": list(LINK_GRID), "link_objective": LINK_OBJECTIVE}),
             "min_positive_images": min_positive_images,
             "min_image_recall": min_image_recall,
             "min_gate_positives": min_positives_for(recall_target) if min_gate_positives is None else min_gate_positives,

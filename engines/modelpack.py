@@ -98,11 +98,17 @@ def pool_frames(x: np.ndarray, k: int) -> np.ndarray:
     return out
 
 
+MAX_LINK_PX = 1024  # a gap wider than this is not one defect on any line
+
+
 @dataclass(frozen=True)
 class ClassThreshold:
     pixel_threshold: float
     min_area_px: int
     instance_threshold: float = DEFAULT_INSTANCE_THRESHOLD  # heatmap peak threshold (instance packs)
+    # component packs: pieces of one class at most this many frame px apart are one defect
+    # (engines.components.class_components); 0 = each connected piece is one
+    link_px: int = 0
 
 
 @dataclass(frozen=True)
@@ -300,5 +306,10 @@ def load_calibration(pack: ModelPack, path: str | Path | None = None) -> Calibra
             it = float(_require(c, "instance_threshold", f"{where}: classes.{name}", (int, float)))
             if not 0.0 < it < 1.0:
                 raise ModelPackError(f"{where}: classes.{name}: instance_threshold must be in (0,1), got {it}")
-        classes[name] = ClassThreshold(t, a, it)
+        link = 0
+        if "link_px" in c:
+            link = _require(c, "link_px", f"{where}: classes.{name}", int)
+            if isinstance(link, bool) or not 0 <= link <= MAX_LINK_PX:
+                raise ModelPackError(f"{where}: classes.{name}: link_px must be an integer in [0, {MAX_LINK_PX}], got {link!r}")
+        classes[name] = ClassThreshold(t, a, it, int(link))
     return Calibration(gate_threshold=threshold, classes=classes, raw=raw)

@@ -62,7 +62,8 @@ def extract_defects(probs: np.ndarray, classes: tuple[str, ...], thresholds: dic
                     stride: int, frame_shape: tuple[int, int], max_defects: int = 50) -> list[Defect]:
     """One frame's per-class probabilities [K, h, w] (output stride ``stride``) -> defects.
 
-    A component counts when its area in frame pixels is at least the class's min_area_px.
+    A component counts when its area in frame pixels is at least the class's min_area_px; pieces
+    at most the class's link_px apart are one component.
     The highest-confidence ``max_defects`` are kept (a frame full of noise cannot flood the bus).
     """
     if probs.ndim != 3 or probs.shape[0] != len(classes):
@@ -73,7 +74,7 @@ def extract_defects(probs: np.ndarray, classes: tuple[str, ...], thresholds: dic
         t = thresholds[name]
         if peaks[k] < t.pixel_threshold:
             continue
-        _, comps = class_components(probs[k], t.pixel_threshold, t.min_area_px, stride, frame_shape)
+        _, comps = class_components(probs[k], t.pixel_threshold, t.min_area_px, stride, frame_shape, t.link_px)
         defects += [Defect(k, name, round(c.peak, 4), c.bbox_px, c.area_px) for c in comps]
     if len(defects) > max_defects:
         defects.sort(key=lambda d: d.confidence, reverse=True)

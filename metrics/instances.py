@@ -207,3 +207,28 @@ def choose_score_threshold(scores, matched, n_true: int, candidates) -> tuple[fl
                             "events": events, "matched": tp})
     assert best is not None
     return best[1], best[2]
+
+
+def average_precision(scores, matched, n_true: int) -> float | None:
+    """COCO's AP of a pool of events: ``matched`` flags from match_by_score (per image, then pooled),
+    ranked by score; precision made monotone from the right and read at the 101 recall points
+    0, 0.01, ..., 1 (0 where a recall is never reached). None when there is no true defect."""
+    if n_true <= 0:
+        return None
+    s = np.asarray(scores, np.float64).reshape(-1)
+    m = np.asarray(matched, bool).reshape(-1)
+    if s.shape != m.shape:
+        raise ValueError(f"{s.size} scores for {m.size} matched flags")
+    if m.sum() > n_true:
+        raise ValueError(f"{int(m.sum())} matched events for {n_true} true defects")
+    order = np.argsort(-s, kind="mergesort")  # COCO sorts the same way
+    tp = np.cumsum(m[order])
+    fp = np.cumsum(~m[order])
+    recall = tp / n_true
+    precision = tp / np.maximum(tp + fp, np.finfo(np.float64).eps)
+    precision = np.maximum.accumulate(precision[::-1])[::-1] if precision.size else precision
+    points = np.linspace(0.0, 1.0, 101)
+    idx = np.searchsorted(recall, points, side="left")
+    got = np.where(idx < precision.size, precision[np.minimum(idx, max(precision.size - 1, 0))], 0.0) \
+        if precision.size else np.zeros_like(points)
+    return float(got.mean())

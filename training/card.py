@@ -204,6 +204,16 @@ def render(pack_dir: Path, evaluation_dir: Path | None, speed: dict | None, spli
             lines += [f"| {name} | {c.get('instance_threshold')} | {_f(c.get('instance_f1'))} | "
                       f"{_f(c.get('instance_precision'))} | {_f(c.get('instance_recall'))} | {c.get('instance_calibrated')} |"
                       for name, c in calib["classes"].items()]
+        if any("link_px" in c for c in calib["classes"].values()):
+            grid = calib.get("search", {}).get("link_px", [])
+            lines += ["", "Linking (component events: pieces of one class at most link_px apart are one event; chosen per "
+                          "class by the AP@0.5 of its events on the val split, ties to the smaller distance):", "",
+                      "| class | link px | AP@0.5 (val) | AP@0.5 by link px " + " / ".join(str(g) for g in grid) + " |",
+                      "|---|---|---|---|"]
+            for name, c in calib["classes"].items():
+                by = c.get("link_ap50_by_px") or {}
+                lines.append(f"| {name} | {c.get('link_px', 0)} | {_f(c.get('link_ap50'))} | "
+                             f"{' / '.join(_f(by.get(str(g))) for g in grid) if by else c.get('link_note', '-')} |")
         if (pack_dir / "calibration_report").is_dir():
             lines += ["", "Plots: calibration_report/ (gate_curve.png, class_dice.png, report.html)."]
     if evaluation_dir is not None:

@@ -105,22 +105,25 @@ def pad_to_multiple(chw: np.ndarray, multiple: int = PAD_MULTIPLE) -> np.ndarray
 
 
 def components(
-    probs: np.ndarray, thresholds: Sequence[float], min_areas: Sequence[int], stride: int, image_hw: tuple[int, int]
+    probs: np.ndarray, thresholds: Sequence[float], min_areas: Sequence[int], stride: int, image_hw: tuple[int, int],
+    links: Sequence[int] | None = None,
 ) -> tuple[np.ndarray, list[tuple[Box, float]]]:
     """Per-class masks at image size and scored boxes from seg probs [K, h, w] at `stride`.
 
     Pixel on when prob >= threshold; 8-connected components at output resolution; a component
     is kept when cells * stride^2 >= min_area (image px). Masks: kept cells repeated stride x
     stride, cropped to image_hw. Boxes: component extent * stride, clipped to the image, score =
-    the highest probability in the component. The rule is engines.components.class_components,
-    the same code the agent turns into defect events.
+    the highest probability in the component; with ``links``, pieces of class k at most links[k]
+    px apart are one component. The rule is engines.components.class_components, the same code the
+    agent turns into defect events.
     """
     height, width = image_hw
     k_count = probs.shape[0]
     masks = np.zeros((k_count, height, width), dtype=bool)
     boxes: list[tuple[Box, float]] = []
     for k in range(k_count):
-        labels, comps = class_components(probs[k], thresholds[k], min_areas[k], stride, image_hw)
+        labels, comps = class_components(probs[k], thresholds[k], min_areas[k], stride, image_hw,
+                                          links[k] if links is not None else 0)
         if not comps:
             continue
         kept = np.isin(labels, [c.label for c in comps])
@@ -239,8 +242,9 @@ class _Accumulator:
         self.counts = InstanceCounts(self.k)
 
 
-def _thresholds(pack: ModelPack, cal: Calibration) -> tuple[list[float], list[int]]:
-    return ([cal.classes[c].pixel_threshold for c in pack.classes], [cal.classes[c].min_area_px for c in pack.classes])
+def _thresholds(pack: ModelPack, cal: Calibration) -> tuple[list[float], list[int], list[int]]:
+    return ([cal.classes[c].pixel_threshold for c in pack.classes], [cal.classes[c].min_area_px for c in pack.classes],
+            [cal.classes[c].link_px for c in pack.classes])
 
 
 def evaluate_samples(
@@ -261,7 +265,7 @@ def evaluate_samples(
         raise EvaluationError(f"max_batch must be >= 1, got {max_batch}")
     k = len(pack.classes)
     seg_entry = pack.seg
-    thresholds, min_areas = _thresholds(pack, cal)
+    thresholds, min_areas, links = _thresholds(pack, cal)
     instance_thresholds = [cal.classes[c].instance_threshold for c in pack.classes]
     acc = _Accumulator(k)
     t0 = time.perf_counter()
@@ -294,7 +298,7 @@ def evaluate_samples(
                     inst_coco = _instances(outs, j, seg_entry, [COCO_SCORE_FLOOR] * k, sample.shape)
                 _account(acc, sample, crop, scores[j], None if probs is None or crop else probs[j],
                          thresholds, min_areas, seg_entry.output_stride if seg_entry else 1, cal.gate_threshold,
-                         inst, inst_coco)
+                         inst, inst_coco, links=links)
 
         for item in tagged():
             key = tuple(item[0].image.shape)
@@ -329,7 +333,7 @@ def _instances(outs: dict[str, np.ndarray], j: int, entry, thresholds: Sequence[
 def _account(acc: _Accumulator, sample: Sample, crop: bool, scores: np.ndarray, probs: np.ndarray | None,
              thresholds, min_areas, stride: int, gate_threshold: float,
              instances: list[tuple[Box, float]] | None = None,
-             coco_instances: list[tuple[Box, float]] | None = None) -> None:
+             coco_instances: list[tuple[Box, float]] | None = None, links: Sequence[int] | None = None) -> None:
     """One image into the accumulator; ``instances``: the pack's instances at the operating point (an
     instance head), else the components are the events; ``coco_instances``: the head's instances down to
     COCO_SCORE_FLOOR (the COCO view; None without an instance head)."""
@@ -350,7 +354,7 @@ def _account(acc: _Accumulator, sample: Sample, crop: bool, scores: np.ndarray, 
     else:
         truth = datasets.boxes_to_masks(sample)
         acc.truth_from_boxes += 1
-    masks, boxes = components(probs, thresholds, min_areas, stride, sample.shape)
+    masks, boxes = components(probs, thresholds, min_areas, stride, sample.shape, links)
     row = dice_pairs(masks[None], truth[None])[0]
     acc.dice_rows.append(row)
     acc.present.append(truth.any(axis=(1, 2)))

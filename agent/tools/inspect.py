@@ -256,7 +256,7 @@ def _component_masks(probs, defects, thresholds, classes, stride, hw, masks) -> 
         wanted.setdefault(d.class_id, set()).add((d.bbox_px, d.area_px))
     for k, keys in wanted.items():
         t = thresholds[classes[k]]
-        labels, comps = class_components(probs[k], t.pixel_threshold, t.min_area_px, stride, hw)
+        labels, comps = class_components(probs[k], t.pixel_threshold, t.min_area_px, stride, hw, t.link_px)
         for comp in comps:
             if (comp.bbox_px, comp.area_px) in keys:
                 masks[k] |= _upsample(labels == comp.label, stride, hw)

@@ -15,7 +15,7 @@ from calibration import CalibrationError
 from calibration.classes import MISSING_CLASS_DEFAULT, choose_class_thresholds, search_class_thresholds
 from calibration.gate import choose_gate_threshold, min_positives_for
 from calibration.run import calibrate
-from training.datasets import Sample, write_severstal_csv
+from training.datasets import Box, Sample, write_severstal_csv
 from engines.modelpack import ModelPackError, load_calibration, load_model_pack, sha256_file
 
 # ----------------------------------------------------------------------------- gate
@@ -638,3 +638,72 @@ def test_dataset_root_without_clean_images_uses_clean_crops(tmp_path, capsys):
         load_calibration_samples(load_model_pack(pack_dir), dataset_root=tmp_path / "data", split="test")
     with pytest.raises(CalibrationError, match=r"give exactly one of --gt-dir DIR or --data-root ROOT"):
         load_calibration_samples(load_model_pack(pack_dir))
+
+
+def _broken_and_paired(n: int, seed: int) -> list[Sample]:
+    """Frames for the linking choice: clean ones; a `bright` defect drawn as two bars with a 4 px gap
+    of background (its truth mask is one piece, one box: what a faint stretch of a crack looks
+    like); two `dim` defects 6 px apart (two truth boxes)."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        img = rng.integers(0, 20, (H, W)).astype(np.uint8)
+        masks = np.zeros((2, H, W), bool)
+        boxes = []
+        y = 2 * int(rng.integers(1, (H - 8) // 2))
+        x = 2 * int(rng.integers(1, (W - 30) // 2))
+        if i % 3 == 1:  # bright, broken: bars [x, x+10) and [x+14, x+24); truth [x, x+24)
+            for x0 in (x, x + 14):
+                img[y:y + 4, x0:x0 + 10] = int(LEVELS[0] * 255)
+            masks[0, y:y + 4, x:x + 24] = True
+            boxes.append(Box(0, x, y, x + 24, y + 4))
+        elif i % 3 == 2:  # dim, two neighbours: [x, x+8) and [x+14, x+22)
+            for x0 in (x, x + 14):
+                img[y:y + 4, x0:x0 + 8] = int(LEVELS[1] * 255)
+                masks[1, y:y + 4, x0:x0 + 8] = True
+                boxes.append(Box(1, x0, y, x0 + 8, y + 4))
+        out.append(Sample(image=img, masks=masks, boxes=boxes, labels=masks.any(axis=(1, 2)).astype(np.float32),
+                          classes=CLASSES, source=f"/gen/link_{seed}_{i:03d}.png"))
+    return out
+
+
+def test_calibrate_chooses_links_that_the_evaluation_and_the_agent_apply(pack_dir, tmp_path):
+    from engines.postprocess import extract_defects
+    from engines.runner import PackRunner, stack_images
+    from training.evaluate import evaluate_samples
+
+    pack = load_model_pack(pack_dir)
+    samples = _broken_and_paired(60, seed=11)
+    out = tmp_path / "calibration.json"
+    calibrate(pack, samples, recall_target=0.9, output=out, pixel_thresholds=(0.3, 0.5), min_areas=(0, 8))
+    doc = json.loads(out.read_text())
+    bright, dim = doc["classes"]["bright"], doc["classes"]["dim"]
+    # the broken bar is one defect from 8 px on (gap 4 px); the smallest such distance wins
+    assert bright["link_px"] == 8 and bright["link_ap50_by_px"]["0"] < 0.5 and bright["link_ap50"] > 0.9
+    # the neighbours 6 px apart stay two defects
+    assert dim["link_px"] == 0 and dim["link_ap50_by_px"]["8"] < dim["link_ap50_by_px"]["0"]
+    assert doc["search"]["link_px"][0] == 0
+    cal = load_calibration(pack, out)
+    assert (cal.classes["bright"].link_px, cal.classes["dim"].link_px) == (8, 0)
+
+    # the evaluation reads the links: its pycocotools AP is the one the calibration chose by
+    report = evaluate_samples(pack, cal, samples)
+    ap = report["detection"]["ap50_per_class"]
+    assert ap["bright"] == pytest.approx(bright["link_ap50"], abs=1e-6)
+    assert ap["dim"] == pytest.approx(dim["link_ap50"], abs=1e-6)
+    unlinked = json.loads(out.read_text())
+    for c in unlinked["classes"].values():
+        c["link_px"] = 0
+    out.write_text(json.dumps(unlinked))
+    report0 = evaluate_samples(pack, load_calibration(pack, out), samples)
+    assert report0["detection"]["ap50_per_class"]["bright"] == pytest.approx(bright["link_ap50_by_px"]["0"], abs=1e-6)
+    assert report0["instances"]["events"] > report["instances"]["events"]
+
+    # the agent's events: one per broken bar
+    broken = [s for s in samples if s.masks[0].any()][:8]
+    with PackRunner(pack, roles=("seg",), max_batch=8) as models:
+        probs = models.seg_outputs(stack_images(pack, [s.image for s in broken], [s.source for s in broken]),
+                                   "test")[pack.seg.output]
+    for p in probs:
+        got = extract_defects(p, CLASSES, cal.classes, STRIDE, (H, W))
+        assert [d.class_name for d in got] == ["bright"]

@@ -48,3 +48,45 @@ def test_agent_events_are_the_evaluation_boxes(seed):
     for d in defects:  # every reported defect lies on its class's evaluated mask
         x0, y0, x1, y1 = d.bbox_px
         assert masks[d.class_id, y0:y1, x0:x1].any()
+
+
+def test_link_joins_pieces_within_the_distance_and_not_beyond():
+    prob = np.zeros((10, 40), np.float32)
+    prob[2:4, 2:6] = 0.6    # piece A: cells x 2..5
+    prob[2:4, 8:12] = 0.8   # piece B: 2 empty cells after A (8 px at stride 4)
+    prob[2:4, 17:20] = 0.7  # piece C: 5 empty cells after B (20 px)
+    prob[7, 30] = 0.9       # far away, alone
+    frame = (40, 160)
+    _, alone = class_components(prob, 0.5, 0, 4, frame)
+    assert len(alone) == 4
+    labels, linked = class_components(prob, 0.5, 0, 4, frame, link_px=8)
+    assert sorted(c.bbox_px for c in linked) == [(8, 8, 48, 16), (68, 8, 80, 16), (120, 28, 124, 32)]
+    ab = next(c for c in linked if c.bbox_px == (8, 8, 48, 16))
+    assert ab.area_px == (8 + 8) * 16, "the group's own cells, not the gap between them"
+    assert ab.peak == pytest.approx(0.8)
+    assert labels is not None and not labels[prob < 0.5].any(), "only on cells carry a label"
+    assert (labels[2:4, 2:6] == ab.label).all() and (labels[2:4, 8:12] == ab.label).all()
+    _, wider = class_components(prob, 0.5, 0, 4, frame, link_px=20)
+    assert sorted(c.bbox_px for c in wider)[0] == (8, 8, 80, 16)
+    _, short = class_components(prob, 0.5, 0, 4, frame, link_px=4)  # a gap of 1 cell, not A-B's 2
+    assert len(short) == 4
+    _, exact = class_components(prob, 0.5, 0, 4, frame, link_px=5)  # rounded up to 2 cells
+    assert len(exact) == 3
+    _, c_joins = class_components(prob, 0.5, 0, 4, frame, link_px=17)  # 5 cells: B-C join, the far cell does not
+    assert sorted(c.bbox_px for c in c_joins) == [(8, 8, 80, 16), (120, 28, 124, 32)]
+    _, c_not = class_components(prob, 0.5, 0, 4, frame, link_px=16)
+    assert len(c_not) == 3
+    # the minimum area counts the group: two 8-cell pieces pass 200 px together, not alone
+    assert len(class_components(prob, 0.5, 200, 4, frame)[1]) == 0
+    assert len(class_components(prob, 0.5, 200, 4, frame, link_px=8)[1]) == 1
+    with pytest.raises(ValueError, match="link_px"):
+        class_components(prob, 0.5, 0, 4, frame, link_px=-1)
+
+
+def test_agent_events_use_the_class_link():
+    prob = np.zeros((2, 10, 40), np.float32)
+    prob[0, 2:4, 2:6] = prob[0, 2:4, 8:12] = 0.9
+    prob[1, 2:4, 2:6] = prob[1, 2:4, 8:12] = 0.9
+    th = {"a": ClassThreshold(0.5, 0, link_px=8), "b": ClassThreshold(0.5, 0)}
+    got = extract_defects(prob, ("a", "b"), th, 4, (40, 160))
+    assert sorted(d.class_name for d in got) == ["a", "b", "b"]

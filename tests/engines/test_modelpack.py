@@ -213,3 +213,22 @@ def test_frame_scores_are_the_max_of_each_maps_3x3_mean_inside_the_map():
     p[2, 0, 4] = 0.6  # an edge: 6 cells
     p[2, 2:5, 6:9] = 0.3  # a 3x3 block of 0.3: its centre's mean is 0.3, above the edge peak's 0.1
     np.testing.assert_allclose(frame_scores(p), [0.25, 0.1, 0.3], rtol=1e-6)
+
+
+@pytest.mark.parametrize(("link", "ok"), [(0, True), (24, True), (1024, True), (-1, False), (1025, False),
+                                          (8.0, False), (True, False), ("8", False)])
+def test_a_class_link_distance_loads_or_is_refused(tmp_path, link, ok):
+    d = make_pack(tmp_path / "p")
+    path = d / "calibration.json"
+    doc = json.loads(path.read_text())
+    name = next(iter(doc["classes"]))
+    doc["classes"][name]["link_px"] = link
+    path.write_text(json.dumps(doc))
+    pack = load_model_pack(d)
+    if ok:
+        cal = load_calibration(pack)
+        assert cal.classes[name].link_px == link
+        assert {c.link_px for n, c in cal.classes.items() if n != name} == {0}, "absent: no linking"
+    else:
+        with pytest.raises(ModelPackError, match=rf"classes.{name}: (link_px must be an integer|key 'link_px')"):
+            load_calibration(pack)

@@ -96,3 +96,18 @@ def test_choose_score_threshold_maximises_f1_and_prefers_the_higher_tie():
     assert t == 0.7 and at["events"] == 2 and at["matched"] == 2 and at["f1"] == pytest.approx(2 / 3)
     with pytest.raises(ValueError, match="no candidate thresholds"):
         choose_score_threshold(scores, matched, 4, [])
+
+
+def test_average_precision_is_cocos_101_point_reading():
+    from metrics.instances import average_precision
+
+    assert average_precision([0.9, 0.8], [True, True], 2) == pytest.approx(1.0)
+    # tp, fp, tp of 2 true defects: precision 1 up to recall 0.5, then 2/3 up to recall 1
+    assert average_precision([0.9, 0.8, 0.7], [True, False, True], 2) == pytest.approx((51 + 50 * 2 / 3) / 101)
+    # the ranking, not the order given, counts
+    assert average_precision([0.7, 0.8, 0.9], [True, False, True], 2) == pytest.approx((51 + 50 * 2 / 3) / 101)
+    assert average_precision([0.9], [True], 4) == pytest.approx(26 / 101)  # recall 0.25 reached, nothing after
+    assert average_precision([], [], 3) == 0.0
+    assert average_precision([0.5], [False], 0) is None
+    with pytest.raises(ValueError):
+        average_precision([0.9, 0.8], [True, True], 1)

@@ -15,12 +15,26 @@ Boxes are ``[x0, y0, x1, y1]`` in px (x1/y1 exclusive), classes are ints. On one
   the defect's area inside the event.
 - **missed** / **false**: true defects / events left without a one-to-one partner.
 - **best IoU** of a true defect: its highest IoU with any event of the image (0 when none).
+- **recall by size**: true defects and their one-to-one matches by the square root of the true box's
+  area, in SIZE_RANGES (COCO's area ranges as evaluation splits mAP: 0-40, 40-70, 70-96, 96+ px).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
 import numpy as np
+
+# sqrt(true box area) in px: [lo, hi); the names evaluation's AREA_RANGES uses
+SIZE_RANGES: dict[str, tuple[float, float]] = {"0-40": (0.0, 40.0), "40-70": (40.0, 70.0), "70-96": (70.0, 96.0),
+                                               "96+": (96.0, float("inf"))}
+
+
+def size_bins(boxes) -> np.ndarray:
+    """Index into SIZE_RANGES of each box ([N, 4] x0, y0, x1, y1) by sqrt of its area."""
+    b = _boxes(boxes)
+    side = np.sqrt(np.clip(b[:, 2] - b[:, 0], 0, None) * np.clip(b[:, 3] - b[:, 1], 0, None))
+    edges = np.array([hi for _, hi in list(SIZE_RANGES.values())[:-1]])
+    return np.searchsorted(edges, side, side="right")
 
 
 def _boxes(boxes) -> np.ndarray:
@@ -84,10 +98,16 @@ class InstanceCounts:
     matched_ious: list = field(default_factory=list)
     best_ious: list = field(default_factory=list)  # one per true defect
     confusion: np.ndarray = None  # type: ignore[assignment]  # [K+1, K+1]: rows truth, columns events; K = none
+    size_true: np.ndarray = None  # type: ignore[assignment]  # [len(SIZE_RANGES)] true defects by size
+    size_matched: np.ndarray = None  # type: ignore[assignment]  # ... of them matched one-to-one
 
     def __post_init__(self) -> None:
         if self.confusion is None:
             self.confusion = np.zeros((self.n_classes + 1, self.n_classes + 1), np.int64)
+        if self.size_true is None:
+            self.size_true = np.zeros(len(SIZE_RANGES), np.int64)
+        if self.size_matched is None:
+            self.size_matched = np.zeros(len(SIZE_RANGES), np.int64)
 
     def add(self, other: "InstanceCounts") -> "InstanceCounts":
         for name in ("true", "events", "matched", "matched_same_class", "split", "merged", "missed", "false"):
@@ -95,6 +115,8 @@ class InstanceCounts:
         self.matched_ious += other.matched_ious
         self.best_ious += other.best_ious
         self.confusion += other.confusion
+        self.size_true += other.size_true
+        self.size_matched += other.size_matched
         return self
 
     def to_dict(self, class_names: list[str] | tuple[str, ...] | None = None) -> dict:
@@ -110,6 +132,8 @@ class InstanceCounts:
             "precision": round(self.matched / self.events, 4) if self.events else None,
             "median_best_iou": round(float(np.median(best)), 4) if best.size else None,
             "median_matched_iou": round(float(np.median(matched)), 4) if matched.size else None,
+            "recall_by_size": {name: {"true": int(t), "matched": int(m), "recall": round(int(m) / int(t), 4) if t else None}
+                               for name, t, m in zip(SIZE_RANGES, self.size_true, self.size_matched)},
             "confusion": {"rows": "truth", "columns": "events", "labels": names + ["(none)"],
                           "matrix": self.confusion.tolist()},
         }
@@ -129,6 +153,8 @@ def count_instances(gt_boxes, gt_classes, dt_boxes, dt_classes, n_classes: int, 
         if c.size and (c.min() < 0 or c.max() >= n_classes):
             raise ValueError(f"{name} classes must be in [0, {n_classes}), got {sorted(set(c.tolist()))}")
     out = InstanceCounts(n_classes, true=len(gt), events=len(dt))
+    bins = size_bins(gt)
+    np.add.at(out.size_true, bins, 1)
     if len(gt) == 0 or len(dt) == 0:
         out.missed, out.false = len(gt), len(dt)
         out.best_ious = [0.0] * len(gt)
@@ -139,6 +165,7 @@ def count_instances(gt_boxes, gt_classes, dt_boxes, dt_classes, n_classes: int, 
     iou = box_iou(gt, dt)
     pairs = greedy_match(iou, min_iou)
     out.matched = len(pairs)
+    np.add.at(out.size_matched, bins[[g for g, _ in pairs]], 1)
     out.matched_same_class = sum(1 for g, d in pairs if gc[g] == dc[d])
     out.matched_ious = [float(iou[g, d]) for g, d in pairs]
     out.best_ious = iou.max(axis=1).tolist()

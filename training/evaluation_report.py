@@ -99,6 +99,9 @@ def render_markdown(report: dict[str, Any]) -> str:
                   f"{inst['split']} | {inst['merged']} | {inst['missed']} | {inst['false_events']} | "
                   f"{_fmt(inst['events_per_defect'], 2)} | {_fmt(inst['recall'])} | {_fmt(inst['precision'])} | "
                   f"{_fmt(inst['median_best_iou'])} | {_fmt(inst['median_matched_iou'])} |",
+                  "", "Recall by true box size (sqrt of area, px): " + ", ".join(
+                      f"{k} {_fmt(v['recall'])} ({v['matched']} of {v['true']})"
+                      for k, v in inst.get("recall_by_size", {}).items()) + ".",
                   "", "Class confusion of matched pairs (rows truth, columns events; (none): missed / false):", "",
                   "| truth \\ event | " + " | ".join(inst["confusion"]["labels"]) + " |",
                   "|---" * (len(inst["confusion"]["labels"]) + 1) + "|"]

@@ -568,7 +568,9 @@ def format_table(res: dict) -> str:
     lines.append("events against the painted defects (camera-sim truth; matched: one-to-one at IoU >= 0.5): " + "; ".join(
         f"{name}: {i['true_defects']} defects, {_or_dash(i['events_per_defect'])} events per defect, median best "
         f"IoU {_or_dash(i['median_best_iou'])}, median matched IoU {_or_dash(i['median_matched_iou'])}, "
-        f"matched {i['matched']}, split {i['split']}, merged {i['merged']}, false {i['false_events']}"
+        f"matched {i['matched']}, split {i['split']}, merged {i['merged']}, false {i['false_events']}, recall by "
+        f"sqrt(area) px " + ", ".join(f"{k} {_or_dash(v['recall'])} ({v['matched']}/{v['true']})"
+                                      for k, v in i.get("recall_by_size", {}).items())
         for name, r in items if (i := r.get("instances"))))
     lines.append("")
     lines.append("CPU seconds, agent / simulator+subscriber (agent CPU over the models' own at bare speed): " + "; ".join(

@@ -141,7 +141,8 @@ def format_box_score(score: dict) -> str:
     return (f"  {score['matched']} of {t} painted defects matched one-to-one at IoU >= 0.5 "
             f"({_pct(score['matched'], t)}), {score['split']} split, {score['merged']} merged; "
             f"{_per(score['events_per_defect'])} events per painted defect; median best IoU "
-            f"{_per(score['median_best_iou'])}")
+            f"{_per(score['median_best_iou'])}; recall by size (sqrt of area, px) "
+            + ", ".join(f"{k} {v['matched']}/{v['true']}" for k, v in score.get("recall_by_size", {}).items() if v["true"]))
 
 
 class DemoError(RuntimeError):

@@ -107,3 +107,6 @@ def test_score_events_counts_the_coils_events_against_its_painted_defects():
     assert (s["true_defects"], s["events"], s["matched"], s["split"], s["false_events"]) == (2, 6, 1, 1, 5)
     assert s["events_per_defect"] == 3.0 and s["unscored_events"] == 1
     assert s["median_best_iou"] == pytest.approx((0.2 + 0.95) / 2)
+    # the scratch (10 x 200: sqrt 44.7 px) is 40-70 and missed, the inclusion (40 x 40) 40-70 and matched
+    assert s["recall_by_size"]["40-70"] == {"true": 2, "matched": 1, "recall": 0.5}
+    assert s["recall_by_size"]["0-40"] == {"true": 0, "matched": 0, "recall": None}

@@ -111,3 +111,19 @@ def test_average_precision_is_cocos_101_point_reading():
     assert average_precision([0.5], [False], 0) is None
     with pytest.raises(ValueError):
         average_precision([0.9, 0.8], [True, True], 1)
+
+
+def test_recall_by_size_counts_true_defects_by_the_root_of_their_area():
+    from metrics.instances import size_bins
+
+    gt = [[0, 0, 10, 10], [100, 0, 150, 50], [200, 0, 280, 80], [300, 0, 400, 100], [0, 100, 40, 140]]
+    assert size_bins(gt).tolist() == [0, 1, 2, 3, 1], "40 px exactly is not small: [0, 40)"
+    events = [[1, 1, 10, 10], [300, 0, 398, 100], [100, 0, 120, 20]]  # small hit, large hit, a fragment
+    c = count_instances(gt, [0] * 5, events, [0] * 3, 1)
+    by = c.to_dict()["recall_by_size"]
+    assert by["0-40"] == {"true": 1, "matched": 1, "recall": 1.0}
+    assert by["40-70"] == {"true": 2, "matched": 0, "recall": 0.0}
+    assert by["96+"]["matched"] == 1 and by["70-96"]["recall"] == 0.0
+    total = InstanceCounts(1).add(c).add(count_instances([[0, 0, 8, 8]], [0], [], [], 1))
+    assert total.to_dict()["recall_by_size"]["0-40"] == {"true": 2, "matched": 1, "recall": 0.5}
+    assert InstanceCounts(1).to_dict()["recall_by_size"]["0-40"]["recall"] is None

@@ -56,7 +56,7 @@ def measure(gate_onnx: Path, data_root: Path, *, n: int = 400, threads: int = 1,
                                with_visibility=True)
             return [pooled(x, pool), y, vis]
 
-        x, y, vis = cached(Path(cache) / f"measure_{split}_{count}_{seed}.npz", draw) if cache else draw()
+        x, y, vis = cached(Path(cache) / f"measure_{split}_{count}_{seed}_pool{pool}.npz", draw) if cache else draw()
         s = _onnx_scores(gate_onnx, x, threads)
         pos = y.max(axis=1) > 0
         return s[pos], s[~pos], vis[pos]
@@ -77,7 +77,7 @@ def measure(gate_onnx: Path, data_root: Path, *, n: int = 400, threads: int = 1,
         def draw_own():
             return [pooled(np.stack([generated_defective_frame("test", 1000 + i).image for i in range(n // 2)]), pool)]
 
-        own, = cached(Path(cache) / f"measure_own_{n // 2}.npz", draw_own) if cache else draw_own()
+        own, = cached(Path(cache) / f"measure_own_{n // 2}_pool{pool}.npz", draw_own) if cache else draw_own()
         own_s = _onnx_scores(gate_onnx, own, threads)
         out["test"] = {"recall_composited": round(float((tpos >= t).mean()), 6),
                        "pass_rate_clean": round(float((tclean >= t).mean()), 6),
@@ -116,6 +116,14 @@ def ship(run: Path, pack_dir: Path, figures: dict[str, Any], candidate: Path, co
     sha = sha256_file(pack_dir / "gate.onnx")
     doc = json.loads((pack_dir / "model.json").read_text())
     doc["models"]["gate"]["sha256"] = sha
+    pool = int(meta.get("input_pool", doc["models"]["gate"].get("input_pool", 1)))
+    if pool > 1:
+        doc["models"]["gate"]["input_pool"] = pool
+    else:
+        doc["models"]["gate"].pop("input_pool", None)
+    key = "gate_model_config" if "gate_model_config" in doc["training"] else "model_config"
+    if isinstance(doc["training"].get(key), dict):  # the net that gate_strip rebuilds the gate from
+        doc["training"][key] = {**doc["training"][key], "gate_pool": pool}
     doc["models"]["gate"]["textured_strip"] = {
         "trained": "fine-tuned from the previous gate on whole textured strip frames (training/gate_strip.py): "
                    f"{meta['train_frames']['clean']} clean, {meta['train_frames']['composited']} with NEU train "
@@ -157,6 +165,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--hard", type=float, default=0.0, help="train: share of batches drawn from the hardest fifth")
     p.add_argument("--init-run", type=Path, help="train: start from this earlier run's best.pt")
     p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--input-pool", type=int, default=None,
+                   help="train: the pool the gate takes (default: the pack's; 1 keeps thin streaks' contrast, 4x the arithmetic)")
     a = p.parse_args(argv)
     args = list(argv if argv is not None else sys.argv[1:])
     # no machine paths in what the pack records: the run folder as RUN, the data root as $COILSIGHT_DATA_ROOT
@@ -168,13 +178,18 @@ def main(argv: list[str] | None = None) -> int:
                 named[str(a.init_run)] = "EARLIER_RUN"
                 command = "python -m training.gate_strip " + " ".join(named.get(x, x) for x in args)
             m = train(a.run, a.pack, a.data_root, minutes=a.minutes, steps=a.steps, threads=a.threads, hard=a.hard,
-                      init_run=a.init_run, lr=a.lr, command=command)
+                      init_run=a.init_run, lr=a.lr, input_pool=a.input_pool, command=command)
             print(json.dumps({"best": m["best"], "start": m["start"]}))
             return 0
         candidate = a.run / "gate.onnx"
         diff = export_gate(a.run, candidate)
-        figures = measure(candidate, a.data_root, n=a.n, threads=a.threads, test=a.what == "ship", cache=a.run)
-        before = measure(a.pack / "gate.onnx", a.data_root, n=a.n, threads=a.threads, test=a.what == "ship", cache=a.run)
+        run_pool = int(json.loads((a.run / "meta.json").read_text())["input_pool"])
+        pack_pool = int(json.loads((a.pack / "model.json").read_text())["models"]["gate"].get("input_pool", 1))
+        figures = measure(candidate, a.data_root, n=a.n, threads=a.threads, test=a.what == "ship", cache=a.run,
+                          pool=run_pool)
+        figures["input_pool"] = run_pool
+        before = measure(a.pack / "gate.onnx", a.data_root, n=a.n, threads=a.threads, test=a.what == "ship",
+                         cache=a.run, pool=pack_pool)
         figures["pack_gate_before"] = {k: before[k] for k in ("threshold", "recall", "pass_rate_clean")}
         if "test" in before:
             figures["pack_gate_before"]["test"] = before["test"]

@@ -124,6 +124,7 @@ class Gate(nn.Module):
                  config: ModelConfig = ModelConfig()):
         super().__init__()
         w1, w2, w3 = config.gate_widths
+        self.config = config
         self.norm = Normalise(mean, std)
         self.pool = nn.AvgPool2d(config.gate_pool) if config.gate_pool > 1 else nn.Identity()
         if config.gate_block not in GATE_BLOCKS:

@@ -99,3 +99,72 @@ def test_recall_curve_pass_rate_falls_with_the_recall_target():
     assert [r["recall_target"] for r in rows] == [0.9, 0.95, 0.97, 0.98, 0.99]
     rates = [r["pass_rate_clean"] for r in rows]
     assert rates == sorted(rates) and rates[0] == 0.0 and rates[-1] > 0.5
+
+
+def test_a_gate_retargeted_to_pool_1_keeps_its_weights_and_ships_as_a_full_frame_gate(tmp_path):
+    torch = pytest.importorskip("torch")
+    import dataclasses
+
+    from engines.modelpack import load_calibration, load_model_pack
+    from training.gate_strip_ship import export_gate, ship
+
+    x2 = gate_strip.pooled(np.stack([gate_strip.clean_frame("val", i) for i in range(2)]), 2)
+    gate, _, _ = gate_strip.load_gate(STEEL, x2)
+    fine = gate_strip.with_pool(gate, 1)
+    assert fine.config.gate_pool == 1 and fine.pool_size == 1 and gate_strip.with_pool(gate, 2) is gate
+    assert all(torch.equal(v, gate.state_dict()[k]) for k, v in fine.state_dict().items())
+    full = torch.from_numpy(np.stack([gate_strip.clean_frame("val", 0)])[:, None])
+    with torch.no_grad():  # pool 1: the whole-frame logit map is the pooled one of the unpooled frame
+        assert torch.allclose(fine.logit_map(full), gate.pooled_logit_map(full))
+        assert fine.logit_map(full).shape[-1] == 2 * gate.logit_map(full).shape[-1]
+
+    run = tmp_path / "run"
+    run.mkdir()
+    torch.save(fine.state_dict(), run / "best.pt")
+    spec = json.loads((STEEL / "model.json").read_text())
+    (run / "meta.json").write_text(json.dumps({
+        "classes": spec["classes"], "mean": spec["input"]["mean"], "std": spec["input"]["std"],
+        "config": dataclasses.asdict(fine.config), "input_pool": 1, "train_frames": {"clean": 2, "composited": 2},
+        "steps": 1, "minutes": 0.1, "best": {"step": 1}}))
+    candidate = tmp_path / "gate.onnx"
+    assert export_gate(run, candidate) < 1e-4
+    pack = tmp_path / "steel"
+    shutil.copytree(STEEL, pack)
+    ship(run, pack, {"threshold": 0.5, "recall": 0.99, "recall_lower_95": 0.97, "pass_rate_clean": 0.1,
+                     "n_composited": 10, "n_clean": 10}, candidate, "cmd")
+    model = json.loads((pack / "model.json").read_text())
+    assert "input_pool" not in model["models"]["gate"] and model["training"]["gate_model_config"]["gate_pool"] == 1
+    loaded = load_model_pack(pack)
+    assert loaded.gate.input_pool == 1 and load_calibration(loaded).gate_threshold == 0.5
+
+
+def _neu_tree(root, n: int = 48):
+    """A NEU-DET-shaped folder (IMAGES/*.jpg, ANNOTATIONS/*.xml): 200x200 grey images with one box."""
+    import cv2
+
+    (root / "IMAGES").mkdir(parents=True)
+    (root / "ANNOTATIONS").mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        kind = ("crazing", "inclusion", "patches", "pitted_surface", "rolled-in_scale", "scratches")[i % 6]
+        image = rng.integers(90, 110, (200, 200)).astype(np.uint8)
+        image[60:110, 40:90] = 30
+        cv2.imwrite(str(root / "IMAGES" / f"{kind}_{i}.jpg"), np.dstack([image] * 3))
+        (root / "ANNOTATIONS" / f"{kind}_{i}.xml").write_text(
+            f"<annotation><object><name>{kind}</name><bndbox><xmin>40</xmin><ymin>60</ymin>"
+            "<xmax>90</xmax><ymax>110</ymax></bndbox></object></annotation>")
+
+
+def test_a_short_run_on_the_instance_pack_records_the_gates_own_net_and_exports(tmp_path):
+    pytest.importorskip("torch")
+    from training.gate_strip_ship import export_gate
+
+    _neu_tree(tmp_path / "data" / "neu_det")
+    meta = gate_strip.train(tmp_path / "run", STEEL, tmp_path / "data", steps=2, n_clean=2, n_pos=2, n_val=2,
+                            batch=2, minutes=5, input_pool=1)
+    # the shipped pack is an instance pack: its model_config is the segmenter's; the run keeps the gate's
+    assert meta["config"]["gate_pool"] == 1 and meta["input_pool"] == 1
+    assert set(meta["config"]) >= {"gate_widths", "gate_block"} and "widths" not in meta["config"]
+    assert export_gate(tmp_path / "run", tmp_path / "gate.onnx") < 1e-4
+    with pytest.raises(gate_strip.GateStripError, match="input pool 3"):
+        gate_strip.train(tmp_path / "run3", STEEL, tmp_path / "data", steps=1, n_clean=2, n_pos=2, n_val=2, input_pool=3)

@@ -168,3 +168,18 @@ def test_a_short_run_on_the_instance_pack_records_the_gates_own_net_and_exports(
     assert export_gate(tmp_path / "run", tmp_path / "gate.onnx") < 1e-4
     with pytest.raises(gate_strip.GateStripError, match="input pool 3"):
         gate_strip.train(tmp_path / "run3", STEEL, tmp_path / "data", steps=1, n_clean=2, n_pos=2, n_val=2, input_pool=3)
+
+
+def test_the_ship_decision_reads_val_recall_and_the_pack_gates_pass_rate():
+    from training.gate_strip_ship import decide
+
+    def figs(recall, rate, before):
+        return {"recall": recall, "pass_rate_clean": rate, "pack_gate_before": {"pass_rate_clean": before}}
+
+    ok, why = decide(figs(0.99, 0.35, 0.8))
+    assert ok and "misses the target" in why
+    ok, why = decide(figs(0.995, 0.15, 0.8))
+    assert ok and "meets the target" in why
+    assert decide(figs(0.985, 0.1, 0.8)) == (False, "val recall 0.985 is below 0.99")
+    ok, why = decide(figs(0.99, 0.8, 0.8))
+    assert not ok and "no lower than the pack gate's 0.8" in why

@@ -183,3 +183,9 @@ def test_the_ship_decision_reads_val_recall_and_the_pack_gates_pass_rate():
     assert decide(figs(0.985, 0.1, 0.8)) == (False, "val recall 0.985 is below 0.99")
     ok, why = decide(figs(0.99, 0.8, 0.8))
     assert not ok and "no lower than the pack gate's 0.8" in why
+    plain = {**figs(0.99, 0.4, 0.8), "pass_rate_clean_plain": 0.55}
+    plain["pack_gate_before"]["pass_rate_clean_plain"] = 0.04
+    ok, why = decide(plain)
+    assert not ok and "plain strip" in why and "0.55" in why
+    plain["pass_rate_clean_plain"] = 0.08
+    assert decide(plain)[0]

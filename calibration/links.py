@@ -18,11 +18,11 @@ from typing import Any
 
 import numpy as np
 
+from calibration.instances import MATCH_IOU
 from engines.components import class_components
 from metrics.instances import average_precision, match_by_score
 
 LINK_GRID: tuple[int, ...] = (0, 8, 16, 32, 64, 128)
-MATCH_IOU = 0.5
 OBJECTIVE = ("AP@0.5 of the class's events (components at its pixel threshold and minimum area, pieces at most "
              "link_px apart joined), matched to its true boxes at IoU >= 0.5 in falling score order; ties to the "
              "smaller link_px")

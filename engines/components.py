@@ -27,9 +27,9 @@ def class_components(prob: np.ndarray, threshold: float, min_area_px: int, strid
     and the kept components; a component wholly outside the frame is dropped.
 
     ``link_px`` > 0: pieces whose gap is at most ``link_px`` frame pixels (ceil(link_px / stride)
-    empty cells, counted along rows, columns or diagonals) are one component: one crack broken in three by a faint stretch is one defect. The
-    label map then marks only the on cells, with their group's label; area, box and peak are the
-    group's on cells."""
+    empty cells, counted along rows, columns or diagonals) are one component: one crack broken in
+    three by a faint stretch is one defect. The label map then marks only the on cells, with their
+    group's label; area, box and peak are the group's on cells."""
     on = prob >= threshold
     if not on.any():
         return None, []
@@ -50,8 +50,9 @@ def class_components(prob: np.ndarray, threshold: float, min_area_px: int, strid
     out: list[Component] = []
     for i in range(1, n):
         x, y, w, h, cells = (int(v) for v in stats[i])
-        mine = labels[y:y + h, x:x + w] == i
+        mine = None  # the component's cells in its box, computed once it is kept (or to shrink a group)
         if link_px:  # the grown region's stats: take the group's own cells
+            mine = labels[y:y + h, x:x + w] == i
             rows, cols = np.flatnonzero(mine.any(axis=1)), np.flatnonzero(mine.any(axis=0))
             y, x, h, w = y + int(rows[0]), x + int(cols[0]), int(rows[-1] - rows[0] + 1), int(cols[-1] - cols[0] + 1)
             mine = labels[y:y + h, x:x + w] == i
@@ -62,6 +63,8 @@ def class_components(prob: np.ndarray, threshold: float, min_area_px: int, strid
         x1, y1 = min((x + w) * stride, width), min((y + h) * stride, height)
         if x1 <= x0 or y1 <= y0:
             continue
+        if mine is None:
+            mine = labels[y:y + h, x:x + w] == i
         peak = float(prob[y:y + h, x:x + w][mine].max())
         out.append(Component(i, (x0, y0, x1, y1), cells * cell_px, peak))
     return labels, out

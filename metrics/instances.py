@@ -248,14 +248,11 @@ def average_precision(scores, matched, n_true: int) -> float | None:
         raise ValueError(f"{s.size} scores for {m.size} matched flags")
     if m.sum() > n_true:
         raise ValueError(f"{int(m.sum())} matched events for {n_true} true defects")
+    if not s.size:
+        return 0.0
     order = np.argsort(-s, kind="mergesort")  # COCO sorts the same way
     tp = np.cumsum(m[order])
-    fp = np.cumsum(~m[order])
     recall = tp / n_true
-    precision = tp / np.maximum(tp + fp, np.finfo(np.float64).eps)
-    precision = np.maximum.accumulate(precision[::-1])[::-1] if precision.size else precision
-    points = np.linspace(0.0, 1.0, 101)
-    idx = np.searchsorted(recall, points, side="left")
-    got = np.where(idx < precision.size, precision[np.minimum(idx, max(precision.size - 1, 0))], 0.0) \
-        if precision.size else np.zeros_like(points)
-    return float(got.mean())
+    precision = np.maximum.accumulate((tp / np.arange(1, s.size + 1))[::-1])[::-1]  # monotone from the right
+    idx = np.searchsorted(recall, np.linspace(0.0, 1.0, 101), side="left")  # first rank reaching each point
+    return float(np.where(idx < s.size, precision[np.minimum(idx, s.size - 1)], 0.0).mean())

@@ -103,8 +103,9 @@ def measure(gate_onnx: Path, data_root: Path, *, n: int = 400, threads: int = 1,
 def decide(figures: dict[str, Any]) -> tuple[bool, str]:
     """Ship the candidate gate? On val only (``measure`` figures with ``pack_gate_before``, the pack's
     gate on the same frames): recall at least RECALL_TARGET, a lower clean pass rate than the pack's
-    gate, and on plain strip (training.synth) at most PLAIN_SLACK more clean frames passed than it. The issue's target (pass rate <= PASS_RATE_TARGET) is reported, not required: a gate that
-    passes fewer clean frames at the same recall is better for the line whether or not it reaches it."""
+    gate, and on plain strip (training.synth) at most PLAIN_SLACK more clean frames passed than it.
+    The issue's target (pass rate <= PASS_RATE_TARGET) is reported, not required: a gate that passes
+    fewer clean frames at the same recall is better for the line whether or not it reaches it."""
     recall, rate = figures["recall"], figures["pass_rate_clean"]
     before = figures["pack_gate_before"]["pass_rate_clean"]
     if recall < RECALL_TARGET:

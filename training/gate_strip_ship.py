@@ -15,12 +15,12 @@ from typing import Any
 
 import numpy as np
 
-from training.gate_strip import (HEIGHT, RECALL_TARGET, SEEDS, WIDTH, GateStripError, defect_patches, frames,
-                                 generated_defective_frame, pooled, threshold_and_pass_rate, train)
+from training.gate_strip import (HEIGHT, RECALL_TARGET, SEEDS, WIDTH, GateStripError,
+                                 defect_patches, frames, generated_defective_frame, plain_frame, pooled,
+                                 threshold_and_pass_rate, train)
 
 PASS_RATE_TARGET = 0.2
 PLAIN_SLACK = 0.05  # a textured-strip gate may pass this much more of plain clean strip than the pack's, no more
-PLAIN_SEED_OFFSET = 500  # plain strip coil: SEEDS["val"] + 500, never the bench's (1, 2) or the demo's
 
 
 def _onnx_scores(path: Path, x_pooled: np.ndarray, threads: int = 1) -> np.ndarray:
@@ -67,10 +67,7 @@ def measure(gate_onnx: Path, data_root: Path, *, n: int = 400, threads: int = 1,
     pos, clean, vis = split_scores("val", n)
 
     def draw_plain():  # training.synth's plain strip: what camera-sim, the demo and the bench paint on
-        from training.synth import StripGenerator
-
-        gen = StripGenerator(WIDTH, HEIGHT, seed=SEEDS["val"] + PLAIN_SEED_OFFSET)
-        return [pooled(np.stack([gen.frame(i, False)[0] for i in range(n // 2)]), pool)]
+        return [pooled(np.stack([plain_frame("val", i) for i in range(n // 2)]), pool)]
 
     plain_x, = cached(Path(cache) / f"measure_plain_{n // 2}_pool{pool}.npz", draw_plain) if cache else draw_plain()
     plain = _onnx_scores(gate_onnx, plain_x, threads)
@@ -199,6 +196,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--hard", type=float, default=0.0, help="train: share of batches drawn from the hardest fifth")
     p.add_argument("--init-run", type=Path, help="train: start from this earlier run's best.pt")
     p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--plain", type=float, default=0.0,
+                   help="train: add plain strip (training.synth) frames, this share of the textured ones")
     p.add_argument("--input-pool", type=int, default=None,
                    help="train: the pool the gate takes (default: the pack's; 1 keeps thin streaks' contrast, 4x the arithmetic)")
     a = p.parse_args(argv)
@@ -212,7 +211,8 @@ def main(argv: list[str] | None = None) -> int:
                 named[str(a.init_run)] = "EARLIER_RUN"
                 command = "python -m training.gate_strip " + " ".join(named.get(x, x) for x in args)
             m = train(a.run, a.pack, a.data_root, minutes=a.minutes, steps=a.steps, threads=a.threads, hard=a.hard,
-                      init_run=a.init_run, lr=a.lr, input_pool=a.input_pool, command=command)
+                      init_run=a.init_run, lr=a.lr, input_pool=a.input_pool, plain=a.plain,
+                      command=command)
             print(json.dumps({"best": m["best"], "start": m["start"]}))
             return 0
         candidate = a.run / "gate.onnx"

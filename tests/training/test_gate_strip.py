@@ -170,6 +170,31 @@ def test_a_short_run_on_the_instance_pack_records_the_gates_own_net_and_exports(
         gate_strip.train(tmp_path / "run3", STEEL, tmp_path / "data", steps=1, n_clean=2, n_pos=2, n_val=2, input_pool=3)
 
 
+def test_plain_frames_are_the_synth_strip_and_a_run_with_them_measures_both_strips(tmp_path):
+    pytest.importorskip("torch")
+    from training.synth import StripGenerator
+
+    seed = gate_strip.SEEDS["val"] + gate_strip.PLAIN_SEED_OFFSET
+    assert np.array_equal(gate_strip.plain_frame("val", 3), StripGenerator(1600, 256, seed=seed).frame(3, False)[0])
+    assert not np.array_equal(gate_strip.plain_frame("train", 3), gate_strip.plain_frame("val", 3))
+    with pytest.raises(gate_strip.GateStripError, match="background"):
+        gate_strip.frames("val", 1, 0, [], 6, background="wavy")
+    _neu_tree(tmp_path / "data" / "neu_det")
+    meta = gate_strip.train(tmp_path / "run", STEEL, tmp_path / "data", steps=2, n_clean=2, n_pos=2, n_val=2,
+                            batch=2, minutes=5, input_pool=1, plain=1.0)
+    assert meta["train_frames"] == {"clean": 2, "composited": 2, "plain_clean": 2, "plain_composited": 2}
+    cached = np.load(tmp_path / "run" / "train_plain_2_2_cells.npz")
+    first = cached[cached.files[0]]
+    assert first.shape[0] == 4 and np.array_equal(first[0, 0], gate_strip.plain_frame("train", 0))
+    assert all("pass_rate_clean_plain" in h for h in meta["history"])
+    # best.pt is the lowest of the worse of the two clean pass rates
+    worst = min(max(h["pass_rate_clean"], h["pass_rate_clean_plain"]) for h in meta["history"])
+    assert max(meta["best"]["pass_rate_clean"], meta["best"]["pass_rate_clean_plain"]) == worst
+    with pytest.raises(gate_strip.GateStripError, match="plain -1"):
+        gate_strip.train(tmp_path / "run2", STEEL, tmp_path / "data", steps=1, n_clean=2, n_pos=2, n_val=2,
+                         input_pool=1, plain=-1)
+
+
 def test_the_ship_decision_reads_val_recall_and_the_pack_gates_pass_rate():
     from training.gate_strip_ship import decide
 

@@ -17,6 +17,11 @@ import numpy as np
 from calibration import CalibrationError
 from metrics import precision_recall
 
+# calibration.json gate.chosen_by of a threshold chosen on whole line frames (training/gate_strip.py):
+# `coilsight calibrate thresholds` keeps such a gate section (calibration.run.line_frame_gate)
+LINE_FRAMES_CHOSEN_BY = "textured line frames"
+
+
 def min_positives_for(recall_target: float) -> int:
     """Fewest defective frames for which a recall target means something.
 

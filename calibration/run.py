@@ -9,6 +9,7 @@ a dataset is the caller's job (training.calibrate does it for `coilsight calibra
 from __future__ import annotations
 
 import datetime as _dt
+import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -29,7 +30,7 @@ from calibration.classes import (
     _search_pairs,
     pick_class_thresholds,
 )
-from calibration.gate import GateChoice, choose_gate_threshold, gate_at, min_positives_for
+from calibration.gate import LINE_FRAMES_CHOSEN_BY, GateChoice, choose_gate_threshold, gate_at, min_positives_for
 from calibration.instances import INSTANCE_THRESHOLD_GRID, choose_instance_thresholds, true_boxes
 from calibration.instances import OBJECTIVE as INSTANCE_OBJECTIVE
 from calibration.links import LINK_GRID, choose_links
@@ -64,6 +65,9 @@ class CalibrationResult:
         ]
         if self.document["gate"].get("note"):
             lines.append(f"gate: {self.document['gate']['note']}")
+        if self.document["gate"].get("kept"):
+            lines.append(f"gate: threshold KEPT, {self.document['gate']['kept']} (chosen by: "
+                         f"{self.document['gate']['chosen_by']}); the figures above are its own on these samples")
         sm = self.document["gate"].get("size_matched")
         if sm:
             lines.append(f"gate, size-matched view at this threshold: recall {sm['recall']:.4f} on {sm['n_defect_crops']} "
@@ -120,6 +124,23 @@ def _batches(shapes: Sequence[tuple[int, ...]], batch: int) -> list[list[int]]:
     return [idx[j : j + batch] for idx in groups.values() for j in range(0, len(idx), batch)]
 
 
+def line_frame_gate(pack: ModelPack) -> dict[str, Any] | None:
+    """The pack's current gate section when its threshold was chosen on whole line frames for this
+    very gate.onnx (calibration.json's gate sha256 is the pack's), else None. An unreadable or foreign
+    calibration.json is no such gate: calibrate writes a new one."""
+    if "gate" not in pack.models:
+        return None
+    try:
+        doc = json.loads((pack.directory / "calibration.json").read_text())
+        gate = doc["gate"]
+        if (isinstance(gate, dict) and str(gate.get("chosen_by", "")).startswith(LINE_FRAMES_CHOSEN_BY)
+                and doc["models"]["gate"] == pack.models["gate"].sha256 and 0.0 <= float(gate["threshold"]) <= 1.0):
+            return gate
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    return None
+
+
 def calibrate(
     pack: ModelPack,
     samples: Sequence[Any],
@@ -140,6 +161,7 @@ def calibrate(
     threads: int = 0,
     output: str | Path | None = None,
     write: bool = True,
+    keep_line_gate: bool = True,
 ) -> CalibrationResult:
     """Run the pack's gate and seg models over `samples` and choose every threshold.
 
@@ -151,6 +173,11 @@ def calibrate(
     over a larger image can score higher for size alone. Images are fed by engines.runner, as evaluation feeds them: uint8 NCHW, padded at the
     bottom/right to a multiple of PAD_MULTIPLE, equal sizes batched. Writes calibration.json
     (atomically) beside the models unless `output` says elsewhere or `write` is False.
+
+    A gate threshold chosen on whole line frames (``chosen_by`` starting LINE_FRAMES_CHOSEN_BY:
+    training/gate_strip.py) for the pack's very gate (same sha256) is kept as it is, with its figures
+    on these samples beside it: images or crops of a dataset are not what that gate is read on.
+    ``keep_line_gate=False`` (``--recalibrate-gate``) chooses the gate's threshold here all the same.
     """
     from engines.runner import PackRunner, RunnerError, stack_images
 
@@ -257,6 +284,14 @@ def calibrate(
                             f"{gate_doc['threshold_logit']}); every backend must keep the final sigmoid in FP32")
     if size_doc is not None:
         gate_doc["size_matched"] = size_doc
+    kept = line_frame_gate(pack) if keep_line_gate else None
+    if kept is not None:
+        gate_choice = gate_at(frame_scores, defective, float(kept["threshold"]), recall_target)
+        gate_doc = {**kept, "on_calibration_samples": {
+            **gate_choice.to_json(), "what": "the kept threshold on this calibration's samples (reported only)",
+            **({"size_matched": size_doc} if size_doc is not None else {})},
+            "kept": "chosen on whole line frames for this very gate; `coilsight calibrate thresholds "
+                    "--recalibrate-gate` replaces it"}
 
     head = pack.seg.instances  # an instance head: its per-class thresholds are chosen too
     decoded: list[tuple[list, Any]] = []

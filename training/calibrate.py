@@ -95,6 +95,7 @@ def run_threshold_calibration(
     threads: int = 0,
     output: Path | None = None,
     report: Path | None = None,
+    recalibrate_gate: bool = False,
 ) -> CalibrationResult:
     """What `coilsight calibrate thresholds` does: load, calibrate, write, report."""
     from engines.modelpack import load_model_pack
@@ -121,6 +122,7 @@ def run_threshold_calibration(
         batch=batch,
         threads=threads,
         output=output,
+        keep_line_gate=not recalibrate_gate,
     )
     if report is not None:
         from calibration.reports import write_report

@@ -368,6 +368,9 @@ def _register_calibrate(subparsers) -> None:
     th.add_argument("--gate-view", choices=("images", "both"), default="images",
                     help="data without defect-free images: meet the recall target on the images (default) "
                     "or also on size-matched defect crops (both: the lower threshold, cautious and costly)")
+    th.add_argument("--recalibrate-gate", action="store_true",
+                    help="choose the gate's threshold on this data even when calibration.json holds one chosen on "
+                    "whole line frames for the same gate (training/gate_strip.py); by default that one is kept")
     th.add_argument("--batch", type=int, default=8, help="images per ONNX Runtime batch (equal sizes)")
     th.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (0 = default)")
     th.add_argument("--out", dest="output", type=Path, help="where to write (default: <models>/calibration.json)")
@@ -494,6 +497,7 @@ def _run_thresholds(args: argparse.Namespace) -> int:
             threads=args.threads,
             output=args.output,
             report=args.report,
+            recalibrate_gate=args.recalibrate_gate,
         )
     except (CalibrationError, ModelPackError, DatasetError, EvaluationError, BackendError, ValueError, OSError) as exc:
         return _fail("thresholds", str(exc))

@@ -138,6 +138,7 @@ def ship(run: Path, pack_dir: Path, figures: dict[str, Any], candidate: Path, co
     entries of model.json and calibration.json change (the segmenter's stay as they are)."""
     import shutil
 
+    from calibration.gate import LINE_FRAMES_CHOSEN_BY
     from engines.modelpack import load_calibration, load_model_pack, sha256_file
     from training.lines import now_iso, write_json
 
@@ -172,7 +173,7 @@ def ship(run: Path, pack_dir: Path, figures: dict[str, Any], candidate: Path, co
         "n": figures["n_composited"] + figures["n_clean"], "n_defective": figures["n_composited"],
         "n_clean": figures["n_clean"], "threshold_logit": round(float(np.log(t / (1 - t))), 6),
         "score": "max over classes of the gate's scores; a frame passes when score >= threshold",
-        "chosen_by": "textured line frames: training/gate_strip.py measure (val)",
+        "chosen_by": f"{LINE_FRAMES_CHOSEN_BY}: training/gate_strip.py measure (val)",
         "textured_strip": {**figures, "created": now_iso()},
         "previous_gate": {k: previous.get(k) for k in ("threshold", "recall", "pass_rate", "chosen_by")}}
     write_json(pack_dir / "calibration.json", cal)

@@ -707,3 +707,44 @@ def test_calibrate_chooses_links_that_the_evaluation_and_the_agent_apply(pack_di
     for p in probs:
         got = extract_defects(p, CLASSES, cal.classes, STRIDE, (H, W))
         assert [d.class_name for d in got] == ["bright"]
+
+
+def test_a_gate_threshold_chosen_on_line_frames_is_kept_unless_recalibrated(tmp_path, capsys):
+    """gate_strip ship writes a gate section chosen on whole line frames; recalibrating the classes on a
+    dataset must not replace it with a threshold chosen on that dataset's images."""
+    from calibration.gate import LINE_FRAMES_CHOSEN_BY
+
+    pack_dir = make_pack(tmp_path / "tiny")
+    data = tmp_path / "sim"
+    _write_severstal_folder(data, make_samples(90, seed=9))
+    args = ["calibrate", "thresholds", "--profile", "tiny", "--models", str(pack_dir), "--data", str(data),
+            "--recall-target", "0.95", "--pixel-thresholds", "0.3,0.5,0.7", "--min-areas", "0,8"]
+    assert calibrate_main(args) == 0
+    cal_path = pack_dir / "calibration.json"
+    doc = json.loads(cal_path.read_text())
+    own = doc["gate"]["threshold"]
+    line_gate = {"threshold": 0.9731, "recall": 0.99, "pass_rate": 0.12, "chosen_by": f"{LINE_FRAMES_CHOSEN_BY}: test"}
+    doc["gate"] = dict(line_gate)
+    cal_path.write_text(json.dumps(doc))
+    capsys.readouterr()
+
+    assert calibrate_main(args) == 0
+    out = capsys.readouterr().out
+    kept = json.loads(cal_path.read_text())
+    assert kept["gate"]["threshold"] == 0.9731 and kept["gate"]["chosen_by"] == line_gate["chosen_by"]
+    assert kept["gate"]["on_calibration_samples"]["threshold"] == 0.9731
+    assert "threshold KEPT" in out and "gate: threshold 0.9731" in out
+    assert load_calibration(load_model_pack(pack_dir)).gate_threshold == 0.9731
+    # the classes were recalibrated all the same, and dice_with_gate reads the kept threshold
+    assert set(kept["classes"]) == set(CLASSES) and kept["created"] >= doc["created"]
+
+    assert calibrate_main(args + ["--recalibrate-gate"]) == 0
+    again = json.loads(cal_path.read_text())
+    assert again["gate"]["threshold"] == own and again["gate"]["chosen_by"] == "images"
+
+    # a line-frame section for another gate.onnx (its sha differs) is not this gate's: chosen anew
+    doc["gate"] = dict(line_gate)
+    doc["models"]["gate"] = "0" * 64
+    cal_path.write_text(json.dumps(doc))
+    assert calibrate_main(args) == 0
+    assert json.loads(cal_path.read_text())["gate"]["threshold"] == own

@@ -124,6 +124,29 @@ def _batches(shapes: Sequence[tuple[int, ...]], batch: int) -> list[list[int]]:
     return [idx[j : j + batch] for idx in groups.values() for j in range(0, len(idx), batch)]
 
 
+@dataclass(frozen=True)
+class SparseProbs:
+    """A probability map kept for the linking choice: only the cells at or above ``floor`` (the
+    lowest pixel threshold searched), so a calibration over thousands of line frames, mostly clean,
+    holds a few cells a frame rather than every frame's whole map. ``dense()`` gives the map back
+    with the other cells 0: components and their peaks at any threshold >= floor are the same."""
+
+    shape: tuple[int, ...]
+    index: np.ndarray
+    values: np.ndarray
+
+    @classmethod
+    def of(cls, probs: np.ndarray, floor: float) -> "SparseProbs":
+        flat = np.asarray(probs, np.float32).ravel()
+        index = np.flatnonzero(flat >= floor)
+        return cls(tuple(np.shape(probs)), index.astype(np.int64), flat[index].copy())
+
+    def dense(self) -> np.ndarray:
+        out = np.zeros(int(np.prod(self.shape)), np.float32)
+        out[self.index] = self.values
+        return out.reshape(self.shape)
+
+
 def line_frame_gate(pack: ModelPack) -> dict[str, Any] | None:
     """The pack's current gate section when its threshold was chosen on whole line frames for this
     very gate.onnx (calibration.json's gate sha256 is the pack's), else None. An unreadable or foreign
@@ -295,7 +318,8 @@ def calibrate(
 
     head = pack.seg.instances  # an instance head: its per-class thresholds are chosen too
     decoded: list[tuple[list, Any]] = []
-    linkable: list[tuple[np.ndarray, list, tuple[int, int]]] = []
+    linkable: list[tuple[SparseProbs, list, tuple[int, int]]] = []
+    floor = min(ts)  # every calibrated pixel threshold is on the grid: cells below it never count
 
     def probs_and_masks():
         with PackRunner(pack, backend=backend, threads=threads, max_batch=batch, roles=("seg",)) as models:
@@ -312,7 +336,7 @@ def calibrate(
                             thresholds=min(INSTANCE_THRESHOLD_GRID), frame_hw=shapes[i][:2], max_instances=100),
                             true_boxes(frames[i])))
                     if head is None:  # component events: their linking distance is chosen below
-                        linkable.append((np.array(out[j], np.float32), true_boxes(frames[i]), shapes[i][:2]))
+                        linkable.append((SparseProbs.of(out[j], floor), true_boxes(frames[i]), shapes[i][:2]))
                     yield i, out[j], _sample_masks(frames[i])
 
     order: list[int] = []
@@ -346,7 +370,7 @@ def calibrate(
     if head is None:
         settings = {name: (choices[name].pixel_threshold, choices[name].min_area_px) if choices[name].calibrated else None
                     for name in pack.classes}
-        link_docs = choose_links(pack.classes, settings, linkable, stride)
+        link_docs = choose_links(pack.classes, settings, ((p.dense(), t, hw) for p, t, hw in linkable), stride)
         linkable.clear()
         for name, doc in link_docs.items():
             instance_docs[name] = {**instance_docs.get(name, {}), **doc}

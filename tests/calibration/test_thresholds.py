@@ -748,3 +748,21 @@ def test_a_gate_threshold_chosen_on_line_frames_is_kept_unless_recalibrated(tmp_
     cal_path.write_text(json.dumps(doc))
     assert calibrate_main(args) == 0
     assert json.loads(cal_path.read_text())["gate"]["threshold"] == own
+
+
+def test_the_link_choice_keeps_only_cells_above_the_lowest_threshold_and_loses_nothing():
+    from calibration.run import SparseProbs
+    from engines.components import class_components
+
+    rng = np.random.default_rng(5)
+    probs = rng.random((3, 40, 60)).astype(np.float32) ** 4  # mostly small, as a clean frame's map
+    kept = SparseProbs.of(probs, 0.1)
+    assert kept.values.size == int((probs >= 0.1).sum()) < probs.size // 2
+    back = kept.dense()
+    assert back.shape == probs.shape and np.array_equal(back[probs >= 0.1], probs[probs >= 0.1])
+    for t in (0.1, 0.35, 0.7):
+        for link in (0, 8, 32):
+            a = class_components(probs[1], t, 8, 4, (160, 240), link)[1]
+            b = class_components(back[1], t, 8, 4, (160, 240), link)[1]
+            assert [(c.bbox_px, c.area_px, c.peak) for c in a] == [(c.bbox_px, c.area_px, c.peak) for c in b]
+            assert a  # the case compares something

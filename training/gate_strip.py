@@ -209,6 +209,20 @@ def pooled(x: np.ndarray, pool: int) -> np.ndarray:
 
 # -- the gate's net ------------------------------------------------------------------------------
 
+def pack_gate_pool(pack_dir: Path) -> int:
+    """The pool the pack's gate takes (model.json ``input_pool``), read through the pack loader, which
+    checks the pack (files, sha256, format) and says what is wrong with it."""
+    from engines.modelpack import ModelPackError, load_model_pack
+
+    try:
+        gate = load_model_pack(Path(pack_dir)).models.get("gate")
+    except ModelPackError as exc:
+        raise GateStripError(str(exc)) from None
+    if gate is None:
+        raise GateStripError(f"{pack_dir}: the pack has no gate")
+    return gate.input_pool
+
+
 def load_gate(pack_dir: Path, sample_pooled: np.ndarray):
     """The pack's gate as a training.nets.Gate with the weights of its gate.onnx (a PrePooledGate
     graph: the pack pools the frames before it, model.json ``input_pool``); its largest difference
@@ -218,7 +232,7 @@ def load_gate(pack_dir: Path, sample_pooled: np.ndarray):
 
     doc = json.loads((Path(pack_dir) / "model.json").read_text())
     entry = doc["models"]["gate"]
-    pool = int(entry.get("input_pool", 1))
+    pool = pack_gate_pool(pack_dir)
     # an instance pack that kept its earlier gate (export --gate-from) records that gate's config apart
     mc = doc["training"].get("gate_model_config", doc["training"].get("model_config"))
     if isinstance(mc, dict):  # an instance pack's model_config also holds its segmenter's keys: the gate's only
@@ -298,7 +312,7 @@ def train(out: Path, pack_dir: Path, data_root: Path, *, minutes: float = 20.0, 
     t0 = time.monotonic()
     doc = json.loads((Path(pack_dir) / "model.json").read_text())
     k = len(doc["classes"])
-    pack_pool = int(doc["models"]["gate"].get("input_pool", 1))
+    pack_pool = pack_gate_pool(pack_dir)
     pool = pack_pool if input_pool is None else int(input_pool)
     if pool not in (1, 2, 4):
         raise GateStripError(f"input pool {pool}: expected 1, 2 or 4")

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from training.gate_strip import (HEIGHT, RECALL_TARGET, SEEDS, WIDTH, GateStripError,
-                                 defect_patches, frames, generated_defective_frame, plain_frame, pooled,
+                                 defect_patches, frames, generated_defective_frame, pack_gate_pool, plain_frame, pooled,
                                  threshold_and_pass_rate, train)
 
 PASS_RATE_TARGET = 0.2
@@ -216,10 +216,10 @@ def main(argv: list[str] | None = None) -> int:
                       command=command)
             print(json.dumps({"best": m["best"], "start": m["start"]}))
             return 0
+        pack_pool = pack_gate_pool(a.pack)  # the pack first: a broken one says so before any work
         candidate = a.run / "gate.onnx"
         diff = export_gate(a.run, candidate)
         run_pool = int(json.loads((a.run / "meta.json").read_text())["input_pool"])
-        pack_pool = int(json.loads((a.pack / "model.json").read_text())["models"]["gate"].get("input_pool", 1))
         def both(test: bool):
             figures = measure(candidate, a.data_root, n=a.n, threads=a.threads, test=test, cache=a.run, pool=run_pool)
             figures["input_pool"] = run_pool

@@ -214,3 +214,18 @@ def test_the_ship_decision_reads_val_recall_and_the_pack_gates_pass_rate():
     assert not ok and "plain strip" in why and "0.55" in why
     plain["pass_rate_clean_plain"] = 0.08
     assert decide(plain)[0]
+
+
+def test_a_broken_pack_is_one_clear_error(tmp_path, capsys):
+    from training.gate_strip_ship import main
+
+    pack = tmp_path / "steel"
+    shutil.copytree(STEEL, pack)
+    assert gate_strip.pack_gate_pool(pack) == json.loads((STEEL / "model.json").read_text())["models"]["gate"].get(
+        "input_pool", 1)
+    (pack / "gate.onnx").write_bytes(b"not the shipped gate")
+    with pytest.raises(gate_strip.GateStripError, match="sha256"):
+        gate_strip.pack_gate_pool(pack)
+    rc = main(["measure", "--run", str(tmp_path / "run"), "--pack", str(pack), "--data-root", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith("gate_strip measure: error:") and "sha256" in err

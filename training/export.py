@@ -341,6 +341,8 @@ def instance_model_json(meta: dict[str, Any], seg_path: Path, height: int, width
             "model_config": meta.get("model_config"),
             "kind": "instances",
             **({"tier": tier} if (tier := tier_of_model_size(meta.get("model_size"))) else {}),
+            # where an ImageNet trunk's weights came from (training/lite0.py provenance): file, sha256, package
+            **({"pretrained": meta["pretrained"]} if meta.get("pretrained") else {}),
         },
     }
 

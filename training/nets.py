@@ -234,6 +234,9 @@ class InstanceConfig:
     head: int = 48
     separable: bool = True
     blocks: tuple[int, int, int] = (1, 2, 2)
+    # "own": the stages above; "lite0": training/lite0.py's EfficientNet-Lite0 (ImageNet weights) in their
+    # place, tapped at stride 4, 8, 16 and 32 (widths, context, separable and blocks then unused)
+    trunk: str = "own"
 
     def to_dict(self) -> dict:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
@@ -256,6 +259,8 @@ INSTANCE_CONFIGS: dict[str, InstanceConfig] = {
     # accuracy first, for GPU line boxes: full 3x3 convs, wider, deeper context
     "line": InstanceConfig(widths=(24, 48, 96, 160), context=(2, 4, 8), decoder=64, head=64,
                            separable=False, blocks=(1, 2, 2)),
+    # the line tier on an ImageNet trunk (training/lite0.py): EfficientNet-Lite0 to stride 32, 1x1 fusion
+    "line_lite0": InstanceConfig(decoder=64, head=64, trunk="lite0"),
     # tests only: the same graph, a few thousand parameters
     "test": InstanceConfig(widths=(8, 8, 16, 16), context=(2,), decoder=8, head=8, blocks=(0, 0, 0)),
 }
@@ -292,17 +297,26 @@ class InstanceSegmenter(nn.Module):
     def __init__(self, num_classes: int, in_channels: int = 1, mean: float = 0.5, std: float = 0.25,
                  config: InstanceConfig = InstanceConfig()):
         super().__init__()
+        if config.trunk not in ("own", "lite0"):
+            raise ValueError(f"instance config: trunk {config.trunk!r}; known: own, lite0")
         w1, w2, w3, w4 = config.widths
         sep = config.separable
         self.config = config
         self.norm = Normalise(mean, std)
-        self.s2 = _cbr(in_channels, w1, 2)
-        # the stride-4 stage is a full 3x3 conv in every size: few input channels, and the head's detail
-        self.s4 = nn.Sequential(_cbr(w1, w2, 2), *[_Residual(_stage(w2, w2, 1, sep)) for _ in range(config.blocks[0])])
-        self.s8 = nn.Sequential(_stage(w2, w3, 2, sep), *[_Residual(_stage(w3, w3, 1, sep)) for _ in range(config.blocks[1])])
-        self.s16 = nn.Sequential(_stage(w3, w4, 2, sep), *[_Residual(_stage(w4, w4, 1, sep)) for _ in range(config.blocks[2])])
-        self.context = nn.Sequential(*[_Residual(_stage(w4, w4, 1, sep, dilation=d)) for d in config.context])
         d = config.decoder
+        if config.trunk == "lite0":
+            from training.lite0 import TAP_CHANNELS, Lite0Encoder
+
+            self.encoder = Lite0Encoder(in_channels)
+            w2, w3, w4, w5 = TAP_CHANNELS
+            self.lat32 = nn.Conv2d(w5, d, 1)
+        else:
+            self.s2 = _cbr(in_channels, w1, 2)
+            # the stride-4 stage is a full 3x3 conv in every size: few input channels, and the head's detail
+            self.s4 = nn.Sequential(_cbr(w1, w2, 2), *[_Residual(_stage(w2, w2, 1, sep)) for _ in range(config.blocks[0])])
+            self.s8 = nn.Sequential(_stage(w2, w3, 2, sep), *[_Residual(_stage(w3, w3, 1, sep)) for _ in range(config.blocks[1])])
+            self.s16 = nn.Sequential(_stage(w3, w4, 2, sep), *[_Residual(_stage(w4, w4, 1, sep)) for _ in range(config.blocks[2])])
+            self.context = nn.Sequential(*[_Residual(_stage(w4, w4, 1, sep, dilation=d)) for d in config.context])
         self.lat16 = nn.Conv2d(w4, d, 1)
         self.lat8 = nn.Conv2d(w3, d, 1)
         self.lat4 = nn.Conv2d(w2, d, 1)
@@ -320,10 +334,15 @@ class InstanceSegmenter(nn.Module):
 
     def raw(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """Pre-activation outputs: probs/heatmap/offset logits, size log-scale t (unclamped)."""
-        f4 = self.s4(self.s2(self.norm(x)))
-        f8 = self.s8(f4)
-        f16 = self.context(self.s16(f8))
-        top = self.lat16(f16)
+        if self.config.trunk == "lite0":
+            f4, f8, f16, f32 = self.encoder(self.norm(x))
+            t32 = self.lat32(f32)
+            top = self.lat16(f16) + F.interpolate(t32, size=f16.shape[-2:], mode="nearest")
+        else:
+            f4 = self.s4(self.s2(self.norm(x)))
+            f8 = self.s8(f4)
+            f16 = self.context(self.s16(f8))
+            top = self.lat16(f16)
         # upsample to the finer map's own size: any H, W that is a multiple of 4 works (NEU's 200 px
         # is not a multiple of 16); for multiples of 16 it is exactly a 2x nearest upsampling
         p8 = self.lat8(f8) + F.interpolate(top, size=f8.shape[-2:], mode="nearest")
@@ -376,8 +395,8 @@ def receptive_field(model: InstanceSegmenter) -> int:
     (stem, stages, context), summed over the convolutions in forward order."""
     rf, jump = 1, 1
     for m in model.modules():
-        if isinstance(m, nn.Conv2d) and m not in (model.lat16, model.lat8, model.lat4, model.probs,
-                                                  model.heatmap, model.size, model.offset):
+        if isinstance(m, nn.Conv2d) and m not in (model.lat16, model.lat8, model.lat4, getattr(model, "lat32", None),
+                                                  model.probs, model.heatmap, model.size, model.offset):
             k = m.kernel_size[0]
             rf += (k - 1) * m.dilation[0] * jump
             jump *= m.stride[0]

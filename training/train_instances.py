@@ -91,6 +91,9 @@ class InstanceTrainConfig:
     # start from these weights with a fresh optimiser, EMA and schedule (a shipped pack's folder with
     # seg.onnx, or a run folder with best.pt); a folder that already holds last.pt resumes instead
     init: Path | None = None
+    # a `lite0` trunk (model size line_lite0) starts from ImageNet weights (training/lite0.py): this
+    # .pth file, else the one the `train` extra installs; ignored with --init or when resuming
+    pretrained: Path | None = None
     command: str = ""
     progress: bool = True
     extra: dict[str, Any] = field(default_factory=dict)
@@ -494,6 +497,15 @@ def train_instances(cfg: InstanceTrainConfig, *, data_loader: Callable[[str], li
         sample = np.stack([np.asarray(s.image[:192, :192], np.uint8) for s in val_samples[:8]])[:, None]
         init_meta = load_init(model, cfg.init, classes, sample)
         log.info("instance_training_init", **init_meta)
+    pretrained = None
+    if model.config.trunk == "lite0" and not starting and not (out / STATE_FILE).is_file():
+        from training.lite0 import Lite0Error, load_imagenet
+
+        try:
+            pretrained = load_imagenet(model.encoder, cfg.pretrained)
+        except Lite0Error as exc:
+            raise InstanceTrainError(str(exc)) from None
+        log.info("instance_training_imagenet_trunk", **pretrained)
     ema = Ema(model, cfg.ema_decay)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     total_steps = cfg.epochs * cfg.steps_per_epoch
@@ -504,7 +516,7 @@ def train_instances(cfg: InstanceTrainConfig, *, data_loader: Callable[[str], li
         "command": cfg.command, "data": str(cfg.data_root), "seed": cfg.seed,
         "train_images": len(train_samples), "val_images": len(val_samples),
         "strip_frames": {"clean": len(source.clean), "defective": len(source.defective)},
-        "history": [], "best": {}, "minutes": 0.0, "init": init_meta,
+        "history": [], "best": {}, "minutes": 0.0, "init": init_meta, "pretrained": pretrained,
     }
     state_path = out / STATE_FILE
     start_epoch, best_map, spent_before = 0, -1.0, 0.0
@@ -521,6 +533,7 @@ def train_instances(cfg: InstanceTrainConfig, *, data_loader: Callable[[str], li
         torch.set_rng_state(state["torch_rng"])
         start_epoch, best_map = state["epoch"] + 1, state["best_map"]
         meta["history"], meta["best"] = state["history"], state.get("best_meta", {})
+        meta["pretrained"] = state.get("pretrained")
         spent_before = float(state["minutes"])
         log.info("instance_training_resumed", checkpoint=str(state_path), epoch=start_epoch)
     stop_reason = "epochs"
@@ -563,7 +576,8 @@ def train_instances(cfg: InstanceTrainConfig, *, data_loader: Callable[[str], li
         torch.save({"profile": cfg.profile, "model_size": cfg.model_size, "epoch": epoch, "model": model.state_dict(),
                     "ema": ema.model.state_dict(), "ema_updates": ema.updates, "opt": opt.state_dict(),
                     "rng": rng.bit_generator.state, "torch_rng": torch.get_rng_state(), "best_map": best_map,
-                    "best_meta": meta["best"], "history": meta["history"], "minutes": minutes}, state_path)
+                    "best_meta": meta["best"], "history": meta["history"], "minutes": minutes,
+                    "pretrained": meta["pretrained"]}, state_path)
         log.info("instance_epoch_done", epoch=epoch + 1, loss=row.get("train_total"), val_map50=val["map50"],
                  minutes=row["minutes"])
         if cfg.progress:
@@ -602,6 +616,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--seg-weight", type=float, default=0.5)
     p.add_argument("--synth-frames", type=int, default=160)
     p.add_argument("--init", type=Path, default=None)
+    p.add_argument("--pretrained", type=Path, default=None)
     a = p.parse_args(argv)
     import sys
 
@@ -611,7 +626,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                               threads=a.threads, seed=a.seed, limit_images=a.limit_images,
                               whole_fraction=a.whole_fraction, whole_batch=a.whole_batch,
                               gaussian_alpha=a.gaussian_alpha, seg_weight=a.seg_weight, synth_frames=a.synth_frames,
-                              init=a.init, command=" ".join(["python -m training.train_instances", *sys.argv[1:]]))
+                              init=a.init, pretrained=a.pretrained,
+                              command=" ".join(["python -m training.train_instances", *sys.argv[1:]]))
     meta = train_instances(cfg)
     print(json.dumps({"best": meta["best"], "stopped": meta["stopped"], "minutes": meta["minutes"]}))
     return 0

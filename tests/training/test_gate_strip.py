@@ -229,3 +229,61 @@ def test_a_broken_pack_is_one_clear_error(tmp_path, capsys):
     rc = main(["measure", "--run", str(tmp_path / "run"), "--pack", str(pack), "--data-root", str(tmp_path)])
     err = capsys.readouterr().err
     assert rc == 2 and err.startswith("gate_strip measure: error:") and "sha256" in err
+
+
+def test_reported_means_an_event_of_the_ungated_segmenter_overlaps_the_defect():
+    """The gate's recall counts the defects the pipeline would report: an event of the pack's
+    segmenter (engines.postprocess at the calibrated thresholds) over the defect's box."""
+    from engines.modelpack import load_calibration, load_model_pack
+    from engines.postprocess import extract_instances
+    from engines.runner import PackRunner
+    from training.gate_strip_ship import REPORTED_IOU, reported_by_segmenter
+
+    frames = [gate_strip.generated_defective_frame("test", 1000 + i) for i in range(4)]
+    x = np.stack([f.image for f in frames])
+    pack = load_model_pack(STEEL)
+    cal = load_calibration(pack)
+    with PackRunner(pack, threads=1, max_batch=1, roles=("seg",)) as models:
+        events = [extract_instances({k: v[0] for k, v in models.seg_outputs(x[i:i + 1, None]).items()}, pack.seg.instances,
+                                    pack.seg.output, pack.seg.output_stride, pack.classes, cal.classes, x[i].shape)
+                  for i in range(len(x))]
+    i = next(i for i, e in enumerate(events) if e)  # a frame with an event: its box is "the defect"
+    e = events[i][0].bbox_px
+    on_event = [[(0, *e)]]
+    x0, y0, x1, y1 = e
+    far = [[(0, (x0 + 800) % 1500, y0, (x0 + 800) % 1500 + (x1 - x0), y1)]]
+    far_iou = max((_iou(far[0][0][1:], ev.bbox_px) for ev in events[i]), default=0.0)
+    assert REPORTED_IOU > far_iou  # the moved box overlaps no event
+    got = reported_by_segmenter(STEEL, np.stack([x[i]] * 3), on_event + far + [[]])
+    assert got.tolist() == [True, False, False]
+
+
+def _iou(a, b):
+    ix = max(0, min(a[2], b[2]) - max(a[0], b[0]))
+    iy = max(0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = ix * iy
+    return inter / ((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter)
+
+
+def test_measure_chooses_the_threshold_on_the_frames_the_segmenter_reports(tmp_path):
+    from training.gate_strip_ship import _onnx_scores, measure
+
+    _neu_tree(tmp_path / "data" / "neu_det")
+    pool = json.loads((STEEL / "model.json").read_text())["models"]["gate"].get("input_pool", 1)
+    every = measure(STEEL / "gate.onnx", tmp_path / "data", n=6, pool=pool, cache=tmp_path)
+    assert every["recall_of"] == "all composited frames" and every["n_reported"] == every["n_composited"] == 6
+    rep = measure(STEEL / "gate.onnx", tmp_path / "data", n=6, pool=pool, cache=tmp_path, seg_pack=STEEL)
+    assert "segmenter reports" in rep["recall_of"]
+    # recompute from the cached frames: the threshold is the lowest score among the reported positives
+    # (6 frames: recall 0.99 keeps them all), recall_all counts every composited frame at it
+    cached = np.load(tmp_path / f"measure_val_6_0_pool{pool}.npz")
+    x, y = cached[cached.files[0]], cached[cached.files[1]]
+    reported_file, = tmp_path.glob("reported_val_6_0_*.npz")
+    r = np.load(reported_file)
+    reported = r[r.files[0]]
+    pos = y.max(axis=1) > 0
+    scores = _onnx_scores(STEEL / "gate.onnx", x)
+    assert 1 <= rep["n_reported"] == int(reported[pos].sum()) < 6  # the made-up defects: one is not reported
+    assert rep["threshold"] == pytest.approx(float(scores[pos][reported[pos]].min()))
+    assert rep["recall_all"] == pytest.approx(float((scores[pos] >= rep["threshold"]).mean()))
+    assert rep["recall"] == 1.0

@@ -22,60 +22,18 @@ from typing import Any
 import numpy as np
 
 from training.gate_strip import (HEIGHT, RECALL_TARGET, SEEDS, WIDTH, GateStripError,
-                                 defect_patches, frames, generated_defective_frame, pack_gate_pool, plain_frame, pooled,
+                                 NEU_RECALL_FLOOR, REPORTED_IOU, defect_patches, frames, generated_defective_frame,
+                                 _onnx_scores, neu_figures, pack_gate_pool, plain_frame, pooled, reported_by_segmenter,
                                  threshold_and_pass_rate, train)
 
 PASS_RATE_TARGET = 0.2
 PLAIN_SLACK = 0.05  # a textured-strip gate may pass this much more of plain clean strip than the pack's, no more
 
 
-def _onnx_scores(path: Path, x_pooled: np.ndarray, threads: int = 1) -> np.ndarray:
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-    return np.concatenate([sess.run(None, {"image": x_pooled[i:i + 8]})[0]
-                           for i in range(0, len(x_pooled), 8)]).max(axis=1)
-
-
 def _recall_curve(pos: np.ndarray, clean: np.ndarray) -> list[dict[str, Any]]:
     """The clean pass rate at several frame-recall targets: what the last positives cost."""
     return [{"recall_target": r, **{k: v for k, v in threshold_and_pass_rate(pos, clean, r).items()
                                     if k in ("threshold", "pass_rate_clean")}} for r in (0.9, 0.95, 0.97, 0.98, 0.99)]
-
-
-REPORTED_IOU = 0.1  # an event "reports" a pasted defect when their boxes overlap at least this much (IoU)
-
-
-def reported_by_segmenter(pack_dir: Path, x: np.ndarray, boxes: list[list[tuple]], threads: int = 1) -> np.ndarray:
-    """Per frame (uint8 [N, H, W], its defect boxes (class, x0, y0, x1, y1)): does the pack's
-    segmenter alone, ungated, at its calibrated thresholds, make an event (engines.postprocess, as
-    the agent does) whose box overlaps one of the frame's defects with IoU >= REPORTED_IOU? A
-    frame without a defect is False. What the gate must not hide is what the pipeline would report."""
-    from engines.modelpack import load_calibration, load_model_pack
-    from engines.postprocess import extract_defects, extract_instances
-    from engines.runner import PackRunner
-    from metrics.instances import box_iou
-
-    pack = load_model_pack(Path(pack_dir))
-    cal = load_calibration(pack)
-    out = np.zeros(len(x), bool)
-    with PackRunner(pack, threads=threads, max_batch=1, roles=("seg",)) as models:
-        for i in range(len(x)):
-            if not boxes[i]:
-                continue
-            one = {k: v[0] for k, v in models.seg_outputs(np.ascontiguousarray(x[i][None, None]), "gate_strip").items()}
-            if pack.seg.instances is not None:
-                events = extract_instances(one, pack.seg.instances, pack.seg.output, pack.seg.output_stride,
-                                           pack.classes, cal.classes, x[i].shape)
-            else:
-                events = extract_defects(one[pack.seg.output], pack.classes, cal.classes, pack.seg.output_stride,
-                                         x[i].shape)
-            if events:
-                iou = box_iou([b[1:] for b in boxes[i]], [e.bbox_px for e in events])
-                out[i] = bool(iou.max() >= REPORTED_IOU)
-    return out
 
 
 def measure(gate_onnx: Path, data_root: Path, *, n: int = 400, threads: int = 1, seed: int = 0,
@@ -179,6 +137,11 @@ def decide(figures: dict[str, Any]) -> tuple[bool, str]:
     before = figures["pack_gate_before"]["pass_rate_clean"]
     if recall < RECALL_TARGET:
         return False, f"val recall {recall} is below {RECALL_TARGET}"
+    neu = figures.get("neu")
+    if neu is not None and neu["recall"] < NEU_RECALL_FLOOR:
+        return False, (f"on real NEU-DET val images it passes {neu['recall']} of them at its threshold (floor "
+                       f"{NEU_RECALL_FLOOR}); defect-free NEU crops {neu['pass_rate_clean_crops']}: tuned to the "
+                       "generated strip, it loses real steel")
     if rate >= before:
         return False, f"val clean pass rate {rate} is no lower than the pack gate's {before} on the same frames"
     plain, plain_before = figures.get("pass_rate_clean_plain"), figures["pack_gate_before"].get("pass_rate_clean_plain")
@@ -269,6 +232,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--hard", type=float, default=0.0, help="train: share of batches drawn from the hardest fifth")
     p.add_argument("--init-run", type=Path, help="train: start from this earlier run's best.pt")
     p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--neu", type=float, default=0.0,
+                   help="train: share of steps that also train on real NEU images and their defect-free crops")
     p.add_argument("--plain", type=float, default=0.0,
                    help="train: add plain strip (training.synth) frames, this share of the textured ones")
     p.add_argument("--input-pool", type=int, default=None,
@@ -284,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
                 named[str(a.init_run)] = "EARLIER_RUN"
                 command = "python -m training.gate_strip " + " ".join(named.get(x, x) for x in args)
             m = train(a.run, a.pack, a.data_root, minutes=a.minutes, steps=a.steps, threads=a.threads, hard=a.hard,
-                      init_run=a.init_run, lr=a.lr, input_pool=a.input_pool, plain=a.plain,
+                      init_run=a.init_run, lr=a.lr, input_pool=a.input_pool, plain=a.plain, neu=a.neu,
                       command=command)
             print(json.dumps({"best": m["best"], "start": m["start"]}))
             return 0
@@ -296,12 +261,15 @@ def main(argv: list[str] | None = None) -> int:
             figures = measure(candidate, a.data_root, n=a.n, threads=a.threads, test=test, cache=a.run, pool=run_pool,
                               seg_pack=a.pack)
             figures["input_pool"] = run_pool
+            figures["neu"] = neu_figures(candidate, a.pack, a.data_root, figures["threshold"], run_pool, "val", a.threads)
             before = measure(a.pack / "gate.onnx", a.data_root, n=a.n, threads=a.threads, test=test, cache=a.run,
                              pool=pack_pool, seg_pack=a.pack)
             figures["pack_gate_before"] = {k: before[k] for k in ("threshold", "recall", "recall_all", "pass_rate_clean",
                                                                    "pass_rate_clean_plain")}
             if "test" in before:
                 figures["pack_gate_before"]["test"] = before["test"]
+            figures["pack_gate_before"]["neu"] = neu_figures(a.pack / "gate.onnx", a.pack, a.data_root,
+                                                             before["threshold"], pack_pool, "val", a.threads)
             return figures
 
         figures = both(test=False)  # the decision reads val only

@@ -208,6 +208,11 @@ def test_the_ship_decision_reads_val_recall_and_the_pack_gates_pass_rate():
     assert decide(figs(0.985, 0.1, 0.8)) == (False, "val recall 0.985 is below 0.99")
     ok, why = decide(figs(0.99, 0.8, 0.8))
     assert not ok and "no lower than the pack gate's 0.8" in why
+    neu = {**figs(0.99, 0.0, 0.6), "neu": {"recall": 0.9, "pass_rate_clean_crops": 0.5}}
+    ok, why = decide(neu)
+    assert not ok and "real NEU-DET val images" in why and "0.9" in why
+    neu["neu"]["recall"] = 0.985
+    assert decide(neu)[0]
     plain = {**figs(0.99, 0.4, 0.8), "pass_rate_clean_plain": 0.55}
     plain["pack_gate_before"]["pass_rate_clean_plain"] = 0.04
     ok, why = decide(plain)
@@ -287,3 +292,36 @@ def test_measure_chooses_the_threshold_on_the_frames_the_segmenter_reports(tmp_p
     assert rep["threshold"] == pytest.approx(float(scores[pos][reported[pos]].min()))
     assert rep["recall_all"] == pytest.approx(float((scores[pos] >= rep["threshold"]).mean()))
     assert rep["recall"] == 1.0
+
+
+def test_a_run_with_real_neu_steps_reads_neu_recall_on_val_and_prefers_the_floor(tmp_path):
+    pytest.importorskip("torch")
+    _neu_tree(tmp_path / "data" / "neu_det")
+    meta = gate_strip.train(tmp_path / "run", STEEL, tmp_path / "data", steps=2, n_clean=2, n_pos=2, n_val=3,
+                            batch=2, minutes=5, input_pool=1, neu=1.0)
+    assert meta["neu"] == 1.0 and all("neu_recall" in h and "recall_all" in h for h in meta["history"])
+    best = meta["best"]
+    below = [h for h in meta["history"] if h["neu_recall"] < gate_strip.NEU_RECALL_FLOOR]
+    if len(below) < len(meta["history"]):  # some checkpoint reaches the floor: best is one of those
+        assert best["neu_recall"] >= gate_strip.NEU_RECALL_FLOOR
+    with pytest.raises(gate_strip.GateStripError, match="neu 2"):
+        gate_strip.train(tmp_path / "run2", STEEL, tmp_path / "data", steps=1, n_clean=2, n_pos=2, n_val=2,
+                         input_pool=1, neu=2)
+
+
+def test_neu_figures_are_the_gate_on_real_images_and_their_clean_crops(tmp_path):
+    from training.gate_strip_ship import _onnx_scores
+
+    _neu_tree(tmp_path / "data" / "neu_det")
+    pool = gate_strip.pack_gate_pool(STEEL)
+    lo = gate_strip.neu_figures(STEEL / "gate.onnx", STEEL, tmp_path / "data", 0.0, pool, "train")
+    hi = gate_strip.neu_figures(STEEL / "gate.onnx", STEEL, tmp_path / "data", 1.01, pool, "train")
+    assert lo["recall"] == 1.0 and lo["pass_rate_clean_crops"] == 1.0 and lo["n_clean_crops"] > 0
+    assert hi["recall"] == 0.0 and hi["pass_rate_clean_crops"] == 0.0
+    from training.datasets.profiles import load_profile_dataset
+
+    ds = load_profile_dataset("steel", tmp_path / "data", "train")
+    scores = _onnx_scores(STEEL / "gate.onnx", gate_strip.pooled(np.stack([ds[i].image for i in range(len(ds))]), pool))
+    mid = float(np.median(scores))
+    assert gate_strip.neu_figures(STEEL / "gate.onnx", STEEL, tmp_path / "data", mid, pool, "train")["recall"] == \
+        pytest.approx(float((scores >= mid).mean()))

@@ -20,6 +20,11 @@ per-class frame loss the gate is read by (max over the logit map, BCE). The thre
 val frames for frame recall ``RECALL_TARGET`` over the composited positives; the figures beside it:
 the pass rate of clean textured val/test frames, and the recall on the generator's own defective
 frames (small and low-contrast defects included), for the record.
+
+Also in the mix, by option: plain strip frames (``plain``: training.synth, what camera-sim, the demo
+and the bench paint on) and real NEU-DET images with their defect-free crops (``neu``). The recall the
+threshold is chosen for counts the composited frames whose defect the pack's segmenter reports
+(``reported_by_segmenter``), and ``neu_figures`` holds a candidate to the real NEU val images.
 """
 from __future__ import annotations
 
@@ -260,14 +265,7 @@ def neu_figures(gate_onnx: Path, pack_dir: Path, data_root: Path, threshold: flo
     the pack's settings, as ``coilsight evaluate`` takes them), frames pooled as the gate takes them.
     Textured strip is made here; NEU's backgrounds are real steel: a gate tuned on the one must not
     lose the other."""
-    from training.datasets import clean_crop_settings, clean_crops
-    from training.datasets.profiles import load_profile_dataset
-
-    ds = load_profile_dataset("steel", data_root, split)
-    samples = [ds[i] for i in range(len(ds))]
-    settings = clean_crop_settings(json.loads((Path(pack_dir) / "model.json").read_text()).get("training"))
-    crops = clean_crops(samples, settings["size"], stride=settings["stride"], margin=settings["margin"],
-                        max_per_image=settings["max_per_image"])
+    samples, crops = _neu_split(pack_dir, data_root, split)
 
     def scores(images):
         by_shape: dict[tuple, list[int]] = {}
@@ -289,21 +287,29 @@ def neu_figures(gate_onnx: Path, pack_dir: Path, data_root: Path, threshold: flo
 
 # -- the gate's net ------------------------------------------------------------------------------
 
-def _neu_arrays(pack_dir: Path, data_root: Path, pool: int) -> dict[str, np.ndarray]:
-    """NEU-DET train images with their labels and train clean crops (the pack's clean-crop settings),
-    and the val images and crops, pooled as the gate takes them (uint8 [N, 1, h, w])."""
+def _neu_split(pack_dir: Path, data_root: Path, split: str) -> tuple[list, list]:
+    """The NEU-DET images of a split and their defect-free crops, cut with the pack's clean-crop
+    settings (training.datasets.clean_crops), as ``coilsight evaluate`` and the calibration take them."""
     from training.datasets import clean_crop_settings, clean_crops
     from training.datasets.profiles import load_profile_dataset
 
     settings = clean_crop_settings(json.loads((Path(pack_dir) / "model.json").read_text()).get("training"))
+    ds = load_profile_dataset("steel", data_root, split)
+    samples = [ds[i] for i in range(len(ds))]
+    return samples, clean_crops(samples, settings["size"], stride=settings["stride"], margin=settings["margin"],
+                                max_per_image=settings["max_per_image"])
+
+
+def _neu_arrays(pack_dir: Path, data_root: Path, pool: int) -> dict[str, np.ndarray]:
+    """NEU-DET train images with their labels and train clean crops (the pack's clean-crop settings),
+    and the val images and crops, pooled as the gate takes them (uint8 [N, 1, h, w]); images of
+    another size than the first are left out (NEU's are all 200x200)."""
     out = {}
     for split, key in (("train", ""), ("val", "val_")):
-        ds = load_profile_dataset("steel", data_root, split)
-        samples = [ds[i] for i in range(len(ds))]
+        samples, crops = _neu_split(pack_dir, data_root, split)
         shape = np.shape(samples[0].image)
         same = [s for s in samples if np.shape(s.image) == shape]
-        crops = clean_crops(same, settings["size"], stride=settings["stride"], margin=settings["margin"],
-                            max_per_image=settings["max_per_image"])
+        crops = [c for c in crops if np.shape(c.image) == np.shape(crops[0].image)] if crops else []
         if not crops:
             raise GateStripError(f"no defect-free crops in the NEU {split} images")
         out[f"{key}x"] = pooled(np.stack([np.asarray(s.image, np.uint8) for s in same]), pool)

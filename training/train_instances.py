@@ -406,6 +406,17 @@ def init_normalisation(init: Path) -> tuple[float, float]:
     raise InstanceTrainError(f"--init {init}: neither a pack folder (model.json) nor a run folder (meta.json, {BEST_FILE})")
 
 
+def _same_net(recorded: Any, config) -> bool:
+    """Whether a pack's recorded model_config is the net ``config`` (an InstanceConfig): keys a pack
+    written before a field existed take that field's default (packs before ``trunk`` are "own")."""
+    from training.nets import InstanceConfig
+
+    try:
+        return InstanceConfig.from_dict(dict(recorded)) == config
+    except (TypeError, ValueError):
+        return False
+
+
 def load_init(model, init: Path, classes: Sequence[str], sample: np.ndarray) -> dict[str, Any]:
     """Put `init`'s weights into `model` (in place): a pack folder (model.json + seg.onnx with instance
     outputs; the folded weights are taken back by training.onnx_weights) or a run folder (best.pt).
@@ -423,7 +434,7 @@ def load_init(model, init: Path, classes: Sequence[str], sample: np.ndarray) -> 
         if "instances" not in seg:
             raise InstanceTrainError(f"{init}: its seg model has no instance outputs to start from")
         config = spec.get("training", {}).get("model_config")
-        if config is not None and config != model.config.to_dict():
+        if config is not None and _same_net(config, model.config) is False:
             raise InstanceTrainError(f"{init}: its seg model is {config}, not this run's {model.config.to_dict()}")
         try:
             diff = load_from_onnx(model, init / seg["file"], sample, model, prefix="")

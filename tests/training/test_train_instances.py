@@ -261,6 +261,16 @@ def test_init_refuses_what_does_not_fit(tmp_path):
         load_init(model, pack, ["a", "b", "c", "d", "e", "f"], x)
     with pytest.raises(InstanceTrainError, match="not this run's"):
         load_init(build_instance_model(len(STEEL_CLASSES), 1, 0.5, 0.25, "edge"), pack, STEEL_CLASSES, x)
+    # a pack written before InstanceConfig had `trunk` (the shipped steel pack) is the same net as "own"
+    doc = json.loads((pack / "model.json").read_text())
+    assert doc["training"]["model_config"].pop("trunk") == "own"
+    (pack / "model.json").write_text(json.dumps(doc))
+    from training.train_instances import init_normalisation
+
+    mean, std = init_normalisation(pack)
+    assert load_init(build_instance_model(len(STEEL_CLASSES), 1, mean, std, "test"), pack, STEEL_CLASSES, x)["kind"] == "pack"
+    with pytest.raises(InstanceTrainError, match="not this run's"):
+        load_init(build_instance_model(len(STEEL_CLASSES), 1, 0.5, 0.25, "line_lite0"), pack, STEEL_CLASSES, x)
     doc = json.loads((pack / "model.json").read_text())
     del doc["models"]["seg"]["instances"]
     (pack / "model.json").write_text(json.dumps(doc))

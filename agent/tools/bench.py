@@ -410,13 +410,26 @@ def run_bench(args) -> int:
             models["backends"] = args.backend
         if args.batch:
             models["max_batch"] = models["opt_batch"] = models["cpu_max_batch"] = args.batch
+        if getattr(args, "models", None) is not None:  # a candidate pack, benched with the config's settings
+            models["dir"] = str(Path(args.models).resolve())
         if models:
             overrides["models"] = models
-        cfg_path = isolated_config(args.config, work, **overrides)
-        cfg = load_config(cfg_path)
-        from engines.modelpack import load_model_pack
+        from agent.config import ConfigError
+        from engines.modelpack import ModelPackError, load_model_pack
 
-        pack = load_model_pack(cfg.models_dir())
+        try:
+            cfg_path = isolated_config(args.config, work, **overrides)
+            cfg = load_config(cfg_path)
+            pack = load_model_pack(cfg.models_dir())
+        except ConfigError as exc:
+            for e in exc.errors:
+                print(f"coilsight bench: config error: {e}", file=sys.stderr)
+            return 2
+        except ModelPackError as exc:
+            print(f"coilsight bench: cannot bench the model pack {cfg.models_dir()}: {exc}", file=sys.stderr)
+            return 2
+        results["models"] = {"dir": str(cfg.models_dir()), "profile": pack.profile,
+                             **{f"{role}_sha256": entry.sha256 for role, entry in pack.models.items()}}
         _say(f"bench: {n} frames of {pack.width}x{pack.height} per scenario; building frame pools ...")
         src = getattr(args, "data_root", None)
         truth: tuple[list, list] = ([], [])
@@ -543,7 +556,10 @@ def coil_layer_cost(on: dict, off: dict) -> dict:
 
 def format_table(res: dict) -> str:
     b = res["bare"]
-    lines = [f"bare model throughput (fastest pass, before and after the scenarios): gate {b['gate_fps']} frames/s, "
+    m = res.get("models")
+    lines = ([f"models: {m['dir']} (profile {m['profile']}; " + ", ".join(
+        f"{k[:-7]} {v[:12]}" for k, v in m.items() if k.endswith("_sha256")) + ")"] if m else [])
+    lines += [f"bare model throughput (fastest pass, before and after the scenarios): gate {b['gate_fps']} frames/s, "
              f"seg {b['seg_fps']} frames/s ({b['backend']}); passes gate {b.get('gate_fps_passes', '-')}, "
              f"seg {b.get('seg_fps_passes', '-')}", ""]
     head = ("scenario", "frames", "wall s", "fps", "bare fps", "effic.", "in-proc", "pass", "events", "p50 s", "p99 s",

@@ -12,17 +12,25 @@ from agent.config import config_dict, dump_toml
 from agent.metrics import STAGES
 
 
-def test_bench_fast_mode_accounts_for_every_frame(tmp_path, agent_config):
+def test_bench_fast_mode_accounts_for_every_frame(tmp_path, agent_config, tiny_pack):
     cfg_path = tmp_path / "bench.toml"
-    cfg_path.write_text(dump_toml(config_dict(agent_config())))
+    # the config names no pack that exists: --models is the pack benched (a candidate, one command)
+    cfg_path.write_text(dump_toml(config_dict(agent_config(models={"dir": str(tmp_path / "no-such-pack")}))))
     out = tmp_path / "bench.json"
     r = subprocess.run([sys.executable, "-m", "agent.cli", "bench", "--fast", "--config", str(cfg_path),
-                        "--out", str(out), "--rate", "20", "--bridge"], capture_output=True, text=True, timeout=400)
+                        "--models", str(tiny_pack), "--out", str(out), "--rate", "20", "--bridge"],
+                       capture_output=True, text=True, timeout=400)
     assert r.returncode == 0, r.stdout + r.stderr
     def no_nan(const):
         raise AssertionError(f"{const} in the bench JSON: not JSON, other languages cannot read it")
 
     res = json.loads(out.read_text(), parse_constant=no_nan)
+    from engines.modelpack import load_model_pack
+
+    pack = load_model_pack(tiny_pack)
+    assert res["models"] == {"dir": str(tiny_pack.resolve()), "profile": pack.profile,
+                             "gate_sha256": pack.gate.sha256, "seg_sha256": pack.seg.sha256}
+    assert f"models: {tiny_pack.resolve()} (profile {pack.profile}; gate {pack.gate.sha256[:12]}" in r.stdout
     assert set(res["scenarios"]) == {"clean", "typical", "heavy"}
     for name, s in res["scenarios"].items():
         f = s["accounting"]
@@ -165,3 +173,17 @@ def test_bridge_pair_ratios_pair_each_on_with_its_neighbouring_off():
     assert pair_ratios(order, walls) == [1.1, 1.05, 1.0, 1.1]
     with pytest.raises(ValueError, match="not one on and one off"):
         pair_ratios(["on", "on"], [1.0, 1.0])
+
+
+def test_bench_refuses_a_pack_it_cannot_load_before_building_anything(tmp_path, agent_config):
+    cfg_path = tmp_path / "bench.toml"
+    cfg_path.write_text(dump_toml(config_dict(agent_config())))
+    broken = tmp_path / "candidate"
+    broken.mkdir()
+    (broken / "model.json").write_text("{not json")
+    for models, what in ((tmp_path / "absent", "no model.json"), (broken, "model.json")):
+        r = subprocess.run([sys.executable, "-m", "agent.cli", "bench", "--fast", "--config", str(cfg_path),
+                            "--models", str(models)], capture_output=True, text=True, timeout=60)
+        assert r.returncode == 2 and r.stdout == "", r.stdout + r.stderr
+        assert f"coilsight bench: cannot bench the model pack {models.resolve()}" in r.stderr and what in r.stderr
+        assert "frame pools" not in r.stderr and "Traceback" not in r.stderr

@@ -395,16 +395,30 @@ def threshold_and_pass_rate(pos_scores: np.ndarray, clean_scores: np.ndarray, ta
             "n_positive": int(len(pos_scores)), "n_clean": int(len(clean_scores))}
 
 
+STRIP_PASS_GOAL = 0.1  # the line tier's target; a checkpoint under it on both strips is judged on real steel next
+
+
+def checkpoint_key(v: dict[str, Any]) -> tuple:
+    """What best.pt minimises over a run's val figures: NEU val recall under NEU_RECALL_FLOOR first;
+    then the clean pass rate, the worse of textured and plain strip, where it is above
+    STRIP_PASS_GOAL; then, among checkpoints under it, the pass rate of NEU's defect-free crops (real
+    steel: a gate that passes fewer of them is the one that could gate a real strip); then the strip
+    pass rate itself and the higher threshold. Figures a run does not measure count as 0 (NEU recall 1)."""
+    strip = max(v["pass_rate_clean"], v.get("pass_rate_clean_plain", 0.0))
+    return (int(v.get("neu_recall", 1.0) < NEU_RECALL_FLOOR), strip if strip > STRIP_PASS_GOAL else 0.0,
+            v.get("neu_pass_rate_clean_crops", 0.0), strip, -v["threshold"])
+
+
 def train(out: Path, pack_dir: Path, data_root: Path, *, minutes: float = 20.0, steps: int = 4000,
           threads: int = 1, n_clean: int = 600, n_pos: int = 600, n_val: int = 200, batch: int = 8,
           lr: float = 1e-3, seed: int = 0, dense: float = 1.0, hard: float = 0.0, init_run: Path | None = None,
           input_pool: int | None = None, plain: float = 0.0, neu: float = 0.0, command: str = "") -> dict[str, Any]:
     """Fine-tune the pack's gate on whole textured frames (see the module doc); keeps best.pt, the
-    weights with the lowest clean pass rate on val at the recall-target threshold. ``input_pool``: the
+    weights whose val figures at the recall-target threshold have the lowest checkpoint_key. ``input_pool``: the
     pool the trained gate takes (default: the pack's); the same weights see a finer frame at 1 (thin
     streaks keep their contrast) for 4x the gate's arithmetic. ``plain``: add plain strip
     (plain_frame) frames, this share of n_clean clean and of n_pos composited, to the training set;
-    val then also measures plain clean frames at the threshold, and best.pt is the lowest of the
+    val then also measures plain clean frames at the threshold, and checkpoint_key reads the
     worse of the two clean pass rates (a gate must gate on both kinds of strip). ``neu``: the share of
     steps that also train on real NEU-DET train images (positives) and their defect-free crops
     (negatives), and val then reads the NEU val images' recall at the threshold: a checkpoint below
@@ -489,11 +503,6 @@ def train(out: Path, pack_dir: Path, data_root: Path, *, minutes: float = 20.0, 
                 (_scores(gate, neu_data["val_crops"]).max(axis=1) >= v["threshold"]).mean()), 6)
         return v
 
-    def worse(v):  # what best.pt minimises: NEU recall under the floor first, then the clean pass rate,
-        # the worse of the two strips with plain
-        return (int(v.get("neu_recall", 1.0) < NEU_RECALL_FLOOR),
-                max(v["pass_rate_clean"], v.get("pass_rate_clean_plain", 0.0)), -v["threshold"])
-
     start = val_figures()
     log.info("gate_strip_val", step=0, **start)
     best = {**start, "step": 0}
@@ -552,7 +561,7 @@ def train(out: Path, pack_dir: Path, data_root: Path, *, minutes: float = 20.0, 
             v = val_figures()
             history.append({**v, "step": step, "loss": round(float(loss.detach()), 5)})
             log.info("gate_strip_val", step=step, loss=round(float(loss.detach()), 4), **v)
-            if worse(v) < worse(best):
+            if checkpoint_key(v) < checkpoint_key(best):
                 best = {**v, "step": step}
                 torch.save(gate.state_dict(), out / "best.pt")
         if over:

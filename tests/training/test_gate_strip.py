@@ -195,6 +195,27 @@ def test_plain_frames_are_the_synth_strip_and_a_run_with_them_measures_both_stri
                          input_pool=1, plain=-1)
 
 
+def test_the_checkpoint_key_puts_the_neu_floor_then_the_strip_goal_then_real_steel():
+    key = gate_strip.checkpoint_key
+    goal = gate_strip.STRIP_PASS_GOAL
+
+    def v(textured, plain=0.0, neu_recall=1.0, crops=0.0, threshold=0.5):
+        return {"pass_rate_clean": textured, "pass_rate_clean_plain": plain, "neu_recall": neu_recall,
+                "neu_pass_rate_clean_crops": crops, "threshold": threshold}
+
+    floor = gate_strip.NEU_RECALL_FLOOR
+    assert key(v(0.5, neu_recall=floor)) < key(v(0.0, neu_recall=floor - 0.01))  # real defects first
+    assert key(v(goal + 0.05, crops=0.0)) < key(v(goal + 0.1, crops=0.0))  # above the goal: the strip
+    assert key(v(goal, plain=goal + 0.01, crops=0.0)) > key(v(goal, crops=0.9))  # the worse strip counts
+    # under the goal on both strips: fewer real clean crops passed wins over a lower strip pass rate
+    assert key(v(goal, crops=0.3)) < key(v(0.0, crops=0.4))
+    assert key(v(0.01, crops=0.3)) < key(v(0.02, crops=0.3))  # then the strip, then the higher threshold
+    assert key(v(0.01, threshold=0.6)) < key(v(0.01, threshold=0.5))
+    # a run without plain or NEU figures: the textured pass rate, then the threshold, as before
+    assert key({"pass_rate_clean": 0.3, "threshold": 0.1}) < key({"pass_rate_clean": 0.35, "threshold": 0.9})
+    assert key({"pass_rate_clean": 0.05, "threshold": 0.1}) < key({"pass_rate_clean": 0.06, "threshold": 0.9})
+
+
 def test_the_ship_decision_reads_val_recall_and_the_pack_gates_pass_rate():
     from training.gate_strip_ship import decide
 

@@ -198,8 +198,14 @@ def ship(run: Path, pack_dir: Path, figures: dict[str, Any], candidate: Path, co
     doc["models"]["gate"]["textured_strip"] = {
         "trained": "fine-tuned from the previous gate on whole textured strip frames (training/gate_strip.py): "
                    f"{meta['train_frames']['clean']} clean, {meta['train_frames']['composited']} with NEU train "
-                   f"defects composited; coil seeds from {SEEDS['train']}; best of {meta['steps']} steps by val "
-                   "clean pass rate at recall 0.99", "command": command, "minutes": meta["minutes"],
+                   f"defects composited; coil seeds from {SEEDS['train']}"
+                   + (f"; plain strip (training.synth) {meta['train_frames'].get('plain_clean', 0)} clean, "
+                      f"{meta['train_frames'].get('plain_composited', 0)} composited"
+                      if meta["train_frames"].get("plain_clean") or meta["train_frames"].get("plain_composited") else "")
+                   + (f"; NEU-DET train images and their defect-free crops in {meta['neu']:.0%} of steps"
+                      if meta.get("neu") else "")
+                   + f"; best of {meta['steps']} steps by training.gate_strip.checkpoint_key on val at recall 0.99 "
+                     "of the frames the segmenter reports", "command": command, "minutes": meta["minutes"],
         "best": meta["best"]}
     write_json(pack_dir / "model.json", doc)
     cal = json.loads((pack_dir / "calibration.json").read_text())

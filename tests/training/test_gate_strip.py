@@ -76,6 +76,16 @@ def test_ship_changes_only_the_gate_entries(tmp_path):
     model, cal = (json.loads((pack / f).read_text()) for f in ("model.json", "calibration.json"))
     assert model["models"]["seg"] == before_model["models"]["seg"] and model["training"] == before_model["training"]
     assert model["models"]["gate"]["textured_strip"]["command"] == "cmd"
+    trained = model["models"]["gate"]["textured_strip"]["trained"]
+    assert "2 clean, 2 with NEU" in trained and "plain" not in trained and "NEU-DET train images" not in trained
+    # a run with plain strip and NEU steps says so in the pack
+    (run / "meta.json").write_text(json.dumps({"train_frames": {"clean": 2, "composited": 2, "plain_clean": 1,
+                                                                "plain_composited": 1}, "neu": 0.5, "steps": 1,
+                                               "minutes": 0.1, "best": {"step": 1}}))
+    ship(run, pack, figures, candidate, "cmd")
+    trained = json.loads((pack / "model.json").read_text())["models"]["gate"]["textured_strip"]["trained"]
+    assert "plain strip (training.synth) 1 clean, 1 composited" in trained and "crops in 50% of steps" in trained
+    assert "checkpoint_key" in trained
     assert cal["classes"] == before_cal["classes"] and cal["models"]["seg"] == before_cal["models"]["seg"]
     assert cal["gate"]["threshold"] == 0.8 and cal["gate"]["pass_rate"] == 0.1
     assert cal["gate"]["previous_gate"]["threshold"] == before_cal["gate"]["threshold"]

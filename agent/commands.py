@@ -154,6 +154,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="frames composed from the profile's real validation crops under this data root instead of "
                         "synthetic strips")
     deprecated_alias(p, "--compose-from", "--data-root", "data_root", type=Path)
+    p.add_argument("--strip", choices=("plain", "textured"), default="plain",
+                   help="synthetic strip to paint on: plain (smooth, the default) or textured (texture, roll lines, "
+                        "illumination drift and stains that are not defects: what a gate must still gate)")
     p.set_defaults(func=cmd_bench)
 
 

@@ -38,15 +38,30 @@ SCENARIOS = {"clean": 0.0, "typical": 0.1, "heavy": 0.5}
 POOL = 48  # distinct frames per kind; the coil cycles through them (the simulator must stay cheap)
 
 
+STRIPS = ("plain", "textured")  # synthetic backgrounds: training.synth, training.strip
+
+
 def _pool(defective: bool, width: int, height: int, seed: int, compose_from: Path | None = None,
-          profile: str = "steel", truth: list | None = None) -> list[np.ndarray]:
-    """Distinct frames of one kind: synthetic strips, or line frames composed from real crops. Each
-    frame's painted defects ((class_id, x0, y0, x1, y1) tuples) are appended to ``truth`` when given."""
+          profile: str = "steel", truth: list | None = None, strip: str = "plain") -> list[np.ndarray]:
+    """Distinct frames of one kind: synthetic strips (``strip``: plain, training.synth; textured,
+    training.strip's realistic strip with stains that are not defects), or line frames composed from
+    real crops. Each frame's painted defects ((class_id, x0, y0, x1, y1) tuples) are appended to
+    ``truth`` when given."""
+    if strip not in STRIPS:
+        raise ValueError(f"strip {strip!r}: expected one of {STRIPS}")
     if compose_from is not None:
         from agent.tools.camera_sim import composed_frames
 
         items = list(composed_frames(POOL, 1.0 if defective else 0.0, profile=profile, data_root=compose_from,
                                      split="val", seed=seed, width=width, height=height, with_instances=True))
+    elif strip == "textured":
+        from training.strip import RealisticStripGenerator
+
+        gen = RealisticStripGenerator(width=width, height=height, seed=seed)
+        items = []
+        for i in range(POOL):
+            f = gen.frame(i, defective)
+            items.append((f.image, None, [(b.cls, int(b.x0), int(b.y0), int(b.x1), int(b.y1)) for b in f.boxes]))
     else:
         from training.synth import StripGenerator
 
@@ -400,6 +415,10 @@ def run_bench(args) -> int:
 
     n = 40 if args.fast else args.frames
     scenarios = args.scenario or list(SCENARIOS)
+    if getattr(args, "data_root", None) is not None and (getattr(args, "strip", None) or "plain") != "plain":
+        print(f"coilsight bench: --strip {args.strip} paints synthetic strip; --data-root composes frames from real "
+              "crops instead: choose one", file=sys.stderr)
+        return 2
     results: dict = {"machine": machine_facts(),
                      "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "frames": n, "scenarios": {}}
     with tempfile.TemporaryDirectory(prefix="coilsight-bench-") as tmp:
@@ -432,11 +451,14 @@ def run_bench(args) -> int:
                              **{f"{role}_sha256": entry.sha256 for role, entry in pack.models.items()}}
         _say(f"bench: {n} frames of {pack.width}x{pack.height} per scenario; building frame pools ...")
         src = getattr(args, "data_root", None)
+        strip = getattr(args, "strip", None) or "plain"
         truth: tuple[list, list] = ([], [])
-        clean = _pool(False, pack.width, pack.height, 1, src, pack.profile, truth[0])
-        bad = _pool(True, pack.width, pack.height, 2, src, pack.profile, truth[1])
+        clean = _pool(False, pack.width, pack.height, 1, src, pack.profile, truth[0], strip)
+        bad = _pool(True, pack.width, pack.height, 2, src, pack.profile, truth[1], strip)
         k = len(pack.classes)
-        results["frames_source"] = f"composed from real {pack.profile} val crops under {src}" if src else "synthetic"
+        results["frames_source"] = (f"composed from real {pack.profile} val crops under {src}" if src
+                                    else "synthetic" if strip == "plain"
+                                    else "synthetic textured strip (training.strip: texture, roll lines, drift, stains)")
         # every frame of both pools: the same frames the scenarios send, not a cache-resident few
         passes = 1 if args.fast else 3
         bare_before = bare_throughput(cfg, clean + bad, passes=passes)

@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from agent.config import config_dict, dump_toml
@@ -187,3 +188,30 @@ def test_bench_refuses_a_pack_it_cannot_load_before_building_anything(tmp_path, 
         assert r.returncode == 2 and r.stdout == "", r.stdout + r.stderr
         assert f"coilsight bench: cannot bench the model pack {models.resolve()}" in r.stderr and what in r.stderr
         assert "frame pools" not in r.stderr and "Traceback" not in r.stderr
+
+
+def test_textured_strip_pools_carry_their_painted_defects_and_refuse_a_data_root(tmp_path, agent_config):
+    from agent.tools.bench import POOL, _pool
+    from training.strip import RealisticStripGenerator
+
+    truth: list = []
+    frames = _pool(True, 1600, 256, 2, truth=truth, strip="textured")
+    assert len(frames) == len(truth) == POOL
+    gen = RealisticStripGenerator(width=1600, height=256, seed=2)
+    for i in (0, POOL - 1):  # the realistic generator's frames, with its boxes as camera-sim truth
+        f = gen.frame(i, True)
+        assert np.array_equal(frames[i], f.image)
+        assert truth[i] == [(b.cls, int(b.x0), int(b.y0), int(b.x1), int(b.y1)) for b in f.boxes] != []
+    plain_truth: list = []
+    plain = _pool(True, 1600, 256, 2, truth=plain_truth)
+    assert not np.array_equal(plain[0], frames[0]) and plain_truth != truth
+    clean_truth: list = []
+    _pool(False, 1600, 256, 1, truth=clean_truth, strip="textured")
+    assert clean_truth == [[]] * POOL  # stains are not defects
+    with pytest.raises(ValueError, match="strip 'wavy'"):
+        _pool(False, 1600, 256, 1, strip="wavy")
+    cfg_path = tmp_path / "bench.toml"
+    cfg_path.write_text(dump_toml(config_dict(agent_config())))
+    r = subprocess.run([sys.executable, "-m", "agent.cli", "bench", "--fast", "--config", str(cfg_path),
+                        "--strip", "textured", "--data-root", str(tmp_path)], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "choose one" in r.stderr and r.stdout == "", r.stdout + r.stderr

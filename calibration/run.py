@@ -68,6 +68,10 @@ class CalibrationResult:
         if self.document["gate"].get("kept"):
             lines.append(f"gate: threshold KEPT, {self.document['gate']['kept']} (chosen by: "
                          f"{self.document['gate']['chosen_by']}); the figures above are its own on these samples")
+        changed = self.document["gate"].get("segmenter_changed")
+        if changed:
+            lines.append(f"gate: WARNING: its line-frame recall was measured with segmenter {changed['measured_with']}, "
+                         f"this pack's is {changed['now']}: {changed['what']}")
         sm = self.document["gate"].get("size_matched")
         if sm:
             lines.append(f"gate, size-matched view at this threshold: recall {sm['recall']:.4f} on {sm['n_defect_crops']} "
@@ -315,6 +319,16 @@ def calibrate(
             **({"size_matched": size_doc} if size_doc is not None else {})},
             "kept": "chosen on whole line frames for this very gate; `coilsight calibrate thresholds "
                     "--recalibrate-gate` replaces it"}
+        gate_doc.pop("segmenter_changed", None)
+        measured_with = (kept.get("textured_strip") or {}).get("segmenter") if isinstance(kept.get("textured_strip"),
+                                                                                         dict) else None
+        if isinstance(measured_with, str) and measured_with and not pack.seg.sha256.startswith(measured_with):
+            # its recall counted the line frames whose defect that segmenter reports: a figure of the old pair
+            gate_doc["segmenter_changed"] = {
+                "measured_with": measured_with, "now": pack.seg.sha256[:12],
+                "what": "the kept threshold's recall counts the line frames whose defect the earlier segmenter "
+                        "reports; re-measure it with this one (python -m training.gate_strip measure --run RUN "
+                        "--pack DIR --data-root ROOT), or ship a gate chosen with it"}
 
     head = pack.seg.instances  # an instance head: its per-class thresholds are chosen too
     decoded: list[tuple[list, Any]] = []

@@ -737,6 +737,20 @@ def test_a_gate_threshold_chosen_on_line_frames_is_kept_unless_recalibrated(tmp_
     assert load_calibration(load_model_pack(pack_dir)).gate_threshold == 0.9731
     # the classes were recalibrated all the same, and dice_with_gate reads the kept threshold
     assert set(kept["classes"]) == set(CLASSES) and kept["created"] >= doc["created"]
+    assert "segmenter_changed" not in kept["gate"] and "WARNING" not in out
+
+    # its recall was measured with the segmenter the pack has: nothing to say; with another: kept, and said
+    seg_sha = load_model_pack(pack_dir).seg.sha256
+    for measured_with, stale in ((seg_sha[:12], False), ("0" * 12, True)):
+        kept["gate"]["textured_strip"] = {"segmenter": measured_with, "recall": 0.99}
+        cal_path.write_text(json.dumps(kept))
+        assert calibrate_main(args) == 0
+        out = capsys.readouterr().out
+        again = json.loads(cal_path.read_text())
+        assert again["gate"]["threshold"] == 0.9731
+        assert ("segmenter_changed" in again["gate"]) == stale == ("WARNING: its line-frame recall" in out)
+        if stale:
+            assert again["gate"]["segmenter_changed"]["now"] == seg_sha[:12] and "gate_strip measure" in out
 
     assert calibrate_main(args + ["--recalibrate-gate"]) == 0
     again = json.loads(cal_path.read_text())

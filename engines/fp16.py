@@ -12,8 +12,9 @@ onnxconverter-common's ``convert_float_to_float16`` (light, CPU-only) and keeps 
   (NVIDIA/TensorRT#2564, #3101, #2691). BatchNormalization is left out on purpose: in an exported
   eval model it is a per-channel affine op (usually folded into the Conv), and blocking it would
   put casts around every conv; add it with ``keep_fp32`` when a model needs it;
-- the input normalisation chain (uint8 ``image`` -> Cast -> AveragePool/Div/Sub/Mul/Add by
-  constants): the input stays uint8 and ``(x/255 - mean)/std`` is computed in FP32, then cast once;
+- the input normalisation chain (uint8 ``image`` -> [Slice/Concat: test-time flips] -> Cast ->
+  AveragePool/Div/Sub/Mul/Add by constants): the input stays uint8 and ``(x/255 - mean)/std`` is
+  computed in FP32, then cast once;
 - the final Sigmoid/Softmax of every output and any shape-only ops after it, so the
   probabilities the thresholds were calibrated on are computed in FP32;
 - whatever the caller names in ``keep_fp32`` (op types or node names).
@@ -63,6 +64,9 @@ _SHAPE_ONLY = {"Identity", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Transp
 # AveragePool: a gate that pools the raw image before normalising it (training/nets.py) has it in
 # the chain; pooling before the first conv stays FP32 like the normalisation it precedes.
 _NORMALISE = {"Cast", "Div", "Sub", "Mul", "Add", "Identity", "AveragePool"}
+# Ops that only move the input's pixels (flips as negative-step Slices, the batch Concat of a graph
+# with test-time flips): on the uint8 input they stay in the input chain, before its Cast.
+_MOVE = {"Slice", "Concat"}
 
 
 class FP16Error(RuntimeError):
@@ -115,21 +119,19 @@ def _constants(graph) -> set[str]:
 
 
 def input_chain(graph) -> list[str]:
-    """Names of the nodes that cast and normalise the uint8 input before the first real op."""
+    """Names of the nodes that move, cast and normalise the uint8 input before the first real op: a
+    node of _NORMALISE or _MOVE whose inputs are all constants or outputs of the chain (the input's
+    flips and their Concat in a test-time-augmented graph, training.nets.FlipTTA, then the Cast and
+    the normalisation). ONNX keeps nodes in topological order, so one pass finds them all."""
     consts = _constants(graph)
-    consumers: dict[str, list] = {}
-    for node in graph.node:
-        for name in node.input:
-            consumers.setdefault(name, []).append(node)
+    tensors = {inp.name for inp in graph.input if inp.name not in consts}
     chain: list[str] = []
-    frontier = [inp.name for inp in graph.input if inp.name not in consts]
-    while frontier:
-        tensor = frontier.pop()
-        for node in consumers.get(tensor, []):
-            others = [i for i in node.input if i != tensor and i]
-            if node.op_type in _NORMALISE and all(i in consts for i in others) and node.name not in chain:
-                chain.append(node.name)
-                frontier.extend(node.output)
+    for node in graph.node:
+        inputs = [i for i in node.input if i]
+        if (node.op_type in _NORMALISE | _MOVE and any(i in tensors for i in inputs)
+                and all(i in tensors or i in consts for i in inputs)):
+            chain.append(node.name)
+            tensors.update(node.output)
     return chain
 
 

@@ -253,11 +253,15 @@ def _best_brief(best: dict) -> dict:
 
 def _headline(train: dict, ev: dict | None, split: str) -> list[str]:
     """An instance pack's first section: its tier, then mAP and events per defect."""
-    t = tier(train.get("model_size"))
+    t = train.get("tier") or tier(train.get("model_size"))
     what = {"edge": "the CPU default", "line": "for GPU line boxes"}.get(t, "")
+    tta = train.get("tta") or {}
     lines = [f"## Headline: {t} tier" + (f" ({what})" if what else ""), "",
              f"Every figure in this card belongs to the **{t} tier** (instance model size `{train.get('model_size')}`, "
-             "training/nets.py INSTANCE_CONFIGS). One event = one instance (heatmap peak, box, mask).", ""]
+             "training/nets.py INSTANCE_CONFIGS"
+             + (f"; seg.onnx runs it with `{tta.get('flips')}` test-time flips, {tta.get('passes')} passes averaged, "
+                f"{tta.get('passes')}x its arithmetic" if tta else "")
+             + "). One event = one instance (heatmap peak, box, mask).", ""]
     det, inst = (ev or {}).get("detection") or {}, (ev or {}).get("instances") or {}
     coco = (ev or {}).get("detection_coco") or {}
     if coco:  # the COCO view first (what published detector figures mean), the operating point beside it

@@ -85,6 +85,11 @@ def _register_train(subparsers) -> None:
     e.add_argument("--gate-from", type=Path, metavar="PACK",
                    help="instance runs (train-instances): copy this pack's gate into the new pack (same classes "
                         "and frame size); without it the pack has no gate")
+    e.add_argument("--tta", choices=("none", "flip", "flip4"), default="none",
+                   help="instance runs: test-time flips inside seg.onnx, averaged (flip: + left-right, 2 passes; flip4: "
+                        "+ left-right, up-down and both, 4 passes; that many times the arithmetic) (default: none)")
+    e.add_argument("--tier", choices=("edge", "line"),
+                   help="instance runs: the pack's tier in model.json (default: the model size's)")
     e.set_defaults(func=_run_export)
 
     ti = subparsers.add_parser("train-instances", help="train a profile's instance model (heatmap, size, offset "
@@ -203,12 +208,18 @@ def _run_export_instances(args: argparse.Namespace) -> int:
     from engines.modelpack import ModelPackError
 
     try:
-        doc = export_instance_pack(args.checkpoint, args.out, gate_from=args.gate_from, profile=args.profile)
+        doc = export_instance_pack(args.checkpoint, args.out, gate_from=args.gate_from, profile=args.profile,
+                                   tta=args.tta, tier=args.tier)
     except (ExportError, ModelPackError) as exc:
         print(f"coilsight export: error: {exc}", file=sys.stderr)
         return 2
     d = doc["max_abs_diff"]
-    print(f"exported {doc['profile']} instance pack (format 3) to {args.out}: seg {doc['models']['seg']['sha256'][:12]}"
+    tta = doc["training"].get("tta")
+    tier = doc["training"].get("tier")
+    print(f"exported {doc['profile']} instance pack (format 3) to {args.out}: "
+          + (f"{tier} tier, " if tier else "")
+          + (f"{tta['flips']} test-time flips in the graph ({tta['passes']} passes), " if tta else "")
+          + f"seg {doc['models']['seg']['sha256'][:12]}"
           f"{', gate from ' + str(args.gate_from) if args.gate_from else ', no gate'}; torch vs ONNX Runtime max abs diff "
           + ", ".join(f"{k} {v:.2e}" for k, v in d.items()))
     return 0
@@ -218,15 +229,23 @@ def _run_export(args: argparse.Namespace) -> int:
     if (code := missing_extra("export", "train", "torch", "onnx")) is not None:
         return code
     if args.profile in GENERATED_PROFILES:
+        given = [f for f, on in (("--gate-from", args.gate_from is not None), ("--tta", args.tta != "none"),
+                                 ("--tier", args.tier is not None)) if on]
+        if given:
+            print(f"coilsight export: error: {', '.join(given)}: not for the {args.profile} line's packs "
+                  "(instance runs of train-instances only)", file=sys.stderr)
+            return 2
         return _line_call("export", args.profile, "export", args.checkpoint, args.out)
     from training.export import ExportError, export_pack
     from engines.modelpack import ModelPackError
 
     if _is_instance_run(args.checkpoint):
         return _run_export_instances(args)
-    if args.gate_from is not None:
-        print("coilsight export: error: --gate-from is for instance runs (train-instances)", file=sys.stderr)
-        return 2
+    for flag, given in (("--gate-from", args.gate_from is not None), ("--tta", args.tta != "none"),
+                        ("--tier", args.tier is not None)):
+        if given:
+            print(f"coilsight export: error: {flag} is for instance runs (train-instances)", file=sys.stderr)
+            return 2
     try:
         doc = export_pack(args.checkpoint, args.out, args.profile, pool_in_graph=args.gate_pool_in_graph)
     except (ExportError, ModelPackError) as exc:

@@ -365,16 +365,26 @@ def kept_gate_config(gate_from: str | Path) -> dict[str, Any]:
 
 def export_instance_pack(checkpoint: str | Path, out: str | Path, height: int | None = None, width: int | None = None,
                          gate_from: str | Path | None = None, check_frames: list[np.ndarray] | None = None,
-                         profile: str | None = None) -> dict[str, Any]:
+                         profile: str | None = None, tta: str = "none", tier: str | None = None) -> dict[str, Any]:
     """Export an instance run's best.pt as seg.onnx (outputs probs, heatmap, size, offset) plus
     model.json format 3 into `out`; with `gate_from` (a pack folder), that pack's gate.onnx and its
-    model.json entry are copied beside it. Returns model.json's content plus `max_abs_diff` per output."""
+    model.json entry are copied beside it. ``tta``: "flip" or "flip4" puts test-time flips in the graph
+    (training.nets.FlipTTA: 2 or 4 passes averaged), recorded as model.json ``training.tta``. ``tier``:
+    the pack's tier (default: the model size's). Returns model.json's content plus `max_abs_diff` per output."""
     from engines.modelpack import load_model_pack as load_pack
+    from engines.packs import TIERS
+    from training.nets import TTA_FLIPS, FlipTTA
     from training.train import PROFILE_TRAINING
 
+    if tta not in TTA_FLIPS:
+        raise ExportError(f"tta {tta!r}: expected one of {', '.join(TTA_FLIPS)}")
+    if tier is not None and tier not in TIERS:
+        raise ExportError(f"tier {tier!r}: expected one of {', '.join(TIERS)}")
     meta, model = load_instance_run(checkpoint)
     if profile is not None and profile != meta["profile"]:
         raise ExportError(f"{checkpoint}: the run trained profile {meta['profile']!r}, not {profile!r}")
+    if tta != "none":
+        model = FlipTTA(model, tta).eval()
     prof = PROFILE_TRAINING.get(meta["profile"])
     height = height or (prof.height if prof else None)
     width = width or (prof.width if prof else None)
@@ -403,6 +413,14 @@ def export_instance_pack(checkpoint: str | Path, out: str | Path, height: int | 
         gate_entry["file"] = "gate.onnx"
         gate_entry["sha256"] = sha256_file(out / "gate.onnx")
     doc = instance_model_json(meta, out / "seg.onnx", height, width, gate_entry)
+    if tta != "none":
+        doc["training"]["tta"] = {
+            "flips": tta, "passes": model.passes,
+            "what": f"test-time augmentation in seg.onnx (training.nets.FlipTTA): the frame and its {tta} flips as one "
+                    f"batch, probs, heatmap and size flipped back and averaged, the offset of the plain pass; "
+                    f"{model.passes}x the model's arithmetic"}
+    if tier is not None:
+        doc["training"]["tier"] = tier
     if gate_entry is not None:
         doc["training"]["gate_from"] = str(gate_from)
         doc["training"].update(kept_gate_config(gate_from))  # the kept gate's net, for training.gate_strip

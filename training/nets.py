@@ -356,6 +356,41 @@ class InstanceSegmenter(nn.Module):
         return torch.sigmoid(r["probs"]), torch.sigmoid(r["heatmap"]), size, torch.sigmoid(r["offset"])
 
 
+TTA_FLIPS = {"none": (), "flip": ((3,),), "flip4": ((3,), (2,), (2, 3))}  # flipped dims of each extra pass
+
+
+class FlipTTA(nn.Module):
+    """Test-time augmentation inside the exported graph: the net runs on the frame and its flips (one
+    batch of (1 + flips) x N; ``flips`` from TTA_FLIPS), each pass's probs, heatmap and size are flipped
+    back and averaged; the offset is the plain pass's (a flipped offset points the other way within its
+    cell). Same outputs and contract as the net; (1 + flips) x its arithmetic. The runtime does not know:
+    it is the pack's seg graph."""
+
+    def __init__(self, net: nn.Module, flips: str = "flip4"):
+        super().__init__()
+        if flips not in TTA_FLIPS or not TTA_FLIPS[flips]:
+            raise ValueError(f"FlipTTA: flips {flips!r}; known: {', '.join(k for k, v in TTA_FLIPS.items() if v)}")
+        self.net = net
+        self.flips = flips
+        self.dims = TTA_FLIPS[flips]
+
+    @property
+    def passes(self) -> int:
+        return 1 + len(self.dims)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        n = x.shape[0]
+        probs, heat, size, offset = self.net(torch.cat([x, *[torch.flip(x, dims=d) for d in self.dims]]))
+
+        def mean(t: torch.Tensor) -> torch.Tensor:
+            total = t[:n]
+            for i, d in enumerate(self.dims, start=1):
+                total = total + torch.flip(t[i * n:(i + 1) * n], dims=d)
+            return total * (1.0 / self.passes)
+
+        return mean(probs), mean(heat), mean(size), offset[:n]
+
+
 def build_instance_model(num_classes: int, in_channels: int = 1, mean: float = 0.5, std: float = 0.25,
                          config: InstanceConfig | str = "edge") -> InstanceSegmenter:
     if isinstance(config, str):

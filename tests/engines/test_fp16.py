@@ -125,3 +125,37 @@ def test_shipped_packs_convert_load_and_keep_their_decisions(tmp_path, profile):
                              instances=entry.instances,  # a format-3 seg model: its boxes are judged too
                              instance_thresholds=[cal.classes[c].instance_threshold for c in pack.classes])
         report.check(ParityBar())  # raises ParityError naming what differs
+
+
+def test_input_flips_and_their_concat_stay_in_the_uint8_input_chain(tmp_path):
+    """A graph with test-time flips (training.nets.FlipTTA) moves the uint8 input (negative-step Slice,
+    batch Concat) before its Cast: those nodes join the input chain, so the FP16 model loads (the
+    converter otherwise retyped the Cast after them and ONNX Runtime refused the graph)."""
+    i64 = lambda name, v: helper.make_tensor(name, TensorProto.INT64, [len(v)], v)  # noqa: E731
+    rng = np.random.default_rng(0)
+    w = helper.make_tensor("w", TensorProto.FLOAT, [2, 1, 3, 3], rng.normal(0, 0.3, 18).astype(np.float32).tolist())
+    nodes = [
+        helper.make_node("Slice", ["image", "st", "en", "ax", "sp"], ["flipped"], name="flip"),
+        helper.make_node("Concat", ["image", "flipped"], ["both"], axis=0, name="batch"),
+        helper.make_node("Cast", ["both"], ["f"], to=TensorProto.FLOAT, name="cast"),
+        helper.make_node("Mul", ["f", "scale"], ["m"], name="mul"),
+        helper.make_node("Add", ["m", "shift"], ["x"], name="add"),
+        helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1], name="conv"),
+        helper.make_node("Sigmoid", ["c"], ["probs"], name="sigmoid"),
+    ]
+    graph = helper.make_graph(
+        nodes, "flips", [helper.make_tensor_value_info("image", TensorProto.UINT8, ["N", 1, "H", "W"])],
+        [helper.make_tensor_value_info("probs", TensorProto.FLOAT, None)],
+        [i64("st", [-1]), i64("en", [-(2 ** 63)]), i64("ax", [3]), i64("sp", [-1]), w,
+         helper.make_tensor("scale", TensorProto.FLOAT, [], [1 / 255 / 0.25]),
+         helper.make_tensor("shift", TensorProto.FLOAT, [], [-2.0])])
+    src = tmp_path / "flips.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(src))
+    assert fp16.input_chain(onnx.load(str(src)).graph) == ["flip", "batch", "cast", "mul", "add"]
+    result = fp16.convert(src, tmp_path / "flips.fp16.onnx")
+    assert {"flip", "batch", "cast", "mul", "add", "sigmoid"} <= set(result.blocked_nodes)
+    x = synthetic_frames(2, 1, 32, 48)
+    ref, got = _run(src, x), _run(result.path, x)
+    assert ref.shape == (4, 2, 32, 48)
+    assert np.array_equal(ref[2:], _run(src, x[..., ::-1].copy())[:2])  # the second half is the flipped frame's
+    assert np.abs(ref - got).max() < 5e-3

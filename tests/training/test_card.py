@@ -126,6 +126,13 @@ def test_an_instance_pack_card_names_its_tier_and_puts_map_and_events_per_defect
     assert "instance head `heatmap`" in text
     assert "| 0.35 | 0.610 | 0.700 | 0.550 | True |" in text, "the calibrated instance thresholds are listed"
     assert "best val mAP@0.5" in text and "by val loss" not in text
+    assert "test-time flips" not in head
+    # an edge-size model exported as the line tier with test-time flips: the card says both
+    meta["training"].update(tier="line", tta={"flips": "flip4", "passes": 4})
+    (tiny_pack / "model.json").write_text(json.dumps(meta))
+    head = render(tiny_pack, ev, None)
+    assert "## Headline: line tier (for GPU line boxes)" in head and "**line tier** (instance model size `edge`" in head
+    assert "`flip4` test-time flips, 4 passes averaged, 4x its arithmetic" in head
     # a component pack keeps its old card: no headline
     assert "## Headline" not in render(_plain(tiny_pack, tmp_path), None, None)
 

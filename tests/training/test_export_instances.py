@@ -122,6 +122,17 @@ def test_cli_trains_and_exports_an_instance_run(tmp_path):
     assert load_model_pack(tmp_path / "pack").seg.instances is not None
     bad = subprocess.run(cmd[:-2] + ["--profile", "kolektorsdd"], capture_output=True, text=True, timeout=300, env=env)
     assert bad.returncode == 2 and "not 'kolektorsdd'" in bad.stderr
+    line = subprocess.run(cmd[:-4] + ["--out", str(tmp_path / "line"), "--gate-from", str(STEEL_PACK), "--tta", "flip",
+                           "--tier", "line"],
+                          capture_output=True, text=True, timeout=300, env=env)
+    assert line.returncode == 0, line.stderr
+    assert "line tier, flip test-time flips in the graph (2 passes)" in line.stdout
+    assert json.loads((tmp_path / "line" / "model.json").read_text())["training"]["tta"]["passes"] == 2
+    for profile in ("wafer",):  # the generated lines' packs take neither
+        refused = subprocess.run([sys.executable, "-m", "agent.cli", "export", "--checkpoint", str(run), "--profile",
+                                  profile, "--out", str(tmp_path / "w"), "--tta", "flip4"],
+                                 capture_output=True, text=True, timeout=300, env=env)
+        assert refused.returncode == 2 and "--tta: not for the wafer line's packs" in refused.stderr
 
 
 def _gate_strip_roundtrip(pack: Path) -> float:
@@ -170,3 +181,57 @@ def test_gate_from_records_the_kept_gates_net_so_gate_strip_can_rebuild_it(tmp_p
     doc["training"]["kind"] = "instances"
     (comp / "model.json").write_text(json.dumps(doc))
     assert kept_gate_config(comp) == {}
+
+
+def test_flip_tta_averages_the_flipped_passes_and_keeps_the_plain_offset():
+    from training.nets import FlipTTA
+
+    torch.manual_seed(3)
+    net = build_instance_model(2, config="test").eval()
+    x = torch.randint(0, 256, (2, 1, 64, 96), dtype=torch.uint8)
+    with torch.no_grad():
+        plain = net(x)
+        flipped = {d: net(torch.flip(x, dims=d)) for d in ((3,), (2,), (2, 3))}
+        for name, dims in (("flip", ((3,),)), ("flip4", ((3,), (2,), (2, 3)))):
+            tta = FlipTTA(net, name)
+            got = tta(x)
+            assert tta.passes == 1 + len(dims)
+            for i in range(3):  # probs, heatmap, size: the mean of the plain pass and each pass flipped back
+                want = (plain[i] + sum(torch.flip(flipped[d][i], dims=d) for d in dims)) / tta.passes
+                assert torch.allclose(got[i], want, atol=1e-6), (name, i)
+                assert not torch.allclose(got[i], plain[i], atol=1e-4), (name, i)  # the flips do count
+            assert torch.equal(got[3], plain[3])  # the offset is the plain pass's
+    # a frame symmetric left-right: the left-right mean is the plain pass (the flips are undone right)
+    sym = torch.cat([x[..., :48], torch.flip(x[..., :48], dims=(3,))], dim=3)
+    with torch.no_grad():
+        a, b = net(sym), net(torch.flip(sym, dims=(3,)))
+        assert torch.allclose(FlipTTA(net, "flip")(sym)[1], (a[1] + torch.flip(b[1], dims=(3,))) / 2, atol=1e-6)
+    with pytest.raises(ValueError, match="flips 'none'"):
+        FlipTTA(net, "none")
+
+
+def test_export_with_tta_puts_the_flips_in_the_graph_and_says_so(tmp_path):
+    from training.nets import FlipTTA
+
+    run = _fake_run(tmp_path / "run")
+    frame = RealisticStripGenerator(seed=0).frame(1, defective=True).image[None, None]
+    doc = export_instance_pack(run, tmp_path / "pack", gate_from=STEEL_PACK, tta="flip4", tier="line",
+                               check_frames=[frame])
+    assert all(v < 1e-3 for v in doc["max_abs_diff"].values()), doc["max_abs_diff"]
+    raw = json.loads((tmp_path / "pack" / "model.json").read_text())
+    assert raw["training"]["tta"]["flips"] == "flip4" and raw["training"]["tta"]["passes"] == 4
+    assert raw["training"]["tier"] == "line"  # chosen, not the model size's (test: none)
+    # ONNX Runtime runs the four passes: the graph's heatmap is FlipTTA's, not the plain net's
+    _, model = load_instance_run(run)
+    sess = ort.InferenceSession(str(tmp_path / "pack" / "seg.onnx"), providers=["CPUExecutionProvider"])
+    heat = sess.run(["heatmap"], {"image": frame})[0]
+    with torch.no_grad():
+        want = FlipTTA(model, "flip4")(torch.from_numpy(frame))[1].numpy()
+        plain = model(torch.from_numpy(frame))[1].numpy()
+    assert np.abs(heat - want).max() < 1e-4 < np.abs(heat - plain).max()
+    plain_doc = export_instance_pack(run, tmp_path / "plain", gate_from=STEEL_PACK)
+    assert "tta" not in plain_doc["training"] and "tier" not in plain_doc["training"]
+    with pytest.raises(ExportError, match="tta 'mirror'"):
+        export_instance_pack(run, tmp_path / "x", tta="mirror")
+    with pytest.raises(ExportError, match="tier 'cloud'"):
+        export_instance_pack(run, tmp_path / "x", tier="cloud")

@@ -503,11 +503,32 @@ def train(out: Path, pack_dir: Path, data_root: Path, *, minutes: float = 20.0, 
                 (_scores(gate, neu_data["val_crops"]).max(axis=1) >= v["threshold"]).mean()), 6)
         return v
 
+    def write_meta(step: int, best: dict[str, Any], finished: bool) -> dict[str, Any]:
+        """meta.json beside best.pt: the run's settings, best and history so far. Written at every new
+        best with ``finished`` False, so that measure and ship can read a run stopped from outside."""
+        meta = {"what": "steel gate fine-tuned on textured strip frames (training/gate_strip.py)",
+                "pack": str(pack_dir), "finished": finished,
+                "config": dataclasses.asdict(gate.config), "classes": doc["classes"], "input_pool": pool,
+                "mean": doc["input"]["mean"], "std": doc["input"]["std"], "seeds": SEEDS,
+                "frames_per_coil": FRAMES_PER_COIL, "stains_per_frame": STAINS_PER_FRAME,
+                "train_frames": {"clean": n_clean, "composited": n_pos, "plain_clean": n_plain_clean,
+                                 "plain_composited": n_plain_pos},
+                "val_frames": {"clean": n_val, "composited": n_val, "plain_clean": n_val if plain_vx is not None else 0},
+                "plain_seed_offset": PLAIN_SEED_OFFSET, "neu": neu,
+                "val_recall_of": f"composited val frames the pack's segmenter reports (IoU >= {REPORTED_IOU})",
+                "steps": step, "batch": batch, "lr": lr, "seed": seed, "threads": threads, "dense": dense,
+                "hard": hard, "init_run": "RUN of the earlier stage" if init_run else None,
+                "minutes": round((time.monotonic() - t0) / 60.0, 2), "start": start, "best": best,
+                "history": history, "command": command}
+        write_json(out / "meta.json", meta)
+        return meta
+
     start = val_figures()
     log.info("gate_strip_val", step=0, **start)
     best = {**start, "step": 0}
     torch.save(gate.state_dict(), out / "best.pt")
     history = [best]
+    write_meta(0, best, finished=False)
     opt = torch.optim.AdamW(gate.parameters(), lr=lr, weight_decay=1e-4)
     pos_idx, neg_idx = np.flatnonzero(ys.max(axis=1) > 0), np.flatnonzero(ys.max(axis=1) == 0)
     t_train = time.monotonic()
@@ -564,23 +585,10 @@ def train(out: Path, pack_dir: Path, data_root: Path, *, minutes: float = 20.0, 
             if checkpoint_key(v) < checkpoint_key(best):
                 best = {**v, "step": step}
                 torch.save(gate.state_dict(), out / "best.pt")
+                write_meta(step, best, finished=False)
         if over:
             break
-    meta = {"what": "steel gate fine-tuned on textured strip frames (training/gate_strip.py)", "pack": str(pack_dir),
-            "config": dataclasses.asdict(gate.config), "classes": doc["classes"], "input_pool": pool,
-            "mean": doc["input"]["mean"], "std": doc["input"]["std"], "seeds": SEEDS,
-            "frames_per_coil": FRAMES_PER_COIL, "stains_per_frame": STAINS_PER_FRAME,
-            "train_frames": {"clean": n_clean, "composited": n_pos, "plain_clean": n_plain_clean,
-                             "plain_composited": n_plain_pos},
-            "val_frames": {"clean": n_val, "composited": n_val, "plain_clean": n_val if plain_vx is not None else 0},
-            "plain_seed_offset": PLAIN_SEED_OFFSET, "neu": neu,
-            "val_recall_of": f"composited val frames the pack's segmenter reports (IoU >= {REPORTED_IOU})",
-            "steps": step, "batch": batch, "lr": lr, "seed": seed, "threads": threads, "dense": dense, "hard": hard,
-            "init_run": "RUN of the earlier stage" if init_run else None,
-            "minutes": round((time.monotonic() - t0) / 60.0, 2), "start": start, "best": best, "history": history,
-            "command": command}
-    write_json(out / "meta.json", meta)
-    return meta
+    return write_meta(step, best, finished=True)
 
 
 if __name__ == "__main__":

@@ -356,3 +356,29 @@ def test_neu_figures_are_the_gate_on_real_images_and_their_clean_crops(tmp_path)
     mid = float(np.median(scores))
     assert gate_strip.neu_figures(STEEL / "gate.onnx", STEEL, tmp_path / "data", mid, pool, "train")["recall"] == \
         pytest.approx(float((scores >= mid).mean()))
+
+
+def test_a_run_stopped_from_outside_leaves_the_record_of_its_best(tmp_path, monkeypatch):
+    """meta.json is written with best.pt, not only at the end: a run killed mid-way can still be
+    measured and shipped (export_gate reads meta.json beside best.pt)."""
+    pytest.importorskip("torch")
+    from training.gate_strip_ship import export_gate
+
+    _neu_tree(tmp_path / "data" / "neu_det")
+    real_info = gate_strip.log.info
+
+    def stop_after_the_first_val(event, **kw):
+        real_info(event, **kw)
+        if event == "gate_strip_val" and kw.get("step", 0) > 0:
+            raise KeyboardInterrupt  # what a kill does to the loop: no end-of-run code runs
+    monkeypatch.setattr(gate_strip.log, "info", stop_after_the_first_val)
+    with pytest.raises(KeyboardInterrupt):
+        gate_strip.train(tmp_path / "run", STEEL, tmp_path / "data", steps=3, n_clean=2, n_pos=2, n_val=2, batch=2,
+                         minutes=5, input_pool=2)
+    meta = json.loads((tmp_path / "run" / "meta.json").read_text())
+    assert meta["finished"] is False and meta["best"]["step"] == 0 and meta["steps"] == 0
+    assert export_gate(tmp_path / "run", tmp_path / "gate.onnx") < 1e-4  # the stopped run's best.pt exports
+    monkeypatch.setattr(gate_strip.log, "info", real_info)
+    done = gate_strip.train(tmp_path / "run2", STEEL, tmp_path / "data", steps=1, n_clean=2, n_pos=2, n_val=2,
+                            batch=2, minutes=5, input_pool=2)
+    assert done["finished"] is True and json.loads((tmp_path / "run2" / "meta.json").read_text())["steps"] == 1

@@ -34,13 +34,15 @@ def test_the_tier_chooses_the_shipped_pack_folder():
 def test_a_tier_that_is_not_shipped_is_a_config_problem_naming_the_folder_and_the_command():
     assert missing_tier_pack("steel", "edge") is None  # shipped
     assert models_problem(config_from_dict({})) is None
-    problem = models_problem(config_from_dict({"models": {"tier": "line"}}))
-    assert problem is not None and problem.startswith("models.tier: the line tier's model pack for profile 'steel'")
-    assert f"no model.json in {SHIPPED_PACKS / 'line' / 'steel'}" in problem
-    assert "docs/models.md" in problem and "coilsight train-instances --profile steel" in problem
-    assert "--model-size line" in problem and "--out engines/models/line/steel" in problem
+    assert models_problem(config_from_dict({"models": {"tier": "line"}})) is None  # steel's line pack is shipped
+    problem = models_problem(config_from_dict({"agent": {"profile": "magnetic_tile"}, "models": {"tier": "line"}}))
+    assert problem is not None and problem.startswith(
+        "models.tier: the line tier's model pack for profile 'magnetic_tile'")
+    assert f"no model.json in {SHIPPED_PACKS / 'line' / 'magnetic_tile'}" in problem
+    assert "docs/models.md" in problem and "coilsight train-instances --profile magnetic_tile" in problem
+    assert "--model-size line" in problem and "--out engines/models/line/magnetic_tile" in problem
     # a profile without an edge pack is named the same way; an explicit models.dir is the loader's to check
-    assert "--gate-from engines/models/steel" in problem  # a line pack keeps the edge pack's gate
+    assert "--gate-from engines/models/magnetic_tile" in problem  # a line pack keeps the edge pack's gate
     edge = models_problem(config_from_dict({"agent": {"profile": "nosuch"}}))
     assert f"no model.json in {SHIPPED_PACKS / 'nosuch'}" in edge and "--gate-from" not in edge
     assert models_problem(config_from_dict({"agent": {"profile": "nosuch"}, "models": {"dir": "/x"}})) is None
@@ -48,24 +50,26 @@ def test_a_tier_that_is_not_shipped_is_a_config_problem_naming_the_folder_and_th
 
 def test_check_config_exits_1_on_a_missing_tier_and_0_on_the_shipped_one(tmp_path, capsys):
     line = tmp_path / "line.toml"
-    line.write_text('[agent]\nprofile = "steel"\n[models]\ntier = "line"\n')
+    line.write_text('[agent]\nprofile = "magnetic_tile"\n[models]\ntier = "line"\n')
     assert main(["check-config", str(line)]) == 1
     out = capsys.readouterr().out
-    assert f"{line}: models.tier: the line tier's model pack" in out and str(SHIPPED_PACKS / "line" / "steel") in out
-    assert "1 error(s)" in out
-    edge = tmp_path / "edge.toml"
-    edge.write_text('[agent]\nprofile = "steel"\n[models]\ntier = "edge"\n')
-    assert main(["check-config", str(edge), "--load-models"]) == 0
-    assert capsys.readouterr().out.strip() == f"{edge}: ok"
+    assert f"{line}: models.tier: the line tier's model pack" in out
+    assert str(SHIPPED_PACKS / "line" / "magnetic_tile") in out and "1 error(s)" in out
+    for tier in ("edge", "line"):  # steel ships both tiers: each loads, and is the tier it says it is
+        ok = tmp_path / f"{tier}.toml"
+        ok.write_text(f'[agent]\nprofile = "steel"\n[models]\ntier = "{tier}"\n')
+        assert main(["check-config", str(ok), "--load-models"]) == 0
+        assert capsys.readouterr().out.strip() == f"{ok}: ok"
+        assert json.loads((shipped_pack_dir("steel", tier) / "model.json").read_text())["training"]["tier"] == tier
 
 
 def test_start_refuses_a_missing_tier_with_one_config_error_line(tmp_path):
     line = tmp_path / "line.toml"
-    line.write_text(f'[agent]\nprofile = "steel"\nstate_dir = "{tmp_path / "state"}"\n[models]\ntier = "line"\n')
+    line.write_text(f'[agent]\nprofile = "magnetic_tile"\nstate_dir = "{tmp_path / "state"}"\n[models]\ntier = "line"\n')
     r = subprocess.run([sys.executable, "-m", "agent.cli", "run", "--config", str(line)], capture_output=True,
                        text=True, timeout=60, cwd=REPO)
     assert r.returncode == 2, r.stderr
-    assert "config error:" in r.stderr and f"no model.json in {SHIPPED_PACKS / 'line' / 'steel'}" in r.stderr
+    assert "config error:" in r.stderr and f"no model.json in {SHIPPED_PACKS / 'line' / 'magnetic_tile'}" in r.stderr
     assert not (tmp_path / "state").exists()  # refused before anything was opened
 
 

@@ -21,8 +21,9 @@ from typing import Any
 
 import numpy as np
 
-from training.gate_strip import (HEIGHT, RECALL_TARGET, SEEDS, WIDTH, GateStripError,
+from training.gate_strip import (HEIGHT, OWN_MEASURE_START, RECALL_TARGET, SEEDS, WIDTH, GateStripError,
                                  NEU_RECALL_FLOOR, REPORTED_IOU, defect_patches, frames, generated_defective_frame,
+                                 joint_threshold, own_defective,
                                  _onnx_scores, neu_figures, pack_gate_pool, plain_frame, pooled, reported_by_segmenter,
                                  threshold_and_pass_rate, train)
 
@@ -47,7 +48,10 @@ def measure(gate_onnx: Path, data_root: Path, *, n: int = 400, threads: int = 1,
 
     ``seg_pack``: recall counts the composited frames whose defect that pack's segmenter reports
     (``reported_by_segmenter``): a gate that stops a frame the segmenter would find nothing in
-    loses nothing. The recall over all composited frames is reported beside it (``recall_all``)."""
+    loses nothing. The recall over all composited frames is reported beside it (``recall_all``).
+    The threshold also keeps that recall on n/2 frames of the generators' own defects
+    (own_defective, frames OWN_MEASURE_START..; ``recall_own``): a gate must not learn NEU's pasted
+    defects alone (joint_threshold)."""
     from calibration.gate import wilson_lower
     from engines.modelpack import load_model_pack
     from training.datasets.profiles import load_profile_dataset
@@ -84,8 +88,32 @@ def measure(gate_onnx: Path, data_root: Path, *, n: int = 400, threads: int = 1,
                     else draw_reported())
         return s[pos], s[~pos], vis[pos], rep[pos]
 
+    def own_scores(split, count):  # the generators' own defects (own_defective), frames OWN_MEASURE_START..
+        made: list = []
+
+        def raw():
+            if not made:
+                made.append(own_defective(split, count, OWN_MEASURE_START))
+            return made[0]
+
+        def draw():
+            return [pooled(raw()[0], pool)]
+
+        def draw_reported():
+            return [reported_by_segmenter(Path(seg_pack), *raw(), threads)]
+
+        key = f"{split}_{count}_{OWN_MEASURE_START}"
+        x, = cached(Path(cache) / f"measure_own_defects_{key}_pool{pool}.npz", draw) if cache else draw()
+        s = _onnx_scores(gate_onnx, x, threads)
+        if seg_tag is None:
+            return s, np.ones(len(s), bool)
+        r, = (cached(Path(cache) / f"reported_own_defects_{key}_{seg_tag}.npz", draw_reported) if cache
+              else draw_reported())
+        return s, r.astype(bool)
+
     pos_all, clean, vis, rep = split_scores("val", n)
     pos = pos_all[rep]
+    own_all, own_rep = own_scores("val", n // 2)
     if seg_tag is not None and not len(pos):
         raise GateStripError(f"the segmenter of {seg_pack} reports none of the {len(pos_all)} composited val frames' "
                              "defects: no recall to choose a gate threshold for")
@@ -95,7 +123,8 @@ def measure(gate_onnx: Path, data_root: Path, *, n: int = 400, threads: int = 1,
 
     plain_x, = cached(Path(cache) / f"measure_plain_{n // 2}_pool{pool}.npz", draw_plain) if cache else draw_plain()
     plain = _onnx_scores(gate_onnx, plain_x, threads)
-    chosen = threshold_and_pass_rate(pos, clean)
+    # the threshold keeps recall on both kinds of defect the segmenter reports: NEU's pasted and the generators' own
+    chosen = joint_threshold({"composited": pos, "own": own_all[own_rep]}, clean)
     t = chosen["threshold"] if threshold is None else float(threshold)
     hits = int((pos >= t).sum())
     out: dict[str, Any] = {
@@ -105,6 +134,10 @@ def measure(gate_onnx: Path, data_root: Path, *, n: int = 400, threads: int = 1,
                       f"{REPORTED_IOU} with it, engines.postprocess at the calibrated thresholds)"
                       if seg_tag else "all composited frames"),
         "recall_all": round(float((pos_all >= t).mean()), 6), "n_reported": int(len(pos)),
+        "recall_own": round(float((own_all[own_rep] >= t).mean()), 6) if own_rep.any() else None,
+        "recall_own_all": round(float((own_all >= t).mean()), 6), "n_own": int(len(own_all)),
+        "n_own_reported": int(own_rep.sum()),
+        "own_frames": f"val frames {OWN_MEASURE_START}.. of the generators' own defects (textured and plain strip)",
         "pass_rate_clean": round(float((clean >= t).mean()), 6), "n_composited": int(len(pos_all)),
         "n_clean": int(len(clean)),
         "pass_rate_clean_plain": round(float((plain >= t).mean()), 6), "n_clean_plain": int(len(plain)),
@@ -122,7 +155,10 @@ def measure(gate_onnx: Path, data_root: Path, *, n: int = 400, threads: int = 1,
 
         own, = cached(Path(cache) / f"measure_own_{n // 2}_pool{pool}.npz", draw_own) if cache else draw_own()
         own_s = _onnx_scores(gate_onnx, own, threads)
+        town, town_rep = own_scores("test", n // 2)
         out["test"] = {"recall_composited": round(float((tpos >= t).mean()), 6),
+                       "recall_own": round(float((town[town_rep] >= t).mean()), 6) if town_rep.any() else None,
+                       "n_own_reported": int(town_rep.sum()),
                        "recall_all_composited": round(float((tpos_all >= t).mean()), 6), "n_reported": int(len(tpos)),
                        "pass_rate_clean": round(float((tclean >= t).mean()), 6),
                        "recall_generated_defects": round(float((own_s >= t).mean()), 6),
@@ -141,6 +177,10 @@ def decide(figures: dict[str, Any]) -> tuple[bool, str]:
     before = figures["pack_gate_before"]["pass_rate_clean"]
     if recall < RECALL_TARGET:
         return False, f"val recall {recall} is below {RECALL_TARGET}"
+    own = figures.get("recall_own")
+    if own is not None and own < RECALL_TARGET:
+        return False, (f"val recall {own} on the generators' own defects the segmenter reports is below "
+                       f"{RECALL_TARGET}")
     neu = figures.get("neu")
     if neu is not None and neu["recall"] < NEU_RECALL_FLOOR:
         return False, (f"on real NEU-DET val images it passes {neu['recall']} of them at its threshold (floor "
@@ -244,6 +284,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--neu", type=float, default=0.0,
                    help="train: share of steps that also train on real NEU images and their defect-free crops")
+    p.add_argument("--own", type=float, default=0.0,
+                   help="train: add the generators' own defective frames (textured and plain strip), this share of "
+                        "the composited ones, as positives; val keeps recall on both kinds")
     p.add_argument("--plain", type=float, default=0.0,
                    help="train: add plain strip (training.synth) frames, this share of the textured ones")
     p.add_argument("--input-pool", type=int, default=None,
@@ -259,7 +302,7 @@ def main(argv: list[str] | None = None) -> int:
                 named[str(a.init_run)] = "EARLIER_RUN"
                 command = "python -m training.gate_strip " + " ".join(named.get(x, x) for x in args)
             m = train(a.run, a.pack, a.data_root, minutes=a.minutes, steps=a.steps, threads=a.threads, hard=a.hard,
-                      init_run=a.init_run, lr=a.lr, input_pool=a.input_pool, plain=a.plain, neu=a.neu,
+                      init_run=a.init_run, lr=a.lr, input_pool=a.input_pool, plain=a.plain, neu=a.neu, own=a.own,
                       command=command)
             print(json.dumps({"best": m["best"], "start": m["start"]}))
             return 0

@@ -320,7 +320,14 @@ def test_measure_chooses_the_threshold_on_the_frames_the_segmenter_reports(tmp_p
     pos = y.max(axis=1) > 0
     scores = _onnx_scores(STEEL / "gate.onnx", x)
     assert 1 <= rep["n_reported"] == int(reported[pos].sum()) < 6  # the made-up defects: one is not reported
-    assert rep["threshold"] == pytest.approx(float(scores[pos][reported[pos]].min()))
+    # the generators' own defects (3 frames) hold the threshold too: the lowest reported score of both kinds
+    own_file, = tmp_path.glob("measure_own_defects_val_3_*_pool*.npz")
+    own_rep_file, = tmp_path.glob("reported_own_defects_val_3_*.npz")
+    own_x, own_rep = (np.load(f)[np.load(f).files[0]] for f in (own_file, own_rep_file))
+    own_scores = _onnx_scores(STEEL / "gate.onnx", own_x)[own_rep.astype(bool)]
+    assert rep["n_own"] == 3 and rep["n_own_reported"] == len(own_scores) and rep["recall_own"] in (1.0, None)
+    lowest = [float(scores[pos][reported[pos]].min())] + ([float(own_scores.min())] if len(own_scores) else [])
+    assert rep["threshold"] == pytest.approx(min(lowest))
     assert rep["recall_all"] == pytest.approx(float((scores[pos] >= rep["threshold"]).mean()))
     assert rep["recall"] == 1.0
 
@@ -382,3 +389,44 @@ def test_a_run_stopped_from_outside_leaves_the_record_of_its_best(tmp_path, monk
     done = gate_strip.train(tmp_path / "run2", STEEL, tmp_path / "data", steps=1, n_clean=2, n_pos=2, n_val=2,
                             batch=2, minutes=5, input_pool=2)
     assert done["finished"] is True and json.loads((tmp_path / "run2" / "meta.json").read_text())["steps"] == 1
+
+
+def test_own_defects_alternate_textured_and_plain_strip_and_the_joint_threshold_keeps_both():
+    from training.synth import StripGenerator
+
+    x, boxes = gate_strip.own_defective("val", 4, start=10)
+    assert x.shape == (4, 256, 1600) and x.dtype == np.uint8 and all(boxes)
+    tex = gate_strip.generated_defective_frame("val", 10)
+    assert np.array_equal(x[0], tex.image) and boxes[0] == [(b.cls, int(b.x0), int(b.y0), int(b.x1), int(b.y1))
+                                                            for b in tex.boxes]
+    plain = StripGenerator(1600, 256, seed=gate_strip.SEEDS["val"] + gate_strip.PLAIN_SEED_OFFSET)
+    img, _, inst = plain.frame_with_instances(11, True)
+    assert np.array_equal(x[1], img) and boxes[1] == [tuple(int(v) for v in b) for b in inst]
+    assert not np.array_equal(x[1], gate_strip.plain_frame("val", 11))  # the defective frame, not the clean one
+    labels = gate_strip.box_labels(boxes, 6)
+    assert labels.shape == (4, 6) and all(labels[n, b[0]] == 1 for n, fb in enumerate(boxes) for b in fb)
+    assert labels.sum() == sum(len({b[0] for b in fb}) for fb in boxes)
+    # the joint threshold: the lowest of each set's own threshold, each set's recall at it
+    comp, own, clean = np.linspace(0.5, 1.0, 100), np.linspace(0.2, 1.0, 100), np.linspace(0.0, 0.6, 100)
+    jt = gate_strip.joint_threshold({"composited": comp, "own": own}, clean)
+    assert jt["threshold"] == pytest.approx(gate_strip.threshold_and_pass_rate(own, clean)["threshold"])
+    assert jt["recalls"]["own"] >= 0.99 and jt["recalls"]["composited"] == 1.0
+    assert jt["pass_rate_clean"] == pytest.approx(float((clean >= jt["threshold"]).mean()))
+    assert gate_strip.joint_threshold({"composited": comp, "own": np.array([])}, clean)["threshold"] == \
+        pytest.approx(gate_strip.threshold_and_pass_rate(comp, clean)["threshold"])  # an empty set holds nothing
+
+
+def test_a_run_with_own_defects_trains_on_them_and_holds_their_recall_on_val(tmp_path):
+    pytest.importorskip("torch")
+    _neu_tree(tmp_path / "data" / "neu_det")
+    meta = gate_strip.train(tmp_path / "run", STEEL, tmp_path / "data", steps=2, n_clean=2, n_pos=2, n_val=4,
+                            batch=2, minutes=5, input_pool=2, own=1.0)
+    assert meta["own_frames"] == 2
+    cached = np.load(tmp_path / "run" / "train_own_2_cells.npz")
+    x, y, cells = (cached[f] for f in cached.files)
+    assert x.shape[0] == y.shape[0] == cells.shape[0] == 2 and (y.max(axis=1) == 1).all() and (cells == 1).any()
+    for h in meta["history"]:
+        assert "recall_own" in h and h["recall_own"] >= gate_strip.RECALL_TARGET and h["n_own"] >= 1
+    with pytest.raises(gate_strip.GateStripError, match="own -1"):
+        gate_strip.train(tmp_path / "run2", STEEL, tmp_path / "data", steps=1, n_clean=2, n_pos=2, n_val=2,
+                         input_pool=2, own=-1)

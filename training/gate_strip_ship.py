@@ -317,8 +317,8 @@ def main(argv: list[str] | None = None) -> int:
             figures["neu"] = neu_figures(candidate, a.pack, a.data_root, figures["threshold"], run_pool, "val", a.threads)
             before = measure(a.pack / "gate.onnx", a.data_root, n=a.n, threads=a.threads, test=test, cache=a.run,
                              pool=pack_pool, seg_pack=a.pack)
-            figures["pack_gate_before"] = {k: before[k] for k in ("threshold", "recall", "recall_all", "pass_rate_clean",
-                                                                   "pass_rate_clean_plain")}
+            figures["pack_gate_before"] = {k: before[k] for k in ("threshold", "recall", "recall_all", "recall_own",
+                                                                   "pass_rate_clean", "pass_rate_clean_plain")}
             if "test" in before:
                 figures["pack_gate_before"]["test"] = before["test"]
             figures["pack_gate_before"]["neu"] = neu_figures(a.pack / "gate.onnx", a.pack, a.data_root,

@@ -250,6 +250,11 @@ def test_the_ship_decision_reads_val_recall_and_the_pack_gates_pass_rate():
     assert not ok and "plain strip" in why and "0.55" in why
     plain["pass_rate_clean_plain"] = 0.08
     assert decide(plain)[0]
+    own = {**figs(0.995, 0.06, 0.6), "recall_own": 0.948}  # NEU's pasted defects kept, the generators' own lost
+    ok, why = decide(own)
+    assert not ok and "generators' own defects" in why and "0.948" in why
+    own["recall_own"] = 0.99
+    assert decide(own)[0]
 
 
 def test_a_broken_pack_is_one_clear_error(tmp_path, capsys):

@@ -2,8 +2,9 @@
 
 ``python -m training.gate_strip train|measure|ship --run RUN --data-root ROOT``: train fine-tunes the
 pack's gate; measure exports the run's best weights and reports the val threshold for frame recall
-0.99 with the clean pass rate at it; ship decides on those val figures (``decide``: recall >= 0.99
-and fewer clean frames passed than the pack's gate on the same frames), then reads the test frames
+0.99 (on NEU defects composited into the strip and on the generators' own defects alike) with the
+clean pass rate at it; ship decides on those val figures (``decide``: recall >= 0.99 on both, NEU
+val images kept, and fewer clean frames passed than the pack's gate on the same frames), then reads the test frames
 once and puts the gate into the pack: gate.onnx and the gate's entries of model.json and
 calibration.json, nothing else.
 

@@ -260,7 +260,8 @@ def pooled(x: np.ndarray, pool: int) -> np.ndarray:
     return pool_frames(x[:, None], pool)
 
 
-def _onnx_scores(path: Path, x_pooled: np.ndarray, threads: int = 1) -> np.ndarray:
+def onnx_frame_scores(path: Path, x_pooled: np.ndarray, threads: int = 1) -> np.ndarray:
+    """A gate.onnx's frame scores (max over classes) of pooled uint8 frames [N, 1, h, w], 8 a call."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
@@ -322,7 +323,7 @@ def neu_figures(gate_onnx: Path, pack_dir: Path, data_root: Path, threshold: flo
         out = np.zeros(len(images), np.float64)
         for idx in by_shape.values():
             x = np.stack([np.asarray(images[i], np.uint8) for i in idx])
-            out[idx] = _onnx_scores(gate_onnx, pooled(x, pool), threads)
+            out[idx] = onnx_frame_scores(gate_onnx, pooled(x, pool), threads)
         return out
 
     pos = scores([s.image for s in samples])

@@ -25,7 +25,7 @@ import numpy as np
 from training.gate_strip import (HEIGHT, OWN_MEASURE_START, RECALL_TARGET, SEEDS, WIDTH, GateStripError,
                                  NEU_RECALL_FLOOR, REPORTED_IOU, defect_patches, frames, generated_defective_frame,
                                  joint_threshold, own_defective,
-                                 _onnx_scores, neu_figures, pack_gate_pool, plain_frame, pooled, reported_by_segmenter,
+                                 onnx_frame_scores, neu_figures, pack_gate_pool, plain_frame, pooled, reported_by_segmenter,
                                  threshold_and_pass_rate, train)
 
 PASS_RATE_TARGET = 0.2
@@ -80,7 +80,7 @@ def measure(gate_onnx: Path, data_root: Path, *, n: int = 400, threads: int = 1,
             return [reported_by_segmenter(Path(seg_pack), x, b, threads)]
 
         x, y, vis = cached(Path(cache) / f"measure_{split}_{count}_{seed}_pool{pool}.npz", draw) if cache else draw()
-        s = _onnx_scores(gate_onnx, x, threads)
+        s = onnx_frame_scores(gate_onnx, x, threads)
         pos = y.max(axis=1) > 0
         if seg_tag is None:
             rep = pos
@@ -105,7 +105,7 @@ def measure(gate_onnx: Path, data_root: Path, *, n: int = 400, threads: int = 1,
 
         key = f"{split}_{count}_{OWN_MEASURE_START}"
         x, = cached(Path(cache) / f"measure_own_defects_{key}_pool{pool}.npz", draw) if cache else draw()
-        s = _onnx_scores(gate_onnx, x, threads)
+        s = onnx_frame_scores(gate_onnx, x, threads)
         if seg_tag is None:
             return s, np.ones(len(s), bool)
         r, = (cached(Path(cache) / f"reported_own_defects_{key}_{seg_tag}.npz", draw_reported) if cache
@@ -123,7 +123,7 @@ def measure(gate_onnx: Path, data_root: Path, *, n: int = 400, threads: int = 1,
         return [pooled(np.stack([plain_frame("val", i) for i in range(n // 2)]), pool)]
 
     plain_x, = cached(Path(cache) / f"measure_plain_{n // 2}_pool{pool}.npz", draw_plain) if cache else draw_plain()
-    plain = _onnx_scores(gate_onnx, plain_x, threads)
+    plain = onnx_frame_scores(gate_onnx, plain_x, threads)
     # the threshold keeps recall on both kinds of defect the segmenter reports: NEU's pasted and the generators' own
     chosen = joint_threshold({"composited": pos, "own": own_all[own_rep]}, clean)
     t = chosen["threshold"] if threshold is None else float(threshold)
@@ -155,7 +155,7 @@ def measure(gate_onnx: Path, data_root: Path, *, n: int = 400, threads: int = 1,
             return [pooled(np.stack([generated_defective_frame("test", 1000 + i).image for i in range(n // 2)]), pool)]
 
         own, = cached(Path(cache) / f"measure_own_{n // 2}_pool{pool}.npz", draw_own) if cache else draw_own()
-        own_s = _onnx_scores(gate_onnx, own, threads)
+        own_s = onnx_frame_scores(gate_onnx, own, threads)
         town, town_rep = own_scores("test", n // 2)
         out["test"] = {"recall_composited": round(float((tpos >= t).mean()), 6),
                        "recall_own": round(float((town[town_rep] >= t).mean()), 6) if town_rep.any() else None,

@@ -307,7 +307,7 @@ def _iou(a, b):
 
 
 def test_measure_chooses_the_threshold_on_the_frames_the_segmenter_reports(tmp_path):
-    from training.gate_strip_ship import _onnx_scores, measure
+    from training.gate_strip_ship import onnx_frame_scores, measure
 
     _neu_tree(tmp_path / "data" / "neu_det")
     pool = json.loads((STEEL / "model.json").read_text())["models"]["gate"].get("input_pool", 1)
@@ -323,13 +323,13 @@ def test_measure_chooses_the_threshold_on_the_frames_the_segmenter_reports(tmp_p
     r = np.load(reported_file)
     reported = r[r.files[0]]
     pos = y.max(axis=1) > 0
-    scores = _onnx_scores(STEEL / "gate.onnx", x)
+    scores = onnx_frame_scores(STEEL / "gate.onnx", x)
     assert 1 <= rep["n_reported"] == int(reported[pos].sum()) < 6  # the made-up defects: one is not reported
     # the generators' own defects (3 frames) hold the threshold too: the lowest reported score of both kinds
     own_file, = tmp_path.glob("measure_own_defects_val_3_*_pool*.npz")
     own_rep_file, = tmp_path.glob("reported_own_defects_val_3_*.npz")
     own_x, own_rep = (np.load(f)[np.load(f).files[0]] for f in (own_file, own_rep_file))
-    own_scores = _onnx_scores(STEEL / "gate.onnx", own_x)[own_rep.astype(bool)]
+    own_scores = onnx_frame_scores(STEEL / "gate.onnx", own_x)[own_rep.astype(bool)]
     assert rep["n_own"] == 3 and rep["n_own_reported"] == len(own_scores) and rep["recall_own"] in (1.0, None)
     lowest = [float(scores[pos][reported[pos]].min())] + ([float(own_scores.min())] if len(own_scores) else [])
     assert rep["threshold"] == pytest.approx(min(lowest))
@@ -353,7 +353,7 @@ def test_a_run_with_real_neu_steps_reads_neu_recall_on_val_and_prefers_the_floor
 
 
 def test_neu_figures_are_the_gate_on_real_images_and_their_clean_crops(tmp_path):
-    from training.gate_strip_ship import _onnx_scores
+    from training.gate_strip_ship import onnx_frame_scores
 
     _neu_tree(tmp_path / "data" / "neu_det")
     pool = gate_strip.pack_gate_pool(STEEL)
@@ -364,7 +364,7 @@ def test_neu_figures_are_the_gate_on_real_images_and_their_clean_crops(tmp_path)
     from training.datasets.profiles import load_profile_dataset
 
     ds = load_profile_dataset("steel", tmp_path / "data", "train")
-    scores = _onnx_scores(STEEL / "gate.onnx", gate_strip.pooled(np.stack([ds[i].image for i in range(len(ds))]), pool))
+    scores = onnx_frame_scores(STEEL / "gate.onnx", gate_strip.pooled(np.stack([ds[i].image for i in range(len(ds))]), pool))
     mid = float(np.median(scores))
     assert gate_strip.neu_figures(STEEL / "gate.onnx", STEEL, tmp_path / "data", mid, pool, "train")["recall"] == \
         pytest.approx(float((scores >= mid).mean()))

@@ -175,8 +175,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         if args.state_dir:
             cfg = with_overrides(cfg, agent={"state_dir": args.state_dir})
     except ConfigError as exc:
-        for e in exc.errors:
-            print(f"config error: {e}", file=sys.stderr)
+        exc.tell()
         return 2
     if (problem := models_problem(cfg)) is not None:
         print(f"config error: {args.config}: {problem}", file=sys.stderr)
@@ -249,8 +248,7 @@ def _agent_config(args: argparse.Namespace):
     try:
         return load_config(args.config)
     except ConfigError as exc:
-        for e in exc.errors:
-            print(f"config error: {e}", file=sys.stderr)
+        exc.tell()
         raise SystemExit(2) from None
 
 

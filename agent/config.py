@@ -10,6 +10,7 @@ import dataclasses
 import ipaddress
 import math
 import re
+import sys
 import tomllib
 import typing
 from dataclasses import dataclass, field
@@ -25,6 +26,11 @@ class ConfigError(ValueError):
     def __init__(self, errors: list[str]):
         self.errors = errors
         super().__init__("; ".join(errors))
+
+    def tell(self, prefix: str = "config error: ") -> None:
+        """Each error on its own stderr line, after ``prefix``: how every command reports a bad config."""
+        for e in self.errors:
+            print(f"{prefix}{e}", file=sys.stderr)
 
 
 def F(default: Any = dataclasses.MISSING, *, lo=None, hi=None, choices: tuple = (), factory=None, doc: str = "",

@@ -17,8 +17,7 @@ def _load(args: argparse.Namespace, command: str):
         return load_bridge_config(args.config)
     except ConfigError as exc:
         print(f"coilsight {command}: invalid config:", file=sys.stderr)
-        for e in exc.errors:
-            print(f"  {e}", file=sys.stderr)
+        exc.tell("  ")
         return None
 
 

@@ -441,8 +441,7 @@ def run_bench(args) -> int:
             cfg = load_config(cfg_path)
             pack = load_model_pack(cfg.models_dir())
         except ConfigError as exc:
-            for e in exc.errors:
-                print(f"coilsight bench: config error: {e}", file=sys.stderr)
+            exc.tell("coilsight bench: config error: ")
             return 2
         except ModelPackError as exc:
             print(f"coilsight bench: cannot bench the model pack {cfg.models_dir()}: {exc}", file=sys.stderr)

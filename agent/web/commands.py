@@ -66,8 +66,7 @@ def cmd_web(args: argparse.Namespace) -> int:
             finally:
                 probe.close(0)
     except ConfigError as exc:
-        for e in exc.errors:
-            print(f"config error: {e}", file=sys.stderr)
+        exc.tell()
         return 2
     except WebSettingsError as exc:
         print(f"coilsight web: {exc}", file=sys.stderr)

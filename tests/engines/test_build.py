@@ -179,3 +179,20 @@ def test_a_gate_with_an_input_pool_is_built_and_checked_on_pooled_frames(tmp_pat
     assert run("engines", "build", "--config", str(cfg), "--dry-run") == 0
     out = capsys.readouterr().out
     assert 'gate: profile shapes {"image": {"min": [1, 1, 16, 64], "opt": [2, 1, 16, 64], "max": [4, 1, 16, 64]}}' in out
+
+
+@NO_TRT
+@pytest.mark.parametrize("tier", ["edge", "line"])
+def test_the_shipped_steel_packs_pass_step_a(tmp_path, capsys, tier):
+    """The shipped steel instance packs, both tiers (the line pack's graph runs four flipped passes):
+    their FP16 graphs pass the parity gate on ONNX Runtime, boxes included. Until the gate let a box
+    scored on its threshold fall either way, the edge pack failed here (157 of 158 boxes paired)."""
+    state = tmp_path / "state"
+    cfg = tmp_path / "agent.toml"
+    cfg.write_text(f'[agent]\nprofile = "steel"\nstate_dir = "{state}"\n[models]\ntier = "{tier}"\n')
+    assert run("engines", "build", "--config", str(cfg), "--model", "seg") == build_cmd.EXIT_NO_TENSORRT
+    record = json.loads((state / "engines" / "steel" / "fp16" / "seg.fp16.json").read_text())
+    boxes = record["parity"]["boxes"]
+    assert boxes["reference"] > 50 and abs(boxes["reference"] - boxes["candidate"]) <= 3
+    unpaired = boxes["unpaired_over_threshold"]
+    assert all(v < 0.02 for v in unpaired["reference"] + unpaired["candidate"])

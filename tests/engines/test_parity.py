@@ -188,3 +188,40 @@ def test_masks_are_compared_on_probs_only_with_per_class_thresholds(instance_mod
     assert report.pixel_thresholds == [0.4, 0.6]
     assert report.dice_count == len(frames) * 2, "one Dice pair per (frame, class) of probs, nothing else"
     report.check(ParityBar())
+
+
+def test_a_box_on_the_threshold_may_fall_either_way_a_strong_one_may_not():
+    """FP16 moves a peak by ~1e-3: a box scored within box_score_margin of its threshold may be on one
+    side only (the shipped steel pack lost 1 of 158 so and failed `coilsight engines build`); a box
+    well over it must have its partner."""
+    from engines.instances import InstanceSpec
+    from engines.parity import ParityReport, _compare_boxes
+
+    def outputs(peaks):
+        heat = np.zeros((1, 1, 16, 16), np.float32)
+        for (r, c), v in peaks.items():
+            heat[0, 0, r, c] = v
+        return {"heatmap": heat, "size": np.full((1, 2, 16, 16), 8.0, np.float32),
+                "offset": np.full((1, 2, 16, 16), 0.5, np.float32)}
+
+    def report(ref_peaks, cand_peaks):
+        r = ParityReport(model="seg.onnx", role="seg", candidate="fp16", reference="fp32")
+        _compare_boxes(r, outputs(ref_peaks), outputs(cand_peaks), InstanceSpec(), [0.5])
+        r.frames = 1
+        return r
+
+    near = report({(4, 4): 0.9, (10, 10): 0.505}, {(4, 4): 0.9, (10, 10): 0.495})
+    assert near.box_agreement(0.9) == (1, 2, 1) and near.unpaired_near_threshold(0.02) == (1, 0)
+    assert near.failures(ParityBar()) == []
+    assert "1 unpaired, scored 0.0050 over their threshold" in near.text()
+    assert near.to_dict()["boxes"]["unpaired_over_threshold"] == {"reference": [pytest.approx(0.005)],
+                                                                   "candidate": []}
+    strict = near.failures(ParityBar(box_score_margin=0.0))
+    assert strict and "0 and 0 of them unpaired within 0 of the threshold (50.00% < 100.00%" in strict[0]
+    # a strong box the candidate lost, or one it made up, fails whatever the margin
+    lost = report({(4, 4): 0.9, (10, 10): 0.505}, {(10, 10): 0.505})
+    assert lost.failures(ParityBar()) and "instance boxes: 1 same-class pairs" in lost.failures(ParityBar())[0]
+    made_up = report({(4, 4): 0.9}, {(4, 4): 0.9, (10, 10): 0.8})
+    assert made_up.unpaired_near_threshold(0.02) == (0, 0) and made_up.failures(ParityBar())
+    with pytest.raises(ValueError, match="box_score_margin"):
+        ParityBar(box_score_margin=-0.1)

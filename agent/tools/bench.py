@@ -448,12 +448,24 @@ def run_bench(args) -> int:
             return 2
         results["models"] = {"dir": str(cfg.models_dir()), "profile": pack.profile,
                              **{f"{role}_sha256": entry.sha256 for role, entry in pack.models.items()}}
+        from agent.tools.line_sim import LINE_PROFILES
+
+        if pack.profile in LINE_PROFILES:
+            print(f"coilsight bench: the {pack.profile} line's frames are generated per line, not painted strip: "
+                  f"`coilsight demo --profile {pack.profile}` streams a lot through the agent; the bench runs the "
+                  "strip profiles (steel, magnetic_tile, kolektorsdd)", file=sys.stderr)
+            return 2
         _say(f"bench: {n} frames of {pack.width}x{pack.height} per scenario; building frame pools ...")
         src = getattr(args, "data_root", None)
         strip = getattr(args, "strip", None) or "plain"
         truth: tuple[list, list] = ([], [])
-        clean = _pool(False, pack.width, pack.height, 1, src, pack.profile, truth[0], strip)
-        bad = _pool(True, pack.width, pack.height, 2, src, pack.profile, truth[1], strip)
+        try:
+            clean = _pool(False, pack.width, pack.height, 1, src, pack.profile, truth[0], strip)
+            bad = _pool(True, pack.width, pack.height, 2, src, pack.profile, truth[1], strip)
+        except ValueError as exc:  # a frame size or profile the generators cannot draw
+            print(f"coilsight bench: cannot make {pack.width}x{pack.height} frames for profile {pack.profile}: {exc}",
+                  file=sys.stderr)
+            return 2
         k = len(pack.classes)
         results["frames_source"] = (f"composed from real {pack.profile} val crops under {src}" if src
                                     else "synthetic" if strip == "plain"

@@ -215,3 +215,21 @@ def test_textured_strip_pools_carry_their_painted_defects_and_refuse_a_data_root
     r = subprocess.run([sys.executable, "-m", "agent.cli", "bench", "--fast", "--config", str(cfg_path),
                         "--strip", "textured", "--data-root", str(tmp_path)], capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "choose one" in r.stderr and r.stdout == "", r.stdout + r.stderr
+    # the tiny pack's 256x64 frames are too small for the realistic generator: said, not a traceback
+    r = subprocess.run([sys.executable, "-m", "agent.cli", "bench", "--fast", "--config", str(cfg_path),
+                        "--strip", "textured"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert "coilsight bench: cannot make 256x64 frames for profile tiny" in r.stderr and "at least 96x96" in r.stderr
+
+
+def test_a_generated_line_is_refused_with_a_pointer_to_its_demo():
+    """The bench paints strip frames; wafer maps (52x52 codes), chip dies and part photos are generated
+    per line. It said so with a traceback (StripGenerator: frame must be at least 64x64)."""
+    from pathlib import Path
+
+    configs = Path(__file__).resolve().parents[2] / "configs"
+    for profile in ("wafer", "chip"):
+        r = subprocess.run([sys.executable, "-m", "agent.cli", "bench", "--fast", "--config",
+                            str(configs / f"{profile}.toml")], capture_output=True, text=True, timeout=120)
+        assert r.returncode == 2 and r.stdout == "", r.stdout + r.stderr
+        assert f"coilsight demo --profile {profile}" in r.stderr and "Traceback" not in r.stderr

@@ -12,7 +12,7 @@ onnxconverter-common's ``convert_float_to_float16`` (light, CPU-only) and keeps 
   (NVIDIA/TensorRT#2564, #3101, #2691). BatchNormalization is left out on purpose: in an exported
   eval model it is a per-channel affine op (usually folded into the Conv), and blocking it would
   put casts around every conv; add it with ``keep_fp32`` when a model needs it;
-- the input normalisation chain (uint8 ``image`` -> [Slice/Concat: test-time flips] -> Cast ->
+- the input normalisation chain (uint8 ``image`` -> [Slice/Transpose/Concat: flips, views] -> Cast ->
   AveragePool/Div/Sub/Mul/Add by constants): the input stays uint8 and ``(x/255 - mean)/std`` is
   computed in FP32, then cast once;
 - the final Sigmoid/Softmax of every output and any shape-only ops after it, so the
@@ -64,9 +64,10 @@ _SHAPE_ONLY = {"Identity", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Transp
 # AveragePool: a gate that pools the raw image before normalising it (training/nets.py) has it in
 # the chain; pooling before the first conv stays FP32 like the normalisation it precedes.
 _NORMALISE = {"Cast", "Div", "Sub", "Mul", "Add", "Identity", "AveragePool"}
-# Ops that only move the input's pixels (flips as negative-step Slices, the batch Concat of a graph
-# with test-time flips): on the uint8 input they stay in the input chain, before its Cast.
-_MOVE = {"Slice", "Concat"}
+# Ops that only move the input's pixels (flips as negative-step Slices, transposes, the batch Concat
+# of a graph with test-time flips; the wafer pack's symmetric views): on the uint8 input they stay in
+# the input chain, before its Cast.
+_MOVE = {"Slice", "Concat", "Transpose"}
 
 
 class FP16Error(RuntimeError):
@@ -124,12 +125,20 @@ def input_chain(graph) -> list[str]:
     flips and their Concat in a test-time-augmented graph, training.nets.FlipTTA, then the Cast and
     the normalisation). ONNX keeps nodes in topological order, so one pass finds them all."""
     consts = _constants(graph)
+    # the exporter passes a repeated constant (mean == std, say) through an Identity: still a constant,
+    # and that Identity must stay FP32 with the chain it feeds
+    const_identity: dict[str, str] = {}
+    for node in graph.node:
+        if node.op_type == "Identity" and node.input and node.input[0] in consts:
+            consts.update(node.output)
+            const_identity.update({out: node.name for out in node.output})
     tensors = {inp.name for inp in graph.input if inp.name not in consts}
     chain: list[str] = []
     for node in graph.node:
         inputs = [i for i in node.input if i]
         if (node.op_type in _NORMALISE | _MOVE and any(i in tensors for i in inputs)
                 and all(i in tensors or i in consts for i in inputs)):
+            chain.extend(const_identity[i] for i in inputs if i in const_identity and const_identity[i] not in chain)
             chain.append(node.name)
             tensors.update(node.output)
     return chain

@@ -96,6 +96,8 @@ class ParityReport:
     dice_count: int = 0
     dice_min: float = 1.0
     geometric_outputs: list[str] = field(default_factory=list)  # instance size/offset: no abs-diff bar
+    cam_output: str | None = None  # a gate's class activation maps: compared where the class passes
+    cam_pairs: int = 0  # (frame, class) pairs whose map was compared
     instance_thresholds: list[float] | None = None
     # per frame with instances on either side: (frame, reference boxes, candidate boxes, IoUs of the
     # same-class one-to-one pairs, highest first, and the scores over their class threshold of the
@@ -168,6 +170,7 @@ class ParityReport:
             "outputs": {k: {**asdict(v), "mean_abs_diff": v.mean_abs_diff} for k, v in self.outputs.items()},
             "gate_threshold": self.gate_threshold, "decision_agreement": self.decision_agreement,
             "decision_flips": self.decision_flips, "pixel_thresholds": self.pixel_thresholds,
+            **({"cam_output": self.cam_output, "cam_pairs": self.cam_pairs} if self.cam_output else {}),
             "mean_dice": self.mean_dice, "min_dice": self.dice_min if self.dice_count else None,
             **({"instance_thresholds": self.instance_thresholds, "geometric_outputs": self.geometric_outputs,
                 "boxes": {"reference": self.box_agreement(0.0)[1], "candidate": self.box_agreement(0.0)[2],
@@ -182,7 +185,9 @@ class ParityReport:
         lines = [f"parity {self.model} [{self.role}]: {self.candidate} vs {self.reference} on {self.frames} frames"]
         for name, s in self.outputs.items():
             lines.append(f"  {name}: max |diff| {s.max_abs_diff:.3g}, mean |diff| {s.mean_abs_diff:.3g}, "
-                         f"NaN/Inf candidate {s.candidate_nonfinite} reference {s.reference_nonfinite}")
+                         f"NaN/Inf candidate {s.candidate_nonfinite} reference {s.reference_nonfinite}"
+                         + (f" (the maps of the {self.cam_pairs} (frame, class) pairs over their threshold)"
+                            if name == self.cam_output else ""))
         if self.decision_agreement is not None:
             lines.append(f"  gate decisions at {self.gate_threshold:g}: {self.decisions_agree}/{self.frames} agree"
                          + (f", flipped {self.decision_flips}" if self.decision_flips else ""))
@@ -212,12 +217,17 @@ def _thresholds(pixel_thresholds: float | Sequence[float], k: int) -> np.ndarray
 def compare(reference: Backend, candidate: Backend, batches: Iterable[np.ndarray], *, role: str,
             gate_threshold: float | None = None, pixel_thresholds: float | Sequence[float] | None = None,
             model: str | None = None, instances: InstanceSpec | None = None,
-            instance_thresholds: float | Sequence[float] | None = None) -> ParityReport:
+            instance_thresholds: float | Sequence[float] | None = None,
+            cam: tuple[str, str, Sequence[float]] | None = None) -> ParityReport:
     """Run both active backends on every batch and measure how far the candidate is from the reference.
 
     Gate decisions are compared on the ``role == "gate"`` model's output (``max_k score >= t``);
     masks on a ``role == "seg"`` model's 4-D output (``prob >= t_k`` per class); with ``instances``
     (the seg model's instance head), the boxes both decode at ``instance_thresholds`` (default 0.3).
+    ``cam`` = (CAM output, score output, per-class thresholds): a classification gate's class
+    activation maps are compared only for the (frame, class) pairs whose score passes its threshold on
+    either side, the maps the agent reads (engines.wafer.patterns); an inactive class's map is its
+    ReLU over a near-zero maximum, noise in any precision.
     """
     report = ParityReport(model=model or reference.model_path.name, role=role,
                           candidate=f"{candidate.name}:{candidate.model_path.name}",
@@ -225,11 +235,21 @@ def compare(reference: Backend, candidate: Backend, batches: Iterable[np.ndarray
                           gate_threshold=gate_threshold if role == "gate" else None)
     if instances is not None:
         report.geometric_outputs = [instances.size, instances.offset]
+    if cam is not None:
+        report.cam_output = cam[0]
     for batch in batches:
         ref = reference.infer(batch)
         cand = candidate.infer(batch)
         if set(ref) != set(cand):
             raise ParityError(report, [f"outputs differ: reference {sorted(ref)}, candidate {sorted(cand)}"])
+        used = None
+        if cam is not None:
+            cam_name, score_name, cam_t = cam
+            if cam_name not in ref or score_name not in ref:
+                raise ParityError(report, [f"CAM output {cam_name!r} or score output {score_name!r} missing "
+                                           f"(has {sorted(ref)})"])
+            used = cam_pairs_read(ref[score_name], cand[score_name], cam_t)
+            report.cam_pairs += int(used.sum())
         for name, r in ref.items():
             c = cand[name]
             if r.shape != c.shape:
@@ -239,6 +259,8 @@ def compare(reference: Backend, candidate: Backend, batches: Iterable[np.ndarray
             s.candidate_nonfinite += int(c_bad.sum())
             s.reference_nonfinite += int(r_bad.sum())
             ok = ~(c_bad | r_bad)
+            if used is not None and name == cam[0]:  # only the maps the agent reads
+                ok &= used.reshape(used.shape + (1,) * (r.ndim - 2))
             diff = np.abs(c[ok].astype(np.float64) - r[ok])
             if diff.size:
                 s.max_abs_diff = max(s.max_abs_diff, float(diff.max()))
@@ -267,6 +289,13 @@ def compare(reference: Backend, candidate: Backend, batches: Iterable[np.ndarray
         report.frames += int(batch.shape[0])
     log.debug("parity_measured", model=report.model, frames=report.frames)
     return report
+
+
+def cam_pairs_read(ref_scores: np.ndarray, cand_scores: np.ndarray, thresholds: Sequence[float]) -> np.ndarray:
+    """bool [N, K]: the (frame, class) pairs whose class activation map the agent reads, the classes
+    whose score passes its threshold in the reference or in the candidate (engines.wafer.patterns)."""
+    t = np.asarray(thresholds, np.float64).reshape(1, -1)
+    return (ref_scores >= t) | (np.nan_to_num(cand_scores, nan=-1.0) >= t)
 
 
 def _compare_boxes(report: ParityReport, ref: dict, cand: dict, spec: InstanceSpec,

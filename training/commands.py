@@ -315,6 +315,9 @@ def _run_evaluate(args: argparse.Namespace) -> int:
 
     models = args.models or shipped_pack_dir(args.profile)
     if args.profile in GENERATED_PROFILES:
+        if args.data_root is not None:  # said, not silently dropped
+            print(f"evaluate: note: the {args.profile} line is evaluated on its generated data (fixed seeds); "
+                  f"--data-root {args.data_root} is not read", file=sys.stderr)
         return _line_evaluate(args, models)
     data = args.data_root or default_data_root()
     if data is None:

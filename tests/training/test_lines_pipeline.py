@@ -102,6 +102,8 @@ def test_cli_refuses_what_generated_lines_cannot_do(tmp_path):
     assert r.returncode == 2 and "no meta.json / best.pt" in r.stderr
     r = cli("evaluate", "--profile", "wafer", "--models", str(tmp_path / "nope"), "--split", "test")
     assert r.returncode == 2 and "no model.json" in r.stderr
+    r = cli("evaluate", "--profile", "wafer", "--models", str(tmp_path / "nope"), "--data-root", str(tmp_path))
+    assert r.returncode == 2 and f"--data-root {tmp_path} is not read" in r.stderr  # said, not dropped
     r = cli("calibrate", "thresholds", "--profile", "steel", "--generated")
     assert r.returncode == 2 and "--generated is for the generated lines (wafer, chip, parts), not 'steel'" in r.stderr
     assert "wafer" in cli("train", "--help").stdout

@@ -115,9 +115,17 @@ def composed_frames(n: int, defect_fraction: float, *, profile: str = "steel", d
 
 
 def folder_frames(folder: Path) -> Iterator[tuple[np.ndarray, None]]:
+    """The folder's images in name order. A missing folder or one without images is an OSError here,
+    at the call, before any socket is opened (not when the first frame is due)."""
+    if not Path(folder).is_dir():
+        raise FileNotFoundError(f"no folder {folder}")
     paths = sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".bmp"))
     if not paths:
         raise FileNotFoundError(f"no images (png, jpg, bmp) in {folder}")
+    return _read_images(paths)
+
+
+def _read_images(paths: list[Path]) -> Iterator[tuple[np.ndarray, None]]:
     for p in paths:
         img = cv2.imread(str(p), cv2.IMREAD_UNCHANGED)
         if img is None:

@@ -223,3 +223,13 @@ def test_engines_build_without_onnx_stops_at_the_first_reason(monkeypatch, tmp_p
     assert code in (2, 3) and len(err) == 1
     assert err[0].startswith("coilsight engines build: ") and "the FP16 step needs onnx: install the 'gpu' extra" in err[0]
     assert not (tmp_path / "state" / "engines").exists()  # stopped before any work
+
+
+def test_camera_sim_names_a_bad_folder_before_looking_for_an_agent(tmp_path, capsys):
+    """No agent is running: a missing folder, or one without images, is what it says (exit 2) and it
+    says so at once, not 'no agent' after the connect wait."""
+    (tmp_path / "empty").mkdir()
+    for folder, what in ((tmp_path / "absent", "no folder"), (tmp_path / "empty", "no images (png, jpg, bmp)")):
+        code, result, err = camera_sim(capsys, "--folder", str(folder), "--connect-timeout", "30",
+                                       "--endpoint", "tcp://127.0.0.1:9")
+        assert (code, result) == (2, None) and f"coilsight camera-sim: {what}" in err and "no agent" not in err

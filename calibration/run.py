@@ -320,8 +320,8 @@ def calibrate(
             "kept": "chosen on whole line frames for this very gate; `coilsight calibrate thresholds "
                     "--recalibrate-gate` replaces it"}
         gate_doc.pop("segmenter_changed", None)
-        measured_with = (kept.get("textured_strip") or {}).get("segmenter") if isinstance(kept.get("textured_strip"),
-                                                                                         dict) else None
+        strip = kept.get("textured_strip")
+        measured_with = strip.get("segmenter") if isinstance(strip, dict) else None
         if isinstance(measured_with, str) and measured_with and not pack.seg.sha256.startswith(measured_with):
             # its recall counted the line frames whose defect that segmenter reports: a figure of the old pair
             gate_doc["segmenter_changed"] = {

@@ -165,13 +165,13 @@ def run_parity(reference_path: Path, candidate, frames: np.ndarray, role: str, p
     from engines.backends.onnxrt import OnnxRuntimeBackend
 
     gate_t, pixel_t, source = thresholds(pack)
-    instances = pack.models[role].instances  # an instance head: its boxes are compared too
+    entry = pack.models[role]
+    instances = entry.instances  # an instance head: its boxes are compared too
     instance_t = instance_thresholds(pack) if instances is not None else None
-    frames = pack.models[role].prepare(frames)  # as the agent feeds this model
+    cam = (entry.cam_output, entry.output, pixel_t) if entry.cam_output else None  # as agent.inference reads them
+    frames = entry.prepare(frames)  # as the agent feeds this model
     batches = [frames[i:i + batch] for i in range(0, len(frames), batch)]
     with OnnxRuntimeBackend(reference_path, max_batch=batch) as ref, candidate as cand:
-        entry = pack.models[role]
-        cam = (entry.cam_output, entry.output, pixel_t) if entry.cam_output else None  # as agent.inference reads them
         report = compare(ref, cand, batches, role=role, gate_threshold=gate_t, pixel_thresholds=pixel_t,
                          model=reference_path.name, instances=instances, instance_thresholds=instance_t, cam=cam)
     log.info("parity_thresholds", model=reference_path.name, source=source)

@@ -228,9 +228,9 @@ def _run_export_instances(args: argparse.Namespace) -> int:
 def _run_export(args: argparse.Namespace) -> int:
     if (code := missing_extra("export", "train", "torch", "onnx")) is not None:
         return code
+    given = [f for f, on in (("--gate-from", args.gate_from is not None), ("--tta", args.tta != "none"),
+                             ("--tier", args.tier is not None)) if on]  # options of instance runs only
     if args.profile in GENERATED_PROFILES:
-        given = [f for f, on in (("--gate-from", args.gate_from is not None), ("--tta", args.tta != "none"),
-                                 ("--tier", args.tier is not None)) if on]
         if given:
             print(f"coilsight export: error: {', '.join(given)}: not for the {args.profile} line's packs "
                   "(instance runs of train-instances only)", file=sys.stderr)
@@ -241,11 +241,9 @@ def _run_export(args: argparse.Namespace) -> int:
 
     if _is_instance_run(args.checkpoint):
         return _run_export_instances(args)
-    for flag, given in (("--gate-from", args.gate_from is not None), ("--tta", args.tta != "none"),
-                        ("--tier", args.tier is not None)):
-        if given:
-            print(f"coilsight export: error: {flag} is for instance runs (train-instances)", file=sys.stderr)
-            return 2
+    if given:
+        print(f"coilsight export: error: {given[0]} is for instance runs (train-instances)", file=sys.stderr)
+        return 2
     try:
         doc = export_pack(args.checkpoint, args.out, args.profile, pool_in_graph=args.gate_pool_in_graph)
     except (ExportError, ModelPackError) as exc:

@@ -66,12 +66,17 @@ def clean_frame(split: str, i: int) -> np.ndarray:
 def plain_frame(split: str, i: int) -> np.ndarray:
     """Defect-free plain strip frame i of a split: training.synth, what camera-sim, the demo and the
     bench paint on (uint8 [256, 1600]). A gate trained on textured strip alone passed half of these."""
+    return _plain_generator(split).frame(int(i), False)[0]
+
+
+def _plain_generator(split: str):
+    """The split's plain strip generator (training.synth, seed SEEDS[split] + PLAIN_SEED_OFFSET), one per split."""
     from training.synth import StripGenerator
 
     seed = SEEDS[split] + PLAIN_SEED_OFFSET
     if seed not in _PLAIN:
         _PLAIN[seed] = StripGenerator(WIDTH, HEIGHT, seed=seed)
-    return _PLAIN[seed].frame(int(i), False)[0]
+    return _PLAIN[seed]
 
 
 _PLAIN: dict[int, Any] = {}  # one plain generator per split
@@ -94,20 +99,15 @@ def own_defective(split: str, n: int, start: int = 0) -> tuple[np.ndarray, list[
     plain strip (training.synth, what camera-sim, the demo and the bench paint on), indices start.. of
     the split. uint8 [n, 256, 1600] and each frame's boxes (class, x0, y0, x1, y1). A gate chosen on
     pasted NEU defects alone stopped 5 % of these that the segmenter reports."""
-    from training.synth import StripGenerator
-
-    seed = SEEDS[split] + PLAIN_SEED_OFFSET
-    if seed not in _PLAIN:
-        _PLAIN[seed] = StripGenerator(WIDTH, HEIGHT, seed=seed)
     imgs, boxes = [], []
     for j in range(int(n)):
         i = int(start) + j
         if j % 2 == 0:
             f = generated_defective_frame(split, i)
             imgs.append(f.image)
-            boxes.append([(int(b.cls), int(b.x0), int(b.y0), int(b.x1), int(b.y1)) for b in f.boxes])
+            boxes.append(f.instances())
         else:
-            img, _, inst = _PLAIN[seed].frame_with_instances(i, True)
+            img, _, inst = _plain_generator(split).frame_with_instances(i, True)
             imgs.append(img)
             boxes.append([tuple(int(v) for v in b) for b in inst])
     return np.stack(imgs), boxes

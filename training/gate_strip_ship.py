@@ -60,57 +60,49 @@ def measure(gate_onnx: Path, data_root: Path, *, n: int = 400, threads: int = 1,
 
     seg_tag = load_model_pack(Path(seg_pack)).seg.sha256[:12] if seg_pack is not None else None
 
-    def split_scores(split, count):
-        made: list = []  # the split's frames, drawn once for the pooled frames and the reported flags
-
-        def raw():
-            if not made:
-                ds = load_profile_dataset("steel", data_root, split)
-                patches = defect_patches([ds[i] for i in range(len(ds))])
-                made.append(frames(split, count, count, patches, len(ds.classes), seed=seed + 1, start=1000,
-                                   with_boxes=True, with_visibility=True))
-            return made[0]
-
-        def draw():
-            x, y, _, vis = raw()
-            return [pooled(x, pool), y, vis]
-
-        def draw_reported():
-            x, _, b, _ = raw()
-            return [reported_by_segmenter(Path(seg_pack), x, b, threads)]
-
-        x, y, vis = cached(Path(cache) / f"measure_{split}_{count}_{seed}_pool{pool}.npz", draw) if cache else draw()
-        s = onnx_frame_scores(gate_onnx, x, threads)
-        pos = y.max(axis=1) > 0
-        if seg_tag is None:
-            rep = pos
-        else:
-            rep, = (cached(Path(cache) / f"reported_{split}_{count}_{seed}_{seg_tag}.npz", draw_reported) if cache
-                    else draw_reported())
-        return s[pos], s[~pos], vis[pos], rep[pos]
-
-    def own_scores(split, count):  # the generators' own defects (own_defective), frames OWN_MEASURE_START..
+    def pooled_and_reported(tag, make):
+        """make() -> (frames uint8 [N, H, W], their boxes, *extra arrays): the pooled frames with the extras
+        (cached as measure_{tag}_pool{pool}) and, with seg_pack, which frames the segmenter reports
+        (reported_{tag}_{seg_tag}); the frames are drawn at most once for both."""
         made: list = []
 
         def raw():
             if not made:
-                made.append(own_defective(split, count, OWN_MEASURE_START))
+                made.append(make())
             return made[0]
 
         def draw():
-            return [pooled(raw()[0], pool)]
+            x, _, *extra = raw()
+            return [pooled(x, pool), *extra]
 
         def draw_reported():
-            return [reported_by_segmenter(Path(seg_pack), *raw(), threads)]
+            x, b, *_ = raw()
+            return [reported_by_segmenter(Path(seg_pack), x, b, threads)]
 
-        key = f"{split}_{count}_{OWN_MEASURE_START}"
-        x, = cached(Path(cache) / f"measure_own_defects_{key}_pool{pool}.npz", draw) if cache else draw()
-        s = onnx_frame_scores(gate_onnx, x, threads)
+        arrays = cached(Path(cache) / f"measure_{tag}_pool{pool}.npz", draw) if cache else draw()
         if seg_tag is None:
-            return s, np.ones(len(s), bool)
-        r, = (cached(Path(cache) / f"reported_own_defects_{key}_{seg_tag}.npz", draw_reported) if cache
-              else draw_reported())
-        return s, r.astype(bool)
+            return arrays, None
+        rep, = cached(Path(cache) / f"reported_{tag}_{seg_tag}.npz", draw_reported) if cache else draw_reported()
+        return arrays, rep.astype(bool)
+
+    def split_scores(split, count):
+        def make():
+            ds = load_profile_dataset("steel", data_root, split)
+            patches = defect_patches([ds[i] for i in range(len(ds))])
+            x, y, b, vis = frames(split, count, count, patches, len(ds.classes), seed=seed + 1, start=1000,
+                                  with_boxes=True, with_visibility=True)
+            return x, b, y, vis
+
+        (x, y, vis), rep = pooled_and_reported(f"{split}_{count}_{seed}", make)
+        s = onnx_frame_scores(gate_onnx, x, threads)
+        pos = y.max(axis=1) > 0
+        return s[pos], s[~pos], vis[pos], (pos if rep is None else rep)[pos]
+
+    def own_scores(split, count):  # the generators' own defects (own_defective), frames OWN_MEASURE_START..
+        (x,), rep = pooled_and_reported(f"own_defects_{split}_{count}_{OWN_MEASURE_START}",
+                                        lambda: own_defective(split, count, OWN_MEASURE_START))
+        s = onnx_frame_scores(gate_onnx, x, threads)
+        return s, (np.ones(len(s), bool) if rep is None else rep)
 
     pos_all, clean, vis, rep = split_scores("val", n)
     pos = pos_all[rep]

@@ -50,6 +50,11 @@ class StripFrame:
     boxes: list[Box]
     stains: list[tuple[int, int, int, int]]
 
+    def instances(self) -> list[tuple[int, int, int, int, int]]:
+        """The boxes as (class_id, x0, y0, x1, y1) int tuples, as training.synth's
+        ``frame_with_instances`` gives them (camera-sim's and the bench's ground truth)."""
+        return [(int(b.cls), int(b.x0), int(b.y0), int(b.x1), int(b.y1)) for b in self.boxes]
+
 
 def _aniso_noise(rng: np.random.Generator, h: int, w: int, cell_x: float, stretch: float) -> np.ndarray:
     """Smooth noise in about [-1, 1] with correlation length cell_x across and cell_x*stretch along."""

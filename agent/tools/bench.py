@@ -58,10 +58,7 @@ def _pool(defective: bool, width: int, height: int, seed: int, compose_from: Pat
         from training.strip import RealisticStripGenerator
 
         gen = RealisticStripGenerator(width=width, height=height, seed=seed)
-        items = []
-        for i in range(POOL):
-            f = gen.frame(i, defective)
-            items.append((f.image, None, [(b.cls, int(b.x0), int(b.y0), int(b.x1), int(b.y1)) for b in f.boxes]))
+        items = [(f.image, None, f.instances()) for f in (gen.frame(i, defective) for i in range(POOL))]
     else:
         from training.synth import StripGenerator
 

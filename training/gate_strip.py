@@ -418,6 +418,26 @@ def with_pool(gate, pool: int):
     return out.train(gate.training)
 
 
+def grow(gate, name: str):
+    """The pack's gate grown into the net ``CONFIGS[name]`` (training.nets), e.g. ``ctxgate``: the same
+    stem, blocks and head with the gate's weights, plus the layers the config adds (context blocks
+    that start as the identity). The grown gate computes what the pack's gate computes until
+    training moves it. A config whose shared layers differ in shape cannot grow from it."""
+    from training.nets import CONFIGS, Gate
+
+    if name not in CONFIGS:
+        raise GateStripError(f"gate config {name!r}: not one of {', '.join(sorted(CONFIGS))}")
+    config = dataclasses.replace(CONFIGS[name], gate_pool=gate.config.gate_pool)
+    out = Gate(gate.head.out_channels, 1, gate.norm.mean, gate.norm.std, config)
+    have, want = gate.state_dict(), out.state_dict()
+    wrong = [k for k in have if k not in want or want[k].shape != have[k].shape]
+    if wrong:
+        raise GateStripError(f"gate config {name!r} does not grow from the pack's gate: its layers {wrong[:3]} "
+                             "differ (widths, block or tail)")
+    out.load_state_dict(have, strict=False)
+    return out.train(gate.training)
+
+
 def _scores(gate, x: np.ndarray, batch: int = 16) -> np.ndarray:
     """Frame scores (max over classes and the map, sigmoid) of pooled frames [N, 1, h, w]."""
     import torch
@@ -462,7 +482,7 @@ def train(out: Path, pack_dir: Path, data_root: Path, *, minutes: float = 20.0, 
           threads: int = 1, n_clean: int = 600, n_pos: int = 600, n_val: int = 200, batch: int = 8,
           lr: float = 1e-3, seed: int = 0, dense: float = 1.0, hard: float = 0.0, init_run: Path | None = None,
           input_pool: int | None = None, plain: float = 0.0, neu: float = 0.0, own: float = 0.0,
-          command: str = "") -> dict[str, Any]:
+          config: str | None = None, reported_only: bool = False, command: str = "") -> dict[str, Any]:
     """Fine-tune the pack's gate on whole textured frames (see the module doc); keeps best.pt, the
     weights whose val figures at the recall-target threshold have the lowest checkpoint_key. ``input_pool``: the
     pool the trained gate takes (default: the pack's); the same weights see a finer frame at 1 (thin
@@ -476,7 +496,12 @@ def train(out: Path, pack_dir: Path, data_root: Path, *, minutes: float = 20.0, 
     frames the pack's segmenter reports (reported_by_segmenter), as gate_strip_ship.measure does.
     ``own``: add the generators' own defective frames (own_defective: textured and plain strip, their
     own defect drawers), this share of n_pos, as positives; val then chooses the threshold for recall
-    on the reported frames of both kinds (joint_threshold) and reports ``recall_own``."""
+    on the reported frames of both kinds (joint_threshold) and reports ``recall_own``. ``config``: grow
+    the pack's gate into that training.nets config first (``grow``: e.g. ``ctxgate``, two context
+    blocks that widen its view), so the run starts at the pack's gate with room to learn more.
+    ``reported_only``: train on the defective frames whose defect the pack's segmenter reports
+    (reported_by_segmenter, as val counts recall) and leave out the rest; a pasted or drawn defect
+    too faint for the segmenter, labelled a positive, teaches the gate to fire on bare texture."""
     import torch
     from torch.nn import functional as F
 
@@ -503,23 +528,37 @@ def train(out: Path, pack_dir: Path, data_root: Path, *, minutes: float = 20.0, 
     if not 0.0 <= own <= 4.0:
         raise GateStripError(f"own {own}: expected a share in 0..4")
 
-    def draw(split, nc, npos, background="textured", start=0):
+    from engines.modelpack import load_model_pack
+
+    seg_tag = load_model_pack(Path(pack_dir)).seg.sha256[:12]
+    rep_tag = f"_reported_{seg_tag}" if reported_only else ""
+
+    def draw(split, nc, npos, background="textured", start=0, report=False):
         ds = load_profile_dataset("steel", data_root, split)
         patches = defect_patches([ds[i] for i in range(len(ds))])
         x, y, b = frames(split, nc, npos, patches, k, seed=seed, with_boxes=True, background=background, start=start)
-        return [pooled(x, pool), y, cell_targets(b, (HEIGHT // cell, WIDTH // cell), cell)]
+        out = [pooled(x, pool), y, cell_targets(b, (HEIGHT // cell, WIDTH // cell), cell)]
+        return out + [reported_by_segmenter(pack_dir, x, b, threads)] if report else out
+
+    def kept(arrays):  # reported_only: the clean frames and the defective ones the segmenter reports
+        if not reported_only:
+            return arrays
+        *data, rep = arrays
+        keep = (data[1].max(axis=1) == 0) | rep.astype(bool)
+        return [a[keep] for a in data]
 
     probe, _, _ = load_gate(pack_dir, pooled(clean_frame("val", 0)[None], pack_pool))
     probe = with_pool(probe, pool)
     with torch.no_grad():
         cell = HEIGHT // int(probe.pooled_logit_map(torch.zeros(1, 1, HEIGHT // pool, WIDTH // pool)).shape[2])
-    xs, ys, cs = cached(out / f"train_{n_clean}_{n_pos}_cells.npz", lambda: draw("train", n_clean, n_pos))
+    xs, ys, cs = kept(cached(out / f"train_{n_clean}_{n_pos}_cells{rep_tag}.npz",
+                             lambda: draw("train", n_clean, n_pos, report=reported_only)))
     vx, vy, _ = cached(out / f"val_{n_val}_cells.npz", lambda: draw("val", n_val, n_val))
     n_plain_clean, n_plain_pos = int(round(plain * n_clean)), int(round(plain * n_pos))
     plain_vx = None
     if n_plain_clean or n_plain_pos:
-        px, py, pc = cached(out / f"train_plain_{n_plain_clean}_{n_plain_pos}_cells.npz",
-                            lambda: draw("train", n_plain_clean, n_plain_pos, "plain"))
+        px, py, pc = kept(cached(out / f"train_plain_{n_plain_clean}_{n_plain_pos}_cells{rep_tag}.npz",
+                                 lambda: draw("train", n_plain_clean, n_plain_pos, "plain", report=reported_only)))
         xs, ys, cs = np.concatenate([xs, px]), np.concatenate([ys, py]), np.concatenate([cs, pc])
         plain_vx, = cached(out / f"val_plain_{n_val}.npz",
                            lambda: draw("val", n_val, 0, "plain", PLAIN_VAL_START)[:1])
@@ -527,13 +566,16 @@ def train(out: Path, pack_dir: Path, data_root: Path, *, minutes: float = 20.0, 
     if n_own:
         def draw_own():
             x, b = own_defective("train", n_own)
-            return [pooled(x, pool), box_labels(b, k), cell_targets(b, (HEIGHT // cell, WIDTH // cell), cell)]
+            arrays = [pooled(x, pool), box_labels(b, k), cell_targets(b, (HEIGHT // cell, WIDTH // cell), cell)]
+            return arrays + [reported_by_segmenter(pack_dir, x, b, threads)] if reported_only else arrays
 
-        ox, oy, oc = cached(out / f"train_own_{n_own}_cells.npz", draw_own)
+        ox, oy, oc = kept(cached(out / f"train_own_{n_own}_cells{rep_tag}.npz", draw_own))
         xs, ys, cs = np.concatenate([xs, ox]), np.concatenate([ys, oy]), np.concatenate([cs, oc])
     log.info("gate_strip_frames", train=len(xs), val=len(vx), cell=cell, seconds=round(time.monotonic() - t0, 1))
     gate, _, diff = load_gate(pack_dir, pooled(np.stack([clean_frame("val", i) for i in range(4)]), pack_pool))
     gate = with_pool(gate, pool)
+    if config is not None:
+        gate = grow(gate, config)
     if init_run is not None:  # go on from an earlier run's best weights (same pack, same net)
         gate.load_state_dict(torch.load(Path(init_run) / "best.pt", map_location="cpu", weights_only=True))
     log.info("gate_strip_weights_from_pack", max_abs_diff=diff)
@@ -545,9 +587,6 @@ def train(out: Path, pack_dir: Path, data_root: Path, *, minutes: float = 20.0, 
                          with_boxes=True)
         return [reported_by_segmenter(pack_dir, x, b, threads)]
 
-    from engines.modelpack import load_model_pack
-
-    seg_tag = load_model_pack(Path(pack_dir)).seg.sha256[:12]
     vrep, = cached(out / f"val_{n_val}_reported_{seg_tag}.npz", draw_val_reported)
     vpos_rep = vpos & vrep.astype(bool)
     if not vpos_rep.any():
@@ -593,6 +632,7 @@ def train(out: Path, pack_dir: Path, data_root: Path, *, minutes: float = 20.0, 
                                  "plain_composited": n_plain_pos},
                 "val_frames": {"clean": n_val, "composited": n_val, "plain_clean": n_val if plain_vx is not None else 0},
                 "plain_seed_offset": PLAIN_SEED_OFFSET, "neu": neu, "own_frames": n_own,
+                "reported_only": reported_only, "train_frames_kept": len(xs),
                 "val_recall_of": f"composited val frames the pack's segmenter reports (IoU >= {REPORTED_IOU})",
                 "steps": step, "batch": batch, "lr": lr, "seed": seed, "threads": threads, "dense": dense,
                 "hard": hard, "init_run": "RUN of the earlier stage" if init_run else None,

@@ -227,7 +227,8 @@ def ship(run: Path, pack_dir: Path, figures: dict[str, Any], candidate: Path, co
         doc["models"]["gate"].pop("input_pool", None)
     key = "gate_model_config" if "gate_model_config" in doc["training"] else "model_config"
     if isinstance(doc["training"].get(key), dict):  # the net that gate_strip rebuilds the gate from
-        doc["training"][key] = {**doc["training"][key], "gate_pool": pool}
+        grown = {k: v for k, v in meta.get("config", {}).items() if k.startswith("gate_")}  # a run's grown gate (--config)
+        doc["training"][key] = {**doc["training"][key], **grown, "gate_pool": pool}
     doc["models"]["gate"]["textured_strip"] = {
         "trained": "fine-tuned from the previous gate on whole textured strip frames (training/gate_strip.py): "
                    f"{meta['train_frames']['clean']} clean, {meta['train_frames']['composited']} with NEU train "
@@ -237,6 +238,8 @@ def ship(run: Path, pack_dir: Path, figures: dict[str, Any], candidate: Path, co
                       if meta["train_frames"].get("plain_clean") or meta["train_frames"].get("plain_composited") else "")
                    + (f"; NEU-DET train images and their defect-free crops in {meta['neu']:.0%} of steps"
                       if meta.get("neu") else "")
+                   + ("; defective frames kept only where the pack's segmenter reports the defect"
+                      if meta.get("reported_only") else "")
                    + f"; best of {meta['steps']} steps by training.gate_strip.checkpoint_key on val at recall 0.99 "
                      "of the frames the segmenter reports", "command": command, "minutes": meta["minutes"],
         "best": meta["best"]}
@@ -282,6 +285,12 @@ def main(argv: list[str] | None = None) -> int:
                         "the composited ones, as positives; val keeps recall on both kinds")
     p.add_argument("--plain", type=float, default=0.0,
                    help="train: add plain strip (training.synth) frames, this share of the textured ones")
+    p.add_argument("--config", default=None,
+                   help="train: grow the pack's gate into this training.nets config first (ctxgate: two dilated "
+                        "context blocks, starting as the identity)")
+    p.add_argument("--reported-only", action="store_true",
+                   help="train: only the defective frames whose defect the pack's segmenter reports are positives; "
+                        "the rest are left out (as val counts recall)")
     p.add_argument("--input-pool", type=int, default=None,
                    help="train: the pool the gate takes (default: the pack's; 1 keeps thin streaks' contrast, 4x the arithmetic)")
     a = p.parse_args(argv)
@@ -296,7 +305,7 @@ def main(argv: list[str] | None = None) -> int:
                 command = "python -m training.gate_strip " + " ".join(named.get(x, x) for x in args)
             m = train(a.run, a.pack, a.data_root, minutes=a.minutes, steps=a.steps, threads=a.threads, hard=a.hard,
                       init_run=a.init_run, lr=a.lr, input_pool=a.input_pool, plain=a.plain, neu=a.neu, own=a.own,
-                      command=command)
+                      config=a.config, reported_only=a.reported_only, command=command)
             print(json.dumps({"best": m["best"], "start": m["start"]}))
             return 0
         pack_pool = pack_gate_pool(a.pack)  # the pack first: a broken one says so before any work

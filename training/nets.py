@@ -36,6 +36,9 @@ class ModelConfig:
     gate_stem: int = 0  # 0: 3x3 stride-2 conv; k > 1: a k x k stride-k patch conv (no overlap)
     gate_block: str = "conv"  # after the stem: "conv" (3x3 conv) or "separable" (3x3 depthwise + 1x1)
     gate_tail: int = 1  # stride-1 blocks after the two stride-2 ones
+    # dilations of residual separable context blocks after the tail (GateContext): each widens the
+    # gate's view by 2 * d * 8 pooled px at ~a tail block's cost; () is the shipped gates' net
+    gate_context: tuple[int, ...] = ()
     seg_widths: tuple[int, int, int] = (8, 16, 32)
     seg_decoder: int = 16
     seg_fuse_kernel: int = 1  # 1x1 fuse at stride 4: a 3x3 there costs more than the whole encoder
@@ -75,6 +78,10 @@ CONFIGS: dict[str, ModelConfig] = {
                             seg_widths=(16, 32, 48), seg_decoder=24, seg_context=(2, 4)),
 }
 GATE_BLOCKS = ("conv", "separable")
+# the shipped sepgate with two context blocks (dilation 2 and 4 at stride 8): its view grows from
+# ~62 to ~250 input px, so that a faint local defect is judged against the strip's texture around it
+CONFIGS["ctxgate"] = ModelConfig(gate_widths=(16, 48, 64), gate_block="separable", gate_context=(2, 4),
+                                 seg_widths=(16, 32, 48), seg_decoder=24, seg_context=(2, 4))
 
 
 def _cbr(cin: int, cout: int, stride: int = 1, dilation: int = 1, kernel: int = 3) -> nn.Sequential:
@@ -100,6 +107,29 @@ def _separable(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
 def _patch(cin: int, cout: int, k: int) -> nn.Sequential:
     """k x k stride-k conv (+BN, ReLU): a learned, information-keeping downsample by k."""
     return nn.Sequential(nn.Conv2d(cin, cout, k, stride=k, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+
+
+class GateContext(nn.Module):
+    """x + BN(1x1(ReLU(BN(3x3 depthwise, dilation d)(x)))): a residual context block. The last
+    BatchNorm starts at scale 0, so a gate grown by these blocks computes exactly what it computed
+    before them (a warm start from a shipped gate starts where that gate is), and no ReLU after the
+    sum keeps that scale's gradient alive."""
+
+    def __init__(self, c: int, dilation: int):
+        super().__init__()
+        if dilation < 1:
+            raise ValueError(f"gate_context dilation {dilation}: expected >= 1")
+        self.body = nn.Sequential(
+            nn.Conv2d(c, c, 3, padding=dilation, dilation=dilation, groups=c, bias=False),
+            nn.BatchNorm2d(c),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(c, c, 1, bias=False),
+            nn.BatchNorm2d(c),
+        )
+        nn.init.zeros_(self.body[4].weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.body(x)
 
 
 class Normalise(nn.Module):
@@ -134,7 +164,8 @@ class Gate(nn.Module):
         if config.gate_tail < 0:
             raise ValueError(f"gate_tail {config.gate_tail}: expected >= 0")
         tail = [block(w3, w3, 1) for _ in range(config.gate_tail)]
-        self.features = nn.Sequential(stem, block(w1, w2, 2), block(w2, w3, 2), *tail)
+        context = [GateContext(w3, d) for d in config.gate_context]
+        self.features = nn.Sequential(stem, block(w1, w2, 2), block(w2, w3, 2), *tail, *context)
         self.head = nn.Conv2d(w3, num_classes, 1)
 
     def logit_map(self, x: torch.Tensor) -> torch.Tensor:

@@ -435,3 +435,67 @@ def test_a_run_with_own_defects_trains_on_them_and_holds_their_recall_on_val(tmp
     with pytest.raises(gate_strip.GateStripError, match="own -1"):
         gate_strip.train(tmp_path / "run2", STEEL, tmp_path / "data", steps=1, n_clean=2, n_pos=2, n_val=2,
                          input_pool=2, own=-1)
+
+
+def test_a_grown_gate_starts_as_the_packs_and_ships_with_its_context_blocks(tmp_path):
+    """--config ctxgate: the pack's gate grown by two dilated residual context blocks computes exactly
+    what it computed (the blocks start as the identity); once they hold weights, export, ship and
+    load_gate bring the grown net back from the pack's gate.onnx (model.json records its config)."""
+    torch = pytest.importorskip("torch")
+    import dataclasses
+
+    from training.gate_strip_ship import export_gate, ship
+
+    x2 = gate_strip.pooled(np.stack([gate_strip.clean_frame("val", i) for i in range(2)]), 2)
+    gate, _, _ = gate_strip.load_gate(STEEL, x2)
+    grown = gate_strip.grow(gate, "ctxgate").eval()
+    assert grown.config.gate_context == (2, 4) and len(grown.features) == len(gate.features) + 2
+    with torch.no_grad():
+        x = torch.from_numpy(x2)
+        assert torch.equal(grown.pooled_logit_map(x), gate.pooled_logit_map(x))
+        for block in grown.features[-2:]:  # give the context blocks weights of their own
+            block.body[4].weight.fill_(0.5)
+            block.body[4].bias.fill_(0.1)
+        assert not torch.allclose(grown.pooled_logit_map(x), gate.pooled_logit_map(x), atol=1e-3)
+    with pytest.raises(gate_strip.GateStripError, match="does not grow"):
+        gate_strip.grow(gate, "tiny")  # other widths
+    with pytest.raises(gate_strip.GateStripError, match="not one of"):
+        gate_strip.grow(gate, "huge")
+
+    run = tmp_path / "run"
+    run.mkdir()
+    torch.save(grown.state_dict(), run / "best.pt")
+    spec = json.loads((STEEL / "model.json").read_text())
+    (run / "meta.json").write_text(json.dumps({
+        "classes": spec["classes"], "mean": spec["input"]["mean"], "std": spec["input"]["std"],
+        "config": dataclasses.asdict(grown.config), "input_pool": 2, "train_frames": {"clean": 2, "composited": 2},
+        "steps": 1, "minutes": 0.1, "best": {"step": 1}}))
+    candidate = tmp_path / "gate.onnx"
+    assert export_gate(run, candidate) < 1e-4
+    pack = tmp_path / "steel"
+    shutil.copytree(STEEL, pack)
+    ship(run, pack, {"threshold": 0.5, "recall": 0.99, "recall_lower_95": 0.97, "pass_rate_clean": 0.1,
+                     "n_composited": 10, "n_clean": 10}, candidate, "cmd")
+    assert json.loads((pack / "model.json").read_text())["training"]["gate_model_config"]["gate_context"] == [2, 4]
+    back, _, diff = gate_strip.load_gate(pack, x2)  # the next fine-tune starts from the shipped grown gate
+    assert back.config.gate_context == (2, 4) and diff < 1e-4
+
+
+def test_a_reported_only_run_trains_on_the_defects_the_segmenter_reports(tmp_path):
+    """--reported-only: the training frames carry what the pack's segmenter reports, and a defective
+    frame it reports nothing in is left out (clean frames all stay); without it every frame stays."""
+    pytest.importorskip("torch")
+    _neu_tree(tmp_path / "data" / "neu_det")
+    kw = dict(steps=1, n_clean=2, n_pos=3, n_val=4, batch=2, minutes=5, input_pool=2, own=2.0)
+    meta = gate_strip.train(tmp_path / "run", STEEL, tmp_path / "data", reported_only=True, **kw)
+    tag = json.loads((STEEL / "model.json").read_text())["models"]["seg"]["sha256"][:12]
+    expected = 0
+    for name in (f"train_2_3_cells_reported_{tag}.npz", f"train_own_6_cells_reported_{tag}.npz"):
+        with np.load(tmp_path / "run" / name) as f:
+            x, y, cells, rep = (f[k] for k in f.files)
+        positive = y.max(axis=1) > 0
+        assert len(rep) == len(x) and not rep[~positive].any()
+        expected += int((~positive).sum() + (positive & rep.astype(bool)).sum())
+    assert meta["reported_only"] and meta["train_frames_kept"] == expected < 2 + 3 + 6  # some are too faint
+    every = gate_strip.train(tmp_path / "run_all", STEEL, tmp_path / "data", **kw)
+    assert not every["reported_only"] and every["train_frames_kept"] == 2 + 3 + 6

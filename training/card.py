@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from engines.atomic import write_atomic
+from engines.packs import tier_of_model_size
 from engines.portable import portable  # machine paths out of the card (also in model.json)
 
 NOTES_FILE = "CARD_NOTES.md"
@@ -241,19 +242,13 @@ def _evaluation_json(evaluation_dir: Path, split: str, profile: str) -> dict:
     return json.loads(js.read_text())
 
 
-def tier(model_size: str | None) -> str:
-    """The tier a model size belongs to: `edge` (CPU default) for edge*, `line` (GPU line boxes) for line*."""
-    size = model_size or "?"
-    return "line" if size.startswith("line") else "edge" if size.startswith("edge") else size
-
-
 def _best_brief(best: dict) -> dict:
     return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in best.items() if k != "val_ap50_per_class"}
 
 
 def _headline(train: dict, ev: dict | None, split: str) -> list[str]:
     """An instance pack's first section: its tier, then mAP and events per defect."""
-    t = train.get("tier") or tier(train.get("model_size"))
+    t = train.get("tier") or tier_of_model_size(train.get("model_size")) or train.get("model_size") or "?"
     what = {"edge": "the CPU default", "line": "for GPU line boxes"}.get(t, "")
     tta = train.get("tta") or {}
     lines = [f"## Headline: {t} tier" + (f" ({what})" if what else ""), "",

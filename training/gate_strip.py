@@ -122,14 +122,16 @@ def box_labels(boxes: list[list[tuple]], k: int) -> np.ndarray:
     return out
 
 
-def joint_threshold(positives: dict[str, np.ndarray], clean: np.ndarray, target: float = RECALL_TARGET
-                    ) -> dict[str, Any]:
+def joint_threshold(positives: dict[str, np.ndarray], clean: np.ndarray, target: float = RECALL_TARGET,
+                    targets: dict[str, float] | None = None) -> dict[str, Any]:
     """The highest threshold with recall >= target over each set of positive scores (the lowest of
-    their own thresholds), the recall of each set and the clean pass rate at it."""
+    their own thresholds; ``targets`` gives a set another recall, e.g. the NEU floor for real NEU
+    images), the recall of each set and the clean pass rate at it."""
     sets = {k: v for k, v in positives.items() if len(v)}
     if not sets:
         raise GateStripError("need positive frames")
-    t = min(threshold_and_pass_rate(v, clean, target)["threshold"] for v in sets.values())
+    targets = targets or {}
+    t = min(threshold_and_pass_rate(v, clean, targets.get(k, target))["threshold"] for k, v in sets.items())
     return {"threshold": t, "recalls": {k: round(float((v >= t).mean()), 6) for k, v in sets.items()},
             "pass_rate_clean": round(float((clean >= t).mean()), 6)}
 
@@ -307,6 +309,18 @@ def reported_by_segmenter(pack_dir: Path, x: np.ndarray, boxes: list[list[tuple]
 NEU_RECALL_FLOOR = 0.98  # a line-frame gate must still pass this share of real NEU val images at its threshold
 
 
+def image_scores(gate_onnx: Path, images: list, pool: int, threads: int = 1) -> np.ndarray:
+    """The gate's frame scores of images of any sizes (each size batched apart, pooled as the gate takes them)."""
+    by_shape: dict[tuple, list[int]] = {}
+    for i, im in enumerate(images):
+        by_shape.setdefault(np.shape(im), []).append(i)
+    out = np.zeros(len(images), np.float64)
+    for idx in by_shape.values():
+        x = np.stack([np.asarray(images[i], np.uint8) for i in idx])
+        out[idx] = onnx_frame_scores(gate_onnx, pooled(x, pool), threads)
+    return out
+
+
 def neu_figures(gate_onnx: Path, pack_dir: Path, data_root: Path, threshold: float, pool: int, split: str = "val",
                 threads: int = 1) -> dict[str, Any]:
     """The gate on real steel at ``threshold``: its recall over the NEU-DET images of ``split`` (every
@@ -315,19 +329,8 @@ def neu_figures(gate_onnx: Path, pack_dir: Path, data_root: Path, threshold: flo
     Textured strip is made here; NEU's backgrounds are real steel: a gate tuned on the one must not
     lose the other."""
     samples, crops = _neu_split(pack_dir, data_root, split)
-
-    def scores(images):
-        by_shape: dict[tuple, list[int]] = {}
-        for i, im in enumerate(images):
-            by_shape.setdefault(np.shape(im), []).append(i)
-        out = np.zeros(len(images), np.float64)
-        for idx in by_shape.values():
-            x = np.stack([np.asarray(images[i], np.uint8) for i in idx])
-            out[idx] = onnx_frame_scores(gate_onnx, pooled(x, pool), threads)
-        return out
-
-    pos = scores([s.image for s in samples])
-    neg = scores([c.image for c in crops])
+    pos = image_scores(gate_onnx, [s.image for s in samples], pool, threads)
+    neg = image_scores(gate_onnx, [c.image for c in crops], pool, threads)
     return {"split": split, "threshold": threshold, "recall": round(float((pos >= threshold).mean()), 6),
             "pass_rate_clean_crops": round(float((neg >= threshold).mean()), 6), "n_images": len(pos),
             "n_clean_crops": len(neg),
@@ -482,7 +485,8 @@ def train(out: Path, pack_dir: Path, data_root: Path, *, minutes: float = 20.0, 
           threads: int = 1, n_clean: int = 600, n_pos: int = 600, n_val: int = 200, batch: int = 8,
           lr: float = 1e-3, seed: int = 0, dense: float = 1.0, hard: float = 0.0, init_run: Path | None = None,
           input_pool: int | None = None, plain: float = 0.0, neu: float = 0.0, own: float = 0.0,
-          config: str | None = None, reported_only: bool = False, command: str = "") -> dict[str, Any]:
+          config: str | None = None, reported_only: bool = False, neu_in_threshold: bool = False,
+          command: str = "") -> dict[str, Any]:
     """Fine-tune the pack's gate on whole textured frames (see the module doc); keeps best.pt, the
     weights whose val figures at the recall-target threshold have the lowest checkpoint_key. ``input_pool``: the
     pool the trained gate takes (default: the pack's); the same weights see a finer frame at 1 (thin
@@ -501,7 +505,10 @@ def train(out: Path, pack_dir: Path, data_root: Path, *, minutes: float = 20.0, 
     blocks that widen its view), so the run starts at the pack's gate with room to learn more.
     ``reported_only``: train on the defective frames whose defect the pack's segmenter reports
     (reported_by_segmenter, as val counts recall) and leave out the rest; a pasted or drawn defect
-    too faint for the segmenter, labelled a positive, teaches the gate to fire on bare texture."""
+    too faint for the segmenter, labelled a positive, teaches the gate to fire on bare texture.
+    ``neu_in_threshold`` (with ``own`` and ``neu``): val's threshold also keeps NEU_RECALL_FLOOR of the
+    real NEU val images, as ``measure`` chooses it, so checkpoints are compared at the threshold they
+    would ship with."""
     import torch
     from torch.nn import functional as F
 
@@ -607,8 +614,10 @@ def train(out: Path, pack_dir: Path, data_root: Path, *, minutes: float = 20.0, 
         s = _scores(gate, vx).max(axis=1)
         v = threshold_and_pass_rate(s[vpos_rep], s[~vpos])
         if own_vx is not None:  # the threshold must keep both kinds of defect the segmenter reports
-            jt = joint_threshold({"composited": s[vpos_rep], "own": _scores(gate, own_vx).max(axis=1)[own_rep]},
-                                 s[~vpos])
+            sets = {"composited": s[vpos_rep], "own": _scores(gate, own_vx).max(axis=1)[own_rep]}
+            if neu_data is not None and neu_in_threshold:  # and real NEU val images at their floor
+                sets["neu"] = _scores(gate, neu_data["val_x"]).max(axis=1)
+            jt = joint_threshold(sets, s[~vpos], targets={"neu": NEU_RECALL_FLOOR})
             v.update(threshold=jt["threshold"], recall=jt["recalls"]["composited"], recall_own=jt["recalls"]["own"],
                      pass_rate_clean=jt["pass_rate_clean"], n_own=int(own_rep.sum()))
         v["recall_all"] = round(float((s[vpos] >= v["threshold"]).mean()), 6)
@@ -632,7 +641,7 @@ def train(out: Path, pack_dir: Path, data_root: Path, *, minutes: float = 20.0, 
                                  "plain_composited": n_plain_pos},
                 "val_frames": {"clean": n_val, "composited": n_val, "plain_clean": n_val if plain_vx is not None else 0},
                 "plain_seed_offset": PLAIN_SEED_OFFSET, "neu": neu, "own_frames": n_own,
-                "reported_only": reported_only, "train_frames_kept": len(xs),
+                "reported_only": reported_only, "train_frames_kept": len(xs), "neu_in_threshold": neu_in_threshold,
                 "val_recall_of": f"composited val frames the pack's segmenter reports (IoU >= {REPORTED_IOU})",
                 "steps": step, "batch": batch, "lr": lr, "seed": seed, "threads": threads, "dense": dense,
                 "hard": hard, "init_run": "RUN of the earlier stage" if init_run else None,

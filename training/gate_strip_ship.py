@@ -24,7 +24,7 @@ import numpy as np
 
 from training.gate_strip import (HEIGHT, OWN_MEASURE_START, RECALL_TARGET, SEEDS, WIDTH, GateStripError,
                                  NEU_RECALL_FLOOR, REPORTED_IOU, defect_patches, frames, generated_defective_frame,
-                                 joint_threshold, own_defective,
+                                 image_scores, joint_threshold, own_defective, _neu_split,
                                  onnx_frame_scores, neu_figures, pack_gate_pool, plain_frame, pooled, reported_by_segmenter,
                                  threshold_and_pass_rate, train)
 
@@ -52,7 +52,8 @@ def measure(gate_onnx: Path, data_root: Path, *, n: int = 400, threads: int = 1,
     loses nothing. The recall over all composited frames is reported beside it (``recall_all``).
     The threshold also keeps that recall on n/2 frames of the generators' own defects
     (own_defective, frames OWN_MEASURE_START..; ``recall_own``): a gate must not learn NEU's pasted
-    defects alone (joint_threshold)."""
+    defects alone (joint_threshold); and, with seg_pack, NEU_RECALL_FLOOR of the real NEU-DET val
+    images (``recall_neu``): real steel, where the generated strip is only a likeness."""
     from calibration.gate import wilson_lower
     from engines.modelpack import load_model_pack
     from training.datasets.profiles import load_profile_dataset
@@ -116,8 +117,13 @@ def measure(gate_onnx: Path, data_root: Path, *, n: int = 400, threads: int = 1,
 
     plain_x, = cached(Path(cache) / f"measure_plain_{n // 2}_pool{pool}.npz", draw_plain) if cache else draw_plain()
     plain = onnx_frame_scores(gate_onnx, plain_x, threads)
-    # the threshold keeps recall on both kinds of defect the segmenter reports: NEU's pasted and the generators' own
-    chosen = joint_threshold({"composited": pos, "own": own_all[own_rep]}, clean)
+    # the threshold keeps recall on both kinds of defect the segmenter reports: NEU's pasted and the generators' own;
+    # with the pack (seg_pack), also NEU_RECALL_FLOOR of the real NEU-DET val images, each of which holds a defect
+    sets = {"composited": pos, "own": own_all[own_rep]}
+    if seg_pack is not None:
+        sets["neu"] = image_scores(gate_onnx, [x.image for x in _neu_split(Path(seg_pack), data_root, "val")[0]], pool,
+                                   threads)
+    chosen = joint_threshold(sets, clean, targets={"neu": NEU_RECALL_FLOOR})
     t = chosen["threshold"] if threshold is None else float(threshold)
     hits = int((pos >= t).sum())
     out: dict[str, Any] = {
@@ -129,6 +135,7 @@ def measure(gate_onnx: Path, data_root: Path, *, n: int = 400, threads: int = 1,
         "recall_all": round(float((pos_all >= t).mean()), 6), "n_reported": int(len(pos)),
         "recall_own": round(float((own_all[own_rep] >= t).mean()), 6) if own_rep.any() else None,
         "recall_own_all": round(float((own_all >= t).mean()), 6), "n_own": int(len(own_all)),
+        "recall_neu": round(float((sets["neu"] >= t).mean()), 6) if "neu" in sets else None,
         "n_own_reported": int(own_rep.sum()),
         "own_frames": f"val frames {OWN_MEASURE_START}.. of the generators' own defects (textured and plain strip)",
         "pass_rate_clean": round(float((clean >= t).mean()), 6), "n_composited": int(len(pos_all)),
@@ -291,6 +298,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reported-only", action="store_true",
                    help="train: only the defective frames whose defect the pack's segmenter reports are positives; "
                         "the rest are left out (as val counts recall)")
+    p.add_argument("--neu-in-threshold", action="store_true",
+                   help="train (with --own and --neu): val's threshold also keeps the NEU floor on real NEU val images, "
+                        "as measure chooses it")
     p.add_argument("--input-pool", type=int, default=None,
                    help="train: the pool the gate takes (default: the pack's; 1 keeps thin streaks' contrast, 4x the arithmetic)")
     a = p.parse_args(argv)
@@ -305,7 +315,8 @@ def main(argv: list[str] | None = None) -> int:
                 command = "python -m training.gate_strip " + " ".join(named.get(x, x) for x in args)
             m = train(a.run, a.pack, a.data_root, minutes=a.minutes, steps=a.steps, threads=a.threads, hard=a.hard,
                       init_run=a.init_run, lr=a.lr, input_pool=a.input_pool, plain=a.plain, neu=a.neu, own=a.own,
-                      config=a.config, reported_only=a.reported_only, command=command)
+                      config=a.config, reported_only=a.reported_only, neu_in_threshold=a.neu_in_threshold,
+                      command=command)
             print(json.dumps({"best": m["best"], "start": m["start"]}))
             return 0
         pack_pool = pack_gate_pool(a.pack)  # the pack first: a broken one says so before any work
@@ -317,6 +328,9 @@ def main(argv: list[str] | None = None) -> int:
                               seg_pack=a.pack)
             figures["input_pool"] = run_pool
             figures["neu"] = neu_figures(candidate, a.pack, a.data_root, figures["threshold"], run_pool, "val", a.threads)
+            if test:  # real steel's test images, read once with the rest of test
+                figures["neu_test"] = neu_figures(candidate, a.pack, a.data_root, figures["threshold"], run_pool, "test",
+                                                  a.threads)
             before = measure(a.pack / "gate.onnx", a.data_root, n=a.n, threads=a.threads, test=test, cache=a.run,
                              pool=pack_pool, seg_pack=a.pack)
             figures["pack_gate_before"] = {k: before[k] for k in ("threshold", "recall", "recall_all", "recall_own",

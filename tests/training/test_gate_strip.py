@@ -148,8 +148,10 @@ def test_a_gate_retargeted_to_pool_1_keeps_its_weights_and_ships_as_a_full_frame
     assert loaded.gate.input_pool == 1 and load_calibration(loaded).gate_threshold == 0.5
 
 
-def _neu_tree(root, n: int = 48):
-    """A NEU-DET-shaped folder (IMAGES/*.jpg, ANNOTATIONS/*.xml): 200x200 grey images with one box."""
+def _neu_tree(root, n: int = 48, invisible_every: int = 0):
+    """A NEU-DET-shaped folder (IMAGES/*.jpg, ANNOTATIONS/*.xml): 200x200 grey images with one box;
+    with ``invisible_every`` k, every k-th image's box is drawn in the background's grey (a labelled
+    defect no gate sees)."""
     import cv2
 
     (root / "IMAGES").mkdir(parents=True)
@@ -158,7 +160,7 @@ def _neu_tree(root, n: int = 48):
     for i in range(n):
         kind = ("crazing", "inclusion", "patches", "pitted_surface", "rolled-in_scale", "scratches")[i % 6]
         image = rng.integers(90, 110, (200, 200)).astype(np.uint8)
-        image[60:110, 40:90] = 30
+        image[60:110, 40:90] = 100 if invisible_every and i % invisible_every == 0 else 30
         cv2.imwrite(str(root / "IMAGES" / f"{kind}_{i}.jpg"), np.dstack([image] * 3))
         (root / "ANNOTATIONS" / f"{kind}_{i}.xml").write_text(
             f"<annotation><object><name>{kind}</name><bndbox><xmin>40</xmin><ymin>60</ymin>"
@@ -332,7 +334,12 @@ def test_measure_chooses_the_threshold_on_the_frames_the_segmenter_reports(tmp_p
     own_scores = onnx_frame_scores(STEEL / "gate.onnx", own_x)[own_rep.astype(bool)]
     assert rep["n_own"] == 3 and rep["n_own_reported"] == len(own_scores) and rep["recall_own"] in (1.0, None)
     lowest = [float(scores[pos][reported[pos]].min())] + ([float(own_scores.min())] if len(own_scores) else [])
+    # and the real NEU val images (each holds a defect) at their floor, 0.98
+    samples, _ = gate_strip._neu_split(STEEL, tmp_path / "data", "val")
+    neu = gate_strip.image_scores(STEEL / "gate.onnx", [s.image for s in samples], pool)
+    lowest.append(float(np.sort(neu)[int(np.floor(0.02 * len(neu)))]))
     assert rep["threshold"] == pytest.approx(min(lowest))
+    assert rep["recall_neu"] == pytest.approx(float((neu >= rep["threshold"]).mean())) and rep["recall_neu"] >= 0.98
     assert rep["recall_all"] == pytest.approx(float((scores[pos] >= rep["threshold"]).mean()))
     assert rep["recall"] == 1.0
 
@@ -350,6 +357,12 @@ def test_a_run_with_real_neu_steps_reads_neu_recall_on_val_and_prefers_the_floor
     with pytest.raises(gate_strip.GateStripError, match="neu 2"):
         gate_strip.train(tmp_path / "run2", STEEL, tmp_path / "data", steps=1, n_clean=2, n_pos=2, n_val=2,
                          input_pool=1, neu=2)
+    # neu_in_threshold: every checkpoint is read at a threshold that keeps the floor on the NEU val images,
+    # here half of them with a labelled defect no gate sees (they, not the strip frames, set the threshold)
+    _neu_tree(tmp_path / "faint" / "neu_det", invisible_every=2)
+    held = gate_strip.train(tmp_path / "run3", STEEL, tmp_path / "faint", steps=2, n_clean=2, n_pos=2, n_val=3,
+                            batch=2, minutes=5, input_pool=2, neu=1.0, own=1.0, neu_in_threshold=True)
+    assert held["neu_in_threshold"] and all(h["neu_recall"] >= gate_strip.NEU_RECALL_FLOOR for h in held["history"])
 
 
 def test_neu_figures_are_the_gate_on_real_images_and_their_clean_crops(tmp_path):
@@ -417,6 +430,8 @@ def test_own_defects_alternate_textured_and_plain_strip_and_the_joint_threshold_
     assert jt["threshold"] == pytest.approx(gate_strip.threshold_and_pass_rate(own, clean)["threshold"])
     assert jt["recalls"]["own"] >= 0.99 and jt["recalls"]["composited"] == 1.0
     assert jt["pass_rate_clean"] == pytest.approx(float((clean >= jt["threshold"]).mean()))
+    assert gate_strip.joint_threshold({"composited": comp, "neu": own}, clean, targets={"neu": 0.9})["threshold"] == \
+        pytest.approx(gate_strip.threshold_and_pass_rate(own, clean, 0.9)["threshold"])  # a set's own target
     assert gate_strip.joint_threshold({"composited": comp, "own": np.array([])}, clean)["threshold"] == \
         pytest.approx(gate_strip.threshold_and_pass_rate(comp, clean)["threshold"])  # an empty set holds nothing
 

@@ -486,7 +486,7 @@ def train(out: Path, pack_dir: Path, data_root: Path, *, minutes: float = 20.0, 
           lr: float = 1e-3, seed: int = 0, dense: float = 1.0, hard: float = 0.0, init_run: Path | None = None,
           input_pool: int | None = None, plain: float = 0.0, neu: float = 0.0, own: float = 0.0,
           config: str | None = None, reported_only: bool = False, neu_in_threshold: bool = False,
-          command: str = "") -> dict[str, Any]:
+          neu_target: float = NEU_RECALL_FLOOR, command: str = "") -> dict[str, Any]:
     """Fine-tune the pack's gate on whole textured frames (see the module doc); keeps best.pt, the
     weights whose val figures at the recall-target threshold have the lowest checkpoint_key. ``input_pool``: the
     pool the trained gate takes (default: the pack's); the same weights see a finer frame at 1 (thin
@@ -507,8 +507,8 @@ def train(out: Path, pack_dir: Path, data_root: Path, *, minutes: float = 20.0, 
     (reported_by_segmenter, as val counts recall) and leave out the rest; a pasted or drawn defect
     too faint for the segmenter, labelled a positive, teaches the gate to fire on bare texture.
     ``neu_in_threshold`` (with ``own`` and ``neu``): val's threshold also keeps NEU_RECALL_FLOOR of the
-    real NEU val images, as ``measure`` chooses it, so checkpoints are compared at the threshold they
-    would ship with."""
+    real NEU val images (``neu_target``, e.g. what the shipped gate passes), as ``measure`` chooses it, so
+    checkpoints are compared at the threshold they would ship with."""
     import torch
     from torch.nn import functional as F
 
@@ -617,7 +617,7 @@ def train(out: Path, pack_dir: Path, data_root: Path, *, minutes: float = 20.0, 
             sets = {"composited": s[vpos_rep], "own": _scores(gate, own_vx).max(axis=1)[own_rep]}
             if neu_data is not None and neu_in_threshold:  # and real NEU val images at their floor
                 sets["neu"] = _scores(gate, neu_data["val_x"]).max(axis=1)
-            jt = joint_threshold(sets, s[~vpos], targets={"neu": NEU_RECALL_FLOOR})
+            jt = joint_threshold(sets, s[~vpos], targets={"neu": neu_target})
             v.update(threshold=jt["threshold"], recall=jt["recalls"]["composited"], recall_own=jt["recalls"]["own"],
                      pass_rate_clean=jt["pass_rate_clean"], n_own=int(own_rep.sum()))
         v["recall_all"] = round(float((s[vpos] >= v["threshold"]).mean()), 6)
@@ -642,6 +642,7 @@ def train(out: Path, pack_dir: Path, data_root: Path, *, minutes: float = 20.0, 
                 "val_frames": {"clean": n_val, "composited": n_val, "plain_clean": n_val if plain_vx is not None else 0},
                 "plain_seed_offset": PLAIN_SEED_OFFSET, "neu": neu, "own_frames": n_own,
                 "reported_only": reported_only, "train_frames_kept": len(xs), "neu_in_threshold": neu_in_threshold,
+                "neu_target": neu_target,
                 "val_recall_of": f"composited val frames the pack's segmenter reports (IoU >= {REPORTED_IOU})",
                 "steps": step, "batch": batch, "lr": lr, "seed": seed, "threads": threads, "dense": dense,
                 "hard": hard, "init_run": "RUN of the earlier stage" if init_run else None,

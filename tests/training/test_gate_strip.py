@@ -246,6 +246,12 @@ def test_the_ship_decision_reads_val_recall_and_the_pack_gates_pass_rate():
     assert not ok and "real NEU-DET val images" in why and "0.9" in why
     neu["neu"]["recall"] = 0.985
     assert decide(neu)[0]
+    # above the floor, but below what the shipped gate passes at its shipped threshold: refused
+    neu["pack_gate_before"]["neu_shipped"] = {"recall": 0.991}
+    ok, why = decide(neu)
+    assert not ok and "shipped gate 0.991" in why and "0.985" in why
+    neu["neu"]["recall"] = 0.991
+    assert decide(neu)[0]
     plain = {**figs(0.99, 0.4, 0.8), "pass_rate_clean_plain": 0.55}
     plain["pack_gate_before"]["pass_rate_clean_plain"] = 0.04
     ok, why = decide(plain)
@@ -340,6 +346,9 @@ def test_measure_chooses_the_threshold_on_the_frames_the_segmenter_reports(tmp_p
     lowest.append(float(np.sort(neu)[int(np.floor(0.02 * len(neu)))]))
     assert rep["threshold"] == pytest.approx(min(lowest))
     assert rep["recall_neu"] == pytest.approx(float((neu >= rep["threshold"]).mean())) and rep["recall_neu"] >= 0.98
+    every_neu = measure(STEEL / "gate.onnx", tmp_path / "data", n=6, pool=pool, cache=tmp_path, seg_pack=STEEL,
+                        neu_target=1.0)  # what a shipped gate passing every NEU val image asks of a candidate
+    assert every_neu["threshold"] == pytest.approx(min(min(lowest), float(neu.min()))) and every_neu["recall_neu"] == 1.0
     assert rep["recall_all"] == pytest.approx(float((scores[pos] >= rep["threshold"]).mean()))
     assert rep["recall"] == 1.0
 

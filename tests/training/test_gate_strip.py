@@ -111,12 +111,36 @@ def test_recall_curve_pass_rate_falls_with_the_recall_target():
     assert rates == sorted(rates) and rates[0] == 0.0 and rates[-1] > 0.5
 
 
-def test_a_gate_retargeted_to_pool_1_keeps_its_weights_and_ships_as_a_full_frame_gate(tmp_path):
-    torch = pytest.importorskip("torch")
+def _ship_gate_as_run(tmp_path, gate, input_pool: int) -> Path:
+    """Save ``gate`` as a run (best.pt, meta.json), export it (torch vs ONNX checked) and ship it into
+    a copy of the steel pack at threshold 0.5; returns the pack copy."""
     import dataclasses
 
-    from engines.modelpack import load_calibration, load_model_pack
+    import torch
+
     from training.gate_strip_ship import export_gate, ship
+
+    run = tmp_path / "run"
+    run.mkdir()
+    torch.save(gate.state_dict(), run / "best.pt")
+    spec = json.loads((STEEL / "model.json").read_text())
+    (run / "meta.json").write_text(json.dumps({
+        "classes": spec["classes"], "mean": spec["input"]["mean"], "std": spec["input"]["std"],
+        "config": dataclasses.asdict(gate.config), "input_pool": input_pool,
+        "train_frames": {"clean": 2, "composited": 2}, "steps": 1, "minutes": 0.1, "best": {"step": 1}}))
+    candidate = tmp_path / "gate.onnx"
+    assert export_gate(run, candidate) < 1e-4
+    pack = tmp_path / "steel"
+    shutil.copytree(STEEL, pack)
+    ship(run, pack, {"threshold": 0.5, "recall": 0.99, "recall_lower_95": 0.97, "pass_rate_clean": 0.1,
+                     "n_composited": 10, "n_clean": 10}, candidate, "cmd")
+    return pack
+
+
+def test_a_gate_retargeted_to_pool_1_keeps_its_weights_and_ships_as_a_full_frame_gate(tmp_path):
+    torch = pytest.importorskip("torch")
+
+    from engines.modelpack import load_calibration, load_model_pack
 
     x2 = gate_strip.pooled(np.stack([gate_strip.clean_frame("val", i) for i in range(2)]), 2)
     gate, _, _ = gate_strip.load_gate(STEEL, x2)
@@ -128,20 +152,7 @@ def test_a_gate_retargeted_to_pool_1_keeps_its_weights_and_ships_as_a_full_frame
         assert torch.allclose(fine.logit_map(full), gate.pooled_logit_map(full))
         assert fine.logit_map(full).shape[-1] == 2 * gate.logit_map(full).shape[-1]
 
-    run = tmp_path / "run"
-    run.mkdir()
-    torch.save(fine.state_dict(), run / "best.pt")
-    spec = json.loads((STEEL / "model.json").read_text())
-    (run / "meta.json").write_text(json.dumps({
-        "classes": spec["classes"], "mean": spec["input"]["mean"], "std": spec["input"]["std"],
-        "config": dataclasses.asdict(fine.config), "input_pool": 1, "train_frames": {"clean": 2, "composited": 2},
-        "steps": 1, "minutes": 0.1, "best": {"step": 1}}))
-    candidate = tmp_path / "gate.onnx"
-    assert export_gate(run, candidate) < 1e-4
-    pack = tmp_path / "steel"
-    shutil.copytree(STEEL, pack)
-    ship(run, pack, {"threshold": 0.5, "recall": 0.99, "recall_lower_95": 0.97, "pass_rate_clean": 0.1,
-                     "n_composited": 10, "n_clean": 10}, candidate, "cmd")
+    pack = _ship_gate_as_run(tmp_path, fine, 1)
     model = json.loads((pack / "model.json").read_text())
     assert "input_pool" not in model["models"]["gate"] and model["training"]["gate_model_config"]["gate_pool"] == 1
     loaded = load_model_pack(pack)
@@ -466,10 +477,6 @@ def test_a_grown_gate_starts_as_the_packs_and_ships_with_its_context_blocks(tmp_
     what it computed (the blocks start as the identity); once they hold weights, export, ship and
     load_gate bring the grown net back from the pack's gate.onnx (model.json records its config)."""
     torch = pytest.importorskip("torch")
-    import dataclasses
-
-    from training.gate_strip_ship import export_gate, ship
-
     x2 = gate_strip.pooled(np.stack([gate_strip.clean_frame("val", i) for i in range(2)]), 2)
     gate, _, _ = gate_strip.load_gate(STEEL, x2)
     grown = gate_strip.grow(gate, "ctxgate").eval()
@@ -486,20 +493,7 @@ def test_a_grown_gate_starts_as_the_packs_and_ships_with_its_context_blocks(tmp_
     with pytest.raises(gate_strip.GateStripError, match="not one of"):
         gate_strip.grow(gate, "huge")
 
-    run = tmp_path / "run"
-    run.mkdir()
-    torch.save(grown.state_dict(), run / "best.pt")
-    spec = json.loads((STEEL / "model.json").read_text())
-    (run / "meta.json").write_text(json.dumps({
-        "classes": spec["classes"], "mean": spec["input"]["mean"], "std": spec["input"]["std"],
-        "config": dataclasses.asdict(grown.config), "input_pool": 2, "train_frames": {"clean": 2, "composited": 2},
-        "steps": 1, "minutes": 0.1, "best": {"step": 1}}))
-    candidate = tmp_path / "gate.onnx"
-    assert export_gate(run, candidate) < 1e-4
-    pack = tmp_path / "steel"
-    shutil.copytree(STEEL, pack)
-    ship(run, pack, {"threshold": 0.5, "recall": 0.99, "recall_lower_95": 0.97, "pass_rate_clean": 0.1,
-                     "n_composited": 10, "n_clean": 10}, candidate, "cmd")
+    pack = _ship_gate_as_run(tmp_path, grown, 2)
     assert json.loads((pack / "model.json").read_text())["training"]["gate_model_config"]["gate_context"] == [2, 4]
     back, _, diff = gate_strip.load_gate(pack, x2)  # the next fine-tune starts from the shipped grown gate
     assert back.config.gate_context == (2, 4) and diff < 1e-4

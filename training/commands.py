@@ -18,7 +18,7 @@ from engines.packs import GENERATED_PROFILES, PROFILES, shipped_pack_dir
 
 BACKEND_CHOICES = tuple(sorted(BACKENDS))
 # training/nets.py CONFIGS keys; listed here so `--help` needs no torch (a test keeps them equal)
-MODEL_SIZES = ("tiny", "small", "wide", "medium", "large", "patchgate", "sepgate", "sepgate3", "sepgate4",
+MODEL_SIZES = ("tiny", "small", "wide", "medium", "large", "patchgate", "sepgate", "sepgate3", "sepgate4", "ctxgate",
                "standard-conv")
 DATA_ROOT_HELP = ("data root holding neu_det/, magnetic_tile/, kolektorsdd/ (default: $COILSIGHT_DATA_ROOT, else the "
                   "shared data folder found beside the checkout)")

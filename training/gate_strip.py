@@ -612,11 +612,12 @@ def train(out: Path, pack_dir: Path, data_root: Path, *, minutes: float = 20.0, 
 
     def val_figures():
         s = _scores(gate, vx).max(axis=1)
+        neu_s = _scores(gate, neu_data["val_x"]).max(axis=1) if neu_data is not None else None
         v = threshold_and_pass_rate(s[vpos_rep], s[~vpos])
         if own_vx is not None:  # the threshold must keep both kinds of defect the segmenter reports
             sets = {"composited": s[vpos_rep], "own": _scores(gate, own_vx).max(axis=1)[own_rep]}
-            if neu_data is not None and neu_in_threshold:  # and real NEU val images at their floor
-                sets["neu"] = _scores(gate, neu_data["val_x"]).max(axis=1)
+            if neu_s is not None and neu_in_threshold:  # and real NEU val images at neu_target
+                sets["neu"] = neu_s
             jt = joint_threshold(sets, s[~vpos], targets={"neu": neu_target})
             v.update(threshold=jt["threshold"], recall=jt["recalls"]["composited"], recall_own=jt["recalls"]["own"],
                      pass_rate_clean=jt["pass_rate_clean"], n_own=int(own_rep.sum()))
@@ -624,7 +625,7 @@ def train(out: Path, pack_dir: Path, data_root: Path, *, minutes: float = 20.0, 
         if plain_vx is not None:
             v["pass_rate_clean_plain"] = round(float((_scores(gate, plain_vx).max(axis=1) >= v["threshold"]).mean()), 6)
         if neu_data is not None:
-            v["neu_recall"] = round(float((_scores(gate, neu_data["val_x"]).max(axis=1) >= v["threshold"]).mean()), 6)
+            v["neu_recall"] = round(float((neu_s >= v["threshold"]).mean()), 6)
             v["neu_pass_rate_clean_crops"] = round(float(
                 (_scores(gate, neu_data["val_crops"]).max(axis=1) >= v["threshold"]).mean()), 6)
         return v

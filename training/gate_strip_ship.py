@@ -118,7 +118,7 @@ def measure(gate_onnx: Path, data_root: Path, *, n: int = 400, threads: int = 1,
     plain_x, = cached(Path(cache) / f"measure_plain_{n // 2}_pool{pool}.npz", draw_plain) if cache else draw_plain()
     plain = onnx_frame_scores(gate_onnx, plain_x, threads)
     # the threshold keeps recall on both kinds of defect the segmenter reports: NEU's pasted and the generators' own;
-    # with the pack (seg_pack), also NEU_RECALL_FLOOR of the real NEU-DET val images, each of which holds a defect
+    # with the pack (seg_pack), also neu_target of the real NEU-DET val images, each of which holds a defect
     sets = {"composited": pos, "own": own_all[own_rep]}
     if seg_pack is not None:
         sets["neu"] = image_scores(gate_onnx, [x.image for x in _neu_split(Path(seg_pack), data_root, "val")[0]], pool,
